@@ -1,0 +1,244 @@
+//! `corral demo`: the job Corral exists for, on one machine with nothing else installed.
+//!
+//! A built-in backend stands in for the AI model (one second per call, counting its calls). Corral
+//! instances sit in front of it — one in embedded mode, or several sharing a Redis given with
+//! `--redis` — and a burst of identical concurrent requests hits them. The summary shows how many
+//! reached the backend.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::server::Instance;
+
+/// Options of `corral demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Concurrent identical requests in the burst.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: usize,
+    /// How long the built-in backend takes per call.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backend_delay: Duration,
+    /// Share fills across instances through this Redis (fleet mode).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Corral instances (default: 1 embedded, 3 with --redis).
+    #[arg(long)]
+    pub instances: Option<usize>,
+}
+
+/// What the burst showed.
+#[derive(Debug)]
+pub struct DemoReport {
+    pub requests: usize,
+    pub instances: usize,
+    pub backend_calls: u64,
+    pub ok: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub outcomes: BTreeMap<String, usize>,
+}
+
+/// Runs the demo and prints its summary.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let report = burst(&args).await?;
+    print_report(&args, &report);
+    Ok(())
+}
+
+/// Runs the burst and returns what it showed.
+pub async fn burst(args: &DemoArgs) -> anyhow::Result<DemoReport> {
+    let backend = Backend::start(args.backend_delay).await?;
+    let instances = args
+        .instances
+        .unwrap_or(if args.redis.is_some() { 3 } else { 1 })
+        .max(1);
+    let config = demo_config(backend.addr, args.redis.as_deref())?;
+    let mut fleet = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        fleet.push(Instance::start(&config).await.context("starting corral")?);
+    }
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.requests.max(1))
+        .build_http();
+    let bar = ProgressBar::new(args.requests as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} answered  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut tasks = Vec::with_capacity(args.requests);
+    for i in 0..args.requests {
+        let uri: hyper::Uri = format!(
+            "http://{}/recommend?article=42&segment=sports",
+            fleet[i % instances].addr()
+        )
+        .parse()
+        .context("demo URL")?;
+        let client = client.clone();
+        let bar = bar.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(60), client.get(uri)).await;
+            let result = match answer {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let outcome = resp
+                        .headers()
+                        .get("cache-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .trim_start_matches("corral; ")
+                        .to_owned();
+                    let _ = resp.into_body().collect().await;
+                    (status, outcome)
+                }
+                _ => (0, "transport error".to_owned()),
+            };
+            bar.inc(1);
+            (started.elapsed(), result)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(args.requests);
+    let mut outcomes = BTreeMap::new();
+    let mut ok = 0;
+    for task in tasks {
+        let (latency, (status, outcome)) = task.await.context("a demo request panicked")?;
+        latencies.push(latency);
+        if status == 200 {
+            ok += 1;
+        }
+        *outcomes.entry(outcome).or_insert(0) += 1;
+    }
+    bar.finish_and_clear();
+    latencies.sort();
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let report = DemoReport {
+        requests: args.requests,
+        instances,
+        backend_calls: backend.calls.load(Ordering::SeqCst),
+        ok,
+        p50: pick(0.50),
+        p99: pick(0.99),
+        outcomes,
+    };
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+    Ok(report)
+}
+
+fn demo_config(backend: SocketAddr, redis: Option<&str>) -> anyhow::Result<Config> {
+    let redis_table = match redis {
+        Some(url) => format!(
+            "[redis]\nurl = \"{url}\"\nnamespace = \"demo-{}\"\ntimeout = \"200ms\"\n",
+            rand::random::<u32>()
+        ),
+        None => String::new(),
+    };
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "2s"
+
+{redis_table}
+[[route]]
+name = "recommend"
+path_prefix = "/recommend"
+upstream = "http://{backend}"
+ttl = "60s"
+key = {{ query = ["segment", "article"] }}
+lock = {{ lease = "5s", wait_timeout = "10s" }}
+"#
+    );
+    Ok(Config::parse(&text, std::path::Path::new("<demo>"))?)
+}
+
+fn print_report(args: &DemoArgs, r: &DemoReport) {
+    let mode = match &args.redis {
+        Some(url) => format!("fleet ({} instances, redis {url})", r.instances),
+        None => "embedded (1 instance, no redis)".to_owned(),
+    };
+    println!("corral demo — a burst of identical requests against a slow backend");
+    println!();
+    println!("  {:<26} {}", "mode", mode);
+    println!(
+        "  {:<26} {:?} per call",
+        "backend latency", args.backend_delay
+    );
+    println!("  {:<26} {}", "requests", r.requests);
+    println!("  {:<26} {}", "answered 200", r.ok);
+    println!("  {:<26} {}", "backend calls", r.backend_calls);
+    println!("  {:<26} {:.1?}", "latency p50", r.p50);
+    println!("  {:<26} {:.1?}", "latency p99", r.p99);
+    println!("  Cache-Status:");
+    for (outcome, n) in &r.outcomes {
+        println!("    {outcome:<24} {n}");
+    }
+}
+
+/// The stand-in for the expensive model: slow, and counting.
+struct Backend {
+    addr: SocketAddr,
+    calls: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start(delay: Duration) -> anyhow::Result<Backend> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the demo backend")?;
+        let addr = listener.local_addr()?;
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                let service = service_fn(move |_req| {
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let body = format!(r#"{{"ad":"running-shoes","computed_by_call":{n}}}"#);
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap_or_default(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Ok(Backend { addr, calls, task })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,359 @@
+//! Entries: stored responses, their freshness, and their wire format in Redis.
+//!
+//! Times are wall-clock milliseconds since the Unix epoch, because an entry written by one instance is
+//! read by others; the fleet's clocks are assumed to agree to well under a `ttl`.
+//!
+//! Wire format (all integers little-endian), led by a magic byte and a version byte so the format can
+//! change and a foreign value is recognised as such and treated as a miss, never served:
+//!
+//! ```text
+//! 0xC0 0x01 | status u16 | stored_at u64 | fresh_until u64 | swr_until u64 | sie_until u64 | fill_ms u32
+//! | n_headers u16 | (name_len u16, name, value_len u32, value)* | n_tags u16 | (len u16, tag)* | body…
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+const MAGIC: u8 = 0xC0;
+const VERSION: u8 = 0x01;
+
+/// A stored response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`, no `Age`).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub times: Lifetime,
+    /// How long the fill took (upstream call), kept for early-refresh decisions.
+    pub fill_ms: u32,
+    /// Surrogate keys from `Surrogate-Key` / `Cache-Tag`.
+    pub tags: Vec<String>,
+}
+
+/// When an entry was stored and until when it may be served, in Unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub stored_at: u64,
+    pub fresh_until: u64,
+    /// Served stale while one refresh runs, until this moment.
+    pub swr_until: u64,
+    /// Served stale when a refresh fails, until this moment.
+    pub sie_until: u64,
+}
+
+/// Whether an entry may answer a request at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Stale but inside `stale-while-revalidate`: answer and refresh in the background.
+    StaleRevalidate,
+    /// Stale, usable only if a refresh fails (`stale-if-error`).
+    StaleIfError,
+    Expired,
+}
+
+impl Lifetime {
+    /// The last moment the entry is of any use: its time to live in L1 and L2.
+    pub fn stale_until(&self) -> u64 {
+        self.fresh_until.max(self.swr_until).max(self.sie_until)
+    }
+
+    pub fn freshness(&self, now: u64) -> Freshness {
+        if now < self.fresh_until {
+            Freshness::Fresh
+        } else if now < self.swr_until {
+            Freshness::StaleRevalidate
+        } else if now < self.sie_until {
+            Freshness::StaleIfError
+        } else {
+            Freshness::Expired
+        }
+    }
+
+    /// Time left to live from `now`, or `None` when already dead.
+    pub fn remaining(&self, now: u64) -> Option<Duration> {
+        self.stale_until()
+            .checked_sub(now)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis)
+    }
+
+    /// Whole seconds since storage, for the `Age` header.
+    pub fn age_secs(&self, now: u64) -> u64 {
+        now.saturating_sub(self.stored_at) / 1000
+    }
+}
+
+/// The current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a stored value could not be decoded. Such a value is a miss.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a corral entry (bad magic byte)")]
+    Foreign,
+    #[error("entry format version {0} is not understood by this build")]
+    Version(u8),
+    #[error("entry is truncated or garbled")]
+    Garbled,
+}
+
+impl Entry {
+    /// Approximate bytes this entry holds in memory, for the L1 weigher.
+    pub fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
+        let total = self.body.len() + headers + tags + 160;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.body.len() + 256);
+        out.put_u8(MAGIC);
+        out.put_u8(VERSION);
+        out.put_u16_le(self.status.as_u16());
+        out.put_u64_le(self.times.stored_at);
+        out.put_u64_le(self.times.fresh_until);
+        out.put_u64_le(self.times.swr_until);
+        out.put_u64_le(self.times.sie_until);
+        out.put_u32_le(self.fill_ms);
+        let headers: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(n, v)| {
+                n.as_str().len() <= usize::from(u16::MAX) && v.len() <= u32::MAX as usize
+            })
+            .take(usize::from(u16::MAX))
+            .collect();
+        out.put_u16_le(headers.len() as u16);
+        for (name, value) in headers {
+            out.put_u16_le(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32_le(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        let tags: Vec<_> = self
+            .tags
+            .iter()
+            .filter(|t| t.len() <= usize::from(u16::MAX))
+            .take(usize::from(u16::MAX))
+            .collect();
+        out.put_u16_le(tags.len() as u16);
+        for tag in tags {
+            out.put_u16_le(tag.len() as u16);
+            out.put_slice(tag.as_bytes());
+        }
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Decodes a stored value. The body is a zero-copy slice of `raw`.
+    pub fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
+        let mut r = Reader { raw: &raw, pos: 0 };
+        if r.u8()? != MAGIC {
+            return Err(DecodeError::Foreign);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::Garbled)?;
+        let times = Lifetime {
+            stored_at: r.u64()?,
+            fresh_until: r.u64()?,
+            swr_until: r.u64()?,
+            sie_until: r.u64()?,
+        };
+        let fill_ms = r.u32()?;
+        let n_headers = r.u16()?;
+        let mut headers = HeaderMap::with_capacity(usize::from(n_headers));
+        for _ in 0..n_headers {
+            let name_len = usize::from(r.u16()?);
+            let name =
+                HeaderName::from_bytes(r.take(name_len)?).map_err(|_| DecodeError::Garbled)?;
+            let value_len = r.u32()? as usize;
+            let start = r.pos;
+            r.take(value_len)?;
+            let value = HeaderValue::from_maybe_shared(raw.slice(start..start + value_len))
+                .map_err(|_| DecodeError::Garbled)?;
+            headers.append(name, value);
+        }
+        let n_tags = r.u16()?;
+        let mut tags = Vec::with_capacity(usize::from(n_tags));
+        for _ in 0..n_tags {
+            let len = usize::from(r.u16()?);
+            let tag = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::Garbled)?;
+            tags.push(tag.to_owned());
+        }
+        let body = raw.slice(r.pos..);
+        Ok(Entry {
+            status,
+            headers,
+            body,
+            times,
+            fill_ms,
+            tags,
+        })
+    }
+}
+
+struct Reader<'a> {
+    raw: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Garbled)?;
+        let slice = self.raw.get(self.pos..end).ok_or(DecodeError::Garbled)?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.take(N)?.try_into().map_err(|_| DecodeError::Garbled)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+/// What the upstream's `Cache-Control` says about storing a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Directives {
+    pub no_store: bool,
+    pub private: bool,
+    pub no_cache: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl Directives {
+    /// Reads every `Cache-Control` field line. Unknown directives are ignored (RFC 9111 §5.2.3);
+    /// a malformed number makes that directive absent.
+    pub fn from_headers(headers: &HeaderMap) -> Directives {
+        let mut d = Directives::default();
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for item in value.split(',') {
+                let (name, arg) = match item.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (item.trim(), None),
+                };
+                let secs = arg.and_then(|a| a.parse::<u64>().ok());
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => d.no_store = true,
+                    "private" => d.private = true,
+                    "no-cache" => d.no_cache = true,
+                    "max-age" => d.max_age = secs,
+                    "s-maxage" => d.s_maxage = secs,
+                    "stale-while-revalidate" => d.stale_while_revalidate = secs,
+                    "stale-if-error" => d.stale_if_error = secs,
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+
+    /// Whether a shared cache may store the response at all. `no-cache` responses are not stored:
+    /// Corral does not revalidate with conditional requests, so it could never reuse them.
+    pub fn storable(&self) -> bool {
+        !(self.no_store || self.private || self.no_cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.append("x-multi", HeaderValue::from_static("1"));
+        headers.append("x-multi", HeaderValue::from_static("2"));
+        Entry {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"{\"ad\":42}"),
+            times: Lifetime {
+                stored_at: 1,
+                fresh_until: 2,
+                swr_until: 3,
+                sie_until: 4,
+            },
+            fill_ms: 1000,
+            tags: vec!["article-7".into(), "ads".into()],
+        }
+    }
+
+    #[test]
+    fn encode_decode_round_trips() {
+        let e = sample();
+        assert_eq!(Entry::decode(e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn foreign_and_truncated_values_are_errors() {
+        assert_eq!(
+            Entry::decode(Bytes::from_static(b"hello")),
+            Err(DecodeError::Foreign)
+        );
+        assert_eq!(
+            Entry::decode(Bytes::from_static(&[MAGIC, 9])),
+            Err(DecodeError::Version(9))
+        );
+        let full = sample().encode();
+        for cut in 0..40 {
+            assert!(Entry::decode(full.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn directives_parse_case_and_spacing() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("Public, MAX-AGE=60 , s-maxage=\"30\""),
+        );
+        h.append(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("stale-while-revalidate=5"),
+        );
+        let d = Directives::from_headers(&h);
+        assert_eq!(d.max_age, Some(60));
+        assert_eq!(d.s_maxage, Some(30));
+        assert_eq!(d.stale_while_revalidate, Some(5));
+        assert!(d.storable());
+    }
+}

@@ -1,0 +1,285 @@
+//! Cache keys: what identifies one response on one route.
+//!
+//! A key is the blake3 hash of an unambiguous encoding of: a format tag, the route name, the method,
+//! the path, the query (all of it, parameters sorted by name with repeated ones kept in order, or only
+//! the parameters `key.query` names), the chosen headers (lower-cased names; every value, in order)
+//! and the chosen JSON body fields in canonical form (object keys sorted, whitespace ignored,
+//! duplicate object keys rejected). Every field is length-prefixed, so `("ab", "c")` and `("a", "bc")`
+//! hash differently, and every list is count-prefixed. Nothing of the raw request reaches a Redis
+//! key: only the hex digest does.
+
+use std::fmt;
+
+use http::{HeaderMap, Method, Uri};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+use crate::config::KeySpec;
+
+/// Bumped whenever the encoding changes, so old and new keys never collide.
+const FORMAT_TAG: &[u8] = b"corral-key-v1";
+
+/// A 32-byte blake3 digest identifying one cacheable response.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// Derives the key of a request on a route.
+    ///
+    /// `body` is only read when the route keys on JSON fields; an empty body then counts as "every
+    /// field absent" (a GET carries none).
+    pub fn derive(
+        route: &str,
+        spec: &KeySpec,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<CacheKey, KeyError> {
+        let mut h = KeyHasher::new();
+        h.field(route.as_bytes());
+        h.field(method.as_str().as_bytes());
+        h.field(uri.path().as_bytes());
+        hash_query(&mut h, spec, uri.query().unwrap_or(""));
+        h.count(spec.headers.len());
+        for name in &spec.headers {
+            h.field(name.as_str().as_bytes());
+            let values = headers.get_all(name);
+            h.count(values.iter().count());
+            for value in values {
+                h.field(value.as_bytes());
+            }
+        }
+        h.count(spec.json.len());
+        if !spec.json.is_empty() {
+            let doc = if body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                Some(parse_strict(body)?)
+            };
+            let mut canonical = Vec::new();
+            for pointer in &spec.json {
+                h.field(pointer.as_bytes());
+                match doc.as_ref().and_then(|d| d.pointer(pointer)) {
+                    None => h.field(b"\0absent"),
+                    Some(v) => {
+                        canonical.clear();
+                        write_canonical(v, &mut canonical);
+                        h.field(&canonical);
+                    }
+                }
+            }
+        }
+        Ok(h.finish())
+    }
+
+    /// The lower-case hex digest: what Redis keys and channels carry.
+    pub fn hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({})", &self.hex()[..16])
+    }
+}
+
+/// A request whose body cannot be keyed. Becomes a 400: it must reach no backend.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(#[from] serde_json::Error),
+}
+
+/// The length-prefixed encoder under [`CacheKey::derive`]; public so tests can check the framing.
+pub struct KeyHasher(blake3::Hasher);
+
+impl KeyHasher {
+    pub fn new() -> KeyHasher {
+        let mut h = blake3::Hasher::new();
+        h.update(FORMAT_TAG);
+        KeyHasher(h)
+    }
+
+    /// Appends one field: its length (u64, little-endian), then its bytes.
+    pub fn field(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// Appends the number of items of the list that follows.
+    pub fn count(&mut self, n: usize) {
+        self.0.update(&(n as u64).to_le_bytes());
+    }
+
+    pub fn finish(&self) -> CacheKey {
+        CacheKey(*self.0.finalize().as_bytes())
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        KeyHasher::new()
+    }
+}
+
+fn hash_query(h: &mut KeyHasher, spec: &KeySpec, query: &str) {
+    let mut params: Vec<(_, _)> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(name, _)| match &spec.query {
+            None => true,
+            Some(wanted) => wanted.iter().any(|w| w == name),
+        })
+        .collect();
+    // Stable: repeated parameters keep their relative order (`a=1&a=2` differs from `a=2&a=1`).
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    h.count(params.len());
+    for (name, value) in &params {
+        h.field(name.as_bytes());
+        h.field(value.as_bytes());
+    }
+}
+
+/// Parses JSON, rejecting duplicate object keys (which parsers resolve differently, so a key built
+/// from one reading could be served to a backend that reads the other).
+pub fn parse_strict(body: &[u8]) -> Result<Value, KeyError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = StrictValue.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Writes a JSON value with object keys sorted and no whitespace.
+pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_scalar(&Value::String(k.clone()), out);
+                out.push(b':');
+                write_canonical(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(b']');
+        }
+        scalar => write_scalar(scalar, out),
+    }
+}
+
+fn write_scalar(value: &Value, out: &mut Vec<u8>) {
+    // Serializing a scalar `Value` into a Vec cannot fail: no I/O, no maps with non-string keys.
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// A `serde_json::Value` seed that fails on a duplicate object key.
+struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictValue)? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(A::Error::custom(format_args!("duplicate object key {k:?}")));
+            }
+            let v = map.next_value_seed(StrictValue)?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_form_sorts_keys_and_drops_whitespace() {
+        let v = parse_strict(br#" { "b" : [1, {"d":2,"c":3}], "a": "x" } "#).unwrap_or_default();
+        let mut out = Vec::new();
+        write_canonical(&v, &mut out);
+        assert_eq!(out, br#"{"a":"x","b":[1,{"c":3,"d":2}]}"#);
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected_at_any_depth() {
+        assert!(parse_strict(br#"{"a":1,"a":2}"#).is_err());
+        assert!(parse_strict(br#"{"x":[{"a":1,"a":1}]}"#).is_err());
+        assert!(parse_strict(br#"{"a":1,"b":{"a":2}}"#).is_ok());
+    }
+}

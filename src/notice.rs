@@ -1,0 +1,274 @@
+//! Fill notices: one pub/sub connection per process, shared by every key that waits.
+//!
+//! A waiter calls [`Notices::subscribe`] for its key's channel and gets a [`Subscription`] once Redis
+//! has confirmed the SUBSCRIBE — only then does it re-check L2, which closes the race with a fill that
+//! finishes in between. Dropping the subscription unsubscribes (when no one else in the process waits
+//! on that channel).
+//!
+//! SUBSCRIBE and UNSUBSCRIBE go through one task that drains every pending request and reconciles the
+//! wanted set of channels with the subscribed one, in order, in one batch each. So a channel dropped
+//! and wanted again in quick succession can never end up unsubscribed by a late UNSUBSCRIBE, and a
+//! burst of new waiting keys costs one round trip, not one each.
+//!
+//! The connection is RESP3 (pushes share the connection with replies) under a `ConnectionManager`
+//! that reconnects and resubscribes by itself. A disconnection may have lost notices, so every
+//! waiter is told to re-check ([`Wake::Resync`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::RedisConfig;
+use crate::l2::{L2Error, Notice, manager_config};
+
+/// What wakes a waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Notice(Notice),
+    /// The pub/sub connection dropped: notices may have been lost, re-check L2.
+    Resync,
+}
+
+type Waiters = Arc<Mutex<HashMap<String, Slot>>>;
+
+struct Slot {
+    refs: usize,
+    /// Bumps a sequence number with each wake so every receiver sees every change.
+    tx: watch::Sender<(u64, Option<Wake>)>,
+}
+
+enum Request {
+    /// Reconcile, then acknowledge.
+    Sync(oneshot::Sender<Result<(), String>>),
+}
+
+/// The process's pub/sub hub. Cloning shares it.
+#[derive(Clone)]
+pub struct Notices {
+    waiters: Waiters,
+    requests: mpsc::UnboundedSender<Request>,
+    timeout: Duration,
+}
+
+/// A live interest in one channel. Receives every wake after it was created.
+pub struct Subscription {
+    channel: String,
+    rx: watch::Receiver<(u64, Option<Wake>)>,
+    notices: Notices,
+}
+
+impl Notices {
+    /// Prepares the connection (lazily: Redis may be down now) and starts the reconciling task.
+    pub fn connect(cfg: &RedisConfig) -> Result<Notices, L2Error> {
+        let waiters: Waiters = Arc::default();
+        let dispatch = waiters.clone();
+        let client = resp3_client(&cfg.url)?;
+        let config = manager_config(cfg.timeout)
+            .set_push_sender(move |push: PushInfo| {
+                deliver(&dispatch, push);
+                Ok::<(), redis::aio::SendError>(())
+            })
+            .set_automatic_resubscription();
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+            L2Error::Redis {
+                op: "pubsub connect",
+                source,
+            }
+        })?;
+        let (requests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(reconcile(conn, waiters.clone(), rx, cfg.timeout));
+        Ok(Notices {
+            waiters,
+            requests,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// Subscribes to `channel`; returns once Redis confirmed it (bounded by the Redis timeout).
+    ///
+    /// Cancel safety: dropping the future before it returns leaves no subscription behind beyond
+    /// the next reconciliation.
+    pub async fn subscribe(&self, channel: &str) -> Result<Subscription, L2Error> {
+        let rx = {
+            let mut waiters = lock(&self.waiters);
+            let slot = waiters.entry(channel.to_owned()).or_insert_with(|| Slot {
+                refs: 0,
+                tx: watch::channel((0, None)).0,
+            });
+            slot.refs += 1;
+            slot.tx.subscribe()
+        };
+        let subscription = Subscription {
+            channel: channel.to_owned(),
+            rx,
+            notices: self.clone(),
+        };
+        let (ack, confirmed) = oneshot::channel();
+        let budget = self.timeout;
+        let unconfirmed = || L2Error::Timeout {
+            op: "SUBSCRIBE",
+            budget,
+        };
+        self.requests
+            .send(Request::Sync(ack))
+            .map_err(|_| unconfirmed())?;
+        match tokio::time::timeout(budget * 2, confirmed).await {
+            Ok(Ok(Ok(()))) => Ok(subscription),
+            Ok(Ok(Err(reason))) => Err(L2Error::Pubsub(reason)),
+            _ => Err(unconfirmed()),
+        }
+    }
+
+    /// Channels with at least one local waiter.
+    pub fn waiting_channels(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+}
+
+impl Subscription {
+    /// The next wake on this channel. Cancel safe.
+    pub async fn next(&mut self) -> Option<Wake> {
+        self.rx.changed().await.ok()?;
+        self.rx.borrow_and_update().1
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut waiters = lock(&self.notices.waiters);
+        if let Some(slot) = waiters.get_mut(&self.channel) {
+            slot.refs -= 1;
+            if slot.refs == 0 {
+                waiters.remove(&self.channel);
+                drop(waiters);
+                // No acknowledgement wanted: the reconciler unsubscribes on its next pass.
+                let (ack, _) = oneshot::channel();
+                let _ = self.notices.requests.send(Request::Sync(ack));
+            }
+        }
+    }
+}
+
+/// Poisoning only means another thread panicked while holding the map; the map itself is still
+/// consistent (every mutation is a single insert/remove), so carry on with it.
+fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
+    waiters
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn deliver(waiters: &Waiters, push: PushInfo) {
+    let waiters = lock(waiters);
+    match push.kind {
+        PushKind::Message => {
+            let [channel, payload] = push.data.as_slice() else {
+                return;
+            };
+            let (Some(channel), Some(payload)) = (bytes_of(channel), bytes_of(payload)) else {
+                return;
+            };
+            let Some(notice) = Notice::parse(payload) else {
+                return;
+            };
+            let Ok(channel) = std::str::from_utf8(channel) else {
+                return;
+            };
+            if let Some(slot) = waiters.get(channel) {
+                slot.tx.send_modify(|(seq, wake)| {
+                    *seq += 1;
+                    *wake = Some(Wake::Notice(notice));
+                });
+            }
+        }
+        PushKind::Disconnection => {
+            tracing::warn!(
+                waiting = waiters.len(),
+                "redis pub/sub connection lost; waiters re-check"
+            );
+            for slot in waiters.values() {
+                slot.tx.send_modify(|(seq, wake)| {
+                    *seq += 1;
+                    *wake = Some(Wake::Resync);
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+fn bytes_of(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Drains requests and makes the server's subscriptions match the channels that have waiters.
+async fn reconcile(
+    mut conn: ConnectionManager,
+    waiters: Waiters,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    timeout: Duration,
+) {
+    let mut subscribed: HashSet<String> = HashSet::new();
+    while let Some(first) = requests.recv().await {
+        let mut acks = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            acks.push(more);
+        }
+        let wanted: HashSet<String> = lock(&waiters).keys().cloned().collect();
+        let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
+        let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
+        let mut result = Ok(());
+        if !to_drop.is_empty() {
+            result = bounded("UNSUBSCRIBE", timeout, conn.unsubscribe(&to_drop)).await;
+            if result.is_ok() {
+                for channel in &to_drop {
+                    subscribed.remove(channel);
+                }
+            }
+        }
+        if !to_add.is_empty() && result.is_ok() {
+            result = bounded("SUBSCRIBE", timeout, conn.subscribe(&to_add)).await;
+            if result.is_ok() {
+                subscribed.extend(to_add);
+            }
+        }
+        if let Err(err) = &result {
+            tracing::warn!(%err, "redis pub/sub (un)subscribe failed");
+        }
+        for Request::Sync(ack) in acks {
+            let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+        }
+    }
+}
+
+async fn bounded(
+    op: &'static str,
+    budget: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<()>>,
+) -> Result<(), L2Error> {
+    match tokio::time::timeout(budget, call).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(L2Error::Redis { op, source }),
+        Err(_) => Err(L2Error::Timeout { op, budget }),
+    }
+}
+
+fn resp3_client(url: &str) -> Result<Client, L2Error> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .map_err(|source| L2Error::Redis { op: "open", source })?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Client::open(info.set_redis_settings(settings))
+        .map_err(|source| L2Error::Redis { op: "open", source })
+}

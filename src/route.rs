@@ -1,0 +1,96 @@
+//! Routing: which `[[route]]` a request belongs to, and whether it may be cached on it.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, header};
+
+use crate::config::RouteConfig;
+
+/// The configured routes, longest path prefix first.
+pub struct Router {
+    routes: Vec<Arc<RouteConfig>>,
+}
+
+impl Router {
+    pub fn new(routes: &[RouteConfig]) -> Router {
+        let mut routes: Vec<_> = routes.iter().cloned().map(Arc::new).collect();
+        // Stable: among equal prefixes, file order decides.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        Router { routes }
+    }
+
+    /// The route for a request: the longest matching path prefix; among routes with that prefix,
+    /// the first that caches the method, else the first of them (which will pass the request
+    /// through uncached).
+    pub fn route(&self, path: &str, method: &Method) -> Option<&Arc<RouteConfig>> {
+        let longest = self
+            .routes
+            .iter()
+            .find(|r| prefix_matches(&r.path_prefix, path))?;
+        let same_prefix = self
+            .routes
+            .iter()
+            .filter(|r| r.path_prefix == longest.path_prefix);
+        let mut first = None;
+        for r in same_prefix {
+            if r.methods.contains(method) {
+                return Some(r);
+            }
+            first.get_or_insert(r);
+        }
+        first
+    }
+}
+
+/// `/recommend` matches `/recommend`, `/recommend/x`, but not `/recommendations`; a prefix ending
+/// in `/` matches everything below it.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+/// Why a request on a caching route is passed through instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bypass {
+    RouteUncached,
+    Method,
+    Credentials,
+}
+
+/// Whether a request may share a cached answer: the route caches, the method is cached, and it
+/// carries no `Authorization`/`Cookie` the route does not key on (a personal answer must not reach
+/// someone else).
+pub fn check_cacheable(
+    route: &RouteConfig,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), Bypass> {
+    if !route.cache {
+        return Err(Bypass::RouteUncached);
+    }
+    if !route.methods.contains(method) {
+        return Err(Bypass::Method);
+    }
+    for credential in [header::AUTHORIZATION, header::COOKIE] {
+        if headers.contains_key(&credential) && !route.key.headers.contains(&credential) {
+            return Err(Bypass::Credentials);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(prefix_matches("/recommend", "/recommend"));
+        assert!(prefix_matches("/recommend", "/recommend/x"));
+        assert!(!prefix_matches("/recommend", "/recommendations"));
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api/", "/api/v1"));
+    }
+}

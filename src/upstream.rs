@@ -1,0 +1,276 @@
+//! Talking to upstreams: one pooled hyper client, request rewriting as a reverse proxy does, and the
+//! removal of hop-by-hop headers in both directions (RFC 9110 §7.6.1).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A request body on its way upstream: buffered (keyed or filled requests) or streamed through.
+pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+
+/// Why an upstream call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream}: {source}")]
+    Connect {
+        upstream: Uri,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream}: no complete answer within {limit:?}")]
+    Timeout { upstream: Uri, limit: Duration },
+    #[error("upstream {upstream}: reading the body: {reason}")]
+    Body { upstream: Uri, reason: String },
+    #[error("upstream {upstream}: body larger than {limit} bytes")]
+    TooLarge { upstream: Uri, limit: u64 },
+}
+
+/// A response read whole from the upstream.
+#[derive(Debug, Clone)]
+pub struct Buffered {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The pooled client to every upstream. Cloning shares the pool.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient::new()
+    }
+}
+
+impl UpstreamClient {
+    pub fn new() -> UpstreamClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        UpstreamClient { client }
+    }
+
+    /// Sends a request and returns the response with its body still streaming. `limit` bounds the
+    /// wait for the response head.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        upstream: &Uri,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(limit, self.client.request(req)).await {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+            Ok(Err(source)) => Err(UpstreamError::Connect {
+                upstream: upstream.clone(),
+                source,
+            }),
+            Err(_) => Err(UpstreamError::Timeout {
+                upstream: upstream.clone(),
+                limit,
+            }),
+        }
+    }
+
+    /// Sends a request and reads the whole answer, at most `max_body` bytes, all within `limit`.
+    pub async fn fetch(
+        &self,
+        req: Request<UpstreamBody>,
+        upstream: &Uri,
+        limit: Duration,
+        max_body: u64,
+    ) -> Result<Buffered, UpstreamError> {
+        let whole = async {
+            let resp = self.send(req, upstream, limit).await?;
+            let (parts, body) = resp.into_parts();
+            let cap = usize::try_from(max_body).unwrap_or(usize::MAX);
+            let body = match Limited::new(body, cap).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                    return Err(UpstreamError::TooLarge {
+                        upstream: upstream.clone(),
+                        limit: max_body,
+                    });
+                }
+                Err(err) => {
+                    return Err(UpstreamError::Body {
+                        upstream: upstream.clone(),
+                        reason: err.to_string(),
+                    });
+                }
+            };
+            Ok(Buffered {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(limit, whole)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Timeout {
+                    upstream: upstream.clone(),
+                    limit,
+                })
+            })
+    }
+}
+
+/// Rewrites a client request for `upstream`: target URI, `Host`, forwarding headers, no hop-by-hop.
+pub fn rewrite<B>(
+    parts: &http::request::Parts,
+    body: B,
+    upstream: &Uri,
+    peer: SocketAddr,
+) -> Request<B> {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let original_host = headers.remove(header::HOST).or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(authority) = upstream.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    append_forwarded(&mut headers, peer, original_host.as_ref());
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = target_uri(upstream, &parts.uri);
+    *req.headers_mut() = headers;
+    req
+}
+
+/// The upstream's scheme and authority, its base path (if any) joined with the request's path and
+/// query.
+fn target_uri(upstream: &Uri, original: &Uri) -> Uri {
+    let base = upstream.path().trim_end_matches('/');
+    let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
+    let joined = format!("{base}{pq}");
+    let mut parts = upstream.clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(joined.as_str()).ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| upstream.clone())
+}
+
+fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+    let ip = peer.ip().to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    let node = match peer {
+        SocketAddr::V4(_) => ip,
+        SocketAddr::V6(_) => format!("\"[{ip}]\""),
+    };
+    let mut element = format!("for={node};proto=http");
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        element.push_str(&format!(";host=\"{host}\""));
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+    }
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The hop-by-hop fields of RFC 9110 §7.6.1 (and the legacy ones proxies still see).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop fields, including every field named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A streamed response body on its way to the client, boxed so pass-through and cached answers
+/// share one type.
+pub type BoxedBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_standard_hop_by_hop_fields() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn target_keeps_base_path_and_query() {
+        let up = Uri::from_static("http://127.0.0.1:5000/api/");
+        let t = target_uri(&up, &Uri::from_static("/recommend?segment=a"));
+        assert_eq!(
+            t.to_string(),
+            "http://127.0.0.1:5000/api/recommend?segment=a"
+        );
+    }
+}

@@ -1,0 +1,344 @@
+//! The config pipeline end to end: the shipped configs parse, and each kind of mistake is refused
+//! with a message naming the file, the line and the field.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use corral::config::{Config, ConfigError, LockScope, OnWaitTimeout};
+use http::Method;
+
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+}
+
+/// Parses `text` as `bad.toml`, expecting a refusal; returns its one-line message.
+fn refusal(text: &str) -> String {
+    match Config::parse(text, Path::new("bad.toml")) {
+        Ok(config) => panic!("accepted a bad config: {config:#?}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// Asserts the message names the file, `line` and `field`.
+#[track_caller]
+fn assert_points_at(message: &str, line: usize, field: &str) {
+    assert!(
+        message.starts_with(&format!("bad.toml:{line}: ")),
+        "wrong file or line: {message}"
+    );
+    assert!(
+        message.contains(&format!("field `{field}`")),
+        "field `{field}` not named: {message}"
+    );
+}
+
+const ROUTE: &str = r#"
+[[route]]
+name = "ok"
+path_prefix = "/ok"
+upstream = "http://127.0.0.1:5000"
+"#;
+
+#[test]
+fn example_config_parses_with_every_option() {
+    let config = Config::load(&shipped("example.toml")).expect("example.toml is valid");
+
+    assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(
+        config.server.admin_listen,
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
+    assert_eq!(config.server.admin_token.as_deref(), Some("change-me"));
+    let redis = config.redis.as_ref().expect("example has [redis]");
+    assert_eq!(redis.url, "redis://127.0.0.1:6379");
+    assert_eq!(redis.namespace, "prod");
+    assert_eq!(redis.timeout, Duration::from_millis(50));
+    assert_eq!(config.cache.l1_max_bytes, 256 * 1024 * 1024);
+
+    let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["recommend", "queue-ticket"]);
+
+    let recommend = &config.routes[0];
+    assert!(recommend.cache);
+    assert_eq!(recommend.methods, [Method::GET, Method::POST]);
+    assert_eq!(recommend.upstream, "http://127.0.0.1:5000/");
+    assert_eq!(recommend.ttl, Duration::from_secs(60));
+    assert_eq!(recommend.stale_if_error, Duration::from_secs(300));
+    assert_eq!(recommend.cache_statuses, [200, 404]);
+    assert_eq!(recommend.max_body, 1024 * 1024);
+    assert_eq!(recommend.key.query, Some(vec!["segment".to_owned()]));
+    assert_eq!(recommend.key.headers, ["x-user-segment"]);
+    assert_eq!(recommend.key.json, ["/segment", "/article_id"]);
+    assert_eq!(recommend.lock.scope, LockScope::Fleet);
+    assert_eq!(recommend.lock.lease, Duration::from_secs(5));
+    assert_eq!(recommend.lock.on_wait_timeout, OnWaitTimeout::Bypass);
+
+    let queue = &config.routes[1];
+    assert!(!queue.cache);
+    assert_eq!(queue.path_prefix, "/queue");
+    assert_eq!(queue.upstream_timeout, Duration::from_secs(5));
+}
+
+#[test]
+fn embedded_config_parses_without_redis() {
+    let config = Config::load(&shipped("embedded.toml")).expect("embedded.toml is valid");
+
+    assert!(config.redis.is_none());
+    assert_eq!(config.cache.l1_max_bytes, 64 * 1024 * 1024);
+    let route = &config.routes[0];
+    assert_eq!(route.name, "recommend");
+    assert_eq!(
+        route.lock.scope,
+        LockScope::Instance,
+        "no [redis]: in-process coalescing"
+    );
+    assert_eq!(route.methods, [Method::GET], "default methods");
+    assert_eq!(route.key.query, Some(vec!["segment".to_owned()]));
+}
+
+#[test]
+fn defaults_fill_a_minimal_route() {
+    let config = Config::parse(ROUTE, Path::new("min.toml")).unwrap();
+
+    assert_eq!(config.source, Path::new("min.toml"));
+    assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(config.cache.l1_max_bytes, 256 * 1024 * 1024);
+    let route = &config.routes[0];
+    assert!(route.cache);
+    assert_eq!(route.ttl, Duration::from_secs(60));
+    assert_eq!(route.stale_while_revalidate, Duration::ZERO);
+    assert_eq!(route.cache_statuses, [200]);
+    assert_eq!(route.max_entry_size, 8 * 1024 * 1024);
+    assert_eq!(route.upstream_timeout, Duration::from_secs(30));
+    assert_eq!(route.key.query, None, "the whole query counts");
+    assert_eq!(route.lock.wait_timeout, Duration::from_secs(10));
+    assert_eq!(route.lock.on_wait_timeout, OnWaitTimeout::Bypass);
+}
+
+#[test]
+fn values_are_normalized() {
+    let text = format!(
+        "{ROUTE}methods = [\"get\", \"Post\"]\nmax_body = 2048\n\
+         key = {{ headers = [\"X-User-Segment\"] }}\nlock = {{ on_wait_timeout = \"504\" }}\n"
+    );
+    let config = Config::parse(&text, Path::new("ok.toml")).unwrap();
+
+    let route = &config.routes[0];
+    assert_eq!(route.methods, [Method::GET, Method::POST]);
+    assert_eq!(route.max_body, 2048, "a plain integer is a number of bytes");
+    assert_eq!(route.key.headers, ["x-user-segment"]);
+    assert_eq!(route.lock.on_wait_timeout, OnWaitTimeout::GatewayTimeout);
+}
+
+#[test]
+fn an_uncached_route_ignores_caching_options() {
+    let text = format!("{ROUTE}cache = false\nttl = \"1s\"\nlock = {{ scope = \"fleet\" }}\n");
+    let config = Config::parse(&text, Path::new("ok.toml")).expect("ignored, not refused");
+
+    assert!(!config.routes[0].cache);
+    assert_ne!(
+        config.routes[0].lock.scope,
+        LockScope::Fleet,
+        "never Fleet without [redis]"
+    );
+}
+
+#[test]
+fn a_default_upstream_alone_is_enough() {
+    let text = "[server]\ndefault_upstream = \"http://127.0.0.1:5000\"\n";
+    let config = Config::parse(text, Path::new("ok.toml")).unwrap();
+
+    assert!(config.routes.is_empty());
+    assert_eq!(
+        config.server.default_upstream.unwrap().host(),
+        Some("127.0.0.1")
+    );
+}
+
+#[test]
+fn unknown_field_is_refused() {
+    let message = refusal(&format!("{ROUTE}tll = \"60s\"\n"));
+
+    assert_points_at(&message, 6, "tll");
+    assert!(message.contains("route \"ok\""), "{message}");
+    assert!(message.contains("unknown field"), "{message}");
+}
+
+#[test]
+fn unknown_field_in_an_inline_table_is_refused() {
+    let message = refusal(&format!("{ROUTE}key = {{ query = [], cookies = [] }}\n"));
+
+    assert_points_at(&message, 6, "key.cookies");
+}
+
+#[test]
+fn unknown_top_level_table_is_refused() {
+    let message = refusal(&format!("{ROUTE}\n[metrics]\nport = 1\n"));
+
+    assert_points_at(&message, 7, "metrics");
+}
+
+#[test]
+fn bad_duration_is_refused() {
+    let message = refusal(&format!("{ROUTE}ttl = \"5 parsecs\"\n"));
+
+    assert_points_at(&message, 6, "ttl");
+    assert!(message.contains("route \"ok\""), "{message}");
+    assert!(
+        message.contains("invalid duration \"5 parsecs\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_size_is_refused() {
+    let message = refusal("[cache]\nl1_max_bytes = \"lots\"\n");
+
+    assert_points_at(&message, 2, "cache.l1_max_bytes");
+    assert!(message.contains("invalid size"), "{message}");
+}
+
+#[test]
+fn duplicate_route_name_is_refused() {
+    let message = refusal(&format!("{ROUTE}{ROUTE}"));
+
+    assert_points_at(&message, 8, "name");
+    assert!(message.contains("duplicate"), "{message}");
+    assert!(
+        message.contains("line 3"),
+        "names the first definition: {message}"
+    );
+}
+
+#[test]
+fn fleet_lock_without_redis_is_refused() {
+    let message = refusal(&format!("{ROUTE}\n[route.lock]\nscope = \"fleet\"\n"));
+
+    assert_points_at(&message, 8, "lock.scope");
+    assert!(message.contains("needs a [redis] table"), "{message}");
+}
+
+#[test]
+fn fleet_lock_with_redis_is_accepted() {
+    let text =
+        format!("[redis]\nurl = \"redis://127.0.0.1:6379\"\n{ROUTE}lock.scope = \"fleet\"\n");
+    let config = Config::parse(&text, Path::new("ok.toml")).unwrap();
+
+    assert_eq!(config.routes[0].lock.scope, LockScope::Fleet);
+    assert_eq!(config.redis.unwrap().namespace, "default");
+}
+
+#[test]
+fn https_upstream_is_refused() {
+    let text = ROUTE.replace("http://127.0.0.1:5000", "https://backend.internal");
+    let message = refusal(&text);
+
+    assert_points_at(&message, 5, "upstream");
+    assert!(message.contains("https"), "{message}");
+}
+
+#[test]
+fn relative_default_upstream_is_refused() {
+    let message = refusal(&format!(
+        "[server]\ndefault_upstream = \"127.0.0.1:5000\"\n{ROUTE}"
+    ));
+
+    assert_points_at(&message, 2, "server.default_upstream");
+}
+
+#[test]
+fn bad_header_name_is_refused() {
+    let text = format!("{ROUTE}\n[route.key]\nheaders = [\n  \"x-ok\",\n  \"x user\",\n]\n");
+    let message = refusal(&text);
+
+    assert_points_at(&message, 10, "key.headers");
+    assert!(message.contains("\"x user\""), "{message}");
+}
+
+#[test]
+fn redis_cluster_is_refused_as_not_supported_yet() {
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\ncluster = [\"redis://a:6379\"]\n"
+    ));
+
+    assert_points_at(&message, 8, "redis.cluster");
+    assert!(
+        message.contains("not supported yet; use `url`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn other_rules_name_their_field() {
+    let cases = [
+        ("name = \"has space\"", "name"),
+        ("path_prefix = \"ok\"", "path_prefix"),
+        ("methods = [\"GE T\"]", "methods"),
+        ("cache_statuses = [200, 99]", "cache_statuses"),
+        ("key.json = [\"segment\"]", "key.json"),
+        ("lock.lease = \"0s\"", "lock.lease"),
+        ("lock.wait_timeout = \"0s\"", "lock.wait_timeout"),
+        ("lock.scope = \"planet\"", "lock.scope"),
+        ("cache = \"yes\"", "cache"),
+    ];
+    for (line, field) in cases {
+        // Replacing a line of ROUTE (or appending one) keeps the fault on line 6 at most.
+        let text = format!("{ROUTE}{line}\n");
+        let text = text.replacen("name = \"ok\"\n", "", usize::from(field == "name"));
+        let text = text.replacen(
+            "path_prefix = \"/ok\"\n",
+            "",
+            usize::from(field == "path_prefix"),
+        );
+        let at = if field == "name" || field == "path_prefix" {
+            5
+        } else {
+            6
+        };
+        assert_points_at(&refusal(&text), at, field);
+    }
+}
+
+#[test]
+fn missing_required_field_points_at_the_route() {
+    let message = refusal("[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n");
+
+    assert_points_at(&message, 1, "upstream");
+    assert!(message.contains("route \"r\""), "{message}");
+    assert!(message.contains("required"), "{message}");
+}
+
+#[test]
+fn bad_namespace_is_refused() {
+    let message = refusal(&format!(
+        "{ROUTE}[redis]\nurl = \"redis://r\"\nnamespace = \"a:b\"\n"
+    ));
+
+    assert_points_at(&message, 8, "redis.namespace");
+}
+
+#[test]
+fn nothing_to_proxy_is_refused() {
+    let message = refusal("[server]\nlisten = \"127.0.0.1:0\"\n");
+
+    assert_points_at(&message, 1, "route");
+}
+
+#[test]
+fn syntax_error_names_file_and_line() {
+    let message = refusal("[server]\nlisten = 127.0.0.1:8080\n");
+
+    assert!(message.starts_with("bad.toml:2: "), "{message}");
+}
+
+#[test]
+fn unreadable_file_names_its_path() {
+    let path = shipped("does-not-exist.toml");
+    let err = Config::load(&path).unwrap_err();
+
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert!(err.to_string().contains("does-not-exist.toml"), "{err}");
+}

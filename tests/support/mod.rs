@@ -1,0 +1,24 @@
+//! Fixtures shared by Corral's integration tests.
+//!
+//! Every test brings up real processes on ephemeral loopback ports, so tests run in parallel and
+//! never collide:
+//!
+//! - [`redis`]: [`RedisServer`], a `redis-server` process per test, with fault knobs (kill, stop,
+//!   continue, restart) and `INFO commandstats` for counting the commands Corral sends.
+//! - [`upstream`]: [`Upstream`], an in-process hyper server standing in for the slow backend. It
+//!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
+//! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
+//!   broken proxy fails a test instead of hanging it.
+//!
+//! Use from a test file with `mod support;`. Each test binary uses only part of this module, so
+//! unused items are allowed here rather than in every test.
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+pub mod corral;
+pub mod redis;
+pub mod upstream;
+
+pub use self::client::{Client, Resp};
+pub use self::redis::{CommandStats, RedisServer};
+pub use self::upstream::{Reply, Upstream};

@@ -1,0 +1,411 @@
+//! A real `redis-server` per test, on a free loopback port, killed on Drop.
+//!
+//! The server keeps nothing on disk (`--save ""`, no AOF) and writes its log into a private
+//! tempdir, which is removed with the fixture. Fault tests drive the process directly:
+//! [`RedisServer::kill`] (SIGKILL), [`RedisServer::stop`] / [`RedisServer::cont`] (SIGSTOP /
+//! SIGCONT: the socket stays open but nothing answers) and [`RedisServer::restart`] (a fresh,
+//! empty server on the same port, for reconnect tests).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+// `::redis` is the crate; this module is also named `redis`.
+use ::redis::aio::MultiplexedConnection;
+use tempfile::TempDir;
+use tokio::time::{Instant, sleep, timeout};
+
+/// How long a freshly spawned server gets to answer `PING`.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often readiness is polled.
+const READY_POLL: Duration = Duration::from_millis(20);
+/// Bound on one readiness probe, so a wedged probe cannot eat the whole budget.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Free ports are found by binding and dropping, which races with other tests; retry this often.
+const PORT_ATTEMPTS: usize = 3;
+/// Log lines quoted when the server does not come up.
+const LOG_TAIL_LINES: usize = 30;
+
+/// A `redis-server` child process listening on `127.0.0.1:port()`.
+///
+/// Dropping it kills the process (even a stopped one), reaps it and removes its tempdir.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+/// How a spawn attempt ended.
+enum Startup {
+    /// Our process answers on the port.
+    Ready,
+    /// Something else bound the port between our probe and the spawn.
+    PortTaken,
+    /// The process exited or never answered; the reason, for the panic message.
+    Failed(String),
+}
+
+impl RedisServer {
+    /// Starts a server on a free loopback port and waits until it answers `PING`.
+    ///
+    /// Statistics are reset once it is up, so [`RedisServer::commandstats`] counts only what the
+    /// test does.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH`, if it does not come up within 5 s (the panic quotes the
+    /// end of its log), or if three free ports in a row were taken before it could bind them.
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-redis-")
+            .tempdir()
+            .expect("create a tempdir for redis-server");
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            let log_start = log_len(dir.path());
+            let mut child = spawn(port, dir.path());
+            match wait_ready(&mut child, port, dir.path(), log_start).await {
+                Startup::Ready => {
+                    let server = RedisServer { child, port, dir };
+                    server.reset_stats().await;
+                    return server;
+                }
+                Startup::PortTaken => reap(&mut child),
+                Startup::Failed(why) => {
+                    reap(&mut child);
+                    panic!("{}", startup_failure(port, dir.path(), &why));
+                }
+            }
+        }
+        panic!(
+            "redis-server: {PORT_ATTEMPTS} free ports in a row were taken before it could bind them\n{}",
+            log_tail(dir.path())
+        );
+    }
+
+    /// The connection URL, `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port the server listens on; it survives [`RedisServer::restart`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A client for this server. Opening one does not connect.
+    pub fn client(&self) -> ::redis::Client {
+        ::redis::Client::open(self.url()).expect("a redis:// URL on loopback is valid")
+    }
+
+    /// A new multiplexed connection to the server.
+    ///
+    /// redis-rs bounds each response by 500 ms by default, so commands on it fail rather than hang
+    /// while the server is stopped.
+    ///
+    /// # Panics
+    ///
+    /// If the server does not accept the connection.
+    pub async fn conn(&self) -> MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis-server at {}: {e}", self.url()))
+    }
+
+    /// Calls per command since start (or the last [`RedisServer::reset_stats`]), from
+    /// `INFO commandstats`.
+    ///
+    /// Reading them opens a connection, which itself shows up as `client|setinfo` and `info`.
+    pub async fn commandstats(&self) -> CommandStats {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap_or_else(|e| panic!("INFO commandstats on {}: {e}", self.url()));
+        CommandStats::parse(&info)
+    }
+
+    /// Zeroes the server's statistics (`CONFIG RESETSTAT`).
+    pub async fn reset_stats(&self) {
+        ::redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut self.conn().await)
+            .await
+            .unwrap_or_else(|e| panic!("CONFIG RESETSTAT on {}: {e}", self.url()));
+    }
+
+    /// Keys matching a glob `pattern`, sorted. Uses `SCAN`, so the server is never blocked.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut conn = self.conn().await;
+        let mut keys = Vec::new();
+        let mut cursor = 0_u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("SCAN {pattern} on {}: {e}", self.url()));
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
+    /// Does nothing if it is already dead.
+    pub fn kill(&mut self) {
+        reap(&mut self.child);
+    }
+
+    /// Freezes the server with SIGSTOP: connections stay open and new ones are accepted by the
+    /// kernel, but nothing is answered until [`RedisServer::cont`].
+    ///
+    /// # Panics
+    ///
+    /// If the server was killed.
+    pub fn stop(&mut self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a server frozen by [`RedisServer::stop`] (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// If the server was killed.
+    pub fn cont(&mut self) {
+        self.signal("CONT");
+    }
+
+    /// Kills the server (if it is running or stopped) and starts a fresh, empty one on the same
+    /// port, waiting until it answers. Existing connections break; clients that reconnect reach
+    /// the new server.
+    ///
+    /// # Panics
+    ///
+    /// If the new server does not come up within 5 s, or another process took the port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let log_start = log_len(self.dir.path());
+        self.child = spawn(self.port, self.dir.path());
+        match wait_ready(&mut self.child, self.port, self.dir.path(), log_start).await {
+            Startup::Ready => {}
+            Startup::PortTaken => {
+                reap(&mut self.child);
+                panic!(
+                    "redis-server: port {} was taken while the server was down",
+                    self.port
+                );
+            }
+            Startup::Failed(why) => {
+                reap(&mut self.child);
+                panic!("{}", startup_failure(self.port, self.dir.path(), &why));
+            }
+        }
+    }
+
+    /// The server's log so far (all runs on this fixture), for diagnosing a failed test.
+    pub fn log(&self) -> String {
+        fs::read_to_string(log_path(self.dir.path())).unwrap_or_default()
+    }
+
+    fn signal(&mut self, signal: &str) {
+        // `try_wait` answers from the cached status once the child was reaped, so a killed
+        // server's pid (which the OS may have reused) is never signalled.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("redis-server cannot take SIG{signal}: it already exited ({status})");
+        }
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap_or_else(|e| panic!("run `kill -{signal} {pid}`: {e}"));
+        assert!(status.success(), "`kill -{signal} {pid}` failed: {status}");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // SIGKILL works on a stopped process too; reaping here (not in the background) means the
+        // port is free again by the time the next test looks for one.
+        reap(&mut self.child);
+    }
+}
+
+/// Calls per command, parsed from `INFO commandstats`.
+///
+/// Names are lower case as Redis reports them: `set`, `get`, `publish`, `evalsha`, and
+/// `parent|sub` for subcommands (`config|resetstat`, `client|setinfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandStats {
+    calls: HashMap<String, u64>,
+}
+
+impl CommandStats {
+    /// Calls of `name` (case-insensitive); 0 when the command was never called.
+    pub fn calls(&self, name: &str) -> u64 {
+        self.calls
+            .get(&name.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every command called at least once, with its count.
+    pub fn all(&self) -> &HashMap<String, u64> {
+        &self.calls
+    }
+
+    /// Parses lines such as `cmdstat_set:calls=1,usec=3,usec_per_call=3.00,...`.
+    fn parse(info: &str) -> CommandStats {
+        let calls = info
+            .lines()
+            .filter_map(|line| {
+                let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = fields
+                    .split(',')
+                    .find_map(|field| field.strip_prefix("calls="))?
+                    .parse()
+                    .ok()?;
+                Some((name.to_ascii_lowercase(), calls))
+            })
+            .collect();
+        CommandStats { calls }
+    }
+}
+
+/// A loopback port that was free a moment ago: bind port 0, read the port, release it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .port()
+}
+
+fn spawn(port: u16, dir: &Path) -> Child {
+    // Errors before the log file is opened (a bad argument) go to stderr; keep them too.
+    let stderr = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .expect("create redis-server's stderr.log");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--enable-debug-command", "local"])
+        .arg("--logfile")
+        .arg(log_path(dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| match e.kind() {
+            ErrorKind::NotFound => panic!(
+                "redis-server not found on PATH: install it (Debian: apt-get install redis-server) \
+                 to run Corral's tests"
+            ),
+            _ => panic!("spawn redis-server: {e}"),
+        })
+}
+
+/// Polls until `child` answers on `port`, exits, or [`READY_TIMEOUT`] passes.
+///
+/// A server that answers is only ours if it reports our pid: when the port was taken by another
+/// test's server, our child exits with "Address already in use" while the other one answers.
+async fn wait_ready(child: &mut Child, port: u16, dir: &Path, log_start: u64) -> Startup {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("a redis:// URL on loopback is valid");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return if log_since(dir, log_start).contains("Address already in use") {
+                Startup::PortTaken
+            } else {
+                Startup::Failed(format!("it exited with {status}"))
+            };
+        }
+        if let Ok(Some(pid)) = timeout(PROBE_TIMEOUT, server_pid(&client)).await
+            && pid == child.id()
+        {
+            return Startup::Ready;
+        }
+        if Instant::now() >= deadline {
+            return Startup::Failed(format!("it did not answer within {READY_TIMEOUT:?}"));
+        }
+        sleep(READY_POLL).await;
+    }
+}
+
+/// The `process_id` the server on the other end reports, if it answers at all.
+async fn server_pid(client: &::redis::Client) -> Option<u32> {
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.trim().strip_prefix("process_id:"))?
+        .parse()
+        .ok()
+}
+
+/// SIGKILL and wait; harmless on a process that already exited or was reaped.
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("redis.log")
+}
+
+fn log_len(dir: &Path) -> u64 {
+    fs::metadata(log_path(dir)).map(|m| m.len()).unwrap_or(0)
+}
+
+/// What the current run wrote to the log, skipping earlier runs on the same fixture.
+fn log_since(dir: &Path, start: u64) -> String {
+    let log = fs::read(log_path(dir)).unwrap_or_default();
+    let start = usize::try_from(start).unwrap_or(usize::MAX).min(log.len());
+    String::from_utf8_lossy(&log[start..]).into_owned()
+}
+
+fn log_tail(dir: &Path) -> String {
+    let mut tail = String::new();
+    for (name, path) in [
+        ("redis.log", log_path(dir)),
+        ("stderr", dir.join("stderr.log")),
+    ] {
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+        tail.push_str(&format!("--- last lines of {name} ---\n"));
+        for line in &lines[from..] {
+            tail.push_str(line);
+            tail.push('\n');
+        }
+    }
+    tail
+}
+
+fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
+    format!(
+        "redis-server on 127.0.0.1:{port} did not come up: {why}\n{}",
+        log_tail(dir)
+    )
+}
