@@ -1,1 +1,235 @@
-fn main() {}
+//! Micro-benchmarks of what every request pays: deriving its key, decoding and encoding an entry,
+//! and answering an L1 hit through the proxy (no sockets, no Redis, no upstream call).
+//!
+//! `cargo bench --bench hot_path` measures; `cargo bench --bench hot_path -- --test` runs each once.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use corral::config::KeySpec;
+use corral::entry::{Entry, Lifetime, now_ms};
+use corral::key::CacheKey;
+use corral::{Config, Proxy};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+
+/// Embedded mode (no `[redis]`). The upstream is the discard port: a hit never calls it, and a
+/// miss would fail loudly rather than measure something else.
+const CONFIG: &str = r#"
+[[route]]
+name = "recommend"
+path_prefix = "/recommend"
+upstream = "http://127.0.0.1:9"
+methods = ["GET", "POST"]
+ttl = "1h"
+key = { query = ["user", "page", "lang", "region"], headers = ["x-user-segment", "accept-language"], json = ["/segment", "/nested/x"] }
+"#;
+
+const QUERY_URI: &str = "/recommend/articles?user=4711&page=2&lang=de&region=eu-west";
+
+fn keyed_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-user-segment", HeaderValue::from_static("sports-fans"));
+    h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9"));
+    h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert(header::USER_AGENT, HeaderValue::from_static("bench/1"));
+    h
+}
+
+/// A JSON object of about `len` bytes: the two keyed fields, then a list of article records.
+fn json_body(len: usize) -> Bytes {
+    let mut items = Vec::new();
+    let mut size = 0;
+    while size < len {
+        let i = items.len();
+        let item = serde_json::json!({
+            "id": i,
+            "title": format!("article {i}: a headline of moderate length"),
+            "tags": ["news", "sport", {"weight": i % 7}],
+        });
+        size += item.to_string().len() + 1;
+        items.push(item);
+    }
+    let doc = serde_json::json!({
+        "items": items,
+        "nested": {"y": "unkeyed", "x": 42},
+        "segment": "sports-fans",
+    });
+    Bytes::from(doc.to_string())
+}
+
+fn sample_entry() -> Entry {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    headers.insert(header::ETAG, HeaderValue::from_static("\"5f3a9c1e7b\""));
+    headers.insert(header::VARY, HeaderValue::from_static("accept-language"));
+    headers.insert(header::LAST_MODIFIED, HeaderValue::from_static("Tue, 04 Mar 2025 10:00:00 GMT"));
+    headers.insert("x-backend", HeaderValue::from_static("recommender-7"));
+    let now = now_ms();
+    let day = 24 * 3600 * 1000;
+    Entry {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(vec![b'x'; 2048]),
+        times: Lifetime {
+            stored_at: now,
+            fresh_until: now + day,
+            swr_until: now + day,
+            sie_until: now + day,
+        },
+        fill_ms: 180,
+        tags: vec!["recommend".into(), "article-7".into()],
+    }
+}
+
+fn key_derivation(c: &mut Criterion) {
+    let route = &Config::parse(CONFIG, Path::new("<bench>"))
+        .expect("the bench config is valid")
+        .routes[0];
+    let mut group = c.benchmark_group("key");
+
+    let whole_query = KeySpec {
+        query: None,
+        headers: route.key.headers.clone(),
+        json: Vec::new(),
+    };
+    let uri = Uri::from_static(QUERY_URI);
+    let headers = keyed_headers();
+    group.bench_function("get_query4_headers2", |b| {
+        b.iter(|| {
+            CacheKey::derive(
+                &route.name,
+                black_box(&whole_query),
+                &Method::GET,
+                black_box(&uri),
+                black_box(&headers),
+                b"",
+            )
+        })
+    });
+
+    let uri = Uri::from_static("/recommend");
+    for (name, len) in [("post_json_1KiB", 1024), ("post_json_64KiB", 64 * 1024)] {
+        let body = json_body(len);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                CacheKey::derive(
+                    &route.name,
+                    &route.key,
+                    &Method::POST,
+                    &uri,
+                    &headers,
+                    black_box(&body),
+                )
+                .expect("the bench body is valid JSON")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn entry_codec(c: &mut Criterion) {
+    let entry = sample_entry();
+    let encoded = entry.encode();
+    let mut group = c.benchmark_group("entry");
+    group.throughput(Throughput::Bytes(encoded.len() as u64));
+    group.bench_function("encode_2KiB", |b| b.iter(|| black_box(&entry).encode()));
+    group.bench_function("decode_2KiB", |b| {
+        b.iter(|| Entry::decode(black_box(encoded.clone())).expect("just encoded"))
+    });
+    group.finish();
+}
+
+fn request(method: Method, uri: &str, headers: HeaderMap) -> Parts {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .expect("bench requests are valid");
+    *req.headers_mut() = headers;
+    req.into_parts().0
+}
+
+/// Stores `entry` in the proxy's L1 under the key the proxy itself will derive for the request.
+async fn warm(proxy: &Proxy, config: &Config, parts: &Parts, body: &Bytes, entry: Arc<Entry>) {
+    let route = &config.routes[0];
+    let key = CacheKey::derive(
+        &route.name,
+        &route.key,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        body,
+    )
+    .expect("bench requests are keyable");
+    proxy.l1().insert(key, entry).await;
+}
+
+fn l1_hit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let config = Config::parse(CONFIG, Path::new("<bench>")).expect("the bench config is valid");
+    let proxy = {
+        let _in_runtime = rt.enter();
+        Proxy::new(&config).expect("embedded mode needs no Redis")
+    };
+    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("a socket address");
+    let entry = Arc::new(sample_entry());
+
+    let get = request(Method::GET, QUERY_URI, keyed_headers());
+    let mut json_headers = keyed_headers();
+    json_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let post = request(Method::POST, "/recommend", json_headers);
+    let post_body = json_body(1024);
+
+    let mut group = c.benchmark_group("proxy");
+    for (name, parts, body) in [
+        ("l1_hit_get", get, Bytes::new()),
+        ("l1_hit_post_json_1KiB", post, post_body),
+    ] {
+        rt.block_on(async {
+            warm(&proxy, &config, &parts, &body, entry.clone()).await;
+            let answer = proxy
+                .handle_buffered(parts.clone(), body.clone(), peer)
+                .await;
+            assert_eq!(
+                answer.headers().get(HeaderName::from_static("cache-status")),
+                Some(&HeaderValue::from_static("corral; hit")),
+                "{name}: the warmed entry must answer; got {:?}",
+                answer.headers()
+            );
+        });
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_batched(
+                || (parts.clone(), body.clone()),
+                |(parts, body)| proxy.handle_buffered(parts, body, peer),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = hot_path;
+    config = config();
+    targets = key_derivation, entry_codec, l1_hit
+}
+criterion_main!(hot_path);

@@ -1,6 +1,6 @@
 //! The `corral` command: `run`, `validate`, `demo`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(path: &PathBuf) -> anyhow::Result<()> {
+fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     println!(
         "{}: ok ({} routes, {})",

@@ -137,6 +137,34 @@ impl Proxy {
             Ok(body) => body,
             Err(err) => return err.into_response(CacheOutcome::Bypass),
         };
+        self.handle_cacheable(route, parts, body, peer).await
+    }
+
+    /// Answers a request whose body is already read, on a route that may cache it: key → L1 →
+    /// flight. Public for benchmarks of the hit path without sockets; [`Proxy::handle`] routes and
+    /// checks cacheability first.
+    pub async fn handle_buffered(
+        &self,
+        parts: http::request::Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        match self.router.route(parts.uri.path(), &parts.method) {
+            Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
+                self.handle_cacheable(route.clone(), parts, body, peer)
+                    .await
+            }
+            _ => ProxyError::NoRoute.into_response(CacheOutcome::UriMiss),
+        }
+    }
+
+    async fn handle_cacheable(
+        &self,
+        route: Arc<RouteConfig>,
+        parts: http::request::Parts,
+        body: Bytes,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let key = match CacheKey::derive(
             &route.name,
             &route.key,

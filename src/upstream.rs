@@ -23,16 +23,16 @@ pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 pub enum UpstreamError {
     #[error("upstream {upstream}: {source}")]
     Connect {
-        upstream: Uri,
+        upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Box<hyper_util::client::legacy::Error>,
     },
     #[error("upstream {upstream}: no complete answer within {limit:?}")]
-    Timeout { upstream: Uri, limit: Duration },
+    Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
-    Body { upstream: Uri, reason: String },
+    Body { upstream: String, reason: String },
     #[error("upstream {upstream}: body larger than {limit} bytes")]
-    TooLarge { upstream: Uri, limit: u64 },
+    TooLarge { upstream: String, limit: u64 },
 }
 
 /// A response read whole from the upstream.
@@ -81,11 +81,11 @@ impl UpstreamClient {
                 Ok(resp)
             }
             Ok(Err(source)) => Err(UpstreamError::Connect {
-                upstream: upstream.clone(),
-                source,
+                upstream: upstream.to_string(),
+                source: Box::new(source),
             }),
             Err(_) => Err(UpstreamError::Timeout {
-                upstream: upstream.clone(),
+                upstream: upstream.to_string(),
                 limit,
             }),
         }
@@ -107,13 +107,13 @@ impl UpstreamClient {
                 Ok(collected) => collected.to_bytes(),
                 Err(err) if err.is::<http_body_util::LengthLimitError>() => {
                     return Err(UpstreamError::TooLarge {
-                        upstream: upstream.clone(),
+                        upstream: upstream.to_string(),
                         limit: max_body,
                     });
                 }
                 Err(err) => {
                     return Err(UpstreamError::Body {
-                        upstream: upstream.clone(),
+                        upstream: upstream.to_string(),
                         reason: err.to_string(),
                     });
                 }
@@ -128,7 +128,7 @@ impl UpstreamClient {
             .await
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Timeout {
-                    upstream: upstream.clone(),
+                    upstream: upstream.to_string(),
                     limit,
                 })
             })

@@ -1,0 +1,220 @@
+//! The proxy as a proxy: routing, request rewriting, hop-by-hop hygiene, body limits, keying on
+//! JSON bodies, and the `Cache-Status` / `Age` headers.
+
+mod support;
+
+use bytes::Bytes;
+use support::corral::{config, recommend_route, start, url};
+use support::{Client, Reply, Upstream};
+
+#[tokio::test]
+async fn requests_are_rewritten_as_a_reverse_proxy_should() {
+    let upstream = Upstream::start().await;
+    let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
+    let client = Client::new();
+
+    let headers = [
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("te", "trailers"),
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-end-to-end", "kept"),
+    ];
+    client
+        .get(&url(&fleet[0], "/recommend?segment=a"), &headers)
+        .await;
+    let seen = upstream
+        .last_headers("/recommend?segment=a")
+        .expect("the upstream saw the request");
+    for hop in ["connection", "x-hop", "keep-alive", "te"] {
+        assert!(!seen.contains_key(hop), "{hop} must not be forwarded");
+    }
+    assert_eq!(seen["x-end-to-end"], "kept");
+    assert_eq!(seen["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(
+        seen["host"].to_str().ok(),
+        Some(upstream.addr().to_string().as_str())
+    );
+    assert_eq!(
+        seen["x-forwarded-host"],
+        fleet[0].addr().to_string().as_str()
+    );
+    let forwarded = seen["forwarded"].to_str().unwrap_or_default();
+    assert!(
+        forwarded.starts_with("for=127.0.0.1;proto=http;host="),
+        "{forwarded}"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_fields_are_removed() {
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("connection", "x-internal")
+            .header("x-internal", "secret")
+            .header("x-public", "ok"),
+    );
+    let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
+    let client = Client::new();
+
+    for _ in 0..2 {
+        let answer = client.get(&url(&fleet[0], "/recommend"), &[]).await;
+        assert_eq!(answer.header("x-public"), Some("ok"));
+        assert_eq!(
+            answer.header("x-internal"),
+            None,
+            "neither fresh nor cached"
+        );
+    }
+}
+
+#[tokio::test]
+async fn routes_match_longest_prefix_on_segment_boundaries() {
+    let upstream = Upstream::start().await;
+    let other = Upstream::start().await;
+    let routes = format!(
+        "{}\n[[route]]\nname = \"special\"\npath_prefix = \"/recommend/special\"\nupstream = \"{}\"\n",
+        recommend_route(&upstream.url(), ""),
+        other.url()
+    );
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+
+    client
+        .get(&url(&fleet[0], "/recommend/special/x"), &[])
+        .await;
+    client.get(&url(&fleet[0], "/recommend/x"), &[]).await;
+    assert_eq!(other.calls(), 1);
+    assert_eq!(upstream.calls(), 1);
+
+    // `/recommendations` is not under `/recommend`, and there is no default upstream.
+    let answer = client.get(&url(&fleet[0], "/recommendations"), &[]).await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(answer.header("cache-status"), Some("corral; fwd=uri-miss"));
+    assert_eq!(upstream.calls() + other.calls(), 2);
+}
+
+#[tokio::test]
+async fn unrouted_requests_go_to_the_default_upstream_uncached() {
+    let upstream = Upstream::start().await;
+    let fallback = Upstream::start().await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndefault_upstream = \"{}\"\n\n{}",
+        fallback.url(),
+        recommend_route(&upstream.url(), "")
+    );
+    let cfg = corral::Config::parse(&text, std::path::Path::new("<test>")).expect("config");
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    for _ in 0..2 {
+        let answer = client.get(&url(&fleet[0], "/elsewhere"), &[]).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("cache-status"), Some("corral; fwd=uri-miss"));
+    }
+    assert_eq!(fallback.calls_for("/elsewhere"), 2);
+}
+
+#[tokio::test]
+async fn oversized_and_unkeyable_bodies_are_refused_before_any_backend_call() {
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(
+        &upstream.url(),
+        "max_body = \"1KiB\"\nkey = { json = [\"/segment\"] }",
+    );
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+    let target = url(&fleet[0], "/recommend");
+
+    let big = Bytes::from(vec![b' '; 4096]);
+    let answer = client.post(&target, &[], big).await;
+    assert_eq!(answer.status, 413);
+
+    let answer = client.post(&target, &[], "{not json").await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.text().contains("not valid JSON"),
+        "{}",
+        answer.text()
+    );
+
+    let answer = client
+        .post(&target, &[], r#"{"segment":"a","segment":"b"}"#)
+        .await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().contains("duplicate"), "{}", answer.text());
+
+    assert_eq!(upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn json_bodies_key_on_the_chosen_fields_only() {
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(
+        &upstream.url(),
+        "key = { json = [\"/segment\", \"/article_id\"] }",
+    );
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+    let target = url(&fleet[0], "/recommend");
+
+    let first = client
+        .post(
+            &target,
+            &[],
+            r#"{"segment":"sports","article_id":7,"user":"a"}"#,
+        )
+        .await;
+    // Same fields, other order and spacing, another unlisted field: same key.
+    let same = client
+        .post(
+            &target,
+            &[],
+            "{ \"user\" : \"b\",\n \"article_id\": 7, \"segment\": \"sports\" }",
+        )
+        .await;
+    assert_eq!(first.body, same.body);
+    assert_eq!(same.header("cache-status"), Some("corral; hit"));
+    assert_eq!(upstream.calls(), 1);
+
+    let other = client
+        .post(&target, &[], r#"{"segment":"news","article_id":7}"#)
+        .await;
+    assert_eq!(
+        other.header("cache-status"),
+        Some("corral; fwd=miss; stored")
+    );
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn hits_carry_cache_status_and_age_and_misses_do_not_carry_age() {
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("cache-control", "max-age=60")
+            .header("age", "999"),
+    );
+    let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
+    let client = Client::new();
+    let target = url(&fleet[0], "/recommend?segment=a");
+
+    let miss = client.get(&target, &[]).await;
+    assert_eq!(
+        miss.header("cache-status"),
+        Some("corral; fwd=miss; stored")
+    );
+    assert_eq!(
+        miss.header("age"),
+        None,
+        "the upstream's own Age is not kept"
+    );
+    let hit = client.get(&target, &[]).await;
+    assert_eq!(hit.header("cache-status"), Some("corral; hit"));
+    assert_eq!(hit.header("age"), Some("0"));
+    assert_eq!(hit.body, miss.body);
+}
