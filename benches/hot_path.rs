@@ -35,7 +35,10 @@ const QUERY_URI: &str = "/recommend/articles?user=4711&page=2&lang=de&region=eu-
 fn keyed_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("x-user-segment", HeaderValue::from_static("sports-fans"));
-    h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9"));
+    h.insert(
+        header::ACCEPT_LANGUAGE,
+        HeaderValue::from_static("de-DE,de;q=0.9"),
+    );
     h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     h.insert(header::USER_AGENT, HeaderValue::from_static("bench/1"));
     h
@@ -65,11 +68,20 @@ fn json_body(len: usize) -> Bytes {
 
 fn sample_entry() -> Entry {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
     headers.insert(header::ETAG, HeaderValue::from_static("\"5f3a9c1e7b\""));
     headers.insert(header::VARY, HeaderValue::from_static("accept-language"));
-    headers.insert(header::LAST_MODIFIED, HeaderValue::from_static("Tue, 04 Mar 2025 10:00:00 GMT"));
+    headers.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_static("Tue, 04 Mar 2025 10:00:00 GMT"),
+    );
     headers.insert("x-backend", HeaderValue::from_static("recommender-7"));
     let now = now_ms();
     let day = 24 * 3600 * 1000;
@@ -188,7 +200,10 @@ fn l1_hit(c: &mut Criterion) {
 
     let get = request(Method::GET, QUERY_URI, keyed_headers());
     let mut json_headers = keyed_headers();
-    json_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    json_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let post = request(Method::POST, "/recommend", json_headers);
     let post_body = json_body(1024);
 
@@ -203,7 +218,9 @@ fn l1_hit(c: &mut Criterion) {
                 .handle_buffered(parts.clone(), body.clone(), peer)
                 .await;
             assert_eq!(
-                answer.headers().get(HeaderName::from_static("cache-status")),
+                answer
+                    .headers()
+                    .get(HeaderName::from_static("cache-status")),
                 Some(&HeaderValue::from_static("corral; hit")),
                 "{name}: the warmed entry must answer; got {:?}",
                 answer.headers()

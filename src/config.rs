@@ -55,6 +55,14 @@ pub struct ServerConfig {
     pub default_upstream: Option<Uri>,
     /// How long graceful shutdown may take. Default 30s.
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request head; then the connection is closed.
+    /// Default 10s.
+    pub header_read_timeout: Duration,
+    /// Most header fields accepted in one request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// `/readyz` while Redis is unreachable: `true` answers 200 `degraded` (keep serving from L1
+    /// and the upstream), `false` answers 503 (take the pod out of rotation). Default `true`.
+    pub ready_when_degraded: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +108,20 @@ pub struct RouteConfig {
     pub max_entry_size: u64,
     /// Limit for one upstream call (headers and body). Default 30s; never zero.
     pub upstream_timeout: Duration,
+    /// Freshness of a stored error (a status >= 400 listed in `cache_statuses`) when the upstream
+    /// gives none. Default 1s.
+    pub error_ttl: Duration,
+    /// XFetch early refresh: `Some(beta)` refreshes a fresh entry in the background with a
+    /// probability that rises as expiry nears (`now - fill_time * beta * ln(rand) >= fresh_until`).
+    /// Default `None` (off).
+    pub early_refresh: Option<f64>,
+    /// How long a key whose answer could not be shared (personal, or over `max_entry_size`) skips
+    /// the fill lock fleet-wide, so requests do not queue behind one another for an answer they
+    /// cannot share. `0s` disables. Default 10s.
+    pub uncacheable_ttl: Duration,
+    /// Most concurrent upstream calls this route makes from one process; more wait for a slot
+    /// (within `upstream_timeout`, then 503). Default `None` (no cap).
+    pub upstream_concurrency: Option<usize>,
     pub key: KeySpec,
     pub lock: LockSpec,
 }
@@ -127,6 +149,9 @@ pub struct LockSpec {
     pub wait_timeout: Duration,
     /// Default `Bypass`.
     pub on_wait_timeout: OnWaitTimeout,
+    /// Most requests waiting for one key's fill in one process; past it: 503 with `Retry-After`.
+    /// Default 10000.
+    pub max_waiters: usize,
 }
 
 /// How far one fill is shared: `scope` in a route's `lock` table.
@@ -220,6 +245,11 @@ const DEFAULT_MAX_ENTRY_SIZE: u64 = 8 * 1024 * 1024;
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_HEADERS: usize = 100;
+const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
+const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_WAITERS: usize = 10_000;
 
 // ---- Raw layer: the file as written. Required values are `Option` so that validation, which
 // knows the route, reports them missing.
@@ -242,6 +272,9 @@ struct RawServer {
     admin_token: Option<Spanned<String>>,
     default_upstream: Option<Spanned<String>>,
     shutdown_timeout: Option<HumanDuration>,
+    header_read_timeout: Option<Spanned<HumanDuration>>,
+    max_headers: Option<Spanned<i64>>,
+    ready_when_degraded: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +309,10 @@ struct RawRoute {
     max_body: Option<HumanSize>,
     max_entry_size: Option<HumanSize>,
     upstream_timeout: Option<Spanned<HumanDuration>>,
+    error_ttl: Option<HumanDuration>,
+    early_refresh: Option<Spanned<RawEarlyRefresh>>,
+    uncacheable_ttl: Option<HumanDuration>,
+    upstream_concurrency: Option<Spanned<i64>>,
     #[serde(default)]
     key: RawKey,
     #[serde(default)]
@@ -299,6 +336,13 @@ struct RawLock {
     lease: Option<Spanned<HumanDuration>>,
     wait_timeout: Option<Spanned<HumanDuration>>,
     on_wait_timeout: Option<RawOnWaitTimeout>,
+    max_waiters: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEarlyRefresh {
+    beta: f64,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -473,6 +517,17 @@ impl Checker<'_> {
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+            header_read_timeout: self.positive(
+                &raw.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+                (None, "server.header_read_timeout"),
+            )?,
+            max_headers: self.count(
+                &raw.max_headers,
+                DEFAULT_MAX_HEADERS,
+                (None, "server.max_headers"),
+            )?,
+            ready_when_degraded: raw.ready_when_degraded.unwrap_or(true),
         })
     }
 
@@ -574,6 +629,22 @@ impl Checker<'_> {
             max_body: raw.max_body.map_or(DEFAULT_MAX_BODY, |s| s.0),
             max_entry_size: raw.max_entry_size.map_or(DEFAULT_MAX_ENTRY_SIZE, |s| s.0),
             upstream_timeout,
+            error_ttl: duration(raw.error_ttl, DEFAULT_ERROR_TTL),
+            early_refresh: match &raw.early_refresh {
+                None => None,
+                Some(e) if e.get_ref().beta.is_finite() && e.get_ref().beta > 0.0 => {
+                    Some(e.get_ref().beta)
+                }
+                Some(e) => {
+                    let why = "beta must be a positive number (1.0 is the usual choice)";
+                    return self.fail(e.span(), at("early_refresh.beta"), why);
+                }
+            },
+            uncacheable_ttl: duration(raw.uncacheable_ttl, DEFAULT_UNCACHEABLE_TTL),
+            upstream_concurrency: match &raw.upstream_concurrency {
+                None => None,
+                some => Some(self.count(some, 1, at("upstream_concurrency"))?),
+            },
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,
             name,
@@ -621,6 +692,11 @@ impl Checker<'_> {
                 None | Some(RawOnWaitTimeout::Bypass) => OnWaitTimeout::Bypass,
                 Some(RawOnWaitTimeout::GatewayTimeout) => OnWaitTimeout::GatewayTimeout,
             },
+            max_waiters: self.count(
+                &raw.max_waiters,
+                DEFAULT_MAX_WAITERS,
+                at("lock.max_waiters"),
+            )?,
         })
     }
 
@@ -669,6 +745,17 @@ impl Checker<'_> {
     }
 
     /// A duration that must not be zero; `or` when absent.
+    /// A count that must be at least 1.
+    fn count(&self, v: &Option<Spanned<i64>>, or: usize, at: At<'_>) -> Checked<usize> {
+        match v.as_ref().map(|n| (*n.get_ref(), n.span())) {
+            None => Ok(or),
+            Some((n, span)) => match usize::try_from(n) {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(self.error(span, at, format!("must be a whole number >= 1, not {n}"))),
+            },
+        }
+    }
+
     fn positive(
         &self,
         v: &Option<Spanned<HumanDuration>>,

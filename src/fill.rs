@@ -3,31 +3,43 @@
 //!
 //! A fill runs inside an in-process flight (see [`crate::flight`]), so at most one fill per key runs
 //! in each process. With a fleet lock, the flight then:
-//! 1. reads L2 (another instance may have filled it already);
+//! 1. reads L2 (entry and uncacheable marker): fresh → done; stale within `stale_while_revalidate`
+//!    → answered stale (the caller starts one refresh); stale within `stale_if_error` → kept as the
+//!    fallback should this fill fail;
 //! 2. tries the fill lock — got it: re-reads L2, calls the upstream, stores under the lock (the store
-//!    releases the lock and PUBLISHes `stored`);
-//! 3. lock held elsewhere: subscribes to the key's channel, re-checks entry and lock in one round trip,
-//!    then waits for a notice, the lease's lapse (then back to 2) or `wait_timeout`.
+//!    releases the lock and PUBLISHes `stored`); a failed or unshareable answer releases the lock at
+//!    once with a notice that carries what the waiters need;
+//! 3. lock held elsewhere: subscribes to the key's channel, re-checks entry, marker and the lock's
+//!    remaining lease in one round trip, then waits for a notice, the lease's lapse (then back to 2)
+//!    or `wait_timeout`.
 //!
 //! Redis faults never fail a request: the flight falls back to filling for this instance alone
 //! (at most one upstream call per instance per key), logged as degraded.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
+use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::config::{LockScope, OnWaitTimeout, RouteConfig};
+use crate::body::ProxyBody;
+use crate::config::{Config, LockScope, OnWaitTimeout, RouteConfig};
 use crate::entry::{Directives, Entry, Freshness, Lifetime, now_ms};
 use crate::key::CacheKey;
-use crate::l2::{KeyNames, L2, Notice};
+use crate::l1::{L1, PassMarks};
+use crate::l2::{KeyNames, L2, Notice, Peek};
 use crate::lock::FillLock;
 use crate::notice::{Notices, Wake};
-use crate::upstream::{Buffered, UpstreamClient, UpstreamError};
+use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
+
+/// Slack added to a lock's remaining lease before competing again, so the lock has surely lapsed.
+const LAPSE_MARGIN: Duration = Duration::from_millis(5);
 
 /// The Redis side of a fleet: the store and the notice hub.
 #[derive(Clone)]
@@ -49,13 +61,18 @@ pub struct FillRequest {
 /// Where a shared entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// Found in L2 before any lock was needed.
+    /// Found fresh in L2 before any lock was needed.
     L2,
     /// This flight called the upstream.
     Upstream { stored: bool },
     /// Another instance's fill, waited for.
     Remote,
+    /// A stale entry: within `stale_while_revalidate`, or standing in for a failed fill.
+    Stale,
 }
+
+/// An oversized answer's stream, handed to the flight's leader (once).
+pub type StreamSlot = Mutex<Option<Response<ProxyBody>>>;
 
 /// A flight's result, shared by every joiner.
 #[derive(Debug, Clone)]
@@ -64,6 +81,9 @@ pub enum Fill {
     Shared { entry: Arc<Entry>, source: Source },
     /// An answer for the flight's leader alone; followers fetch for themselves.
     Private(Arc<Buffered>),
+    /// An answer too large to store, streaming to the flight's leader; followers fetch for
+    /// themselves.
+    Streamed(Arc<StreamSlot>),
     /// Nobody may share: every joiner fetches for itself.
     FetchYourself,
     /// No answer: every joiner answers with this error (or a stale entry it holds).
@@ -76,167 +96,322 @@ pub enum FillError {
     #[error("{0}")]
     Upstream(Arc<UpstreamError>),
     #[error("waited {0:?} for another instance's fill")]
-    WaitTimeout(std::time::Duration),
+    WaitTimeout(Duration),
+    #[error("route {route:?} already has {limit} upstream calls in progress")]
+    Overloaded { route: String, limit: usize },
+}
+
+impl FillError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FillError::Upstream(err) if matches!(**err, UpstreamError::Timeout { .. }) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            FillError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            FillError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            FillError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
 }
 
 /// What the upstream's answer allows.
 enum Verdict {
     /// May be stored and shared.
     Store(Entry),
-    /// May be shared with this fill's joiners but not stored (status not cached, zero lifetime).
+    /// May be shared with this fill's waiters but not stored (status not cached, zero lifetime).
     Share(Entry),
     /// Only for the requester: `Set-Cookie`, `private`, `no-store`, `no-cache`.
     Private(Buffered),
+    /// Larger than `max_entry_size`: streamed to the requester, never stored.
+    Oversized(Response<ProxyBody>),
+}
+
+/// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
+/// plainly when there is one to write).
+enum Claim<'a> {
+    Fleet(FillLock),
+    Instance(Option<(&'a L2, &'a KeyNames)>),
 }
 
 /// The fill machinery of one process.
 pub struct Filler {
-    pub l1: crate::l1::L1,
+    pub l1: L1,
+    /// Keys whose last answer could not be shared: requests skip coalescing for a while.
+    pub marks: PassMarks,
     pub fleet: Option<Fleet>,
     pub client: UpstreamClient,
+    /// Per-route caps on concurrent upstream calls.
+    limits: HashMap<String, Arc<Semaphore>>,
 }
 
 impl Filler {
+    pub fn new(config: &Config, fleet: Option<Fleet>) -> Filler {
+        let limits = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let n = r.upstream_concurrency?;
+                Some((r.name.clone(), Arc::new(Semaphore::new(n))))
+            })
+            .collect();
+        Filler {
+            l1: L1::new(config.cache.l1_max_bytes),
+            marks: PassMarks::new(),
+            fleet,
+            client: UpstreamClient::new(),
+            limits,
+        }
+    }
+
     /// Runs one fill to its end. Cancel safety: runs inside its own task (a flight), so it is not
     /// cancelled when requesters go away; a held lock is released on drop.
     pub async fn fill(&self, req: FillRequest) -> Fill {
         let Some(fleet) = &self.fleet else {
-            return self.fill_here(&req, None).await;
+            return self.fill_with(&req, Claim::Instance(None), None).await;
         };
         let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
-        match fleet.l2.get(&names).await {
-            Ok(Some(entry)) if entry.times.freshness(now_ms()) == Freshness::Fresh => {
-                return self.shared(&req, entry, Source::L2).await;
-            }
-            Ok(_) => {}
+        let fallback = match fleet.l2.get(&names).await {
+            Ok(peek) => match self.settled(&req, peek, Source::L2).await {
+                Ok(fill) => return fill,
+                Err(fallback) => fallback,
+            },
             Err(err) => {
                 tracing::warn!(route = %req.route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-                return self.fill_here(&req, None).await;
+                return self.fill_with(&req, Claim::Instance(None), None).await;
             }
-        }
+        };
         match req.route.lock.scope {
-            LockScope::Fleet => self.fill_fleet(&req, fleet, &names).await,
+            LockScope::Fleet => self.fill_fleet(&req, fleet, &names, fallback).await,
             LockScope::Instance | LockScope::None => {
-                self.fill_here(&req, Some((&fleet.l2, &names))).await
+                let claim = Claim::Instance(Some((&fleet.l2, &names)));
+                self.fill_with(&req, claim, fallback).await
             }
         }
     }
 
-    /// A background refresh: takes the fill lock without waiting; if someone holds it, does
-    /// nothing. Returns the refreshed answer when it made one.
-    pub async fn refresh(&self, req: FillRequest) -> Option<Fill> {
+    /// A background refresh of an entry stored at `known`: if L2 already holds a newer one, it is
+    /// copied into L1; else the fill lock is taken without waiting and the upstream called. If
+    /// someone else holds the lock, nobody here calls the upstream: the refresh waits for that
+    /// fill's notice (at most the rest of its lease) and copies its entry into L1.
+    pub async fn refresh(&self, req: FillRequest, known: u64) -> Fill {
         let Some(fleet) = &self.fleet else {
-            return Some(self.fill_here(&req, None).await);
+            return self.fill_with(&req, Claim::Instance(None), None).await;
         };
-        if req.route.lock.scope != LockScope::Fleet {
-            let names = fleet.l2.names(&req.route.name, &req.key);
-            return Some(self.fill_here(&req, Some((&fleet.l2, &names))).await);
-        }
-        let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
         let route = &req.route;
-        match FillLock::try_acquire(&fleet.l2, &names, route.lock.lease, route.upstream_timeout)
-            .await
-        {
-            Ok(Some(lock)) => Some(self.fill_locked(&req, lock).await),
-            Ok(None) => None,
+        let names = Arc::new(fleet.l2.names(&route.name, &req.key));
+        let newer = |peek: &Peek| {
+            peek.entry
+                .as_ref()
+                .filter(|e| {
+                    e.times.stored_at > known && e.times.freshness(now_ms()) == Freshness::Fresh
+                })
+                .cloned()
+        };
+        if route.lock.scope != LockScope::Fleet {
+            let claim = Claim::Instance(Some((&fleet.l2, &names)));
+            return self.fill_with(&req, claim, None).await;
+        }
+        let lease = route.lock.lease;
+        match FillLock::try_acquire(&fleet.l2, &names, lease, route.upstream_timeout).await {
+            Ok(Some(held)) => {
+                if let Ok(peek) = fleet.l2.get(&names).await
+                    && let Some(entry) = newer(&peek)
+                {
+                    quiet_release(&req, held).await;
+                    return self.shared(&req, entry, Source::L2).await;
+                }
+                self.fill_with(&req, Claim::Fleet(held), None).await
+            }
+            Ok(None) => {
+                let Ok(mut sub) = fleet.notices.subscribe(&names.channel).await else {
+                    return Fill::FetchYourself;
+                };
+                let Ok(peek) = fleet.l2.peek(&names).await else {
+                    return Fill::FetchYourself;
+                };
+                if let Some(entry) = newer(&peek) {
+                    return self.shared(&req, entry, Source::Remote).await;
+                }
+                let Some(ttl) = peek.lock_ttl else {
+                    return Fill::FetchYourself;
+                };
+                let woken = tokio::time::timeout(ttl + LAPSE_MARGIN, sub.next()).await;
+                if let Ok(Some(Wake::Notice(Notice::Stored))) = woken
+                    && let Ok(peek) = fleet.l2.get(&names).await
+                    && let Some(entry) = newer(&peek)
+                {
+                    return self.shared(&req, entry, Source::Remote).await;
+                }
+                Fill::FetchYourself
+            }
             Err(err) => {
                 tracing::warn!(route = %route.name, %err, "redis unavailable; refreshing for this instance only (degraded)");
-                Some(self.fill_here(&req, None).await)
+                self.fill_with(&req, Claim::Instance(None), None).await
             }
         }
     }
 
-    async fn fill_fleet(&self, req: &FillRequest, fleet: &Fleet, names: &Arc<KeyNames>) -> Fill {
+    /// What an L2 read settles: `Ok` with the flight's result, or `Err` with the stale entry (if
+    /// any) to fall back on while filling.
+    async fn settled(
+        &self,
+        req: &FillRequest,
+        peek: Peek,
+        fresh_source: Source,
+    ) -> Result<Fill, Option<Arc<Entry>>> {
+        if peek.uncacheable {
+            self.marks.insert(req.key, req.route.uncacheable_ttl);
+            return Ok(Fill::FetchYourself);
+        }
+        let Some(entry) = peek.entry else {
+            return Err(None);
+        };
+        match entry.times.freshness(now_ms()) {
+            Freshness::Fresh => Ok(self.shared(req, entry, fresh_source).await),
+            Freshness::StaleRevalidate => Ok(self.shared(req, entry, Source::Stale).await),
+            Freshness::StaleIfError => Err(Some(Arc::new(entry))),
+            Freshness::Expired => Err(None),
+        }
+    }
+
+    async fn fill_fleet(
+        &self,
+        req: &FillRequest,
+        fleet: &Fleet,
+        names: &Arc<KeyNames>,
+        fallback: Option<Arc<Entry>>,
+    ) -> Fill {
         let route = &req.route;
         let lock = &route.lock;
         let deadline = tokio::time::Instant::now() + lock.wait_timeout;
-        loop {
+        let degraded = |err: &dyn std::fmt::Display| {
+            tracing::warn!(route = %route.name, %err, "redis unavailable; filling for this instance only (degraded)");
+        };
+        'compete: loop {
             if tokio::time::Instant::now() >= deadline {
-                return self.wait_timed_out(req).await;
+                return self.wait_timed_out(req, fallback).await;
             }
             match FillLock::try_acquire(&fleet.l2, names, lock.lease, route.upstream_timeout).await
             {
                 Ok(Some(held)) => {
                     // Someone may have filled between our L2 read and the lock.
-                    if let Ok(Some(entry)) = fleet.l2.get(names).await
-                        && entry.times.freshness(now_ms()) == Freshness::Fresh
+                    let filled = fleet.l2.get(names).await.ok().and_then(|peek| peek.entry);
+                    if let Some(entry) =
+                        filled.filter(|e| e.times.freshness(now_ms()) == Freshness::Fresh)
                     {
-                        // Its filler already told the waiters: release quietly.
-                        if let Err(err) = held.release(None).await {
-                            tracing::warn!(route = %route.name, %err, "could not release fill lock");
-                        }
+                        quiet_release(req, held).await;
                         return self.shared(req, entry, Source::L2).await;
                     }
-                    return self.fill_locked(req, held).await;
+                    return self.fill_with(req, Claim::Fleet(held), fallback).await;
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::warn!(route = %route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-                    return self.fill_here(req, None).await;
+                    degraded(&err);
+                    return self.fill_with(req, Claim::Instance(None), fallback).await;
                 }
             }
             // Held elsewhere: subscribe first, then re-check, then wait.
             let mut sub = match fleet.notices.subscribe(&names.channel).await {
                 Ok(sub) => sub,
                 Err(err) => {
-                    tracing::warn!(route = %route.name, %err, "redis pub/sub unavailable; filling for this instance only (degraded)");
-                    return self.fill_here(req, None).await;
+                    degraded(&err);
+                    return self.fill_with(req, Claim::Instance(None), fallback).await;
                 }
             };
-            match fleet.l2.get_with_lock(names).await {
-                Ok((Some(entry), _)) if entry.times.freshness(now_ms()) == Freshness::Fresh => {
-                    return self.shared(req, entry, Source::Remote).await;
+            loop {
+                let peek = match fleet.l2.peek(names).await {
+                    Ok(peek) => peek,
+                    Err(err) => {
+                        degraded(&err);
+                        return self.fill_with(req, Claim::Instance(None), fallback).await;
+                    }
+                };
+                let lock_ttl = peek.lock_ttl;
+                if let Ok(fill) = self.settled(req, peek, Source::Remote).await {
+                    return fill;
                 }
                 // The lock went away without a fresh entry: compete again now.
-                Ok((_, false)) => continue,
-                Ok((_, true)) => {}
-                Err(err) => {
-                    tracing::warn!(route = %route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-                    return self.fill_here(req, None).await;
-                }
-            }
-            let lapse = tokio::time::sleep(lock.lease);
-            let wake = tokio::select! {
-                wake = sub.next() => wake,
-                () = lapse => None,
-                () = tokio::time::sleep_until(deadline) => continue,
-            };
-            match wake {
-                Some(Wake::Notice(Notice::Uncacheable)) => return Fill::FetchYourself,
-                Some(Wake::Notice(Notice::Stored) | Wake::Resync) => {
-                    if let Ok(Some(entry)) = fleet.l2.get(names).await
-                        && entry.times.freshness(now_ms()) == Freshness::Fresh
-                    {
-                        return self.shared(req, entry, Source::Remote).await;
+                let Some(ttl) = lock_ttl else {
+                    continue 'compete;
+                };
+                let wake = tokio::select! {
+                    wake = sub.next() => wake,
+                    () = tokio::time::sleep(ttl + LAPSE_MARGIN) => continue 'compete,
+                    () = tokio::time::sleep_until(deadline) => continue 'compete,
+                };
+                match wake {
+                    Some(Wake::Notice(Notice::Stored)) => match fleet.l2.get(names).await {
+                        Ok(peek) => match self.settled(req, peek, Source::Remote).await {
+                            Ok(fill) => return fill,
+                            Err(_) => continue 'compete,
+                        },
+                        Err(err) => {
+                            degraded(&err);
+                            return self.fill_with(req, Claim::Instance(None), fallback).await;
+                        }
+                    },
+                    Some(Wake::Notice(Notice::Failed(answer))) => {
+                        let failed = answer.as_ref().is_none_or(|e| e.status.is_server_error());
+                        match (&fallback, answer) {
+                            (Some(stale), _) if failed => {
+                                return Fill::Shared {
+                                    entry: stale.clone(),
+                                    source: Source::Stale,
+                                };
+                            }
+                            (_, Some(entry)) => {
+                                return Fill::Shared {
+                                    entry,
+                                    source: Source::Remote,
+                                };
+                            }
+                            // Nothing to share (too large for a notice): compete again.
+                            (_, None) => continue 'compete,
+                        }
                     }
+                    Some(Wake::Notice(Notice::Uncacheable)) => {
+                        self.marks.insert(req.key, route.uncacheable_ttl);
+                        return Fill::FetchYourself;
+                    }
+                    // Notices may have been lost: confirm the subscription, then re-check.
+                    Some(Wake::Resync) => {
+                        if let Err(err) = sub.confirm().await {
+                            degraded(&err);
+                            return self.fill_with(req, Claim::Instance(None), fallback).await;
+                        }
+                    }
+                    None => continue 'compete,
                 }
-                // Failed fill, lapsed lease or a closed hub: compete for the lock again.
-                Some(Wake::Notice(Notice::Failed)) | None => {}
             }
         }
     }
 
-    async fn wait_timed_out(&self, req: &FillRequest) -> Fill {
+    async fn wait_timed_out(&self, req: &FillRequest, fallback: Option<Arc<Entry>>) -> Fill {
         let waited = req.route.lock.wait_timeout;
         tracing::warn!(route = %req.route.name, ?waited, policy = ?req.route.lock.on_wait_timeout, "gave up waiting for another instance's fill");
-        match req.route.lock.on_wait_timeout {
+        match (req.route.lock.on_wait_timeout, fallback) {
+            (_, Some(stale)) => Fill::Shared {
+                entry: stale,
+                source: Source::Stale,
+            },
             // One call for this instance's waiters, not one per waiter.
-            OnWaitTimeout::Bypass => self.fill_here(req, None).await,
-            OnWaitTimeout::GatewayTimeout => Fill::Failed(FillError::WaitTimeout(waited)),
+            (OnWaitTimeout::Bypass, None) => self.fill_with(req, Claim::Instance(None), None).await,
+            (OnWaitTimeout::GatewayTimeout, None) => Fill::Failed(FillError::WaitTimeout(waited)),
         }
     }
 
-    /// Calls the upstream under a held fleet lock and ends the lock accordingly.
-    async fn fill_locked(&self, req: &FillRequest, held: FillLock) -> Fill {
+    /// Calls the upstream and ends the claim according to what it answered.
+    async fn fill_with(
+        &self,
+        req: &FillRequest,
+        claim: Claim<'_>,
+        fallback: Option<Arc<Entry>>,
+    ) -> Fill {
+        let route = &req.route;
         match self.call_upstream(req).await {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
-                match held.store(&entry).await {
-                    Ok(outcome) => tracing::debug!(route = %req.route.name, ?outcome, "filled"),
-                    Err(err) => {
-                        tracing::warn!(route = %req.route.name, %err, "could not store the fill in redis")
-                    }
-                }
+                claim.store(req, &entry).await;
                 self.l1.insert(req.key, entry.clone()).await;
                 Fill::Shared {
                     entry,
@@ -244,45 +419,43 @@ impl Filler {
                 }
             }
             Ok(Verdict::Share(entry)) => {
-                end_lock(req, held, Notice::Failed).await;
-                Fill::Shared {
-                    entry: Arc::new(entry),
-                    source: Source::Upstream { stored: false },
+                let entry = Arc::new(entry);
+                claim
+                    .give_up(req, Notice::Failed(Some(entry.clone())))
+                    .await;
+                match fallback {
+                    Some(stale) if entry.status.is_server_error() => Fill::Shared {
+                        entry: stale,
+                        source: Source::Stale,
+                    },
+                    _ => Fill::Shared {
+                        entry,
+                        source: Source::Upstream { stored: false },
+                    },
                 }
             }
             Ok(Verdict::Private(answer)) => {
-                end_lock(req, held, Notice::Uncacheable).await;
+                claim.give_up(req, Notice::Uncacheable).await;
+                self.marks.insert(req.key, route.uncacheable_ttl);
                 Fill::Private(Arc::new(answer))
             }
+            Ok(Verdict::Oversized(streaming)) => {
+                tracing::info!(route = %route.name, limit = route.max_entry_size, "answer larger than max_entry_size: streamed, not stored");
+                claim.give_up(req, Notice::Uncacheable).await;
+                self.marks.insert(req.key, route.uncacheable_ttl);
+                Fill::Streamed(Arc::new(Mutex::new(Some(streaming))))
+            }
             Err(err) => {
-                end_lock(req, held, Notice::Failed).await;
-                Fill::Failed(err)
-            }
-        }
-    }
-
-    /// Fills for this instance alone: no lock; writes L2 plainly when given one.
-    async fn fill_here(&self, req: &FillRequest, l2: Option<(&L2, &KeyNames)>) -> Fill {
-        match self.call_upstream(req).await {
-            Ok(Verdict::Store(entry)) => {
-                let entry = Arc::new(entry);
-                if let Some((l2, names)) = l2
-                    && let Err(err) = l2.put(names, &entry).await
-                {
-                    tracing::warn!(route = %req.route.name, %err, "could not store the fill in redis");
-                }
-                self.l1.insert(req.key, entry.clone()).await;
-                Fill::Shared {
-                    entry,
-                    source: Source::Upstream { stored: true },
+                let answer = Arc::new(error_entry(err.status(), &err.to_string()));
+                claim.give_up(req, Notice::Failed(Some(answer))).await;
+                match fallback {
+                    Some(stale) => Fill::Shared {
+                        entry: stale,
+                        source: Source::Stale,
+                    },
+                    None => Fill::Failed(err),
                 }
             }
-            Ok(Verdict::Share(entry)) => Fill::Shared {
-                entry: Arc::new(entry),
-                source: Source::Upstream { stored: false },
-            },
-            Ok(Verdict::Private(answer)) => Fill::Private(Arc::new(answer)),
-            Err(err) => Fill::Failed(err),
         }
     }
 
@@ -293,8 +466,27 @@ impl Filler {
         Fill::Shared { entry, source }
     }
 
+    /// A slot under the route's cap on concurrent upstream calls, waited for at most
+    /// `upstream_timeout`. `Ok(None)`: the route has no cap.
+    pub async fn upstream_slot(
+        &self,
+        route: &RouteConfig,
+    ) -> Result<Option<SemaphorePermit<'_>>, FillError> {
+        let Some(limit) = self.limits.get(&route.name) else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(route.upstream_timeout, limit.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(FillError::Overloaded {
+                route: route.name.clone(),
+                limit: route.upstream_concurrency.unwrap_or_default(),
+            }),
+        }
+    }
+
     async fn call_upstream(&self, req: &FillRequest) -> Result<Verdict, FillError> {
         let route = &req.route;
+        let _slot = self.upstream_slot(route).await?;
         let upstream_req = crate::upstream::rewrite(
             &req.parts,
             Either::Left(Full::new(req.body.clone())),
@@ -302,7 +494,7 @@ impl Filler {
             req.peer,
         );
         let started = Instant::now();
-        let answer = self
+        let fetched = self
             .client
             .fetch(
                 upstream_req,
@@ -316,18 +508,86 @@ impl Filler {
                 FillError::Upstream(Arc::new(err))
             })?;
         let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-        Ok(judge(route, answer, fill_ms))
+        Ok(match fetched {
+            Fetched::Whole(answer) => judge(route, answer, fill_ms),
+            Fetched::Oversized {
+                parts,
+                prefix,
+                rest,
+            } => Verdict::Oversized(Response::from_parts(
+                parts,
+                ProxyBody::Prefixed {
+                    prefix: Some(prefix),
+                    rest,
+                },
+            )),
+        })
     }
 }
 
-async fn end_lock(req: &FillRequest, held: FillLock, notice: Notice) {
-    if let Err(err) = held.release(Some(notice)).await {
+impl Claim<'_> {
+    /// Stores a storable entry: under the lock (which the store releases, waking the waiters), or
+    /// plainly.
+    async fn store(self, req: &FillRequest, entry: &Entry) {
+        let route = &req.route.name;
+        match self {
+            Claim::Fleet(held) => match held.store(entry).await {
+                Ok(outcome) => tracing::debug!(%route, ?outcome, "filled"),
+                Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
+            },
+            Claim::Instance(Some((l2, names))) => {
+                if let Err(err) = l2.put(names, entry).await {
+                    tracing::warn!(%route, %err, "could not store the fill in redis");
+                }
+            }
+            Claim::Instance(None) => {}
+        }
+    }
+
+    /// Ends a claim that stored nothing, telling the fleet's waiters why.
+    async fn give_up(self, req: &FillRequest, notice: Notice) {
+        if let Claim::Fleet(held) = self
+            && let Err(err) = held.release(Some(notice), req.route.uncacheable_ttl).await
+        {
+            tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
+        }
+    }
+}
+
+/// Releases a lock that turned out not to be needed: its filler already told the waiters.
+async fn quiet_release(req: &FillRequest, held: FillLock) {
+    if let Err(err) = held.release(None, Duration::ZERO).await {
         tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
     }
 }
 
+/// The answer standing for a fill that got none (connection error, timeout), shared with the
+/// waiters so they do not each try again.
+pub fn error_entry(status: StatusCode, message: &str) -> Entry {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let now = now_ms();
+    Entry {
+        status,
+        headers,
+        body: Bytes::from(format!("{message}\n")),
+        times: Lifetime {
+            stored_at: now,
+            fresh_until: now,
+            swr_until: now,
+            sie_until: now,
+        },
+        fill_ms: 0,
+        tags: Vec::new(),
+    }
+}
+
 /// Decides what an upstream answer allows, and computes its lifetime: `s-maxage`, else `max-age`,
-/// else the route's `ttl`; the stale windows from the header, else the route's.
+/// else the route's `ttl` (`error_ttl` for a listed error status); the stale windows from the
+/// header, else the route's.
 fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
     let directives = Directives::from_headers(&answer.headers);
     if answer.headers.contains_key(header::SET_COOKIE) || !directives.storable() {
@@ -335,10 +595,15 @@ fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
     }
     let now = now_ms();
     let secs = |s: u64| s.saturating_mul(1000);
+    let default_ttl = if answer.status.as_u16() >= 400 {
+        route.error_ttl
+    } else {
+        route.ttl
+    };
     let fresh = directives
         .s_maxage
         .or(directives.max_age)
-        .map_or(millis(route.ttl), secs);
+        .map_or(millis(default_ttl), secs);
     let swr = directives
         .stale_while_revalidate
         .map_or(millis(route.stale_while_revalidate), secs);
@@ -394,6 +659,6 @@ fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
     tags
 }
 
-fn millis(d: std::time::Duration) -> u64 {
+fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -8,11 +8,12 @@
 //!
 //! # Concurrent calls on the same key
 //! Exactly one `start` closure runs per flight; every joiner gets a clone of its output, or `None` if
-//! the fill task panicked.
+//! the fill task panicked. Followers are counted while they wait; past the limit a joiner is turned
+//! away ([`Crowded`]) instead of queueing without bound.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::FutureExt;
@@ -30,7 +31,37 @@ pub enum Role {
     Follower,
 }
 
-type Map<T> = Arc<Mutex<HashMap<CacheKey, (u64, FlightResult<T>)>>>;
+/// One flight in the map: its id, its result, and how many followers wait on it.
+struct Flight<T: Clone> {
+    id: u64,
+    result: FlightResult<T>,
+    waiting: Arc<AtomicUsize>,
+}
+
+type Map<T> = Arc<Mutex<HashMap<CacheKey, Flight<T>>>>;
+
+/// A joiner turned away: the flight already has its maximum of waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{waiting} requests already wait for this key")]
+pub struct Crowded {
+    pub waiting: usize,
+}
+
+/// A joiner's place in a flight: the role, the result to await, and (for followers) a slot in
+/// the waiter count that frees itself on drop.
+pub struct Joined<T: Clone> {
+    pub role: Role,
+    pub result: FlightResult<T>,
+    _slot: Option<WaitSlot>,
+}
+
+struct WaitSlot(Arc<AtomicUsize>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// The flights in progress in this process.
 pub struct Flights<T: Clone> {
@@ -46,14 +77,29 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         }
     }
 
-    /// Joins the flight for `key`, starting it with `start` if there is none.
-    pub fn join<F>(&self, key: CacheKey, start: impl FnOnce() -> F) -> (Role, FlightResult<T>)
+    /// Joins the flight for `key`, starting it with `start` if there is none; turned away when
+    /// `max_waiters` followers already wait on it.
+    pub fn join<F>(
+        &self,
+        key: CacheKey,
+        max_waiters: usize,
+        start: impl FnOnce() -> F,
+    ) -> Result<Joined<T>, Crowded>
     where
         F: Future<Output = T> + Send + 'static,
     {
         let mut map = lock(&self.map);
-        if let Some((_, flight)) = map.get(&key) {
-            return (Role::Follower, flight.clone());
+        if let Some(flight) = map.get(&key) {
+            let waiting = flight.waiting.fetch_add(1, Ordering::Relaxed);
+            let slot = WaitSlot(flight.waiting.clone());
+            if waiting >= max_waiters {
+                return Err(Crowded { waiting });
+            }
+            return Ok(Joined {
+                role: Role::Follower,
+                result: flight.result.clone(),
+                _slot: Some(slot),
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fill = start();
@@ -66,9 +112,25 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             let _landing = landing;
             fill.await
         });
-        let flight: FlightResult<T> = async move { task.await.ok() }.boxed().shared();
-        map.insert(key, (id, flight.clone()));
-        (Role::Leader, flight)
+        let result: FlightResult<T> = async move { task.await.ok() }.boxed().shared();
+        let flight = Flight {
+            id,
+            result: result.clone(),
+            waiting: Arc::default(),
+        };
+        map.insert(key, flight);
+        Ok(Joined {
+            role: Role::Leader,
+            result,
+            _slot: None,
+        })
+    }
+
+    /// Followers waiting on the flight for `key`, if there is one.
+    pub fn waiting(&self, key: &CacheKey) -> Option<usize> {
+        lock(&self.map)
+            .get(key)
+            .map(|f| f.waiting.load(Ordering::Relaxed))
     }
 
     /// Flights in progress.
@@ -97,7 +159,7 @@ struct Landing<T: Clone> {
 impl<T: Clone> Drop for Landing<T> {
     fn drop(&mut self) {
         let mut map = lock(&self.map);
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
             map.remove(&self.key);
         }
     }
@@ -105,8 +167,8 @@ impl<T: Clone> Drop for Landing<T> {
 
 /// The map stays consistent under poisoning: each mutation is one insert or remove.
 fn lock<T: Clone>(
-    map: &Mutex<HashMap<CacheKey, (u64, FlightResult<T>)>>,
-) -> MutexGuard<'_, HashMap<CacheKey, (u64, FlightResult<T>)>> {
+    map: &Mutex<HashMap<CacheKey, Flight<T>>>,
+) -> MutexGuard<'_, HashMap<CacheKey, Flight<T>>> {
     map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -127,26 +189,32 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = calls.clone();
-        let (role, first) = flights.join(key(1), move || async move {
+        let Ok(first) = flights.join(key(1), 100, move || async move {
             c.fetch_add(1, Ordering::SeqCst);
             let _ = rx.await;
             7
-        });
-        assert_eq!(role, Role::Leader);
+        }) else {
+            panic!("the first joiner is never turned away");
+        };
+        assert_eq!(first.role, Role::Leader);
         let mut others = Vec::new();
         for _ in 0..50 {
             let c = calls.clone();
-            let (role, f) = flights.join(key(1), move || async move {
+            let joined = flights.join(key(1), 100, move || async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 0
             });
-            assert_eq!(role, Role::Follower);
-            others.push(f);
+            let Ok(joined) = joined else {
+                panic!("under the waiter limit");
+            };
+            assert_eq!(joined.role, Role::Follower);
+            others.push(joined);
         }
+        assert_eq!(flights.waiting(&key(1)), Some(50));
         let _ = tx.send(());
-        assert_eq!(first.await, Some(7));
-        for f in others {
-            assert_eq!(f.await, Some(7));
+        assert_eq!(first.result.await, Some(7));
+        for joined in others {
+            assert_eq!(joined.result.clone().await, Some(7));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(flights.is_empty());
@@ -155,11 +223,36 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
         let flights = Flights::<u32>::new();
-        let (_, f) = flights.join(key(2), || async { panic!("fill blew up") });
-        assert_eq!(f.await, None);
+        let Ok(joined) = flights.join(key(2), 1, || async { panic!("fill blew up") }) else {
+            panic!("the first joiner is never turned away");
+        };
+        assert_eq!(joined.result.await, None);
         assert!(flights.is_empty());
-        let (role, f) = flights.join(key(2), || async { 3 });
-        assert_eq!(role, Role::Leader);
-        assert_eq!(f.await, Some(3));
+        let Ok(joined) = flights.join(key(2), 1, || async { 3 }) else {
+            panic!("the first joiner is never turned away");
+        };
+        assert_eq!(joined.role, Role::Leader);
+        assert_eq!(joined.result.await, Some(3));
+    }
+
+    #[tokio::test]
+    async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
+        let flights = Flights::<u32>::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let leader = flights.join(key(3), 2, move || async move {
+            let _ = rx.await;
+            1
+        });
+        assert!(leader.is_ok());
+        let a = flights.join(key(3), 2, || async { 0 });
+        let b = flights.join(key(3), 2, || async { 0 });
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(
+            flights.join(key(3), 2, || async { 0 }).err(),
+            Some(Crowded { waiting: 2 })
+        );
+        drop(a);
+        assert!(flights.join(key(3), 2, || async { 0 }).is_ok());
+        let _ = tx.send(());
     }
 }

@@ -56,6 +56,71 @@ impl L1 {
     }
 }
 
+/// Keys whose last answer could not be shared (personal, or too large), each for its route's
+/// `uncacheable_ttl`: their requests go straight to the upstream instead of queueing behind one
+/// another for an answer they could not share. Bounded in count.
+#[derive(Clone)]
+pub struct PassMarks {
+    marks: moka::sync::Cache<CacheKey, Duration>,
+}
+
+/// Most keys marked at once; the oldest go first.
+const MAX_MARKS: u64 = 100_000;
+
+impl PassMarks {
+    pub fn new() -> PassMarks {
+        let marks = moka::sync::Cache::builder()
+            .max_capacity(MAX_MARKS)
+            .expire_after(MarkLifetime)
+            .build();
+        PassMarks { marks }
+    }
+
+    /// Marks `key` for `ttl`; a zero `ttl` marks nothing.
+    pub fn insert(&self, key: CacheKey, ttl: Duration) {
+        if !ttl.is_zero() {
+            self.marks.insert(key, ttl);
+        }
+    }
+
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.marks.contains_key(key)
+    }
+
+    pub fn remove(&self, key: &CacheKey) {
+        self.marks.invalidate(key);
+    }
+}
+
+impl Default for PassMarks {
+    fn default() -> Self {
+        PassMarks::new()
+    }
+}
+
+struct MarkLifetime;
+
+impl Expiry<CacheKey, Duration> for MarkLifetime {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        ttl: &Duration,
+        _at: Instant,
+    ) -> Option<Duration> {
+        Some(*ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        ttl: &Duration,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(*ttl)
+    }
+}
+
 /// Expires every entry at its own `stale_until`, on creation and on replacement alike.
 struct OwnLifetime;
 

@@ -9,14 +9,18 @@
 //! - entry `corral:{namespace}:{route}:{<hex>}`
 //! - lock `corral:{namespace}:{route}:lock:{<hex>}`
 //! - channel `corral:{namespace}:{route}:fill:<hex>`
+//! - uncacheable marker `corral:{namespace}:{route}:pass:{<hex>}`: the last fill could not be shared,
+//!   so requests skip the lock for a while instead of queueing behind one another.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
+use crate::breaker::Breaker;
 use crate::config::RedisConfig;
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
@@ -34,6 +38,8 @@ pub enum L2Error {
     Timeout { op: &'static str, budget: Duration },
     #[error("redis pub/sub: {0}")]
     Pubsub(String),
+    #[error("redis {op}: not called, the circuit is open (redis is considered down)")]
+    CircuitOpen { op: &'static str },
 }
 
 /// The Redis names of one cache key.
@@ -42,36 +48,68 @@ pub struct KeyNames {
     pub entry: String,
     pub lock: String,
     pub channel: String,
+    pub pass: String,
 }
 
 /// What a fill notice says. Published on the key's channel by the leader.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
     /// The entry is in L2: read it.
     Stored,
-    /// The fill failed and stored nothing: compete for the lock again.
-    Failed,
+    /// The fill failed and stored nothing. Carries the answer the leader got (an upstream error,
+    /// or a 502/504 standing for a call that got none) so waiters share it instead of calling
+    /// the upstream one after another; `None` when it was too large to publish.
+    Failed(Option<Arc<Entry>>),
     /// The answer may not be shared: every waiter fetches for itself.
     Uncacheable,
 }
 
+/// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
+const MAX_NOTICE_ENTRY: usize = 64 * 1024;
+
 impl Notice {
-    pub fn as_str(self) -> &'static str {
+    pub fn payload(&self) -> Bytes {
         match self {
-            Notice::Stored => "stored",
-            Notice::Failed => "failed",
-            Notice::Uncacheable => "uncacheable",
+            Notice::Stored => Bytes::from_static(b"stored"),
+            Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
+            Notice::Failed(None) => Bytes::from_static(b"failed"),
+            Notice::Failed(Some(entry)) => {
+                let encoded = entry.encode();
+                if encoded.len() > MAX_NOTICE_ENTRY {
+                    return Bytes::from_static(b"failed");
+                }
+                let mut payload = Vec::with_capacity(7 + encoded.len());
+                payload.extend_from_slice(b"failed:");
+                payload.extend_from_slice(&encoded);
+                Bytes::from(payload)
+            }
         }
     }
 
     pub fn parse(payload: &[u8]) -> Option<Notice> {
         match payload {
             b"stored" => Some(Notice::Stored),
-            b"failed" => Some(Notice::Failed),
             b"uncacheable" => Some(Notice::Uncacheable),
-            _ => None,
+            b"failed" => Some(Notice::Failed(None)),
+            _ => {
+                let entry = payload.strip_prefix(b"failed:")?;
+                let entry = Entry::decode(Bytes::copy_from_slice(entry))
+                    .ok()
+                    .map(Arc::new);
+                Some(Notice::Failed(entry))
+            }
         }
     }
+}
+
+/// What one read of a key's state in L2 found.
+#[derive(Debug, Default)]
+pub struct Peek {
+    pub entry: Option<Entry>,
+    /// A recent fill could not be shared: skip the lock, fetch for yourself.
+    pub uncacheable: bool,
+    /// Time left on the fill lock, `None` when nobody holds it.
+    pub lock_ttl: Option<Duration>,
 }
 
 /// How a token-checked store went.
@@ -104,10 +142,12 @@ end
 return 0
 ";
 
-/// Compare-and-delete of a lock, publishing a notice when there is one to give.
+/// Compare-and-delete of a lock, publishing a notice when there is one to give, and setting the
+/// uncacheable marker when asked to (ARGV[4] > 0 milliseconds).
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[4]) end
   if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
   return 1
 end
@@ -122,12 +162,17 @@ end
 return 0
 ";
 
-/// The Redis tier. Cloning shares the connection.
+/// The Redis tier. Cloning is cheap and shares the connection.
 #[derive(Clone)]
 pub struct L2 {
     conn: ConnectionManager,
-    namespace: String,
+    namespace: Arc<str>,
     timeout: Duration,
+    breaker: Arc<Breaker>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
     store: Script,
     release: Script,
     extend: Script,
@@ -136,7 +181,7 @@ pub struct L2 {
 impl L2 {
     /// Prepares the connection without waiting for Redis: Corral starts (degraded) while Redis is
     /// down and connects when it comes up.
-    pub fn connect(cfg: &RedisConfig) -> Result<L2, L2Error> {
+    pub fn connect(cfg: &RedisConfig, breaker: Arc<Breaker>) -> Result<L2, L2Error> {
         let client = Client::open(cfg.url.as_str())
             .map_err(|source| L2Error::Redis { op: "open", source })?;
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config(cfg.timeout))
@@ -146,11 +191,14 @@ impl L2 {
             })?;
         Ok(L2 {
             conn,
-            namespace: cfg.namespace.clone(),
+            namespace: cfg.namespace.as_str().into(),
             timeout: cfg.timeout,
-            store: Script::new(STORE),
-            release: Script::new(RELEASE),
-            extend: Script::new(EXTEND),
+            breaker,
+            scripts: Arc::new(Scripts {
+                store: Script::new(STORE),
+                release: Script::new(RELEASE),
+                extend: Script::new(EXTEND),
+            }),
         })
     }
 
@@ -161,38 +209,52 @@ impl L2 {
             entry: format!("corral:{ns}:{route}:{{{hex}}}"),
             lock: format!("corral:{ns}:{route}:lock:{{{hex}}}"),
             channel: format!("corral:{ns}:{route}:fill:{hex}"),
+            pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
         }
     }
 
-    /// The entry, if present, decodable and not expired. A garbled or foreign value is a miss.
-    pub async fn get(&self, names: &KeyNames) -> Result<Option<Entry>, L2Error> {
+    /// The entry (if present and decodable: a garbled or foreign value is a miss) and the
+    /// uncacheable marker, in one round trip.
+    pub async fn get(&self, names: &KeyNames) -> Result<Peek, L2Error> {
         let mut conn = self.conn.clone();
-        let raw: Option<Bytes> = self
-            .bounded(
-                "GET",
-                redis::cmd("GET").arg(&names.entry).query_async(&mut conn),
-            )
-            .await?;
-        Ok(raw.and_then(|raw| decode(&names.entry, raw)))
-    }
-
-    /// The entry and whether the lock is held, in one round trip: what a waiter checks right after
-    /// subscribing, to close the race with a fill that finished (or failed) meanwhile.
-    pub async fn get_with_lock(&self, names: &KeyNames) -> Result<(Option<Entry>, bool), L2Error> {
-        let mut conn = self.conn.clone();
-        let (raw, lock): (Option<Bytes>, Option<Bytes>) = self
+        let (raw, pass): (Option<Bytes>, Option<Bytes>) = self
             .bounded(
                 "MGET",
                 redis::cmd("MGET")
                     .arg(&names.entry)
+                    .arg(&names.pass)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(Peek {
+            entry: raw.and_then(|raw| decode(&names.entry, raw)),
+            uncacheable: pass.is_some(),
+            lock_ttl: None,
+        })
+    }
+
+    /// Entry, marker and the lock's remaining lease in one round trip: what a waiter checks right
+    /// after subscribing, to close the race with a fill that finished (or failed) meanwhile, and
+    /// to know how long the lease can still run.
+    pub async fn peek(&self, names: &KeyNames) -> Result<Peek, L2Error> {
+        let mut conn = self.conn.clone();
+        let ((raw, pass), pttl): ((Option<Bytes>, Option<Bytes>), i64) = self
+            .bounded(
+                "MGET+PTTL",
+                redis::pipe()
+                    .cmd("MGET")
+                    .arg(&names.entry)
+                    .arg(&names.pass)
+                    .cmd("PTTL")
                     .arg(&names.lock)
                     .query_async(&mut conn),
             )
             .await?;
-        Ok((
-            raw.and_then(|raw| decode(&names.entry, raw)),
-            lock.is_some(),
-        ))
+        Ok(Peek {
+            entry: raw.and_then(|raw| decode(&names.entry, raw)),
+            uncacheable: pass.is_some(),
+            lock_ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+        })
     }
 
     /// `SET lock token NX PX lease`: whether the caller now holds the fill lock.
@@ -226,24 +288,33 @@ impl L2 {
         lease: Duration,
     ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
-        let mut call = self.extend.key(&names.lock);
+        let mut call = self.scripts.extend.key(&names.lock);
         call.arg(token).arg(millis(lease));
         let n: i64 = self.bounded("extend", call.invoke_async(&mut conn)).await?;
         Ok(n == 1)
     }
 
-    /// Releases the lock if `token` holds it, publishing `notice` (if any) to the waiters.
+    /// Releases the lock if `token` holds it, publishing `notice` (if any) to the waiters and, for
+    /// an uncacheable answer, setting the marker for `pass_ttl`.
     pub async fn release(
         &self,
         names: &KeyNames,
         token: &str,
-        notice: Option<Notice>,
+        notice: Option<&Notice>,
+        pass_ttl: Duration,
     ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
-        let mut call = self.release.key(&names.lock);
-        call.arg(token)
+        let mut call = self.scripts.release.key(&names.lock);
+        let pass_ms = if matches!(notice, Some(Notice::Uncacheable)) {
+            u64::try_from(pass_ttl.as_millis()).unwrap_or(u64::MAX)
+        } else {
+            0
+        };
+        call.key(&names.pass)
+            .arg(token)
             .arg(&names.channel)
-            .arg(notice.map_or("", Notice::as_str));
+            .arg(notice.map(Notice::payload).unwrap_or_default().as_ref())
+            .arg(pass_ms);
         let n: i64 = self
             .bounded("release", call.invoke_async(&mut conn))
             .await?;
@@ -261,7 +332,7 @@ impl L2 {
             return Ok(StoreOutcome::Superseded);
         };
         let mut conn = self.conn.clone();
-        let mut call = self.store.key(&names.entry);
+        let mut call = self.scripts.store.key(&names.entry);
         call.key(&names.lock)
             .arg(token)
             .arg(entry.encode().as_ref())
@@ -293,19 +364,17 @@ impl L2 {
         .await
     }
 
+    /// Whether Redis is considered down (the circuit is open).
+    pub fn degraded(&self) -> bool {
+        self.breaker.is_open()
+    }
+
     async fn bounded<T>(
         &self,
         op: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, L2Error> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(L2Error::Redis { op, source }),
-            Err(_) => Err(L2Error::Timeout {
-                op,
-                budget: self.timeout,
-            }),
-        }
+        guarded(&self.breaker, op, self.timeout, call).await
     }
 }
 
@@ -317,6 +386,29 @@ pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1))
+}
+
+/// Runs one Redis call within `budget`, through the breaker: refused at once while it is open,
+/// and every outcome counted.
+pub(crate) async fn guarded<T>(
+    breaker: &Breaker,
+    op: &'static str,
+    budget: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, L2Error> {
+    if !breaker.allows() {
+        return Err(L2Error::CircuitOpen { op });
+    }
+    let result = match tokio::time::timeout(budget, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(L2Error::Redis { op, source }),
+        Err(_) => Err(L2Error::Timeout { op, budget }),
+    };
+    match &result {
+        Ok(_) => breaker.success(),
+        Err(_) => breaker.failure(),
+    }
+    result
 }
 
 fn decode(name: &str, raw: Bytes) -> Option<Entry> {

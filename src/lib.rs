@@ -21,6 +21,8 @@
 //! refresh once) → flight (one per key per process) → L2 → fill lock → upstream → store L2, PUBLISH,
 //! release → L1 → answer with `Cache-Status`.
 
+pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod entry;

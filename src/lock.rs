@@ -62,27 +62,31 @@ impl FillLock {
         let outcome = self.l2.store(&self.names, &self.token, entry).await;
         if outcome.is_err() {
             // The store may not have run: do not leave the waiters for the lease.
-            self.release_in_background(Some(Notice::Failed));
+            self.release_in_background(Notice::Failed(None));
         }
         outcome
     }
 
     /// Releases the lock and tells the waiters (if there is anything to tell) why nothing was
-    /// stored.
-    pub async fn release(mut self, notice: Option<Notice>) -> Result<(), L2Error> {
+    /// stored; an `Uncacheable` notice also sets the key's uncacheable marker for `pass_ttl`.
+    pub async fn release(
+        mut self,
+        notice: Option<Notice>,
+        pass_ttl: Duration,
+    ) -> Result<(), L2Error> {
         self.watchdog.abort();
         self.done = true;
         self.l2
-            .release(&self.names, &self.token, notice)
+            .release(&self.names, &self.token, notice.as_ref(), pass_ttl)
             .await
             .map(|_| ())
     }
 
-    fn release_in_background(&self, notice: Option<Notice>) {
+    fn release_in_background(&self, notice: Notice) {
         let (l2, names, token) = (self.l2.clone(), self.names.clone(), self.token.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(err) = l2.release(&names, &token, notice).await {
+                if let Err(err) = l2.release(&names, &token, Some(&notice), Duration::ZERO).await {
                     tracing::warn!(lock = %names.lock, %err, "could not release an abandoned fill lock; it lapses with its lease");
                 }
             });
@@ -94,7 +98,7 @@ impl Drop for FillLock {
     fn drop(&mut self) {
         self.watchdog.abort();
         if !self.done {
-            self.release_in_background(Some(Notice::Failed));
+            self.release_in_background(Notice::Failed(None));
         }
     }
 }

@@ -11,8 +11,10 @@
 //! burst of new waiting keys costs one round trip, not one each.
 //!
 //! The connection is RESP3 (pushes share the connection with replies) under a `ConnectionManager`
-//! that reconnects and resubscribes by itself. A disconnection may have lost notices, so every
-//! waiter is told to re-check ([`Wake::Resync`]).
+//! that reconnects by itself. A disconnection may have lost notices, so every waiter is told
+//! ([`Wake::Resync`]) to confirm its subscription again — which re-SUBSCRIBEs every wanted channel on
+//! the new connection — and then re-check L2: a notice published before the confirmation is
+//! reflected in L2 (the store precedes the PUBLISH in one script), one published after it arrives.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,11 +24,12 @@ use redis::aio::ConnectionManager;
 use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::breaker::Breaker;
 use crate::config::RedisConfig;
-use crate::l2::{L2Error, Notice, manager_config};
+use crate::l2::{L2Error, Notice, guarded, manager_config};
 
 /// What wakes a waiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Wake {
     Notice(Notice),
     /// The pub/sub connection dropped: notices may have been lost, re-check L2.
@@ -44,6 +47,8 @@ struct Slot {
 enum Request {
     /// Reconcile, then acknowledge.
     Sync(oneshot::Sender<Result<(), String>>),
+    /// The connection dropped: the server holds no subscriptions any more.
+    Reset,
 }
 
 /// The process's pub/sub hub. Cloning shares it.
@@ -52,6 +57,7 @@ pub struct Notices {
     waiters: Waiters,
     requests: mpsc::UnboundedSender<Request>,
     timeout: Duration,
+    breaker: Arc<Breaker>,
 }
 
 /// A live interest in one channel. Receives every wake after it was created.
@@ -63,28 +69,36 @@ pub struct Subscription {
 
 impl Notices {
     /// Prepares the connection (lazily: Redis may be down now) and starts the reconciling task.
-    pub fn connect(cfg: &RedisConfig) -> Result<Notices, L2Error> {
+    pub fn connect(cfg: &RedisConfig, breaker: Arc<Breaker>) -> Result<Notices, L2Error> {
         let waiters: Waiters = Arc::default();
         let dispatch = waiters.clone();
+        let (requests, rx) = mpsc::unbounded_channel();
+        let resets = requests.clone();
         let client = resp3_client(&cfg.url)?;
-        let config = manager_config(cfg.timeout)
-            .set_push_sender(move |push: PushInfo| {
-                deliver(&dispatch, push);
-                Ok::<(), redis::aio::SendError>(())
-            })
-            .set_automatic_resubscription();
+        let config = manager_config(cfg.timeout).set_push_sender(move |push: PushInfo| {
+            if deliver(&dispatch, push) {
+                let _ = resets.send(Request::Reset);
+            }
+            Ok::<(), redis::aio::SendError>(())
+        });
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
             L2Error::Redis {
                 op: "pubsub connect",
                 source,
             }
         })?;
-        let (requests, rx) = mpsc::unbounded_channel();
-        tokio::spawn(reconcile(conn, waiters.clone(), rx, cfg.timeout));
+        tokio::spawn(reconcile(
+            conn,
+            waiters.clone(),
+            rx,
+            cfg.timeout,
+            breaker.clone(),
+        ));
         Ok(Notices {
             waiters,
             requests,
             timeout: cfg.timeout,
+            breaker,
         })
     }
 
@@ -93,6 +107,9 @@ impl Notices {
     /// Cancel safety: dropping the future before it returns leaves no subscription behind beyond
     /// the next reconciliation.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, L2Error> {
+        if !self.breaker.allows() {
+            return Err(L2Error::CircuitOpen { op: "SUBSCRIBE" });
+        }
         let rx = {
             let mut waiters = lock(&self.waiters);
             let slot = waiters.entry(channel.to_owned()).or_insert_with(|| Slot {
@@ -102,11 +119,17 @@ impl Notices {
             slot.refs += 1;
             slot.tx.subscribe()
         };
-        let subscription = Subscription {
+        let mut subscription = Subscription {
             channel: channel.to_owned(),
             rx,
             notices: self.clone(),
         };
+        subscription.confirm().await?;
+        Ok(subscription)
+    }
+
+    /// Waits until the reconciler has made the server's subscriptions match the wanted ones.
+    async fn sync(&self) -> Result<(), L2Error> {
         let (ack, confirmed) = oneshot::channel();
         let budget = self.timeout;
         let unconfirmed = || L2Error::Timeout {
@@ -117,7 +140,7 @@ impl Notices {
             .send(Request::Sync(ack))
             .map_err(|_| unconfirmed())?;
         match tokio::time::timeout(budget * 2, confirmed).await {
-            Ok(Ok(Ok(()))) => Ok(subscription),
+            Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(reason))) => Err(L2Error::Pubsub(reason)),
             _ => Err(unconfirmed()),
         }
@@ -133,7 +156,12 @@ impl Subscription {
     /// The next wake on this channel. Cancel safe.
     pub async fn next(&mut self) -> Option<Wake> {
         self.rx.changed().await.ok()?;
-        self.rx.borrow_and_update().1
+        self.rx.borrow_and_update().1.clone()
+    }
+
+    /// Returns once the server has confirmed this subscription (again, after a [`Wake::Resync`]).
+    pub async fn confirm(&mut self) -> Result<(), L2Error> {
+        self.notices.sync().await
     }
 }
 
@@ -161,33 +189,36 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn deliver(waiters: &Waiters, push: PushInfo) {
+/// Hands a push to the waiters of its channel; `true` when it was a disconnection (the
+/// reconciler must then forget what the server had subscribed).
+fn deliver(waiters: &Waiters, push: PushInfo) -> bool {
     let waiters = lock(waiters);
     match push.kind {
         PushKind::Message => {
             let [channel, payload] = push.data.as_slice() else {
-                return;
+                return false;
             };
             let (Some(channel), Some(payload)) = (bytes_of(channel), bytes_of(payload)) else {
-                return;
-            };
-            let Some(notice) = Notice::parse(payload) else {
-                return;
+                return false;
             };
             let Ok(channel) = std::str::from_utf8(channel) else {
-                return;
+                return false;
             };
-            if let Some(slot) = waiters.get(channel) {
+            // Parse only for a channel someone here waits on.
+            if let Some(slot) = waiters.get(channel)
+                && let Some(notice) = Notice::parse(payload)
+            {
                 slot.tx.send_modify(|(seq, wake)| {
                     *seq += 1;
                     *wake = Some(Wake::Notice(notice));
                 });
             }
+            false
         }
         PushKind::Disconnection => {
             tracing::warn!(
                 waiting = waiters.len(),
-                "redis pub/sub connection lost; waiters re-check"
+                "redis pub/sub connection lost; waiters re-subscribe and re-check"
             );
             for slot in waiters.values() {
                 slot.tx.send_modify(|(seq, wake)| {
@@ -195,8 +226,9 @@ fn deliver(waiters: &Waiters, push: PushInfo) {
                     *wake = Some(Wake::Resync);
                 });
             }
+            true
         }
-        _ => {}
+        _ => false,
     }
 }
 
@@ -214,19 +246,25 @@ async fn reconcile(
     waiters: Waiters,
     mut requests: mpsc::UnboundedReceiver<Request>,
     timeout: Duration,
+    breaker: Arc<Breaker>,
 ) {
     let mut subscribed: HashSet<String> = HashSet::new();
     while let Some(first) = requests.recv().await {
-        let mut acks = vec![first];
-        while let Ok(more) = requests.try_recv() {
-            acks.push(more);
+        let mut acks = Vec::new();
+        let pending = std::iter::from_fn(|| requests.try_recv().ok());
+        for request in std::iter::once(first).chain(pending) {
+            match request {
+                Request::Sync(ack) => acks.push(ack),
+                Request::Reset => subscribed.clear(),
+            }
         }
         let wanted: HashSet<String> = lock(&waiters).keys().cloned().collect();
         let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
         let mut result = Ok(());
         if !to_drop.is_empty() {
-            result = bounded("UNSUBSCRIBE", timeout, conn.unsubscribe(&to_drop)).await;
+            let call = conn.unsubscribe(&to_drop);
+            result = guarded(&breaker, "UNSUBSCRIBE", timeout, call).await;
             if result.is_ok() {
                 for channel in &to_drop {
                     subscribed.remove(channel);
@@ -234,7 +272,8 @@ async fn reconcile(
             }
         }
         if !to_add.is_empty() && result.is_ok() {
-            result = bounded("SUBSCRIBE", timeout, conn.subscribe(&to_add)).await;
+            let call = conn.subscribe(&to_add);
+            result = guarded(&breaker, "SUBSCRIBE", timeout, call).await;
             if result.is_ok() {
                 subscribed.extend(to_add);
             }
@@ -242,21 +281,9 @@ async fn reconcile(
         if let Err(err) = &result {
             tracing::warn!(%err, "redis pub/sub (un)subscribe failed");
         }
-        for Request::Sync(ack) in acks {
+        for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
         }
-    }
-}
-
-async fn bounded(
-    op: &'static str,
-    budget: Duration,
-    call: impl std::future::Future<Output = redis::RedisResult<()>>,
-) -> Result<(), L2Error> {
-    match tokio::time::timeout(budget, call).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(L2Error::Redis { op, source }),
-        Err(_) => Err(L2Error::Timeout { op, budget }),
     }
 }
 

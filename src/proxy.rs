@@ -7,25 +7,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 
+use crate::body::ProxyBody;
+use crate::breaker::Breaker;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillError, FillRequest, Filler, Fleet, Source};
-use crate::flight::{Flights, Role};
+use crate::flight::{Crowded, Flights, Role};
 use crate::key::{CacheKey, KeyError};
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, check_cacheable};
-use crate::upstream::{Buffered, UpstreamClient, UpstreamError, rewrite};
-
-/// The body of every answer: a buffered (cached) body or a streamed upstream one.
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+use crate::upstream::{Buffered, UpstreamBody, UpstreamError, rewrite};
 
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
@@ -52,6 +52,8 @@ pub enum ProxyError {
     Fill(#[from] FillError),
     #[error("the fill for this key failed unexpectedly")]
     FillPanicked,
+    #[error("too many requests wait for this key: {0}")]
+    Crowded(#[from] Crowded),
 }
 
 impl ProxyError {
@@ -60,16 +62,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::Upstream(UpstreamError::Timeout { .. })
-            | ProxyError::Fill(FillError::WaitTimeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Fill(FillError::Upstream(err))
-                if matches!(**err, UpstreamError::Timeout { .. }) =>
-            {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            ProxyError::Upstream(_) | ProxyError::Fill(_) | ProxyError::FillPanicked => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Fill(err) => err.status(),
+            ProxyError::Crowded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) | ProxyError::FillPanicked => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -81,39 +77,41 @@ impl ProxyError {
         } else {
             tracing::debug!(%status, err = %self, "rejecting request");
         }
-        let mut resp = Response::new(Either::Left(Full::new(Bytes::from(format!("{self}\n")))));
+        let mut resp = Response::new(ProxyBody::full(format!("{self}\n")));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         headers.insert(CACHE_STATUS, outcome.cache_status());
         resp
     }
 }
 
-const CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 impl Proxy {
     /// Builds the proxy for a validated config. Redis is connected lazily: Corral starts while
     /// Redis is down and serves degraded until it comes up.
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
         let fleet = match &config.redis {
-            Some(redis) => Some(Fleet {
-                l2: L2::connect(redis)?,
-                notices: Notices::connect(redis)?,
-            }),
+            Some(redis) => {
+                let breaker = Arc::new(Breaker::default());
+                Some(Fleet {
+                    l2: L2::connect(redis, breaker.clone())?,
+                    notices: Notices::connect(redis, breaker)?,
+                })
+            }
             None => None,
         };
         Ok(Proxy {
             router: Router::new(&config.routes),
             default_upstream: config.server.default_upstream.clone(),
-            filler: Arc::new(Filler {
-                l1: L1::new(config.cache.l1_max_bytes),
-                fleet,
-                client: UpstreamClient::new(),
-            }),
+            filler: Arc::new(Filler::new(config, fleet)),
             flights: Flights::new(),
         })
     }
@@ -123,6 +121,11 @@ impl Proxy {
         &self.filler.l1
     }
 
+    /// Whether Redis is configured but considered down (the process serves degraded).
+    pub fn degraded(&self) -> bool {
+        self.filler.fleet.as_ref().is_some_and(|f| f.l2.degraded())
+    }
+
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let Some(route) = self.router.route(req.uri().path(), req.method()).cloned() else {
@@ -130,7 +133,11 @@ impl Proxy {
         };
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
-            return self.pass(&route.upstream, &route, req, peer).await;
+            let (parts, body) = req.into_parts();
+            let upstream = route.upstream.clone();
+            return self
+                .forward(&route, &upstream, &parts, Either::Right(body), peer)
+                .await;
         }
         let (parts, body) = req.into_parts();
         let body = match read_body(&parts.headers, body, route.max_body).await {
@@ -145,7 +152,7 @@ impl Proxy {
     /// checks cacheability first.
     pub async fn handle_buffered(
         &self,
-        parts: http::request::Parts,
+        parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
@@ -161,7 +168,7 @@ impl Proxy {
     async fn handle_cacheable(
         &self,
         route: Arc<RouteConfig>,
-        parts: http::request::Parts,
+        parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
@@ -189,9 +196,17 @@ impl Proxy {
     async fn lookup(&self, req: FillRequest) -> Response<ProxyBody> {
         let stale = match self.filler.l1.get(&req.key).await {
             Some(entry) => match entry.times.freshness(now_ms()) {
-                Freshness::Fresh => return answer(&entry, CacheOutcome::Hit),
+                Freshness::Fresh => {
+                    if let Some(beta) = req.route.early_refresh
+                        && refresh_early(&entry, beta, now_ms())
+                    {
+                        tracing::debug!(route = %req.route.name, "early refresh");
+                        self.refresh_in_background(req, entry.times.stored_at);
+                    }
+                    return answer(&entry, CacheOutcome::Hit);
+                }
                 Freshness::StaleRevalidate => {
-                    self.refresh_in_background(req);
+                    self.refresh_in_background(req, entry.times.stored_at);
                     return answer(&entry, CacheOutcome::Stale);
                 }
                 Freshness::StaleIfError => Some(entry),
@@ -199,17 +214,28 @@ impl Proxy {
             },
             None => None,
         };
+        if self.filler.marks.contains(&req.key) {
+            return self.fetch_alone(&req, CacheOutcome::Bypass).await;
+        }
         if req.route.lock.scope == LockScope::None {
             let fill = self.filler.fill(req.clone()).await;
             return self.respond(Role::Leader, &fill, req, stale).await;
         }
         let filler = self.filler.clone();
         let fill_req = req.clone();
-        let (role, flight) = self.flights.join(req.key, move || async move {
-            Arc::new(filler.fill(fill_req).await)
-        });
-        match flight.await {
-            Some(fill) => self.respond(role, &fill, req, stale).await,
+        let joined = self
+            .flights
+            .join(req.key, req.route.lock.max_waiters, move || async move {
+                Arc::new(filler.fill(fill_req).await)
+            });
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(crowded) => {
+                return ProxyError::from(crowded).into_response(CacheOutcome::MissNotStored);
+            }
+        };
+        match joined.result.clone().await {
+            Some(fill) => self.respond(joined.role, &fill, req, stale).await,
             None => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::FillPanicked.into_response(CacheOutcome::MissNotStored),
@@ -225,10 +251,11 @@ impl Proxy {
         req: FillRequest,
         stale: Option<Arc<Entry>>,
     ) -> Response<ProxyBody> {
-        match (fill, role) {
-            (Fill::Shared { entry, source }, role) => {
+        match fill {
+            Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
                     (Source::L2, _) => CacheOutcome::Hit,
+                    (Source::Stale, _) => CacheOutcome::Stale,
                     (Source::Remote, _) | (Source::Upstream { .. }, Role::Follower) => {
                         CacheOutcome::Coalesced
                     }
@@ -237,19 +264,37 @@ impl Proxy {
                         CacheOutcome::MissNotStored
                     }
                 };
-                if outcome == CacheOutcome::Coalesced
-                    && entry.status.is_server_error()
+                if entry.status.is_server_error()
                     && let Some(stale) = stale
                 {
                     return answer(&stale, CacheOutcome::Stale);
                 }
+                if *source == Source::Stale
+                    && role == Role::Leader
+                    && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
+                {
+                    let stored_at = entry.times.stored_at;
+                    self.refresh_in_background(req, stored_at);
+                }
                 answer(entry, outcome)
             }
-            (Fill::Private(buffered), Role::Leader) => private_answer(buffered),
-            (Fill::Private(_), Role::Follower) | (Fill::FetchYourself, _) => {
-                self.fetch_alone(req).await
+            Fill::Private(buffered) if role == Role::Leader => private_answer(buffered),
+            Fill::Streamed(slot) if role == Role::Leader => {
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                match taken {
+                    Some(mut streaming) => {
+                        streaming
+                            .headers_mut()
+                            .insert(CACHE_STATUS, CacheOutcome::MissNotStored.cache_status());
+                        streaming
+                    }
+                    None => self.fetch_alone(&req, CacheOutcome::MissNotStored).await,
+                }
             }
-            (Fill::Failed(err), _) => match stale {
+            Fill::Private(_) | Fill::Streamed(_) | Fill::FetchYourself => {
+                self.fetch_alone(&req, CacheOutcome::MissNotStored).await
+            }
+            Fill::Failed(err) => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::from(err.clone()).into_response(CacheOutcome::MissNotStored),
             },
@@ -257,52 +302,42 @@ impl Proxy {
     }
 
     /// A request whose flight's answer was not for sharing: it asks the upstream itself.
-    async fn fetch_alone(&self, req: FillRequest) -> Response<ProxyBody> {
-        let route = &req.route;
-        let upstream_req = rewrite(
-            &req.parts,
-            Either::Left(Full::new(req.body.clone())),
-            &route.upstream,
-            req.peer,
-        );
-        match self
-            .filler
-            .client
-            .send(upstream_req, &route.upstream, route.upstream_timeout)
-            .await
-        {
-            Ok(resp) => {
-                let mut resp = resp.map(Either::Right);
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, CacheOutcome::MissNotStored.cache_status());
-                resp
-            }
-            Err(err) => ProxyError::from(err).into_response(CacheOutcome::MissNotStored),
-        }
+    async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Response<ProxyBody> {
+        let body = Either::Left(http_body_util::Full::new(req.body.clone()));
+        let mut resp = self
+            .forward(&req.route, &req.route.upstream, &req.parts, body, req.peer)
+            .await;
+        resp.headers_mut()
+            .insert(CACHE_STATUS, outcome.cache_status());
+        resp
     }
 
-    fn refresh_in_background(&self, req: FillRequest) {
+    /// Starts one refresh of `req`'s key, unless one already runs in this process. Nobody awaits
+    /// it; a miss that arrives meanwhile joins it.
+    fn refresh_in_background(&self, req: FillRequest, known: u64) {
         let filler = self.filler.clone();
         let key = req.key;
-        // Joining the flight map dedupes refreshes within this process; nobody awaits it.
-        let _ = self.flights.join(key, move || async move {
-            match filler.refresh(req).await {
-                Some(fill) => Arc::new(fill),
-                None => Arc::new(Fill::FetchYourself),
-            }
+        let max_waiters = req.route.lock.max_waiters;
+        let _ = self.flights.join(key, max_waiters, move || async move {
+            Arc::new(filler.refresh(req, known).await)
         });
     }
 
-    /// Passes a request through to `upstream`, streaming both ways.
-    async fn pass(
+    /// Passes a request to `upstream` and its answer back, streaming, with `fwd=bypass`.
+    async fn forward(
         &self,
-        upstream: &Uri,
         route: &RouteConfig,
-        req: Request<Incoming>,
+        upstream: &Uri,
+        parts: &Parts,
+        body: UpstreamBody,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let (parts, body) = req.into_parts();
-        let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
+        let outcome = CacheOutcome::Bypass;
+        let _slot = match self.filler.upstream_slot(route).await {
+            Ok(slot) => slot,
+            Err(err) => return ProxyError::from(err).into_response(outcome),
+        };
+        let upstream_req = rewrite(parts, body, upstream, peer);
         match self
             .filler
             .client
@@ -310,18 +345,19 @@ impl Proxy {
             .await
         {
             Ok(resp) => {
-                let mut resp = resp.map(Either::Right);
+                let mut resp = resp.map(ProxyBody::Stream);
                 resp.headers_mut()
-                    .insert(CACHE_STATUS, CacheOutcome::Bypass.cache_status());
+                    .insert(CACHE_STATUS, outcome.cache_status());
                 resp
             }
-            Err(err) => ProxyError::from(err).into_response(CacheOutcome::Bypass),
+            Err(err) => ProxyError::from(err).into_response(outcome),
         }
     }
 
     async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let outcome = CacheOutcome::UriMiss;
         let Some(upstream) = &self.default_upstream else {
-            return ProxyError::NoRoute.into_response(CacheOutcome::UriMiss);
+            return ProxyError::NoRoute.into_response(outcome);
         };
         let (parts, body) = req.into_parts();
         let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
@@ -332,18 +368,27 @@ impl Proxy {
             .await
         {
             Ok(resp) => {
-                let mut resp = resp.map(Either::Right);
+                let mut resp = resp.map(ProxyBody::Stream);
                 resp.headers_mut()
-                    .insert(CACHE_STATUS, CacheOutcome::UriMiss.cache_status());
+                    .insert(CACHE_STATUS, outcome.cache_status());
                 resp
             }
-            Err(err) => ProxyError::from(err).into_response(CacheOutcome::UriMiss),
+            Err(err) => ProxyError::from(err).into_response(outcome),
         }
     }
 }
 
 /// The wait for the default upstream's response head.
 const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
+/// nears, scaled by how long the fill took: `now − fill_time · β · ln(rand) ≥ fresh_until`.
+fn refresh_early(entry: &Entry, beta: f64, now: u64) -> bool {
+    let delta = f64::from(entry.fill_ms.max(1));
+    let r: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
+    let ahead = -delta * beta * r.ln();
+    (now as f64) + ahead >= entry.times.fresh_until as f64
+}
 
 /// Reads a request body of at most `limit` bytes; a declared length over the limit is refused
 /// before anything is read.
@@ -371,7 +416,7 @@ async fn read_body(
 
 /// An answer from an entry.
 fn answer(entry: &Entry, outcome: CacheOutcome) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(entry.body.clone())));
+    let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
     *resp.status_mut() = entry.status;
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
@@ -387,10 +432,40 @@ fn answer(entry: &Entry, outcome: CacheOutcome) -> Response<ProxyBody> {
 
 /// An answer meant for one requester only.
 fn private_answer(buffered: &Buffered) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(buffered.body.clone())));
+    let mut resp = Response::new(ProxyBody::full(buffered.body.clone()));
     *resp.status_mut() = buffered.status;
     *resp.headers_mut() = buffered.headers.clone();
     resp.headers_mut()
         .insert(CACHE_STATUS, CacheOutcome::MissNotStored.cache_status());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Lifetime;
+
+    fn entry(fill_ms: u32, fresh_until: u64) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+            times: Lifetime {
+                stored_at: 0,
+                fresh_until,
+                swr_until: fresh_until,
+                sie_until: fresh_until,
+            },
+            fill_ms,
+            tags: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn xfetch_never_fires_long_before_expiry_and_always_at_it() {
+        let far = entry(10, 1_000_000);
+        assert!((0..1000).all(|_| !refresh_early(&far, 1.0, 0)));
+        let due = entry(10, 1_000);
+        assert!((0..1000).all(|_| refresh_early(&due, 1.0, 1_000)));
+    }
 }

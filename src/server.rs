@@ -14,14 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
-
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most header fields accepted in one request.
-const MAX_HEADERS: usize = 100;
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +58,7 @@ impl Instance {
             listener,
             proxy.clone(),
             stopped,
-            config.server.shutdown_timeout,
+            config.server.clone(),
         ));
         tracing::info!(%addr, routes = config.routes.len(), redis = config.redis.is_some(), "corral listening");
         Ok(Instance {
@@ -104,14 +99,16 @@ async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     mut stopped: watch::Receiver<bool>,
-    shutdown_timeout: Duration,
+    server: ServerConfig,
 ) {
+    let shutdown_timeout = server.shutdown_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The timer is what makes hyper enforce the header read timeout at all.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_headers(MAX_HEADERS);
+        .header_read_timeout(server.header_read_timeout)
+        .max_headers(server.max_headers);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {

@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -31,8 +30,18 @@ pub enum UpstreamError {
     Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
     Body { upstream: String, reason: String },
-    #[error("upstream {upstream}: body larger than {limit} bytes")]
-    TooLarge { upstream: String, limit: u64 },
+}
+
+/// An upstream answer read up to a size limit.
+#[derive(Debug)]
+pub enum Fetched {
+    Whole(Buffered),
+    /// Larger than the limit: the head, the part read so far, and the rest still streaming.
+    Oversized {
+        parts: http::response::Parts,
+        prefix: Bytes,
+        rest: Incoming,
+    },
 }
 
 /// A response read whole from the upstream.
@@ -91,38 +100,45 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends a request and reads the whole answer, at most `max_body` bytes, all within `limit`.
+    /// Sends a request and reads the whole answer — at most `max_body` bytes; past that it
+    /// returns what it read with the rest still streaming — all within `limit`.
     pub async fn fetch(
         &self,
         req: Request<UpstreamBody>,
         upstream: &Uri,
         limit: Duration,
         max_body: u64,
-    ) -> Result<Buffered, UpstreamError> {
+    ) -> Result<Fetched, UpstreamError> {
         let whole = async {
             let resp = self.send(req, upstream, limit).await?;
-            let (parts, body) = resp.into_parts();
+            let (parts, mut body) = resp.into_parts();
             let cap = usize::try_from(max_body).unwrap_or(usize::MAX);
-            let body = match Limited::new(body, cap).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                    return Err(UpstreamError::TooLarge {
-                        upstream: upstream.to_string(),
-                        limit: max_body,
-                    });
+            let declared = http_body::Body::size_hint(&body).exact();
+            let mut buf = BytesMut::with_capacity(
+                declared.map_or(8 * 1024, |n| usize::try_from(n).unwrap_or(cap).min(cap)),
+            );
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|err| UpstreamError::Body {
+                    upstream: upstream.to_string(),
+                    reason: err.to_string(),
+                })?;
+                // Trailers are hop-by-hop for us: dropped.
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > cap {
+                        return Ok(Fetched::Oversized {
+                            parts,
+                            prefix: buf.freeze(),
+                            rest: body,
+                        });
+                    }
                 }
-                Err(err) => {
-                    return Err(UpstreamError::Body {
-                        upstream: upstream.to_string(),
-                        reason: err.to_string(),
-                    });
-                }
-            };
-            Ok(Buffered {
+            }
+            Ok(Fetched::Whole(Buffered {
                 status: parts.status,
                 headers: parts.headers,
-                body,
-            })
+                body: buf.freeze(),
+            }))
         };
         tokio::time::timeout(limit, whole)
             .await
@@ -237,10 +253,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
 }
-
-/// A streamed response body on its way to the client, boxed so pass-through and cached answers
-/// share one type.
-pub type BoxedBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 #[cfg(test)]
 mod tests {

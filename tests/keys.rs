@@ -230,7 +230,8 @@ struct Shuffler(u64);
 
 impl Shuffler {
     fn new(seed: u64) -> Shuffler {
-        Shuffler(seed | 1)
+        // xorshift needs a non-zero state; `seed | 1` would make seeds 2k and 2k+1 the same.
+        Shuffler((seed ^ 0x9E37_79B9_7F4A_7C15).max(1))
     }
 
     fn next(&mut self) -> u64 {

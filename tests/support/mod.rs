@@ -16,9 +16,11 @@
 
 pub mod client;
 pub mod corral;
+pub mod process;
 pub mod redis;
 pub mod upstream;
 
 pub use self::client::{Client, Resp};
+pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::upstream::{Reply, Upstream};
