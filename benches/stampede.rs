@@ -38,8 +38,13 @@
 //! 6. `STAMPEDE_KEYS` cold keys x 10 concurrent requests over the 3 instances, backend 10 ms:
 //!    backend calls, lock keys left in Redis, Redis commands per miss (`INFO commandstats`).
 //!
-//! `STAMPEDE_HIT_SECONDS` (10) shortens row 3 and `STAMPEDE_L2_KEYS` (2000) sizes row 4, for quick
-//! runs while developing.
+//! Peers run row 6 with `min(STAMPEDE_KEYS, STAMPEDE_PEER_KEYS)` keys (2000 by default): their
+//! figure per key does not depend on the count, and nginx's lock re-checks on a 500 ms timer, so
+//! each of its keys costs half a second.
+//!
+//! For quick runs while developing: `STAMPEDE_BURST` (1000), `STAMPEDE_FAIL_BURST` (200),
+//! `STAMPEDE_HIT_SECONDS` (10), `STAMPEDE_L2_KEYS` (2000). `STAMPEDE_KEEP=1` keeps the run's
+//! directory (configs and every process's log).
 
 #[path = "stampede/load.rs"]
 mod load;
@@ -84,6 +89,9 @@ struct Sizes {
     hit_secs: u64,
     keys: usize,
     l2_keys: usize,
+    /// Row 6 for the peers: their per-key figure does not depend on the count, and nginx's
+    /// 500 ms lock timer makes each key cost it half a second.
+    peer_keys: usize,
 }
 
 impl Sizes {
@@ -101,6 +109,7 @@ impl Sizes {
             hit_secs: var("STAMPEDE_HIT_SECONDS", 10) as u64,
             keys: var("STAMPEDE_KEYS", 100_000),
             l2_keys: var("STAMPEDE_L2_KEYS", 2000),
+            peer_keys: var("STAMPEDE_PEER_KEYS", 2000),
         }
     }
 }
@@ -151,6 +160,7 @@ struct Figures {
 }
 
 async fn run() -> Result<(), BoxError> {
+    let run_started = Instant::now();
     let sizes = Sizes::from_env();
     let run_id = format!(
         "{}-{}",
@@ -293,22 +303,30 @@ async fn run() -> Result<(), BoxError> {
     .map_err(|e| e.to_string());
 
     for system in &systems {
+        let is_corral = system.name == "corral";
+        let keys = if is_corral {
+            sizes.keys
+        } else {
+            sizes.keys.min(sizes.peer_keys)
+        };
         step(&format!(
-            "6 cold keys: {} x {COLD_PER_KEY} over {}",
-            sizes.keys, system.name
+            "6 cold keys: {keys} x {COLD_PER_KEY} over {}",
+            system.name
         ));
-        let redis_for = (system.name == "corral").then_some(&redis);
-        let result = cold(&backend, system, redis_for, sizes.keys)
+        let redis_for = is_corral.then_some(&redis);
+        let result = cold(&backend, system, redis_for, keys)
             .await
             .map_err(|e| e.to_string());
         figures.entry(system.name).or_default().cold = Some(result);
     }
 
-    let peer_configs = [
-        ("corral", Some(fleet[0].config.clone())),
-        ("nginx", nginx.as_ref().map(|n| n.config.clone())),
-        ("varnish", varnish.as_ref().map(|v| v.config.clone())),
-    ];
+    // Stop everything before the tempdir goes: peers first, then Corral, then Redis.
+    drop(varnish);
+    drop(nginx);
+    drop(fleet);
+    drop(redis);
+    drop(backend);
+    let kept = std::env::var_os("STAMPEDE_KEEP").map(|_| dir.keep());
     print_report(
         &sizes,
         &systems,
@@ -317,15 +335,9 @@ async fn run() -> Result<(), BoxError> {
         l2,
         memory,
         &notes,
-        &peer_configs,
+        run_started.elapsed(),
+        kept.as_deref(),
     );
-
-    // Stop everything before the tempdir goes: peers first, then Corral, then Redis.
-    drop(varnish);
-    drop(nginx);
-    drop(fleet);
-    drop(redis);
-    drop(backend);
     Ok(())
 }
 
@@ -769,7 +781,8 @@ fn print_report(
     l2: Result<L2Hit, String>,
     memory: Result<Memory, String>,
     notes: &[String],
-    configs: &[(&str, Option<PathBuf>)],
+    elapsed: Duration,
+    kept: Option<&std::path::Path>,
 ) {
     let columns = ["corral", "nginx", "varnish"];
     let present = |name: &str| systems.iter().any(|s| s.name == name);
@@ -973,9 +986,9 @@ fn print_report(
         Ok(l) => {
             let added = l.p50_l2.saturating_sub(l.p50_redis);
             rows.push(Row {
-                label: "4 L2 hit p50 (fresh L1) | direct Redis GET p50".into(),
+                label: "4 L2 hit p50 (fresh L1) / direct Redis GET p50".into(),
                 cells: vec![
-                    format!("{} | {}", ms(l.p50_l2), ms(l.p50_redis)),
+                    format!("{} / {}", ms(l.p50_l2), ms(l.p50_redis)),
                     no_tier.clone(),
                     no_tier.clone(),
                 ],
@@ -1067,9 +1080,14 @@ fn print_report(
         match fig(name).and_then(|f| f.cold.as_ref()) {
             Some(Ok(c)) => {
                 calls.push(format!(
-                    "{} ({:.2}/key)",
+                    "{} ({:.2}/key{})",
                     c.calls,
-                    c.calls as f64 / c.load.keys_done.max(1) as f64
+                    c.calls as f64 / c.load.keys_done.max(1) as f64,
+                    if name == "corral" {
+                        String::new()
+                    } else {
+                        format!(", {} keys", c.load.keys_done)
+                    }
                 ));
                 details.push(format!("6 {name}: {}", keyed_summary(&c.load)));
                 match &c.redis {
@@ -1151,8 +1169,18 @@ fn print_report(
     );
     println!("machine: {}", procs::machine());
     println!(
-        "sizes:   burst {}, failing burst {}, hit load {} s, L2 keys {}, keys (rows 5, 6) {}",
-        sizes.burst, sizes.fail_burst, sizes.hit_secs, sizes.l2_keys, sizes.keys
+        "sizes:   burst {}, failing burst {}, hit load {} s, L2 keys {}, keys (rows 5, 6) {}, \
+         peers' keys (row 6) {}",
+        sizes.burst,
+        sizes.fail_burst,
+        sizes.hit_secs,
+        sizes.l2_keys,
+        sizes.keys,
+        sizes.keys.min(sizes.peer_keys)
+    );
+    println!(
+        "run:     cargo bench --bench stampede  (took {:.0} s)",
+        elapsed.as_secs_f64()
     );
     for note in notes {
         println!("peer:    {note}");
@@ -1198,11 +1226,12 @@ fn print_report(
     for d in &details {
         println!("  {d}");
     }
-    println!("configs (removed with the tempdir at exit; templates in benches/stampede/):");
-    for (name, path) in configs {
-        if let Some(p) = path {
-            println!("  {name}: {}", p.display());
-        }
+    println!(
+        "configs: benches/stampede/{{corral.toml,nginx.conf,varnish.vcl}}, filled with this run's \
+         ports; STAMPEDE_KEEP=1 keeps the run's directory (configs, logs)"
+    );
+    if let Some(dir) = kept {
+        println!("kept:    {}", dir.display());
     }
 }
 

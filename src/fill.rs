@@ -629,7 +629,8 @@ fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
         fill_ms,
         tags,
     };
-    if storable_status && fresh > 0 {
+    // Worth storing while any of it can still be served: fresh, or stale within a window.
+    if storable_status && entry.times.stale_until() > now {
         Verdict::Store(entry)
     } else {
         Verdict::Share(entry)

@@ -235,7 +235,6 @@ const CORRAL_TOML: &str = include_str!("corral.toml");
 /// A `corral run` process.
 pub struct Corral {
     pub addr: SocketAddr,
-    pub config: PathBuf,
     guard: ChildGuard,
 }
 
@@ -278,11 +277,7 @@ impl Corral {
         loop {
             let text = fs::read_to_string(&log).unwrap_or_default();
             if let Some(addr) = listening_addr(&text) {
-                return Ok(Corral {
-                    addr,
-                    config,
-                    guard,
-                });
+                return Ok(Corral { addr, guard });
             }
             if let Err(err) = guard.check_alive() {
                 return Err(format!("{err}\n{}", tail(&log)).into());
@@ -323,7 +318,6 @@ const NGINX_CONF: &str = include_str!("nginx.conf");
 pub struct Nginx {
     pub instances: Vec<SocketAddr>,
     pub ceiling: SocketAddr,
-    pub config: PathBuf,
     _guard: ChildGuard,
 }
 
@@ -374,7 +368,6 @@ impl Nginx {
         Ok(Nginx {
             instances: addrs[..3].to_vec(),
             ceiling: addrs[3],
-            config,
             _guard: guard,
         })
     }
@@ -388,7 +381,6 @@ const VARNISH_VCL: &str = include_str!("varnish.vcl");
 /// Three `varnishd` instances with the built-in VCL (default request coalescing).
 pub struct Varnish {
     pub instances: Vec<SocketAddr>,
-    pub config: PathBuf,
     _guards: Vec<ChildGuard>,
 }
 
@@ -435,7 +427,6 @@ impl Varnish {
         }
         Ok(Varnish {
             instances,
-            config: vcl,
             _guards: guards,
         })
     }

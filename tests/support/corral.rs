@@ -14,7 +14,7 @@ pub fn redis_table(url: &str) -> String {
 pub fn recommend_route(upstream: &str, extra: &str) -> String {
     format!(
         "[[route]]\nname = \"recommend\"\npath_prefix = \"/recommend\"\nmethods = [\"GET\", \"POST\"]\n\
-         upstream = \"{upstream}\"\nttl = \"60s\"\n{extra}\n"
+         upstream = \"{upstream}\"\n{extra}\n"
     )
 }
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -87,6 +88,8 @@ struct State {
     inner: Mutex<Inner>,
     /// Calls entered but not yet answered; a watch so tests can wait for a count.
     in_flight: watch::Sender<usize>,
+    /// The highest `in_flight` seen since start or the last reset.
+    max_in_flight: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -125,6 +128,7 @@ impl Upstream {
         let state = Arc::new(State {
             inner: Mutex::new(Inner::default()),
             in_flight: watch::Sender::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         let server = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
         Upstream {
@@ -157,13 +161,19 @@ impl Upstream {
             .map_or(0, |key| key.calls)
     }
 
-    /// Zeroes all call counts. The call number in echo bodies keeps counting.
+    /// Zeroes all call counts and restarts [`Upstream::max_in_flight`] from the calls in flight
+    /// now. The call number in echo bodies keeps counting.
     pub fn reset_calls(&self) {
         let mut inner = self.state.lock();
         inner.calls = 0;
         for key in inner.keys.values_mut() {
             key.calls = 0;
         }
+        // Inside the watch's lock, like the updates in `InFlight::enter`; nothing is modified.
+        self.state.in_flight.send_if_modified(|c| {
+            self.state.max_in_flight.store(*c, Ordering::SeqCst);
+            false
+        });
     }
 
     /// Headers of the last request received for a key, as the upstream saw them.
@@ -210,6 +220,12 @@ impl Upstream {
     /// Calls that have entered the handler and not yet been answered.
     pub fn in_flight(&self) -> usize {
         *self.state.in_flight.borrow()
+    }
+
+    /// The highest number of calls in flight at once since start or the last
+    /// [`Upstream::reset_calls`], e.g. to prove a cap on concurrent upstream calls.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Waits until at least `n` calls are in flight at once, so a test can act while fills are
@@ -275,7 +291,11 @@ struct InFlight(Arc<State>);
 
 impl InFlight {
     fn enter(state: &Arc<State>) -> InFlight {
-        state.in_flight.send_modify(|c| *c += 1);
+        state.in_flight.send_modify(|c| {
+            *c += 1;
+            // Inside the watch's lock, so the peak can never miss a count another call saw.
+            state.max_in_flight.fetch_max(*c, Ordering::SeqCst);
+        });
         InFlight(Arc::clone(state))
     }
 }

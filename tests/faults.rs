@@ -1,0 +1,487 @@
+//! Faults: a leader that dies, stalls or fails; a pub/sub connection that drops mid-fill; a Redis
+//! that dies or stalls; an upstream that is too slow. Each test states the bound it proves by
+//! counting upstream calls and checking every answer; measured times are printed, never asserted.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use support::corral::{config, recommend_route, redis_table, start, url};
+use support::{Client, CorralProcess, RedisServer, Reply, Upstream};
+
+/// Polls `check` every 20 ms until it holds; panics with `what` after 15 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Subscribers of the fill channels in Redis (one per waiting instance).
+async fn fill_subscribers(redis: &RedisServer) -> i64 {
+    let mut conn = redis.conn().await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("corral:*:fill:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    let mut total = 0;
+    for channel in channels {
+        let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if let Some(redis::Value::Int(n)) = counts.get(1) {
+            total += n;
+        }
+    }
+    total
+}
+
+fn process_config(redis: &RedisServer, upstream: &Upstream, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
+        redis_table(&redis.url()),
+        recommend_route(&upstream.url(), extra)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_take_over_when_the_leader_process_is_killed() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_secs(1));
+    let lock = r#"lock = { lease = "1s", wait_timeout = "20s", on_wait_timeout = "504" }"#;
+    let mut leader = CorralProcess::start(&process_config(&redis, &upstream, lock)).await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let others = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+
+    // Step 1: the leader process takes the lock and calls the upstream.
+    let doomed = {
+        let client = client.clone();
+        let target = leader.url(path);
+        tokio::spawn(async move {
+            client
+                .try_send(support::client::request(
+                    http::Method::GET,
+                    &target,
+                    &[],
+                    bytes::Bytes::new(),
+                ))
+                .await
+        })
+    };
+    upstream.wait_in_flight(1).await;
+
+    // Step 2: 300 waiters on the two other instances, both subscribed to the fill.
+    let waiters: Vec<_> = (0..300)
+        .map(|i| {
+            let client = client.clone();
+            let target = url(&others[i % 2], path);
+            tokio::spawn(async move { client.get(&target, &[]).await })
+        })
+        .collect();
+    eventually("both instances wait on the fill", async || {
+        fill_subscribers(&redis).await == 2
+    })
+    .await;
+
+    // Step 3: SIGKILL the leader mid-fill.
+    leader.kill();
+    let killed_at = Instant::now();
+    let mut last = Duration::ZERO;
+    for waiter in waiters {
+        let answer = waiter.await.expect("waiter task");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        last = last.max(killed_at.elapsed());
+    }
+    assert!(
+        doomed.await.expect("task").is_err(),
+        "the killed leader answered nobody"
+    );
+
+    // One new leader took over: two upstream calls in all.
+    assert_eq!(upstream.calls(), 2);
+    println!("measured: waiters done {last:?} after the leader's SIGKILL (lease 1s, backend 1s)");
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend",
+        Reply::status(500).delay(Duration::from_millis(300)),
+    );
+    // A waiter left to sleep out the 30 s lease would hit the 10 s wait timeout and answer 504.
+    let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+
+    let requests = (0..300).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 3], "/recommend?segment=a");
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 500, "the leader's error, shared");
+    }
+    assert!(
+        upstream.calls() <= 2,
+        "{} calls for one failure",
+        upstream.calls()
+    );
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+    assert!(
+        redis.keys("corral:*").await.is_empty(),
+        "errors are not cached"
+    );
+
+    // An upstream that refuses connections: the waiters share a 502 the same way.
+    let refused = Upstream::start().await;
+    let dead_url = refused.url();
+    drop(refused);
+    let cfg = config(Some(&redis.url()), &recommend_route(&dead_url, lock));
+    let fleet = start(2, &cfg).await;
+    let answers = join_all((0..50).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?segment=b");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 502));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abandoned_lock_is_released_with_a_failed_notice() {
+    use corral::breaker::Breaker;
+    use corral::l2::L2;
+    use corral::lock::FillLock;
+    use std::sync::Arc;
+
+    let redis = RedisServer::start().await;
+    let cfg = config(
+        Some(&redis.url()),
+        &recommend_route("http://127.0.0.1:9", ""),
+    );
+    let redis_cfg = cfg.redis.clone().expect("redis table");
+    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default())).expect("l2");
+    let mut hasher = corral::key::KeyHasher::new();
+    hasher.field(b"abandoned");
+    let names = Arc::new(l2.names("recommend", &hasher.finish()));
+
+    let mut pubsub = redis.client().get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(&names.channel).await.expect("subscribe");
+    let held = FillLock::try_acquire(
+        &l2,
+        &names,
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("redis")
+    .expect("free lock");
+    assert_eq!(redis.keys("corral:*:lock:*").await.len(), 1);
+
+    // A fill that panics or is cancelled drops its lock without storing.
+    drop(held);
+    let message = tokio::time::timeout(Duration::from_secs(5), async {
+        use futures_util::StreamExt;
+        pubsub.on_message().next().await
+    })
+    .await
+    .expect("a notice within 5 s")
+    .expect("a message");
+    assert_eq!(message.get_payload_bytes(), b"failed");
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_secs(1));
+    let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+
+    let leader = {
+        let client = client.clone();
+        let target = url(&fleet[0], path);
+        tokio::spawn(async move { client.get(&target, &[]).await })
+    };
+    upstream.wait_in_flight(1).await;
+    let waiters: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            let target = url(&fleet[1], path);
+            tokio::spawn(async move { client.get(&target, &[]).await })
+        })
+        .collect();
+    eventually("the second instance waits on the fill", async || {
+        fill_subscribers(&redis).await == 1
+    })
+    .await;
+
+    // Drop every pub/sub connection while the fill runs.
+    let mut conn = redis.conn().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "a pub/sub connection was killed");
+
+    // Waiters neither hang nor sleep out the 30 s lease (that would end in 504s at 10 s).
+    assert_eq!(leader.await.expect("leader").status, 200);
+    for waiter in waiters {
+        let answer = waiter.await.expect("waiter");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_watchdog_keeps_a_slow_fill_single() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(1000));
+    // The upstream takes more than three leases.
+    let lock = r#"lock = { lease = "300ms", wait_timeout = "10s" }"#;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+
+    let leader = {
+        let client = client.clone();
+        let target = url(&fleet[0], path);
+        tokio::spawn(async move { client.get(&target, &[]).await })
+    };
+    upstream.wait_in_flight(1).await;
+    let answers = join_all((0..50).map(|_| {
+        let client = client.clone();
+        let target = url(&fleet[1], path);
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert_eq!(leader.await.expect("leader").status, 200);
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the lease was extended, nobody else filled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let lock = r#"lock = { lease = "500ms", wait_timeout = "20s" }"#;
+    let mut leader = CorralProcess::start(&process_config(&redis, &upstream, lock)).await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+
+    // Step 1: the leader process starts the fill (call 1), then freezes past its lease.
+    let paused = {
+        let client = client.clone();
+        let target = leader.url(path);
+        tokio::spawn(async move { client.get(&target, &[]).await })
+    };
+    upstream.wait_in_flight(1).await;
+    leader.stop();
+
+    // Step 2: another instance takes over after the lease lapses and fills (call 2).
+    let newer = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(newer.status, 200);
+    assert_eq!(newer.json()["call"], 2);
+
+    // Step 3: the leader wakes up and finishes its own, older fill.
+    leader.cont();
+    let late = paused.await.expect("paused leader");
+    assert_eq!(late.status, 200);
+    assert_eq!(late.json()["call"], 1, "its requester gets its own answer");
+    assert_eq!(upstream.calls(), 2);
+
+    // Its late write did not replace the newer entry: a fresh instance reads call 2 from Redis.
+    let store = leader
+        .wait_for_log("\"filled\"", Duration::from_secs(5))
+        .await;
+    assert!(store.contains("Superseded"), "{store}");
+    let reread = client.get(&url(&fleet[1], path), &[]).await;
+    assert_eq!(reread.header("cache-status"), Some("corral; hit"));
+    assert_eq!(reread.json()["call"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_returns() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(200));
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    client
+        .get(&url(&fleet[0], "/recommend?k=cached"), &[])
+        .await;
+
+    // Step 1: Redis dies.
+    redis.kill();
+
+    // Step 2: zero client errors; at most one upstream call per instance per key.
+    upstream.reset_calls();
+    let answers = join_all((0..100).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?k=new");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(upstream.calls_for("/recommend?k=new") <= 2);
+    let hit = client
+        .get(&url(&fleet[0], "/recommend?k=cached"), &[])
+        .await;
+    assert_eq!(
+        hit.header("cache-status"),
+        Some("corral; hit"),
+        "L1 still serves"
+    );
+    let mut probe = 0;
+    eventually(
+        "the circuit opens and the instance says it is degraded",
+        async || {
+            probe += 1;
+            let target = url(&fleet[1], &format!("/recommend?k=probe{probe}"));
+            assert_eq!(client.get(&target, &[]).await.status, 200);
+            fleet[1].proxy().degraded()
+        },
+    )
+    .await;
+
+    // Step 3: Redis comes back (empty); Corral reconnects by itself and stores again.
+    redis.restart().await;
+    let mut n = 0;
+    eventually("corral writes to redis again", async || {
+        n += 1;
+        let answer = client
+            .get(&url(&fleet[1], &format!("/recommend?k=after{n}")), &[])
+            .await;
+        assert_eq!(answer.status, 200);
+        !redis.keys("corral:test:recommend:{*").await.is_empty()
+    })
+    .await;
+    assert!(!fleet[1].proxy().degraded());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_redis_costs_at_most_its_timeout_per_call() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // SIGSTOP: connections stay open, nothing answers.
+    redis.stop();
+    let answers = join_all((0..40).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?k=stalled");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(upstream.calls_for("/recommend?k=stalled") <= 2);
+    redis.cont();
+
+    // CLIENT PAUSE: the same from Redis's side.
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    let answers = join_all((0..40).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?k=paused");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(upstream.calls_for("/recommend?k=paused") <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_timeout_releases_the_lock_and_answers_504_or_stale() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let lock = r#"upstream_timeout = "300ms"
+lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    upstream.set_delay(Duration::from_secs(3));
+    let answers = join_all((0..40).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?k=slow");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(
+        answers.iter().all(|a| a.status == 504),
+        "the leader's timeout, shared"
+    );
+    assert_eq!(upstream.calls(), 1);
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+
+    // With a stale entry to fall back on, the same timeout answers stale.
+    upstream.set_delay(Duration::ZERO);
+    upstream.script(
+        "/recommend",
+        Reply::status(200).header("cache-control", "max-age=0, stale-if-error=60"),
+    );
+    let first = client
+        .get(&url(&fleet[0], "/recommend?k=fallback"), &[])
+        .await;
+    upstream.script(
+        "/recommend",
+        Reply::status(200).delay(Duration::from_secs(3)),
+    );
+    let answers = join_all((0..40).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 2], "/recommend?k=fallback");
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, first.body);
+        assert_eq!(
+            answer.header("cache-status"),
+            Some("corral; hit; detail=stale")
+        );
+    }
+}

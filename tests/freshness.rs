@@ -1,0 +1,245 @@
+//! Freshness across the fleet: stale-while-revalidate with exactly one refresh, stale-if-error
+//! standing in for a failed fill, XFetch early refresh, and negative caching.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use support::corral::{config, recommend_route, start, url};
+use support::{Client, RedisServer, Reply, Upstream};
+
+/// Polls `check` every 20 ms until it holds; panics with `what` after 10 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fleet() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Step 1: an entry that is stale from the start but may be served for 30 s while refreshed.
+    upstream.script(
+        "/recommend",
+        Reply::status(200).header("cache-control", "max-age=0, stale-while-revalidate=30"),
+    );
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+    let first = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(
+        first.header("cache-status"),
+        Some("corral; fwd=miss; stored")
+    );
+    assert_eq!(upstream.calls(), 1);
+
+    // Step 2: the refresh will be slow and fresh for a minute.
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("cache-control", "max-age=60")
+            .delay(Duration::from_secs(2)),
+    );
+
+    // Step 3: 600 requests over the three instances are all answered from the stale entry.
+    let requests = (0..600).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 3], path);
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.header("cache-status"),
+            Some("corral; hit; detail=stale")
+        );
+        assert_eq!(answer.body, first.body, "the stale body, without waiting");
+    }
+
+    // Step 4: exactly one refresh reached the upstream; every instance then serves its result.
+    eventually("the refresh reached the upstream", async || {
+        upstream.calls() == 2
+    })
+    .await;
+    for instance in &fleet {
+        eventually("the instance serves the refreshed entry", async || {
+            let answer = client.get(&url(instance, path), &[]).await;
+            answer.header("cache-status") == Some("corral; hit") && answer.body != first.body
+        })
+        .await;
+    }
+    assert_eq!(upstream.calls(), 2, "one refresh for the whole fleet");
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend",
+        Reply::status(200).header("cache-control", "max-age=0, stale-if-error=60"),
+    );
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+    let first = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(first.status, 200);
+
+    // Step 1: the upstream now fails, slowly.
+    upstream.script(
+        "/recommend",
+        Reply::status(500).delay(Duration::from_millis(300)),
+    );
+    let requests = (0..300).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 3], path);
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+
+    // Step 2: everyone got the stale entry; the failure was shared, not retried per waiter.
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, first.body);
+        assert_eq!(
+            answer.header("cache-status"),
+            Some("corral; hit; detail=stale")
+        );
+    }
+    let failing_calls = upstream.calls() - 1;
+    assert!(
+        (1..=2).contains(&failing_calls),
+        "{failing_calls} upstream calls for one failure"
+    );
+
+    // Step 3: an upstream that is gone altogether is a failure too.
+    drop(upstream);
+    let targets: Vec<String> = (0..30).map(|i| url(&fleet[i % 3], path)).collect();
+    let answers = join_all(targets.iter().map(|t| client.get(t, &[]))).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, first.body);
+    }
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(100));
+    let routes = recommend_route(
+        &upstream.url(),
+        "ttl = \"1s\"\nearly_refresh = { beta = 2.0 }",
+    );
+    let cfg = config(Some(&redis.url()), &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=a";
+    client.get(&url(&fleet[0], path), &[]).await;
+
+    // A steady stream across several expiries: 2 clients × 300 requests, 10 ms apart.
+    let streams = fleet.iter().map(|instance| {
+        let client = client.clone();
+        let target = url(instance, path);
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..300 {
+                let answer = client.get(&target, &[]).await;
+                seen.push((
+                    answer.header("cache-status").unwrap_or("").to_owned(),
+                    answer.body.clone(),
+                ));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        }
+    });
+    let seen: Vec<_> = join_all(streams).await.into_iter().flatten().collect();
+
+    // Nobody waited for the upstream: every answer was a hit (the fleet's first fill aside).
+    for (status, _) in &seen {
+        assert_eq!(status, "corral; hit", "a request waited for a fill");
+    }
+    // Refreshes happened, one upstream call each: each call produced a body someone saw (the
+    // last refresh may still be landing when the stream ends).
+    let bodies: HashSet<_> = seen.iter().map(|(_, body)| body.clone()).collect();
+    assert!(bodies.len() >= 2, "no early refresh happened");
+    assert!(
+        upstream.calls() <= bodies.len() as u64 + 1,
+        "{} calls for {} distinct refreshes",
+        upstream.calls(),
+        bodies.len()
+    );
+    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_cached_only_when_listed_and_then_briefly() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script("/recommend/missing", Reply::status(404));
+    upstream.script("/recommend/broken", Reply::status(503));
+    let routes = recommend_route(
+        &upstream.url(),
+        "cache_statuses = [200, 404]\nerror_ttl = \"1s\"",
+    );
+    let cfg = config(Some(&redis.url()), &routes);
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    for _ in 0..3 {
+        assert_eq!(
+            client
+                .get(&url(&fleet[0], "/recommend/missing"), &[])
+                .await
+                .status,
+            404
+        );
+        assert_eq!(
+            client
+                .get(&url(&fleet[0], "/recommend/broken"), &[])
+                .await
+                .status,
+            503
+        );
+    }
+    assert_eq!(
+        upstream.calls_for("/recommend/missing"),
+        1,
+        "404 is listed: cached"
+    );
+    assert_eq!(
+        upstream.calls_for("/recommend/broken"),
+        3,
+        "503 is not: never cached"
+    );
+
+    // The stored 404 lives for error_ttl, not the route's 60 s ttl.
+    let entries: Vec<String> = redis
+        .keys("corral:test:recommend:*")
+        .await
+        .into_iter()
+        .filter(|k| !k.contains(":lock:") && !k.contains(":pass:"))
+        .collect();
+    assert_eq!(entries.len(), 1);
+    let mut conn = redis.conn().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&entries[0])
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!((1..=1000).contains(&pttl), "pttl {pttl}");
+}
