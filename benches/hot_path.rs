@@ -181,7 +181,7 @@ async fn warm(proxy: &Proxy, config: &Config, parts: &Parts, body: &Bytes, entry
         body,
     )
     .expect("bench requests are keyable");
-    proxy.l1().insert(key, entry).await;
+    proxy.l1().insert(key, &route.name, entry).await;
 }
 
 fn l1_hit(c: &mut Criterion) {

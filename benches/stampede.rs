@@ -26,7 +26,9 @@
 //! # Rows (the goals are issue 4's, for Corral)
 //! 1. Fleet stampede: `STAMPEDE_BURST` (1000) identical concurrent requests over the 3 instances,
 //!    backend 1 s: backend calls, and how long after the backend answered the first call each
-//!    request finished (p50/p95/max).
+//!    request finished (p50/p95/max). The floor row sends the same burst again once the key is
+//!    cached everywhere: how long answering that many hits takes on this machine (finish times
+//!    after the first answer), which no wake-up can beat.
 //! 2. Failing key: the backend answers 500 after 1 s; 200 concurrent requests over the 3
 //!    instances: backend calls, and when the last request finished (from the burst's start).
 //! 3. Hit throughput on one instance, 2 KiB body: `wrk -t1 -c64 -d10s` (or an in-process loop
@@ -44,7 +46,9 @@
 //!
 //! For quick runs while developing: `STAMPEDE_BURST` (1000), `STAMPEDE_FAIL_BURST` (200),
 //! `STAMPEDE_HIT_SECONDS` (10), `STAMPEDE_L2_KEYS` (2000). `STAMPEDE_KEEP=1` keeps the run's
-//! directory (configs and every process's log).
+//! directory (configs and every process's log). `STAMPEDE_PEERS=nginx` (comma-separated; empty:
+//! none) limits the peers; `STAMPEDE_NO_WRK=1` measures row 3 with the in-process loop even when
+//! wrk is installed.
 
 #[path = "stampede/load.rs"]
 mod load;
@@ -74,7 +78,7 @@ const COLD_CONCURRENCY: usize = 32;
 /// Requests in flight at once in rows 4 (fill) and 5.
 const FILL_CONCURRENCY: usize = 64;
 /// Bound on each keyed phase (rows 5 and 6); a phase cut short says so.
-const PHASE_DEADLINE: Duration = Duration::from_secs(150);
+const PHASE_DEADLINE: Duration = Duration::from_secs(240);
 /// Connections of the hit-throughput load.
 const HIT_CONNS: usize = 64;
 /// L1 budget of the row-5 instance.
@@ -161,6 +165,7 @@ struct Figures {
 
 async fn run() -> Result<(), BoxError> {
     let run_started = Instant::now();
+    let load_at_start = procs::loadavg();
     let sizes = Sizes::from_env();
     let run_id = format!(
         "{}-{}",
@@ -336,6 +341,7 @@ async fn run() -> Result<(), BoxError> {
         memory,
         &notes,
         run_started.elapsed(),
+        (load_at_start, procs::loadavg()),
         kept.as_deref(),
     );
     Ok(())
@@ -355,6 +361,16 @@ fn start_peer<T>(
     notes: &mut Vec<String>,
     start: impl FnOnce(&std::path::Path) -> Result<T, BoxError>,
 ) -> Option<T> {
+    if let Ok(wanted) = std::env::var("STAMPEDE_PEERS")
+        && !wanted
+            .split(',')
+            .any(|p| bin.starts_with(p.trim()) && !p.trim().is_empty())
+    {
+        let line = format!("{bin}: skipped (not in STAMPEDE_PEERS={wanted})");
+        step(&line);
+        notes.push(line);
+        return None;
+    }
     let Some(path) = procs::which(bin) else {
         let line = format!("{bin}: not installed: run benches/peers-setup.sh");
         step(&line);
@@ -402,6 +418,11 @@ struct Stampede {
     calls: u64,
     /// Finish times after the backend's first answer, in ms, sorted.
     spread_ms: Vec<f64>,
+    /// The same, p50/p95/max per instance.
+    per_instance: Vec<String>,
+    /// The floor: the same burst again on the now-cached key, finish times after its first
+    /// answer, in ms, sorted. No system can wake waiters faster than it answers as many hits.
+    floor_ms: Vec<f64>,
     outcomes: BTreeMap<String, usize>,
 }
 
@@ -417,12 +438,45 @@ async fn stampede(backend: &Upstream, system: &System, n: usize) -> Result<Stamp
         .map(|a| a.finished.saturating_duration_since(filled).as_secs_f64() * 1000.0)
         .collect();
     spread_ms.sort_by(f64::total_cmp);
+    let per_instance = system
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let mut mine: Vec<f64> = burst
+                .answers
+                .iter()
+                .filter(|a| a.target == Some(*target))
+                .map(|a| a.finished.saturating_duration_since(filled).as_secs_f64() * 1000.0)
+                .collect();
+            mine.sort_by(f64::total_cmp);
+            format!(
+                "#{i} {:.1}/{:.1}/{:.1}",
+                percentile(&mine, 0.5),
+                percentile(&mine, 0.95),
+                percentile(&mine, 1.0)
+            )
+        })
+        .collect();
+    let again = load::burst(&system.targets, n, &path).await?;
+    let first = again.answers.iter().map(|a| a.finished).min();
+    let mut floor_ms: Vec<f64> = match first {
+        Some(first) => again
+            .answers
+            .iter()
+            .map(|a| (a.finished - first).as_secs_f64() * 1000.0)
+            .collect(),
+        None => Vec::new(),
+    };
+    floor_ms.sort_by(f64::total_cmp);
     Ok(Stampede {
         requests: n,
         ok: burst.answers.iter().filter(|a| a.status == 200).count(),
         errors: burst.errors,
         calls: calls.count,
         spread_ms,
+        per_instance,
+        floor_ms,
         outcomes: outcomes(&burst),
     })
 }
@@ -782,6 +836,7 @@ fn print_report(
     memory: Result<Memory, String>,
     notes: &[String],
     elapsed: Duration,
+    loadavg: (String, String),
     kept: Option<&std::path::Path>,
 ) {
     let columns = ["corral", "nginx", "varnish"];
@@ -800,6 +855,7 @@ fn print_report(
     // Row 1.
     let mut calls = Vec::new();
     let mut spread = Vec::new();
+    let mut floor = Vec::new();
     let (mut calls_ok, mut spread_ok) = (None, None);
     for name in columns {
         match fig(name).and_then(|f| f.stampede.as_ref()) {
@@ -820,23 +876,34 @@ fn print_report(
                     percentile(&s.spread_ms, 0.95),
                     percentile(&s.spread_ms, 1.0)
                 ));
+                floor.push(format!(
+                    "{:.1} / {:.1} / {:.1} ms",
+                    percentile(&s.floor_ms, 0.5),
+                    percentile(&s.floor_ms, 0.95),
+                    percentile(&s.floor_ms, 1.0)
+                ));
                 if name == "corral" {
                     calls_ok = Some(s.calls == 1 && s.ok == s.requests);
                     spread_ok = Some(percentile(&s.spread_ms, 0.95) <= 5.0);
                 }
                 details.push(format!(
-                    "1 {name}: {} answered 200, {} transport errors; {:?}",
-                    s.ok, s.errors, s.outcomes
+                    "1 {name}: {} answered 200, {} transport errors; per instance p50/p95/max ms: {}; {:?}",
+                    s.ok,
+                    s.errors,
+                    s.per_instance.join(", "),
+                    s.outcomes
                 ));
             }
             Some(Err(e)) => {
                 calls.push("error".into());
                 spread.push("error".into());
+                floor.push("error".into());
                 details.push(format!("1 {name}: {e}"));
             }
             None => {
                 calls.push(missing(name));
                 spread.push(missing(name));
+                floor.push(missing(name));
             }
         }
     }
@@ -854,6 +921,12 @@ fn print_report(
         cells: spread,
         goal: "p95 <= 5 ms".into(),
         verdict: verdict(spread_ok),
+    });
+    rows.push(Row {
+        label: "1 floor: same burst, key cached, after 1st answer".into(),
+        cells: floor,
+        goal: "-".into(),
+        verdict: "-".into(),
     });
 
     // Row 2.
@@ -1181,6 +1254,11 @@ fn print_report(
     println!(
         "run:     cargo bench --bench stampede  (took {:.0} s)",
         elapsed.as_secs_f64()
+    );
+    println!(
+        "load:    loadavg {} at start, {} at the end (anything else running on these cores skews \
+         every row)",
+        loadavg.0, loadavg.1
     );
     for note in notes {
         println!("peer:    {note}");

@@ -60,6 +60,12 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Most header fields accepted in one request; more gets 431. Default 100.
     pub max_headers: usize,
+    /// Largest request head (request line and header fields) in bytes; larger gets 431. At least
+    /// 8 KiB. Default 64 KiB.
+    pub max_header_bytes: u64,
+    /// How long a client may take to send a request body that Corral reads whole (to key or fill
+    /// it); then 408. Default 30s.
+    pub body_read_timeout: Duration,
     /// `/readyz` while Redis is unreachable: `true` answers 200 `degraded` (keep serving from L1
     /// and the upstream), `false` answers 503 (take the pod out of rotation). Default `true`.
     pub ready_when_degraded: bool,
@@ -247,6 +253,9 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADERS: usize = 100;
+const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_WAITERS: usize = 10_000;
@@ -274,6 +283,8 @@ struct RawServer {
     shutdown_timeout: Option<HumanDuration>,
     header_read_timeout: Option<Spanned<HumanDuration>>,
     max_headers: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<HumanSize>>,
+    body_read_timeout: Option<Spanned<HumanDuration>>,
     ready_when_degraded: Option<bool>,
 }
 
@@ -526,6 +537,19 @@ impl Checker<'_> {
                 &raw.max_headers,
                 DEFAULT_MAX_HEADERS,
                 (None, "server.max_headers"),
+            )?,
+            max_header_bytes: match &raw.max_header_bytes {
+                None => DEFAULT_MAX_HEADER_BYTES,
+                Some(n) if n.get_ref().0 >= MIN_HEADER_BYTES => n.get_ref().0,
+                Some(n) => {
+                    let why = "must be at least 8KiB";
+                    return self.fail(n.span(), (None, "server.max_header_bytes"), why);
+                }
+            },
+            body_read_timeout: self.positive(
+                &raw.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT,
+                (None, "server.body_read_timeout"),
             )?,
             ready_when_degraded: raw.ready_when_degraded.unwrap_or(true),
         })

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{Attribute, Cell, CellAlignment, Table};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -44,12 +46,22 @@ pub struct DemoArgs {
 /// What the burst showed.
 #[derive(Debug)]
 pub struct DemoReport {
+    /// Requests sent in the burst, all at once.
     pub requests: usize,
+    /// Corral instances the burst was spread over (round robin).
     pub instances: usize,
+    /// Calls that reached the built-in backend: 1 when the stampede was absorbed.
     pub backend_calls: u64,
+    /// Requests answered `200`.
     pub ok: usize,
     pub p50: Duration,
+    pub p90: Duration,
     pub p99: Duration,
+    /// The slowest request of the burst.
+    pub max: Duration,
+    /// From the first request sent to the last answer received.
+    pub wall: Duration,
+    /// `Cache-Status` values (without the `corral; ` prefix) and how many answers carried each.
     pub outcomes: BTreeMap<String, usize>,
 }
 
@@ -80,6 +92,7 @@ pub async fn burst(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} answered  {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let burst_started = Instant::now();
     let mut tasks = Vec::with_capacity(args.requests);
     for i in 0..args.requests {
         let uri: hyper::Uri = format!(
@@ -123,6 +136,7 @@ pub async fn burst(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         }
         *outcomes.entry(outcome).or_insert(0) += 1;
     }
+    let wall = burst_started.elapsed();
     bar.finish_and_clear();
     latencies.sort();
     let pick = |q: f64| {
@@ -137,7 +151,10 @@ pub async fn burst(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         backend_calls: backend.calls.load(Ordering::SeqCst),
         ok,
         p50: pick(0.50),
+        p90: pick(0.90),
         p99: pick(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+        wall,
         outcomes,
     };
     for instance in fleet {
@@ -173,26 +190,112 @@ lock = {{ lease = "5s", wait_timeout = "10s" }}
     Ok(Config::parse(&text, std::path::Path::new("<demo>"))?)
 }
 
+/// Prints the two summary tables and the verdict. comfy-table styles cells only when stdout is a
+/// terminal, so a piped or redirected summary carries no escape codes.
 fn print_report(args: &DemoArgs, r: &DemoReport) {
-    let mode = match &args.redis {
-        Some(url) => format!("fleet ({} instances, redis {url})", r.instances),
-        None => "embedded (1 instance, no redis)".to_owned(),
-    };
     println!("corral demo — a burst of identical requests against a slow backend");
     println!();
-    println!("  {:<26} {}", "mode", mode);
-    println!(
-        "  {:<26} {:?} per call",
-        "backend latency", args.backend_delay
+    println!("Burst");
+    println!("{}", burst_table(args, r));
+    println!();
+    println!("Cache-Status");
+    println!("{}", cache_status_table(r));
+    println!();
+    println!("{}", verdict(r));
+}
+
+fn burst_table(args: &DemoArgs, r: &DemoReport) -> Table {
+    let mode = match &args.redis {
+        Some(url) => format!("fleet ({} instances, redis {url})", r.instances),
+        None => format!(
+            "embedded ({}, no redis)",
+            plural(r.instances as u64, "instance")
+        ),
+    };
+    let rows = [
+        ("mode", mode),
+        (
+            "backend latency",
+            format!(
+                "{} per call",
+                humantime::format_duration(args.backend_delay)
+            ),
+        ),
+        ("requests", r.requests.to_string()),
+        ("answered 200", r.ok.to_string()),
+        ("backend calls", r.backend_calls.to_string()),
+        ("latency p50", format!("{:.1?}", r.p50)),
+        ("latency p90", format!("{:.1?}", r.p90)),
+        ("latency p99", format!("{:.1?}", r.p99)),
+        ("latency max", format!("{:.1?}", r.max)),
+        ("wall time", format!("{:.1?}", r.wall)),
+    ];
+    let mut table = new_table();
+    for (name, value) in rows {
+        table.add_row([
+            Cell::new(name).add_attribute(Attribute::Bold),
+            Cell::new(value),
+        ]);
+    }
+    table
+}
+
+fn cache_status_table(r: &DemoReport) -> Table {
+    let mut table = new_table();
+    table.set_header(
+        ["value", "count", "share"].map(|h| Cell::new(h).add_attribute(Attribute::Bold)),
     );
-    println!("  {:<26} {}", "requests", r.requests);
-    println!("  {:<26} {}", "answered 200", r.ok);
-    println!("  {:<26} {}", "backend calls", r.backend_calls);
-    println!("  {:<26} {:.1?}", "latency p50", r.p50);
-    println!("  {:<26} {:.1?}", "latency p99", r.p99);
-    println!("  Cache-Status:");
-    for (outcome, n) in &r.outcomes {
-        println!("    {outcome:<24} {n}");
+    // Most frequent first; ties keep the map's (alphabetical) order.
+    let mut outcomes: Vec<_> = r.outcomes.iter().collect();
+    outcomes.sort_by(|a, b| b.1.cmp(a.1));
+    let total = r.requests.max(1) as f64;
+    for (value, count) in outcomes {
+        table.add_row([
+            Cell::new(value),
+            Cell::new(count).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:.1} %", *count as f64 * 100.0 / total))
+                .set_alignment(CellAlignment::Right),
+        ]);
+    }
+    table
+}
+
+fn new_table() -> Table {
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED);
+    table
+}
+
+/// One line saying whether the stampede was absorbed: at most one backend call per key for the
+/// fleet (or per instance, when the instances share no Redis).
+fn verdict(r: &DemoReport) -> String {
+    let calls = plural(r.backend_calls, "backend call");
+    let head = format!("{}, {calls}", plural(r.requests as u64, "request"));
+    let instances = r.instances as u64;
+    let mut line = match r.backend_calls {
+        0 => format!("{head}: nothing reached the backend."),
+        1 => format!("{head}: the stampede was absorbed."),
+        n if n <= instances => format!(
+            "{head} across {}: at most one per instance, the stampede was absorbed per instance.",
+            plural(instances, "instance")
+        ),
+        _ => format!("{head}: more than one per instance, the stampede got through."),
+    };
+    let failed = r.requests.saturating_sub(r.ok);
+    if failed > 0 {
+        line.push_str(&format!(
+            " {} did not answer 200.",
+            plural(failed as u64, "request")
+        ));
+    }
+    line
+}
+
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -240,5 +343,43 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(requests: usize, instances: usize, backend_calls: u64, ok: usize) -> DemoReport {
+        DemoReport {
+            requests,
+            instances,
+            backend_calls,
+            ok,
+            p50: Duration::ZERO,
+            p90: Duration::ZERO,
+            p99: Duration::ZERO,
+            max: Duration::ZERO,
+            wall: Duration::ZERO,
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn verdict_says_whether_the_stampede_was_absorbed() {
+        assert_eq!(
+            verdict(&report(1000, 1, 1, 1000)),
+            "1000 requests, 1 backend call: the stampede was absorbed."
+        );
+        assert_eq!(
+            verdict(&report(900, 3, 3, 900)),
+            "900 requests, 3 backend calls across 3 instances: at most one per instance, \
+             the stampede was absorbed per instance."
+        );
+        assert_eq!(
+            verdict(&report(1000, 1, 7, 998)),
+            "1000 requests, 7 backend calls: more than one per instance, the stampede got \
+             through. 2 requests did not answer 200."
+        );
     }
 }

@@ -33,8 +33,9 @@ use crate::config::{Config, LockScope, OnWaitTimeout, RouteConfig};
 use crate::entry::{Directives, Entry, Freshness, Lifetime, now_ms};
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
-use crate::l2::{KeyNames, L2, Notice, Peek};
+use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
 use crate::lock::FillLock;
+use crate::metrics::{LockOutcome, Metrics};
 use crate::notice::{Notices, Wake};
 use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
 
@@ -140,12 +141,30 @@ pub struct Filler {
     pub marks: PassMarks,
     pub fleet: Option<Fleet>,
     pub client: UpstreamClient,
-    /// Per-route caps on concurrent upstream calls.
+    /// Per-route caps on concurrent upstream calls, and their sizes.
     limits: HashMap<String, Arc<Semaphore>>,
+    caps: HashMap<String, usize>,
+    metrics: Arc<Metrics>,
+}
+
+fn caps(config: &Config) -> HashMap<String, usize> {
+    config
+        .routes
+        .iter()
+        .filter_map(|r| Some((r.name.clone(), r.upstream_concurrency?)))
+        .collect()
+}
+
+/// What a fleet flight did with the lock, for the metrics.
+#[derive(Default)]
+struct LockTrace {
+    acquired: bool,
+    waited: bool,
+    timed_out: bool,
 }
 
 impl Filler {
-    pub fn new(config: &Config, fleet: Option<Fleet>) -> Filler {
+    pub fn new(config: &Config, l1: L1, fleet: Option<Fleet>, metrics: Arc<Metrics>) -> Filler {
         let limits = config
             .routes
             .iter()
@@ -155,11 +174,44 @@ impl Filler {
             })
             .collect();
         Filler {
-            l1: L1::new(config.cache.l1_max_bytes),
+            l1,
             marks: PassMarks::new(),
             fleet,
             client: UpstreamClient::new(),
             limits,
+            caps: caps(config),
+            metrics,
+        }
+    }
+
+    /// The same machinery for a reloaded configuration: caches, marks, Redis, client and metrics
+    /// carry over; a route keeps its cap (and the calls in progress under it) when the cap is
+    /// unchanged.
+    pub fn renewed(&self, config: &Config) -> Filler {
+        let limits = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let n = r.upstream_concurrency?;
+                let kept = self
+                    .limits
+                    .get(&r.name)
+                    .filter(|_| self.caps.get(&r.name) == Some(&n))
+                    .cloned();
+                Some((
+                    r.name.clone(),
+                    kept.unwrap_or_else(|| Arc::new(Semaphore::new(n))),
+                ))
+            })
+            .collect();
+        Filler {
+            l1: self.l1.clone(),
+            marks: self.marks.clone(),
+            fleet: self.fleet.clone(),
+            client: self.client.clone(),
+            limits,
+            caps: caps(config),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -281,6 +333,43 @@ impl Filler {
         names: &Arc<KeyNames>,
         fallback: Option<Arc<Entry>>,
     ) -> Fill {
+        let started = Instant::now();
+        let mut trace = LockTrace::default();
+        let fill = self.coalesce(req, fleet, names, fallback, &mut trace).await;
+        let outcome = match trace {
+            LockTrace {
+                timed_out: true, ..
+            } => Some(LockOutcome::WaitTimeout),
+            LockTrace {
+                acquired: true,
+                waited: false,
+                ..
+            } => Some(LockOutcome::Acquired),
+            LockTrace {
+                acquired: true,
+                waited: true,
+                ..
+            } => Some(LockOutcome::TookOver),
+            LockTrace { waited: true, .. } => Some(LockOutcome::Waited),
+            // Redis failed before any lock decision: degraded, nothing to count.
+            LockTrace { .. } => None,
+        };
+        if let Some(outcome) = outcome {
+            let waited = trace.waited.then(|| started.elapsed());
+            self.metrics.lock(&req.route.name, outcome, waited);
+        }
+        fill
+    }
+
+    /// The fleet flight proper: compete for the lock, or wait for its holder's notice.
+    async fn coalesce(
+        &self,
+        req: &FillRequest,
+        fleet: &Fleet,
+        names: &Arc<KeyNames>,
+        fallback: Option<Arc<Entry>>,
+        trace: &mut LockTrace,
+    ) -> Fill {
         let route = &req.route;
         let lock = &route.lock;
         let deadline = tokio::time::Instant::now() + lock.wait_timeout;
@@ -289,11 +378,13 @@ impl Filler {
         };
         'compete: loop {
             if tokio::time::Instant::now() >= deadline {
+                trace.timed_out = true;
                 return self.wait_timed_out(req, fallback).await;
             }
             match FillLock::try_acquire(&fleet.l2, names, lock.lease, route.upstream_timeout).await
             {
                 Ok(Some(held)) => {
+                    trace.acquired = true;
                     // Someone may have filled between our L2 read and the lock.
                     let filled = fleet.l2.get(names).await.ok().and_then(|peek| peek.entry);
                     if let Some(entry) =
@@ -311,6 +402,7 @@ impl Filler {
                 }
             }
             // Held elsewhere: subscribe first, then re-check, then wait.
+            trace.waited = true;
             let mut sub = match fleet.notices.subscribe(&names.channel).await {
                 Ok(sub) => sub,
                 Err(err) => {
@@ -412,7 +504,7 @@ impl Filler {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
                 claim.store(req, &entry).await;
-                self.l1.insert(req.key, entry.clone()).await;
+                self.l1.insert(req.key, &route.name, entry.clone()).await;
                 Fill::Shared {
                     entry,
                     source: Source::Upstream { stored: true },
@@ -462,7 +554,9 @@ impl Filler {
     /// An entry read from L2: copied into L1 for its remaining life.
     async fn shared(&self, req: &FillRequest, entry: Entry, source: Source) -> Fill {
         let entry = Arc::new(entry);
-        self.l1.insert(req.key, entry.clone()).await;
+        self.l1
+            .insert(req.key, &req.route.name, entry.clone())
+            .await;
         Fill::Shared { entry, source }
     }
 
@@ -502,12 +596,19 @@ impl Filler {
                 route.upstream_timeout,
                 route.max_entry_size,
             )
-            .await
-            .map_err(|err| {
-                tracing::warn!(route = %route.name, %err, "upstream call failed");
-                FillError::Upstream(Arc::new(err))
-            })?;
-        let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+            .await;
+        let took = started.elapsed();
+        let status = match &fetched {
+            Ok(Fetched::Whole(answer)) => Some(answer.status.as_u16()),
+            Ok(Fetched::Oversized { parts, .. }) => Some(parts.status.as_u16()),
+            Err(_) => None,
+        };
+        self.metrics.upstream_call(&route.name, status, took);
+        let fetched = fetched.map_err(|err| {
+            tracing::warn!(route = %route.name, %err, "upstream call failed");
+            FillError::Upstream(Arc::new(err))
+        })?;
+        let fill_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
         Ok(match fetched {
             Fetched::Whole(answer) => judge(route, answer, fill_ms),
             Fetched::Oversized {
@@ -531,15 +632,22 @@ impl Claim<'_> {
     async fn store(self, req: &FillRequest, entry: &Entry) {
         let route = &req.route.name;
         match self {
-            Claim::Fleet(held) => match held.store(entry).await {
-                Ok(outcome) => tracing::debug!(%route, ?outcome, "filled"),
-                Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
-            },
-            Claim::Instance(Some((l2, names))) => {
-                if let Err(err) = l2.put(names, entry).await {
-                    tracing::warn!(%route, %err, "could not store the fill in redis");
+            Claim::Fleet(held) => {
+                let (l2, names) = (held.l2().clone(), held.names().clone());
+                match held.store(entry).await {
+                    Ok(outcome) => {
+                        tracing::debug!(%route, ?outcome, "filled");
+                        if outcome != StoreOutcome::Superseded {
+                            l2.index_tags(&names, entry).await;
+                        }
+                    }
+                    Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
                 }
             }
+            Claim::Instance(Some((l2, names))) => match l2.put(names, entry).await {
+                Ok(()) => l2.index_tags(names, entry).await,
+                Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
+            },
             Claim::Instance(None) => {}
         }
     }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::key::CacheKey;
 
@@ -35,7 +36,10 @@ pub enum Role {
 struct Flight<T: Clone> {
     id: u64,
     result: FlightResult<T>,
+    /// Followers waiting now (bounded by `max_waiters`).
     waiting: Arc<AtomicUsize>,
+    /// Followers that joined over the flight's life.
+    joined: Arc<AtomicUsize>,
 }
 
 type Map<T> = Arc<Mutex<HashMap<CacheKey, Flight<T>>>>;
@@ -67,13 +71,16 @@ impl Drop for WaitSlot {
 pub struct Flights<T: Clone> {
     map: Map<T>,
     next_id: AtomicU64,
+    /// Observes, as each flight lands, how many requests waited on it.
+    waiters: Option<Histogram>,
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
-    pub fn new() -> Flights<T> {
+    pub fn new(waiters: Option<Histogram>) -> Flights<T> {
         Flights {
             map: Arc::default(),
             next_id: AtomicU64::new(0),
+            waiters,
         }
     }
 
@@ -95,6 +102,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             if waiting >= max_waiters {
                 return Err(Crowded { waiting });
             }
+            flight.joined.fetch_add(1, Ordering::Relaxed);
             return Ok(Joined {
                 role: Role::Follower,
                 result: flight.result.clone(),
@@ -103,10 +111,13 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fill = start();
+        let joined = Arc::new(AtomicUsize::new(0));
         let landing = Landing {
             map: self.map.clone(),
             key,
             id,
+            joined: joined.clone(),
+            waiters: self.waiters.clone(),
         };
         let task = tokio::spawn(async move {
             let _landing = landing;
@@ -117,6 +128,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             id,
             result: result.clone(),
             waiting: Arc::default(),
+            joined,
         };
         map.insert(key, flight);
         Ok(Joined {
@@ -145,7 +157,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 
 impl<T: Clone + Send + Sync + 'static> Default for Flights<T> {
     fn default() -> Self {
-        Flights::new()
+        Flights::new(None)
     }
 }
 
@@ -154,6 +166,8 @@ struct Landing<T: Clone> {
     map: Map<T>,
     key: CacheKey,
     id: u64,
+    joined: Arc<AtomicUsize>,
+    waiters: Option<Histogram>,
 }
 
 impl<T: Clone> Drop for Landing<T> {
@@ -161,6 +175,10 @@ impl<T: Clone> Drop for Landing<T> {
         let mut map = lock(&self.map);
         if map.get(&self.key).is_some_and(|f| f.id == self.id) {
             map.remove(&self.key);
+        }
+        if let Some(waiters) = &self.waiters {
+            // The leader counts as one of the requests the fill answered.
+            waiters.observe((self.joined.load(Ordering::Relaxed) + 1) as f64);
         }
     }
 }
@@ -185,7 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_joiners_share_one_fill() {
-        let flights = Flights::<u32>::new();
+        let flights = Flights::<u32>::new(None);
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = calls.clone();
@@ -222,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
-        let flights = Flights::<u32>::new();
+        let flights = Flights::<u32>::new(None);
         let Ok(joined) = flights.join(key(2), 1, || async { panic!("fill blew up") }) else {
             panic!("the first joiner is never turned away");
         };
@@ -237,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
-        let flights = Flights::<u32>::new();
+        let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let leader = flights.join(key(3), 2, move || async move {
             let _ = rx.await;

@@ -81,6 +81,13 @@ impl CacheKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// Parses what [`CacheKey::hex`] wrote.
+    pub fn from_hex(hex: &str) -> Option<CacheKey> {
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| CacheKey(*h.as_bytes()))
+    }
 }
 
 impl fmt::Debug for CacheKey {

@@ -12,35 +12,82 @@ use crate::key::CacheKey;
 /// The in-process tier. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct L1 {
-    cache: Cache<CacheKey, Arc<Entry>>,
+    cache: Cache<CacheKey, Cached>,
+}
+
+/// An entry and the route it belongs to (so a route purge can find it).
+#[derive(Clone)]
+struct Cached {
+    route: Arc<str>,
+    entry: Arc<Entry>,
 }
 
 impl L1 {
     pub fn new(max_bytes: u64) -> L1 {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &CacheKey, entry: &Arc<Entry>| entry.weight())
+            .weigher(|_key: &CacheKey, cached: &Cached| cached.entry.weight())
             .expire_after(OwnLifetime)
+            .support_invalidation_closures()
             .build();
         L1 { cache }
     }
 
     /// The entry for `key`, if present and not past its `stale_until`.
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        let entry = self.cache.get(key).await?;
+        let cached = self.cache.get(key).await?;
         // moka's expiry has its own clock granularity; the entry's own wall-clock bound decides.
-        (entry.times.stale_until() > now_ms()).then_some(entry)
+        (cached.entry.times.stale_until() > now_ms()).then_some(cached.entry)
     }
 
-    /// Stores an entry for its remaining life; an entry already dead is not stored.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+    /// Stores an entry of `route` for its remaining life; an entry already dead is not stored.
+    pub async fn insert(&self, key: CacheKey, route: &str, entry: Arc<Entry>) {
         if entry.times.remaining(now_ms()).is_some() {
-            self.cache.insert(key, entry).await;
+            let route = Arc::from(route);
+            self.cache.insert(key, Cached { route, entry }).await;
         }
     }
 
-    pub async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(key).await;
+    /// Drops every entry of a route. Takes effect at once for readers; the memory is reclaimed
+    /// by moka's maintenance.
+    pub fn remove_route(&self, route: &str) -> u64 {
+        let route: Arc<str> = Arc::from(route);
+        self.remove_if(move |cached| cached.route == route)
+    }
+
+    /// Drops every entry carrying `tag`.
+    pub fn remove_tag(&self, tag: &str) -> u64 {
+        let tag = tag.to_owned();
+        self.remove_if(move |cached| cached.entry.tags.contains(&tag))
+    }
+
+    /// Drops everything; returns how many entries there were.
+    pub fn clear(&self) -> u64 {
+        let n = self.cache.entry_count();
+        self.cache.invalidate_all();
+        n
+    }
+
+    /// Drops the entries `matches` picks; returns how many there were.
+    fn remove_if(&self, matches: impl Fn(&Cached) -> bool + Send + Sync + 'static) -> u64 {
+        let held = self
+            .cache
+            .iter()
+            .filter(|(_, cached)| matches(cached))
+            .count() as u64;
+        if let Err(err) = self
+            .cache
+            .invalidate_entries_if(move |_, cached| matches(cached))
+        {
+            tracing::warn!(%err, "could not purge selectively from L1; dropping all of L1");
+            self.cache.invalidate_all();
+        }
+        held
+    }
+
+    /// Drops one entry; returns 1 if it was held.
+    pub async fn remove(&self, key: &CacheKey) -> u64 {
+        u64::from(self.cache.remove(key).await.is_some())
     }
 
     /// Entries currently held (after pending maintenance has run).
@@ -124,23 +171,35 @@ impl Expiry<CacheKey, Duration> for MarkLifetime {
 /// Expires every entry at its own `stale_until`, on creation and on replacement alike.
 struct OwnLifetime;
 
-impl Expiry<CacheKey, Arc<Entry>> for OwnLifetime {
+impl Expiry<CacheKey, Cached> for OwnLifetime {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        entry: &Arc<Entry>,
+        cached: &Cached,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(entry.times.remaining(now_ms()).unwrap_or(Duration::ZERO))
+        Some(
+            cached
+                .entry
+                .times
+                .remaining(now_ms())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        entry: &Arc<Entry>,
+        cached: &Cached,
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.times.remaining(now_ms()).unwrap_or(Duration::ZERO))
+        Some(
+            cached
+                .entry
+                .times
+                .remaining(now_ms())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 }

@@ -11,6 +11,9 @@
 //! - channel `corral:{namespace}:{route}:fill:<hex>`
 //! - uncacheable marker `corral:{namespace}:{route}:pass:{<hex>}`: the last fill could not be shared,
 //!   so requests skip the lock for a while instead of queueing behind one another.
+//! - tag index `corral:{namespace}:tag:<tag>`: a set of entry names, living as long as its longest
+//!   entry.
+//! - invalidation channel `corral:{namespace}:invalidate` (see [`crate::purge`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ use crate::breaker::Breaker;
 use crate::config::RedisConfig;
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
+use crate::metrics::Metrics;
+use crate::purge::Purge;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +174,7 @@ pub struct L2 {
     namespace: Arc<str>,
     timeout: Duration,
     breaker: Arc<Breaker>,
+    metrics: Arc<Metrics>,
     scripts: Arc<Scripts>,
 }
 
@@ -181,7 +187,11 @@ struct Scripts {
 impl L2 {
     /// Prepares the connection without waiting for Redis: Corral starts (degraded) while Redis is
     /// down and connects when it comes up.
-    pub fn connect(cfg: &RedisConfig, breaker: Arc<Breaker>) -> Result<L2, L2Error> {
+    pub fn connect(
+        cfg: &RedisConfig,
+        breaker: Arc<Breaker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<L2, L2Error> {
         let client = Client::open(cfg.url.as_str())
             .map_err(|source| L2Error::Redis { op: "open", source })?;
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config(cfg.timeout))
@@ -194,6 +204,7 @@ impl L2 {
             namespace: cfg.namespace.as_str().into(),
             timeout: cfg.timeout,
             breaker,
+            metrics,
             scripts: Arc::new(Scripts {
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
@@ -346,6 +357,144 @@ impl L2 {
         })
     }
 
+    /// Indexes a stored entry under its tags, each index living as long as its longest entry.
+    /// Best effort: a failure is logged, and only purge-by-tag misses that entry.
+    pub async fn index_tags(&self, names: &KeyNames, entry: &Entry) {
+        let Some(ttl) = entry.times.remaining(now_ms()) else {
+            return;
+        };
+        if entry.tags.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for tag in &entry.tags {
+            let index = self.tag_index(tag);
+            pipe.cmd("SADD").arg(&index).arg(&names.entry).ignore();
+            // A new set has no TTL: NX gives it one; GT only ever lengthens it.
+            for flag in ["NX", "GT"] {
+                pipe.cmd("PEXPIRE")
+                    .arg(&index)
+                    .arg(millis(ttl))
+                    .arg(flag)
+                    .ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        if let Err(err) = self
+            .bounded("tag index", pipe.query_async::<()>(&mut conn))
+            .await
+        {
+            tracing::warn!(key = %names.entry, %err, "could not index the entry's tags");
+        }
+    }
+
+    /// Removes what `purge` names from Redis and tells every instance to drop it from L1.
+    /// Returns how many entries were deleted from Redis.
+    pub async fn purge(&self, purge: &Purge) -> Result<u64, L2Error> {
+        let mut conn = self.conn.clone();
+        let deleted = match purge {
+            Purge::Key { route, key } => {
+                let names = self.names(route, key);
+                let n: u64 = self
+                    .bounded(
+                        "purge DEL",
+                        redis::cmd("DEL").arg(&names.entry).query_async(&mut conn),
+                    )
+                    .await?;
+                let _: u64 = self
+                    .bounded(
+                        "purge DEL",
+                        redis::cmd("DEL").arg(&names.pass).query_async(&mut conn),
+                    )
+                    .await?;
+                n
+            }
+            Purge::Route(route) => {
+                let ns = &self.namespace;
+                let mut n = self
+                    .delete_matching(&format!("corral:{ns}:{route}:{{*"))
+                    .await?;
+                n += self
+                    .delete_matching(&format!("corral:{ns}:{route}:pass:*"))
+                    .await?;
+                n
+            }
+            Purge::Tag(tag) => {
+                let index = self.tag_index(tag);
+                let members: Vec<String> = self
+                    .bounded(
+                        "purge SMEMBERS",
+                        redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn),
+                    )
+                    .await?;
+                let mut n = 0;
+                for batch in members.chunks(256) {
+                    n += self.delete(batch).await?;
+                }
+                self.delete(&[index]).await?;
+                n
+            }
+            Purge::All => 0,
+        };
+        let _: i64 = self
+            .bounded(
+                "purge PUBLISH",
+                redis::cmd("PUBLISH")
+                    .arg(self.invalidation_channel())
+                    .arg(purge.payload())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(deleted)
+    }
+
+    /// The channel every instance listens on for purges.
+    pub fn invalidation_channel(&self) -> String {
+        invalidation_channel(&self.namespace)
+    }
+
+    fn tag_index(&self, tag: &str) -> String {
+        format!("corral:{}:tag:{tag}", self.namespace)
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<u64, L2Error> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        self.bounded(
+            "purge DEL",
+            redis::cmd("DEL").arg(keys).query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Deletes every key matching `pattern`, SCANning in batches (never `KEYS`).
+    async fn delete_matching(&self, pattern: &str) -> Result<u64, L2Error> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    "purge SCAN",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            deleted += self.delete(&keys).await?;
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// Plain write with no lock, for routes whose lock scope is `instance`.
     pub async fn put(&self, names: &KeyNames, entry: &Entry) -> Result<(), L2Error> {
         let Some(ttl) = entry.times.remaining(now_ms()) else {
@@ -374,7 +523,7 @@ impl L2 {
         op: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, L2Error> {
-        guarded(&self.breaker, op, self.timeout, call).await
+        guarded(&self.breaker, &self.metrics, op, self.timeout, call).await
     }
 }
 
@@ -392,11 +541,13 @@ pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 /// and every outcome counted.
 pub(crate) async fn guarded<T>(
     breaker: &Breaker,
+    metrics: &Metrics,
     op: &'static str,
     budget: Duration,
     call: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, L2Error> {
     if !breaker.allows() {
+        metrics.redis_error(op);
         return Err(L2Error::CircuitOpen { op });
     }
     let result = match tokio::time::timeout(budget, call).await {
@@ -406,9 +557,17 @@ pub(crate) async fn guarded<T>(
     };
     match &result {
         Ok(_) => breaker.success(),
-        Err(_) => breaker.failure(),
+        Err(_) => {
+            metrics.redis_error(op);
+            breaker.failure();
+        }
     }
     result
+}
+
+/// The invalidation channel of a namespace.
+pub(crate) fn invalidation_channel(namespace: &str) -> String {
+    format!("corral:{namespace}:invalidate")
 }
 
 fn decode(name: &str, raw: Bytes) -> Option<Entry> {

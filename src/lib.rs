@@ -21,6 +21,7 @@
 //! refresh once) → flight (one per key per process) → L2 → fill lock → upstream → store L2, PUBLISH,
 //! release → L1 → answer with `Cache-Status`.
 
+pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod config;
@@ -32,9 +33,11 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod lock;
+pub mod metrics;
 pub mod notice;
 pub mod outcome;
 pub mod proxy;
+pub mod purge;
 pub mod route;
 pub mod server;
 pub mod upstream;

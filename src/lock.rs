@@ -55,6 +55,14 @@ impl FillLock {
         }))
     }
 
+    pub fn l2(&self) -> &L2 {
+        &self.l2
+    }
+
+    pub fn names(&self) -> &Arc<KeyNames> {
+        &self.names
+    }
+
     /// Stores the entry under the lock, releases it and wakes the waiters.
     pub async fn store(mut self, entry: &Entry) -> Result<StoreOutcome, L2Error> {
         self.watchdog.abort();

@@ -81,8 +81,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
     let stop = instance.stopper();
+    let control = instance.control().clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals(control).await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
     });
@@ -90,24 +91,32 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT, reloading the configuration on each SIGHUP meanwhile.
+async fn signals(control: std::sync::Arc<corral::server::Control>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    // The outcome is logged by reload itself.
+                    let _ = control.reload();
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = control;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

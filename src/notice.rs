@@ -15,6 +15,11 @@
 //! ([`Wake::Resync`]) to confirm its subscription again — which re-SUBSCRIBEs every wanted channel on
 //! the new connection — and then re-check L2: a notice published before the confirmation is
 //! reflected in L2 (the store precedes the PUBLISH in one script), one published after it arrives.
+//!
+//! The same connection carries purges: the invalidation channel is always subscribed, and each
+//! [`Purge`] that arrives is applied to this process's L1. Purges missed while disconnected cannot
+//! be replayed, so once the channel is subscribed again after a disconnection the whole L1 is
+//! dropped. A failed (re)subscription is retried every second until Redis answers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +31,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::breaker::Breaker;
 use crate::config::RedisConfig;
-use crate::l2::{L2Error, Notice, guarded, manager_config};
+use crate::l1::L1;
+use crate::l2::{L2Error, Notice, guarded, invalidation_channel, manager_config};
+use crate::metrics::Metrics;
+use crate::purge::Purge;
+
+/// How often a failed (re)subscription is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// What wakes a waiter.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +60,8 @@ enum Request {
     Sync(oneshot::Sender<Result<(), String>>),
     /// The connection dropped: the server holds no subscriptions any more.
     Reset,
+    /// Reconcile again after a failure.
+    Retry,
 }
 
 /// The process's pub/sub hub. Cloning shares it.
@@ -68,16 +81,32 @@ pub struct Subscription {
 }
 
 impl Notices {
-    /// Prepares the connection (lazily: Redis may be down now) and starts the reconciling task.
-    pub fn connect(cfg: &RedisConfig, breaker: Arc<Breaker>) -> Result<Notices, L2Error> {
+    /// Prepares the connection (lazily: Redis may be down now), starts the reconciling task and
+    /// subscribes the invalidation channel, whose purges are applied to `l1`.
+    pub fn connect(
+        cfg: &RedisConfig,
+        breaker: Arc<Breaker>,
+        metrics: Arc<Metrics>,
+        l1: L1,
+    ) -> Result<Notices, L2Error> {
         let waiters: Waiters = Arc::default();
         let dispatch = waiters.clone();
         let (requests, rx) = mpsc::unbounded_channel();
         let resets = requests.clone();
+        let (purges, purges_rx) = mpsc::unbounded_channel();
+        let invalidations = invalidation_channel(&cfg.namespace);
+        let route_purges = purges.clone();
+        let channel = invalidations.clone();
         let client = resp3_client(&cfg.url)?;
         let config = manager_config(cfg.timeout).set_push_sender(move |push: PushInfo| {
-            if deliver(&dispatch, push) {
-                let _ = resets.send(Request::Reset);
+            match deliver(&dispatch, &channel, push) {
+                Delivered::Disconnected => {
+                    let _ = resets.send(Request::Reset);
+                }
+                Delivered::Purge(purge) => {
+                    let _ = route_purges.send(purge);
+                }
+                Delivered::Nothing => {}
             }
             Ok::<(), redis::aio::SendError>(())
         });
@@ -87,13 +116,22 @@ impl Notices {
                 source,
             }
         })?;
+        tokio::spawn(apply_purges(purges_rx, l1));
         tokio::spawn(reconcile(
-            conn,
-            waiters.clone(),
+            Reconciler {
+                conn,
+                waiters: waiters.clone(),
+                always: invalidations,
+                purges,
+                timeout: cfg.timeout,
+                breaker: breaker.clone(),
+                metrics,
+            },
             rx,
-            cfg.timeout,
-            breaker.clone(),
         ));
+        // Subscribe the invalidation channel now, without waiting for it.
+        let (ack, _) = oneshot::channel();
+        let _ = requests.send(Request::Sync(ack));
         Ok(Notices {
             waiters,
             requests,
@@ -189,21 +227,35 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Hands a push to the waiters of its channel; `true` when it was a disconnection (the
-/// reconciler must then forget what the server had subscribed).
-fn deliver(waiters: &Waiters, push: PushInfo) -> bool {
-    let waiters = lock(waiters);
+/// What a push from Redis amounted to.
+enum Delivered {
+    Nothing,
+    /// The connection dropped: the server holds no subscriptions any more.
+    Disconnected,
+    /// A purge arrived on the invalidation channel.
+    Purge(Purge),
+}
+
+/// Hands a push to the waiters of its channel, or recognises a purge or a disconnection.
+fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered {
     match push.kind {
         PushKind::Message => {
             let [channel, payload] = push.data.as_slice() else {
-                return false;
+                return Delivered::Nothing;
             };
             let (Some(channel), Some(payload)) = (bytes_of(channel), bytes_of(payload)) else {
-                return false;
+                return Delivered::Nothing;
             };
+            if channel == invalidations.as_bytes() {
+                return match Purge::parse(payload) {
+                    Some(purge) => Delivered::Purge(purge),
+                    None => Delivered::Nothing,
+                };
+            }
             let Ok(channel) = std::str::from_utf8(channel) else {
-                return false;
+                return Delivered::Nothing;
             };
+            let waiters = lock(waiters);
             // Parse only for a channel someone here waits on.
             if let Some(slot) = waiters.get(channel)
                 && let Some(notice) = Notice::parse(payload)
@@ -213,9 +265,10 @@ fn deliver(waiters: &Waiters, push: PushInfo) -> bool {
                     *wake = Some(Wake::Notice(notice));
                 });
             }
-            false
+            Delivered::Nothing
         }
         PushKind::Disconnection => {
+            let waiters = lock(waiters);
             tracing::warn!(
                 waiting = waiters.len(),
                 "redis pub/sub connection lost; waiters re-subscribe and re-check"
@@ -226,9 +279,16 @@ fn deliver(waiters: &Waiters, push: PushInfo) -> bool {
                     *wake = Some(Wake::Resync);
                 });
             }
-            true
+            Delivered::Disconnected
         }
-        _ => false,
+        _ => Delivered::Nothing,
+    }
+}
+
+async fn apply_purges(mut purges: mpsc::UnboundedReceiver<Purge>, l1: L1) {
+    while let Some(purge) = purges.recv().await {
+        tracing::info!(purge = %purge.payload(), "invalidating L1");
+        purge.apply(&l1).await;
     }
 }
 
@@ -240,31 +300,53 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
     }
 }
 
-/// Drains requests and makes the server's subscriptions match the channels that have waiters.
-async fn reconcile(
-    mut conn: ConnectionManager,
+/// The reconciling task's state.
+struct Reconciler {
+    conn: ConnectionManager,
     waiters: Waiters,
-    mut requests: mpsc::UnboundedReceiver<Request>,
+    /// Subscribed whether or not anyone waits: the invalidation channel.
+    always: String,
+    purges: mpsc::UnboundedSender<Purge>,
     timeout: Duration,
     breaker: Arc<Breaker>,
-) {
+    metrics: Arc<Metrics>,
+}
+
+/// Drains requests and makes the server's subscriptions match the channels that have waiters
+/// (plus the invalidation channel); retries every second while they do not match.
+async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Request>) {
     let mut subscribed: HashSet<String> = HashSet::new();
-    while let Some(first) = requests.recv().await {
+    let mut ever_subscribed = false;
+    let mut behind = false;
+    loop {
+        let first = if behind {
+            tokio::select! {
+                request = requests.recv() => request,
+                () = tokio::time::sleep(RETRY) => Some(Request::Retry),
+            }
+        } else {
+            requests.recv().await
+        };
+        let Some(first) = first else {
+            return;
+        };
         let mut acks = Vec::new();
         let pending = std::iter::from_fn(|| requests.try_recv().ok());
         for request in std::iter::once(first).chain(pending) {
             match request {
                 Request::Sync(ack) => acks.push(ack),
                 Request::Reset => subscribed.clear(),
+                Request::Retry => {}
             }
         }
-        let wanted: HashSet<String> = lock(&waiters).keys().cloned().collect();
+        let mut wanted: HashSet<String> = lock(&r.waiters).keys().cloned().collect();
+        wanted.insert(r.always.clone());
         let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
         let mut result = Ok(());
         if !to_drop.is_empty() {
-            let call = conn.unsubscribe(&to_drop);
-            result = guarded(&breaker, "UNSUBSCRIBE", timeout, call).await;
+            let call = r.conn.unsubscribe(&to_drop);
+            result = guarded(&r.breaker, &r.metrics, "UNSUBSCRIBE", r.timeout, call).await;
             if result.is_ok() {
                 for channel in &to_drop {
                     subscribed.remove(channel);
@@ -272,14 +354,25 @@ async fn reconcile(
             }
         }
         if !to_add.is_empty() && result.is_ok() {
-            let call = conn.subscribe(&to_add);
-            result = guarded(&breaker, "SUBSCRIBE", timeout, call).await;
+            let call = r.conn.subscribe(&to_add);
+            result = guarded(&r.breaker, &r.metrics, "SUBSCRIBE", r.timeout, call).await;
             if result.is_ok() {
+                if to_add.contains(&r.always) {
+                    if ever_subscribed {
+                        // Purges may have been missed while disconnected.
+                        tracing::info!(
+                            "pub/sub re-subscribed: dropping L1, which may have missed purges"
+                        );
+                        let _ = r.purges.send(Purge::All);
+                    }
+                    ever_subscribed = true;
+                }
                 subscribed.extend(to_add);
             }
         }
+        behind = result.is_err();
         if let Err(err) = &result {
-            tracing::warn!(%err, "redis pub/sub (un)subscribe failed");
+            tracing::warn!(%err, "redis pub/sub (un)subscribe failed; retrying");
         }
         for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));

@@ -1,10 +1,12 @@
 //! The request path: route → bypass? → key → L1 → flight (L2, fill lock, upstream) → answer.
 //!
-//! Every answer carries `Cache-Status` from one [`CacheOutcome`]; errors become statuses in
-//! [`ProxyError::into_response`] and nowhere else.
+//! Every path produces an [`Answer`]: a response and its [`CacheOutcome`]. [`Proxy::handle`] alone
+//! turns the outcome into the `Cache-Status` header and the request metric, so the two never
+//! disagree; errors become statuses in [`ProxyError::into_answer`] and nowhere else.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -22,8 +24,10 @@ use crate::flight::{Crowded, Flights, Role};
 use crate::key::{CacheKey, KeyError};
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
+use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
+use crate::purge::{Purge, PurgeError, PurgeRequest};
 use crate::route::{Router, check_cacheable};
 use crate::upstream::{Buffered, UpstreamBody, UpstreamError, rewrite};
 
@@ -32,7 +36,21 @@ pub struct Proxy {
     router: Router,
     default_upstream: Option<Uri>,
     filler: Arc<Filler>,
-    flights: Flights<Arc<Fill>>,
+    flights: Arc<Flights<Arc<Fill>>>,
+    metrics: Arc<Metrics>,
+    body_read_timeout: std::time::Duration,
+}
+
+/// A response and how the cache took part in it.
+pub struct Answer {
+    pub outcome: CacheOutcome,
+    pub response: Response<ProxyBody>,
+}
+
+impl Answer {
+    fn new(outcome: CacheOutcome, response: Response<ProxyBody>) -> Answer {
+        Answer { outcome, response }
+    }
 }
 
 /// Why a request got an error answer.
@@ -42,6 +60,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("request body could not be read: {0}")]
     BodyUnreadable(String),
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("request cannot be keyed: {0}")]
     BadKey(#[from] KeyError),
     #[error("no route matches and no default upstream is configured")]
@@ -61,6 +81,7 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Fill(err) => err.status(),
@@ -70,7 +91,7 @@ impl ProxyError {
     }
 
     /// The one place where errors become answers.
-    pub fn into_response(self, outcome: CacheOutcome) -> Response<ProxyBody> {
+    pub fn into_answer(self, outcome: CacheOutcome) -> Answer {
         let status = self.status();
         if status.is_server_error() {
             tracing::warn!(%status, err = %self, "answering with an error");
@@ -87,8 +108,7 @@ impl ProxyError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        headers.insert(CACHE_STATUS, outcome.cache_status());
-        resp
+        Answer::new(outcome, resp)
     }
 }
 
@@ -98,12 +118,14 @@ impl Proxy {
     /// Builds the proxy for a validated config. Redis is connected lazily: Corral starts while
     /// Redis is down and serves degraded until it comes up.
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
+        let metrics = Arc::new(Metrics::new());
+        let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
             Some(redis) => {
                 let breaker = Arc::new(Breaker::default());
                 Some(Fleet {
-                    l2: L2::connect(redis, breaker.clone())?,
-                    notices: Notices::connect(redis, breaker)?,
+                    l2: L2::connect(redis, breaker.clone(), metrics.clone())?,
+                    notices: Notices::connect(redis, breaker, metrics.clone(), l1.clone())?,
                 })
             }
             None => None,
@@ -111,9 +133,108 @@ impl Proxy {
         Ok(Proxy {
             router: Router::new(&config.routes),
             default_upstream: config.server.default_upstream.clone(),
-            filler: Arc::new(Filler::new(config, fleet)),
-            flights: Flights::new(),
+            filler: Arc::new(Filler::new(config, l1, fleet, metrics.clone())),
+            flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
+            metrics,
+            body_read_timeout: config.server.body_read_timeout,
         })
+    }
+
+    /// The metrics of this process.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The Redis side, when there is one.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.filler.fleet.as_ref()
+    }
+
+    /// The same proxy with a new configuration's routes and limits. The caches, the Redis
+    /// connections, the flights in progress and the metrics carry over, so a reload drops neither
+    /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
+    pub fn reloaded(&self, config: &Config) -> Proxy {
+        Proxy {
+            router: Router::new(&config.routes),
+            default_upstream: config.server.default_upstream.clone(),
+            filler: Arc::new(self.filler.renewed(config)),
+            flights: self.flights.clone(),
+            metrics: self.metrics.clone(),
+            body_read_timeout: config.server.body_read_timeout,
+        }
+    }
+
+    /// Fills in progress in this process (a graceful shutdown waits for them).
+    pub fn fills_in_progress(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Purges what `request` names: from Redis and, through the invalidation channel, from every
+    /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
+    /// mode, from L1.
+    pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
+        let purge = self.resolve(request)?;
+        let l1 = &self.filler.l1;
+        let purged = match self.fleet() {
+            Some(fleet) => {
+                let n = fleet.l2.purge(&purge).await?;
+                purge.apply(l1).await;
+                n
+            }
+            None => purge.apply(l1).await,
+        };
+        if let Purge::Key { key, .. } = &purge {
+            self.filler.marks.remove(key);
+        }
+        self.metrics.purge(purge.kind(), purged);
+        tracing::info!(purge = %purge.payload(), purged, "purged");
+        Ok(purged)
+    }
+
+    fn resolve(&self, request: &PurgeRequest) -> Result<Purge, PurgeError> {
+        if let Some(route) = &request.route {
+            return match self.router.named(route) {
+                Some(_) => Ok(Purge::Route(route.clone())),
+                None => Err(PurgeError::UnknownRoute(route.clone())),
+            };
+        }
+        if let Some(tag) = &request.tag {
+            return Ok(Purge::Tag(tag.clone()));
+        }
+        let url = request.url.as_deref().unwrap_or("/");
+        let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
+        let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
+        let method = match &request.method {
+            Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| malformed("bad method"))?,
+            None => http::Method::GET,
+        };
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| malformed("bad header"))?;
+            let value = HeaderValue::from_str(value).map_err(|_| malformed("bad header"))?;
+            headers.append(name, value);
+        }
+        let route = self
+            .router
+            .route(uri.path(), &method)
+            .filter(|r| r.cache)
+            .ok_or_else(|| PurgeError::NoRoute(url.to_owned()))?;
+        let body = request.body_bytes();
+        let key = CacheKey::derive(&route.name, &route.key, &method, &uri, &headers, &body)
+            .map_err(|e| PurgeError::Malformed(e.to_string()))?;
+        Ok(Purge::Key {
+            route: route.name.clone(),
+            key,
+        })
+    }
+
+    /// The metrics page, with live gauges filled in.
+    pub async fn render_metrics(&self) -> String {
+        let l1 = &self.filler.l1;
+        let (entries, bytes) = (l1.entry_count().await, l1.weighted_size().await);
+        self.metrics.render(entries, bytes, self.degraded())
     }
 
     /// The in-process cache, for inspection.
@@ -128,9 +249,41 @@ impl Proxy {
 
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let Some(route) = self.router.route(req.uri().path(), req.method()).cloned() else {
-            return self.unrouted(req, peer).await;
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let route = self.router.route(&path, &method).cloned();
+        let route_name = route.as_ref().map_or("-", |r| r.name.as_str()).to_owned();
+        let answer = match route {
+            None => self.unrouted(req, peer).await,
+            Some(route) => self.routed(route, req, peer).await,
         };
+        let Answer {
+            outcome,
+            mut response,
+        } = answer;
+        self.metrics.request(&route_name, outcome);
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, outcome.cache_status());
+        tracing::debug!(
+            %method,
+            %path,
+            route = %route_name,
+            status = response.status().as_u16(),
+            outcome = outcome.as_str(),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn routed(
+        &self,
+        route: Arc<RouteConfig>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Answer {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             let (parts, body) = req.into_parts();
@@ -140,9 +293,11 @@ impl Proxy {
                 .await;
         }
         let (parts, body) = req.into_parts();
-        let body = match read_body(&parts.headers, body, route.max_body).await {
+        let limit = self.body_read_timeout;
+        let read = tokio::time::timeout(limit, read_body(&parts.headers, body, route.max_body));
+        let body = match read.await.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
             Ok(body) => body,
-            Err(err) => return err.into_response(CacheOutcome::Bypass),
+            Err(err) => return err.into_answer(CacheOutcome::Bypass),
         };
         self.handle_cacheable(route, parts, body, peer).await
     }
@@ -156,13 +311,20 @@ impl Proxy {
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        match self.router.route(parts.uri.path(), &parts.method) {
+        let Answer {
+            outcome,
+            mut response,
+        } = match self.router.route(parts.uri.path(), &parts.method) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
                 self.handle_cacheable(route.clone(), parts, body, peer)
                     .await
             }
-            _ => ProxyError::NoRoute.into_response(CacheOutcome::UriMiss),
-        }
+            _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
+        };
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, outcome.cache_status());
+        response
     }
 
     async fn handle_cacheable(
@@ -171,7 +333,7 @@ impl Proxy {
         parts: Parts,
         body: Bytes,
         peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    ) -> Answer {
         let key = match CacheKey::derive(
             &route.name,
             &route.key,
@@ -181,7 +343,7 @@ impl Proxy {
             &body,
         ) {
             Ok(key) => key,
-            Err(err) => return ProxyError::from(err).into_response(CacheOutcome::Bypass),
+            Err(err) => return ProxyError::from(err).into_answer(CacheOutcome::Bypass),
         };
         let req = FillRequest {
             route,
@@ -193,7 +355,7 @@ impl Proxy {
         self.lookup(req).await
     }
 
-    async fn lookup(&self, req: FillRequest) -> Response<ProxyBody> {
+    async fn lookup(&self, req: FillRequest) -> Answer {
         let stale = match self.filler.l1.get(&req.key).await {
             Some(entry) => match entry.times.freshness(now_ms()) {
                 Freshness::Fresh => {
@@ -231,14 +393,14 @@ impl Proxy {
         let joined = match joined {
             Ok(joined) => joined,
             Err(crowded) => {
-                return ProxyError::from(crowded).into_response(CacheOutcome::MissNotStored);
+                return ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
             }
         };
         match joined.result.clone().await {
             Some(fill) => self.respond(joined.role, &fill, req, stale).await,
             None => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
-                None => ProxyError::FillPanicked.into_response(CacheOutcome::MissNotStored),
+                None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
             },
         }
     }
@@ -250,7 +412,7 @@ impl Proxy {
         fill: &Fill,
         req: FillRequest,
         stale: Option<Arc<Entry>>,
-    ) -> Response<ProxyBody> {
+    ) -> Answer {
         match fill {
             Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
@@ -282,12 +444,7 @@ impl Proxy {
             Fill::Streamed(slot) if role == Role::Leader => {
                 let taken = slot.lock().ok().and_then(|mut s| s.take());
                 match taken {
-                    Some(mut streaming) => {
-                        streaming
-                            .headers_mut()
-                            .insert(CACHE_STATUS, CacheOutcome::MissNotStored.cache_status());
-                        streaming
-                    }
+                    Some(streaming) => Answer::new(CacheOutcome::MissNotStored, streaming),
                     None => self.fetch_alone(&req, CacheOutcome::MissNotStored).await,
                 }
             }
@@ -296,20 +453,18 @@ impl Proxy {
             }
             Fill::Failed(err) => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
-                None => ProxyError::from(err.clone()).into_response(CacheOutcome::MissNotStored),
+                None => ProxyError::from(err.clone()).into_answer(CacheOutcome::MissNotStored),
             },
         }
     }
 
     /// A request whose flight's answer was not for sharing: it asks the upstream itself.
-    async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Response<ProxyBody> {
+    async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Answer {
         let body = Either::Left(http_body_util::Full::new(req.body.clone()));
-        let mut resp = self
+        let answer = self
             .forward(&req.route, &req.route.upstream, &req.parts, body, req.peer)
             .await;
-        resp.headers_mut()
-            .insert(CACHE_STATUS, outcome.cache_status());
-        resp
+        Answer::new(outcome, answer.response)
     }
 
     /// Starts one refresh of `req`'s key, unless one already runs in this process. Nobody awaits
@@ -331,33 +486,32 @@ impl Proxy {
         parts: &Parts,
         body: UpstreamBody,
         peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    ) -> Answer {
         let outcome = CacheOutcome::Bypass;
         let _slot = match self.filler.upstream_slot(route).await {
             Ok(slot) => slot,
-            Err(err) => return ProxyError::from(err).into_response(outcome),
+            Err(err) => return ProxyError::from(err).into_answer(outcome),
         };
         let upstream_req = rewrite(parts, body, upstream, peer);
-        match self
+        let started = Instant::now();
+        let sent = self
             .filler
             .client
             .send(upstream_req, upstream, route.upstream_timeout)
-            .await
-        {
-            Ok(resp) => {
-                let mut resp = resp.map(ProxyBody::Stream);
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, outcome.cache_status());
-                resp
-            }
-            Err(err) => ProxyError::from(err).into_response(outcome),
+            .await;
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics
+            .upstream_call(&route.name, status, started.elapsed());
+        match sent {
+            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
+            Err(err) => ProxyError::from(err).into_answer(outcome),
         }
     }
 
-    async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let outcome = CacheOutcome::UriMiss;
         let Some(upstream) = &self.default_upstream else {
-            return ProxyError::NoRoute.into_response(outcome);
+            return ProxyError::NoRoute.into_answer(outcome);
         };
         let (parts, body) = req.into_parts();
         let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
@@ -367,13 +521,8 @@ impl Proxy {
             .send(upstream_req, upstream, DEFAULT_UPSTREAM_TIMEOUT)
             .await
         {
-            Ok(resp) => {
-                let mut resp = resp.map(ProxyBody::Stream);
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, outcome.cache_status());
-                resp
-            }
-            Err(err) => ProxyError::from(err).into_response(outcome),
+            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
+            Err(err) => ProxyError::from(err).into_answer(outcome),
         }
     }
 }
@@ -415,29 +564,26 @@ async fn read_body(
 }
 
 /// An answer from an entry.
-fn answer(entry: &Entry, outcome: CacheOutcome) -> Response<ProxyBody> {
+fn answer(entry: &Entry, outcome: CacheOutcome) -> Answer {
     let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
     *resp.status_mut() = entry.status;
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
-    headers.insert(CACHE_STATUS, outcome.cache_status());
     if outcome.is_hit() {
         headers.insert(
             header::AGE,
             HeaderValue::from(entry.times.age_secs(now_ms())),
         );
     }
-    resp
+    Answer::new(outcome, resp)
 }
 
 /// An answer meant for one requester only.
-fn private_answer(buffered: &Buffered) -> Response<ProxyBody> {
+fn private_answer(buffered: &Buffered) -> Answer {
     let mut resp = Response::new(ProxyBody::full(buffered.body.clone()));
     *resp.status_mut() = buffered.status;
     *resp.headers_mut() = buffered.headers.clone();
-    resp.headers_mut()
-        .insert(CACHE_STATUS, CacheOutcome::MissNotStored.cache_status());
-    resp
+    Answer::new(CacheOutcome::MissNotStored, resp)
 }
 
 #[cfg(test)]

@@ -42,6 +42,13 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The route with this name.
+    pub fn named(&self, name: &str) -> Option<&Arc<RouteConfig>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
 /// `/recommend` matches `/recommend`, `/recommend/x`, but not `/recommendations`; a prefix ending
 /// in `/` matches everything below it.
 fn prefix_matches(prefix: &str, path: &str) -> bool {

@@ -1,11 +1,19 @@
-//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 with hyper, hands each request to
-//! the [`Proxy`], and shuts down gracefully.
+//! The listeners: proxy traffic (HTTP/1.1 and HTTP/2 with hyper) and, when configured, the admin
+//! listener; hot reload; graceful shutdown.
+//!
+//! The live [`Proxy`] sits in an `ArcSwap`: a reload validates the new file first, then swaps in a
+//! proxy built from it (sharing caches, Redis connections and fills in progress), while requests
+//! already running finish on the proxy they started with. Shutdown stops accepting, lets open
+//! connections finish their requests, then waits for fills still running (their waiters in other
+//! instances are counting on them), all within `server.shutdown_timeout`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, ConfigError, ServerConfig};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
@@ -31,39 +39,131 @@ pub enum StartError {
     Redis(#[from] L2Error),
 }
 
-/// A running Corral instance: a proxy and its listener.
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the configuration was not read from a file ({0}); nothing to reload")]
+    NotAFile(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// What both listeners share: the live proxy and the configuration it was built from.
+pub struct Control {
+    proxy: ArcSwap<Proxy>,
+    config: ArcSwap<Config>,
+}
+
+impl Control {
+    /// The live proxy.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.load_full()
+    }
+
+    pub fn admin_token(&self) -> Option<String> {
+        self.config.load().server.admin_token.clone()
+    }
+
+    pub fn ready_when_degraded(&self) -> bool {
+        self.config.load().server.ready_when_degraded
+    }
+
+    /// Re-reads the config file; on success swaps it in and returns the number of routes. A bad
+    /// file changes nothing.
+    pub fn reload(&self) -> Result<usize, ReloadError> {
+        let source = self.config.load().source.clone();
+        if !source.is_file() {
+            return Err(ReloadError::NotAFile(source));
+        }
+        let result = Config::load(&source)
+            .map_err(ReloadError::from)
+            .map(|config| self.apply(config));
+        match &result {
+            Ok(routes) => {
+                tracing::info!(file = %source.display(), routes, "configuration reloaded")
+            }
+            Err(err) => {
+                tracing::error!(%err, "configuration reload refused; keeping the running one")
+            }
+        }
+        result
+    }
+
+    /// Swaps in a validated configuration; returns the number of routes.
+    pub fn apply(&self, config: Config) -> usize {
+        let old = self.config.load();
+        let restart_only = [
+            ("server.listen", old.server.listen != config.server.listen),
+            (
+                "server.admin_listen",
+                old.server.admin_listen != config.server.admin_listen,
+            ),
+            (
+                "[redis]",
+                format!("{:?}", old.redis) != format!("{:?}", config.redis),
+            ),
+            (
+                "[cache]",
+                old.cache.l1_max_bytes != config.cache.l1_max_bytes,
+            ),
+        ];
+        for (field, changed) in restart_only {
+            if changed {
+                tracing::warn!(
+                    field,
+                    "changed in the new configuration; takes effect on restart"
+                );
+            }
+        }
+        let routes = config.routes.len();
+        let proxy = self.proxy.load().reloaded(&config);
+        self.proxy.store(Arc::new(proxy));
+        self.config.store(Arc::new(config));
+        routes
+    }
+}
+
+/// A running Corral instance: its listeners and the proxy behind them.
 pub struct Instance {
     addr: SocketAddr,
-    proxy: Arc<Proxy>,
+    admin_addr: Option<SocketAddr>,
+    control: Arc<Control>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Instance {
-    /// Binds `server.listen` (port 0 picks a free one) and starts serving.
+    /// Binds `server.listen` (and `server.admin_listen`; port 0 picks a free one) and serves.
     pub async fn start(config: &Config) -> Result<Instance, StartError> {
         let proxy = Arc::new(Proxy::new(config)?);
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.server.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
+        let listener = bind(config.server.listen).await?;
+        let addr = local_addr(&listener, config.server.listen)?;
+        let control = Arc::new(Control {
+            proxy: ArcSwap::new(proxy),
+            config: ArcSwap::from_pointee(config.clone()),
+        });
         let (stop, stopped) = watch::channel(false);
+        let admin_addr = match config.server.admin_listen {
+            Some(wanted) => {
+                let admin = bind(wanted).await?;
+                let admin_addr = local_addr(&admin, wanted)?;
+                tokio::spawn(crate::admin::serve(admin, control.clone(), stopped.clone()));
+                tracing::info!(addr = %admin_addr, "admin listening");
+                Some(admin_addr)
+            }
+            None => None,
+        };
         let task = tokio::spawn(serve(
             listener,
-            proxy.clone(),
+            control.clone(),
             stopped,
             config.server.clone(),
         ));
         tracing::info!(%addr, routes = config.routes.len(), redis = config.redis.is_some(), "corral listening");
         Ok(Instance {
             addr,
-            proxy,
+            admin_addr,
+            control,
             stop,
             task,
         })
@@ -73,18 +173,27 @@ impl Instance {
         self.addr
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
-    /// Stops accepting, lets in-flight requests finish (bounded by `server.shutdown_timeout`),
-    /// then returns.
+    /// The live proxy (a reload replaces it).
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.control.proxy()
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// Stops accepting, lets requests and fills in progress finish (bounded by
+    /// `server.shutdown_timeout`), then returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
 
-    /// Serves until the task ends (it ends only after [`Instance::shutdown`]).
+    /// Serves until the task ends (it ends only after a stop).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
     }
@@ -95,20 +204,34 @@ impl Instance {
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, wanted: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        addr: wanted,
+        source,
+    })
+}
+
 async fn serve(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    control: Arc<Control>,
     mut stopped: watch::Receiver<bool>,
     server: ServerConfig,
 ) {
-    let shutdown_timeout = server.shutdown_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The timer is what makes hyper enforce the header read timeout at all.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
-        .max_headers(server.max_headers);
+        .max_headers(server.max_headers)
+        // Bounds the request head in bytes (431 past it); bodies stream through in chunks.
+        .max_buf_size(usize::try_from(server.max_header_bytes).unwrap_or(usize::MAX));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -124,9 +247,9 @@ async fn serve(
             _ = stopped.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let control = control.clone();
         let service = service_fn(move |req| {
-            let proxy = proxy.clone();
+            let proxy = control.proxy();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
         let conn = builder
@@ -140,10 +263,25 @@ async fn serve(
         });
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(shutdown_timeout) => {
-            tracing::warn!(?shutdown_timeout, "shutdown timeout reached with connections still open");
-        }
+    let deadline = tokio::time::Instant::now() + server.shutdown_timeout;
+    tracing::info!("stopped accepting; finishing requests in progress");
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?server.shutdown_timeout, "shutdown timeout reached with connections still open");
+        return;
     }
+    // Fills outlive their requesters: other instances' waiters are counting on them.
+    while control.proxy().fills_in_progress() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                fills = control.proxy().fills_in_progress(),
+                "shutdown timeout reached with fills still running; their locks lapse with their leases"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("all requests and fills finished");
 }

@@ -178,7 +178,8 @@ async fn an_abandoned_lock_is_released_with_a_failed_notice() {
         &recommend_route("http://127.0.0.1:9", ""),
     );
     let redis_cfg = cfg.redis.clone().expect("redis table");
-    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default())).expect("l2");
+    let metrics = Arc::new(corral::metrics::Metrics::new());
+    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics).expect("l2");
     let mut hasher = corral::key::KeyHasher::new();
     hasher.field(b"abandoned");
     let names = Arc::new(l2.names("recommend", &hasher.finish()));

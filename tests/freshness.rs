@@ -183,7 +183,11 @@ async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
         upstream.calls(),
         bodies.len()
     );
-    assert!(redis.keys("corral:*:lock:*").await.is_empty());
+    // A refresh may still be running when the stream stops; its lock goes when it lands.
+    eventually("the last refresh releases its lock", async || {
+        redis.keys("corral:*:lock:*").await.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,21 @@ async fn read_until_closed(stream: &mut TcpStream, bound: Duration) -> Result<St
     if closed { Ok(text) } else { Err(text) }
 }
 
+/// Reads the answer's head and checks its status; a close or silence instead fails the test.
+async fn expect_status(stream: &mut TcpStream, expected: u16) {
+    match read_head(stream, RAW_READ_BOUND).await {
+        Ending::Answered(status) => assert_eq!(status, expected),
+        Ending::Closed(text) => {
+            panic!("expected a {expected} answer; the connection closed after {text:?}")
+        }
+        Ending::Silent(text) => {
+            panic!(
+                "expected a {expected} answer; none within {RAW_READ_BOUND:?} (received {text:?})"
+            )
+        }
+    }
+}
+
 /// The status code of `HTTP/1.1 413 Payload Too Large\r\n…`.
 fn status_of(head: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
@@ -229,10 +244,7 @@ async fn a_declared_content_length_over_max_body_gets_413_before_the_body_is_sen
     write(&mut stream, head.as_bytes()).await;
 
     // Step 2: 413 on the declaration alone; the upstream never hears of it.
-    match read_head(&mut stream, RAW_READ_BOUND).await {
-        Ending::Answered(status) => assert_eq!(status, 413),
-        other => panic!("expected a 413 answer, got {other:?}"),
-    }
+    expect_status(&mut stream, 413).await;
     assert_eq!(upstream.calls(), 0);
 }
 
@@ -257,10 +269,7 @@ async fn a_chunked_body_growing_past_max_body_gets_413_and_never_reaches_the_ups
     write(&mut stream, &request).await;
 
     // Step 2: 413, and nothing upstream.
-    match read_head(&mut stream, RAW_READ_BOUND).await {
-        Ending::Answered(status) => assert_eq!(status, 413),
-        other => panic!("expected a 413 answer, got {other:?}"),
-    }
+    expect_status(&mut stream, 413).await;
     assert_eq!(upstream.calls(), 0);
 }
 
@@ -412,12 +421,11 @@ async fn answers_over_max_entry_size_are_served_whole_never_stored_and_then_skip
     assert_eq!(upstream.calls_for("/recommend/big"), 11);
 }
 
-/// The JSON-keyed route of the short-body tests. Corral has no option bounding a request body's
-/// arrival; the one a bound would most naturally follow is `server.header_read_timeout`, kept
-/// short here so the 5 s the tests wait is ample.
+/// The JSON-keyed route of the short-body tests, with `server.body_read_timeout` short so the
+/// 5 s the tests wait is ample.
 async fn json_route_instance(upstream: &Upstream) -> Vec<corral::Instance> {
     let routes = recommend_route(&upstream.url(), "key = { json = [\"/segment\"] }");
-    let cfg = config_with_server("header_read_timeout = \"500ms\"", None, &routes);
+    let cfg = config_with_server("body_read_timeout = \"500ms\"", None, &routes);
     start(1, &cfg).await
 }
 

@@ -27,6 +27,8 @@ const CONNECT_BATCH: usize = 100;
 /// One answered request.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// The instance that answered.
+    pub target: Option<SocketAddr>,
     pub status: u16,
     pub cache_status: Option<String>,
     pub finished: Instant,
@@ -54,17 +56,21 @@ impl Conn {
         let req = Request::get(path)
             .header("host", self.addr.to_string())
             .body(Empty::<Bytes>::new())?;
+        let target = self.addr;
         let sender = &mut self.sender;
         tokio::time::timeout(REQUEST_TIMEOUT, async move {
             sender.ready().await?;
             let response = sender.send_request(req).await?;
-            read(response).await
+            read(response, Some(target)).await
         })
         .await?
     }
 }
 
-async fn read(response: Response<Incoming>) -> Result<Answer, BoxError> {
+async fn read(
+    response: Response<Incoming>,
+    target: Option<SocketAddr>,
+) -> Result<Answer, BoxError> {
     let status = response.status().as_u16();
     let cache_status = response
         .headers()
@@ -73,6 +79,7 @@ async fn read(response: Response<Incoming>) -> Result<Answer, BoxError> {
         .map(|v| v.trim_start_matches("corral; ").to_owned());
     response.into_body().collect().await?;
     Ok(Answer {
+        target,
         status,
         cache_status,
         finished: Instant::now(),
@@ -141,9 +148,10 @@ pub fn pool() -> Pool {
 /// One GET on the pool.
 pub async fn pooled_get(pool: &Pool, url: &str) -> Result<Answer, BoxError> {
     let uri: hyper::Uri = url.parse()?;
+    let target = uri.authority().and_then(|a| a.as_str().parse().ok());
     tokio::time::timeout(REQUEST_TIMEOUT, async {
         let response = pool.get(uri).await?;
-        read(response).await
+        read(response, target).await
     })
     .await?
 }
@@ -239,7 +247,8 @@ pub async fn throughput(
     conns: usize,
     secs: u64,
 ) -> Result<Throughput, BoxError> {
-    match crate::procs::which("wrk") {
+    let wrk = crate::procs::which("wrk").filter(|_| std::env::var_os("STAMPEDE_NO_WRK").is_none());
+    match wrk {
         Some(wrk) => run_wrk(&wrk, addr, path, conns, secs).await,
         None => in_process(addr, path, conns, secs).await,
     }
@@ -322,7 +331,7 @@ async fn in_process(
     let elapsed = started.elapsed().as_secs_f64();
     Ok(Throughput {
         rps: ok as f64 / elapsed,
-        tool: format!("in-process hyper loop, {conns} connections, {secs}s (wrk not installed)"),
+        tool: format!("in-process hyper loop, {conns} connections, {secs}s (not wrk)"),
         problems: (bad > 0).then(|| format!("{bad} non-200 or failed")),
     })
 }

@@ -1,0 +1,263 @@
+//! Metrics in the Prometheus text format, served on the admin listener at `/metrics`.
+//!
+//! Request outcomes are labelled by [`CacheOutcome::as_str`], the same enum that writes the
+//! `Cache-Status` header, so the two never disagree. Gauges of live state (L1 size, circuit) are
+//! set when the page is rendered.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::outcome::CacheOutcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    pub route: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    /// The upstream's status code, or `error` when it gave none.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// How a fleet flight dealt with the fill lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Took the lock at the first try.
+    Acquired,
+    /// Waited for another instance's fill and used it.
+    Waited,
+    /// Waited, then took the lock (the holder failed, died or its lease lapsed).
+    TookOver,
+    /// Gave up waiting at `wait_timeout`.
+    WaitTimeout,
+}
+
+impl LockOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockOutcome::Acquired => "acquired",
+            LockOutcome::Waited => "waited",
+            LockOutcome::TookOver => "took_over",
+            LockOutcome::WaitTimeout => "wait_timeout",
+        }
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric Corral exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteOutcome, Counter>,
+    upstream_calls: Family<RouteStatus, Counter>,
+    upstream_seconds: HistogramFamily<RouteLabel>,
+    lock_outcomes: Family<RouteOutcome, Counter>,
+    lock_wait_seconds: HistogramFamily<RouteLabel>,
+    waiters: Histogram,
+    redis_errors: Family<OpLabel, Counter>,
+    circuit_open: Gauge,
+    l1_entries: Gauge,
+    l1_bytes: Gauge,
+    purges: Family<KindLabel, Counter>,
+    purged_entries: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("corral");
+        let requests = Family::<RouteOutcome, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and cache outcome (the Cache-Status value)",
+            requests.clone(),
+        );
+        let upstream_calls = Family::<RouteStatus, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls to upstreams, by route and status (`error`: no answer)",
+            upstream_calls.clone(),
+        );
+        let upstream_seconds: HistogramFamily<RouteLabel> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "upstream_duration_seconds",
+            "Time to the upstream's answer head (pass-through) or whole body (fills)",
+            upstream_seconds.clone(),
+        );
+        let lock_outcomes = Family::<RouteOutcome, Counter>::default();
+        registry.register(
+            "fill_lock",
+            "Fleet fill-lock outcomes: acquired, waited, took_over, wait_timeout",
+            lock_outcomes.clone(),
+        );
+        let lock_wait_seconds: HistogramFamily<RouteLabel> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "lock_wait_seconds",
+            "Time an instance waited for another instance's fill",
+            lock_wait_seconds.clone(),
+        );
+        let waiters = Histogram::new(exponential_buckets(1.0, 4.0, 10));
+        registry.register(
+            "waiters_per_fill",
+            "Requests in one process that waited on one fill",
+            waiters.clone(),
+        );
+        let redis_errors = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed, timed out or were refused by the open circuit",
+            redis_errors.clone(),
+        );
+        let circuit_open = Gauge::default();
+        registry.register(
+            "redis_circuit_open",
+            "1 while Redis is considered down (serving degraded)",
+            circuit_open.clone(),
+        );
+        let l1_entries = Gauge::default();
+        registry.register(
+            "l1_entries",
+            "Entries in the in-process cache",
+            l1_entries.clone(),
+        );
+        let l1_bytes = Gauge::default();
+        registry.register(
+            "l1_bytes",
+            "Bytes held by the in-process cache, as its weigher counts them",
+            l1_bytes.clone(),
+        );
+        let purges = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "purges",
+            "Purge requests, by kind (url, route, tag)",
+            purges.clone(),
+        );
+        let purged_entries = Counter::default();
+        registry.register(
+            "purged_entries",
+            "Entries removed from Redis by purges",
+            purged_entries.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream_calls,
+            upstream_seconds,
+            lock_outcomes,
+            lock_wait_seconds,
+            waiters,
+            redis_errors,
+            circuit_open,
+            l1_entries,
+            l1_bytes,
+            purges,
+            purged_entries,
+        }
+    }
+
+    pub fn request(&self, route: &str, outcome: CacheOutcome) {
+        self.requests
+            .get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// One upstream call: `status` is `None` when no answer came.
+    pub fn upstream_call(&self, route: &str, status: Option<u16>, took: Duration) {
+        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        self.upstream_calls
+            .get_or_create(&RouteStatus {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn lock(&self, route: &str, outcome: LockOutcome, waited: Option<Duration>) {
+        self.lock_outcomes
+            .get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if let Some(waited) = waited {
+            self.lock_wait_seconds
+                .get_or_create(&RouteLabel {
+                    route: route.to_owned(),
+                })
+                .observe(waited.as_secs_f64());
+        }
+    }
+
+    /// The histogram of requests waiting on one fill, observed by the flights as they land.
+    pub fn waiters_histogram(&self) -> Histogram {
+        self.waiters.clone()
+    }
+
+    pub fn redis_error(&self, op: &'static str) {
+        self.redis_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    pub fn purge(&self, kind: &'static str, entries: u64) {
+        self.purges.get_or_create(&KindLabel { kind }).inc();
+        self.purged_entries.inc_by(entries);
+    }
+
+    /// Renders the page, after setting the gauges of live state.
+    pub fn render(&self, l1_entries: u64, l1_bytes: u64, circuit_open: bool) -> String {
+        self.l1_entries
+            .set(i64::try_from(l1_entries).unwrap_or(i64::MAX));
+        self.l1_bytes
+            .set(i64::try_from(l1_bytes).unwrap_or(i64::MAX));
+        self.circuit_open.set(i64::from(circuit_open));
+        let mut page = String::new();
+        // Writing into a String cannot fail.
+        if prometheus_client::encoding::text::encode(&mut page, &self.registry).is_err() {
+            page.clear();
+        }
+        page
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,163 @@
+//! Purges: removing entries by key, route or tag — from L2, and from every instance's L1 through
+//! one invalidation channel (`corral:{namespace}:invalidate`) that every instance subscribes to.
+//!
+//! The purging instance deletes from Redis, then PUBLISHes the invalidation; every instance
+//! (itself included) drops the matching L1 entries when it arrives. An instance whose pub/sub
+//! connection dropped may have missed invalidations, so it drops its whole L1 when it has
+//! re-subscribed (entries are then re-read from Redis on demand).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::key::CacheKey;
+use crate::l1::L1;
+
+/// The body of `POST /purge`: exactly one of `url`, `route`, `tag`. For `url`, `method` (default
+/// GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request whose key
+/// is purged, for routes keyed on them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub url: Option<String>,
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<serde_json::Value>,
+    pub route: Option<String>,
+    pub tag: Option<String>,
+}
+
+/// Why a purge could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("purge body: {0}")]
+    Malformed(String),
+    #[error("no cached route matches {0:?}")]
+    NoRoute(String),
+    #[error("no route named {0:?}")]
+    UnknownRoute(String),
+    #[error(transparent)]
+    Redis(#[from] crate::l2::L2Error),
+}
+
+impl PurgeRequest {
+    pub fn parse(body: &[u8]) -> Result<PurgeRequest, PurgeError> {
+        let request: PurgeRequest =
+            serde_json::from_slice(body).map_err(|e| PurgeError::Malformed(e.to_string()))?;
+        let given = [&request.url, &request.route, &request.tag]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if given != 1 {
+            return Err(PurgeError::Malformed(
+                "give exactly one of `url`, `route`, `tag`".to_owned(),
+            ));
+        }
+        if request.url.is_none()
+            && (request.method.is_some() || !request.headers.is_empty() || request.body.is_some())
+        {
+            return Err(PurgeError::Malformed(
+                "`method`, `headers` and `body` go with `url`".to_owned(),
+            ));
+        }
+        Ok(request)
+    }
+
+    /// The request body to key on: a JSON string is sent as is, any other value as JSON.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        match &self.body {
+            None => Vec::new(),
+            Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
+            Some(other) => other.to_string().into_bytes(),
+        }
+    }
+}
+
+/// What to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    /// One key of one route.
+    Key { route: String, key: CacheKey },
+    /// Every entry of a route.
+    Route(String),
+    /// Every entry carrying a surrogate key.
+    Tag(String),
+    /// Everything in L1 (sent to oneself after a pub/sub reconnect, never published).
+    All,
+}
+
+impl Purge {
+    /// The metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Purge::Key { .. } => "url",
+            Purge::Route(_) => "route",
+            Purge::Tag(_) => "tag",
+            Purge::All => "all",
+        }
+    }
+
+    /// The invalidation message: `key <route> <hex>`, `route <name>`, `tag <tag>`, `all`.
+    pub fn payload(&self) -> String {
+        match self {
+            Purge::Key { route, key } => format!("key {route} {}", key.hex()),
+            Purge::Route(route) => format!("route {route}"),
+            Purge::Tag(tag) => format!("tag {tag}"),
+            Purge::All => "all".to_owned(),
+        }
+    }
+
+    pub fn parse(payload: &[u8]) -> Option<Purge> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));
+        match kind {
+            "key" => {
+                let (route, hex) = rest.split_once(' ')?;
+                Some(Purge::Key {
+                    route: route.to_owned(),
+                    key: CacheKey::from_hex(hex)?,
+                })
+            }
+            "route" if !rest.is_empty() => Some(Purge::Route(rest.to_owned())),
+            "tag" if !rest.is_empty() => Some(Purge::Tag(rest.to_owned())),
+            "all" => Some(Purge::All),
+            _ => None,
+        }
+    }
+
+    /// Drops what this purge names from an L1; returns how many entries it held.
+    pub async fn apply(&self, l1: &L1) -> u64 {
+        match self {
+            Purge::Key { key, .. } => l1.remove(key).await,
+            Purge::Route(route) => l1.remove_route(route),
+            Purge::Tag(tag) => l1.remove_tag(tag),
+            Purge::All => l1.clear(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        let mut h = crate::key::KeyHasher::new();
+        h.field(b"k");
+        let purges = [
+            Purge::Key {
+                route: "recommend".into(),
+                key: h.finish(),
+            },
+            Purge::Route("recommend".into()),
+            Purge::Tag("article-7".into()),
+            Purge::All,
+        ];
+        for purge in purges {
+            assert_eq!(Purge::parse(purge.payload().as_bytes()), Some(purge));
+        }
+        assert_eq!(Purge::parse(b"tag "), None);
+        assert_eq!(Purge::parse(b"key recommend nothex"), None);
+    }
+}
