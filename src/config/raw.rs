@@ -1,0 +1,167 @@
+//! The file as written: the serde layer of the [pipeline](super).
+//!
+//! Every table is `deny_unknown_fields`, so a misspelt key is an error rather than a silent default.
+//! Required values are `Option` so that validation, which knows the route, reports them missing;
+//! each value a rule may reject is `Spanned` so the error can name its line.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A list option as written: the list's span and each element's.
+pub(super) type List<T> = Option<Spanned<Vec<Spanned<T>>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) server: Option<Spanned<RawServer>>,
+    pub(super) redis: Option<Spanned<RawRedis>>,
+    pub(super) cache: Option<RawCache>,
+    #[serde(default)]
+    pub(super) route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) admin_listen: Option<Spanned<String>>,
+    pub(super) admin_token: Option<Spanned<String>>,
+    pub(super) default_upstream: Option<Spanned<String>>,
+    pub(super) shutdown_timeout: Option<HumanDuration>,
+    pub(super) header_read_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) max_headers: Option<Spanned<i64>>,
+    pub(super) max_header_bytes: Option<Spanned<HumanSize>>,
+    pub(super) body_read_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) ready_when_degraded: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub(super) url: Option<Spanned<String>>,
+    /// Accepted so the error can say "not supported yet" rather than "unknown field".
+    pub(super) cluster: Option<Spanned<Vec<String>>>,
+    pub(super) sentinel: Option<Spanned<toml::Table>>,
+    pub(super) namespace: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) l1_max_bytes: Option<Spanned<HumanSize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<Spanned<String>>,
+    pub(super) path_prefix: Option<Spanned<String>>,
+    pub(super) methods: List<String>,
+    pub(super) upstream: Option<Spanned<String>>,
+    pub(super) cache: Option<bool>,
+    pub(super) ttl: Option<HumanDuration>,
+    pub(super) stale_while_revalidate: Option<HumanDuration>,
+    pub(super) stale_if_error: Option<HumanDuration>,
+    pub(super) cache_statuses: List<i64>,
+    pub(super) max_body: Option<HumanSize>,
+    pub(super) max_entry_size: Option<HumanSize>,
+    pub(super) upstream_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) error_ttl: Option<HumanDuration>,
+    pub(super) early_refresh: Option<Spanned<RawEarlyRefresh>>,
+    pub(super) uncacheable_ttl: Option<HumanDuration>,
+    pub(super) upstream_concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub(super) key: RawKey,
+    #[serde(default)]
+    pub(super) lock: RawLock,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub(super) query: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) headers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) json: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLock {
+    pub(super) scope: Option<Spanned<RawScope>>,
+    pub(super) lease: Option<Spanned<HumanDuration>>,
+    pub(super) wait_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) on_wait_timeout: Option<RawOnWaitTimeout>,
+    pub(super) max_waiters: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEarlyRefresh {
+    pub(super) beta: f64,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawScope {
+    Fleet,
+    Instance,
+    None,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+pub(super) enum RawOnWaitTimeout {
+    #[serde(rename = "bypass")]
+    Bypass,
+    #[serde(rename = "504")]
+    GatewayTimeout,
+}
+
+/// A humantime duration string: `50ms`, `5s`, `5m`.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct HumanDuration(pub(super) Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| format!("invalid duration {s:?} ({e})"))
+    }
+}
+
+/// A byte size: a unit string (`256MiB`, `1KiB`, `10MB`) or a plain integer of bytes.
+#[derive(Clone, Copy)]
+pub(super) struct HumanSize(pub(super) u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"256MiB\" or \"1KiB\", or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(HumanSize(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                u64::try_from(n)
+                    .map(HumanSize)
+                    .map_err(|_| E::custom(format!("invalid size {n} (must not be negative)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                s.parse::<bytesize::ByteSize>()
+                    .map(|b| HumanSize(b.as_u64()))
+                    .map_err(|e| E::custom(format!("invalid size {s:?} ({e})")))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
