@@ -8,6 +8,7 @@
 //! hash differently, and every list is count-prefixed. Nothing of the raw request reaches a Redis
 //! key: only the hex digest does.
 
+use std::cell::Cell;
 use std::fmt;
 
 use http::{HeaderMap, Method, Uri};
@@ -36,41 +37,16 @@ impl CacheKey {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<CacheKey, KeyError> {
-        let mut h = KeyHasher::new();
-        h.field(route.as_bytes());
-        h.field(method.as_str().as_bytes());
-        h.field(uri.path().as_bytes());
-        hash_query(&mut h, spec, uri.query().unwrap_or(""));
-        h.count(spec.headers.len());
-        for name in &spec.headers {
-            h.field(name.as_str().as_bytes());
-            let values = headers.get_all(name);
-            h.count(values.iter().count());
-            for value in values {
-                h.field(value.as_bytes());
-            }
+        // The encoding goes into a per-thread scratch buffer and is hashed in one call: blake3's
+        // per-update cost dominated when every length prefix was its own update.
+        let mut h = KeyHasher::with_buffer(SCRATCH.take());
+        let key = encode(&mut h, route, spec, method, uri, headers, body).map(|()| h.finish());
+        let mut buf = h.into_buffer();
+        if buf.capacity() <= MAX_SCRATCH {
+            buf.clear();
+            SCRATCH.set(buf);
         }
-        h.count(spec.json.len());
-        if !spec.json.is_empty() {
-            let doc = if body.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                Some(parse_strict(body)?)
-            };
-            let mut canonical = Vec::new();
-            for pointer in &spec.json {
-                h.field(pointer.as_bytes());
-                match doc.as_ref().and_then(|d| d.pointer(pointer)) {
-                    None => h.field(b"\0absent"),
-                    Some(v) => {
-                        canonical.clear();
-                        write_canonical(v, &mut canonical);
-                        h.field(&canonical);
-                    }
-                }
-            }
-        }
-        Ok(h.finish())
+        key
     }
 
     /// The lower-case hex digest: what Redis keys and channels carry.
@@ -96,6 +72,52 @@ impl fmt::Debug for CacheKey {
     }
 }
 
+/// Writes the length-prefixed encoding of a request's identity.
+fn encode(
+    h: &mut KeyHasher,
+    route: &str,
+    spec: &KeySpec,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), KeyError> {
+    h.field(route.as_bytes());
+    h.field(method.as_str().as_bytes());
+    h.field(uri.path().as_bytes());
+    hash_query(h, spec, uri.query().unwrap_or(""));
+    h.count(spec.headers.len());
+    for name in &spec.headers {
+        h.field(name.as_str().as_bytes());
+        let values = headers.get_all(name);
+        h.count(values.iter().count());
+        for value in values {
+            h.field(value.as_bytes());
+        }
+    }
+    h.count(spec.json.len());
+    if !spec.json.is_empty() {
+        let doc = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            Some(parse_strict(body)?)
+        };
+        let mut canonical = Vec::new();
+        for pointer in &spec.json {
+            h.field(pointer.as_bytes());
+            match doc.as_ref().and_then(|d| d.pointer(pointer)) {
+                None => h.field(b"\0absent"),
+                Some(v) => {
+                    canonical.clear();
+                    write_canonical(v, &mut canonical);
+                    h.field(&canonical);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A request whose body cannot be keyed. Becomes a 400: it must reach no backend.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -104,28 +126,48 @@ pub enum KeyError {
 }
 
 /// The length-prefixed encoder under [`CacheKey::derive`]; public so tests can check the framing.
-pub struct KeyHasher(blake3::Hasher);
+/// It writes the encoding into a buffer and hashes it once at [`KeyHasher::finish`].
+pub struct KeyHasher {
+    buf: Vec<u8>,
+}
+
+thread_local! {
+    /// The per-thread buffer `CacheKey::derive` encodes into, so a key costs no allocation.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A scratch buffer grown past this (by a large JSON field) is not kept for the next key.
+const MAX_SCRATCH: usize = 64 * 1024;
 
 impl KeyHasher {
     pub fn new() -> KeyHasher {
-        let mut h = blake3::Hasher::new();
-        h.update(FORMAT_TAG);
-        KeyHasher(h)
+        KeyHasher::with_buffer(Vec::with_capacity(256))
+    }
+
+    fn with_buffer(mut buf: Vec<u8>) -> KeyHasher {
+        buf.clear();
+        buf.extend_from_slice(FORMAT_TAG);
+        KeyHasher { buf }
+    }
+
+    fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     /// Appends one field: its length (u64, little-endian), then its bytes.
     pub fn field(&mut self, bytes: &[u8]) {
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+        self.buf
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Appends the number of items of the list that follows.
     pub fn count(&mut self, n: usize) {
-        self.0.update(&(n as u64).to_le_bytes());
+        self.buf.extend_from_slice(&(n as u64).to_le_bytes());
     }
 
     pub fn finish(&self) -> CacheKey {
-        CacheKey(*self.0.finalize().as_bytes())
+        CacheKey(*blake3::hash(&self.buf).as_bytes())
     }
 }
 

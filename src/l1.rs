@@ -33,11 +33,11 @@ impl L1 {
         L1 { cache }
     }
 
-    /// The entry for `key`, if present and not past its `stale_until`.
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+    /// The entry for `key`, if present and not past its `stale_until` at `now` (Unix ms).
+    pub async fn get(&self, key: &CacheKey, now: u64) -> Option<Arc<Entry>> {
         let cached = self.cache.get(key).await?;
         // moka's expiry has its own clock granularity; the entry's own wall-clock bound decides.
-        (cached.entry.times.stale_until() > now_ms()).then_some(cached.entry)
+        (cached.entry.times.stale_until() > now).then_some(cached.entry)
     }
 
     /// Stores an entry of `route` for its remaining life; an entry already dead is not stored.

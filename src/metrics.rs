@@ -4,6 +4,8 @@
 //! `Cache-Status` header, so the two never disagree. Gauges of live state (L1 size, circuit) are
 //! set when the page is rendered.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -73,6 +75,9 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     requests: Family<RouteOutcome, Counter>,
+    /// The request counters of each route, by outcome: counted without building a label set
+    /// (and allocating its route name) on every request.
+    request_counters: RwLock<HashMap<String, Arc<[Counter; CacheOutcome::ALL.len()]>>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -171,6 +176,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            request_counters: RwLock::default(),
             upstream_calls,
             upstream_seconds,
             lock_outcomes,
@@ -186,12 +192,30 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, outcome: CacheOutcome) {
-        self.requests
-            .get_or_create(&RouteOutcome {
-                route: route.to_owned(),
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        let index = outcome as usize;
+        let known = self
+            .request_counters
+            .read()
+            .ok()
+            .and_then(|map| map.get(route).cloned());
+        let counters = known.unwrap_or_else(|| self.route_counters(route));
+        counters[index].inc();
+    }
+
+    /// Registers (once) and returns the request counters of a route.
+    fn route_counters(&self, route: &str) -> Arc<[Counter; CacheOutcome::ALL.len()]> {
+        let counters = Arc::new(CacheOutcome::ALL.map(|outcome| {
+            self.requests
+                .get_or_create(&RouteOutcome {
+                    route: route.to_owned(),
+                    outcome: outcome.as_str(),
+                })
+                .clone()
+        }));
+        if let Ok(mut map) = self.request_counters.write() {
+            map.insert(route.to_owned(), counters.clone());
+        }
+        counters
     }
 
     /// One upstream call: `status` is `None` when no answer came.

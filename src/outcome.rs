@@ -3,7 +3,7 @@
 
 use http::HeaderValue;
 
-/// The cache's part in answering one request.
+/// The cache's part in answering one request. The discriminants index [`CacheOutcome::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheOutcome {
     /// Answered from a fresh entry (L1 or L2) without waiting for anyone.
@@ -72,6 +72,13 @@ impl CacheOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_is_indexed_by_discriminant() {
+        for (i, outcome) in CacheOutcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i);
+        }
+    }
 
     #[test]
     fn labels_and_headers_are_distinct() {

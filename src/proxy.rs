@@ -250,31 +250,34 @@ impl Proxy {
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let route = self.router.route(&path, &method).cloned();
-        let route_name = route.as_ref().map_or("-", |r| r.name.as_str()).to_owned();
-        let answer = match route {
-            None => self.unrouted(req, peer).await,
-            Some(route) => self.routed(route, req, peer).await,
+        // Only a debug log line needs these; the hot path does not pay for them otherwise.
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        let route = self.router.route(req.uri().path(), req.method()).cloned();
+        let (answer, route) = match route {
+            None => (self.unrouted(req, peer).await, None),
+            Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };
+        let route_name = route.as_ref().map_or("-", |r| r.name.as_str());
         let Answer {
             outcome,
             mut response,
         } = answer;
-        self.metrics.request(&route_name, outcome);
+        self.metrics.request(route_name, outcome);
         response
             .headers_mut()
             .insert(CACHE_STATUS, outcome.cache_status());
-        tracing::debug!(
-            %method,
-            %path,
-            route = %route_name,
-            status = response.status().as_u16(),
-            outcome = outcome.as_str(),
-            micros = started.elapsed().as_micros() as u64,
-            "request"
-        );
+        if let Some((method, path)) = logged {
+            tracing::debug!(
+                %method,
+                %path,
+                route = %route_name,
+                status = response.status().as_u16(),
+                outcome = outcome.as_str(),
+                micros = started.elapsed().as_micros() as u64,
+                "request"
+            );
+        }
         response
     }
 
@@ -356,20 +359,21 @@ impl Proxy {
     }
 
     async fn lookup(&self, req: FillRequest) -> Answer {
-        let stale = match self.filler.l1.get(&req.key).await {
-            Some(entry) => match entry.times.freshness(now_ms()) {
+        let now = now_ms();
+        let stale = match self.filler.l1.get(&req.key, now).await {
+            Some(entry) => match entry.times.freshness(now) {
                 Freshness::Fresh => {
                     if let Some(beta) = req.route.early_refresh
-                        && refresh_early(&entry, beta, now_ms())
+                        && refresh_early(&entry, beta, now)
                     {
                         tracing::debug!(route = %req.route.name, "early refresh");
                         self.refresh_in_background(req, entry.times.stored_at);
                     }
-                    return answer(&entry, CacheOutcome::Hit);
+                    return answer_at(&entry, CacheOutcome::Hit, now);
                 }
                 Freshness::StaleRevalidate => {
                     self.refresh_in_background(req, entry.times.stored_at);
-                    return answer(&entry, CacheOutcome::Stale);
+                    return answer_at(&entry, CacheOutcome::Stale, now);
                 }
                 Freshness::StaleIfError => Some(entry),
                 Freshness::Expired => None,
@@ -565,15 +569,17 @@ async fn read_body(
 
 /// An answer from an entry.
 fn answer(entry: &Entry, outcome: CacheOutcome) -> Answer {
+    answer_at(entry, outcome, now_ms())
+}
+
+/// An answer from an entry, its `Age` taken at `now`.
+fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
     let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
     *resp.status_mut() = entry.status;
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
     if outcome.is_hit() {
-        headers.insert(
-            header::AGE,
-            HeaderValue::from(entry.times.age_secs(now_ms())),
-        );
+        headers.insert(header::AGE, HeaderValue::from(entry.times.age_secs(now)));
     }
     Answer::new(outcome, resp)
 }

@@ -46,3 +46,34 @@ pub async fn start(n: usize, config: &Config) -> Vec<Instance> {
 pub fn url(instance: &Instance, path_and_query: &str) -> String {
     format!("http://{}{path_and_query}", instance.addr())
 }
+
+/// A full config like [`config`] whose `[server]` table also holds `server_extra`, e.g.
+/// `admin_listen = "127.0.0.1:0"` and `admin_token = "…"`.
+pub fn config_with_server(server_extra: &str, redis_url: Option<&str>, routes: &str) -> Config {
+    let text = config_text(server_extra, redis_url, routes);
+    match Config::parse(&text, Path::new("<test>")) {
+        Ok(config) => config,
+        Err(err) => panic!("test config does not validate: {err}\n{text}"),
+    }
+}
+
+/// The TOML of [`config_with_server`], e.g. for a [`super::CorralProcess`]: listener on port 0,
+/// `shutdown_timeout = "2s"`, `server_extra`, optional Redis, then the route tables.
+pub fn config_text(server_extra: &str, redis_url: Option<&str>, routes: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
+        redis_url.map(redis_table).unwrap_or_default()
+    )
+}
+
+/// The admin URL of an instance for a path.
+///
+/// # Panics
+///
+/// If the instance has no admin listener (`server.admin_listen` unset).
+pub fn admin_url(instance: &Instance, path: &str) -> String {
+    let addr = instance
+        .admin_addr()
+        .expect("the instance was configured with server.admin_listen");
+    format!("http://{addr}{path}")
+}

@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -32,6 +33,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const RUST_LOG: &str = "corral=debug,info";
 /// The message Corral logs once its listener is bound.
 const LISTENING: &str = "corral listening";
+/// The message Corral logs once its admin listener is bound.
+const ADMIN_LISTENING: &str = "admin listening";
+/// The config file's name in the fixture's tempdir.
+const CONFIG_FILE: &str = "corral.toml";
 
 /// A `corral run` child process listening on [`CorralProcess::addr`].
 ///
@@ -43,7 +48,7 @@ pub struct CorralProcess {
     /// The thread draining stderr; finished once the pipe is closed.
     reader: JoinHandle<()>,
     /// Holds `corral.toml`; kept alive for the life of the process.
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl CorralProcess {
@@ -60,7 +65,7 @@ impl CorralProcess {
             .prefix("corral-process-")
             .tempdir()
             .expect("create a tempdir for corral");
-        let config = dir.path().join("corral.toml");
+        let config = dir.path().join(CONFIG_FILE);
         std::fs::write(&config, config_toml)
             .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
@@ -85,7 +90,7 @@ impl CorralProcess {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             reader,
-            _dir: dir,
+            dir,
         };
         process.addr = process.wait_listening(config_toml).await;
         process
@@ -99,6 +104,38 @@ impl CorralProcess {
     /// The proxy URL for a path, `http://<addr><path_and_query>`.
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr)
+    }
+
+    /// The config file the process was started with. A test may rewrite it, then ask for a
+    /// reload (SIGHUP or the admin `POST /reload`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join(CONFIG_FILE)
+    }
+
+    /// The admin listener's address, from the `admin listening` line (logged before
+    /// `corral listening`, so it is there once [`CorralProcess::start`] returned).
+    ///
+    /// # Panics
+    ///
+    /// If the config has no `server.admin_listen`: the line was never logged.
+    pub fn admin_addr(&self) -> SocketAddr {
+        // A statement of its own, so the log's lock is released before the panic quotes the log.
+        let addr = self
+            .lock_log()
+            .iter()
+            .find_map(|line| logged_addr(line, ADMIN_LISTENING));
+        addr.unwrap_or_else(|| {
+            panic!(
+                "corral (pid {}) logged no {ADMIN_LISTENING:?} line: is server.admin_listen set?\n{}",
+                self.pid(),
+                self.log_text()
+            )
+        })
+    }
+
+    /// The admin URL for a path, `http://<admin addr><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr())
     }
 
     /// The OS process id; it may be reused once the process was reaped.
@@ -306,6 +343,16 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = value.get("fields")?;
     if fields.get("message")?.as_str()? != LISTENING {
+        return None;
+    }
+    fields.get("addr")?.as_str()?.parse().ok()
+}
+
+/// The `fields.addr` of a JSON line whose message is `message`; `None` for any other line.
+fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != message {
         return None;
     }
     fields.get("addr")?.as_str()?.parse().ok()
