@@ -33,7 +33,7 @@ use crate::config::{Config, LockScope, OnWaitTimeout, RouteConfig};
 use crate::entry::{Directives, Entry, Freshness, Lifetime, now_ms};
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
-use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
+use crate::l2::{KeyNames, L2, Lookup, Notice, Peek, StoreOutcome};
 use crate::lock::FillLock;
 use crate::metrics::{LockOutcome, Metrics};
 use crate::notice::{Notices, Wake};
@@ -222,6 +222,9 @@ impl Filler {
             return self.fill_with(&req, Claim::Instance(None), None).await;
         };
         let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
+        if req.route.lock.scope == LockScope::Fleet {
+            return self.fill_fleet(&req, fleet, &names).await;
+        }
         let fallback = match fleet.l2.get(&names).await {
             Ok(peek) => match self.settled(&req, peek, Source::L2).await {
                 Ok(fill) => return fill,
@@ -232,13 +235,8 @@ impl Filler {
                 return self.fill_with(&req, Claim::Instance(None), None).await;
             }
         };
-        match req.route.lock.scope {
-            LockScope::Fleet => self.fill_fleet(&req, fleet, &names, fallback).await,
-            LockScope::Instance | LockScope::None => {
-                let claim = Claim::Instance(Some((&fleet.l2, &names)));
-                self.fill_with(&req, claim, fallback).await
-            }
-        }
+        let claim = Claim::Instance(Some((&fleet.l2, &names)));
+        self.fill_with(&req, claim, fallback).await
     }
 
     /// A background refresh of an entry stored at `known`: if L2 already holds a newer one, it is
@@ -288,11 +286,24 @@ impl Filler {
                     return Fill::FetchYourself;
                 };
                 let woken = tokio::time::timeout(ttl + LAPSE_MARGIN, sub.next()).await;
-                if let Ok(Some(Wake::Notice(Notice::Stored))) = woken
-                    && let Ok(peek) = fleet.l2.get(&names).await
-                    && let Some(entry) = newer(&peek)
-                {
-                    return self.shared(&req, entry, Source::Remote).await;
+                match woken {
+                    Ok(Some(Wake::Notice(Notice::Stored(Some(entry))))) => {
+                        let peek = Peek {
+                            entry: Some(Entry::clone(&entry)),
+                            ..Peek::default()
+                        };
+                        if let Some(entry) = newer(&peek) {
+                            return self.shared(&req, entry, Source::Remote).await;
+                        }
+                    }
+                    Ok(Some(Wake::Notice(Notice::Stored(None)))) => {
+                        if let Ok(peek) = fleet.l2.get(&names).await
+                            && let Some(entry) = newer(&peek)
+                        {
+                            return self.shared(&req, entry, Source::Remote).await;
+                        }
+                    }
+                    _ => {}
                 }
                 Fill::FetchYourself
             }
@@ -326,16 +337,10 @@ impl Filler {
         }
     }
 
-    async fn fill_fleet(
-        &self,
-        req: &FillRequest,
-        fleet: &Fleet,
-        names: &Arc<KeyNames>,
-        fallback: Option<Arc<Entry>>,
-    ) -> Fill {
+    async fn fill_fleet(&self, req: &FillRequest, fleet: &Fleet, names: &Arc<KeyNames>) -> Fill {
         let started = Instant::now();
         let mut trace = LockTrace::default();
-        let fill = self.coalesce(req, fleet, names, fallback, &mut trace).await;
+        let fill = self.coalesce(req, fleet, names, &mut trace).await;
         let outcome = match trace {
             LockTrace {
                 timed_out: true, ..
@@ -361,13 +366,13 @@ impl Filler {
         fill
     }
 
-    /// The fleet flight proper: compete for the lock, or wait for its holder's notice.
+    /// The fleet flight proper: look, and take the lock if it is free, in one round trip; else
+    /// wait for its holder's notice, competing again when the lease lapses or the fill fails.
     async fn coalesce(
         &self,
         req: &FillRequest,
         fleet: &Fleet,
         names: &Arc<KeyNames>,
-        fallback: Option<Arc<Entry>>,
         trace: &mut LockTrace,
     ) -> Fill {
         let route = &req.route;
@@ -376,29 +381,70 @@ impl Filler {
         let degraded = |err: &dyn std::fmt::Display| {
             tracing::warn!(route = %route.name, %err, "redis unavailable; filling for this instance only (degraded)");
         };
+        let token = FillLock::new_token();
+        let first = match fleet.l2.lookup(names, &token, lock.lease).await {
+            Ok(first) => first,
+            Err(err) => {
+                degraded(&err);
+                return self.fill_with(req, Claim::Instance(None), None).await;
+            }
+        };
+        let mut fallback = None;
+        // Whether the lock is known to be held elsewhere (so the next step is to wait, not compete).
+        let mut held_elsewhere = match first {
+            Lookup::Locked => {
+                trace.acquired = true;
+                let held =
+                    FillLock::adopt(&fleet.l2, names, token, lock.lease, route.upstream_timeout);
+                return self.fill_with(req, Claim::Fleet(held), None).await;
+            }
+            Lookup::Held => true,
+            Lookup::Uncacheable => {
+                self.marks.insert(req.key, route.uncacheable_ttl);
+                return Fill::FetchYourself;
+            }
+            Lookup::Garbled => false,
+            Lookup::Entry(entry) => {
+                let peek = Peek {
+                    entry: Some(entry),
+                    ..Peek::default()
+                };
+                match self.settled(req, peek, Source::L2).await {
+                    Ok(fill) => return fill,
+                    Err(stale) => {
+                        fallback = stale;
+                        false
+                    }
+                }
+            }
+        };
         'compete: loop {
-            if tokio::time::Instant::now() >= deadline {
+            if std::mem::take(&mut held_elsewhere) {
+                // Straight to waiting: the lookup saw the lock held.
+            } else if tokio::time::Instant::now() >= deadline {
                 trace.timed_out = true;
                 return self.wait_timed_out(req, fallback).await;
-            }
-            match FillLock::try_acquire(&fleet.l2, names, lock.lease, route.upstream_timeout).await
-            {
-                Ok(Some(held)) => {
-                    trace.acquired = true;
-                    // Someone may have filled between our L2 read and the lock.
-                    let filled = fleet.l2.get(names).await.ok().and_then(|peek| peek.entry);
-                    if let Some(entry) =
-                        filled.filter(|e| e.times.freshness(now_ms()) == Freshness::Fresh)
-                    {
-                        quiet_release(req, held).await;
-                        return self.shared(req, entry, Source::L2).await;
+            } else {
+                let acquired =
+                    FillLock::try_acquire(&fleet.l2, names, lock.lease, route.upstream_timeout);
+                match acquired.await {
+                    Ok(Some(held)) => {
+                        trace.acquired = true;
+                        // Someone may have filled between our last look and the lock.
+                        let filled = fleet.l2.get(names).await.ok().and_then(|peek| peek.entry);
+                        if let Some(entry) =
+                            filled.filter(|e| e.times.freshness(now_ms()) == Freshness::Fresh)
+                        {
+                            quiet_release(req, held).await;
+                            return self.shared(req, entry, Source::L2).await;
+                        }
+                        return self.fill_with(req, Claim::Fleet(held), fallback).await;
                     }
-                    return self.fill_with(req, Claim::Fleet(held), fallback).await;
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    degraded(&err);
-                    return self.fill_with(req, Claim::Instance(None), fallback).await;
+                    Ok(None) => {}
+                    Err(err) => {
+                        degraded(&err);
+                        return self.fill_with(req, Claim::Instance(None), fallback).await;
+                    }
                 }
             }
             // Held elsewhere: subscribe first, then re-check, then wait.
@@ -432,7 +478,14 @@ impl Filler {
                     () = tokio::time::sleep_until(deadline) => continue 'compete,
                 };
                 match wake {
-                    Some(Wake::Notice(Notice::Stored)) => match fleet.l2.get(names).await {
+                    Some(Wake::Notice(Notice::Stored(Some(entry)))) => {
+                        self.l1.insert(req.key, &route.name, entry.clone()).await;
+                        return Fill::Shared {
+                            entry,
+                            source: Source::Remote,
+                        };
+                    }
+                    Some(Wake::Notice(Notice::Stored(None))) => match fleet.l2.get(names).await {
                         Ok(peek) => match self.settled(req, peek, Source::Remote).await {
                             Ok(fill) => return fill,
                             Err(_) => continue 'compete,
@@ -727,8 +780,7 @@ fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
     };
     let storable_status = route.cache_statuses.contains(&answer.status.as_u16());
     let tags = surrogate_keys(&answer.headers);
-    let mut headers = answer.headers;
-    headers.remove(header::AGE);
+    let headers = compact(&answer.headers);
     let entry = Entry {
         status: answer.status,
         headers,
@@ -743,6 +795,22 @@ fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
     } else {
         Verdict::Share(entry)
     }
+}
+
+/// The headers an entry keeps, in allocations of their own. hyper hands out header values as slices
+/// of its connection read buffer: kept as they are, each cached entry would pin that whole buffer
+/// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget).
+fn compact(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if name == header::AGE {
+            continue;
+        }
+        let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        owned.set_sensitive(value.is_sensitive());
+        kept.append(name.clone(), owned);
+    }
+    kept
 }
 
 /// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
@@ -770,4 +838,31 @@ fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_headers_do_not_pin_the_connection_buffer() {
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let mut headers = HeaderMap::new();
+        let shared = HeaderValue::from_maybe_shared(read_buffer.slice(0..16));
+        headers.insert(
+            header::CONTENT_TYPE,
+            shared.unwrap_or(HeaderValue::from_static("x")),
+        );
+        headers.insert(header::AGE, HeaderValue::from_static("5"));
+        let kept = compact(&headers);
+        let range = read_buffer.as_ptr_range();
+        for value in kept.values() {
+            assert!(
+                !range.contains(&value.as_bytes().as_ptr()),
+                "still a slice of the buffer"
+            );
+        }
+        assert_eq!(kept.len(), 1, "Age is not kept");
+        assert_eq!(kept[header::CONTENT_TYPE].as_bytes(), &[b'x'; 16]);
+    }
 }

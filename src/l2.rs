@@ -59,8 +59,8 @@ pub struct KeyNames {
 /// What a fill notice says. Published on the key's channel by the leader.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// The entry is in L2: read it.
-    Stored,
+    /// The entry is in L2; it comes with the notice unless it was too large to publish.
+    Stored(Option<Arc<Entry>>),
     /// The fill failed and stored nothing. Carries the answer the leader got (an upstream error,
     /// or a 502/504 standing for a call that got none) so waiters share it instead of calling
     /// the upstream one after another; `None` when it was too large to publish.
@@ -75,7 +75,7 @@ const MAX_NOTICE_ENTRY: usize = 64 * 1024;
 impl Notice {
     pub fn payload(&self) -> Bytes {
         match self {
-            Notice::Stored => Bytes::from_static(b"stored"),
+            Notice::Stored(_) => Bytes::from_static(b"stored"),
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
             Notice::Failed(None) => Bytes::from_static(b"failed"),
             Notice::Failed(Some(entry)) => {
@@ -92,8 +92,14 @@ impl Notice {
     }
 
     pub fn parse(payload: &[u8]) -> Option<Notice> {
+        if let Some(entry) = payload.strip_prefix(b"stored:") {
+            let entry = Entry::decode(Bytes::copy_from_slice(entry))
+                .ok()
+                .map(Arc::new);
+            return Some(Notice::Stored(entry));
+        }
         match payload {
-            b"stored" => Some(Notice::Stored),
+            b"stored" => Some(Notice::Stored(None)),
             b"uncacheable" => Some(Notice::Uncacheable),
             b"failed" => Some(Notice::Failed(None)),
             _ => {
@@ -130,22 +136,51 @@ pub enum StoreOutcome {
 
 /// Writes the entry only while the caller still holds the lock (or nobody holds it and no entry
 /// exists), so a leader that lost its lock can never overwrite a newer fill; then releases the lock
-/// and publishes the notice, all in one round trip.
+/// and publishes the notice — carrying the entry itself when ARGV[5] is 1, so waiters need no read
+/// — all in one round trip.
 const STORE: &str = r"
+local notice = 'stored'
+if ARGV[5] == '1' then notice = 'stored:' .. ARGV[2] end
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[4], 'stored')
+  redis.call('PUBLISH', ARGV[4], notice)
   return 1
 elseif not holder then
   if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
-    redis.call('PUBLISH', ARGV[4], 'stored')
+    redis.call('PUBLISH', ARGV[4], notice)
     return 2
   end
 end
 return 0
 ";
+
+/// A flight's first look at a key: the entry if there is one; else the uncacheable marker; else
+/// the fill lock, taken if free (`SET NX PX`) — one round trip where GET, then SET NX, then a
+/// re-read under the lock took three.
+const LOOKUP: &str = r"
+local entry = redis.call('GET', KEYS[1])
+if entry then return {entry, 0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {false, 1} end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 2} end
+return {false, 3}
+";
+
+/// What a flight's first look found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// An entry (of any freshness); the lock was not touched.
+    Entry(Entry),
+    /// A value that is not a valid entry; the lock was not touched.
+    Garbled,
+    /// The key is marked uncacheable.
+    Uncacheable,
+    /// Nothing stored and the lock was free: the caller now holds it with its token.
+    Locked,
+    /// Nothing stored and someone else holds the lock.
+    Held,
+}
 
 /// Compare-and-delete of a lock, publishing a notice when there is one to give, and setting the
 /// uncacheable marker when asked to (ARGV[4] > 0 milliseconds).
@@ -179,6 +214,7 @@ pub struct L2 {
 }
 
 struct Scripts {
+    lookup: Script,
     store: Script,
     release: Script,
     extend: Script,
@@ -206,6 +242,7 @@ impl L2 {
             breaker,
             metrics,
             scripts: Arc::new(Scripts {
+                lookup: Script::new(LOOKUP),
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
                 extend: Script::new(EXTEND),
@@ -265,6 +302,30 @@ impl L2 {
             entry: raw.and_then(|raw| decode(&names.entry, raw)),
             uncacheable: pass.is_some(),
             lock_ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+        })
+    }
+
+    /// The entry, or else the uncacheable marker, or else the fill lock under `token`; see
+    /// [`Lookup`].
+    pub async fn lookup(
+        &self,
+        names: &KeyNames,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Lookup, L2Error> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.lookup.key(&names.entry);
+        call.key(&names.pass)
+            .key(&names.lock)
+            .arg(token)
+            .arg(millis(lease));
+        let (raw, state): (Option<Bytes>, i64) =
+            self.bounded("lookup", call.invoke_async(&mut conn)).await?;
+        Ok(match (raw, state) {
+            (Some(raw), _) => decode(&names.entry, raw).map_or(Lookup::Garbled, Lookup::Entry),
+            (None, 1) => Lookup::Uncacheable,
+            (None, 2) => Lookup::Locked,
+            (None, _) => Lookup::Held,
         })
     }
 
@@ -343,12 +404,19 @@ impl L2 {
             return Ok(StoreOutcome::Superseded);
         };
         let mut conn = self.conn.clone();
+        let encoded = entry.encode();
+        let with_entry = if encoded.len() <= MAX_NOTICE_ENTRY {
+            "1"
+        } else {
+            "0"
+        };
         let mut call = self.scripts.store.key(&names.entry);
         call.key(&names.lock)
             .arg(token)
-            .arg(entry.encode().as_ref())
+            .arg(encoded.as_ref())
             .arg(millis(ttl))
-            .arg(&names.channel);
+            .arg(&names.channel)
+            .arg(with_entry);
         let n: i64 = self.bounded("store", call.invoke_async(&mut conn)).await?;
         Ok(match n {
             1 => StoreOutcome::Stored,

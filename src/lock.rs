@@ -39,6 +39,23 @@ impl FillLock {
         if !l2.try_lock(names, &token, lease).await? {
             return Ok(None);
         }
+        Ok(Some(FillLock::adopt(l2, names, token, lease, max_hold)))
+    }
+
+    /// A fresh token for taking the lock elsewhere (the lookup script), then [`FillLock::adopt`].
+    pub fn new_token() -> String {
+        random_token()
+    }
+
+    /// Takes charge of a lock already taken under `token`: starts its watchdog, and releases it
+    /// on drop.
+    pub fn adopt(
+        l2: &L2,
+        names: &Arc<KeyNames>,
+        token: String,
+        lease: Duration,
+        max_hold: Duration,
+    ) -> FillLock {
         let watchdog = tokio::spawn(watch(
             l2.clone(),
             names.clone(),
@@ -46,13 +63,13 @@ impl FillLock {
             lease,
             max_hold,
         ));
-        Ok(Some(FillLock {
+        FillLock {
             l2: l2.clone(),
             names: names.clone(),
             token,
             watchdog,
             done: false,
-        }))
+        }
     }
 
     pub fn l2(&self) -> &L2 {

@@ -14,6 +14,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
+const SPARE_LIMIT: usize = 1024;
+
 /// A request body on its way upstream: buffered (keyed or filled requests) or streamed through.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 
@@ -134,10 +137,17 @@ impl UpstreamClient {
                     }
                 }
             }
+            // A body much smaller than the buffer it was read into would keep the spare capacity
+            // alive for as long as it is cached.
+            let body = if buf.capacity() - buf.len() > SPARE_LIMIT {
+                Bytes::copy_from_slice(&buf)
+            } else {
+                buf.freeze()
+            };
             Ok(Fetched::Whole(Buffered {
                 status: parts.status,
                 headers: parts.headers,
-                body: buf.freeze(),
+                body,
             }))
         };
         tokio::time::timeout(limit, whole)
