@@ -107,15 +107,22 @@ pub enum DecodeError {
 }
 
 impl Entry {
-    /// Approximate bytes this entry holds in memory, for the L1 weigher.
+    /// Bytes this entry costs in memory, for the L1 weigher: its body and headers plus what
+    /// holding it costs around them — the header map's table and buckets, one allocation per
+    /// header value, the entry and its `Arc`, moka's node, deque and timer slots. The constants
+    /// come from measuring RSS under 100k cached 2 KiB entries: an estimate that leaves them out
+    /// lets the cache outgrow its byte budget by more than half.
     pub fn weight(&self) -> u32 {
+        const PER_ENTRY: usize = 1024;
+        const PER_HEADER: usize = 96;
+        const PER_TAG: usize = 48;
         let headers: usize = self
             .headers
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .map(|(n, v)| n.as_str().len() + v.len() + PER_HEADER)
             .sum();
-        let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        let total = self.body.len() + headers + tags + 160;
+        let tags: usize = self.tags.iter().map(|t| t.len() + PER_TAG).sum();
+        let total = self.body.len() + headers + tags + PER_ENTRY;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 

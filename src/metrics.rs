@@ -202,6 +202,23 @@ impl Metrics {
         counters[index].inc();
     }
 
+    /// Creates a route's request and fill-lock series at zero, so dashboards and alerts see 0
+    /// rather than no data before the first event.
+    pub fn register_route(&self, route: &str) {
+        self.route_counters(route);
+        for outcome in [
+            LockOutcome::Acquired,
+            LockOutcome::Waited,
+            LockOutcome::TookOver,
+            LockOutcome::WaitTimeout,
+        ] {
+            let _created = self.lock_outcomes.get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome: outcome.as_str(),
+            });
+        }
+    }
+
     /// Registers (once) and returns the request counters of a route.
     fn route_counters(&self, route: &str) -> Arc<[Counter; CacheOutcome::ALL.len()]> {
         let counters = Arc::new(CacheOutcome::ALL.map(|outcome| {

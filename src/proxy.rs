@@ -119,6 +119,9 @@ impl Proxy {
     /// Redis is down and serves degraded until it comes up.
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
         let metrics = Arc::new(Metrics::new());
+        for route in &config.routes {
+            metrics.register_route(&route.name);
+        }
         let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
             Some(redis) => {
@@ -154,6 +157,9 @@ impl Proxy {
     /// connections, the flights in progress and the metrics carry over, so a reload drops neither
     /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
     pub fn reloaded(&self, config: &Config) -> Proxy {
+        for route in &config.routes {
+            self.metrics.register_route(&route.name);
+        }
         Proxy {
             router: Router::new(&config.routes),
             default_upstream: config.server.default_upstream.clone(),

@@ -783,6 +783,11 @@ async fn admin_posts_need_the_token_and_the_proxy_listener_serves_no_admin_path(
         refilled.header("cache-status"),
         Some("corral; fwd=miss; stored")
     );
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    let lower = format!("bearer {TOKEN}");
+    let answer = post_admin(&client, &purge_url, body, Some(&lower)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    client.get(&cached, &[]).await;
 
     // Step 3: health, readiness and metrics need no token.
     for (path, text) in [("/healthz", "ok"), ("/readyz", "ready")] {
