@@ -249,29 +249,23 @@ impl Filler {
         };
         let route = &req.route;
         let names = Arc::new(fleet.l2.names(&route.name, &req.key));
-        let newer = |peek: &Peek| {
-            peek.entry
-                .as_ref()
-                .filter(|e| {
-                    e.times.stored_at > known && e.times.freshness(now_ms()) == Freshness::Fresh
-                })
-                .cloned()
-        };
         if route.lock.scope != LockScope::Fleet {
             let claim = Claim::Instance(Some((&fleet.l2, &names)));
             return self.fill_with(&req, claim, None).await;
         }
+        let newer = |entry: &Entry| {
+            entry.times.stored_at > known && entry.times.freshness(now_ms()) == Freshness::Fresh
+        };
+        if let Ok(Peek {
+            entry: Some(entry), ..
+        }) = fleet.l2.get(&names).await
+            && newer(&entry)
+        {
+            return self.shared(&req, entry, Source::L2).await;
+        }
         let lease = route.lock.lease;
         match FillLock::try_acquire(&fleet.l2, &names, lease, route.upstream_timeout).await {
-            Ok(Some(held)) => {
-                if let Ok(peek) = fleet.l2.get(&names).await
-                    && let Some(entry) = newer(&peek)
-                {
-                    quiet_release(&req, held).await;
-                    return self.shared(&req, entry, Source::L2).await;
-                }
-                self.fill_with(&req, Claim::Fleet(held), None).await
-            }
+            Ok(Some(held)) => self.fill_with(&req, Claim::Fleet(held), None).await,
             Ok(None) => {
                 let Ok(mut sub) = fleet.notices.subscribe(&names.channel).await else {
                     return Fill::FetchYourself;
@@ -279,33 +273,33 @@ impl Filler {
                 let Ok(peek) = fleet.l2.peek(&names).await else {
                     return Fill::FetchYourself;
                 };
-                if let Some(entry) = newer(&peek) {
+                if let Some(entry) = peek.entry.filter(|e| newer(e)) {
                     return self.shared(&req, entry, Source::Remote).await;
                 }
                 let Some(ttl) = peek.lock_ttl else {
                     return Fill::FetchYourself;
                 };
                 let woken = tokio::time::timeout(ttl + LAPSE_MARGIN, sub.next()).await;
-                match woken {
-                    Ok(Some(Wake::Notice(Notice::Stored(Some(entry))))) => {
-                        let peek = Peek {
-                            entry: Some(Entry::clone(&entry)),
-                            ..Peek::default()
-                        };
-                        if let Some(entry) = newer(&peek) {
-                            return self.shared(&req, entry, Source::Remote).await;
-                        }
-                    }
+                let refreshed = match woken {
+                    Ok(Some(Wake::Notice(Notice::Stored(Some(entry))))) => Some(entry),
                     Ok(Some(Wake::Notice(Notice::Stored(None)))) => {
-                        if let Ok(peek) = fleet.l2.get(&names).await
-                            && let Some(entry) = newer(&peek)
-                        {
-                            return self.shared(&req, entry, Source::Remote).await;
+                        match fleet.l2.get(&names).await {
+                            Ok(peek) => peek.entry.map(Arc::new),
+                            Err(_) => None,
                         }
                     }
-                    _ => {}
+                    _ => None,
+                };
+                match refreshed.filter(|e| newer(e)) {
+                    Some(entry) => {
+                        self.l1.insert(req.key, &route.name, entry.clone()).await;
+                        Fill::Shared {
+                            entry,
+                            source: Source::Remote,
+                        }
+                    }
+                    None => Fill::FetchYourself,
                 }
-                Fill::FetchYourself
             }
             Err(err) => {
                 tracing::warn!(route = %route.name, %err, "redis unavailable; refreshing for this instance only (degraded)");
