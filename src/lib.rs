@@ -12,8 +12,11 @@
 //! - [`entry`] — a stored response, its freshness, its wire format.
 //! - [`l1`] / [`l2`] — the in-process and the Redis tier.
 //! - [`lock`] — the fleet-wide fill lock; [`notice`] — the pub/sub hub that wakes waiters.
-//! - [`flight`] — in-process single-flight; [`fill`] — filling an entry across the fleet.
+//! - [`flight`] — in-process single-flight; [`fill`] — filling an entry; [`coalesce`] — one fill
+//!   per key across the fleet;
+//!   [`verdict`] — what an upstream answer allows, and for how long.
 //! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
+//!   [`answer`] — responses and the one place errors become statuses;
 //!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
 //!
 //! # Request path
@@ -22,8 +25,10 @@
 //! release → L1 → answer with `Cache-Status`.
 
 pub mod admin;
+pub mod answer;
 pub mod body;
 pub mod breaker;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod entry;
@@ -41,6 +46,7 @@ pub mod purge;
 pub mod route;
 pub mod server;
 pub mod upstream;
+pub mod verdict;
 
 pub use config::Config;
 pub use outcome::CacheOutcome;
