@@ -7,9 +7,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use corral::Instance;
 use futures_util::future::join_all;
-use support::corral::{config, recommend_route, start, url};
+use support::corral::{assert_nothing_stored, config, recommend_route, start, url};
 use support::{Client, RedisServer, Reply, Upstream};
 
 /// Sends `n` concurrent requests and returns their bodies.
@@ -20,19 +19,6 @@ async fn burst(client: &Client, target: &str, headers: &[(&str, &str)], n: usize
         assert_eq!(r.status, 200, "{target}: {}", r.text());
     }
     answers.iter().map(|r| r.text()).collect()
-}
-
-/// No entry and no lock in Redis (uncacheable markers are allowed: they hold no response), and
-/// nothing in the instance's L1.
-async fn assert_nothing_stored(redis: &RedisServer, instance: &Instance) {
-    let stored: Vec<String> = redis
-        .keys("corral:*")
-        .await
-        .into_iter()
-        .filter(|k| !k.contains(":pass:"))
-        .collect();
-    assert_eq!(stored, Vec::<String>::new());
-    assert_eq!(instance.proxy().l1().entry_count().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,17 @@
 //! The `corral` binary: `validate` accepts the shipped configs and rejects bad ones with the file,
 //! line and field; `run` serves and stops on SIGTERM.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-fn corral() -> Command {
+/// Runs `corral validate --config <path>` to the end.
+fn validate(path: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_corral"))
+        .arg("validate")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run corral")
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
@@ -20,12 +26,7 @@ fn validate_accepts_the_shipped_configs() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("config")
             .join(name);
-        let out = corral()
-            .arg("validate")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .expect("run corral");
+        let out = validate(&path);
         assert!(
             out.status.success(),
             "{name}: {}",
@@ -57,12 +58,7 @@ fn validate_rejects_bad_configs_naming_file_line_and_field() {
     ];
     for (file, text, line, field) in cases {
         let path = write(&dir, file, &text);
-        let out = corral()
-            .arg("validate")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .expect("run corral");
+        let out = validate(&path);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} must be rejected");
         assert!(stderr.contains(file), "{file}: {stderr}");
@@ -76,10 +72,7 @@ fn validate_rejects_bad_configs_naming_file_line_and_field() {
 
 #[test]
 fn a_missing_config_file_is_a_clear_error() {
-    let out = corral()
-        .args(["validate", "--config", "/nonexistent/corral.toml"])
-        .output()
-        .expect("run corral");
+    let out = validate(Path::new("/nonexistent/corral.toml"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/corral.toml"));
 }

@@ -6,21 +6,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
-use support::corral::{config, recommend_route, redis_table, start, url};
-use support::{Client, CorralProcess, RedisServer, Reply, Upstream};
+use support::corral::{config, recommend_route, redis_table, spread, start, url};
+use support::{Client, CorralProcess, RedisServer, Reply, Upstream, eventually};
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after 15 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a fault's aftermath (subscriptions, the circuit, a reconnect) gets to show.
+const SETTLE: Duration = Duration::from_secs(15);
 
 /// Subscribers of the fill channels in Redis (one per waiting instance).
 async fn fill_subscribers(redis: &RedisServer) -> i64 {
@@ -85,13 +75,9 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
 
     // Step 2: 300 waiters on the two other instances, both subscribed to the fill.
     let waiters: Vec<_> = (0..300)
-        .map(|i| {
-            let client = client.clone();
-            let target = url(&others[i % 2], path);
-            tokio::spawn(async move { client.get(&target, &[]).await })
-        })
+        .map(|i| client.spawn_get(url(&others[i % 2], path)))
         .collect();
-    eventually("both instances wait on the fill", async || {
+    eventually("both instances wait on the fill", SETTLE, async || {
         fill_subscribers(&redis).await == 2
     })
     .await;
@@ -130,12 +116,7 @@ async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease()
     let fleet = start(3, &cfg).await;
     let client = Client::new();
 
-    let requests = (0..300).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 3], "/recommend?segment=a");
-        async move { client.get(&target, &[]).await }
-    });
-    let answers = join_all(requests).await;
+    let answers = spread(&client, &fleet, "/recommend?segment=a", 300).await;
     for answer in &answers {
         assert_eq!(answer.status, 500, "the leader's error, shared");
     }
@@ -156,12 +137,7 @@ async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease()
     drop(refused);
     let cfg = config(Some(&redis.url()), &recommend_route(&dead_url, lock));
     let fleet = start(2, &cfg).await;
-    let answers = join_all((0..50).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?segment=b");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?segment=b", 50).await;
     assert!(answers.iter().all(|a| a.status == 502));
 }
 
@@ -221,22 +197,16 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
     let client = Client::new();
     let path = "/recommend?segment=a";
 
-    let leader = {
-        let client = client.clone();
-        let target = url(&fleet[0], path);
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
+    let leader = client.spawn_get(url(&fleet[0], path));
     upstream.wait_in_flight(1).await;
     let waiters: Vec<_> = (0..100)
-        .map(|_| {
-            let client = client.clone();
-            let target = url(&fleet[1], path);
-            tokio::spawn(async move { client.get(&target, &[]).await })
-        })
+        .map(|_| client.spawn_get(url(&fleet[1], path)))
         .collect();
-    eventually("the second instance waits on the fill", async || {
-        fill_subscribers(&redis).await == 1
-    })
+    eventually(
+        "the second instance waits on the fill",
+        SETTLE,
+        async || fill_subscribers(&redis).await == 1,
+    )
     .await;
 
     // Drop every pub/sub connection while the fill runs.
@@ -271,18 +241,9 @@ async fn the_watchdog_keeps_a_slow_fill_single() {
     let client = Client::new();
     let path = "/recommend?segment=a";
 
-    let leader = {
-        let client = client.clone();
-        let target = url(&fleet[0], path);
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
+    let leader = client.spawn_get(url(&fleet[0], path));
     upstream.wait_in_flight(1).await;
-    let answers = join_all((0..50).map(|_| {
-        let client = client.clone();
-        let target = url(&fleet[1], path);
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet[1..], path, 50).await;
     assert_eq!(leader.await.expect("leader").status, 200);
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(
@@ -305,11 +266,7 @@ async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
     let path = "/recommend?segment=a";
 
     // Step 1: the leader process starts the fill (call 1), then freezes past its lease.
-    let paused = {
-        let client = client.clone();
-        let target = leader.url(path);
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
+    let paused = client.spawn_get(leader.url(path));
     upstream.wait_in_flight(1).await;
     leader.stop();
 
@@ -352,12 +309,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
 
     // Step 2: zero client errors; at most one upstream call per instance per key.
     upstream.reset_calls();
-    let answers = join_all((0..100).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?k=new");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?k=new", 100).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=new") <= 2);
     let hit = client
@@ -371,6 +323,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
     let mut probe = 0;
     eventually(
         "the circuit opens and the instance says it is degraded",
+        SETTLE,
         async || {
             probe += 1;
             let target = url(&fleet[1], &format!("/recommend?k=probe{probe}"));
@@ -383,7 +336,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
     // Step 3: Redis comes back (empty); Corral reconnects by itself and stores again.
     redis.restart().await;
     let mut n = 0;
-    eventually("corral writes to redis again", async || {
+    eventually("corral writes to redis again", SETTLE, async || {
         n += 1;
         let answer = client
             .get(&url(&fleet[1], &format!("/recommend?k=after{n}")), &[])
@@ -405,12 +358,7 @@ async fn a_stalled_redis_costs_at_most_its_timeout_per_call() {
 
     // SIGSTOP: connections stay open, nothing answers.
     redis.stop();
-    let answers = join_all((0..40).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?k=stalled");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?k=stalled", 40).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=stalled") <= 2);
     redis.cont();
@@ -424,12 +372,7 @@ async fn a_stalled_redis_costs_at_most_its_timeout_per_call() {
         .query_async(&mut conn)
         .await
         .expect("CLIENT PAUSE");
-    let answers = join_all((0..40).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?k=paused");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?k=paused", 40).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=paused") <= 2);
 }
@@ -445,12 +388,7 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
     let client = Client::new();
 
     upstream.set_delay(Duration::from_secs(3));
-    let answers = join_all((0..40).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?k=slow");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?k=slow", 40).await;
     assert!(
         answers.iter().all(|a| a.status == 504),
         "the leader's timeout, shared"
@@ -471,12 +409,7 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
         "/recommend",
         Reply::status(200).delay(Duration::from_secs(3)),
     );
-    let answers = join_all((0..40).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 2], "/recommend?k=fallback");
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, "/recommend?k=fallback", 40).await;
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use support::corral::{config, recommend_route, start, url};
+use support::corral::{config, recommend_route, spread, start, url};
 use support::{Client, RedisServer, Upstream};
 
 fn count(statuses: &[String], value: &str) -> usize {
@@ -30,12 +30,7 @@ async fn fleet_stampede_makes_one_upstream_call_and_pubsub_wakes_the_waiters() {
     let client = Client::new();
 
     // Step 1: 900 identical requests, spread over the three instances, all at once.
-    let requests = (0..900).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 3], "/recommend?segment=sports&article=42");
-        async move { client.get(&target, &[]).await }
-    });
-    let answers = join_all(requests).await;
+    let answers = spread(&client, &fleet, "/recommend?segment=sports&article=42", 900).await;
 
     // Step 2: one upstream call, 900 identical 200s.
     assert_eq!(
@@ -108,12 +103,7 @@ async fn embedded_mode_coalesces_in_process() {
     let fleet = start(1, &cfg).await;
     let client = Client::new();
 
-    let requests = (0..500).map(|_| {
-        let client = client.clone();
-        let target = url(&fleet[0], "/recommend?segment=a");
-        async move { client.get(&target, &[]).await }
-    });
-    let answers = join_all(requests).await;
+    let answers = spread(&client, &fleet, "/recommend?segment=a", 500).await;
 
     assert_eq!(upstream.calls(), 1);
     assert!(answers.iter().all(|r| r.status == 200));

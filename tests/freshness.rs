@@ -7,20 +7,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use support::corral::{config, recommend_route, start, url};
-use support::{Client, RedisServer, Reply, Upstream};
+use support::corral::{config, recommend_route, spread, start, url};
+use support::{Client, RedisServer, Reply, Upstream, eventually};
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after 10 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a background refresh gets to land and reach every instance.
+const SETTLE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fleet() {
@@ -51,12 +42,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     );
 
     // Step 3: 600 requests over the three instances are all answered from the stale entry.
-    let requests = (0..600).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 3], path);
-        async move { client.get(&target, &[]).await }
-    });
-    let answers = join_all(requests).await;
+    let answers = spread(&client, &fleet, path, 600).await;
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(
@@ -67,15 +53,19 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     }
 
     // Step 4: exactly one refresh reached the upstream; every instance then serves its result.
-    eventually("the refresh reached the upstream", async || {
+    eventually("the refresh reached the upstream", SETTLE, async || {
         upstream.calls() == 2
     })
     .await;
     for instance in &fleet {
-        eventually("the instance serves the refreshed entry", async || {
-            let answer = client.get(&url(instance, path), &[]).await;
-            answer.header("cache-status") == Some("corral; hit") && answer.body != first.body
-        })
+        eventually(
+            "the instance serves the refreshed entry",
+            SETTLE,
+            async || {
+                let answer = client.get(&url(instance, path), &[]).await;
+                answer.header("cache-status") == Some("corral; hit") && answer.body != first.body
+            },
+        )
         .await;
     }
     assert_eq!(upstream.calls(), 2, "one refresh for the whole fleet");
@@ -102,12 +92,7 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
         "/recommend",
         Reply::status(500).delay(Duration::from_millis(300)),
     );
-    let requests = (0..300).map(|i| {
-        let client = client.clone();
-        let target = url(&fleet[i % 3], path);
-        async move { client.get(&target, &[]).await }
-    });
-    let answers = join_all(requests).await;
+    let answers = spread(&client, &fleet, path, 300).await;
 
     // Step 2: everyone got the stale entry; the failure was shared, not retried per waiter.
     for answer in &answers {
@@ -126,8 +111,7 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
 
     // Step 3: an upstream that is gone altogether is a failure too.
     drop(upstream);
-    let targets: Vec<String> = (0..30).map(|i| url(&fleet[i % 3], path)).collect();
-    let answers = join_all(targets.iter().map(|t| client.get(t, &[]))).await;
+    let answers = spread(&client, &fleet, path, 30).await;
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
@@ -184,7 +168,7 @@ async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
         bodies.len()
     );
     // A refresh may still be running when the stream stops; its lock goes when it lands.
-    eventually("the last refresh releases its lock", async || {
+    eventually("the last refresh releases its lock", SETTLE, async || {
         redis.keys("corral:*:lock:*").await.is_empty()
     })
     .await;

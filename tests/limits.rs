@@ -10,32 +10,19 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use corral::Config;
 use futures_util::future::join_all;
-use support::corral::{config, recommend_route, redis_table, start, url};
+use support::corral::{
+    assert_nothing_stored, config, config_with_server, recommend_route, spread, start, url,
+};
 use support::{Client, RedisServer, Reply, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bound on every raw-socket read that waits for the proxy to answer or close.
 const RAW_READ_BOUND: Duration = Duration::from_secs(10);
-
-/// A config whose `[server]` table carries `server_extra` (the support fixture writes its own
-/// `[server]` table, so tests of server options build the text here).
-fn config_with_server(server_extra: &str, redis_url: Option<&str>, routes: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
-        redis_url.map(redis_table).unwrap_or_default()
-    );
-    match Config::parse(&text, Path::new("<test>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
-}
 
 /// How a raw connection ended, as far as the test waited.
 #[derive(Debug)]
@@ -228,14 +215,19 @@ async fn a_request_head_that_never_ends_is_cut_off_after_header_read_timeout() {
     assert_eq!(upstream.calls(), 0);
 }
 
-#[tokio::test]
-async fn a_declared_content_length_over_max_body_gets_413_before_the_body_is_sent() {
-    let upstream = Upstream::start().await;
+/// One instance whose JSON-keyed route takes request bodies of at most 1 KiB.
+async fn max_body_instance(upstream: &Upstream) -> Vec<corral::Instance> {
     let routes = recommend_route(
         &upstream.url(),
         "max_body = \"1KiB\"\nkey = { json = [\"/segment\"] }",
     );
-    let fleet = start(1, &config(None, &routes)).await;
+    start(1, &config(None, &routes)).await
+}
+
+#[tokio::test]
+async fn a_declared_content_length_over_max_body_gets_413_before_the_body_is_sent() {
+    let upstream = Upstream::start().await;
+    let fleet = max_body_instance(&upstream).await;
 
     // Step 1: a head declaring 10 MiB, and not one byte of the body.
     let mut stream = connect(&fleet[0]).await;
@@ -251,11 +243,7 @@ async fn a_declared_content_length_over_max_body_gets_413_before_the_body_is_sen
 #[tokio::test]
 async fn a_chunked_body_growing_past_max_body_gets_413_and_never_reaches_the_upstream() {
     let upstream = Upstream::start().await;
-    let routes = recommend_route(
-        &upstream.url(),
-        "max_body = \"1KiB\"\nkey = { json = [\"/segment\"] }",
-    );
-    let fleet = start(1, &config(None, &routes)).await;
+    let fleet = max_body_instance(&upstream).await;
 
     // Step 1: a chunked body (no Content-Length to refuse up front): two 1 KiB chunks, 2 KiB in
     // all, and no final chunk — the proxy must stop reading at the limit, not at the end.
@@ -280,17 +268,15 @@ async fn waiters_past_max_waiters_get_503_with_retry_after() {
     let routes = recommend_route(&upstream.url(), "lock = { max_waiters = 5 }");
     let fleet = start(1, &config(None, &routes)).await;
     let client = Client::new();
-    let target = url(&fleet[0], "/recommend?segment=hot");
+    let path = "/recommend?segment=hot";
+    let target = url(&fleet[0], path);
 
     // Step 1: the leader's fill is parked in the upstream.
-    let leader = tokio::spawn({
-        let (client, target) = (client.clone(), target.clone());
-        async move { client.get(&target, &[]).await }
-    });
+    let leader = client.spawn_get(target);
     upstream.wait_in_flight(1).await;
 
     // Step 2: 19 more requests for the key while the fill runs: 5 may wait, 14 are turned away.
-    let others = join_all((0..19).map(|_| client.get(&target, &[]))).await;
+    let others = spread(&client, &fleet, path, 19).await;
     let leader = leader.await.expect("the leader's request task");
     let answers: Vec<_> = std::iter::once(&leader).chain(&others).collect();
 
@@ -375,10 +361,11 @@ async fn answers_over_max_entry_size_are_served_whole_never_stored_and_then_skip
     let routes = recommend_route(&upstream.url(), "max_entry_size = \"1KiB\"");
     let fleet = start(1, &config(Some(&redis.url()), &routes)).await;
     let client = Client::new();
-    let target = url(&fleet[0], "/recommend/big");
+    let path = "/recommend/big";
+    let target = url(&fleet[0], path);
 
     // Step 1: ten identical requests at once; every one gets the whole 64 KiB.
-    let answers = join_all((0..10).map(|_| client.get(&target, &[]))).await;
+    let answers = spread(&client, &fleet, path, 10).await;
     for answer in &answers {
         assert_eq!(answer.status, 200, "{}", answer.text());
         assert_eq!(answer.body.len(), big.len());
@@ -393,14 +380,7 @@ async fn answers_over_max_entry_size_are_served_whole_never_stored_and_then_skip
     assert_eq!(upstream.calls_for("/recommend/big"), 10);
 
     // Step 2: nothing stored, in Redis or in L1; only the uncacheable marker.
-    let stored: Vec<String> = redis
-        .keys("corral:*")
-        .await
-        .into_iter()
-        .filter(|k| !k.contains(":pass:"))
-        .collect();
-    assert_eq!(stored, Vec::<String>::new());
-    assert_eq!(fleet[0].proxy().l1().entry_count().await, 0);
+    assert_nothing_stored(&redis, &fleet[0]).await;
     assert_eq!(
         redis.keys("corral:*:pass:*").await.len(),
         1,

@@ -12,30 +12,22 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use corral::Instance;
 use http::Method;
 use support::client::request;
 use support::corral::{
-    admin_url, config, config_text, config_with_server, recommend_route, redis_table, start, url,
+    admin_url, config, config_text, config_with_server, recommend_route, redis_table, spread,
+    start, url,
 };
-use support::{Client, CorralProcess, RedisServer, Reply, Resp, Upstream};
+use support::{Client, CorralProcess, RedisServer, Reply, Resp, Upstream, eventually};
 
 /// The `[server]` line that opens an admin listener on a free port.
 const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// The admin token of the authorization test.
 const TOKEN: &str = "s3cret";
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after 15 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a purge, a reload or a fault takes to show on every instance.
+const SETTLE: Duration = Duration::from_secs(15);
 
 /// A pass-through route: `/queue`, `cache = false`.
 fn queue_route(upstream: &Upstream) -> String {
@@ -360,6 +352,18 @@ async fn l1_entries(client: &Client, admin: &str) -> f64 {
         .expect("corral_l1_entries is on the page")
 }
 
+/// Waits until the `corral_l1_entries` gauge of every instance in `fleet` reads `entries`, e.g.
+/// after a purge, whose invalidation reaches the other instances through Redis.
+async fn every_l1_holds(client: &Client, fleet: &[Instance], entries: f64, what: &str) {
+    for instance in fleet {
+        let admin = admin_url(instance, "");
+        eventually(what, SETTLE, async || {
+            l1_entries(client, &admin).await == entries
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
     let redis = RedisServer::start().await;
@@ -404,16 +408,9 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
 
     // Step 2: a burst of 20 on a new key: the leader is parked in the upstream, then 19 follow.
     let burst = "/recommend/burst?n=1";
-    let leader = {
-        let (client, target) = (client.clone(), url(&instance, burst));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
+    let leader = client.spawn_get(url(&instance, burst));
     upstream.wait_in_flight(1).await;
-    let mut answers = join_all((0..19).map(|_| {
-        let (client, target) = (client.clone(), url(&instance, burst));
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let mut answers = spread(&client, std::slice::from_ref(&instance), burst, 19).await;
     answers.push(leader.await.expect("the burst's leader"));
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
@@ -540,21 +537,17 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
     assert_eq!(page.value("corral_purged_entries_total", &[]), Some(1.0));
 
     // Step 3: the invalidation reaches every instance's L1.
-    for instance in &fleet {
-        let admin = admin_url(instance, "");
-        eventually("the instance dropped the purged entry", async || {
-            l1_entries(&client, &admin).await == 0.0
-        })
-        .await;
-    }
+    every_l1_holds(
+        &client,
+        &fleet,
+        0.0,
+        "the instance dropped the purged entry",
+    )
+    .await;
 
     // Step 4: the next request on each instance gets a new body; the three share one refill.
     upstream.set_delay(Duration::from_millis(300));
-    let answers = join_all(fleet.iter().map(|instance| {
-        let (client, target) = (client.clone(), url(instance, path));
-        async move { client.get(&target, &[]).await }
-    }))
-    .await;
+    let answers = spread(&client, &fleet, path, fleet.len()).await;
     assert_eq!(upstream.calls(), 2, "one refill for the fleet");
     for answer in &answers {
         assert_eq!(answer.status, 200);
@@ -626,21 +619,18 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
         page.value("corral_purges_total", &[("kind", "tag")]),
         Some(1.0)
     );
-    for admin in &admins {
-        eventually("the instance dropped the tagged entries", async || {
-            l1_entries(&client, admin).await == 1.0
-        })
-        .await;
-    }
+    every_l1_holds(
+        &client,
+        &fleet,
+        1.0,
+        "the instance dropped the tagged entries",
+    )
+    .await;
 
     // Step 3: on every instance a and b are refilled (one upstream call each for the fleet), while
     // c is still the original entry.
     for path in &paths[..2] {
-        let answers = join_all(fleet.iter().map(|instance| {
-            let (client, target) = (client.clone(), url(instance, path));
-            async move { client.get(&target, &[]).await }
-        }))
-        .await;
+        let answers = spread(&client, &fleet, path, fleet.len()).await;
         for answer in &answers {
             assert_eq!(answer.status, 200);
             assert_ne!(
@@ -666,19 +656,16 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
         3
     );
     assert!(redis.keys("corral:test:recommend:{*").await.is_empty());
-    for admin in &admins {
-        eventually("the instance dropped the route's entries", async || {
-            l1_entries(&client, admin).await == 0.0
-        })
-        .await;
-    }
+    every_l1_holds(
+        &client,
+        &fleet,
+        0.0,
+        "the instance dropped the route's entries",
+    )
+    .await;
     upstream.reset_calls();
     for path in paths {
-        let answers = join_all(fleet.iter().map(|instance| {
-            let (client, target) = (client.clone(), url(instance, path));
-            async move { client.get(&target, &[]).await }
-        }))
-        .await;
+        let answers = spread(&client, &fleet, path, fleet.len()).await;
         for answer in &answers {
             assert_eq!(answer.status, 200);
             assert_ne!(
@@ -856,14 +843,18 @@ async fn readyz_says_degraded_when_redis_dies_with_200_or_503_as_configured() {
     let mut probe = 0;
     for (instance, status) in &instances {
         let readyz = admin_url(instance, "/readyz");
-        eventually("the circuit opens and /readyz says degraded", async || {
-            probe += 1;
-            let answer = client
-                .get(&url(instance, &format!("/recommend?probe={probe}")), &[])
-                .await;
-            assert_eq!(answer.status, 200, "requests are still served");
-            client.get(&readyz, &[]).await.text().contains("degraded")
-        })
+        eventually(
+            "the circuit opens and /readyz says degraded",
+            SETTLE,
+            async || {
+                probe += 1;
+                let answer = client
+                    .get(&url(instance, &format!("/recommend?probe={probe}")), &[])
+                    .await;
+                assert_eq!(answer.status, 200, "requests are still served");
+                client.get(&readyz, &[]).await.text().contains("degraded")
+            },
+        )
         .await;
         let ready = client.get(&readyz, &[]).await;
         assert_eq!(ready.status, *status, "{}", ready.text());
@@ -927,7 +918,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
             })
         })
         .collect();
-    eventually("the load is running", async || {
+    eventually("the load is running", SETTLE, async || {
         sent.load(Ordering::SeqCst) >= 40
     })
     .await;
@@ -984,7 +975,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
         .status()
         .expect("run kill -HUP");
     assert!(hup.success(), "kill -HUP: {hup}");
-    eventually("the SIGHUP reload is logged", async || {
+    eventually("the SIGHUP reload is logged", SETTLE, async || {
         let reloads = corral.logs();
         let reloads = reloads
             .iter()
@@ -1030,10 +1021,7 @@ async fn sigterm_during_a_fill_finishes_the_fill_and_exits_0() {
     let path = "/recommend?segment=a";
 
     // Step 1: a request starts the fill, which the upstream holds for a second.
-    let request = {
-        let (client, target) = (client.clone(), corral.url(path));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
+    let request = client.spawn_get(corral.url(path));
     upstream.wait_in_flight(1).await;
 
     // Step 2: SIGTERM mid-fill; the request is still answered with the fill.

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinHandle;
 
 /// Bound on one call, response head and body together.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,6 +66,16 @@ impl Client {
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Resp {
         self.send(request(Method::GET, url, headers, Bytes::new()))
             .await
+    }
+
+    /// `GET url` on a task of its own, for a request the test goes on without: a fill leader
+    /// parked in the upstream, waiters that must be pending when a fault strikes.
+    ///
+    /// The task panics as [`Client::send`] does; awaiting the handle then gives the panic as a
+    /// `JoinError`.
+    pub fn spawn_get(&self, url: String) -> JoinHandle<Resp> {
+        let client = self.clone();
+        tokio::spawn(async move { client.get(&url, &[]).await })
     }
 
     /// `POST url` with extra headers and a body.

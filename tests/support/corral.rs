@@ -1,9 +1,12 @@
 //! Corral instances for tests: configs written as TOML (through the real config pipeline) and
-//! started in-process on ephemeral loopback ports.
+//! started in-process on ephemeral loopback ports, and what tests ask of a fleet of them.
 
 use std::path::Path;
 
 use corral::{Config, Instance};
+use futures_util::future::join_all;
+
+use super::{Client, RedisServer, Resp};
 
 /// A `[redis]` table for a test Redis, in a namespace of its own.
 pub fn redis_table(url: &str) -> String {
@@ -20,14 +23,7 @@ pub fn recommend_route(upstream: &str, extra: &str) -> String {
 
 /// A full config: listener on port 0, optional Redis, then the given route tables.
 pub fn config(redis_url: Option<&str>, routes: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n{}\n{routes}",
-        redis_url.map(redis_table).unwrap_or_default()
-    );
-    match Config::parse(&text, Path::new("<test>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
+    config_with_server("", redis_url, routes)
 }
 
 /// Starts `n` instances of one config (a fleet sharing its Redis).
@@ -76,4 +72,35 @@ pub fn admin_url(instance: &Instance, path: &str) -> String {
         .admin_addr()
         .expect("the instance was configured with server.admin_listen");
     format!("http://{addr}{path}")
+}
+
+/// Sends `n` concurrent `GET path_and_query`, request `i` to `fleet[i % fleet.len()]`, and returns
+/// the answers in request order.
+///
+/// # Panics
+///
+/// If `fleet` is empty, or a request gets no answer (see [`Client::send`]).
+pub async fn spread(
+    client: &Client,
+    fleet: &[Instance],
+    path_and_query: &str,
+    n: usize,
+) -> Vec<Resp> {
+    let targets: Vec<String> = (0..n)
+        .map(|i| url(&fleet[i % fleet.len()], path_and_query))
+        .collect();
+    join_all(targets.iter().map(|target| client.get(target, &[]))).await
+}
+
+/// Asserts that nothing was stored: no entry and no lock in Redis (uncacheable markers are
+/// allowed: they hold no response), and nothing in the instance's L1.
+pub async fn assert_nothing_stored(redis: &RedisServer, instance: &Instance) {
+    let stored: Vec<String> = redis
+        .keys("corral:*")
+        .await
+        .into_iter()
+        .filter(|k| !k.contains(":pass:"))
+        .collect();
+    assert_eq!(stored, Vec::<String>::new());
+    assert_eq!(instance.proxy().l1().entry_count().await, 0);
 }

@@ -9,6 +9,11 @@
 //!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
 //! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
 //!   broken proxy fails a test instead of hanging it.
+//! - [`corral`]: in-process Corral instances from TOML configs, [`corral::spread`] to send a burst
+//!   over a fleet, and [`corral::assert_nothing_stored`].
+//! - [`process`]: [`CorralProcess`], a real `corral run` process, for faults an in-process
+//!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
+//! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
 //!
 //! Use from a test file with `mod support;`. Each test binary uses only part of this module, so
 //! unused items are allowed here rather than in every test.
@@ -18,9 +23,12 @@ pub mod client;
 pub mod corral;
 pub mod process;
 pub mod redis;
+pub mod signal;
 pub mod upstream;
+pub mod wait;
 
 pub use self::client::{Client, Resp};
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::upstream::{Reply, Upstream};
+pub use self::wait::eventually;

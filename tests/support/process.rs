@@ -19,6 +19,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep};
 
+use super::signal::{self, reap};
+
 /// How long a freshly spawned process gets to log `corral listening`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often startup, exit and log lines are polled.
@@ -161,7 +163,7 @@ impl CorralProcess {
     ///
     /// If the process already exited, or its threads are not all stopped within 5 s.
     pub fn stop(&mut self) {
-        self.signal("STOP");
+        signal::send(&mut self.child, "corral", "STOP");
         let deadline = std::time::Instant::now() + STOP_TIMEOUT;
         while !all_threads_stopped(self.pid()) {
             assert!(
@@ -179,7 +181,7 @@ impl CorralProcess {
     ///
     /// If the process already exited.
     pub fn cont(&mut self) {
-        self.signal("CONT");
+        signal::send(&mut self.child, "corral", "CONT");
     }
 
     /// Asks for a graceful shutdown with SIGTERM; pair it with [`CorralProcess::wait_exit`].
@@ -188,7 +190,7 @@ impl CorralProcess {
     ///
     /// If the process already exited.
     pub fn terminate(&mut self) {
-        self.signal("TERM");
+        signal::send(&mut self.child, "corral", "TERM");
     }
 
     /// Polls every 20 ms until the process exits and returns its status, or `None` if it is
@@ -245,7 +247,11 @@ impl CorralProcess {
     async fn wait_listening(&mut self, config_toml: &str) -> SocketAddr {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(addr) = self.lock_log().iter().find_map(|line| listening_addr(line)) {
+            if let Some(addr) = self
+                .lock_log()
+                .iter()
+                .find_map(|line| logged_addr(line, LISTENING))
+            {
                 return addr;
             }
             if let Some(status) = self.exited() {
@@ -271,20 +277,6 @@ impl CorralProcess {
     /// The exit status, if the process has exited (reaping it).
     fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
-    }
-
-    fn signal(&mut self, signal: &str) {
-        // `try_wait` answers from the cached status once the child was reaped, so an exited
-        // process's pid (which the OS may have reused) is never signalled.
-        if let Some(status) = self.exited() {
-            panic!("corral cannot take SIG{signal}: it already exited ({status})");
-        }
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap_or_else(|e| panic!("run `kill -{signal} {pid}`: {e}"));
-        assert!(status.success(), "`kill -{signal} {pid}` failed: {status}");
     }
 
     /// After the process exited: gives the reader up to 1 s to reach the end of the pipe.
@@ -338,16 +330,6 @@ fn drain(stderr: ChildStderr, log: Arc<Mutex<Vec<String>>>) -> JoinHandle<()> {
         .expect("spawn the thread that drains corral's stderr")
 }
 
-/// The `fields.addr` of a JSON `corral listening` line; `None` for any other line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let fields = value.get("fields")?;
-    if fields.get("message")?.as_str()? != LISTENING {
-        return None;
-    }
-    fields.get("addr")?.as_str()?.parse().ok()
-}
-
 /// The `fields.addr` of a JSON line whose message is `message`; `None` for any other line.
 fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -376,10 +358,4 @@ fn all_threads_stopped(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next());
         matches!(state, Some("T" | "t" | "Z" | "X"))
     })
-}
-
-/// SIGKILL and wait; harmless on a process that already exited or was reaped.
-fn reap(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -18,6 +18,8 @@ use ::redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
+use super::signal::{self, reap};
+
 /// How long a freshly spawned server gets to answer `PING`.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often readiness is polled.
@@ -178,7 +180,7 @@ impl RedisServer {
     ///
     /// If the server was killed.
     pub fn stop(&mut self) {
-        self.signal("STOP");
+        signal::send(&mut self.child, "redis-server", "STOP");
     }
 
     /// Resumes a server frozen by [`RedisServer::stop`] (SIGCONT).
@@ -187,7 +189,7 @@ impl RedisServer {
     ///
     /// If the server was killed.
     pub fn cont(&mut self) {
-        self.signal("CONT");
+        signal::send(&mut self.child, "redis-server", "CONT");
     }
 
     /// Kills the server (if it is running or stopped) and starts a fresh, empty one on the same
@@ -220,20 +222,6 @@ impl RedisServer {
     /// The server's log so far (all runs on this fixture), for diagnosing a failed test.
     pub fn log(&self) -> String {
         fs::read_to_string(log_path(self.dir.path())).unwrap_or_default()
-    }
-
-    fn signal(&mut self, signal: &str) {
-        // `try_wait` answers from the cached status once the child was reaped, so a killed
-        // server's pid (which the OS may have reused) is never signalled.
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("redis-server cannot take SIG{signal}: it already exited ({status})");
-        }
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap_or_else(|e| panic!("run `kill -{signal} {pid}`: {e}"));
-        assert!(status.success(), "`kill -{signal} {pid}` failed: {status}");
     }
 }
 
@@ -362,12 +350,6 @@ async fn server_pid(client: &::redis::Client) -> Option<u32> {
         .find_map(|line| line.trim().strip_prefix("process_id:"))?
         .parse()
         .ok()
-}
-
-/// SIGKILL and wait; harmless on a process that already exited or was reaped.
-fn reap(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn log_path(dir: &Path) -> PathBuf {
