@@ -1052,3 +1052,51 @@ async fn sigterm_during_a_fill_finishes_the_fill_and_exits_0() {
     assert_eq!(hit.body, answer.body);
     assert_eq!(upstream.calls(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_drops_its_l1_after_its_pubsub_connection_reconnects() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: both instances hold the entry in L1.
+    for instance in &fleet {
+        client
+            .get(&url(instance, "/recommend?segment=a"), &[])
+            .await;
+        assert_eq!(instance.proxy().l1().entry_count().await, 1);
+    }
+
+    // Step 2: every pub/sub connection drops. Purges published until each instance has
+    // re-subscribed are lost to it, so it must not keep serving what it held.
+    let mut conn = redis.conn().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert!(
+        killed >= 2,
+        "both instances' pub/sub connections were killed"
+    );
+
+    // Step 3: once re-subscribed, each instance has dropped its L1 and re-reads from Redis
+    // (an L2 hit, not an upstream call).
+    for instance in &fleet {
+        eventually(
+            "the instance drops its L1 after re-subscribing",
+            SETTLE,
+            async || instance.proxy().l1().entry_count().await == 0,
+        )
+        .await;
+        let answer = client
+            .get(&url(instance, "/recommend?segment=a"), &[])
+            .await;
+        assert_eq!(answer.header("cache-status"), Some("corral; hit"));
+    }
+    assert_eq!(upstream.calls(), 1);
+}
