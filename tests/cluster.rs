@@ -7,7 +7,9 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use corral::key::CacheKey;
 use futures_util::future::join_all;
+use http::{HeaderMap, Method, Uri};
 use support::corral::{admin_url, cluster_config, recommend_route, start, url};
 use support::{Client, RedisCluster, Reply, Upstream};
 
@@ -241,4 +243,80 @@ async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(upstream.calls(), 1);
     assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
+    let mut cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(300));
+    // A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
+    let routes = recommend_route(
+        &upstream.url(),
+        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#,
+    );
+    let cfg = cluster_config(ADMIN, &cluster.urls(), &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: both hubs subscribe on the first seed node.
+    eventually("both hubs subscribed on seed 0", async || {
+        cluster.pubsub_clients(0).await == 2
+    })
+    .await;
+
+    // Step 2: a path whose entry lives on a node that stays up (not node 0).
+    let entry_of = |path: &str| {
+        let uri: Uri = path.parse().expect("a valid path");
+        let key = CacheKey::derive(
+            "recommend",
+            &cfg.routes[0].key,
+            &Method::GET,
+            &uri,
+            &HeaderMap::new(),
+            b"",
+        )
+        .expect("a GET without a JSON key derives");
+        format!("corral:test:recommend:{{{}}}", key.hex())
+    };
+    let mut path = None;
+    for k in 0..100 {
+        let candidate = format!("/recommend?segment=s{k}");
+        if !cluster.serves(0, &entry_of(&candidate)).await {
+            path = Some(candidate);
+            break;
+        }
+    }
+    let path = path.expect("some key's slot is not on node 0");
+
+    // Step 3: kill the first seed; both hubs move to the next seed.
+    cluster.kill(0);
+    eventually("both hubs re-subscribed on seed 1", async || {
+        cluster.pubsub_clients(1).await == 2
+    })
+    .await;
+
+    // Step 4: a stampede over both instances is still woken by the fill notice.
+    let requests = (0..100).map(|i| {
+        let (client, target) = (client.clone(), url(&fleet[i % 2], &path));
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(upstream.calls(), 1);
+    for instance in &fleet {
+        assert_eq!(instance.proxy().l1().entry_count().await, 1);
+    }
+
+    // Step 5: an invalidation published through one instance reaches the other's new node.
+    let body = format!(r#"{{"url": "{path}"}}"#);
+    assert_eq!(purge(&client, &fleet[1], &body).await, 1);
+    eventually("the other instance dropped the purged entry", async || {
+        fleet[0].proxy().l1().entry_count().await == 0
+    })
+    .await;
 }

@@ -135,7 +135,29 @@ impl RedisCluster {
         keys
     }
 
-    /// Kills node `index` (SIGKILL) and reaps it. Its slots stop being served.
+    /// How many pub/sub clients node `index` has (`CLIENT LIST TYPE pubsub`).
+    pub async fn pubsub_clients(&self, index: usize) -> usize {
+        let list: String = ::redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut self.node_conn(index).await)
+            .await
+            .unwrap_or_else(|e| panic!("CLIENT LIST on node {index}: {e}"));
+        list.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+
+    /// Whether node `index` serves the slot of `key` (it answers `EXISTS` instead of `MOVED`).
+    pub async fn serves(&self, index: usize, key: &str) -> bool {
+        ::redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut self.node_conn(index).await)
+            .await
+            .is_ok()
+    }
+
+    /// Kills node `index` (SIGKILL) and reaps it. Its slots stop being served; the other nodes
+    /// go on serving theirs (`cluster-require-full-coverage no`).
     pub fn kill(&mut self, index: usize) {
         reap(&mut self.nodes[index].child);
     }
@@ -268,6 +290,8 @@ fn spawn(port: u16, dir: &Path) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--cluster-enabled", "yes"])
+        // A test may kill a master: the others keep serving their own slots.
+        .args(["--cluster-require-full-coverage", "no"])
         .arg("--cluster-config-file")
         .arg(dir.join("nodes.conf"))
         .args(["--save", "", "--appendonly", "no"])
