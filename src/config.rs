@@ -75,13 +75,35 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL of a standalone Redis.
-    pub url: String,
+    /// Which Redis: one server (`url`) or a Cluster (`cluster`, its seed nodes).
+    pub topology: RedisTopology,
     /// Prefix segment of every Redis key and channel: `corral:{namespace}:…`. Default `"default"`.
     /// Letters, digits, `_`, `-`, `.` only.
     pub namespace: String,
     /// Budget of each Redis call. Default 50ms; never zero.
     pub timeout: Duration,
+}
+
+/// The shape of the Redis deployment: `url` or `cluster` in the `[redis]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// `redis://` or `rediss://` URL of a standalone Redis.
+    Standalone { url: String },
+    /// Seed nodes of a Redis Cluster (`redis://` or `rediss://` URLs, at least one, no
+    /// duplicates). The rest of the cluster is discovered from them; every key, script and
+    /// pipeline Corral sends touches one hash slot (see [`crate::l2`]).
+    Cluster { nodes: Vec<String> },
+}
+
+impl RedisTopology {
+    /// The URLs Corral may connect to directly: the one server, or every seed node in file order.
+    /// The pub/sub hub uses them: it needs one node, any node (see [`crate::notice`]).
+    pub fn seeds(&self) -> &[String] {
+        match self {
+            RedisTopology::Standalone { url } => std::slice::from_ref(url),
+            RedisTopology::Cluster { nodes } => nodes,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

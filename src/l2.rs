@@ -2,10 +2,11 @@
 //!
 //! Every call is bounded by `[redis] timeout`; a call that fails or times out is an [`L2Error`] the
 //! caller degrades on (L1 and in-process coalescing go on), never a failed request. The connection
-//! is a `ConnectionManager`: it reconnects by itself.
+//! (`l2/connection.rs`) is a `ConnectionManager` for one server or a cluster connection for a
+//! Redis Cluster; both reconnect by themselves.
 //!
-//! Redis names for one key (the `{hex}` braces are a Cluster hash tag, so an entry and its lock live
-//! in one slot and one script may touch both):
+//! Redis names for one key (the `{hex}` braces are a Cluster hash tag, so an entry, its lock and
+//! its marker live in one slot and one script may touch all of them):
 //! - entry `corral:{namespace}:{route}:{<hex>}`
 //! - lock `corral:{namespace}:{route}:lock:{<hex>}`
 //! - channel `corral:{namespace}:{route}:fill:<hex>`
@@ -14,14 +15,25 @@
 //! - tag index `corral:{namespace}:tag:<tag>`: a set of entry names, living as long as its longest
 //!   entry.
 //! - invalidation channel `corral:{namespace}:invalidate` (see [`crate::purge`]).
+//!
+//! # In a Redis Cluster
+//! Every script, `MGET` and pipeline on a key names only that key's entry, lock and marker, which
+//! share the `{<hex>}` hash tag: one slot, so they run as they do on one server. A script's
+//! `PUBLISH` is not a key access, and a classic (non-sharded) PUBLISH reaches every node of the
+//! cluster. What spans slots is written for it: a tag index is a key of its own (its own slot),
+//! so tags are indexed one pipeline per tag; a purge by tag `DEL`s entries from many slots, which
+//! redis-rs splits by slot; a purge by route `SCAN`s every master in turn.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use futures_util::future::try_join_all;
+use redis::Script;
+use redis::aio::ConnectionManagerConfig;
+
+use connection::{Connection, ScanTarget};
 
 use crate::breaker::Breaker;
 use crate::config::RedisConfig;
@@ -29,6 +41,8 @@ use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
 use crate::metrics::Metrics;
 use crate::purge::Purge;
+
+mod connection;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +219,7 @@ return 0
 /// The Redis tier. Cloning is cheap and shares the connection.
 #[derive(Clone)]
 pub struct L2 {
-    conn: ConnectionManager,
+    conn: Connection,
     namespace: Arc<str>,
     timeout: Duration,
     breaker: Arc<Breaker>,
@@ -222,21 +236,14 @@ struct Scripts {
 
 impl L2 {
     /// Prepares the connection without waiting for Redis: Corral starts (degraded) while Redis is
-    /// down and connects when it comes up.
+    /// down and connects when it comes up. Fails only on a URL redis-rs cannot use.
     pub fn connect(
         cfg: &RedisConfig,
         breaker: Arc<Breaker>,
         metrics: Arc<Metrics>,
     ) -> Result<L2, L2Error> {
-        let client = Client::open(cfg.url.as_str())
-            .map_err(|source| L2Error::Redis { op: "open", source })?;
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config(cfg.timeout))
-            .map_err(|source| L2Error::Redis {
-                op: "connect",
-                source,
-            })?;
         Ok(L2 {
-            conn,
+            conn: Connection::open(cfg)?,
             namespace: cfg.namespace.as_str().into(),
             timeout: cfg.timeout,
             breaker,
@@ -427,16 +434,16 @@ impl L2 {
 
     /// Indexes a stored entry under its tags, each index living as long as its longest entry.
     /// Best effort: a failure is logged, and only purge-by-tag misses that entry.
+    ///
+    /// One pipeline per tag, sent together: each index is a key of its own, and in a cluster a
+    /// pipeline must stay within one slot.
     pub async fn index_tags(&self, names: &KeyNames, entry: &Entry) {
         let Some(ttl) = entry.times.remaining(now_ms()) else {
             return;
         };
-        if entry.tags.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for tag in &entry.tags {
+        let pipes = entry.tags.iter().map(|tag| {
             let index = self.tag_index(tag);
+            let mut pipe = redis::pipe();
             pipe.cmd("SADD").arg(&index).arg(&names.entry).ignore();
             // A new set has no TTL: NX gives it one; GT only ever lengthens it.
             for flag in ["NX", "GT"] {
@@ -446,12 +453,14 @@ impl L2 {
                     .arg(flag)
                     .ignore();
             }
+            let mut conn = self.conn.clone();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        let pipes: Vec<_> = pipes.collect();
+        if pipes.is_empty() {
+            return;
         }
-        let mut conn = self.conn.clone();
-        if let Err(err) = self
-            .bounded("tag index", pipe.query_async::<()>(&mut conn))
-            .await
-        {
+        if let Err(err) = self.bounded("tag index", try_join_all(pipes)).await {
             tracing::warn!(key = %names.entry, %err, "could not index the entry's tags");
         }
     }
@@ -525,6 +534,7 @@ impl L2 {
         format!("corral:{}:tag:{tag}", self.namespace)
     }
 
+    /// `DEL` of `keys`; in a cluster redis-rs splits it by slot and adds up the counts.
     async fn delete(&self, keys: &[String]) -> Result<u64, L2Error> {
         if keys.is_empty() {
             return Ok(0);
@@ -537,23 +547,27 @@ impl L2 {
         .await
     }
 
-    /// Deletes every key matching `pattern`, SCANning in batches (never `KEYS`).
+    /// Deletes every key matching `pattern`, SCANning in batches (never `KEYS`) — on the server,
+    /// or on every master of a cluster in turn.
     async fn delete_matching(&self, pattern: &str) -> Result<u64, L2Error> {
+        let mut conn = self.conn.clone();
+        let targets = self
+            .bounded("purge CLUSTER SLOTS", conn.scan_targets())
+            .await?;
+        let mut deleted = 0;
+        for target in &targets {
+            deleted += self.delete_matching_on(target, pattern).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_matching_on(&self, target: &ScanTarget, pattern: &str) -> Result<u64, L2Error> {
         let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    "purge SCAN",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn),
-                )
+            let (next, keys) = self
+                .bounded("purge SCAN", conn.scan(target, cursor, pattern, 1000))
                 .await?;
             deleted += self.delete(&keys).await?;
             if next == 0 {

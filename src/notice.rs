@@ -20,6 +20,16 @@
 //! [`Purge`] that arrives is applied to this process's L1. Purges missed while disconnected cannot
 //! be replayed, so once the channel is subscribed again after a disconnection the whole L1 is
 //! dropped. A failed (re)subscription is retried every second until Redis answers.
+//!
+//! # In a Redis Cluster
+//! The hub still keeps one connection, to one node: a classic `PUBLISH` (not the sharded
+//! `SPUBLISH`) is propagated over the cluster bus to every node, replicas included, so a
+//! subscriber on any node receives every notice and invalidation whatever slot the publisher
+//! wrote to. It starts on the first seed node in `[redis] cluster`; when a node stops answering
+//! (two failed reconciliations in a row, or the first one on a node that never answered) it
+//! moves to the next seed, round robin, and resyncs exactly as after a disconnection: waiters
+//! re-confirm and re-check L2, and L1 is dropped once the invalidation channel is subscribed
+//! again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +48,9 @@ use crate::purge::Purge;
 
 /// How often a failed (re)subscription is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
+/// more than one): a node that answered before gets a second chance to reconnect.
+const SWITCH_AFTER: u32 = 2;
 
 /// What wakes a waiter.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,34 +105,52 @@ impl Notices {
         let waiters: Waiters = Arc::default();
         let dispatch = waiters.clone();
         let (requests, rx) = mpsc::unbounded_channel();
-        let resets = requests.clone();
+        // Weak: the connections (inside the reconciling task) must not keep that task alive.
+        let resets = requests.downgrade();
         let (purges, purges_rx) = mpsc::unbounded_channel();
         let invalidations = invalidation_channel(&cfg.namespace);
         let route_purges = purges.clone();
         let channel = invalidations.clone();
-        let client = resp3_client(&cfg.url)?;
-        let config = manager_config(cfg.timeout).set_push_sender(move |push: PushInfo| {
-            match deliver(&dispatch, &channel, push) {
-                Delivered::Disconnected => {
-                    let _ = resets.send(Request::Reset);
+        let timeout = cfg.timeout;
+        let open: Open = Box::new(move |url: &str| {
+            let client = resp3_client(url)?;
+            let (dispatch, channel) = (dispatch.clone(), channel.clone());
+            let (resets, route_purges) = (resets.clone(), route_purges.clone());
+            let config = manager_config(timeout).set_push_sender(move |push: PushInfo| {
+                match deliver(&dispatch, &channel, push) {
+                    Delivered::Disconnected => {
+                        if let Some(requests) = resets.upgrade() {
+                            let _ = requests.send(Request::Reset);
+                        }
+                    }
+                    Delivered::Purge(purge) => {
+                        let _ = route_purges.send(purge);
+                    }
+                    Delivered::Nothing => {}
                 }
-                Delivered::Purge(purge) => {
-                    let _ = route_purges.send(purge);
+                Ok::<(), redis::aio::SendError>(())
+            });
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+                L2Error::Redis {
+                    op: "pubsub connect",
+                    source,
                 }
-                Delivered::Nothing => {}
-            }
-            Ok::<(), redis::aio::SendError>(())
+            })
         });
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-            L2Error::Redis {
-                op: "pubsub connect",
-                source,
-            }
+        let seeds = cfg.topology.seeds().to_vec();
+        let first = seeds.first().ok_or_else(|| {
+            L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
         })?;
+        let conn = open(first)?;
         tokio::spawn(apply_purges(purges_rx, l1));
         tokio::spawn(reconcile(
             Reconciler {
                 conn,
+                seeds,
+                seed: 0,
+                answered: false,
+                failures: 0,
+                open,
                 waiters: waiters.clone(),
                 always: invalidations,
                 purges,
@@ -268,17 +299,11 @@ fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered 
             Delivered::Nothing
         }
         PushKind::Disconnection => {
-            let waiters = lock(waiters);
             tracing::warn!(
-                waiting = waiters.len(),
+                waiting = lock(waiters).len(),
                 "redis pub/sub connection lost; waiters re-subscribe and re-check"
             );
-            for slot in waiters.values() {
-                slot.tx.send_modify(|(seq, wake)| {
-                    *seq += 1;
-                    *wake = Some(Wake::Resync);
-                });
-            }
+            resync(waiters);
             Delivered::Disconnected
         }
         _ => Delivered::Nothing,
@@ -300,9 +325,21 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
     }
 }
 
+/// Opens a (lazy) pub/sub connection to one node, pushes wired to the hub.
+type Open = Box<dyn Fn(&str) -> Result<ConnectionManager, L2Error> + Send + Sync>;
+
 /// The reconciling task's state.
 struct Reconciler {
     conn: ConnectionManager,
+    /// The nodes the hub may subscribe on: the server, or the cluster's seed nodes.
+    seeds: Vec<String>,
+    /// Index in `seeds` of the node `conn` talks to.
+    seed: usize,
+    /// Whether this node has answered a (un)subscription since the hub moved to it.
+    answered: bool,
+    /// Failed reconciliations in a row on this node (not counting those the open circuit refused).
+    failures: u32,
+    open: Open,
     waiters: Waiters,
     /// Subscribed whether or not anyone waits: the invalidation channel.
     always: String,
@@ -371,12 +408,61 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             }
         }
         behind = result.is_err();
-        if let Err(err) = &result {
-            tracing::warn!(%err, "redis pub/sub (un)subscribe failed; retrying");
+        match &result {
+            Ok(()) => {
+                r.answered = true;
+                r.failures = 0;
+            }
+            // The circuit is open: nothing was asked of this node, so it is not to blame.
+            Err(L2Error::CircuitOpen { .. }) => {}
+            Err(err) => {
+                tracing::warn!(%err, node = %r.seeds[r.seed], "redis pub/sub (un)subscribe failed; retrying");
+                r.failures += 1;
+                if r.move_on() {
+                    subscribed.clear();
+                }
+            }
         }
         for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
         }
+    }
+}
+
+impl Reconciler {
+    /// Moves to the next seed node when this one failed often enough (never with a single seed);
+    /// `true` when it did: the new connection holds no subscriptions, waiters must resync.
+    fn move_on(&mut self) -> bool {
+        let limit = if self.answered { SWITCH_AFTER } else { 1 };
+        if self.seeds.len() < 2 || self.failures < limit {
+            return false;
+        }
+        let next = (self.seed + 1) % self.seeds.len();
+        let conn = match (self.open)(&self.seeds[next]) {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%err, node = %self.seeds[next], "cannot open a pub/sub connection");
+                return false;
+            }
+        };
+        tracing::warn!(
+            from = %self.seeds[self.seed],
+            to = %self.seeds[next],
+            "redis pub/sub node not answering; moving to the next seed node"
+        );
+        (self.conn, self.seed, self.answered, self.failures) = (conn, next, false, 0);
+        resync(&self.waiters);
+        true
+    }
+}
+
+/// Tells every waiter that notices may have been lost: confirm the subscription, re-check L2.
+fn resync(waiters: &Waiters) {
+    for slot in lock(waiters).values() {
+        slot.tx.send_modify(|(seq, wake)| {
+            *seq += 1;
+            *wake = Some(Wake::Resync);
+        });
     }
 }
 

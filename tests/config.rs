@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use corral::config::{Config, ConfigError, LockScope, OnWaitTimeout};
+use corral::config::{Config, ConfigError, LockScope, OnWaitTimeout, RedisTopology};
 use http::Method;
 
 fn shipped(name: &str) -> PathBuf {
@@ -52,7 +52,12 @@ fn example_config_parses_with_every_option() {
     );
     assert_eq!(config.server.admin_token.as_deref(), Some("change-me"));
     let redis = config.redis.as_ref().expect("example has [redis]");
-    assert_eq!(redis.url, "redis://127.0.0.1:6379");
+    assert_eq!(
+        redis.topology,
+        RedisTopology::Standalone {
+            url: "redis://127.0.0.1:6379".to_owned()
+        }
+    );
     assert_eq!(redis.namespace, "prod");
     assert_eq!(redis.timeout, Duration::from_millis(50));
     assert_eq!(config.cache.l1_max_bytes, 256 * 1024 * 1024);
@@ -259,12 +264,61 @@ fn bad_header_name_is_refused() {
 }
 
 #[test]
-fn redis_cluster_is_refused_as_not_supported_yet() {
+fn redis_cluster_seed_nodes_are_accepted_in_file_order() {
+    let text = format!(
+        "{ROUTE}\n[redis]\ncluster = [\n  \"redis://10.0.0.2:7000\",\n  \"rediss://10.0.0.1:7001\",\n]\n"
+    );
+    let config = Config::parse(&text, Path::new("ok.toml")).expect("a cluster is valid");
+    let redis = config.redis.expect("[redis] is set");
+
+    let nodes = vec![
+        "redis://10.0.0.2:7000".to_owned(),
+        "rediss://10.0.0.1:7001".to_owned(),
+    ];
+    assert_eq!(redis.topology.seeds(), nodes.as_slice());
+    assert_eq!(redis.topology, RedisTopology::Cluster { nodes });
+    assert_eq!(config.routes[0].lock.scope, LockScope::Fleet);
+}
+
+#[test]
+fn a_bad_redis_cluster_is_refused_at_its_line() {
+    // Empty list: the list's own line.
+    let message = refusal(&format!("{ROUTE}\n[redis]\ncluster = []\n"));
+    assert_points_at(&message, 8, "redis.cluster");
+    assert!(message.contains("must not be empty"), "{message}");
+
+    // A node that is not a Redis URL: that element's line.
     let message = refusal(&format!(
-        "{ROUTE}\n[redis]\ncluster = [\"redis://a:6379\"]\n"
+        "{ROUTE}\n[redis]\ncluster = [\n  \"redis://a:7000\",\n  \"a:7001\",\n]\n"
+    ));
+    assert_points_at(&message, 10, "redis.cluster");
+    assert!(
+        message.contains("\"a:7001\" must start with redis://"),
+        "{message}"
+    );
+
+    // The same node twice.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\ncluster = [\"redis://a:7000\", \"redis://a:7000\"]\n"
+    ));
+    assert_points_at(&message, 8, "redis.cluster");
+    assert!(message.contains("listed twice"), "{message}");
+
+    // Both a URL and a cluster.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\ncluster = [\"redis://a:7000\"]\n"
+    ));
+    assert_points_at(&message, 9, "redis.cluster");
+    assert!(message.contains("give exactly one of"), "{message}");
+}
+
+#[test]
+fn redis_sentinel_is_refused_as_not_supported_yet() {
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ master = \"m\", nodes = [\"redis://a:26379\"] }}\n"
     ));
 
-    assert_points_at(&message, 8, "redis.cluster");
+    assert_points_at(&message, 8, "redis.sentinel");
     assert!(
         message.contains("not supported yet; use `url`"),
         "{message}"

@@ -22,7 +22,7 @@ use super::raw::{
 };
 use super::{
     CacheConfig, Config, ConfigError, KeySpec, LockScope, LockSpec, OnWaitTimeout, RedisConfig,
-    RouteConfig, ServerConfig,
+    RedisTopology, RouteConfig, ServerConfig,
 };
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_ERROR_TTL, DEFAULT_HEADER_READ_TIMEOUT,
@@ -183,14 +183,18 @@ impl Checker<'_> {
         if let Some((other, span)) = given.next() {
             return self.fail(span, (None, other), format!("{one_of} (`{field}` is set)"));
         }
-        let Some(url) = &raw.url else {
-            return self.fail(span, (None, field), "not supported yet; use `url`");
+        let topology = match (&raw.url, &raw.cluster) {
+            (Some(url), _) => RedisTopology::Standalone {
+                url: self.redis_url(url, "redis.url")?,
+            },
+            (None, Some(nodes)) => RedisTopology::Cluster {
+                nodes: self.cluster_nodes(nodes)?,
+            },
+            (None, None) => {
+                let why = "not supported yet; use `url` or `cluster`";
+                return self.fail(span, (None, field), why);
+            }
         };
-        let text = url.get_ref();
-        if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
-            let why = format!("{text:?} must start with redis:// or rediss://");
-            return self.fail(url.span(), (None, "redis.url"), why);
-        }
         let namespace = match &raw.namespace {
             None => DEFAULT_NAMESPACE.to_owned(),
             Some(ns) if is_name(ns.get_ref(), ".") => ns.get_ref().clone(),
@@ -205,10 +209,42 @@ impl Checker<'_> {
         let at = (None, "redis.timeout");
         let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
         Ok(RedisConfig {
-            url: text.clone(),
+            topology,
             namespace,
             timeout,
         })
+    }
+
+    /// A `redis://` or `rediss://` URL.
+    fn redis_url(&self, url: &Spanned<String>, field: &str) -> Checked<String> {
+        let text = url.get_ref();
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return Ok(text.clone());
+        }
+        let why = format!("{text:?} must start with redis:// or rediss://");
+        self.fail(url.span(), (None, field), why)
+    }
+
+    /// The seed nodes of a cluster: at least one, each a Redis URL, none twice.
+    fn cluster_nodes(&self, nodes: &Spanned<Vec<Spanned<String>>>) -> Checked<Vec<String>> {
+        let field = "redis.cluster";
+        if nodes.get_ref().is_empty() {
+            let why = "must not be empty: list the cluster's seed nodes";
+            return self.fail(nodes.span(), (None, field), why);
+        }
+        let mut seen = Vec::with_capacity(nodes.get_ref().len());
+        for node in nodes.get_ref() {
+            let url = self.redis_url(node, field)?;
+            if seen.contains(&url) {
+                return self.fail(
+                    node.span(),
+                    (None, field),
+                    format!("{url:?} is listed twice"),
+                );
+            }
+            seen.push(url);
+        }
+        Ok(seen)
     }
 
     fn route(&self, index: usize, route: &Spanned<RawRoute>, redis: bool) -> Checked<RouteConfig> {

@@ -42,8 +42,8 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedis {
     pub(super) url: Option<Spanned<String>>,
+    pub(super) cluster: List<String>,
     /// Accepted so the error can say "not supported yet" rather than "unknown field".
-    pub(super) cluster: Option<Spanned<Vec<String>>>,
     pub(super) sentinel: Option<Spanned<toml::Table>>,
     pub(super) namespace: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<HumanDuration>>,

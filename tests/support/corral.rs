@@ -13,6 +13,28 @@ pub fn redis_table(url: &str) -> String {
     format!("[redis]\nurl = \"{url}\"\nnamespace = \"test\"\ntimeout = \"500ms\"\n")
 }
 
+/// A `[redis]` table for a test Redis Cluster given by its seed node URLs, namespace `test`.
+pub fn cluster_table(nodes: &[String]) -> String {
+    let list: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[redis]\ncluster = [{}]\nnamespace = \"test\"\ntimeout = \"500ms\"\n",
+        list.join(", ")
+    )
+}
+
+/// A full config whose `[server]` table holds `server_extra` and whose Redis is the cluster at
+/// `nodes`.
+pub fn cluster_config(server_extra: &str, nodes: &[String], routes: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
+        cluster_table(nodes)
+    );
+    match Config::parse(&text, Path::new("<test>")) {
+        Ok(config) => config,
+        Err(err) => panic!("test config does not validate: {err}\n{text}"),
+    }
+}
+
 /// The cached route most tests use: `/recommend`, GET and POST, keyed on the whole query.
 pub fn recommend_route(upstream: &str, extra: &str) -> String {
     format!(

@@ -5,6 +5,8 @@
 //!
 //! - [`redis`]: [`RedisServer`], a `redis-server` process per test, with fault knobs (kill, stop,
 //!   continue, restart) and `INFO commandstats` for counting the commands Corral sends.
+//! - [`cluster`]: [`RedisCluster`], three `redis-server` cluster masters joined by
+//!   `redis-cli --cluster create`, for the cluster-mode tests.
 //! - [`upstream`]: [`Upstream`], an in-process hyper server standing in for the slow backend. It
 //!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
 //! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
@@ -20,6 +22,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod cluster;
 pub mod corral;
 pub mod process;
 pub mod redis;
@@ -28,6 +31,7 @@ pub mod upstream;
 pub mod wait;
 
 pub use self::client::{Client, Resp};
+pub use self::cluster::RedisCluster;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::upstream::{Reply, Upstream};

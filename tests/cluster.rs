@@ -1,0 +1,322 @@
+//! Cluster mode end to end: a fleet of Corral instances sharing a real three-master Redis
+//! Cluster keeps the fleet guarantees — one upstream call per key, L2 reuse by a fresh instance,
+//! purges by URL, tag and route — with keys spread over every master.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use corral::key::CacheKey;
+use futures_util::future::join_all;
+use http::{HeaderMap, Method, Uri};
+use support::corral::{admin_url, cluster_config, recommend_route, start, url};
+use support::{Client, RedisCluster, Reply, Upstream};
+
+const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
+
+/// Polls `check` every 20 ms until it holds; panics with `what` after 15 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `POST /purge` on an instance's admin listener; asserts 200 and returns `purged`.
+async fn purge(client: &Client, instance: &corral::Instance, body: &str) -> u64 {
+    let target = admin_url(instance, "/purge");
+    let headers = [("content-type", "application/json")];
+    let answer = client.post(&target, &headers, body.to_owned()).await;
+    assert_eq!(answer.status, 200, "purge {body}: {}", answer.text());
+    answer.json()["purged"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("purge {body}: no count in {}", answer.text()))
+}
+
+/// How many of the cluster's masters hold at least one key matching `pattern`.
+async fn nodes_holding(cluster: &RedisCluster, pattern: &str) -> usize {
+    let mut holding = 0;
+    for index in 0..cluster.urls().len() {
+        if !cluster.node_keys(index, pattern).await.is_empty() {
+            holding += 1;
+        }
+    }
+    holding
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_fleet_stampede_makes_one_upstream_call() {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(300));
+    // A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
+    let routes = recommend_route(
+        &upstream.url(),
+        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#,
+    );
+    let cfg = cluster_config("", &cluster.urls(), &routes);
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: 300 identical requests over the three instances, all at once.
+    let requests = (0..300).map(|i| {
+        let client = client.clone();
+        let target = url(&fleet[i % 3], "/recommend?segment=sports&article=42");
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+
+    // Step 2: one upstream call, 300 identical 200s, one of them the fill.
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies.len(), 1, "every request got the same body");
+    let fills = answers
+        .iter()
+        .filter(|r| r.header("cache-status") == Some("corral; fwd=miss; stored"))
+        .count();
+    assert_eq!(fills, 1);
+
+    // Step 3: the entry is in the cluster, and no lock is left on any node.
+    assert_eq!(cluster.keys("corral:test:recommend:{*").await.len(), 1);
+    assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_many_keys_over_three_instances_make_one_call_per_key() {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(200));
+    let cfg = cluster_config("", &cluster.urls(), &recommend_route(&upstream.url(), ""));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: 50 keys × 6 requests, spread over the instances, all at once.
+    let requests = (0..50)
+        .flat_map(|k| (0..6).map(move |i| (k, i)))
+        .map(|(k, i)| {
+            let client = client.clone();
+            let target = url(&fleet[(k + i) % 3], &format!("/recommend?segment=s{k}"));
+            async move { client.get(&target, &[]).await.status }
+        });
+    let statuses = join_all(requests).await;
+
+    // Step 2: one call per key.
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(upstream.calls(), 50);
+    for k in 0..50 {
+        assert_eq!(upstream.calls_for(&format!("/recommend?segment=s{k}")), 1);
+    }
+
+    // Step 3: the entries live on every master (the keys spread over the slots); no lock left.
+    assert_eq!(cluster.keys("corral:test:recommend:{*").await.len(), 50);
+    assert_eq!(nodes_holding(&cluster, "corral:test:recommend:{*").await, 3);
+    assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_fresh_instance_answers_from_the_cluster() {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    let cfg = cluster_config("", &cluster.urls(), &recommend_route(&upstream.url(), ""));
+    let client = Client::new();
+
+    let first = start(1, &cfg).await;
+    let filled = client
+        .get(&url(&first[0], "/recommend?segment=a"), &[])
+        .await;
+    assert_eq!(
+        filled.header("cache-status"),
+        Some("corral; fwd=miss; stored")
+    );
+
+    // A new instance has an empty L1: it answers from the cluster.
+    let second = start(1, &cfg).await;
+    let reused = client
+        .get(&url(&second[0], "/recommend?segment=a"), &[])
+        .await;
+    assert_eq!(reused.status, 200);
+    assert_eq!(reused.body, filled.body);
+    assert_eq!(reused.header("cache-status"), Some("corral; hit"));
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(second[0].proxy().l1().entry_count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    let tagged: Vec<String> = (0..8).map(|i| format!("/recommend/tagged-{i}")).collect();
+    let plain: Vec<String> = (0..8).map(|i| format!("/recommend/plain-{i}")).collect();
+    for path in &tagged {
+        upstream.script(
+            path,
+            Reply::status(200).header("surrogate-key", "article-7"),
+        );
+    }
+    let cfg = cluster_config(
+        ADMIN,
+        &cluster.urls(),
+        &recommend_route(&upstream.url(), ""),
+    );
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+    let entries = "corral:test:recommend:{*";
+
+    // Step 1: fill 16 keys through the first instance; read them through the others, so every
+    // instance holds them in L1. They spread over all three masters.
+    for path in tagged.iter().chain(&plain) {
+        for instance in &fleet {
+            assert_eq!(client.get(&url(instance, path), &[]).await.status, 200);
+        }
+    }
+    assert_eq!(upstream.calls(), 16);
+    assert_eq!(cluster.keys(entries).await.len(), 16);
+    assert_eq!(nodes_holding(&cluster, entries).await, 3);
+    for instance in &fleet {
+        assert_eq!(instance.proxy().l1().entry_count().await, 16);
+    }
+
+    // Step 2: purge one URL through the second instance: gone from the cluster and every L1.
+    assert_eq!(
+        purge(&client, &fleet[1], r#"{"url": "/recommend/plain-0"}"#).await,
+        1
+    );
+    assert_eq!(cluster.keys(entries).await.len(), 15);
+    for instance in &fleet {
+        eventually("the instance dropped the purged URL", async || {
+            instance.proxy().l1().entry_count().await == 15
+        })
+        .await;
+    }
+
+    // Step 3: purge the tag through the third instance: its 8 entries sit in many slots on
+    // several nodes, and are all deleted; the tag index goes too.
+    assert_eq!(
+        purge(&client, &fleet[2], r#"{"tag": "article-7"}"#).await,
+        8
+    );
+    assert_eq!(cluster.keys(entries).await.len(), 7);
+    assert!(cluster.keys("corral:test:tag:*").await.is_empty());
+    for instance in &fleet {
+        eventually("the instance dropped the tagged entries", async || {
+            instance.proxy().l1().entry_count().await == 7
+        })
+        .await;
+    }
+
+    // Step 4: purge the route through the first instance: every master is scanned.
+    assert_eq!(
+        purge(&client, &fleet[0], r#"{"route": "recommend"}"#).await,
+        7
+    );
+    assert!(cluster.keys(entries).await.is_empty());
+    for instance in &fleet {
+        eventually("the instance dropped the route's entries", async || {
+            instance.proxy().l1().entry_count().await == 0
+        })
+        .await;
+    }
+
+    // Step 5: the next read refills once for the fleet.
+    upstream.reset_calls();
+    let answers = join_all(fleet.iter().map(|instance| {
+        let (client, target) = (client.clone(), url(instance, "/recommend/tagged-3"));
+        async move { client.get(&target, &[]).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(upstream.calls(), 1);
+    assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
+    let mut cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(300));
+    // A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
+    let routes = recommend_route(
+        &upstream.url(),
+        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#,
+    );
+    let cfg = cluster_config(ADMIN, &cluster.urls(), &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: both hubs subscribe on the first seed node.
+    eventually("both hubs subscribed on seed 0", async || {
+        cluster.pubsub_clients(0).await == 2
+    })
+    .await;
+
+    // Step 2: a path whose entry lives on a node that stays up (not node 0).
+    let entry_of = |path: &str| {
+        let uri: Uri = path.parse().expect("a valid path");
+        let key = CacheKey::derive(
+            "recommend",
+            &cfg.routes[0].key,
+            &Method::GET,
+            &uri,
+            &HeaderMap::new(),
+            b"",
+        )
+        .expect("a GET without a JSON key derives");
+        format!("corral:test:recommend:{{{}}}", key.hex())
+    };
+    let mut path = None;
+    for k in 0..100 {
+        let candidate = format!("/recommend?segment=s{k}");
+        if !cluster.serves(0, &entry_of(&candidate)).await {
+            path = Some(candidate);
+            break;
+        }
+    }
+    let path = path.expect("some key's slot is not on node 0");
+
+    // Step 3: kill the first seed; both hubs move to the next seed.
+    cluster.kill(0);
+    eventually("both hubs re-subscribed on seed 1", async || {
+        cluster.pubsub_clients(1).await == 2
+    })
+    .await;
+
+    // Step 4: a stampede over both instances is still woken by the fill notice.
+    let requests = (0..100).map(|i| {
+        let (client, target) = (client.clone(), url(&fleet[i % 2], &path));
+        async move { client.get(&target, &[]).await }
+    });
+    let answers = join_all(requests).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(upstream.calls(), 1);
+    for instance in &fleet {
+        assert_eq!(instance.proxy().l1().entry_count().await, 1);
+    }
+
+    // Step 5: an invalidation published through one instance reaches the other's new node.
+    let body = format!(r#"{{"url": "{path}"}}"#);
+    assert_eq!(purge(&client, &fleet[1], &body).await, 1);
+    eventually("the other instance dropped the purged entry", async || {
+        fleet[0].proxy().l1().entry_count().await == 0
+    })
+    .await;
+}

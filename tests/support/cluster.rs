@@ -1,0 +1,367 @@
+//! A real Redis Cluster per test: three `redis-server --cluster-enabled yes` masters on free
+//! loopback ports, joined by `redis-cli --cluster create`, killed on Drop.
+//!
+//! Each node keeps nothing on disk (`--save ""`, no AOF) and writes its `nodes.conf` and log into
+//! its own folder of a private tempdir, removed with the fixture. A node also needs its cluster bus
+//! port (its port + 10000) free, so ports are picked with both free and below 55536.
+
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use tempfile::TempDir;
+use tokio::time::{Instant, sleep, timeout};
+
+/// Masters in the cluster (no replicas): enough to spread slots over several nodes.
+const MASTERS: usize = 3;
+/// How long a spawned node gets to answer `PING`.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the joined cluster gets until every node says `cluster_state:ok`.
+const CLUSTER_OK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often readiness is polled.
+const POLL: Duration = Duration::from_millis(50);
+/// Bound on one readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A node's cluster bus listens on its port plus this.
+const BUS_OFFSET: u16 = 10_000;
+/// Spawn attempts per node: a free port may be taken by another test before the node binds it.
+const PORT_ATTEMPTS: usize = 5;
+/// Log lines quoted when a node does not come up.
+const LOG_TAIL_LINES: usize = 30;
+
+/// Three cluster masters on `127.0.0.1`, serving all 16384 slots between them.
+///
+/// Dropping it kills every node and removes the tempdir.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    dir: TempDir,
+}
+
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+impl RedisCluster {
+    /// Starts three masters, creates the cluster and waits until every node reports
+    /// `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` or `redis-cli` is not on `PATH`, if a node does not come up within 5 s,
+    /// if `redis-cli --cluster create` fails (its output is quoted), or if the cluster is not ok on
+    /// every node within 20 s.
+    pub async fn start() -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-cluster-")
+            .tempdir()
+            .expect("create a tempdir for the cluster");
+        let mut cluster = RedisCluster {
+            nodes: Vec::with_capacity(MASTERS),
+            dir,
+        };
+        for index in 0..MASTERS {
+            let node = start_node(&cluster.dir.path().join(format!("node-{index}"))).await;
+            cluster.nodes.push(node);
+        }
+        cluster.create();
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// The seed node URLs, `redis://127.0.0.1:<port>`, one per master.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// A plain (non-cluster) connection to node `index`, for per-node inspection.
+    pub async fn node_conn(&self, index: usize) -> MultiplexedConnection {
+        let url = &self.urls()[index];
+        ::redis::Client::open(url.as_str())
+            .expect("a redis:// URL on loopback is valid")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to cluster node {url}: {e}"))
+    }
+
+    /// A cluster connection (slot-aware), for writing keys the way Corral does.
+    pub async fn cluster_conn(&self) -> ::redis::cluster_async::ClusterConnection {
+        ::redis::cluster::ClusterClient::new(self.urls())
+            .expect("seed URLs on loopback are valid")
+            .get_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to the cluster {:?}: {e}", self.urls()))
+    }
+
+    /// Keys matching a glob `pattern` on node `index`, sorted (`SCAN` on that node only).
+    pub async fn node_keys(&self, index: usize, pattern: &str) -> Vec<String> {
+        let mut conn = self.node_conn(index).await;
+        let mut keys = Vec::new();
+        let mut cursor = 0_u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("SCAN {pattern} on node {index}: {e}"));
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Keys matching `pattern` on every node, sorted.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        for index in 0..self.nodes.len() {
+            keys.extend(self.node_keys(index, pattern).await);
+        }
+        keys.sort();
+        keys
+    }
+
+    /// How many pub/sub clients node `index` has (`CLIENT LIST TYPE pubsub`).
+    pub async fn pubsub_clients(&self, index: usize) -> usize {
+        let list: String = ::redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut self.node_conn(index).await)
+            .await
+            .unwrap_or_else(|e| panic!("CLIENT LIST on node {index}: {e}"));
+        list.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+
+    /// Whether node `index` serves the slot of `key` (it answers `EXISTS` instead of `MOVED`).
+    pub async fn serves(&self, index: usize, key: &str) -> bool {
+        ::redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut self.node_conn(index).await)
+            .await
+            .is_ok()
+    }
+
+    /// Kills node `index` (SIGKILL) and reaps it. Its slots stop being served; the other nodes
+    /// go on serving theirs (`cluster-require-full-coverage no`).
+    pub fn kill(&mut self, index: usize) {
+        reap(&mut self.nodes[index].child);
+    }
+
+    /// The logs of every node, for diagnosing a failed test.
+    pub fn logs(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| log_tail(&self.dir.path().join(format!("node-{i}"))))
+            .collect()
+    }
+
+    /// `redis-cli --cluster create … --cluster-replicas 0 --cluster-yes`.
+    fn create(&self) {
+        let addrs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| match e.kind() {
+                ErrorKind::NotFound => panic!(
+                    "redis-cli not found on PATH: install it (Debian: apt-get install \
+                     redis-tools, or redis-server which brings it) to run Corral's cluster tests"
+                ),
+                _ => panic!("run redis-cli --cluster create: {e}"),
+            });
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create {addrs:?} failed ({}):\n{}\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.logs()
+        );
+    }
+
+    /// Polls `CLUSTER INFO` on every node until each says `cluster_state:ok`.
+    async fn wait_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_OK_TIMEOUT;
+        for (index, url) in self.urls().iter().enumerate() {
+            let client = ::redis::Client::open(url.as_str()).expect("valid URL");
+            loop {
+                let probe = async {
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    ::redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                };
+                let info = timeout(PROBE_TIMEOUT, probe).await.ok().flatten();
+                if info
+                    .as_deref()
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node {index} ({url}) not ok within {CLUSTER_OK_TIMEOUT:?}: {info:?}\n{}",
+                    self.logs()
+                );
+                sleep(POLL).await;
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            reap(&mut node.child);
+        }
+    }
+}
+
+/// Spawns one cluster-enabled node in `dir` on a free port pair and waits until it answers.
+async fn start_node(dir: &Path) -> Node {
+    fs::create_dir_all(dir).expect("create a cluster node's folder");
+    for _ in 0..PORT_ATTEMPTS {
+        let port = free_port_pair();
+        let log_start = fs::metadata(log_path(dir)).map(|m| m.len()).unwrap_or(0);
+        let mut child = spawn(port, dir);
+        match wait_ready(&mut child, port).await {
+            Ok(()) => return Node { child, port },
+            Err(why) => {
+                reap(&mut child);
+                let log = fs::read(log_path(dir)).unwrap_or_default();
+                let start = usize::try_from(log_start).unwrap_or(0).min(log.len());
+                if String::from_utf8_lossy(&log[start..]).contains("Address already in use") {
+                    continue;
+                }
+                panic!(
+                    "cluster node on 127.0.0.1:{port} did not come up: {why}\n{}",
+                    log_tail(dir)
+                );
+            }
+        }
+    }
+    panic!("cluster node: {PORT_ATTEMPTS} free port pairs in a row were taken");
+}
+
+/// A port that was free a moment ago, with its bus port (+10000) free too.
+fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("a bound address").port();
+        let Some(bus) = port.checked_add(BUS_OFFSET) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
+        }
+    }
+    panic!("found no free loopback port whose port + {BUS_OFFSET} is free too");
+}
+
+fn spawn(port: u16, dir: &Path) -> Child {
+    let stderr = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .expect("create a cluster node's stderr.log");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        // A test may kill a master: the others keep serving their own slots.
+        .args(["--cluster-require-full-coverage", "no"])
+        .arg("--cluster-config-file")
+        .arg(dir.join("nodes.conf"))
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(log_path(dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| match e.kind() {
+            ErrorKind::NotFound => panic!(
+                "redis-server not found on PATH: install it (Debian: apt-get install redis-server) \
+                 to run Corral's tests"
+            ),
+            _ => panic!("spawn redis-server: {e}"),
+        })
+}
+
+/// Polls until our child answers on `port` with its own pid, or exits, or time runs out.
+async fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("valid URL");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("it exited with {status}"));
+        }
+        let probe = async {
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = ::redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix("process_id:"))?
+                .parse::<u32>()
+                .ok()
+        };
+        if timeout(PROBE_TIMEOUT, probe).await.ok().flatten() == Some(child.id()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("it did not answer within {READY_TIMEOUT:?}"));
+        }
+        sleep(POLL).await;
+    }
+}
+
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("redis.log")
+}
+
+fn log_tail(dir: &Path) -> String {
+    let mut tail = format!("--- {} ---\n", dir.display());
+    for name in ["redis.log", "stderr.log"] {
+        let text = fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+        tail.push_str(&format!("--- last lines of {name} ---\n"));
+        for line in &lines[from..] {
+            tail.push_str(line);
+            tail.push('\n');
+        }
+    }
+    tail
+}
