@@ -29,20 +29,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::try_join_all;
 use redis::Script;
 use redis::aio::ConnectionManagerConfig;
 
-use connection::{Connection, ScanTarget};
+use connection::Connection;
 
 use crate::breaker::Breaker;
 use crate::config::RedisConfig;
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
 use crate::metrics::Metrics;
-use crate::purge::Purge;
 
 mod connection;
+mod purge;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -430,151 +429,6 @@ impl L2 {
             2 => StoreOutcome::StoredUnlocked,
             _ => StoreOutcome::Superseded,
         })
-    }
-
-    /// Indexes a stored entry under its tags, each index living as long as its longest entry.
-    /// Best effort: a failure is logged, and only purge-by-tag misses that entry.
-    ///
-    /// One pipeline per tag, sent together: each index is a key of its own, and in a cluster a
-    /// pipeline must stay within one slot.
-    pub async fn index_tags(&self, names: &KeyNames, entry: &Entry) {
-        let Some(ttl) = entry.times.remaining(now_ms()) else {
-            return;
-        };
-        let pipes = entry.tags.iter().map(|tag| {
-            let index = self.tag_index(tag);
-            let mut pipe = redis::pipe();
-            pipe.cmd("SADD").arg(&index).arg(&names.entry).ignore();
-            // A new set has no TTL: NX gives it one; GT only ever lengthens it.
-            for flag in ["NX", "GT"] {
-                pipe.cmd("PEXPIRE")
-                    .arg(&index)
-                    .arg(millis(ttl))
-                    .arg(flag)
-                    .ignore();
-            }
-            let mut conn = self.conn.clone();
-            async move { pipe.query_async::<()>(&mut conn).await }
-        });
-        let pipes: Vec<_> = pipes.collect();
-        if pipes.is_empty() {
-            return;
-        }
-        if let Err(err) = self.bounded("tag index", try_join_all(pipes)).await {
-            tracing::warn!(key = %names.entry, %err, "could not index the entry's tags");
-        }
-    }
-
-    /// Removes what `purge` names from Redis and tells every instance to drop it from L1.
-    /// Returns how many entries were deleted from Redis.
-    pub async fn purge(&self, purge: &Purge) -> Result<u64, L2Error> {
-        let mut conn = self.conn.clone();
-        let deleted = match purge {
-            Purge::Key { route, key } => {
-                let names = self.names(route, key);
-                let n: u64 = self
-                    .bounded(
-                        "purge DEL",
-                        redis::cmd("DEL").arg(&names.entry).query_async(&mut conn),
-                    )
-                    .await?;
-                let _: u64 = self
-                    .bounded(
-                        "purge DEL",
-                        redis::cmd("DEL").arg(&names.pass).query_async(&mut conn),
-                    )
-                    .await?;
-                n
-            }
-            Purge::Route(route) => {
-                let ns = &self.namespace;
-                let mut n = self
-                    .delete_matching(&format!("corral:{ns}:{route}:{{*"))
-                    .await?;
-                n += self
-                    .delete_matching(&format!("corral:{ns}:{route}:pass:*"))
-                    .await?;
-                n
-            }
-            Purge::Tag(tag) => {
-                let index = self.tag_index(tag);
-                let members: Vec<String> = self
-                    .bounded(
-                        "purge SMEMBERS",
-                        redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn),
-                    )
-                    .await?;
-                let mut n = 0;
-                for batch in members.chunks(256) {
-                    n += self.delete(batch).await?;
-                }
-                self.delete(&[index]).await?;
-                n
-            }
-            Purge::All => 0,
-        };
-        let _: i64 = self
-            .bounded(
-                "purge PUBLISH",
-                redis::cmd("PUBLISH")
-                    .arg(self.invalidation_channel())
-                    .arg(purge.payload())
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(deleted)
-    }
-
-    /// The channel every instance listens on for purges.
-    pub fn invalidation_channel(&self) -> String {
-        invalidation_channel(&self.namespace)
-    }
-
-    fn tag_index(&self, tag: &str) -> String {
-        format!("corral:{}:tag:{tag}", self.namespace)
-    }
-
-    /// `DEL` of `keys`; in a cluster redis-rs splits it by slot and adds up the counts.
-    async fn delete(&self, keys: &[String]) -> Result<u64, L2Error> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut conn = self.conn.clone();
-        self.bounded(
-            "purge DEL",
-            redis::cmd("DEL").arg(keys).query_async(&mut conn),
-        )
-        .await
-    }
-
-    /// Deletes every key matching `pattern`, SCANning in batches (never `KEYS`) — on the server,
-    /// or on every master of a cluster in turn.
-    async fn delete_matching(&self, pattern: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn.clone();
-        let targets = self
-            .bounded("purge CLUSTER SLOTS", conn.scan_targets())
-            .await?;
-        let mut deleted = 0;
-        for target in &targets {
-            deleted += self.delete_matching_on(target, pattern).await?;
-        }
-        Ok(deleted)
-    }
-
-    async fn delete_matching_on(&self, target: &ScanTarget, pattern: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut deleted = 0;
-        loop {
-            let (next, keys) = self
-                .bounded("purge SCAN", conn.scan(target, cursor, pattern, 1000))
-                .await?;
-            deleted += self.delete(&keys).await?;
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
-        }
     }
 
     /// Plain write with no lock, for routes whose lock scope is `instance`.
