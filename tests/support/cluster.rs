@@ -282,34 +282,21 @@ fn free_port_pair() -> u16 {
 }
 
 fn spawn(port: u16, dir: &Path) -> Child {
-    let stderr = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("stderr.log"))
-        .expect("create a cluster node's stderr.log");
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--cluster-enabled", "yes"])
-        // A test may kill a master: the others keep serving their own slots.
-        .args(["--cluster-require-full-coverage", "no"])
-        .arg("--cluster-config-file")
-        .arg(dir.join("nodes.conf"))
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(log_path(dir))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap_or_else(|e| match e.kind() {
-            ErrorKind::NotFound => panic!(
-                "redis-server not found on PATH: install it (Debian: apt-get install redis-server) \
-                 to run Corral's tests"
-            ),
-            _ => panic!("spawn redis-server: {e}"),
-        })
+    let nodes_conf = dir.join("nodes.conf");
+    let nodes_conf = nodes_conf.to_string_lossy();
+    super::redis::spawn_server(
+        port,
+        dir,
+        &[
+            "--cluster-enabled",
+            "yes",
+            // A test may kill a master: the others keep serving their own slots.
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-config-file",
+            &nodes_conf,
+        ],
+    )
 }
 
 /// Polls until our child answers on `port` with its own pid, or exits, or time runs out.

@@ -283,6 +283,12 @@ fn free_port() -> u16 {
 }
 
 fn spawn(port: u16, dir: &Path) -> Child {
+    spawn_server(port, dir, &["--enable-debug-command", "local"])
+}
+
+/// Starts a `redis-server` on `port` keeping nothing on disk, its files and log in `dir`, with
+/// `extra` arguments; panics with an install hint when `redis-server` is missing.
+pub(crate) fn spawn_server(port: u16, dir: &Path, extra: &[&str]) -> Child {
     // Errors before the log file is opened (a bad argument) go to stderr; keep them too.
     let stderr = File::options()
         .create(true)
@@ -294,7 +300,7 @@ fn spawn(port: u16, dir: &Path) -> Child {
         .args(["--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir)
-        .args(["--enable-debug-command", "local"])
+        .args(extra)
         .arg("--logfile")
         .arg(log_path(dir))
         .stdin(Stdio::null())
