@@ -102,27 +102,8 @@ impl RedisCluster {
     /// Keys matching a glob `pattern` on node `index`, sorted (`SCAN` on that node only).
     pub async fn node_keys(&self, index: usize, pattern: &str) -> Vec<String> {
         let mut conn = self.node_conn(index).await;
-        let mut keys = Vec::new();
-        let mut cursor = 0_u64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("SCAN {pattern} on node {index}: {e}"));
-            keys.extend(batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
-        keys
+        let node = format!("node {index}");
+        super::redis::scan_keys(&mut conn, pattern, &node).await
     }
 
     /// Keys matching `pattern` on every node, sorted.

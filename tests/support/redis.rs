@@ -143,28 +143,7 @@ impl RedisServer {
     /// Keys matching a glob `pattern`, sorted. Uses `SCAN`, so the server is never blocked.
     pub async fn keys(&self, pattern: &str) -> Vec<String> {
         let mut conn = self.conn().await;
-        let mut keys = Vec::new();
-        let mut cursor = 0_u64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("SCAN {pattern} on {}: {e}", self.url()));
-            keys.extend(batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        // SCAN may return a key more than once.
-        keys.sort();
-        keys.dedup();
-        keys
+        scan_keys(&mut conn, pattern, &self.url()).await
     }
 
     /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
@@ -396,4 +375,34 @@ fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
         "redis-server on 127.0.0.1:{port} did not come up: {why}\n{}",
         log_tail(dir)
     )
+}
+
+/// Every key matching `pattern` on the server behind `conn`, sorted and deduplicated (`SCAN`,
+/// which may return a key twice); `server` names it in a failure.
+pub(crate) async fn scan_keys(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    pattern: &str,
+    server: &str,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = 0_u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap_or_else(|e| panic!("SCAN {pattern} on {server}: {e}"));
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    keys
 }
