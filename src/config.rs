@@ -75,7 +75,8 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// Which Redis: one server (`url`) or a Cluster (`cluster`, its seed nodes).
+    /// Which Redis: one server (`url`), a master found through Sentinel (`sentinel`) or a Cluster
+    /// (`cluster`, its seed nodes).
     pub topology: RedisTopology,
     /// Prefix segment of every Redis key and channel: `corral:{namespace}:…`. Default `"default"`.
     /// Letters, digits, `_`, `-`, `.` only.
@@ -84,7 +85,7 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
-/// The shape of the Redis deployment: `url` or `cluster` in the `[redis]` table.
+/// The shape of the Redis deployment: `url`, `sentinel` or `cluster` in the `[redis]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTopology {
     /// `redis://` or `rediss://` URL of a standalone Redis.
@@ -93,15 +94,21 @@ pub enum RedisTopology {
     /// duplicates). The rest of the cluster is discovered from them; every key, script and
     /// pipeline Corral sends touches one hash slot (see [`crate::l2`]).
     Cluster { nodes: Vec<String> },
+    /// Redis Sentinel: the sentinels' URLs (`redis://` or `rediss://`, at least one, no
+    /// duplicates) and the name of the master they monitor. Corral talks to the master they name
+    /// and follows it through a failover (see [`crate::l2`] and [`crate::notice`]).
+    Sentinel { nodes: Vec<String>, master: String },
 }
 
 impl RedisTopology {
-    /// The URLs Corral may connect to directly: the one server, or every seed node in file order.
-    /// The pub/sub hub uses them: it needs one node, any node (see [`crate::notice`]).
+    /// The URLs of Redis servers Corral may connect to directly: the one server, or every seed
+    /// node in file order; none behind sentinels (the master is whichever they name). The
+    /// pub/sub hub uses them: it needs one node, any node (see [`crate::notice`]).
     pub fn seeds(&self) -> &[String] {
         match self {
             RedisTopology::Standalone { url } => std::slice::from_ref(url),
             RedisTopology::Cluster { nodes } => nodes,
+            RedisTopology::Sentinel { .. } => &[],
         }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Every call is bounded by `[redis] timeout`; a call that fails or times out is an [`L2Error`] the
 //! caller degrades on (L1 and in-process coalescing go on), never a failed request. The connection
-//! (`l2/connection.rs`) is a `ConnectionManager` for one server or a cluster connection for a
-//! Redis Cluster; both reconnect by themselves.
+//! (`l2/connection.rs`) is a `ConnectionManager` for one server, one that follows the master named
+//! by Redis Sentinel (`l2/sentinel.rs`), or a cluster connection for a Redis Cluster; all reconnect
+//! by themselves.
 //!
 //! Redis names for one key (the `{hex}` braces are a Cluster hash tag, so an entry, its lock and
 //! its marker live in one slot and one script may touch all of them):
@@ -42,6 +43,7 @@ use crate::metrics::Metrics;
 
 mod connection;
 mod purge;
+pub(crate) mod sentinel;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,13 @@
 //! moves to the next seed, round robin, and resyncs exactly as after a disconnection: waiters
 //! re-confirm and re-check L2, and L1 is dropped once the invalidation channel is subscribed
 //! again.
+//!
+//! # Behind Redis Sentinel
+//! The hub subscribes on the master the sentinels name (asked on first use, so Corral starts while
+//! they are down). After a disconnection, and after every failed reconciliation, it asks them again
+//! (at most every 200 ms, bounded by `[redis] timeout`); when they name another server — a failover
+//! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
+//! dropped once the invalidation channel is subscribed again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,8 +47,9 @@ use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::breaker::Breaker;
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisTopology};
 use crate::l1::L1;
+use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::{L2Error, Notice, guarded, invalidation_channel, manager_config};
 use crate::metrics::Metrics;
 use crate::purge::Purge;
@@ -112,8 +120,7 @@ impl Notices {
         let route_purges = purges.clone();
         let channel = invalidations.clone();
         let timeout = cfg.timeout;
-        let open: Open = Box::new(move |url: &str| {
-            let client = resp3_client(url)?;
+        let open: Open = Box::new(move |client: Client| {
             let (dispatch, channel) = (dispatch.clone(), channel.clone());
             let (resets, route_purges) = (resets.clone(), route_purges.clone());
             let config = manager_config(timeout).set_push_sender(move |push: PushInfo| {
@@ -137,17 +144,30 @@ impl Notices {
                 }
             })
         });
-        let seeds = cfg.topology.seeds().to_vec();
-        let first = seeds.first().ok_or_else(|| {
-            L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
-        })?;
-        let conn = open(first)?;
+        let (nodes, conn) = match &cfg.topology {
+            RedisTopology::Sentinel { nodes, master } => {
+                let sentinels = Sentinels::new(nodes, master, timeout, ProtocolVersion::RESP3)?;
+                let nodes = Nodes::Sentinel {
+                    sentinels: Box::new(sentinels),
+                    at: None,
+                    recheck: false,
+                };
+                (nodes, None)
+            }
+            topology => {
+                let urls = topology.seeds().to_vec();
+                let first = urls.first().ok_or_else(|| {
+                    L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
+                })?;
+                let conn = open(resp3_client(first)?)?;
+                (Nodes::Seeds { urls, at: 0 }, Some(conn))
+            }
+        };
         tokio::spawn(apply_purges(purges_rx, l1));
         tokio::spawn(reconcile(
             Reconciler {
                 conn,
-                seeds,
-                seed: 0,
+                nodes,
                 answered: false,
                 failures: 0,
                 open,
@@ -325,16 +345,27 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
     }
 }
 
-/// Opens a (lazy) pub/sub connection to one node, pushes wired to the hub.
-type Open = Box<dyn Fn(&str) -> Result<ConnectionManager, L2Error> + Send + Sync>;
+/// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
+type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
+
+/// Where the hub may subscribe.
+enum Nodes {
+    /// The server, or the cluster's seed nodes; `at` indexes the one the connection talks to.
+    Seeds { urls: Vec<String>, at: usize },
+    /// Whichever master the sentinels name; `at` is its `host:port` once one was found.
+    Sentinel {
+        sentinels: Box<Sentinels>,
+        at: Option<String>,
+        /// The connection dropped or failed: ask the sentinels before the next reconciliation.
+        recheck: bool,
+    },
+}
 
 /// The reconciling task's state.
 struct Reconciler {
-    conn: ConnectionManager,
-    /// The nodes the hub may subscribe on: the server, or the cluster's seed nodes.
-    seeds: Vec<String>,
-    /// Index in `seeds` of the node `conn` talks to.
-    seed: usize,
+    /// `None` only behind sentinels, until they first named a master.
+    conn: Option<ConnectionManager>,
+    nodes: Nodes,
     /// Whether this node has answered a (un)subscription since the hub moved to it.
     answered: bool,
     /// Failed reconciliations in a row on this node (not counting those the open circuit refused).
@@ -372,17 +403,31 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
         for request in std::iter::once(first).chain(pending) {
             match request {
                 Request::Sync(ack) => acks.push(ack),
-                Request::Reset => subscribed.clear(),
+                Request::Reset => {
+                    subscribed.clear();
+                    r.recheck();
+                }
                 Request::Retry => {}
             }
+        }
+        if r.follow_master().await {
+            subscribed.clear();
         }
         let mut wanted: HashSet<String> = lock(&r.waiters).keys().cloned().collect();
         wanted.insert(r.always.clone());
         let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
         let mut result = Ok(());
+        let Some(conn) = r.conn.as_mut() else {
+            let why = "no master found through the sentinels yet".to_owned();
+            for ack in acks {
+                let _ = ack.send(Err(why.clone()));
+            }
+            behind = true;
+            continue;
+        };
         if !to_drop.is_empty() {
-            let call = r.conn.unsubscribe(&to_drop);
+            let call = conn.unsubscribe(&to_drop);
             result = guarded(&r.breaker, &r.metrics, "UNSUBSCRIBE", r.timeout, call).await;
             if result.is_ok() {
                 for channel in &to_drop {
@@ -391,7 +436,7 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             }
         }
         if !to_add.is_empty() && result.is_ok() {
-            let call = r.conn.subscribe(&to_add);
+            let call = conn.subscribe(&to_add);
             result = guarded(&r.breaker, &r.metrics, "SUBSCRIBE", r.timeout, call).await;
             if result.is_ok() {
                 if to_add.contains(&r.always) {
@@ -416,8 +461,9 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             // The circuit is open: nothing was asked of this node, so it is not to blame.
             Err(L2Error::CircuitOpen { .. }) => {}
             Err(err) => {
-                tracing::warn!(%err, node = %r.seeds[r.seed], "redis pub/sub (un)subscribe failed; retrying");
+                tracing::warn!(%err, node = %r.node(), "redis pub/sub (un)subscribe failed; retrying");
                 r.failures += 1;
+                r.recheck();
                 if r.move_on() {
                     subscribed.clear();
                 }
@@ -430,29 +476,103 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
 }
 
 impl Reconciler {
+    /// The node the connection talks to, for messages.
+    fn node(&self) -> &str {
+        match &self.nodes {
+            Nodes::Seeds { urls, at } => &urls[*at],
+            Nodes::Sentinel { at: Some(at), .. } => at,
+            Nodes::Sentinel { at: None, .. } => "(no master found yet)",
+        }
+    }
+
+    /// Behind sentinels: have them asked again before the next reconciliation.
+    fn recheck(&mut self) {
+        if let Nodes::Sentinel { recheck, .. } = &mut self.nodes {
+            *recheck = true;
+        }
+    }
+
     /// Moves to the next seed node when this one failed often enough (never with a single seed);
     /// `true` when it did: the new connection holds no subscriptions, waiters must resync.
     fn move_on(&mut self) -> bool {
+        let Nodes::Seeds { urls, at } = &self.nodes else {
+            return false;
+        };
         let limit = if self.answered { SWITCH_AFTER } else { 1 };
-        if self.seeds.len() < 2 || self.failures < limit {
+        if urls.len() < 2 || self.failures < limit {
             return false;
         }
-        let next = (self.seed + 1) % self.seeds.len();
-        let conn = match (self.open)(&self.seeds[next]) {
+        let next = (*at + 1) % urls.len();
+        let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(%err, node = %self.seeds[next], "cannot open a pub/sub connection");
+                tracing::warn!(%err, node = %urls[next], "cannot open a pub/sub connection");
                 return false;
             }
         };
         tracing::warn!(
-            from = %self.seeds[self.seed],
-            to = %self.seeds[next],
+            from = %urls[*at],
+            to = %urls[next],
             "redis pub/sub node not answering; moving to the next seed node"
         );
-        (self.conn, self.seed, self.answered, self.failures) = (conn, next, false, 0);
-        resync(&self.waiters);
+        self.nodes = Nodes::Seeds {
+            urls: urls.clone(),
+            at: next,
+        };
+        self.switch_to(conn);
         true
+    }
+
+    /// Behind sentinels, when no master was found yet or the connection dropped or failed: asks
+    /// the sentinels and moves to the master they name if it is another server. `true` when it
+    /// moved: the new connection holds no subscriptions, waiters must resync.
+    async fn follow_master(&mut self) -> bool {
+        let Nodes::Sentinel {
+            sentinels,
+            at,
+            recheck,
+        } = &mut self.nodes
+        else {
+            return false;
+        };
+        if self.conn.is_some() && !*recheck {
+            return false;
+        }
+        let client = match sentinels.master().await {
+            Ok(Some(client)) => client,
+            // Asked moments ago: keep the flag, ask on a later pass.
+            Ok(None) => return false,
+            Err(err) => {
+                tracing::warn!(%err, "redis pub/sub: the sentinels named no usable master");
+                return false;
+            }
+        };
+        *recheck = false;
+        let found = sentinel::address(&client);
+        if self.conn.is_some() && at.as_deref() == Some(found.as_str()) {
+            return false;
+        }
+        let conn = match (self.open)(client) {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%err, node = %found, "cannot open a pub/sub connection");
+                return false;
+            }
+        };
+        tracing::warn!(
+            from = at.as_deref().unwrap_or("(none)"),
+            to = %found,
+            "redis pub/sub: following the master the sentinels name"
+        );
+        *at = Some(found);
+        self.switch_to(conn);
+        true
+    }
+
+    /// Talks to a new node from now on: nothing is subscribed there yet.
+    fn switch_to(&mut self, conn: ConnectionManager) {
+        (self.conn, self.answered, self.failures) = (Some(conn), false, 0);
+        resync(&self.waiters);
     }
 }
 

@@ -313,16 +313,69 @@ fn a_bad_redis_cluster_is_refused_at_its_line() {
 }
 
 #[test]
-fn redis_sentinel_is_refused_as_not_supported_yet() {
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\nsentinel = {{ master = \"m\", nodes = [\"redis://a:26379\"] }}\n"
-    ));
+fn redis_sentinel_nodes_and_master_are_accepted() {
+    let text = format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://10.0.0.1:26379\", \"redis://10.0.0.2:26379\"], master = \"mymaster\" }}\n"
+    );
+    let config = Config::parse(&text, Path::new("ok.toml")).expect("sentinels are valid");
+    let redis = config.redis.expect("[redis] is set");
 
-    assert_points_at(&message, 8, "redis.sentinel");
+    let nodes = vec![
+        "redis://10.0.0.1:26379".to_owned(),
+        "redis://10.0.0.2:26379".to_owned(),
+    ];
+    let master = "mymaster".to_owned();
+    assert_eq!(redis.topology, RedisTopology::Sentinel { nodes, master });
+    // No server to connect to directly: the master is whichever the sentinels name.
+    assert!(redis.topology.seeds().is_empty());
+    assert_eq!(config.routes[0].lock.scope, LockScope::Fleet);
+}
+
+#[test]
+fn a_bad_redis_sentinel_is_refused_at_its_line() {
+    // No master name: the table's line.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://a:26379\"] }}\n"
+    ));
+    assert_points_at(&message, 8, "redis.sentinel.master");
+    assert!(message.contains("required"), "{message}");
+
+    // No sentinels at all.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ master = \"m\", nodes = [] }}\n"
+    ));
+    assert_points_at(&message, 8, "redis.sentinel.nodes");
+    assert!(message.contains("must not be empty"), "{message}");
+
+    // A sentinel that is not a Redis URL, written as a table over several lines.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\n  \"redis://a:26379\",\n  \"a:26380\",\n]\n"
+    ));
+    assert_points_at(&message, 11, "redis.sentinel.nodes");
     assert!(
-        message.contains("not supported yet; use `url`"),
+        message.contains("\"a:26380\" must start with redis://"),
         "{message}"
     );
+
+    // A misspelt key: refused by name, not ignored.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://a:26379\"], master_name = \"m\" }}\n"
+    ));
+    assert!(message.starts_with("bad.toml:8: "), "{message}");
+    assert!(message.contains("master_name"), "{message}");
+
+    // A blank master name.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://a:26379\"], master = \" \" }}\n"
+    ));
+    assert_points_at(&message, 8, "redis.sentinel.master");
+
+    // Both a URL and sentinels.
+    let message = refusal(&format!(
+        "{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\nsentinel = {{ nodes = [\"redis://a:26379\"], master = \"m\" }}\n"
+    ));
+    assert_points_at(&message, 9, "redis.sentinel");
+    assert!(message.contains("give exactly one of"), "{message}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::raw::{
     HumanDuration, List, RawConfig, RawKey, RawLock, RawOnWaitTimeout, RawRedis, RawRoute,
-    RawScope, RawServer,
+    RawScope, RawSentinel, RawServer,
 };
 use super::{
     CacheConfig, Config, ConfigError, KeySpec, LockScope, LockSpec, OnWaitTimeout, RedisConfig,
@@ -183,15 +183,17 @@ impl Checker<'_> {
         if let Some((other, span)) = given.next() {
             return self.fail(span, (None, other), format!("{one_of} (`{field}` is set)"));
         }
-        let topology = match (&raw.url, &raw.cluster) {
-            (Some(url), _) => RedisTopology::Standalone {
+        let topology = match (&raw.url, &raw.cluster, &raw.sentinel) {
+            (Some(url), _, _) => RedisTopology::Standalone {
                 url: self.redis_url(url, "redis.url")?,
             },
-            (None, Some(nodes)) => RedisTopology::Cluster {
-                nodes: self.cluster_nodes(nodes)?,
+            (None, Some(nodes), _) => RedisTopology::Cluster {
+                nodes: self.redis_nodes(nodes, "redis.cluster", "the cluster's seed nodes")?,
             },
-            (None, None) => {
-                let why = "not supported yet; use `url` or `cluster`";
+            (None, None, Some(sentinel)) => self.sentinel(sentinel)?,
+            (None, None, None) => {
+                // `given` yielded a field, so one of the three is set.
+                let why = format!("required: {one_of}");
                 return self.fail(span, (None, field), why);
             }
         };
@@ -225,11 +227,41 @@ impl Checker<'_> {
         self.fail(url.span(), (None, field), why)
     }
 
-    /// The seed nodes of a cluster: at least one, each a Redis URL, none twice.
-    fn cluster_nodes(&self, nodes: &Spanned<Vec<Spanned<String>>>) -> Checked<Vec<String>> {
-        let field = "redis.cluster";
+    /// `sentinel = { nodes = [..], master = ".." }`: the sentinels and the master name they
+    /// monitor.
+    fn sentinel(&self, table: &Spanned<RawSentinel>) -> Checked<RedisTopology> {
+        let raw = table.get_ref();
+        let Some(list) = &raw.nodes else {
+            let why = "required: list the sentinels' URLs";
+            return self.fail(table.span(), (None, "redis.sentinel.nodes"), why);
+        };
+        let nodes = self.redis_nodes(list, "redis.sentinel.nodes", "the sentinels' URLs")?;
+        let master = match &raw.master {
+            None => {
+                let why = "required: the master name the sentinels monitor";
+                return self.fail(table.span(), (None, "redis.sentinel.master"), why);
+            }
+            Some(name) if name.get_ref().trim().is_empty() || name.get_ref().contains(' ') => {
+                let why = format!(
+                    "invalid master name {:?} (non-empty, no spaces)",
+                    name.get_ref()
+                );
+                return self.fail(name.span(), (None, "redis.sentinel.master"), why);
+            }
+            Some(name) => name.get_ref().clone(),
+        };
+        Ok(RedisTopology::Sentinel { nodes, master })
+    }
+
+    /// A list of Redis URLs (`what`, for the message when it is empty): at least one, none twice.
+    fn redis_nodes(
+        &self,
+        nodes: &Spanned<Vec<Spanned<String>>>,
+        field: &str,
+        what: &str,
+    ) -> Checked<Vec<String>> {
         if nodes.get_ref().is_empty() {
-            let why = "must not be empty: list the cluster's seed nodes";
+            let why = format!("must not be empty: list {what}");
             return self.fail(nodes.span(), (None, field), why);
         }
         let mut seen = Vec::with_capacity(nodes.get_ref().len());

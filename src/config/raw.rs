@@ -43,10 +43,17 @@ pub(super) struct RawServer {
 pub(super) struct RawRedis {
     pub(super) url: Option<Spanned<String>>,
     pub(super) cluster: List<String>,
-    /// Accepted so the error can say "not supported yet" rather than "unknown field".
-    pub(super) sentinel: Option<Spanned<toml::Table>>,
+    pub(super) sentinel: Option<Spanned<RawSentinel>>,
     pub(super) namespace: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// `sentinel = { nodes = [..], master = ".." }` in `[redis]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSentinel {
+    pub(super) nodes: List<String>,
+    pub(super) master: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

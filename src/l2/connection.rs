@@ -1,14 +1,17 @@
-//! The command connection of L2: one Redis server, or a Redis Cluster.
+//! The command connection of L2: one Redis server, a master found through Redis Sentinel, or a
+//! Redis Cluster.
 //!
-//! Both shapes implement `redis::aio::ConnectionLike`, so scripts, single commands and pipelines
+//! All three shapes implement `redis::aio::ConnectionLike`, so scripts, single commands and pipelines
 //! are written once in [`super`]. What differs is routing, and redis-rs does it for a cluster:
 //! each command goes to the master of its key's slot (following `MOVED`/`ASK`), a multi-key `DEL`
 //! or `MGET` is split by slot and its answers combined, and a pipeline goes to the slot of its
 //! keys — which must all share one slot. Only `SCAN` has no single home in a cluster: each master
 //! holds its own keys and cursors, so [`Connection::scan_targets`] lists the masters and
-//! [`Connection::scan`] walks one of them.
+//! [`Connection::scan`] walks one of them. Behind sentinels there is one server at a time, the
+//! master they name; `l2/sentinel.rs` follows it through a failover.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -17,6 +20,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+use super::sentinel::SentinelConnection;
 use super::{L2Error, manager_config};
 use crate::config::{RedisConfig, RedisTopology};
 
@@ -26,14 +30,17 @@ const CLUSTER_RETRIES: u32 = 2;
 /// Longest pause between two cluster retries, in milliseconds.
 const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 1000;
 
-/// The command connection. Cloning is cheap and shares it; both kinds reconnect by themselves.
+/// The command connection. Cloning is cheap and shares it; every kind reconnects by itself.
 #[derive(Clone)]
 pub(crate) enum Connection {
     Standalone(ConnectionManager),
+    /// The master the sentinels name, followed through failovers.
+    Sentinel(Arc<SentinelConnection>),
     Cluster(ClusterConnection),
 }
 
-/// Where one `SCAN` walk runs: the one server, or one master of a cluster.
+/// Where one `SCAN` walk runs: the one server (or the sentinels' master), or one master of a
+/// cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum ScanTarget {
     Server,
@@ -42,8 +49,8 @@ pub(crate) enum ScanTarget {
 
 impl Connection {
     /// Prepares the connection without waiting for Redis: Corral starts (degraded) while Redis is
-    /// down and connects when it comes up. A cluster is discovered from its seed nodes on first
-    /// use.
+    /// down and connects when it comes up. A cluster is discovered from its seed nodes, and a
+    /// sentinels' master asked of them, on first use.
     pub(crate) fn open(cfg: &RedisConfig) -> Result<Connection, L2Error> {
         let connect_timeout = cfg.timeout.max(Duration::from_millis(200));
         match &cfg.topology {
@@ -58,6 +65,9 @@ impl Connection {
                         })?;
                 Ok(Connection::Standalone(conn))
             }
+            RedisTopology::Sentinel { nodes, master } => Ok(Connection::Sentinel(Arc::new(
+                SentinelConnection::open(nodes, master, cfg.timeout)?,
+            ))),
             RedisTopology::Cluster { nodes } => {
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(connect_timeout)
@@ -80,7 +90,7 @@ impl Connection {
     /// `CLUSTER SLOTS`, the same map redis-rs routes by, so the addresses match its connections).
     pub(crate) async fn scan_targets(&mut self) -> RedisResult<Vec<ScanTarget>> {
         match self {
-            Connection::Standalone(_) => Ok(vec![ScanTarget::Server]),
+            Connection::Standalone(_) | Connection::Sentinel(_) => Ok(vec![ScanTarget::Server]),
             Connection::Cluster(conn) => {
                 let slots = conn
                     .route_command(
@@ -161,6 +171,7 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Standalone(conn) => conn.req_packed_command(cmd),
+            Connection::Sentinel(conn) => Box::pin(conn.command(cmd)),
             Connection::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -173,6 +184,7 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(conn) => Box::pin(conn.pipeline(pipeline, offset, count)),
             Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -180,6 +192,8 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Connection::Standalone(conn) => conn.get_db(),
+            // The master is always reached on database 0 (the sentinel URLs carry no database).
+            Connection::Sentinel(_) => 0,
             Connection::Cluster(conn) => conn.get_db(),
         }
     }

@@ -35,6 +35,28 @@ pub fn cluster_config(server_extra: &str, nodes: &[String], routes: &str) -> Con
     }
 }
 
+/// A `[redis]` table for test sentinels given by their URLs, monitoring `master`, namespace `test`.
+pub fn sentinel_table(nodes: &[String], master: &str) -> String {
+    let list: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[redis]\nsentinel = {{ nodes = [{}], master = \"{master}\" }}\nnamespace = \"test\"\ntimeout = \"500ms\"\n",
+        list.join(", ")
+    )
+}
+
+/// A full config whose `[server]` table holds `server_extra` and whose Redis is the master named
+/// `master` by the sentinels at `nodes`.
+pub fn sentinel_config(server_extra: &str, nodes: &[String], master: &str, routes: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
+        sentinel_table(nodes, master)
+    );
+    match Config::parse(&text, Path::new("<test>")) {
+        Ok(config) => config,
+        Err(err) => panic!("test config does not validate: {err}\n{text}"),
+    }
+}
+
 /// The cached route most tests use: `/recommend`, GET and POST, keyed on the whole query.
 pub fn recommend_route(upstream: &str, extra: &str) -> String {
     format!(

@@ -7,6 +7,8 @@
 //!   continue, restart) and `INFO commandstats` for counting the commands Corral sends.
 //! - [`cluster`]: [`RedisCluster`], three `redis-server` cluster masters joined by
 //!   `redis-cli --cluster create`, for the cluster-mode tests.
+//! - [`sentinel`]: [`RedisSentinel`], a master, its replica and three sentinels, for the
+//!   Sentinel tests (failover included).
 //! - [`upstream`]: [`Upstream`], an in-process hyper server standing in for the slow backend. It
 //!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
 //! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
@@ -26,6 +28,7 @@ pub mod cluster;
 pub mod corral;
 pub mod process;
 pub mod redis;
+pub mod sentinel;
 pub mod signal;
 pub mod upstream;
 pub mod wait;
@@ -34,5 +37,6 @@ pub use self::client::{Client, Resp};
 pub use self::cluster::RedisCluster;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
+pub use self::sentinel::RedisSentinel;
 pub use self::upstream::{Reply, Upstream};
 pub use self::wait::eventually;

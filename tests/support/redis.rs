@@ -41,7 +41,7 @@ pub struct RedisServer {
 }
 
 /// How a spawn attempt ended.
-enum Startup {
+pub(crate) enum Startup {
     /// Our process answers on the port.
     Ready,
     /// Something else bound the port between our probe and the spawn.
@@ -254,7 +254,7 @@ impl CommandStats {
 }
 
 /// A loopback port that was free a moment ago: bind port 0, read the port, release it.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("bind 127.0.0.1:0 to find a free port")
@@ -299,7 +299,12 @@ pub(crate) fn spawn_server(port: u16, dir: &Path, extra: &[&str]) -> Child {
 ///
 /// A server that answers is only ours if it reports our pid: when the port was taken by another
 /// test's server, our child exits with "Address already in use" while the other one answers.
-async fn wait_ready(child: &mut Child, port: u16, dir: &Path, log_start: u64) -> Startup {
+pub(crate) async fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    dir: &Path,
+    log_start: u64,
+) -> Startup {
     let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .expect("a redis:// URL on loopback is valid");
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -341,7 +346,7 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis.log")
 }
 
-fn log_len(dir: &Path) -> u64 {
+pub(crate) fn log_len(dir: &Path) -> u64 {
     fs::metadata(log_path(dir)).map(|m| m.len()).unwrap_or(0)
 }
 
@@ -370,7 +375,7 @@ fn log_tail(dir: &Path) -> String {
     tail
 }
 
-fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
+pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
     format!(
         "redis-server on 127.0.0.1:{port} did not come up: {why}\n{}",
         log_tail(dir)

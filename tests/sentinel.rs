@@ -1,0 +1,257 @@
+//! Sentinel mode end to end: a fleet of Corral instances finds the master through real
+//! `redis-server --sentinel` processes, keeps the fleet guarantee (one upstream call per key), and
+//! follows a failover — the command connection and the pub/sub hub both move to the promoted
+//! replica — while every request keeps being answered.
+
+mod support;
+
+use std::time::Duration;
+
+use corral::Config;
+use corral::key::CacheKey;
+use futures_util::future::join_all;
+use http::{HeaderMap, Method, Uri};
+use support::corral::{recommend_route, sentinel_config, start, url};
+use support::sentinel::MASTER_NAME;
+use support::{Client, RedisSentinel, Resp, Upstream, eventually};
+
+/// A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
+const NOTICE_OR_504: &str =
+    r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
+/// Bound on what a test waits for without being told: subscriptions, Corral following a master.
+const SETTLE: Duration = Duration::from_secs(15);
+/// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
+const FAILOVER: Duration = Duration::from_secs(30);
+
+/// The Redis name of the entry a GET of `path` fills on the `recommend` route.
+fn entry_of(cfg: &Config, path: &str) -> String {
+    let uri: Uri = path.parse().expect("a valid path");
+    let key = CacheKey::derive(
+        "recommend",
+        &cfg.routes[0].key,
+        &Method::GET,
+        &uri,
+        &HeaderMap::new(),
+        b"",
+    )
+    .expect("a GET without a JSON key derives");
+    format!("corral:test:recommend:{{{}}}", key.hex())
+}
+
+/// `n` identical GETs of `path`, spread over the fleet, all at once.
+async fn stampede(client: &Client, fleet: &[corral::Instance], path: &str, n: usize) -> Vec<Resp> {
+    join_all((0..n).map(|i| {
+        let (client, target) = (client.clone(), url(&fleet[i % fleet.len()], path));
+        async move { client.get(&target, &[]).await }
+    }))
+    .await
+}
+
+fn statuses(answers: &[Resp]) -> Vec<u16> {
+    answers.iter().map(|r| r.status).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_fleet_stampede_makes_one_upstream_call() {
+    let deployment = RedisSentinel::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(300));
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let master = deployment.first_master_port();
+
+    // Step 1: both hubs subscribe on the master the sentinels name.
+    eventually("both hubs subscribed on the master", SETTLE, async || {
+        deployment.pubsub_clients(master).await == 2
+    })
+    .await;
+
+    // Step 2: 200 identical requests over the two instances, all at once.
+    let path = "/recommend?segment=sports&article=42";
+    let answers = stampede(&client, &fleet, path, 200).await;
+
+    // Step 3: one upstream call, every answer 200; the entry is on the master, no lock is left.
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "{:?}",
+        statuses(&answers)
+    );
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    assert!(deployment.exists(master, &entry_of(&cfg, path)).await);
+    assert!(deployment.keys(master, "corral:*:lock:*").await.is_empty());
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
+    let upstream = Upstream::start().await;
+    // Ports that were free a moment ago: nothing answers there.
+    let nowhere: Vec<String> = (0..2)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            let port = listener.local_addr().expect("a bound address").port();
+            format!("redis://127.0.0.1:{port}")
+        })
+        .collect();
+    let routes = recommend_route(&upstream.url(), "");
+    let cfg = sentinel_config("", &nowhere, MASTER_NAME, &routes);
+
+    // Corral starts (nothing is asked of the sentinels yet) and serves, degraded, from the
+    // upstream and L1.
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+    for _ in 0..3 {
+        let answer = client
+            .get(&url(&fleet[0], "/recommend?segment=a"), &[])
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(upstream.calls(), 1, "L1 answered the repeats");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
+    let mut deployment = RedisSentinel::start().await;
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let old = deployment.first_master_port();
+
+    // Step 1: both hubs subscribe on the master; a first key is filled into it.
+    eventually(
+        "both hubs subscribed on the first master",
+        SETTLE,
+        async || deployment.pubsub_clients(old).await == 2,
+    )
+    .await;
+    let filled = "/recommend?segment=before";
+    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+    assert!(deployment.exists(old, &entry_of(&cfg, filled)).await);
+
+    // Step 2: SIGKILL the master. Until a sentinel reports the promoted replica, keep asking
+    // both instances for the filled key and for keys never seen: every answer is a 200
+    // (degraded is fine: L1, or the upstream).
+    deployment.kill_server(old);
+    let deadline = tokio::time::Instant::now() + FAILOVER;
+    let mut during = Vec::new();
+    let mut n = 0;
+    let new = loop {
+        for instance in &fleet {
+            n += 1;
+            for path in [filled.to_owned(), format!("/recommend?segment=during-{n}")] {
+                during.push(client.get(&url(instance, &path), &[]).await.status);
+            }
+        }
+        if let Some(port) = deployment.master_other_than(old).await {
+            break port;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failover within {FAILOVER:?}\n{}",
+            deployment.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(during.iter().all(|s| *s == 200), "{during:?}");
+
+    // Steps 3 and 4.
+    assert_fleet_follows(&deployment, &fleet, &cfg, &upstream, new).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
+    let deployment = RedisSentinel::start().await;
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let old = deployment.first_master_port();
+
+    // Step 1: both hubs subscribe on the master; a first key is filled into it.
+    eventually(
+        "both hubs subscribed on the first master",
+        SETTLE,
+        async || deployment.pubsub_clients(old).await == 2,
+    )
+    .await;
+    let filled = "/recommend?segment=before";
+    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+
+    // Step 2: a failover that leaves the old master up. The sentinels demote it to a replica of
+    // the promoted one some seconds later; from then on a write there answers READONLY, which
+    // sends Corral back to the sentinels if nothing else did. Every answer meanwhile is a 200.
+    deployment.force_failover().await;
+    let new = deployment.wait_failover(old, FAILOVER).await;
+    deployment.wait_demoted(old, FAILOVER).await;
+    for instance in &fleet {
+        assert_eq!(client.get(&url(instance, filled), &[]).await.status, 200);
+        let fresh = client
+            .get(&url(instance, "/recommend?segment=demoted"), &[])
+            .await;
+        assert_eq!(fresh.status, 200);
+    }
+
+    // Steps 3 and 4.
+    assert_fleet_follows(&deployment, &fleet, &cfg, &upstream, new).await;
+}
+
+/// After a failover to the master on `new`: each instance comes to store into it and both hubs
+/// to subscribe there (step 3); then a stampede on a new key over both instances makes one
+/// upstream call, all 200 — the fill lock and the fill notice work on the new master (step 4).
+async fn assert_fleet_follows(
+    deployment: &RedisSentinel,
+    fleet: &[corral::Instance],
+    cfg: &Config,
+    upstream: &Upstream,
+    new: u16,
+) {
+    let client = Client::new();
+    for (i, instance) in fleet.iter().enumerate() {
+        let mut attempt = 0;
+        eventually(
+            "the instance stores into the new master",
+            SETTLE,
+            async || {
+                attempt += 1;
+                let path = format!("/recommend?segment=follow-{i}-{attempt}");
+                let answer = client.get(&url(instance, &path), &[]).await;
+                assert_eq!(answer.status, 200, "{path}");
+                deployment.exists(new, &entry_of(cfg, &path)).await
+            },
+        )
+        .await;
+    }
+    eventually(
+        "both hubs subscribed on the new master",
+        SETTLE,
+        async || deployment.pubsub_clients(new).await == 2,
+    )
+    .await;
+
+    upstream.reset_calls();
+    upstream.set_delay(Duration::from_millis(300));
+    let path = "/recommend?segment=after";
+    let answers = stampede(&client, fleet, path, 200).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "{:?}",
+        statuses(&answers)
+    );
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    assert!(deployment.exists(new, &entry_of(cfg, path)).await);
+}

@@ -1,0 +1,391 @@
+//! A real Redis Sentinel deployment per test: a master, one replica (`--replicaof`) and three
+//! `redis-server --sentinel` processes monitoring them as `mymaster`, all on free loopback ports,
+//! killed on Drop.
+//!
+//! The sentinels declare a server down after 1 s (`down-after-milliseconds 1000`, quorum 1) and
+//! give a failover 3 s (`failover-timeout 3000`), so [`RedisSentinel::kill_master`] followed by
+//! [`RedisSentinel::wait_failover`] promotes the replica within a few seconds. Every process keeps
+//! its files (a sentinel rewrites its config file) and log in its own folder of a private tempdir,
+//! removed with the fixture.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use tempfile::TempDir;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::redis::{
+    Startup, free_port, log_len, scan_keys, spawn_server, startup_failure, wait_ready,
+};
+use super::signal::reap;
+
+/// The master name the sentinels monitor.
+pub const MASTER_NAME: &str = "mymaster";
+/// Sentinels started: enough for a majority to authorise a failover while one test kills the
+/// master.
+const SENTINELS: usize = 3;
+/// How long the deployment gets to settle: the replica in sync, every sentinel aware of the
+/// replica and of the other sentinels (they meet through hello messages every 2 s).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often readiness is polled.
+const POLL: Duration = Duration::from_millis(50);
+/// Bound on one probe, so a wedged probe cannot eat a whole budget.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Spawn attempts per process: a free port may be taken by another test before it binds it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// A master, its replica and three sentinels on `127.0.0.1`.
+///
+/// Dropping it kills every process and removes the tempdir.
+pub struct RedisSentinel {
+    /// The data servers: index 0 started as the master, index 1 as its replica.
+    servers: Vec<Node>,
+    sentinels: Vec<Node>,
+    dir: TempDir,
+}
+
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        reap(&mut self.child);
+    }
+}
+
+impl RedisSentinel {
+    /// Starts the master, the replica and the sentinels, and waits until the replica is in sync
+    /// and every sentinel knows the master, the replica and the other sentinels.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH`, a process does not come up within 5 s (its log is
+    /// quoted), or the deployment has not settled within 30 s.
+    pub async fn start() -> RedisSentinel {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-sentinel-")
+            .tempdir()
+            .expect("create a tempdir for the sentinel deployment");
+        let master = start_node(&dir.path().join("server-0"), |port, dir| {
+            spawn_server(port, dir, &[])
+        })
+        .await;
+        let master_port = master.port.to_string();
+        let replica = start_node(&dir.path().join("server-1"), |port, dir| {
+            spawn_server(port, dir, &["--replicaof", "127.0.0.1", &master_port])
+        })
+        .await;
+        let mut deployment = RedisSentinel {
+            servers: vec![master, replica],
+            sentinels: Vec::with_capacity(SENTINELS),
+            dir,
+        };
+        for index in 0..SENTINELS {
+            let node_dir = deployment.dir.path().join(format!("sentinel-{index}"));
+            let master_port = deployment.servers[0].port;
+            let node = start_node(&node_dir, |port, dir| {
+                spawn_sentinel(port, dir, master_port)
+            })
+            .await;
+            deployment.sentinels.push(node);
+        }
+        deployment.settle().await;
+        deployment
+    }
+
+    /// The sentinels' URLs, `redis://127.0.0.1:<port>`.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The port of the master the deployment started with.
+    pub fn first_master_port(&self) -> u16 {
+        self.servers[0].port
+    }
+
+    /// Kills the data server on `port` with SIGKILL.
+    ///
+    /// # Panics
+    ///
+    /// If no data server of this deployment listens on `port`.
+    pub fn kill_server(&mut self, port: u16) {
+        let node = self
+            .servers
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no data server on port {port}"));
+        reap(&mut node.child);
+    }
+
+    /// Asks a sentinel for a failover now (`SENTINEL FAILOVER`): the replica is promoted and the
+    /// old master, still running, is demoted to a replica of it.
+    ///
+    /// # Panics
+    ///
+    /// If the first sentinel refuses.
+    pub async fn force_failover(&self) {
+        let port = self.sentinels[0].port;
+        let mut conn = conn(port)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the sentinel on {port}: {e}"));
+        ::redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(MASTER_NAME)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SENTINEL FAILOVER on {port}: {e}"));
+    }
+
+    /// The master port the first answering sentinel reports, if any answers.
+    pub async fn reported_master(&self) -> Option<u16> {
+        for sentinel in &self.sentinels {
+            let ask = async {
+                let mut conn = conn(sentinel.port).await.ok()?;
+                let (_host, port): (String, u16) = ::redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(MASTER_NAME)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                Some(port)
+            };
+            if let Ok(Some(port)) = timeout(PROBE_TIMEOUT, ask).await {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// The master a sentinel reports, if it is not `old` and answers as a master: a failover
+    /// away from `old` has completed.
+    pub async fn master_other_than(&self, old: u16) -> Option<u16> {
+        let port = self.reported_master().await?;
+        (port != old && role(port).await.as_deref() == Some("master")).then_some(port)
+    }
+
+    /// Polls (within `within`) until a failover away from `old` has completed; returns the new
+    /// master's port.
+    ///
+    /// # Panics
+    ///
+    /// If no failover completed within `within` (the panic quotes every log).
+    pub async fn wait_failover(&self, old: u16, within: Duration) -> u16 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(port) = self.master_other_than(old).await {
+                return port;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover away from port {old} within {within:?}\n{}",
+                self.logs()
+            );
+            sleep(POLL).await;
+        }
+    }
+
+    /// Polls (within `within`) until the data server at `port` reports itself a replica: the
+    /// sentinels demoted an old master that is still up.
+    ///
+    /// # Panics
+    ///
+    /// If it was not demoted within `within` (the panic quotes every log).
+    pub async fn wait_demoted(&self, port: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        while role(port).await.as_deref() != Some("slave") {
+            assert!(
+                Instant::now() < deadline,
+                "port {port} was not demoted to a replica within {within:?}\n{}",
+                self.logs()
+            );
+            sleep(POLL).await;
+        }
+    }
+
+    /// Keys matching `pattern` on the data server at `port`, sorted.
+    pub async fn keys(&self, port: u16, pattern: &str) -> Vec<String> {
+        let mut conn = conn(port)
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis-server on {port}: {e}"));
+        scan_keys(&mut conn, pattern, &format!("127.0.0.1:{port}")).await
+    }
+
+    /// Whether the data server at `port` holds `key`.
+    pub async fn exists(&self, port: u16, key: &str) -> bool {
+        let mut conn = conn(port)
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis-server on {port}: {e}"));
+        ::redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("EXISTS on {port}: {e}"))
+            == 1
+    }
+
+    /// Pub/sub clients on the data server at `port`, not counting the sentinels' own (named
+    /// `sentinel-…`): the Corral hubs subscribed there.
+    pub async fn pubsub_clients(&self, port: u16) -> usize {
+        let Ok(Ok(mut conn)) = timeout(PROBE_TIMEOUT, conn(port)).await else {
+            return 0;
+        };
+        let list: String = ::redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        list.lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("name=sentinel-"))
+            .count()
+    }
+
+    /// Every process's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut dirs: Vec<PathBuf> = fs::read_dir(self.dir.path())
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        dirs.sort();
+        for dir in dirs {
+            let log = fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            out.push_str(&format!("--- {} ---\n{log}", dir.display()));
+        }
+        out
+    }
+
+    /// Waits until the replica is in sync and every sentinel sees the master, the replica and
+    /// the other sentinels.
+    async fn settle(&self) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let master = self.servers[0].port;
+        loop {
+            let mut settled = role(self.servers[1].port).await.as_deref() == Some("slave")
+                && info_field(self.servers[1].port, "replication", "master_link_status")
+                    .await
+                    .as_deref()
+                    == Some("up");
+            for sentinel in &self.sentinels {
+                settled = settled && sees_everything(sentinel.port, master).await;
+            }
+            if settled {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel deployment did not settle within {SETTLE_TIMEOUT:?}\n{}",
+                self.logs()
+            );
+            sleep(POLL).await;
+        }
+    }
+}
+
+/// Whether the sentinel on `port` reports `master`, one replica and the other sentinels.
+async fn sees_everything(port: u16, master: u16) -> bool {
+    let ask = async {
+        let mut conn = conn(port).await.ok()?;
+        let state: HashMap<String, String> = ::redis::cmd("SENTINEL")
+            .arg("master")
+            .arg(MASTER_NAME)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let replicas: Vec<HashMap<String, String>> = ::redis::cmd("SENTINEL")
+            .arg("replicas")
+            .arg(MASTER_NAME)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let others = (SENTINELS - 1).to_string();
+        Some(
+            state.get("port").map(String::as_str) == Some(master.to_string().as_str())
+                && state.get("flags").map(String::as_str) == Some("master")
+                && state.get("num-other-sentinels") == Some(&others)
+                && replicas.len() == 1
+                && replicas[0].get("flags").map(String::as_str) == Some("slave")
+                && replicas[0].get("master-link-status").map(String::as_str) == Some("ok"),
+        )
+    };
+    matches!(timeout(PROBE_TIMEOUT, ask).await, Ok(Some(true)))
+}
+
+/// `role` from `INFO replication` of the server on `port`, if it answers.
+async fn role(port: u16) -> Option<String> {
+    info_field(port, "replication", "role").await
+}
+
+/// One `field` of `INFO section` on `port`, if the server answers.
+async fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let ask = async {
+        let mut conn = conn(port).await.ok()?;
+        let info: String = ::redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let prefix = format!("{field}:");
+        info.lines()
+            .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+            .map(str::to_owned)
+    };
+    timeout(PROBE_TIMEOUT, ask).await.ok().flatten()
+}
+
+async fn conn(port: u16) -> ::redis::RedisResult<MultiplexedConnection> {
+    ::redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+/// Spawns with `spawn(port, dir)` on a free port until one is not taken, and waits until the
+/// process answers.
+async fn start_node(dir: &Path, spawn: impl Fn(u16, &Path) -> Child) -> Node {
+    fs::create_dir_all(dir).expect("create a node folder");
+    for _ in 0..PORT_ATTEMPTS {
+        let port = free_port();
+        let log_start = log_len(dir);
+        let mut child = spawn(port, dir);
+        match wait_ready(&mut child, port, dir, log_start).await {
+            Startup::Ready => return Node { child, port },
+            Startup::PortTaken => reap(&mut child),
+            Startup::Failed(why) => {
+                reap(&mut child);
+                panic!("{}", startup_failure(port, dir, &why));
+            }
+        }
+    }
+    panic!("{PORT_ATTEMPTS} free ports in a row were taken before a node could bind them");
+}
+
+/// Starts `redis-server <conf> --sentinel` on `port`, monitoring the master on `master`.
+fn spawn_sentinel(port: u16, dir: &Path, master: u16) -> Child {
+    let conf = dir.join("sentinel.conf");
+    let text = format!(
+        "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+         sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 1\n\
+         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+         sentinel failover-timeout {MASTER_NAME} 3000\n",
+        dir = dir.display(),
+        log = dir.join("redis.log").display(),
+    );
+    fs::write(&conf, text).expect("write sentinel.conf");
+    Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn redis-server --sentinel: {e}"))
+}
