@@ -7,10 +7,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use corral::key::CacheKey;
 use futures_util::future::join_all;
-use http::{HeaderMap, Method, Uri};
-use support::corral::{admin_url, cluster_config, recommend_route, start, url};
+use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
 use support::{Client, RedisCluster, Reply, Upstream};
 
 const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
@@ -266,23 +264,10 @@ async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
     .await;
 
     // Step 2: a path whose entry lives on a node that stays up (not node 0).
-    let entry_of = |path: &str| {
-        let uri: Uri = path.parse().expect("a valid path");
-        let key = CacheKey::derive(
-            "recommend",
-            &cfg.routes[0].key,
-            &Method::GET,
-            &uri,
-            &HeaderMap::new(),
-            b"",
-        )
-        .expect("a GET without a JSON key derives");
-        format!("corral:test:recommend:{{{}}}", key.hex())
-    };
     let mut path = None;
     for k in 0..100 {
         let candidate = format!("/recommend?segment=s{k}");
-        if !cluster.serves(0, &entry_of(&candidate)).await {
+        if !cluster.serves(0, &entry_name(&cfg, &candidate)).await {
             path = Some(candidate);
             break;
         }

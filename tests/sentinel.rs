@@ -8,10 +8,8 @@ mod support;
 use std::time::Duration;
 
 use corral::Config;
-use corral::key::CacheKey;
 use futures_util::future::join_all;
-use http::{HeaderMap, Method, Uri};
-use support::corral::{recommend_route, sentinel_config, start, url};
+use support::corral::{entry_name, recommend_route, sentinel_config, start, url};
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
 
@@ -22,21 +20,6 @@ const NOTICE_OR_504: &str =
 const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
-
-/// The Redis name of the entry a GET of `path` fills on the `recommend` route.
-fn entry_of(cfg: &Config, path: &str) -> String {
-    let uri: Uri = path.parse().expect("a valid path");
-    let key = CacheKey::derive(
-        "recommend",
-        &cfg.routes[0].key,
-        &Method::GET,
-        &uri,
-        &HeaderMap::new(),
-        b"",
-    )
-    .expect("a GET without a JSON key derives");
-    format!("corral:test:recommend:{{{}}}", key.hex())
-}
 
 /// `n` identical GETs of `path`, spread over the fleet, all at once.
 async fn stampede(client: &Client, fleet: &[corral::Instance], path: &str, n: usize) -> Vec<Resp> {
@@ -83,7 +66,7 @@ async fn sentinel_fleet_stampede_makes_one_upstream_call() {
         1,
         "the fleet called the upstream more than once"
     );
-    assert!(deployment.exists(master, &entry_of(&cfg, path)).await);
+    assert!(deployment.exists(master, &entry_name(&cfg, path)).await);
     assert!(deployment.keys(master, "corral:*:lock:*").await.is_empty());
     for instance in fleet {
         instance.shutdown().await;
@@ -136,7 +119,7 @@ async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     .await;
     let filled = "/recommend?segment=before";
     assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
-    assert!(deployment.exists(old, &entry_of(&cfg, filled)).await);
+    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
 
     // Step 2: SIGKILL the master. Until a sentinel reports the promoted replica, keep asking
     // both instances for the filled key and for keys never seen: every answer is a 200
@@ -227,7 +210,7 @@ async fn assert_fleet_follows(
                 let path = format!("/recommend?segment=follow-{i}-{attempt}");
                 let answer = client.get(&url(instance, &path), &[]).await;
                 assert_eq!(answer.status, 200, "{path}");
-                deployment.exists(new, &entry_of(cfg, &path)).await
+                deployment.exists(new, &entry_name(cfg, &path)).await
             },
         )
         .await;
@@ -253,5 +236,5 @@ async fn assert_fleet_follows(
         1,
         "the fleet called the upstream more than once"
     );
-    assert!(deployment.exists(new, &entry_of(cfg, path)).await);
+    assert!(deployment.exists(new, &entry_name(cfg, path)).await);
 }

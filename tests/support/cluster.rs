@@ -319,17 +319,7 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis.log")
 }
 
+/// A node's log tail, headed by its directory (a cluster has several).
 fn log_tail(dir: &Path) -> String {
-    let mut tail = format!("--- {} ---\n", dir.display());
-    for name in ["redis.log", "stderr.log"] {
-        let text = fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
-        tail.push_str(&format!("--- last lines of {name} ---\n"));
-        for line in &lines[from..] {
-            tail.push_str(line);
-            tail.push('\n');
-        }
-    }
-    tail
+    format!("--- {} ---\n{}", dir.display(), super::redis::log_tail(dir))
 }

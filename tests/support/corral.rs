@@ -148,3 +148,20 @@ pub async fn assert_nothing_stored(redis: &RedisServer, instance: &Instance) {
     assert_eq!(stored, Vec::<String>::new());
     assert_eq!(instance.proxy().l1().entry_count().await, 0);
 }
+
+/// The Redis name of the entry a GET of `path` fills on the config's first route, in the `test`
+/// namespace the test configs use.
+pub fn entry_name(cfg: &Config, path: &str) -> String {
+    let uri: http::Uri = path.parse().expect("a valid path");
+    let route = &cfg.routes[0];
+    let key = corral::key::CacheKey::derive(
+        &route.name,
+        &route.key,
+        &http::Method::GET,
+        &uri,
+        &http::HeaderMap::new(),
+        b"",
+    )
+    .expect("a GET without a JSON key derives");
+    format!("corral:test:{}:{{{}}}", route.name, key.hex())
+}

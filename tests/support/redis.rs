@@ -357,7 +357,8 @@ fn log_since(dir: &Path, start: u64) -> String {
     String::from_utf8_lossy(&log[start..]).into_owned()
 }
 
-fn log_tail(dir: &Path) -> String {
+/// The last lines of a server's log and stderr in `dir`, for a failure message.
+pub(crate) fn log_tail(dir: &Path) -> String {
     let mut tail = String::new();
     for (name, path) in [
         ("redis.log", log_path(dir)),
