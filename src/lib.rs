@@ -47,6 +47,7 @@ pub mod route;
 pub mod server;
 pub mod upstream;
 pub mod verdict;
+pub mod wait;
 
 pub use config::Config;
 pub use outcome::CacheOutcome;
