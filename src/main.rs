@@ -43,6 +43,7 @@ enum Command {
     },
     /// Check a config file; exits non-zero with the file, line and field at fault.
     Validate {
+        /// The TOML config file to check.
         #[arg(long, env = "CORRAL_CONFIG")]
         config: PathBuf,
     },
@@ -61,10 +62,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `outer: inner: …`, each cause once: our error types
+/// already show their source in their own message (`cannot read config file: No such file…`),
+/// so a cause whose text is already there is not repeated.
+fn report(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 fn validate(path: &Path) -> anyhow::Result<()> {
@@ -85,12 +104,12 @@ fn validate(path: &Path) -> anyhow::Result<()> {
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
-    let stop = instance.stopper();
+    let terminator = instance.terminator();
     let control = instance.control().clone();
     tokio::spawn(async move {
         signals(control).await;
         tracing::info!("shutting down");
-        let _ = stop.send(true);
+        terminator.terminate().await;
     });
     instance.wait().await;
     Ok(())

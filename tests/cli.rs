@@ -22,7 +22,7 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn validate_accepts_the_shipped_configs() {
-    for name in ["example.toml", "embedded.toml"] {
+    for name in ["example.toml", "embedded.toml", "sidecar.toml"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("config")
             .join(name);
@@ -71,8 +71,46 @@ fn validate_rejects_bad_configs_naming_file_line_and_field() {
 }
 
 #[test]
-fn a_missing_config_file_is_a_clear_error() {
+fn a_missing_config_file_is_a_clear_error_said_once() {
     let out = validate(Path::new("/nonexistent/corral.toml"));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/corral.toml"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/corral.toml"), "{stderr}");
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+/// Runs `corral <args>` to the end, without `CORRAL_CONFIG` from the caller's environment.
+fn corral(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(args)
+        .env_remove("CORRAL_CONFIG")
+        .output()
+        .expect("run corral")
+}
+
+#[test]
+fn every_option_of_run_and_validate_is_described_in_help() {
+    for command in ["validate", "run"] {
+        let out = corral(&[command, "--help"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with("--config"))
+            .unwrap_or_else(|| panic!("{command} --help lists no --config:\n{help}"));
+        let described = line
+            .trim_start()
+            .trim_start_matches("--config <CONFIG>")
+            .trim();
+        assert!(
+            described.contains("config file"),
+            "{command} --help: --config is not described: {line:?}"
+        );
+    }
 }
