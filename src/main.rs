@@ -105,11 +105,19 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
     let terminator = instance.terminator();
+    let stop = instance.stopper();
     let control = instance.control().clone();
     tokio::spawn(async move {
-        signals(control).await;
+        signals(control.clone()).await;
         tracing::info!("shutting down");
-        terminator.terminate().await;
+        tokio::select! {
+            () = terminator.terminate() => {}
+            // An operator's second Ctrl-C (or SIGTERM) cuts server.shutdown_delay short.
+            () = signals(control) => {
+                tracing::info!("second signal: shutting down without waiting out shutdown_delay");
+                let _ = stop.send(true);
+            }
+        }
     });
     instance.wait().await;
     Ok(())

@@ -5,12 +5,15 @@
 //! proxy built from it (sharing caches, Redis connections and fills in progress), while requests
 //! already running finish on the proxy they started with. Shutdown stops accepting, lets open
 //! connections finish their requests, then waits for fills still running (their waiters in other
-//! instances are counting on them), all within `server.shutdown_timeout`.
+//! instances are counting on them), all within `server.shutdown_timeout`. On SIGTERM a
+//! [`Terminator`] first keeps serving for `server.shutdown_delay` while `/readyz` answers 503, so
+//! load balancers stop sending traffic before the listener closes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError, ServerConfig};
+use crate::config::{Config, ConfigError, RedisTopology, ServerConfig};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
@@ -52,6 +55,18 @@ pub enum ReloadError {
 pub struct Control {
     proxy: ArcSwap<Proxy>,
     config: ArcSwap<Config>,
+    /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+/// What a reload changed, for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Routes in the new configuration.
+    pub routes: usize,
+    /// Fields that changed but take effect only on a restart (`server.listen`, `redis.url`, …).
+    /// The running values stay.
+    pub restart_needed: Vec<&'static str>,
 }
 
 impl Control {
@@ -68,9 +83,14 @@ impl Control {
         self.config.load().server.ready_when_degraded
     }
 
-    /// Re-reads the config file; on success swaps it in and returns the number of routes. A bad
-    /// file changes nothing.
-    pub fn reload(&self) -> Result<usize, ReloadError> {
+    /// Whether a shutdown was asked for (`/readyz` then answers 503).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the config file; on success swaps it in and says what changed. A bad file
+    /// changes nothing.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let source = self.config.load().source.clone();
         if !source.is_file() {
             return Err(ReloadError::NotAFile(source));
@@ -79,8 +99,8 @@ impl Control {
             .map_err(ReloadError::from)
             .map(|config| self.apply(config));
         match &result {
-            Ok(routes) => {
-                tracing::info!(file = %source.display(), routes, "configuration reloaded")
+            Ok(reloaded) => {
+                tracing::info!(file = %source.display(), routes = reloaded.routes, "configuration reloaded")
             }
             Err(err) => {
                 tracing::error!(%err, "configuration reload refused; keeping the running one")
@@ -89,37 +109,23 @@ impl Control {
         result
     }
 
-    /// Swaps in a validated configuration; returns the number of routes.
-    pub fn apply(&self, config: Config) -> usize {
-        let old = self.config.load();
-        let restart_only = [
-            ("server.listen", old.server.listen != config.server.listen),
-            (
-                "server.admin_listen",
-                old.server.admin_listen != config.server.admin_listen,
-            ),
-            (
-                "[redis]",
-                format!("{:?}", old.redis) != format!("{:?}", config.redis),
-            ),
-            (
-                "[cache]",
-                old.cache.l1_max_bytes != config.cache.l1_max_bytes,
-            ),
-        ];
-        for (field, changed) in restart_only {
-            if changed {
-                tracing::warn!(
-                    field,
-                    "changed in the new configuration; takes effect on restart"
-                );
-            }
+    /// Swaps in a validated configuration; says what changed.
+    pub fn apply(&self, config: Config) -> Reloaded {
+        let restart_needed = restart_needed(&self.config.load(), &config);
+        for field in &restart_needed {
+            tracing::warn!(
+                field,
+                "changed in the new configuration; takes effect on restart"
+            );
         }
         let routes = config.routes.len();
         let proxy = self.proxy.load().reloaded(&config);
         self.proxy.store(Arc::new(proxy));
         self.config.store(Arc::new(config));
-        routes
+        Reloaded {
+            routes,
+            restart_needed,
+        }
     }
 }
 
@@ -141,6 +147,7 @@ impl Instance {
         let control = Arc::new(Control {
             proxy: ArcSwap::new(proxy),
             config: ArcSwap::from_pointee(config.clone()),
+            draining: AtomicBool::new(false),
         });
         let (stop, stopped) = watch::channel(false);
         let admin_addr = match config.server.admin_listen {
@@ -202,6 +209,85 @@ impl Instance {
     pub fn stopper(&self) -> watch::Sender<bool> {
         self.stop.clone()
     }
+
+    /// A handle for SIGTERM: shutdown after `server.shutdown_delay` (see [`Terminator`]).
+    pub fn terminator(&self) -> Terminator {
+        Terminator {
+            control: self.control.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// Shuts an instance down the way an orchestrator wants it on SIGTERM.
+pub struct Terminator {
+    control: Arc<Control>,
+    stop: watch::Sender<bool>,
+}
+
+impl Terminator {
+    /// `/readyz` answers 503 at once; both listeners keep serving for `server.shutdown_delay` (of
+    /// the live configuration), so the load balancer or the endpoints controller sees the pod
+    /// unready and stops sending it traffic; then the graceful shutdown starts. Returns once it
+    /// has been started, not once it has finished ([`Instance::wait`] says that). Cancelled
+    /// during the delay, it leaves the instance serving but unready.
+    pub async fn terminate(self) {
+        self.control.draining.store(true, Ordering::Relaxed);
+        let delay = self.control.config.load().server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutdown requested: /readyz answers 503; serving on until the delay ends"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The fields of `new` that differ from `old` but take effect only on a restart.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (old_redis, new_redis) = (old.redis.as_ref(), new.redis.as_ref());
+    // The field that names where Redis is: `url`, `cluster` or `sentinel`, as the new file says.
+    let topology = match new_redis.map(|r| &r.topology) {
+        Some(RedisTopology::Cluster { .. }) => "redis.cluster",
+        Some(RedisTopology::Sentinel { .. }) => "redis.sentinel",
+        _ => "redis.url",
+    };
+    let changed = [
+        ("server.listen", old.server.listen != new.server.listen),
+        (
+            "server.admin_listen",
+            old.server.admin_listen != new.server.admin_listen,
+        ),
+        ("redis", old_redis.is_some() != new_redis.is_some()),
+        (
+            topology,
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.topology != b.topology),
+        ),
+        (
+            "redis.namespace",
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.namespace != b.namespace),
+        ),
+        (
+            "redis.timeout",
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.timeout != b.timeout),
+        ),
+        (
+            "cache.l1_max_bytes",
+            old.cache.l1_max_bytes != new.cache.l1_max_bytes,
+        ),
+    ];
+    changed
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
