@@ -40,6 +40,8 @@ pub struct Proxy {
     flights: Arc<Flights<Arc<Fill>>>,
     metrics: Arc<Metrics>,
     body_read_timeout: std::time::Duration,
+    /// `server.access_log`: one `info` line per request.
+    access_log: bool,
 }
 
 impl Proxy {
@@ -68,6 +70,7 @@ impl Proxy {
             flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
             metrics,
             body_read_timeout: config.server.body_read_timeout,
+            access_log: config.server.access_log,
         })
     }
 
@@ -95,6 +98,7 @@ impl Proxy {
             flights: self.flights.clone(),
             metrics: self.metrics.clone(),
             body_read_timeout: config.server.body_read_timeout,
+            access_log: config.server.access_log,
         }
     }
 
@@ -184,8 +188,9 @@ impl Proxy {
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        // Only a debug log line needs these; the hot path does not pay for them otherwise.
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
+        // Only the log line needs these; with it off the hot path does not pay for them.
+        let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        let logged = (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let route = self.router.route(req.uri().path(), req.method()).cloned();
         let (answer, route) = match route {
@@ -202,15 +207,15 @@ impl Proxy {
             .headers_mut()
             .insert(CACHE_STATUS, outcome.cache_status());
         if let Some((method, path)) = logged {
-            tracing::debug!(
-                %method,
-                %path,
-                route = %route_name,
-                status = response.status().as_u16(),
-                outcome = outcome.as_str(),
-                micros = started.elapsed().as_micros() as u64,
-                "request"
-            );
+            let status = response.status().as_u16();
+            let micros = started.elapsed().as_micros() as u64;
+            let outcome = outcome.as_str();
+            // The same line at `info` (the access log) or, with it off, at `debug`.
+            if info {
+                tracing::info!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+            } else {
+                tracing::debug!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+            }
         }
         response
     }
@@ -464,6 +469,10 @@ impl Proxy {
         }
     }
 }
+
+/// The log target of the per-request line, so `RUST_LOG` can filter it on its own
+/// (`corral::access=off`).
+pub const ACCESS_LOG: &str = "corral::access";
 
 /// The wait for the default upstream's response head.
 const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
