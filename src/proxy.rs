@@ -50,7 +50,7 @@ impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
         let metrics = Arc::new(Metrics::new());
         for route in &config.routes {
-            metrics.register_route(&route.name);
+            metrics.register_route(route);
         }
         let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
@@ -89,7 +89,7 @@ impl Proxy {
     /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
     pub fn reloaded(&self, config: &Config) -> Proxy {
         for route in &config.routes {
-            self.metrics.register_route(&route.name);
+            self.metrics.register_route(route);
         }
         Proxy {
             router: Router::new(&config.routes),
@@ -197,7 +197,9 @@ impl Proxy {
             None => (self.unrouted(req, peer).await, None),
             Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };
-        let route_name = route.as_ref().map_or("-", |r| r.name.as_str());
+        let route_name = route
+            .as_ref()
+            .map_or(crate::metrics::UNROUTED, |r| r.name.as_str());
         let Answer {
             outcome,
             mut response,
@@ -458,12 +460,16 @@ impl Proxy {
         };
         let (parts, body) = req.into_parts();
         let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
-        match self
+        let started = Instant::now();
+        let sent = self
             .filler
             .client
             .send(upstream_req, upstream, DEFAULT_UPSTREAM_TIMEOUT)
-            .await
-        {
+            .await;
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics
+            .upstream_call(crate::metrics::UNROUTED, status, started.elapsed());
+        match sent {
             Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
             Err(err) => ProxyError::from(err).into_answer(outcome),
         }

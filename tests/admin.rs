@@ -159,3 +159,48 @@ fn shutdown_delay_defaults_to_zero_and_takes_a_duration() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_upstream_calls_are_counted_and_impossible_series_are_absent() {
+    let upstream = Upstream::start().await;
+    let server = format!("{ADMIN}\ndefault_upstream = \"{}\"", upstream.url());
+    let cfg = config_with_server(&server, None, &recommend_route(&upstream.url(), ""));
+    let instance = start(1, &cfg).await.remove(0);
+    let client = Client::new();
+    for i in 0..3 {
+        let answer = client
+            .get(&url(&instance, &format!("/elsewhere/{i}")), &[])
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.header("cache-status"), Some("corral; fwd=uri-miss"));
+    }
+    assert_eq!(upstream.calls(), 3);
+    let page = client
+        .get(&admin_url(&instance, "/metrics"), &[])
+        .await
+        .text();
+    let has = |line: &str| page.lines().any(|l| l == line);
+    assert!(
+        has("corral_upstream_calls_total{route=\"-\",status=\"200\"} 3"),
+        "{page}"
+    );
+    assert!(
+        has("corral_upstream_duration_seconds_count{route=\"-\"} 3"),
+        "{page}"
+    );
+    assert!(
+        has("corral_requests_total{route=\"-\",outcome=\"uri_miss\"} 3"),
+        "{page}"
+    );
+    for impossible in [
+        "route=\"-\",outcome=\"hit\"",
+        "route=\"-\",outcome=\"bypass\"",
+        "route=\"recommend\",outcome=\"uri_miss\"",
+    ] {
+        assert!(
+            !page.contains(impossible),
+            "{impossible} on the page:\n{page}"
+        );
+    }
+    instance.shutdown().await;
+}
