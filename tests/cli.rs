@@ -1,5 +1,8 @@
 //! The `corral` binary: `validate` accepts the shipped configs and rejects bad ones with the file,
-//! line and field; `run` serves and stops on SIGTERM.
+//! line and field; `--help` describes every option; `demo` refuses what cannot run, fails at once
+//! on an unreachable Redis, and leaves nothing in a reachable one.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -113,4 +116,78 @@ fn every_option_of_run_and_validate_is_described_in_help() {
             "{command} --help: --config is not described: {line:?}"
         );
     }
+}
+
+#[test]
+fn demo_refuses_zero_requests_and_zero_instances() {
+    for flag in ["--requests", "--instances"] {
+        let out = corral(&["demo", flag, "0"]);
+        assert!(!out.status.success(), "{flag} 0 must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1"),
+            "{flag} 0: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "no burst ran: {:?}", out.stdout);
+    }
+}
+
+#[test]
+fn demo_with_an_unreachable_redis_fails_at_once_naming_it() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let out = corral(&["demo", "--redis", &url, "--requests", "10"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Redis unreachable at {url}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one error, no warnings: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("fleet"),
+        "no fleet report"
+    );
+    let bad = corral(&["demo", "--redis", "not a url"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a Redis URL"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_redis_coalesces_across_the_fleet_and_leaves_nothing_behind() {
+    let redis = support::RedisServer::start().await;
+    let url = redis.url();
+    let out = tokio::task::spawn_blocking(move || {
+        corral(&[
+            "demo",
+            "--redis",
+            &url,
+            "--requests",
+            "60",
+            "--instances",
+            "2",
+            "--backend-delay",
+            "300ms",
+        ])
+    })
+    .await
+    .expect("the demo ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fleet (2 instances"), "{stdout}");
+    assert!(stdout.contains("60 requests, 1 backend call"), "{stdout}");
+    assert!(stdout.contains("Redis: removed the demo's"), "{stdout}");
+    assert_eq!(redis.keys("corral:*").await, Vec::<String>::new());
 }
