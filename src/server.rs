@@ -260,6 +260,23 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             "server.admin_listen",
             old.server.admin_listen != new.server.admin_listen,
         ),
+        // Read once by the listener loop when it starts.
+        (
+            "server.shutdown_timeout",
+            old.server.shutdown_timeout != new.server.shutdown_timeout,
+        ),
+        (
+            "server.header_read_timeout",
+            old.server.header_read_timeout != new.server.header_read_timeout,
+        ),
+        (
+            "server.max_headers",
+            old.server.max_headers != new.server.max_headers,
+        ),
+        (
+            "server.max_header_bytes",
+            old.server.max_header_bytes != new.server.max_header_bytes,
+        ),
         ("redis", old_redis.is_some() != new_redis.is_some()),
         (
             topology,
@@ -370,4 +387,69 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!("all requests and fills finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(server: &str, redis: &str) -> Config {
+        let text = format!(
+            "[server]\n{server}\n{redis}\n[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n\
+             upstream = \"http://127.0.0.1:1\"\n"
+        );
+        Config::parse(&text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn restart_needed_names_each_start_only_field_and_nothing_that_reloads() {
+        let base = parse("", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
+        let same = parse(
+            "admin_token = \"t\"\nbody_read_timeout = \"5s\"\nshutdown_delay = \"5s\"\n\
+             access_log = false\nready_when_degraded = false",
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n",
+        );
+        assert_eq!(restart_needed(&base, &same), Vec::<&str>::new());
+        let cases = [
+            ("listen = \"127.0.0.1:1\"", "", "server.listen"),
+            ("admin_listen = \"127.0.0.1:1\"", "", "server.admin_listen"),
+            ("shutdown_timeout = \"1s\"", "", "server.shutdown_timeout"),
+            (
+                "header_read_timeout = \"1s\"",
+                "",
+                "server.header_read_timeout",
+            ),
+            ("max_headers = 10", "", "server.max_headers"),
+            (
+                "max_header_bytes = \"16KiB\"",
+                "",
+                "server.max_header_bytes",
+            ),
+            ("", "url = \"redis://127.0.0.1:2\"", "redis.url"),
+            ("", "cluster = [\"redis://127.0.0.1:2\"]", "redis.cluster"),
+            (
+                "",
+                "url = \"redis://127.0.0.1:1\"\nnamespace = \"n\"",
+                "redis.namespace",
+            ),
+            (
+                "",
+                "url = \"redis://127.0.0.1:1\"\ntimeout = \"1s\"",
+                "redis.timeout",
+            ),
+        ];
+        for (server, redis, field) in cases {
+            let redis = if redis.is_empty() {
+                "url = \"redis://127.0.0.1:1\""
+            } else {
+                redis
+            };
+            let changed = parse(server, &format!("[redis]\n{redis}\n"));
+            assert_eq!(restart_needed(&base, &changed), [field], "{server}{redis}");
+        }
+        assert_eq!(restart_needed(&base, &parse("", "")), ["redis"]);
+        let mut bigger = base.clone();
+        bigger.cache.l1_max_bytes += 1;
+        assert_eq!(restart_needed(&base, &bigger), ["cache.l1_max_bytes"]);
+    }
 }
