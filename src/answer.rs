@@ -16,11 +16,28 @@ use crate::upstream::{Buffered, UpstreamError};
 pub struct Answer {
     pub outcome: CacheOutcome,
     pub response: Response<ProxyBody>,
+    /// Seconds of freshness left in the entry answered from (negative: stale), for
+    /// `Cache-Status: …; ttl=N`.
+    pub ttl: Option<i64>,
+    /// The status the upstream gave, when Corral answered with another (a 304 or 206 it made
+    /// itself); `None`: the response's own.
+    pub fwd_status: Option<StatusCode>,
 }
 
 impl Answer {
     pub fn new(outcome: CacheOutcome, response: Response<ProxyBody>) -> Answer {
-        Answer { outcome, response }
+        Answer {
+            outcome,
+            response,
+            ttl: None,
+            fwd_status: None,
+        }
+    }
+
+    /// The `Cache-Status` value of this answer.
+    pub fn cache_status(&self) -> HeaderValue {
+        let status = self.fwd_status.unwrap_or(self.response.status());
+        self.outcome.cache_status(self.ttl, status)
     }
 }
 
@@ -97,9 +114,13 @@ pub fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
     if outcome.is_hit() {
-        headers.insert(header::AGE, HeaderValue::from(entry.times.age_secs(now)));
+        headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    Answer::new(outcome, resp)
+    let mut answer = Answer::new(outcome, resp);
+    if outcome.is_hit() {
+        answer.ttl = Some(entry.ttl_secs(now));
+    }
+    answer
 }
 
 /// An answer meant for one requester only.

@@ -113,9 +113,7 @@ pub async fn burst(args: &DemoArgs) -> anyhow::Result<DemoReport> {
                         .headers()
                         .get("cache-status")
                         .and_then(|v| v.to_str().ok())
-                        .unwrap_or("none")
-                        .trim_start_matches("corral; ")
-                        .to_owned();
+                        .map_or_else(|| "none".to_owned(), outcome_kind);
                     let _ = resp.into_body().collect().await;
                     (status, outcome)
                 }
@@ -344,6 +342,17 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A `Cache-Status` value without the cache's name and the per-answer numbers (`ttl`,
+/// `fwd-status`), so the demo's table counts kinds of answers.
+fn outcome_kind(value: &str) -> String {
+    value
+        .split(';')
+        .map(str::trim)
+        .filter(|p| *p != "corral" && !p.starts_with("ttl=") && !p.starts_with("fwd-status="))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: u8 = 0xC0;
 const VERSION: u8 = 0x01;
@@ -23,7 +23,8 @@ const VERSION: u8 = 0x01;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub status: StatusCode,
-    /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`, no `Age`).
+    /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`). `Age`, when present, is
+    /// the upstream's: the entry's age when it was stored.
     pub headers: HeaderMap,
     pub body: Bytes,
     pub times: Lifetime,
@@ -107,6 +108,20 @@ pub enum DecodeError {
 }
 
 impl Entry {
+    /// Whole seconds of freshness left at `now` (negative once stale), counting the upstream's
+    /// `Age`: RFC 9211's `ttl`.
+    pub fn ttl_secs(&self, now: u64) -> i64 {
+        let left = i128::from(self.times.fresh_until) - i128::from(now);
+        i64::try_from(left.div_euclid(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// The entry's current age in whole seconds (RFC 9111 §4.2.3): the upstream's `Age` when it
+    /// was stored plus the time since.
+    pub fn age_secs(&self, now: u64) -> u64 {
+        let initial = crate::verdict::upstream_age_secs(&self.headers).unwrap_or(0);
+        initial.saturating_add(self.times.age_secs(now))
+    }
+
     /// Bytes this entry costs in memory, for the L1 weigher: its body and headers plus what
     /// holding it costs around them — the header map's table and buckets, one allocation per
     /// header value, the entry and its `Arc`, moka's node, deque and timer slots. The constants
@@ -250,56 +265,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// What the upstream's `Cache-Control` says about storing a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Directives {
-    pub no_store: bool,
-    pub private: bool,
-    pub no_cache: bool,
-    pub max_age: Option<u64>,
-    pub s_maxage: Option<u64>,
-    pub stale_while_revalidate: Option<u64>,
-    pub stale_if_error: Option<u64>,
-}
-
-impl Directives {
-    /// Reads every `Cache-Control` field line. Unknown directives are ignored (RFC 9111 §5.2.3);
-    /// a malformed number makes that directive absent.
-    pub fn from_headers(headers: &HeaderMap) -> Directives {
-        let mut d = Directives::default();
-        for value in headers.get_all(header::CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for item in value.split(',') {
-                let (name, arg) = match item.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (item.trim(), None),
-                };
-                let secs = arg.and_then(|a| a.parse::<u64>().ok());
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => d.no_store = true,
-                    "private" => d.private = true,
-                    "no-cache" => d.no_cache = true,
-                    "max-age" => d.max_age = secs,
-                    "s-maxage" => d.s_maxage = secs,
-                    "stale-while-revalidate" => d.stale_while_revalidate = secs,
-                    "stale-if-error" => d.stale_if_error = secs,
-                    _ => {}
-                }
-            }
-        }
-        d
-    }
-
-    /// Whether a shared cache may store the response at all. `no-cache` responses are not stored:
-    /// Corral does not revalidate with conditional requests, so it could never reuse them.
-    pub fn storable(&self) -> bool {
-        !(self.no_store || self.private || self.no_cache)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();
@@ -344,23 +313,5 @@ mod tests {
         for cut in 0..40 {
             assert!(Entry::decode(full.slice(..cut)).is_err(), "cut at {cut}");
         }
-    }
-
-    #[test]
-    fn directives_parse_case_and_spacing() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("Public, MAX-AGE=60 , s-maxage=\"30\""),
-        );
-        h.append(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("stale-while-revalidate=5"),
-        );
-        let d = Directives::from_headers(&h);
-        assert_eq!(d.max_age, Some(60));
-        assert_eq!(d.s_maxage, Some(30));
-        assert_eq!(d.stale_while_revalidate, Some(5));
-        assert!(d.storable());
     }
 }

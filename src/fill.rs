@@ -395,11 +395,10 @@ impl Filler {
     async fn call_upstream(&self, req: &FillRequest) -> Result<Verdict, FillError> {
         let route = &req.route;
         let _slot = self.upstream_slot(route).await?;
-        let upstream_req = crate::upstream::rewrite(
+        let upstream_req = crate::upstream::fill_request(
             &req.parts,
             Either::Left(Full::new(req.body.clone())),
-            &route.upstream,
-            req.peer,
+            route,
         );
         let started = Instant::now();
         let fetched = self

@@ -69,6 +69,9 @@ fn main() -> ExitCode {
 
 fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("warning: {}: {warning}", path.display());
+    }
     println!(
         "{}: ok ({} routes, {})",
         path.display(),

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
 use crate::breaker::Breaker;
+use crate::conditional::Conditions;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillRequest, Filler, Fleet, Source};
@@ -29,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
 use crate::purge::{Purge, PurgeError, PurgeRequest};
-use crate::route::{Router, check_cacheable};
+use crate::route::{Router, cache_method, check_cacheable};
 use crate::upstream::{UpstreamBody, rewrite};
 
 /// One Corral process's request handling. Shared by every connection.
@@ -193,14 +194,14 @@ impl Proxy {
             Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };
         let route_name = route.as_ref().map_or("-", |r| r.name.as_str());
+        let cache_status = answer.cache_status();
         let Answer {
             outcome,
             mut response,
+            ..
         } = answer;
         self.metrics.request(route_name, outcome);
-        response
-            .headers_mut()
-            .insert(CACHE_STATUS, outcome.cache_status());
+        response.headers_mut().insert(CACHE_STATUS, cache_status);
         if let Some((method, path)) = logged {
             tracing::debug!(
                 %method,
@@ -248,29 +249,31 @@ impl Proxy {
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let Answer {
-            outcome,
-            mut response,
-        } = match self.router.route(parts.uri.path(), &parts.method) {
+        let answer = match self.router.route(parts.uri.path(), &parts.method) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
                 self.handle_cacheable(route.clone(), parts, body, peer)
                     .await
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
-        response
-            .headers_mut()
-            .insert(CACHE_STATUS, outcome.cache_status());
+        let cache_status = answer.cache_status();
+        let mut response = answer.response;
+        response.headers_mut().insert(CACHE_STATUS, cache_status);
         response
     }
 
+    /// Keys, looks up and answers a cacheable request; its conditionals, `Range` and HEAD are
+    /// then answered by Corral from what it holds (see [`Conditions`]). A HEAD is keyed, looked up
+    /// and filled as a GET, so it shares GET's entries and flights.
     async fn handle_cacheable(
         &self,
         route: Arc<RouteConfig>,
-        parts: Parts,
+        mut parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Answer {
+        let conditions = Conditions::of(&parts.method, &parts.headers);
+        parts.method = cache_method(&parts.method).clone();
         let key = match CacheKey::derive(
             &route.name,
             &route.key,
@@ -289,7 +292,7 @@ impl Proxy {
             body,
             peer,
         };
-        self.lookup(req).await
+        conditions.apply(self.lookup(req).await)
     }
 
     async fn lookup(&self, req: FillRequest) -> Answer {
@@ -391,7 +394,12 @@ impl Proxy {
             }
             Fill::Failed(err) => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
-                None => ProxyError::from(err.clone()).into_answer(CacheOutcome::MissNotStored),
+                // A follower shares the leader's error as a collapsed forward, as a follower on
+                // another instance does (which gets it as a `failed` notice): never a hit.
+                None => ProxyError::from(err.clone()).into_answer(match role {
+                    Role::Leader => CacheOutcome::MissNotStored,
+                    Role::Follower => CacheOutcome::Coalesced,
+                }),
             },
         }
     }

@@ -1,9 +1,11 @@
 //! Verdicts: what an upstream answer allows — stored and shared, shared with its fill's waiters
 //! only, or its requester's alone — and for how long it stays fresh and usable stale.
 //!
-//! Freshness is `s-maxage`, else `max-age`, else the route's `ttl` (`error_ttl` for a listed
-//! error status); the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
-//! else the route's. An answer with `Set-Cookie`, `private`, `no-store` or `no-cache` is never
+//! Freshness is `s-maxage`, else `max-age`, else `Expires`, else (heuristic, for the route's
+//! `heuristic_statuses`) the route's `ttl` (`error_ttl` for an error status), minus the
+//! upstream's `Age`; the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
+//! else the route's, unless `must-revalidate`/`proxy-revalidate` forbid stale answers. An answer
+//! with `Set-Cookie`, `private`, `no-store`, `no-cache` or `Vary: *`, and a 206 or 304, is never
 //! shared.
 
 use std::time::Duration;
@@ -13,8 +15,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::cache_control::Directives;
 use crate::config::RouteConfig;
-use crate::entry::{Directives, Entry, Lifetime, now_ms};
+use crate::entry::{Entry, Lifetime, now_ms};
 use crate::upstream::Buffered;
 
 /// What the upstream's answer allows.
@@ -53,31 +56,56 @@ pub fn error_entry(status: StatusCode, message: &str) -> Entry {
     }
 }
 
-/// Decides what an upstream answer allows, and computes its lifetime: `s-maxage`, else `max-age`,
-/// else the route's `ttl` (`error_ttl` for a listed error status); the stale windows from the
-/// header, else the route's.
+/// Decides what an upstream answer allows, and computes its lifetime (RFC 9111 §4.2).
+///
+/// The freshness lifetime is `s-maxage`, else `max-age`, else `Expires − Date` (explicit
+/// freshness), else — for the route's `heuristic_statuses` only — the route's `ttl` (`error_ttl`
+/// for an error). The upstream's `Age` counts against it, and is kept so that Corral's own `Age`
+/// includes it. The stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`, else
+/// the route's; `must-revalidate` and `proxy-revalidate` close them. A 206 or 304 (which a fill,
+/// being unconditional and whole, never asks for) is only for its requester.
 pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
     let directives = Directives::from_headers(&answer.headers);
-    if answer.headers.contains_key(header::SET_COOKIE) || !directives.storable() {
+    let partial = matches!(
+        answer.status,
+        StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+    );
+    if answer.headers.contains_key(header::SET_COOKIE)
+        || !directives.storable()
+        || partial
+        || vary_star(&answer.headers)
+    {
         return Verdict::Private(answer);
     }
     let now = now_ms();
-    let secs = |s: u64| s.saturating_mul(1000);
-    let default_ttl = if answer.status.as_u16() >= 400 {
-        route.error_ttl
-    } else {
-        route.ttl
+    let status = answer.status.as_u16();
+    let explicit = explicit_lifetime(&directives, &answer.headers, now);
+    let (lifetime, storable_status) = match explicit {
+        Some(ms) => (ms, route.cache_statuses.contains(&status)),
+        None => {
+            let ttl = if status >= 400 {
+                route.error_ttl
+            } else {
+                route.ttl
+            };
+            (millis(ttl), route.heuristic_statuses.contains(&status))
+        }
     };
-    let fresh = directives
-        .s_maxage
-        .or(directives.max_age)
-        .map_or(millis(default_ttl), secs);
-    let swr = directives
-        .stale_while_revalidate
-        .map_or(millis(route.stale_while_revalidate), secs);
-    let sie = directives
-        .stale_if_error
-        .map_or(millis(route.stale_if_error), secs);
+    let age = upstream_age_secs(&answer.headers).unwrap_or(0);
+    let fresh = lifetime.saturating_sub(age.saturating_mul(1000));
+    let (swr, sie) = if directives.forbids_stale() {
+        (0, 0)
+    } else {
+        let secs = |s: u64| s.saturating_mul(1000);
+        (
+            directives
+                .stale_while_revalidate
+                .map_or(millis(route.stale_while_revalidate), secs),
+            directives
+                .stale_if_error
+                .map_or(millis(route.stale_if_error), secs),
+        )
+    };
     let fresh_until = now.saturating_add(fresh);
     let times = Lifetime {
         stored_at: now,
@@ -85,7 +113,6 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         swr_until: fresh_until.saturating_add(swr),
         sie_until: fresh_until.saturating_add(sie),
     };
-    let storable_status = route.cache_statuses.contains(&answer.status.as_u16());
     let tags = surrogate_keys(&answer.headers);
     let headers = compact(&answer.headers);
     let entry = Entry {
@@ -104,15 +131,58 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     }
 }
 
+/// The explicit freshness lifetime in milliseconds: `s-maxage`, else `max-age`, else
+/// `Expires − Date` (`Date` absent: the time of receipt). An `Expires` that is not a valid date
+/// means "already expired" (RFC 9111 §5.3).
+fn explicit_lifetime(d: &Directives, headers: &HeaderMap, now: u64) -> Option<u64> {
+    if let Some(secs) = d.s_maxage.or(d.max_age) {
+        return Some(secs.saturating_mul(1000));
+    }
+    let expires = headers.get(header::EXPIRES)?;
+    let Some(expires) = http_date_ms(expires) else {
+        return Some(0);
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date_ms)
+        .unwrap_or(now);
+    Some(expires.saturating_sub(date))
+}
+
+/// An HTTP date (RFC 9110 §5.6.7) as Unix milliseconds.
+pub(crate) fn http_date_ms(value: &HeaderValue) -> Option<u64> {
+    let text = value.to_str().ok()?;
+    let at = httpdate::parse_http_date(text.trim()).ok()?;
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
+}
+
+/// The upstream's `Age` (RFC 9111 §5.1): the first valid value, in seconds.
+pub(crate) fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::AGE)?.to_str().ok()?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// `Vary: *`: no later request can be known to match, so nothing is shared.
+fn vary_star(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|name| name.trim() == "*")
+}
+
 /// The headers an entry keeps, in allocations of their own. hyper hands out header values as slices
 /// of its connection read buffer: kept as they are, each cached entry would pin that whole buffer
-/// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget).
+/// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget). The upstream's `Age`
+/// is kept (it is the entry's age when stored); Corral-only fields are not.
 fn compact(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if name == header::AGE {
-            continue;
-        }
         let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         owned.set_sensitive(value.is_sensitive());
         kept.append(name.clone(), owned);
@@ -160,7 +230,6 @@ mod tests {
             header::CONTENT_TYPE,
             shared.unwrap_or(HeaderValue::from_static("x")),
         );
-        headers.insert(header::AGE, HeaderValue::from_static("5"));
         let kept = compact(&headers);
         let range = read_buffer.as_ptr_range();
         for value in kept.values() {
@@ -169,7 +238,7 @@ mod tests {
                 "still a slice of the buffer"
             );
         }
-        assert_eq!(kept.len(), 1, "Age is not kept");
+        assert_eq!(kept.len(), 1);
         assert_eq!(kept[header::CONTENT_TYPE].as_bytes(), &[b'x'; 16]);
     }
 }

@@ -1,0 +1,216 @@
+//! `Cache-Control` (RFC 9111 §5.2): the directives a response gives a shared cache.
+//!
+//! The field is a comma-separated list of `token[=(token|quoted-string)]`; a quoted string may
+//! hold commas, `=` and escaped quotes (`\"`), so the list is split by a small tokenizer rather
+//! than on every comma. Unknown directives are ignored (§5.2.3); a malformed number makes its
+//! directive absent, except `max-age`/`s-maxage`, where a malformed value means "stale at once"
+//! (§4.2.1: a cache must not reuse on an invalid freshness value).
+
+use http::{HeaderMap, header};
+
+/// What the upstream's `Cache-Control` says about storing and reusing a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Directives {
+    pub no_store: bool,
+    pub private: bool,
+    pub no_cache: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl Directives {
+    /// Reads every `Cache-Control` field line of `headers`.
+    pub fn from_headers(headers: &HeaderMap) -> Directives {
+        Directives::from_fields(
+            headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+    }
+
+    /// Reads field values given as text (one per field line).
+    pub fn from_fields<'a>(fields: impl IntoIterator<Item = &'a str>) -> Directives {
+        let mut d = Directives::default();
+        for field in fields {
+            for (name, arg) in parse_list(field) {
+                let secs = arg.as_deref().and_then(delta_seconds);
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => d.no_store = true,
+                    "private" => d.private = true,
+                    "no-cache" => d.no_cache = true,
+                    "must-revalidate" => d.must_revalidate = true,
+                    "proxy-revalidate" => d.proxy_revalidate = true,
+                    // An invalid value counts as 0: stale at once, never fresh by mistake.
+                    "max-age" => d.max_age = Some(secs.unwrap_or(0)),
+                    "s-maxage" => d.s_maxage = Some(secs.unwrap_or(0)),
+                    "stale-while-revalidate" => d.stale_while_revalidate = secs,
+                    "stale-if-error" => d.stale_if_error = secs,
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+
+    /// Whether a shared cache may store the response at all. `no-cache` responses are not stored:
+    /// Corral would have to revalidate them on every use.
+    pub fn storable(&self) -> bool {
+        !(self.no_store || self.private || self.no_cache)
+    }
+
+    /// Whether a stale copy may never be served (RFC 9111 §5.2.2.2, §5.2.2.8).
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate
+    }
+}
+
+/// `delta-seconds` (RFC 9111 §1.2.2): digits only; too large saturates.
+fn delta_seconds(arg: &str) -> Option<u64> {
+    if arg.is_empty() || !arg.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(arg.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// Splits a `Cache-Control` field value into directives: `(name, argument)` with quotes and
+/// escapes removed from a quoted argument. Empty list elements are skipped.
+pub fn parse_list(field: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut chars = field.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return out;
+        }
+        let mut name = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == ',' || c == '=' {
+                break;
+            }
+            name.push(c);
+            chars.next();
+        }
+        let name = name.trim().to_owned();
+        let mut arg = None;
+        if chars.peek() == Some(&'=') {
+            chars.next();
+            while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
+                chars.next();
+            }
+            let mut value = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => {
+                            if let Some(escaped) = chars.next() {
+                                value.push(escaped);
+                            }
+                        }
+                        c => value.push(c),
+                    }
+                }
+                // Anything between the closing quote and the next comma is malformed: skipped.
+                while chars.peek().is_some_and(|c| *c != ',') {
+                    chars.next();
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == ',' {
+                        break;
+                    }
+                    value.push(c);
+                    chars.next();
+                }
+                value = value.trim().to_owned();
+            }
+            arg = Some(value);
+        }
+        if !name.is_empty() {
+            out.push((name, arg));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_table() {
+        let cases: [(&str, Directives); 8] = [
+            (
+                "Public, MAX-AGE=60 , s-maxage=\"30\"",
+                Directives {
+                    max_age: Some(60),
+                    s_maxage: Some(30),
+                    ..Default::default()
+                },
+            ),
+            (
+                // A comma and a directive name inside a quoted string are not directives.
+                "foo=\"a, no-store, max-age=0\", max-age=5",
+                Directives {
+                    max_age: Some(5),
+                    ..Default::default()
+                },
+            ),
+            (
+                "ext=\"quoted \\\" private\", max-age=7",
+                Directives {
+                    max_age: Some(7),
+                    ..Default::default()
+                },
+            ),
+            (
+                "no-cache=\"set-cookie, x-a\"",
+                Directives {
+                    no_cache: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-age=abc, stale-if-error=-1",
+                Directives {
+                    max_age: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "must-revalidate, max-age=99999999999999999999999",
+                Directives {
+                    must_revalidate: true,
+                    max_age: Some(u64::MAX),
+                    ..Default::default()
+                },
+            ),
+            (
+                "proxy-revalidate,,stale-while-revalidate=5",
+                Directives {
+                    proxy_revalidate: true,
+                    stale_while_revalidate: Some(5),
+                    ..Default::default()
+                },
+            ),
+            ("", Directives::default()),
+        ];
+        for (field, want) in cases {
+            assert_eq!(Directives::from_fields([field]), want, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn unterminated_quotes_do_not_panic_or_leak_directives() {
+        let d = Directives::from_fields(["a=\"no-store, max-age=1"]);
+        assert_eq!(d, Directives::default());
+        assert!(d.storable());
+    }
+}
