@@ -10,6 +10,7 @@ use crate::fill::FillError;
 use crate::flight::Crowded;
 use crate::key::KeyError;
 use crate::outcome::CacheOutcome;
+use crate::target::TargetError;
 use crate::upstream::{Buffered, UpstreamError};
 
 /// A response and how the cache took part in it.
@@ -62,13 +63,17 @@ pub enum ProxyError {
     FillPanicked,
     #[error("too many requests wait for this key: {0}")]
     Crowded(#[from] Crowded),
+    #[error("bad request target: {0}")]
+    Target(#[from] TargetError),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) | ProxyError::Target(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,

@@ -48,6 +48,7 @@ pub mod proxy;
 pub mod purge;
 pub mod route;
 pub mod server;
+pub mod target;
 pub mod upstream;
 pub mod verdict;
 

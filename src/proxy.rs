@@ -183,8 +183,19 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: every error becomes an answer.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
+        if let Err(err) = crate::target::normalize(&mut req) {
+            let answer = ProxyError::from(err).into_answer(CacheOutcome::Bypass);
+            let cache_status = answer.cache_status();
+            let mut response = answer.response;
+            response.headers_mut().insert(CACHE_STATUS, cache_status);
+            return response;
+        }
         // Only a debug log line needs these; the hot path does not pay for them otherwise.
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().clone(), req.uri().path().to_owned()));

@@ -213,3 +213,155 @@ async fn conditionals_ranges_and_head_are_answered_from_the_entry() {
     assert_eq!(again.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(origin.calls_for("/d/head"), 1);
 }
+
+/// Sends raw bytes to an instance and returns the status of the answer (0: none).
+async fn raw_status(instance: &corral::Instance, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(instance.addr()).await.ok()?;
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buf = vec![0u8; 1024];
+        let n = stream.read(&mut buf).await.ok()?;
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        head.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), io)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Rule 3: one path everywhere — routing, key and upstream request see the same normalized path,
+/// or the request gets 400; HTTP/1.1 needs exactly one Host; an absolute-form target's authority
+/// wins over Host.
+#[tokio::test]
+async fn one_normalized_path_for_routing_key_and_upstream() {
+    let origin = Origin::start().await;
+    let routes = format!(
+        "{}[[route]]\nname = \"secret\"\npath_prefix = \"/secret\"\nupstream = \"{}\"\ncache = false\n",
+        route(&origin, "").replace("path_prefix = \"/\"", "path_prefix = \"/r\""),
+        origin.url()
+    );
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+    // (target, status, Cache-Status, path the origin saw)
+    let cases: [(&str, u16, &str, Option<&str>); 6] = [
+        (
+            "/r/../secret/x",
+            200,
+            "corral; fwd=bypass",
+            Some("/secret/x"),
+        ),
+        (
+            "/r/%2e%2e/secret/y",
+            200,
+            "corral; fwd=bypass",
+            Some("/secret/y"),
+        ),
+        ("/r/./a/../b", 200, "corral; fwd=miss; stored", Some("/r/b")),
+        (
+            "/r/%7Euser",
+            200,
+            "corral; fwd=miss; stored",
+            Some("/r/~user"),
+        ),
+        ("/r/..%2fsecret/z", 400, "corral; fwd=bypass", None),
+        ("/r/%2e%2e%5csecret/z", 400, "corral; fwd=bypass", None),
+    ];
+    for (target, status, cache_status, seen) in cases {
+        let calls = origin.calls();
+        let answer = client.get(&url(&fleet[0], target), &[]).await;
+        assert_eq!(answer.status, status, "{target}");
+        assert_eq!(
+            answer.cache_status().as_deref(),
+            Some(cache_status),
+            "{target}"
+        );
+        match seen {
+            Some(path) => assert_eq!(origin.calls_for(path), 1, "{target} reached {path}"),
+            None => assert_eq!(origin.calls(), calls, "{target} reached no upstream"),
+        }
+    }
+    // The normalized and the literal spelling share one key.
+    let literal = client.get(&url(&fleet[0], "/r/~user"), &[]).await;
+    assert_eq!(literal.cache_status().as_deref(), Some("corral; hit"));
+
+    let cases = [
+        ("GET /r/h HTTP/1.1\r\n\r\n", 400),
+        ("GET /r/h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (
+            "GET /r/h HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+    ];
+    for (request, status) in cases {
+        assert_eq!(raw_status(&fleet[0], request).await, status, "{request:?}");
+    }
+    let absolute = "GET http://real.example/secret/abs HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw_status(&fleet[0], absolute).await, 200);
+    let seen = origin
+        .last_headers("/secret/abs")
+        .expect("reached the origin");
+    assert_eq!(seen["x-forwarded-host"], "real.example");
+}
+
+/// Rule 5: a route that caches a method with a body keys all of it when `key.json` does not
+/// narrow it; a body on GET is keyed too.
+#[tokio::test]
+async fn whole_bodies_are_keyed_unless_key_json_narrows_them() {
+    let origin = Origin::start().await;
+    let fleet = start(1, &config(None, &route(&origin, ""))).await;
+    let client = Client::new();
+    let send = |method: http::Method, path: &str, body: &'static str| {
+        support::client::request(method, &url(&fleet[0], path), &[], body.into())
+    };
+    use http::Method;
+    // (method, path, body, Cache-Status, what the answer must echo)
+    let cases = [
+        (
+            Method::POST,
+            "/p",
+            "a",
+            "corral; fwd=miss; stored",
+            ";body=a",
+        ),
+        (
+            Method::POST,
+            "/p",
+            "b",
+            "corral; fwd=miss; stored",
+            ";body=b",
+        ),
+        (Method::POST, "/p", "a", "corral; hit", ";body=a"),
+        (
+            Method::GET,
+            "/g",
+            "x",
+            "corral; fwd=miss; stored",
+            ";body=x",
+        ),
+        (
+            Method::GET,
+            "/g",
+            "",
+            "corral; fwd=miss; stored",
+            "original-url=-",
+        ),
+        (Method::GET, "/g", "x", "corral; hit", ";body=x"),
+    ];
+    for (method, path, body, cache_status, echo) in cases {
+        let answer = client.send(send(method.clone(), path, body)).await;
+        assert_eq!(
+            answer.cache_status().as_deref(),
+            Some(cache_status),
+            "{method} {path} {body:?}"
+        );
+        assert!(
+            answer.text().ends_with(echo),
+            "{method} {path} {body:?}: {}",
+            answer.text()
+        );
+    }
+    assert_eq!(origin.calls(), 4);
+}

@@ -2,7 +2,8 @@
 //! `Range` and `Vary`, and builds its answer from request headers an origin commonly reads.
 //!
 //! Its answer to `GET /any/path` is one representation per (path, `Accept-Language`,
-//! `Accept-Encoding`, `X-Forwarded-Host`, `X-Original-URL`): the body names each of them, the
+//! `Accept-Encoding`, `X-Forwarded-Host`, `X-Original-URL`, request body): the body names each
+//! of them, the
 //! `ETag` is a hash of the body. So a header wrongly forwarded on a shared fill shows up as a
 //! wrong shared body, and a conditional or `Range` forwarded on a fill shows up as a 304 or 206
 //! handed to everyone. Paths under `/vary` answer `Vary: Accept-Language, Accept-Encoding`; paths
@@ -154,7 +155,11 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let _ = body.collect().await;
+    let sent = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let key = parts
         .uri
@@ -169,13 +174,16 @@ async fn answer(
         s.last_method.insert(key, parts.method.clone());
         (s.cache_control.clone(), s.extra.clone())
     };
-    let body = representation(
+    let mut body = representation(
         &path,
         header(h, "accept-language"),
         header(h, "accept-encoding"),
         header(h, "x-forwarded-host"),
         header(h, "x-original-url"),
     );
+    if !sent.is_empty() {
+        body.push_str(&format!(";body={}", String::from_utf8_lossy(&sent)));
+    }
     let etag = etag_of(&body);
     let mut resp = Response::builder()
         .header("etag", &etag)
