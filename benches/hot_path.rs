@@ -97,6 +97,8 @@ fn sample_entry() -> Entry {
         },
         fill_ms: 180,
         tags: vec!["recommend".into(), "article-7".into()],
+        // The headers carry `Vary` for realistic weight, but the entry matches every request.
+        vary: Default::default(),
     }
 }
 

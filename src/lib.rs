@@ -50,6 +50,7 @@ pub mod route;
 pub mod server;
 pub mod target;
 pub mod upstream;
+pub mod vary;
 pub mod verdict;
 
 pub use config::Config;

@@ -32,6 +32,7 @@ use crate::outcome::CacheOutcome;
 use crate::purge::{Purge, PurgeError, PurgeRequest};
 use crate::route::{Router, cache_method, check_cacheable};
 use crate::upstream::{UpstreamBody, rewrite};
+use crate::vary;
 
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
@@ -306,9 +307,32 @@ impl Proxy {
         conditions.apply(self.lookup(req).await)
     }
 
-    async fn lookup(&self, req: FillRequest) -> Answer {
+    /// Looks a request up under its key and, when the entry there is another variant of the
+    /// answer (`Vary`), under its own variant's key (see [`crate::vary`]).
+    async fn lookup(&self, mut req: FillRequest) -> Answer {
+        let primary = req.key;
+        for _ in 0..MAX_VARIANT_HOPS {
+            match self.lookup_key(req).await {
+                Looked::Answer(answer) => return answer,
+                Looked::OtherVariant(back, on) => {
+                    req = back;
+                    let values = vary::projected(&req.route, &req.parts.headers, &on);
+                    req.key = vary::variant_key(&primary, &values);
+                    tracing::debug!(route = %req.route.name, key = ?req.key, "looking up a variant");
+                }
+            }
+        }
+        // The upstream keeps changing what it varies on: answer this request alone.
+        self.fetch_alone(&req, CacheOutcome::Bypass).await
+    }
+
+    async fn lookup_key(&self, req: FillRequest) -> Looked {
         let now = now_ms();
         let stale = match self.filler.l1.get(&req.key, now).await {
+            Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
+            Some(entry) if !self.fits(&entry, &req) => {
+                return Looked::OtherVariant(req, entry.vary.fields().to_vec());
+            }
             Some(entry) => match entry.times.freshness(now) {
                 Freshness::Fresh => {
                     if let Some(beta) = req.route.early_refresh
@@ -317,11 +341,11 @@ impl Proxy {
                         tracing::debug!(route = %req.route.name, "early refresh");
                         self.refresh_in_background(req, entry.times.stored_at);
                     }
-                    return answer_at(&entry, CacheOutcome::Hit, now);
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
                 }
                 Freshness::StaleRevalidate => {
                     self.refresh_in_background(req, entry.times.stored_at);
-                    return answer_at(&entry, CacheOutcome::Stale, now);
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
                 }
                 Freshness::StaleIfError => Some(entry),
                 Freshness::Expired => None,
@@ -329,7 +353,7 @@ impl Proxy {
             None => None,
         };
         if self.filler.marks.contains(&req.key) {
-            return self.fetch_alone(&req, CacheOutcome::Bypass).await;
+            return Looked::Answer(self.fetch_alone(&req, CacheOutcome::Bypass).await);
         }
         if req.route.lock.scope == LockScope::None {
             let fill = self.filler.fill(req.clone()).await;
@@ -345,16 +369,22 @@ impl Proxy {
         let joined = match joined {
             Ok(joined) => joined,
             Err(crowded) => {
-                return ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
+                let answer = ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
+                return Looked::Answer(answer);
             }
         };
         match joined.result.clone().await {
             Some(fill) => self.respond(joined.role, &fill, req, stale).await,
-            None => match stale {
+            None => Looked::Answer(match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
-            },
+            }),
         }
+    }
+
+    /// Whether `entry` may answer `req`: it is the variant `req` asks for.
+    fn fits(&self, entry: &Entry, req: &FillRequest) -> bool {
+        vary::matches(&entry.vary, &req.route, &req.parts.headers)
     }
 
     /// Turns a flight's result into this joiner's answer.
@@ -364,8 +394,11 @@ impl Proxy {
         fill: &Fill,
         req: FillRequest,
         stale: Option<Arc<Entry>>,
-    ) -> Answer {
-        match fill {
+    ) -> Looked {
+        Looked::Answer(match fill {
+            Fill::Shared { entry, .. } if !self.fits(entry, &req) => {
+                return Looked::OtherVariant(req, entry.vary.fields().to_vec());
+            }
             Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
                     (Source::L2, _) => CacheOutcome::Hit,
@@ -381,7 +414,7 @@ impl Proxy {
                 if entry.status.is_server_error()
                     && let Some(stale) = stale
                 {
-                    return answer(&stale, CacheOutcome::Stale);
+                    return Looked::Answer(answer(&stale, CacheOutcome::Stale));
                 }
                 if *source == Source::Stale
                     && role == Role::Leader
@@ -412,7 +445,7 @@ impl Proxy {
                     Role::Follower => CacheOutcome::Coalesced,
                 }),
             },
-        }
+        })
     }
 
     /// A request whose flight's answer was not for sharing: it asks the upstream itself.
@@ -484,6 +517,17 @@ impl Proxy {
     }
 }
 
+/// How many keys one request may look at: its primary key, its variant's, and one more should
+/// the upstream change what it varies on meanwhile.
+const MAX_VARIANT_HOPS: usize = 3;
+
+/// What looking up one key gave.
+enum Looked {
+    Answer(Answer),
+    /// The entry there is another variant: look again under the variant key for these fields.
+    OtherVariant(FillRequest, Vec<crate::vary::VaryField>),
+}
+
 /// The wait for the default upstream's response head.
 const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -539,6 +583,7 @@ mod tests {
             },
             fill_ms,
             tags: Vec::new(),
+            vary: Default::default(),
         }
     }
 

@@ -53,6 +53,9 @@ pub struct Buffered {
     pub status: http::StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The request headers this answer was fetched with, so an entry can record the values its
+    /// `Vary` names ([`crate::vary`]).
+    pub sent: HeaderMap,
 }
 
 /// The pooled client to every upstream. Cloning shares the pool.
@@ -112,6 +115,7 @@ impl UpstreamClient {
         limit: Duration,
         max_body: u64,
     ) -> Result<Fetched, UpstreamError> {
+        let sent = req.headers().clone();
         let whole = async {
             let resp = self.send(req, upstream, limit).await?;
             let (parts, mut body) = resp.into_parts();
@@ -148,6 +152,7 @@ impl UpstreamClient {
                 status: parts.status,
                 headers: parts.headers,
                 body,
+                sent,
             }))
         };
         tokio::time::timeout(limit, whole)
@@ -226,6 +231,14 @@ pub fn fill_request<B>(
     *req.uri_mut() = target_uri(&route.upstream, &parts.uri);
     *req.headers_mut() = headers;
     req
+}
+
+/// Whether a shared fill on `route` forwards a request header named `name` (see
+/// [`fill_request`]).
+pub fn fill_would_forward(route: &crate::config::RouteConfig, name: &HeaderName) -> bool {
+    fill_may_carry(name)
+        && !HOP_BY_HOP.contains(&name.as_str())
+        && route.forward_headers.allows(name, &route.key)
 }
 
 /// Headers a shared fill never carries, whatever the route allows: they would make the upstream's

@@ -53,6 +53,7 @@ pub fn error_entry(status: StatusCode, message: &str) -> Entry {
         },
         fill_ms: 0,
         tags: Vec::new(),
+        vary: Default::default(),
     }
 }
 
@@ -115,6 +116,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     };
     let tags = surrogate_keys(&answer.headers);
     let headers = compact(&answer.headers);
+    let vary = crate::vary::recorded(&answer.headers, &answer.sent);
     let entry = Entry {
         status: answer.status,
         headers,
@@ -122,6 +124,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         times,
         fill_ms,
         tags,
+        vary,
     };
     // Worth storing while any of it can still be served: fresh, or stale within a window.
     if storable_status && entry.times.stale_until() > now {
@@ -168,12 +171,7 @@ pub(crate) fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
 
 /// `Vary: *`: no later request can be known to match, so nothing is shared.
 fn vary_star(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|name| name.trim() == "*")
+    crate::vary::names(headers).is_none()
 }
 
 /// The headers an entry keeps, in allocations of their own. hyper hands out header values as slices

@@ -535,3 +535,112 @@ async fn statuses_and_credential_headers() {
         Some("corral; fwd=bypass")
     );
 }
+
+/// Rule 4: `Vary` — variants are stored and served separately, fleet-wide; equivalent values
+/// share a variant; `Vary: *` is never shared; concurrent waiters coalesce per variant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_are_stored_served_and_coalesced_separately() {
+    let redis = RedisServer::start().await;
+    let origin = Origin::start().await;
+    let fleet = start(2, &config(Some(&redis.url()), &route(&origin, ""))).await;
+    let client = Client::new();
+    let body = |lang: &str, enc: &str| representation("/vary/a", lang, enc, "-", "-");
+    // (instance, accept-language, accept-encoding, Cache-Status, body's lang and enc)
+    let cases = [
+        (
+            0,
+            Some("fr"),
+            Some("gzip, br"),
+            "corral; fwd=miss; stored",
+            ("fr", "gzip, br"),
+        ),
+        (
+            1,
+            Some("en"),
+            Some("gzip, br"),
+            "corral; fwd=miss; stored",
+            ("en", "gzip, br"),
+        ),
+        (
+            1,
+            Some("FR"),
+            Some("br,GZIP"),
+            "corral; hit",
+            ("fr", "gzip, br"),
+        ),
+        (
+            0,
+            Some("en"),
+            Some("br, gzip"),
+            "corral; hit",
+            ("en", "gzip, br"),
+        ),
+        (1, Some("fr"), None, "corral; fwd=miss; stored", ("fr", "-")),
+        (0, None, None, "corral; fwd=miss; stored", ("-", "-")),
+        (1, None, None, "corral; hit", ("-", "-")),
+        (
+            1,
+            Some("fr"),
+            Some("gzip, br"),
+            "corral; hit",
+            ("fr", "gzip, br"),
+        ),
+    ];
+    for (i, (instance, lang, enc, cache_status, (want_lang, want_enc))) in cases.iter().enumerate()
+    {
+        let mut headers = Vec::new();
+        if let Some(lang) = lang {
+            headers.push(("accept-language", *lang));
+        }
+        if let Some(enc) = enc {
+            headers.push(("accept-encoding", *enc));
+        }
+        let answer = client
+            .get(&url(&fleet[*instance], "/vary/a"), &headers)
+            .await;
+        assert_eq!(
+            answer.text(),
+            body(want_lang, want_enc),
+            "case {i}: {headers:?}"
+        );
+        assert_eq!(
+            answer.cache_status().as_deref(),
+            Some(*cache_status),
+            "case {i}: {headers:?}"
+        );
+    }
+    assert_eq!(origin.calls_for("/vary/a"), 4, "one fill per variant");
+
+    // Vary: * is never shared.
+    for _ in 0..2 {
+        let answer = client.get(&url(&fleet[0], "/star"), &[]).await;
+        assert_ne!(answer.cache_status().as_deref(), Some("corral; hit"));
+    }
+    assert_eq!(origin.calls_for("/star"), 2);
+
+    // Concurrent misses of two variants over two instances: one fill per variant, each waiter
+    // answered with its own.
+    origin.set_delay(std::time::Duration::from_millis(300));
+    let asks = (0..20).map(|i| {
+        let lang = if i % 2 == 0 { "de" } else { "it" };
+        let target = url(&fleet[(i / 2) % 2], "/vary/b");
+        let client = client.clone();
+        async move {
+            (
+                lang,
+                client.get(&target, &[("accept-language", lang)]).await,
+            )
+        }
+    });
+    for (lang, answer) in futures_util::future::join_all(asks).await {
+        assert_eq!(
+            answer.text(),
+            representation("/vary/b", lang, "-", "-", "-")
+        );
+    }
+    assert_eq!(
+        origin.calls_for("/vary/b"),
+        2,
+        "one fill per variant, fleet-wide"
+    );
+}

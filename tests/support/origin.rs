@@ -44,6 +44,7 @@ struct State {
     last_method: HashMap<String, Method>,
     cache_control: Option<String>,
     extra: Vec<(String, String)>,
+    delay: std::time::Duration,
 }
 
 impl Origin {
@@ -98,6 +99,11 @@ impl Origin {
     /// Replaces `max-age=60` on every later answer (`""`: no `Cache-Control` at all).
     pub fn set_cache_control(&self, value: &str) {
         self.lock().cache_control = Some(value.to_owned());
+    }
+
+    /// Sleeps this long before every later answer, so concurrent requests overlap.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.lock().delay = delay;
     }
 
     /// Adds a header to every later answer.
@@ -166,14 +172,17 @@ async fn answer(
         .path_and_query()
         .map_or(path.clone(), |pq| pq.as_str().to_owned());
     let h = &parts.headers;
-    let (cache_control, extra) = {
+    let (cache_control, extra, delay) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.calls += 1;
         *s.by_path.entry(key.clone()).or_default() += 1;
         s.last_headers.insert(key.clone(), h.clone());
         s.last_method.insert(key, parts.method.clone());
-        (s.cache_control.clone(), s.extra.clone())
+        (s.cache_control.clone(), s.extra.clone(), s.delay)
     };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut body = representation(
         &path,
         header(h, "accept-language"),
