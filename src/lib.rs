@@ -46,6 +46,7 @@ pub mod notice;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;
+pub mod revalidate;
 pub mod route;
 pub mod server;
 pub mod target;

@@ -79,9 +79,38 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         return Verdict::Private(answer);
     }
     let now = now_ms();
-    let status = answer.status.as_u16();
-    let explicit = explicit_lifetime(&directives, &answer.headers, now);
-    let (lifetime, storable_status) = match explicit {
+    let (times, storable_status) = lifetime(route, answer.status, &answer.headers, now);
+    let tags = surrogate_keys(&answer.headers);
+    let headers = compact(&answer.headers);
+    let vary = crate::vary::recorded(&answer.headers, &answer.sent);
+    let entry = Entry {
+        status: answer.status,
+        headers,
+        body: answer.body,
+        times,
+        fill_ms,
+        tags,
+        vary,
+    };
+    // Worth storing while any of it can still be served: fresh, or stale within a window.
+    if storable_status && entry.times.stale_until() > now {
+        Verdict::Store(entry)
+    } else {
+        Verdict::Share(entry)
+    }
+}
+
+/// The lifetime of an answer with `status` and `headers` received at `now`, and whether its
+/// status may be stored with the kind of freshness it has (explicit or heuristic).
+pub(crate) fn lifetime(
+    route: &RouteConfig,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: u64,
+) -> (Lifetime, bool) {
+    let directives = Directives::from_headers(headers);
+    let status = status.as_u16();
+    let (lifetime, storable_status) = match explicit_lifetime(&directives, headers, now) {
         Some(ms) => (ms, route.cache_statuses.contains(&status)),
         None => {
             let ttl = if status >= 400 {
@@ -92,7 +121,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
             (millis(ttl), route.heuristic_statuses.contains(&status))
         }
     };
-    let age = upstream_age_secs(&answer.headers).unwrap_or(0);
+    let age = upstream_age_secs(headers).unwrap_or(0);
     let fresh = lifetime.saturating_sub(age.saturating_mul(1000));
     let (swr, sie) = if directives.forbids_stale() {
         (0, 0)
@@ -114,24 +143,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         swr_until: fresh_until.saturating_add(swr),
         sie_until: fresh_until.saturating_add(sie),
     };
-    let tags = surrogate_keys(&answer.headers);
-    let headers = compact(&answer.headers);
-    let vary = crate::vary::recorded(&answer.headers, &answer.sent);
-    let entry = Entry {
-        status: answer.status,
-        headers,
-        body: answer.body,
-        times,
-        fill_ms,
-        tags,
-        vary,
-    };
-    // Worth storing while any of it can still be served: fresh, or stale within a window.
-    if storable_status && entry.times.stale_until() > now {
-        Verdict::Store(entry)
-    } else {
-        Verdict::Share(entry)
-    }
+    (times, storable_status)
 }
 
 /// The explicit freshness lifetime in milliseconds: `s-maxage`, else `max-age`, else
@@ -178,7 +190,7 @@ fn vary_star(headers: &HeaderMap) -> bool {
 /// of its connection read buffer: kept as they are, each cached entry would pin that whole buffer
 /// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget). The upstream's `Age`
 /// is kept (it is the entry's age when stored); Corral-only fields are not.
-fn compact(headers: &HeaderMap) -> HeaderMap {
+pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
@@ -189,7 +201,7 @@ fn compact(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
-fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
     let spaced = headers
         .get_all("surrogate-key")
         .iter()
