@@ -155,13 +155,14 @@ mod tests {
 
     #[test]
     fn conditional_headers_come_from_the_validators() {
-        let lm = "Mon, 02 Nov 2026 10:00:00 GMT";
+        const LM: &str = "Mon, 02 Nov 2026 10:00:00 GMT";
+        let lm = LM;
         type Fields = &'static [(&'static str, &'static str)];
         let cases: [(Fields, Option<&str>, Option<&str>); 4] = [
             (&[("etag", "\"v1\"")], Some("\"v1\""), None),
-            (&[("last-modified", lm)], None, Some(lm)),
+            (&[("last-modified", LM)], None, Some(lm)),
             (
-                &[("etag", "W/\"v1\""), ("last-modified", lm)],
+                &[("etag", "W/\"v1\""), ("last-modified", LM)],
                 Some("W/\"v1\""),
                 Some(lm),
             ),
