@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
 use http::request::Parts;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Limited};
@@ -29,10 +29,11 @@ use crate::l2::{L2, L2Error};
 use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
-use crate::purge::{Purge, PurgeError, PurgeRequest};
 use crate::route::{Router, cache_method, check_cacheable};
 use crate::upstream::{UpstreamBody, rewrite};
 use crate::vary;
+
+mod invalidate;
 
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
@@ -103,67 +104,6 @@ impl Proxy {
     /// Fills in progress in this process (a graceful shutdown waits for them).
     pub fn fills_in_progress(&self) -> usize {
         self.flights.len()
-    }
-
-    /// Purges what `request` names: from Redis and, through the invalidation channel, from every
-    /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
-    /// mode, from L1.
-    pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
-        let purge = self.resolve(request)?;
-        let l1 = &self.filler.l1;
-        let purged = match self.fleet() {
-            Some(fleet) => {
-                let n = fleet.l2.purge(&purge).await?;
-                purge.apply(l1).await;
-                n
-            }
-            None => purge.apply(l1).await,
-        };
-        if let Purge::Key { key, .. } = &purge {
-            self.filler.marks.remove(key);
-        }
-        self.metrics.purge(purge.kind(), purged);
-        tracing::info!(purge = %purge.payload(), purged, "purged");
-        Ok(purged)
-    }
-
-    fn resolve(&self, request: &PurgeRequest) -> Result<Purge, PurgeError> {
-        if let Some(route) = &request.route {
-            return match self.router.named(route) {
-                Some(_) => Ok(Purge::Route(route.clone())),
-                None => Err(PurgeError::UnknownRoute(route.clone())),
-            };
-        }
-        if let Some(tag) = &request.tag {
-            return Ok(Purge::Tag(tag.clone()));
-        }
-        let url = request.url.as_deref().unwrap_or("/");
-        let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
-        let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
-        let method = match &request.method {
-            Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| malformed("bad method"))?,
-            None => http::Method::GET,
-        };
-        let mut headers = http::HeaderMap::new();
-        for (name, value) in &request.headers {
-            let name =
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| malformed("bad header"))?;
-            let value = HeaderValue::from_str(value).map_err(|_| malformed("bad header"))?;
-            headers.append(name, value);
-        }
-        let route = self
-            .router
-            .route(uri.path(), &method)
-            .filter(|r| r.cache)
-            .ok_or_else(|| PurgeError::NoRoute(url.to_owned()))?;
-        let body = request.body_bytes();
-        let key = CacheKey::derive(&route.name, &route.key, &method, &uri, &headers, &body)
-            .map_err(|e| PurgeError::Malformed(e.to_string()))?;
-        Ok(Purge::Key {
-            route: route.name.clone(),
-            key,
-        })
     }
 
     /// The metrics page, with live gauges filled in.
@@ -238,9 +178,11 @@ impl Proxy {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             let (parts, body) = req.into_parts();
             let upstream = route.upstream.clone();
-            return self
+            let answer = self
                 .forward(&route, &upstream, &parts, Either::Right(body), peer)
                 .await;
+            self.invalidate_after(&parts, &answer.response).await;
+            return answer;
         }
         let (parts, body) = req.into_parts();
         let limit = self.body_read_timeout;

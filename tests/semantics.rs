@@ -644,3 +644,66 @@ async fn variants_are_stored_served_and_coalesced_separately() {
         "one fill per variant, fleet-wide"
     );
 }
+
+/// Rule 13: an unsafe request that passes through and gets a 2xx/3xx invalidates its target URI
+/// and a same-origin `Location`/`Content-Location`, fleet-wide; an error invalidates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_requests_invalidate_their_targets_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let routes = scripted_route(&upstream, "");
+    let fleet = start(2, &config(Some(&redis.url()), &routes)).await;
+    let client = Client::new();
+    let fresh = Reply::status(200).header("cache-control", "max-age=600");
+    // (unsafe request's path, its status and headers, paths it must invalidate, paths it must not)
+    let cases: Vec<(&str, Reply, Vec<&str>, Vec<&str>)> = vec![
+        ("/inv/a", Reply::status(204), vec!["/inv/a"], vec!["/inv/b"]),
+        (
+            "/inv/c",
+            Reply::status(201).header("location", "/inv/d"),
+            vec!["/inv/c", "/inv/d"],
+            vec![],
+        ),
+        (
+            "/inv/e",
+            Reply::status(200).header("content-location", "http://elsewhere.example/inv/f"),
+            vec!["/inv/e"],
+            vec!["/inv/f"],
+        ),
+        ("/inv/g", Reply::status(500), vec![], vec!["/inv/g"]),
+    ];
+    for (target, reply, gone, kept) in cases {
+        let paths: Vec<&str> = gone.iter().chain(&kept).copied().chain([target]).collect();
+        let mut before = std::collections::HashMap::new();
+        for path in &paths {
+            upstream.script(path, fresh.clone());
+            let filled = client.get(&url(&fleet[0], path), &[]).await;
+            let hit = client.get(&url(&fleet[1], path), &[]).await;
+            assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"), "{path}");
+            before.insert(*path, filled.body);
+        }
+        upstream.script(target, reply);
+        for method in [http::Method::POST, http::Method::DELETE] {
+            let req = support::client::request(method, &url(&fleet[1], target), &[], "x".into());
+            client.send(req).await;
+        }
+        upstream.script(target, fresh.clone());
+        for path in &gone {
+            // At once on the instance that passed the request; by pub/sub on the other.
+            let here = client.get(&url(&fleet[1], path), &[]).await;
+            assert_ne!(here.body, before[path], "{path} invalidated");
+            support::eventually(
+                "the invalidation reached the other instance",
+                std::time::Duration::from_secs(5),
+                async || client.get(&url(&fleet[0], path), &[]).await.body != before[path],
+            )
+            .await;
+        }
+        for path in &kept {
+            for instance in &fleet {
+                let answer = client.get(&url(instance, path), &[]).await;
+                assert_eq!(answer.body, before[path], "{path} kept");
+            }
+        }
+    }
+}
