@@ -6,7 +6,15 @@
 //! directive absent, except `max-age`/`s-maxage`, where a malformed value means "stale at once"
 //! (§4.2.1: a cache must not reuse on an invalid freshness value).
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderName, header};
+
+/// Directives for Corral alone (RFC 9213 targeted field): read first, and stripped from every
+/// answer, so an upstream can tell Corral to keep an answer while clients see `no-store`.
+pub const CORRAL_CACHE_CONTROL: HeaderName = HeaderName::from_static("corral-cache-control");
+
+/// Directives for CDNs and reverse proxies (RFC 9213): read when there is no
+/// `Corral-Cache-Control`, and passed on.
+pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
 /// What the upstream's `Cache-Control` says about storing and reusing a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,6 +39,23 @@ impl Directives {
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
         )
+    }
+
+    /// The directives that govern Corral's own caching (RFC 9213): `Corral-Cache-Control` if it
+    /// holds any directive, else `CDN-Cache-Control`, else `Cache-Control`. `true` with them when
+    /// they come from a targeted field, which then overrides `Cache-Control` and `Expires`.
+    pub fn for_corral(headers: &HeaderMap) -> (Directives, bool) {
+        for targeted in [CORRAL_CACHE_CONTROL, CDN_CACHE_CONTROL] {
+            let fields: Vec<&str> = headers
+                .get_all(&targeted)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if fields.iter().any(|f| !parse_list(f).is_empty()) {
+                return (Directives::from_fields(fields), true);
+            }
+        }
+        (Directives::from_headers(headers), false)
     }
 
     /// Reads field values given as text (one per field line).
@@ -205,6 +230,49 @@ mod tests {
         for (field, want) in cases {
             assert_eq!(Directives::from_fields([field]), want, "{field:?}");
         }
+    }
+
+    #[test]
+    fn targeted_fields_win_in_order() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        assert_eq!(
+            Directives::for_corral(&h),
+            (
+                Directives {
+                    no_store: true,
+                    ..Default::default()
+                },
+                false
+            )
+        );
+        h.insert(
+            CDN_CACHE_CONTROL,
+            http::HeaderValue::from_static("max-age=30"),
+        );
+        let cdn = Directives {
+            max_age: Some(30),
+            ..Default::default()
+        };
+        assert_eq!(Directives::for_corral(&h), (cdn, true));
+        h.insert(CORRAL_CACHE_CONTROL, http::HeaderValue::from_static(" "));
+        assert_eq!(
+            Directives::for_corral(&h),
+            (cdn, true),
+            "an empty field is not valid"
+        );
+        h.insert(
+            CORRAL_CACHE_CONTROL,
+            http::HeaderValue::from_static("max-age=60"),
+        );
+        let corral = Directives {
+            max_age: Some(60),
+            ..Default::default()
+        };
+        assert_eq!(Directives::for_corral(&h), (corral, true));
     }
 
     #[test]

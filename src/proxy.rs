@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
 use crate::breaker::Breaker;
+use crate::cache_control::CORRAL_CACHE_CONTROL;
 use crate::conditional::Conditions;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
@@ -154,6 +155,8 @@ impl Proxy {
         } = answer;
         self.metrics.request(route_name, outcome);
         response.headers_mut().insert(CACHE_STATUS, cache_status);
+        // Corral's own directives never leave Corral, whatever path the answer took.
+        response.headers_mut().remove(CORRAL_CACHE_CONTROL);
         if let Some((method, path)) = logged {
             tracing::debug!(
                 %method,

@@ -76,7 +76,7 @@ pub fn renewed(
             merged.append(name.clone(), value.clone());
         }
     }
-    let directives = Directives::from_headers(&merged);
+    let (directives, _) = Directives::for_corral(&merged);
     if merged.contains_key(header::SET_COOKIE) || !directives.storable() {
         return None;
     }

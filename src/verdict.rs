@@ -1,6 +1,8 @@
 //! Verdicts: what an upstream answer allows — stored and shared, shared with its fill's waiters
 //! only, or its requester's alone — and for how long it stays fresh and usable stale.
 //!
+//! The directives are `Corral-Cache-Control`'s, else `CDN-Cache-Control`'s (RFC 9213: they then
+//! replace `Cache-Control` and `Expires`), else `Cache-Control`'s.
 //! Freshness is `s-maxage`, else `max-age`, else `Expires`, else (heuristic, for the route's
 //! `heuristic_statuses`) the route's `ttl` (`error_ttl` for an error status), minus the
 //! upstream's `Age`; the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
@@ -66,7 +68,7 @@ pub fn error_entry(status: StatusCode, message: &str) -> Entry {
 /// the route's; `must-revalidate` and `proxy-revalidate` close them. A 206 or 304 (which a fill,
 /// being unconditional and whole, never asks for) is only for its requester.
 pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
-    let directives = Directives::from_headers(&answer.headers);
+    let (directives, _) = Directives::for_corral(&answer.headers);
     let partial = matches!(
         answer.status,
         StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
@@ -108,9 +110,18 @@ pub(crate) fn lifetime(
     headers: &HeaderMap,
     now: u64,
 ) -> (Lifetime, bool) {
-    let directives = Directives::from_headers(headers);
+    let (directives, targeted) = Directives::for_corral(headers);
     let status = status.as_u16();
-    let (lifetime, storable_status) = match explicit_lifetime(&directives, headers, now) {
+    let explicit = if targeted {
+        // A targeted field (RFC 9213 §2.1) replaces Cache-Control and Expires.
+        directives
+            .s_maxage
+            .or(directives.max_age)
+            .map(|s| s.saturating_mul(1000))
+    } else {
+        explicit_lifetime(&directives, headers, now)
+    };
+    let (lifetime, storable_status) = match explicit {
         Some(ms) => (ms, route.cache_statuses.contains(&status)),
         None => {
             let ttl = if status >= 400 {

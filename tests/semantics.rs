@@ -707,3 +707,80 @@ async fn unsafe_requests_invalidate_their_targets_fleet_wide() {
         }
     }
 }
+
+/// Rule 13 (RFC 9213): `Corral-Cache-Control`, then `CDN-Cache-Control`, replace `Cache-Control`
+/// for Corral; `Corral-Cache-Control` never reaches a client.
+#[tokio::test]
+async fn targeted_cache_control_fields() {
+    let upstream = Upstream::start().await;
+    let fleet = start(1, &config(None, &scripted_route(&upstream, ""))).await;
+    let client = Client::new();
+    // (path, headers, second answer's Cache-Status)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "/t/cdn",
+            vec![
+                ("cdn-cache-control", "max-age=60"),
+                ("cache-control", "no-store"),
+            ],
+            "corral; hit",
+        ),
+        (
+            "/t/cdn-no-store",
+            vec![
+                ("cdn-cache-control", "no-store"),
+                ("cache-control", "max-age=60"),
+            ],
+            "corral; fwd=bypass",
+        ),
+        (
+            "/t/corral",
+            vec![
+                ("corral-cache-control", "max-age=60"),
+                ("cache-control", "no-store"),
+            ],
+            "corral; hit",
+        ),
+        (
+            "/t/corral-over-cdn",
+            vec![
+                ("corral-cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-store"),
+            ],
+            "corral; hit",
+        ),
+        (
+            "/t/cdn-ignores-expires",
+            vec![
+                ("cdn-cache-control", "max-age=0"),
+                ("expires", "Fri, 01 Jan 2100 00:00:00 GMT"),
+            ],
+            "corral; fwd=miss",
+        ),
+    ];
+    for (path, headers, second) in &cases {
+        let mut reply = Reply::status(200);
+        for (name, value) in headers {
+            reply = reply.header(name, value);
+        }
+        upstream.script(path, reply);
+        let target = url(&fleet[0], path);
+        let first = client.get(&target, &[]).await;
+        let again = client.get(&target, &[]).await;
+        assert_eq!(again.cache_status().as_deref(), Some(*second), "{path}");
+        for answer in [&first, &again] {
+            assert_eq!(
+                answer.header("corral-cache-control"),
+                None,
+                "{path}: stripped"
+            );
+        }
+        let cdn = headers.iter().find(|(n, _)| *n == "cdn-cache-control");
+        assert_eq!(
+            first.header("cdn-cache-control"),
+            cdn.map(|(_, v)| *v),
+            "{path}: passed on"
+        );
+    }
+}
