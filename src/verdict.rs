@@ -183,9 +183,12 @@ pub(crate) fn http_date_ms(value: &HeaderValue) -> Option<u64> {
     u64::try_from(since.as_millis()).ok()
 }
 
-/// The upstream's `Age` (RFC 9111 §5.1): the first valid value, in seconds.
+/// The upstream's `Age` (RFC 9111 §5.1) in seconds: the first member of the first field line
+/// (`7200, 0` is 7200), parameters ignored; not a number: none.
 pub(crate) fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
-    let value = headers.get(header::AGE)?.to_str().ok()?.trim();
+    let line = headers.get(header::AGE)?.to_str().ok()?;
+    let first = line.split(',').next()?;
+    let value = first.split(';').next()?.trim();
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -241,6 +244,31 @@ fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn age_parsing_table() {
+        let cases = [
+            (vec!["60"], Some(60)),
+            (vec!["7200, 0"], Some(7200)),
+            (vec!["0, 7200"], Some(0)),
+            (vec!["7200", "0"], Some(7200)),
+            (vec!["7200;foo=bar"], Some(7200)),
+            (vec![" 12 "], Some(12)),
+            (vec!["-1"], None),
+            (vec!["1.5"], None),
+            (vec!["abc"], None),
+            (vec!["99999999999999999999999"], Some(u64::MAX)),
+        ];
+        for (lines, want) in cases {
+            let mut h = HeaderMap::new();
+            for line in &lines {
+                if let Ok(v) = HeaderValue::from_str(line) {
+                    h.append(header::AGE, v);
+                }
+            }
+            assert_eq!(upstream_age_secs(&h), want, "{lines:?}");
+        }
+    }
 
     #[test]
     fn stored_headers_do_not_pin_the_connection_buffer() {
