@@ -51,7 +51,8 @@ impl Directives {
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            if fields.iter().any(|f| !parse_list(f).is_empty()) {
+            let joined = fields.join(", ");
+            if !parse_list(&joined).is_empty() && targeted_valid(&joined) {
                 return (Directives::from_fields(fields), true);
             }
         }
@@ -91,6 +92,133 @@ impl Directives {
     /// Whether a stale copy may never be served (RFC 9111 §5.2.2.2, §5.2.2.8).
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate
+    }
+}
+
+/// Whether a targeted field (RFC 9213 §2.1) is valid: a Structured Fields dictionary (RFC 8941
+/// §3.2) whose freshness members are integers. An invalid one is ignored as if absent.
+fn targeted_valid(field: &str) -> bool {
+    let mut rest = field.trim_matches([' ', '\t']);
+    loop {
+        let Some(after_key) = sf_key(rest) else {
+            return false;
+        };
+        let key = &rest[..rest.len() - after_key.len()];
+        rest = after_key;
+        if let Some(value) = rest.strip_prefix('=') {
+            let Some((item, after)) = sf_bare_item(value) else {
+                return false;
+            };
+            let numeric = [
+                "max-age",
+                "s-maxage",
+                "stale-while-revalidate",
+                "stale-if-error",
+            ];
+            if numeric.contains(&key) && !matches!(item, Item::Integer) {
+                return false;
+            }
+            rest = after;
+        }
+        // Parameters: `;key[=item]`.
+        while let Some(after) = rest.strip_prefix(';') {
+            let after = after.trim_start_matches(' ');
+            let Some(after_key) = sf_key(after) else {
+                return false;
+            };
+            rest = after_key;
+            if let Some(value) = rest.strip_prefix('=') {
+                let Some((_, after)) = sf_bare_item(value) else {
+                    return false;
+                };
+                rest = after;
+            }
+        }
+        rest = rest.trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
+            return true;
+        }
+        let Some(after) = rest.strip_prefix(',') else {
+            return false;
+        };
+        rest = after.trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
+            return false;
+        }
+    }
+}
+
+/// An SF key at the start of `s`; returns what follows it.
+fn sf_key(s: &str) -> Option<&str> {
+    let mut chars = s.char_indices();
+    let (_, first) = chars.next()?;
+    if !(first.is_ascii_lowercase() || first == '*') {
+        return None;
+    }
+    let end = chars
+        .find(|(_, c)| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.*".contains(*c)))
+        .map_or(s.len(), |(i, _)| i);
+    Some(&s[end..])
+}
+
+/// The type of an SF bare item.
+enum Item {
+    Integer,
+    Other,
+}
+
+/// An SF bare item at the start of `s`: its type and what follows it.
+fn sf_bare_item(s: &str) -> Option<(Item, &str)> {
+    let bytes = s.as_bytes();
+    match *bytes.first()? {
+        b'-' | b'0'..=b'9' => {
+            let digits = s.trim_start_matches('-');
+            let int_len = digits.bytes().take_while(u8::is_ascii_digit).count();
+            let after_int = &digits[int_len..];
+            if int_len == 0 {
+                return None;
+            }
+            if let Some(frac) = after_int.strip_prefix('.') {
+                let frac_len = frac.bytes().take_while(u8::is_ascii_digit).count();
+                (int_len <= 12 && (1..=3).contains(&frac_len))
+                    .then(|| (Item::Other, &frac[frac_len..]))
+            } else {
+                (int_len <= 15).then_some((Item::Integer, after_int))
+            }
+        }
+        b'"' => {
+            let mut escaped = false;
+            for (i, c) in s.char_indices().skip(1) {
+                match (escaped, c) {
+                    (true, '"' | '\\') => escaped = false,
+                    (true, _) => return None,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => return Some((Item::Other, &s[i + 1..])),
+                    (false, c) if !(' '..='~').contains(&c) => return None,
+                    _ => {}
+                }
+            }
+            None
+        }
+        b'?' => match bytes.get(1)? {
+            b'0' | b'1' => Some((Item::Other, &s[2..])),
+            _ => None,
+        },
+        b':' => {
+            let end = s[1..].find(':')? + 1;
+            let ok = s[1..end]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+            ok.then(|| (Item::Other, &s[end + 1..]))
+        }
+        b if b.is_ascii_alphabetic() || b == b'*' => {
+            let end = s
+                .char_indices()
+                .find(|(_, c)| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(*c)))
+                .map_or(s.len(), |(i, _)| i);
+            Some((Item::Other, &s[end..]))
+        }
+        _ => None,
     }
 }
 
@@ -229,6 +357,27 @@ mod tests {
         ];
         for (field, want) in cases {
             assert_eq!(Directives::from_fields([field]), want, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn targeted_fields_must_be_sf_dictionaries() {
+        let cases = [
+            ("max-age=60", true),
+            ("max-age=60, no-store", true),
+            ("max-age=60,stale-if-error=5;x=\"a,b\"", true),
+            ("private, foo=\"bar\", baz=?1, q=0.5, t=abc, b=:aGk=:", true),
+            ("max-age =100", false),
+            ("max-age= 100", false),
+            ("max-age=10000, &&&&&", false),
+            ("max-age=\"10000\"", false),
+            ("max-age=1.5", false),
+            ("Max-Age=60", false),
+            ("max-age=60,", false),
+            ("max-age=9999999999999999", false),
+        ];
+        for (field, valid) in cases {
+            assert_eq!(targeted_valid(field), valid, "{field:?}");
         }
     }
 
