@@ -58,11 +58,21 @@ impl Proxy {
         let url = request.url.as_deref().unwrap_or("/");
         let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
         let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
+        // The same path and method as the request being purged was keyed with.
+        let path =
+            crate::target::normalize_path(uri.path()).map_err(|e| malformed(&e.to_string()))?;
+        let uri: Uri = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+        .parse()
+        .map_err(|_| malformed("not a URL path"))?;
         let method = match &request.method {
             Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| malformed("bad method"))?,
             None => http::Method::GET,
         };
+        let method = crate::route::cache_method(&method).clone();
         let mut headers = http::HeaderMap::new();
         for (name, value) in &request.headers {
             let name =
