@@ -78,6 +78,38 @@ async fn fills_are_unconditional_whole_and_unpoisoned() {
         );
         assert_eq!(origin.calls_for(path), 1, "{path}: one fill");
     }
+
+    // A waiter on another instance coalesced into a fill led by a Range request gets the whole
+    // answer, and the leader its range, cut by Corral.
+    origin.set_delay(std::time::Duration::from_millis(500));
+    let path = "/c/coalesced-range";
+    let leader = {
+        let client = client.clone();
+        let target = url(&fleet[0], path);
+        tokio::spawn(async move { client.get(&target, &[("range", "bytes=0-3")]).await })
+    };
+    support::eventually(
+        "the leader's fill reached the origin",
+        std::time::Duration::from_secs(5),
+        async || origin.calls_for(path) == 1,
+    )
+    .await;
+    let waiter = client.get(&url(&fleet[1], path), &[]).await;
+    let leader = leader.await.expect("the leader's task");
+    assert_eq!((waiter.status, waiter.text()), (200, plain(path)));
+    assert_eq!(
+        waiter.cache_status().as_deref(),
+        Some("corral; fwd=miss; collapsed")
+    );
+    assert_eq!(
+        (leader.status, leader.text()),
+        (206, plain(path)[..4].to_owned())
+    );
+    assert_eq!(
+        leader.header("cache-status"),
+        Some("corral; fwd=miss; fwd-status=200; stored")
+    );
+    assert_eq!(origin.calls_for(path), 1);
 }
 
 /// Bypassed requests stay transparent: on a `cache = false` route the origin sees the client's
