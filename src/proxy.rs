@@ -259,10 +259,10 @@ impl Proxy {
         for _ in 0..MAX_VARIANT_HOPS {
             match self.lookup_key(req).await {
                 Looked::Answer(answer) => return answer,
-                Looked::OtherVariant(back, on) => {
+                Looked::OtherVariant(back, on, generation) => {
                     req = back;
                     let values = vary::projected(&req.route, &req.parts.headers, &on);
-                    req.key = vary::variant_key(&primary, &values);
+                    req.key = vary::variant_key(&primary, generation, &values);
                     tracing::debug!(route = %req.route.name, key = ?req.key, "looking up a variant");
                 }
             }
@@ -276,7 +276,11 @@ impl Proxy {
         let stale = match self.filler.l1.get(&req.key, now).await {
             Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
             Some(entry) if !self.fits(&entry, &req) => {
-                return Looked::OtherVariant(req, entry.vary.fields().to_vec());
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
             }
             Some(entry) => match entry.times.freshness(now) {
                 Freshness::Fresh => {
@@ -342,7 +346,11 @@ impl Proxy {
     ) -> Looked {
         Looked::Answer(match fill {
             Fill::Shared { entry, .. } if !self.fits(entry, &req) => {
-                return Looked::OtherVariant(req, entry.vary.fields().to_vec());
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
             }
             Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
@@ -469,8 +477,9 @@ const MAX_VARIANT_HOPS: usize = 3;
 /// What looking up one key gave.
 enum Looked {
     Answer(Answer),
-    /// The entry there is another variant: look again under the variant key for these fields.
-    OtherVariant(FillRequest, Vec<crate::vary::VaryField>),
+    /// The entry there is another variant: look again under the variant key for these fields
+    /// and the entry's generation (its `stored_at`).
+    OtherVariant(FillRequest, Vec<crate::vary::VaryField>, u64),
 }
 
 /// The wait for the default upstream's response head.

@@ -3,8 +3,8 @@
 //! The entry filled at a request's primary key records the header names its `Vary` lists and the
 //! values of those headers that the upstream saw on the fill, normalized ([`VaryField`]). Every
 //! request served from an entry first checks that its own values match ([`matches`]); when they
-//! do not, it derives the variant key — the hash of the primary key and its own normalized values
-//! ([`variant_key`]) — and looks that key up, coalesces and fills under it like any other key.
+//! do not, it derives the variant key — the hash of the primary key, the primary entry's
+//! generation and its own normalized values ([`variant_key`]) — and looks that key up, coalesces and fills under it like any other key.
 //! So variants live in L1 and L2 beside the primary entry, a waiter whose varied headers differ
 //! from the leader's coalesces into the fill of its own variant, and nothing in the fill path
 //! knows about variants.
@@ -95,11 +95,15 @@ pub fn matches(vary: &VaryRecord, route: &RouteConfig, request: &HeaderMap) -> b
     fields.is_empty() || projected(route, request, fields) == fields
 }
 
-/// The key of the variant `values` of the response at `primary`.
-pub fn variant_key(primary: &CacheKey, values: &[VaryField]) -> CacheKey {
+/// The key of the variant `values` of the response at `primary`, for the generation of the
+/// primary entry stored at `generation` (its `stored_at`): when the primary entry is refilled or
+/// purged and refilled, its variants move to new keys, so a variant stored before an update can
+/// never be reached after it; the old ones expire on their own.
+pub fn variant_key(primary: &CacheKey, generation: u64, values: &[VaryField]) -> CacheKey {
     let mut h = KeyHasher::new();
     h.field(b"variant");
     h.field(primary.as_bytes());
+    h.field(&generation.to_le_bytes());
     h.count(values.len());
     for field in values {
         h.field(field.name.as_str().as_bytes());
@@ -221,12 +225,18 @@ mod tests {
             name: header::ACCEPT_LANGUAGE,
             value: v.map(str::to_owned),
         };
-        let fr = variant_key(&primary, &[field(Some("fr"))]);
-        assert_ne!(fr, variant_key(&primary, &[field(Some("en"))]));
-        assert_ne!(fr, variant_key(&primary, &[field(None)]));
+        let fr = variant_key(&primary, 1, &[field(Some("fr"))]);
+        assert_eq!(fr, variant_key(&primary, 1, &[field(Some("fr"))]));
         assert_ne!(
-            variant_key(&primary, &[field(Some(""))]),
-            variant_key(&primary, &[field(None)])
+            fr,
+            variant_key(&primary, 2, &[field(Some("fr"))]),
+            "a new generation"
+        );
+        assert_ne!(fr, variant_key(&primary, 1, &[field(Some("en"))]));
+        assert_ne!(fr, variant_key(&primary, 1, &[field(None)]));
+        assert_ne!(
+            variant_key(&primary, 1, &[field(Some(""))]),
+            variant_key(&primary, 1, &[field(None)])
         );
         assert_ne!(fr, primary);
     }

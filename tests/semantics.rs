@@ -474,6 +474,29 @@ async fn variants_are_stored_served_and_coalesced_separately() {
     }
     assert_eq!(origin.calls_for("/vary/a"), 4, "one fill per variant");
 
+    // A purge of the URL reaches its variants too: once the primary entry is refilled (by
+    // another variant), the old variants are never served again.
+    let purge = corral::purge::PurgeRequest::parse(br#"{"url": "/vary/a"}"#).expect("a purge");
+    fleet[0].proxy().purge(&purge).await.expect("purged");
+    let lang = |l: &'static str| vec![("accept-language", l), ("accept-encoding", "gzip, br")];
+    let refilled = client.get(&url(&fleet[0], "/vary/a"), &lang("fr")).await;
+    assert_eq!(
+        refilled.cache_status().as_deref(),
+        Some("corral; fwd=miss; stored")
+    );
+    // `en` was stored as a variant before the purge: it must be filled anew, not found.
+    support::eventually(
+        "the purge reached the other instance",
+        std::time::Duration::from_secs(5),
+        async || {
+            let en = client.get(&url(&fleet[1], "/vary/a"), &lang("en")).await;
+            assert_eq!(en.text(), body("en", "gzip, br"));
+            origin.calls_for("/vary/a") == 6
+        },
+    )
+    .await;
+    assert_eq!(origin.calls_for("/vary/a"), 6, "both variants filled anew");
+
     // Vary: * is never shared.
     for _ in 0..2 {
         let answer = client.get(&url(&fleet[0], "/star"), &[]).await;

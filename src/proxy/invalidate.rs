@@ -5,8 +5,8 @@
 //! followed by a stale read on another instance.
 //!
 //! What is invalidated is the GET (and so HEAD) entry of each URI on the route it maps to, keyed
-//! with the unsafe request's own headers (for routes keyed on headers). Variants are entries of
-//! their own: a purge by key removes the primary entry only (see the README).
+//! with the unsafe request's own headers (for routes keyed on headers). Variants go with it: their
+//! keys hold the primary entry's generation ([`crate::vary::variant_key`]).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
