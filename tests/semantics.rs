@@ -245,6 +245,38 @@ async fn conditionals_ranges_and_head_are_answered_from_the_entry() {
     let again = client.send(head("/d/head")).await;
     assert_eq!(again.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(origin.calls_for("/d/head"), 1);
+
+    // Concurrent HEAD and GET misses of one key share one fill.
+    origin.set_delay(std::time::Duration::from_millis(300));
+    let asks = (0..10).map(|i| {
+        let client = client.clone();
+        let method = if i % 2 == 0 {
+            http::Method::HEAD
+        } else {
+            http::Method::GET
+        };
+        let req = support::client::request(
+            method.clone(),
+            &url(&fleet[0], "/d/both"),
+            &[],
+            Default::default(),
+        );
+        async move { (method, client.send(req).await) }
+    });
+    for (method, answer) in futures_util::future::join_all(asks).await {
+        assert_eq!(answer.status, 200, "{method}");
+        let want = if method == http::Method::HEAD {
+            String::new()
+        } else {
+            plain("/d/both")
+        };
+        assert_eq!(answer.text(), want, "{method}");
+    }
+    assert_eq!(
+        origin.calls_for("/d/both"),
+        1,
+        "one fill for HEADs and GETs"
+    );
 }
 
 /// Sends raw bytes to an instance and returns the status of the answer (0: none).
