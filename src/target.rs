@@ -37,7 +37,12 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<(), TargetError> {
     {
         req.headers_mut().insert(header::HOST, host);
     }
-    let path = normalize_path(req.uri().path())?;
+    let raw = req.uri().path();
+    // Most paths are already normal: no percent-encoding, no dot segment, no backslash.
+    if !raw.contains(['%', '\\']) && !raw.contains("/.") {
+        return Ok(());
+    }
+    let path = normalize_path(raw)?;
     if path != req.uri().path() {
         let joined = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
