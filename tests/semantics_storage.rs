@@ -316,3 +316,57 @@ async fn targeted_cache_control_fields() {
         );
     }
 }
+
+/// Rule 10: `Cache-Status` per RFC 9211, the same labels on every instance. A hit carries `ttl`;
+/// the leader `fwd=miss; fwd-status=S; stored`; a waiter, local or remote, `collapsed` — also
+/// when the fill failed (never a `hit` on an answer the cache never held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_status_labels_agree_across_the_fleet() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let fleet = start(
+        2,
+        &config(Some(&redis.url()), &scripted_route(&upstream, "")),
+    )
+    .await;
+    let client = Client::new();
+    let delay = std::time::Duration::from_millis(800);
+    // (path, reply, the leader's label, the waiters' label)
+    let cases = [
+        (
+            "/cs/ok",
+            Reply::status(200)
+                .header("cache-control", "max-age=60")
+                .delay(delay),
+            "corral; fwd=miss; fwd-status=200; stored",
+            "corral; fwd=miss; fwd-status=200; collapsed",
+        ),
+        (
+            "/cs/failed",
+            Reply::status(502).delay(delay),
+            "corral; fwd=miss; fwd-status=502",
+            "corral; fwd=miss; fwd-status=502; collapsed",
+        ),
+    ];
+    for (path, reply, leader_label, waiter_label) in cases {
+        upstream.script(path, reply);
+        let leader = client.spawn_get(url(&fleet[0], path));
+        upstream.wait_in_flight(1).await;
+        let waiters: Vec<_> = (0..10)
+            .map(|i| client.spawn_get(url(&fleet[i % 2], path)))
+            .collect();
+        let leader = leader.await.expect("leader task");
+        assert_eq!(leader.header("cache-status"), Some(leader_label), "{path}");
+        for waiter in waiters {
+            let waiter = waiter.await.expect("waiter task");
+            assert_eq!(waiter.header("cache-status"), Some(waiter_label), "{path}");
+        }
+        assert_eq!(upstream.calls_for(path), 1, "{path}");
+    }
+    let hit = client.get(&url(&fleet[1], "/cs/ok"), &[]).await;
+    let label = hit.header("cache-status").unwrap_or_default().to_owned();
+    assert!(
+        label.starts_with("corral; hit; ttl=") && label[17..].parse::<u32>().is_ok_and(|t| t <= 60),
+        "{label}"
+    );
+}
