@@ -346,7 +346,7 @@ impl Drop for Backend {
 
 /// A `Cache-Status` value without the cache's name and the per-answer numbers (`ttl`,
 /// `fwd-status`), so the demo's table counts kinds of answers.
-fn outcome_kind(value: &str) -> String {
+pub fn outcome_kind(value: &str) -> String {
     value
         .split(';')
         .map(str::trim)
