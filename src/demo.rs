@@ -359,6 +359,22 @@ pub fn outcome_kind(value: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn outcome_kinds_drop_the_per_answer_numbers() {
+        let cases = [
+            ("corral; hit; ttl=59", "hit"),
+            ("corral; hit; ttl=-2; detail=stale", "hit; detail=stale"),
+            (
+                "corral; fwd=miss; fwd-status=200; collapsed",
+                "fwd=miss; collapsed",
+            ),
+            ("corral; fwd=bypass", "fwd=bypass"),
+        ];
+        for (value, kind) in cases {
+            assert_eq!(outcome_kind(value), kind);
+        }
+    }
+
     fn report(requests: usize, instances: usize, backend_calls: u64, ok: usize) -> DemoReport {
         DemoReport {
             requests,
