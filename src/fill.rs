@@ -32,6 +32,7 @@ use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
 use crate::lock::{FillLock, LeaseKeeper};
 use crate::metrics::Metrics;
 use crate::notice::Notices;
+use crate::revalidate::{is_not_modified, make_conditional, renewed};
 use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, error_entry, judge};
 use crate::wait::Purpose;
@@ -299,7 +300,7 @@ impl Filler {
         };
         // A purge applied after this point covers what the upstream is about to answer.
         let began = self.l1.fence().mark();
-        match self.call_upstream(req, lock).await {
+        match self.call_upstream(req, lock, fallback.as_deref()).await {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
                 let fence = self.l1.fence();
@@ -382,22 +383,27 @@ impl Filler {
 
     /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts
     /// once the slot is had, so a wait for the slot cannot eat the lease of the call itself.
+    ///
+    /// With `stale` (the entry a refresh renews, or one standing in for a failed fill) that has
+    /// validators, the request is conditional, and a `304` renews `stale` without a body (RFC
+    /// 9111 §4.3.4); a `304` that does not match it is followed by an unconditional request.
     async fn call_upstream(
         &self,
         req: &FillRequest,
         lock: Option<&FillLock>,
+        stale: Option<&Entry>,
     ) -> Result<Verdict, FillError> {
         let route = &req.route;
-        let _slot = self.upstream_slot(route).await?;
+        let slot = self.upstream_slot(route).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
-        let upstream_req = crate::upstream::rewrite(
+        let mut upstream_req = crate::upstream::fill_request(
             &req.parts,
             Either::Left(Full::new(req.body.clone())),
-            &route.upstream,
-            req.peer,
+            route,
         );
+        let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
         let started = Instant::now();
         let fetched = self
             .client
@@ -421,6 +427,15 @@ impl Filler {
         })?;
         let fill_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
         Ok(match fetched {
+            Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
+                match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
+                    Some(entry) => Verdict::Store(entry),
+                    None => {
+                        drop(slot);
+                        return Box::pin(self.call_upstream(req, lock, None)).await;
+                    }
+                }
+            }
             Fetched::Whole(answer) => judge(route, answer, fill_ms),
             Fetched::Oversized {
                 parts,

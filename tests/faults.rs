@@ -295,7 +295,7 @@ async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
         .await;
     assert!(store.contains("Superseded"), "{store}");
     let reread = client.get(&url(&fleet[1], path), &[]).await;
-    assert_eq!(reread.header("cache-status"), Some("corral; hit"));
+    assert_eq!(reread.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(reread.json()["call"], 2);
 }
 
@@ -323,7 +323,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
         .get(&url(&fleet[0], "/recommend?k=cached"), &[])
         .await;
     assert_eq!(
-        hit.header("cache-status"),
+        hit.cache_status().as_deref(),
         Some("corral; hit"),
         "L1 still serves"
     );
@@ -421,7 +421,7 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
     }

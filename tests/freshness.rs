@@ -28,7 +28,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     let path = "/recommend?segment=a";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(
-        first.header("cache-status"),
+        first.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(upstream.calls(), 1);
@@ -46,7 +46,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
         assert_eq!(answer.body, first.body, "the stale body, without waiting");
@@ -63,7 +63,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
             SETTLE,
             async || {
                 let answer = client.get(&url(instance, path), &[]).await;
-                answer.header("cache-status") == Some("corral; hit") && answer.body != first.body
+                answer.cache_status().as_deref() == Some("corral; hit") && answer.body != first.body
             },
         )
         .await;
@@ -99,7 +99,7 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
     }
@@ -143,7 +143,7 @@ async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
             for _ in 0..300 {
                 let answer = client.get(&target, &[]).await;
                 seen.push((
-                    answer.header("cache-status").unwrap_or("").to_owned(),
+                    answer.cache_status().as_deref().unwrap_or("").to_owned(),
                     answer.body.clone(),
                 ));
                 tokio::time::sleep(Duration::from_millis(10)).await;

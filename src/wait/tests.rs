@@ -23,6 +23,7 @@ fn entry(status: u16, stored_at: u64, fresh_for: u64, swr: u64, sie: u64) -> Ent
         },
         fill_ms: 1,
         tags: Vec::new(),
+        vary: Default::default(),
     }
 }
 
