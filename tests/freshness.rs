@@ -231,3 +231,66 @@ async fn errors_are_cached_only_when_listed_and_then_briefly() {
         .expect("PTTL");
     assert!((1..=1000).contains(&pttl), "pttl {pttl}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Step 1: an entry with a validator, stale at once, served stale while refreshed.
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("cache-control", "max-age=0, stale-while-revalidate=30")
+            .header("etag", "\"v1\""),
+    );
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=revalidated";
+    let first = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(first.status, 200);
+
+    // Step 2: the upstream has nothing new: it answers the conditional refresh with a 304.
+    upstream.script(
+        "/recommend",
+        Reply::status(304)
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v1\"")
+            .body(""),
+    );
+    let stale = client.get(&url(&fleet[1], path), &[]).await;
+    assert_eq!(stale.body, first.body);
+
+    // Step 3: the one refresh was conditional, and its 304 renewed the entry — same body, now
+    // fresh — on every instance, with no further upstream call.
+    eventually("the refresh reached the upstream", SETTLE, async || {
+        upstream.calls() == 2
+    })
+    .await;
+    let sent = upstream.last_headers(path).expect("the refresh's headers");
+    assert_eq!(
+        sent.get("if-none-match").and_then(|v| v.to_str().ok()),
+        Some("\"v1\"")
+    );
+    for instance in &fleet {
+        eventually(
+            "the instance serves the renewed entry",
+            SETTLE,
+            async || {
+                let answer = client.get(&url(instance, path), &[]).await;
+                answer.status == 200
+                    && answer.body == first.body
+                    && answer
+                        .cache_status()
+                        .is_some_and(|s| s.starts_with("corral; hit"))
+                    && !answer.cache_status().is_some_and(|s| s.contains("stale"))
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        upstream.calls(),
+        2,
+        "a 304 renews; nothing is fetched again"
+    );
+}
