@@ -159,6 +159,10 @@ pub struct RouteConfig {
     /// Most concurrent upstream calls this route makes from one process; more wait for a slot
     /// (within `upstream_timeout`, then 503). Default `None` (no cap).
     pub upstream_concurrency: Option<usize>,
+    /// Most surrogate keys (`Surrogate-Key` / `Cache-Tag`) indexed per answer; the rest are dropped
+    /// with a log line, so one answer cannot create thousands of Redis keys. `0` indexes none.
+    /// Default 32.
+    pub max_tags: usize,
     pub key: KeySpec,
     pub lock: LockSpec,
 }
@@ -290,3 +294,4 @@ const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_WAITERS: usize = 10_000;
+const DEFAULT_MAX_TAGS: usize = 32;

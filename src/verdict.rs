@@ -86,7 +86,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         sie_until: fresh_until.saturating_add(sie),
     };
     let storable_status = route.cache_statuses.contains(&answer.status.as_u16());
-    let tags = surrogate_keys(&answer.headers);
+    let tags = surrogate_keys(&answer.headers, route);
     let headers = compact(&answer.headers);
     let entry = Entry {
         status: answer.status,
@@ -120,8 +120,13 @@ fn compact(headers: &HeaderMap) -> HeaderMap {
     kept
 }
 
-/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
-fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+/// Longest tag indexed; longer ones are dropped (each would be a Redis key of that length).
+const MAX_TAG_BYTES: usize = 1024;
+
+/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated), at most the
+/// route's `max_tags` of them (the first in sorted order) and none longer than `MAX_TAG_BYTES`:
+/// each tag becomes a Redis key, and the upstream's answer must not decide how many.
+fn surrogate_keys(headers: &HeaderMap, route: &RouteConfig) -> Vec<String> {
     let spaced = headers
         .get_all("surrogate-key")
         .iter()
@@ -140,6 +145,21 @@ fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
         .collect();
     tags.sort();
     tags.dedup();
+    let found = tags.len();
+    tags.retain(|t| t.len() <= MAX_TAG_BYTES);
+    let too_long = found - tags.len();
+    tags.truncate(route.max_tags);
+    let dropped = found - tags.len();
+    if dropped > 0 {
+        tracing::warn!(
+            route = %route.name,
+            found,
+            kept = tags.len(),
+            too_long,
+            max_tags = route.max_tags,
+            "dropped surrogate keys past the route's limit"
+        );
+    }
     tags
 }
 

@@ -27,9 +27,9 @@ use super::{
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_ERROR_TTL, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE,
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE,
-    DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL,
-    DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS,
+    DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
+    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
 };
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
@@ -347,6 +347,13 @@ impl Checker<'_> {
             upstream_concurrency: match &raw.upstream_concurrency {
                 None => None,
                 some => Some(self.count(some, 1, at("upstream_concurrency"))?),
+            },
+            max_tags: match raw.max_tags.as_ref().map(|n| (*n.get_ref(), n.span())) {
+                None => DEFAULT_MAX_TAGS,
+                Some((n, span)) => usize::try_from(n).map_err(|_| {
+                    let why = format!("must be a whole number >= 0, not {n}");
+                    self.error(span, at("max_tags"), why)
+                })?,
             },
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,

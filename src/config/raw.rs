@@ -81,6 +81,7 @@ pub(super) struct RawRoute {
     pub(super) early_refresh: Option<Spanned<RawEarlyRefresh>>,
     pub(super) uncacheable_ttl: Option<HumanDuration>,
     pub(super) upstream_concurrency: Option<Spanned<i64>>,
+    pub(super) max_tags: Option<Spanned<i64>>,
     #[serde(default)]
     pub(super) key: RawKey,
     #[serde(default)]
