@@ -165,9 +165,16 @@ impl<'de> Deserialize<'de> for HumanSize {
                     .map_err(|_| E::custom(format!("invalid size {n} (must not be negative)")))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
-                s.parse::<bytesize::ByteSize>()
-                    .map(|b| HumanSize(b.as_u64()))
-                    .map_err(|e| E::custom(format!("invalid size {s:?} ({e})")))
+                let size = s
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| E::custom(format!("invalid size {s:?} ({e})")))?;
+                // bytesize saturates instead of failing: a size that reaches u64::MAX overflowed.
+                if size.as_u64() == u64::MAX {
+                    let why =
+                        format!("invalid size {s:?} (too large: at most 16EiB less one byte)");
+                    return Err(E::custom(why));
+                }
+                Ok(HumanSize(size.as_u64()))
             }
         }
         d.deserialize_any(Visitor)
