@@ -15,6 +15,7 @@
 //! - [`flight`] — in-process single-flight; [`fill`] — filling an entry; [`coalesce`] — one fill
 //!   per key across the fleet;
 //!   [`verdict`] — what an upstream answer allows, and for how long.
+//! - [`redact`] — passwords masked in anything shown.
 //! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
 //!   [`answer`] — responses and the one place errors become statuses;
 //!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
@@ -43,6 +44,7 @@ pub mod notice;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;
+pub mod redact;
 pub mod route;
 pub mod server;
 pub mod upstream;

@@ -35,6 +35,18 @@ pub enum UpstreamError {
     Body { upstream: String, reason: String },
 }
 
+impl UpstreamError {
+    /// The failure's kind, for the `corral-error` header: what a client may know of it (never
+    /// the upstream's address, which stays in the log).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "upstream-connect",
+            UpstreamError::Timeout { .. } => "upstream-timeout",
+            UpstreamError::Body { .. } => "upstream-body",
+        }
+    }
+}
+
 /// An upstream answer read up to a size limit.
 #[derive(Debug)]
 pub enum Fetched {

@@ -30,18 +30,21 @@ pub(crate) enum Verdict {
 }
 
 /// The answer standing for a fill that got none (connection error, timeout), shared with the
-/// waiters so they do not each try again.
-pub fn error_entry(status: StatusCode, message: &str) -> Entry {
+/// waiters so they do not each try again — fleet-wide, so it carries no detail: a generic body and
+/// the failure's `kind` in the `corral-error` header (see [`crate::answer::ERROR_KIND`]); the
+/// detail (the upstream's address, the cause) is in the leader's log.
+pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    headers.insert(crate::answer::ERROR_KIND, HeaderValue::from_static(kind));
     let now = now_ms();
     Entry {
         status,
         headers,
-        body: Bytes::from(format!("{message}\n")),
+        body: Bytes::from(crate::answer::generic_body(status)),
         times: Lifetime {
             stored_at: now,
             fresh_until: now,

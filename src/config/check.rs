@@ -13,6 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
+
+use crate::redact::redact;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -58,7 +60,8 @@ impl Checker<'_> {
             line: line_of(self.text, span.start),
             route: at.0.map(str::to_owned),
             field: Some(at.1.to_owned()),
-            reason: reason.to_string(),
+            // A reason may quote a value: never a password with it (`POST /reload` returns it).
+            reason: redact(&reason.to_string()).into_owned(),
         }
     }
 
@@ -74,7 +77,7 @@ impl Checker<'_> {
             line: line_of(self.text, span.start),
             route,
             field,
-            reason: err.message().trim_end().to_owned(),
+            reason: redact(err.message().trim_end()).into_owned(),
         }
     }
 
