@@ -63,6 +63,15 @@ pub fn generic_body(status: StatusCode) -> String {
     )
 }
 
+/// The kind of a failed fill, for the `corral-error` header.
+pub fn fill_error_kind(err: &FillError) -> &'static str {
+    match err {
+        FillError::Upstream(err) => err.kind(),
+        FillError::WaitTimeout(_) => "wait-timeout",
+        FillError::Overloaded { .. } => "upstream-overloaded",
+    }
+}
+
 impl ProxyError {
     /// The failure's kind, for the `corral-error` header.
     pub fn kind(&self) -> &'static str {
@@ -73,7 +82,7 @@ impl ProxyError {
             ProxyError::BadKey(_) => "bad-key",
             ProxyError::NoRoute => "no-route",
             ProxyError::Upstream(err) => err.kind(),
-            ProxyError::Fill(err) => err.kind(),
+            ProxyError::Fill(err) => fill_error_kind(err),
             ProxyError::FillPanicked => "fill-failed",
             ProxyError::Crowded(_) => "too-many-waiters",
         }

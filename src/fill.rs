@@ -108,15 +108,6 @@ impl FillError {
             FillError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
-
-    /// The failure's kind, for the `corral-error` header.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            FillError::Upstream(err) => err.kind(),
-            FillError::WaitTimeout(_) => "wait-timeout",
-            FillError::Overloaded { .. } => "upstream-overloaded",
-        }
-    }
 }
 
 /// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
@@ -361,7 +352,10 @@ impl Filler {
                 Fill::Streamed(Arc::new(Mutex::new(Some(streaming))))
             }
             Err(err) => {
-                let answer = Arc::new(error_entry(err.status(), err.kind()));
+                let answer = Arc::new(error_entry(
+                    err.status(),
+                    crate::answer::fill_error_kind(&err),
+                ));
                 claim.give_up(req, Notice::Failed(Some(answer))).await;
                 match fallback {
                     Some(stale) => Fill::Shared {
