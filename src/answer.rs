@@ -47,6 +47,8 @@ pub enum ProxyError {
     FillPanicked,
     #[error("too many requests wait for this key: {0}")]
     Crowded(#[from] Crowded),
+    #[error("{0} is not allowed here")]
+    MethodNotAllowed(http::Method),
 }
 
 /// The header naming the kind of failure behind an error answer (`upstream-timeout`,
@@ -85,6 +87,7 @@ impl ProxyError {
             ProxyError::Fill(err) => fill_error_kind(err),
             ProxyError::FillPanicked => "fill-failed",
             ProxyError::Crowded(_) => "too-many-waiters",
+            ProxyError::MethodNotAllowed(_) => "method-not-allowed",
         }
     }
 
@@ -97,6 +100,7 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Fill(err) => err.status(),
             ProxyError::Crowded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(_) | ProxyError::FillPanicked => StatusCode::BAD_GATEWAY,
         }
     }
@@ -124,6 +128,11 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(ERROR_KIND, HeaderValue::from_static(self.kind()));
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // What Corral passes on; the upstream may accept fewer.
+            let allow = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

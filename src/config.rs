@@ -163,6 +163,9 @@ pub struct RouteConfig {
     /// with a log line, so one answer cannot create thousands of Redis keys. `0` indexes none.
     /// Default 32.
     pub max_tags: usize,
+    /// Whether `TRACE` requests are passed to the upstream. Default `false`: they get 405 before
+    /// any upstream call (a `TRACE` echo lets a script read headers it may not, such as cookies).
+    pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
 }

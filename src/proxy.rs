@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 
@@ -189,6 +189,18 @@ impl Proxy {
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let route = self.router.route(req.uri().path(), req.method()).cloned();
         let (answer, route) = match route {
+            // TRACE echoes the request, credentials included, to whoever can read the answer:
+            // refused before any upstream call unless the route allows it.
+            _ if req.method() == Method::TRACE
+                && !route.as_ref().is_some_and(|r| r.allow_trace) =>
+            {
+                let err = ProxyError::MethodNotAllowed(Method::TRACE);
+                let outcome = match route {
+                    Some(_) => CacheOutcome::Bypass,
+                    None => CacheOutcome::UriMiss,
+                };
+                (err.into_answer(outcome), route)
+            }
             None => (self.unrouted(req, peer).await, None),
             Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };

@@ -358,6 +358,7 @@ impl Checker<'_> {
                     self.error(span, at("max_tags"), why)
                 })?,
             },
+            allow_trace: raw.allow_trace.unwrap_or(false),
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,
             name,

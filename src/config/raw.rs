@@ -82,6 +82,7 @@ pub(super) struct RawRoute {
     pub(super) uncacheable_ttl: Option<HumanDuration>,
     pub(super) upstream_concurrency: Option<Spanned<i64>>,
     pub(super) max_tags: Option<Spanned<i64>>,
+    pub(super) allow_trace: Option<bool>,
     #[serde(default)]
     pub(super) key: RawKey,
     #[serde(default)]
