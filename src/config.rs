@@ -71,6 +71,13 @@ pub struct ServerConfig {
     /// `/readyz` while Redis is unreachable: `true` answers 200 `degraded` (keep serving from L1
     /// and the upstream), `false` answers 503 (take the pod out of rotation). Default `true`.
     pub ready_when_degraded: bool,
+    /// Most client connections the proxy listener holds open at once; past it, new connections
+    /// wait in the kernel's accept queue until one closes. Default 10000.
+    pub max_connections: usize,
+    /// How long an upstream connection may sit idle in the pool before it is closed. Kept below
+    /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
+    /// Default 4s; never zero.
+    pub upstream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -298,3 +305,5 @@ const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_WAITERS: usize = 10_000;
 const DEFAULT_MAX_TAGS: usize = 32;
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);

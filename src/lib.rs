@@ -16,6 +16,7 @@
 //!   per key across the fleet;
 //!   [`verdict`] — what an upstream answer allows, and for how long.
 //! - [`redact`] — passwords masked in anything shown.
+//! - [`conn`] — the limits of every client connection (head, idle, count).
 //! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
 //!   [`answer`] — responses and the one place errors become statuses;
 //!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
@@ -31,6 +32,7 @@ pub mod body;
 pub mod breaker;
 pub mod coalesce;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod entry;
 pub mod fill;

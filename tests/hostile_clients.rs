@@ -4,10 +4,17 @@
 
 mod support;
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use http::Method;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::client::request;
 use support::corral::{config_with_server, start, url};
 use support::{Client, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 fn route(name: &str, upstream: &Upstream, extra: &str) -> String {
     format!(
@@ -29,7 +36,12 @@ async fn trace_is_refused_before_any_upstream_call_unless_the_route_allows_it() 
     let fleet = start(1, &config_with_server(&server, None, &routes)).await;
     let client = Client::new();
     let trace = |path: &str| {
-        let mut req = request(Method::TRACE, &url(&fleet[0], path), &[], Default::default());
+        let mut req = request(
+            Method::TRACE,
+            &url(&fleet[0], path),
+            &[],
+            Default::default(),
+        );
         req.headers_mut()
             .insert("cookie", "session=secret".parse().expect("a header value"));
         client.send(req)
@@ -47,4 +59,175 @@ async fn trace_is_refused_before_any_upstream_call_unless_the_route_allows_it() 
     let allowed = trace("/traced/x").await;
     assert_eq!(allowed.status, 200);
     assert_eq!(upstream.calls(), 1);
+}
+
+// ---- Connections: slow heads, idle HTTP/2, the connection cap
+
+/// A `[server]` table with short head and idle limits, so the tests wait little.
+const SHORT_LIMITS: &str = "admin_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"";
+
+/// How long a test waits for Corral to close a connection before calling it a hang.
+const HANG: Duration = Duration::from_secs(10);
+
+/// Reads until the peer closes (or resets); `Err` when it is still open after [`HANG`].
+async fn closed_by_peer(stream: &mut TcpStream) -> Result<(), String> {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(HANG, read_all)
+        .await
+        .map_err(|_| format!("still open after {HANG:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_an_unfinished_head() {
+    let upstream = Upstream::start().await;
+    let fleet = start(
+        1,
+        &config_with_server(SHORT_LIMITS, None, &route("r", &upstream, "")),
+    )
+    .await;
+    let admin = fleet[0].admin_addr().expect("an admin listener");
+    let mut slow = TcpStream::connect(admin).await.expect("connect to admin");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .await
+        .expect("write a partial head");
+    closed_by_peer(&mut slow)
+        .await
+        .expect("slowloris on the admin listener");
+}
+
+/// An HTTP/2 (h2c, prior knowledge) connection from a real client.
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, driver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_get_the_http1_head_limits() {
+    // The upstream refuses connections: an answer other than 502 is Corral's own refusal. (A live
+    // upstream would itself refuse 150 header fields, hiding whether Corral let them through.)
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let routes =
+        format!("[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"{upstream}\"\n");
+    let fleet = start(1, &config_with_server("", None, &routes)).await;
+    let (mut send, _driver) = h2_connect(fleet[0].addr()).await;
+
+    let mut many = http::Request::get(format!("http://{}/r/x", fleet[0].addr()));
+    for i in 0..150 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    let resp = send
+        .send_request(many.body(Full::default()).expect("a request"))
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status(), 431, "150 header fields over HTTP/2");
+
+    let big = "x".repeat(70 * 1024);
+    let huge = http::Request::get(format!("http://{}/r/y", fleet[0].addr()))
+        .header("x-big", big)
+        .body(Full::default())
+        .expect("a request");
+    let refused = match send.send_request(huge).await {
+        Ok(resp) => resp.status() == 431,
+        Err(_) => true, // the stream was reset: refused as well
+    };
+    assert!(refused, "a 70 KiB header block over HTTP/2 was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_head_timeout() {
+    let upstream = Upstream::start().await;
+    let fleet = start(
+        1,
+        &config_with_server(SHORT_LIMITS, None, &route("r", &upstream, "")),
+    )
+    .await;
+
+    // A real client: it answers pings, so only an idle limit can close its connection.
+    let (mut send, driver) = h2_connect(fleet[0].addr()).await;
+    let req = http::Request::get(format!("http://{}/r/x", fleet[0].addr()))
+        .body(Full::default())
+        .expect("a request");
+    let resp = send.send_request(req).await.expect("an answer");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    tokio::time::timeout(HANG, driver)
+        .await
+        .expect("an idle HTTP/2 connection stayed open")
+        .expect("the driver task");
+
+    // A raw client that sends the preface and then a header block it never finishes.
+    let mut raw = TcpStream::connect(fleet[0].addr()).await.expect("connect");
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    // HEADERS on stream 1, END_STREAM but not END_HEADERS, one literal byte of a block.
+    frames.extend_from_slice(&[0, 0, 1, 1, 0x01, 0, 0, 0, 1, 0x82]);
+    raw.write_all(&frames).await.expect("write the frames");
+    closed_by_peer(&mut raw)
+        .await
+        .expect("an unfinished HTTP/2 header block");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_for_a_free_slot() {
+    let upstream = Upstream::start().await;
+    let server = "max_connections = 2";
+    let fleet = start(
+        1,
+        &config_with_server(server, None, &route("r", &upstream, "")),
+    )
+    .await;
+    let addr = fleet[0].addr();
+    let get = b"GET /r/x HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Two connections hold both slots (each proves it is served by getting an answer).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(get).await.expect("write");
+        let mut buf = [0u8; 12];
+        conn.read_exact(&mut buf).await.expect("an answer");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(conn);
+    }
+
+    // The third is left in the accept queue: no answer while both slots are held…
+    let mut third = TcpStream::connect(addr)
+        .await
+        .expect("connect (kernel backlog)");
+    third.write_all(get).await.expect("write");
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served past max_connections = 2"
+    );
+    // …and its answer once one closes.
+    drop(held.pop());
+    tokio::time::timeout(HANG, third.read_exact(&mut buf))
+        .await
+        .expect("the third connection was never served")
+        .expect("read");
+    assert_eq!(&buf, b"HTTP/1.1 200");
 }

@@ -28,10 +28,11 @@ use super::{
 };
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_ERROR_TTL, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE,
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS,
-    DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
+    DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MAX_BODY, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS,
+    DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
 };
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
@@ -166,6 +167,16 @@ impl Checker<'_> {
                 (None, "server.body_read_timeout"),
             )?,
             ready_when_degraded: raw.ready_when_degraded.unwrap_or(true),
+            max_connections: self.count(
+                &raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                (None, "server.max_connections"),
+            )?,
+            upstream_idle_timeout: self.positive(
+                &raw.upstream_idle_timeout,
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+                (None, "server.upstream_idle_timeout"),
+            )?,
         })
     }
 

@@ -36,6 +36,8 @@ pub(super) struct RawServer {
     pub(super) max_header_bytes: Option<Spanned<HumanSize>>,
     pub(super) body_read_timeout: Option<Spanned<HumanDuration>>,
     pub(super) ready_when_degraded: Option<bool>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Deserialize)]
