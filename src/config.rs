@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// Where unrouted requests go (uncached). `None`: unrouted requests get 404.
     /// Same shape rules as `RouteConfig::upstream`.
     pub default_upstream: Option<Uri>,
+    /// The wait for the default upstream's response head. Default 30s (a route's default
+    /// `upstream_timeout`); never zero.
+    pub default_upstream_timeout: Duration,
     /// How long graceful shutdown may take. Default 30s.
     pub shutdown_timeout: Duration,
     /// How long a client may take to send a request head; then the connection is closed.

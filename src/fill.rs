@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::config::{Config, LockScope, RouteConfig};
@@ -382,11 +382,11 @@ impl Filler {
     pub async fn upstream_slot(
         &self,
         route: &RouteConfig,
-    ) -> Result<Option<SemaphorePermit<'_>>, FillError> {
+    ) -> Result<Option<OwnedSemaphorePermit>, FillError> {
         let Some(limit) = self.limits.get(&route.name) else {
             return Ok(None);
         };
-        match tokio::time::timeout(route.upstream_timeout, limit.acquire()).await {
+        match tokio::time::timeout(route.upstream_timeout, limit.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Some(permit)),
             _ => Err(FillError::Overloaded {
                 route: route.name.clone(),

@@ -5,7 +5,7 @@
 //! disagree; errors become statuses in [`ProxyError::into_answer`] and nowhere else.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
-use crate::body::ProxyBody;
+use crate::body::{BodyFault, ClientBody, ProxyBody};
 use crate::breaker::Breaker;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
@@ -35,7 +35,8 @@ use crate::upstream::{UpstreamBody, rewrite};
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
     router: Router,
-    default_upstream: Option<Uri>,
+    /// The default upstream and the wait for its response heads.
+    default_upstream: Option<(Uri, std::time::Duration)>,
     filler: Arc<Filler>,
     flights: Arc<Flights<Arc<Fill>>>,
     metrics: Arc<Metrics>,
@@ -63,7 +64,11 @@ impl Proxy {
         };
         Ok(Proxy {
             router: Router::new(&config.routes),
-            default_upstream: config.server.default_upstream.clone(),
+            default_upstream: config
+                .server
+                .default_upstream
+                .clone()
+                .map(|u| (u, config.server.default_upstream_timeout)),
             filler: Arc::new(Filler::new(config, l1, fleet, metrics.clone())),
             flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
             metrics,
@@ -90,7 +95,11 @@ impl Proxy {
         }
         Proxy {
             router: Router::new(&config.routes),
-            default_upstream: config.server.default_upstream.clone(),
+            default_upstream: config
+                .server
+                .default_upstream
+                .clone()
+                .map(|u| (u, config.server.default_upstream_timeout)),
             filler: Arc::new(self.filler.renewed(config)),
             flights: self.flights.clone(),
             metrics: self.metrics.clone(),
@@ -236,9 +245,17 @@ impl Proxy {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             let (parts, body) = req.into_parts();
+            let (body, fault) = ClientBody::new(body, self.body_read_timeout);
             let upstream = route.upstream.clone();
             return self
-                .forward(&route, &upstream, &parts, Either::Right(body), peer)
+                .forward(
+                    &route,
+                    &upstream,
+                    &parts,
+                    Either::Right(body),
+                    peer,
+                    Some(fault),
+                )
                 .await;
         }
         let (parts, body) = req.into_parts();
@@ -412,7 +429,14 @@ impl Proxy {
     async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Answer {
         let body = Either::Left(http_body_util::Full::new(req.body.clone()));
         let answer = self
-            .forward(&req.route, &req.route.upstream, &req.parts, body, req.peer)
+            .forward(
+                &req.route,
+                &req.route.upstream,
+                &req.parts,
+                body,
+                req.peer,
+                None,
+            )
             .await;
         Answer::new(outcome, answer.response)
     }
@@ -429,6 +453,9 @@ impl Proxy {
     }
 
     /// Passes a request to `upstream` and its answer back, streaming, with `fwd=bypass`.
+    /// Passes a request through to a route's upstream, under its `upstream_concurrency` cap (the
+    /// slot is held until the answer's body has streamed). `fault` is set when the request body
+    /// is the client's, streamed: a failure of that body is the client's fault, not the upstream's.
     async fn forward(
         &self,
         route: &RouteConfig,
@@ -436,49 +463,87 @@ impl Proxy {
         parts: &Parts,
         body: UpstreamBody,
         peer: SocketAddr,
+        fault: Option<Arc<OnceLock<BodyFault>>>,
     ) -> Answer {
         let outcome = CacheOutcome::Bypass;
-        let _slot = match self.filler.upstream_slot(route).await {
+        let slot = match self.filler.upstream_slot(route).await {
             Ok(slot) => slot,
             Err(err) => return ProxyError::from(err).into_answer(outcome),
         };
-        let upstream_req = rewrite(parts, body, upstream, peer);
-        let started = Instant::now();
-        let sent = self
-            .filler
-            .client
-            .send(upstream_req, upstream, route.upstream_timeout)
-            .await;
-        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics
-            .upstream_call(&route.name, status, started.elapsed());
-        match sent {
-            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
-            Err(err) => ProxyError::from(err).into_answer(outcome),
-        }
+        let call = Call {
+            metric: &route.name,
+            upstream,
+            limit: route.upstream_timeout,
+            slot,
+            fault,
+        };
+        self.pass(call, parts, body, peer, outcome).await
     }
 
     async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let outcome = CacheOutcome::UriMiss;
-        let Some(upstream) = &self.default_upstream else {
+        let Some((upstream, limit)) = &self.default_upstream else {
             return ProxyError::NoRoute.into_answer(outcome);
         };
         let (parts, body) = req.into_parts();
-        let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
-        match self
+        let (body, fault) = ClientBody::new(body, self.body_read_timeout);
+        let call = Call {
+            metric: UNROUTED,
+            upstream,
+            limit: *limit,
+            slot: None,
+            fault: Some(fault),
+        };
+        self.pass(call, &parts, Either::Right(body), peer, outcome)
+            .await
+    }
+
+    /// One pass-through upstream call, counted in the upstream metrics under `call.metric`.
+    async fn pass(
+        &self,
+        call: Call<'_>,
+        parts: &Parts,
+        body: UpstreamBody,
+        peer: SocketAddr,
+        outcome: CacheOutcome,
+    ) -> Answer {
+        let upstream_req = rewrite(parts, body, call.upstream, peer);
+        let started = Instant::now();
+        let sent = self
             .filler
             .client
-            .send(upstream_req, upstream, DEFAULT_UPSTREAM_TIMEOUT)
-            .await
-        {
-            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
-            Err(err) => ProxyError::from(err).into_answer(outcome),
+            .send(upstream_req, call.upstream, call.limit)
+            .await;
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics
+            .upstream_call(call.metric, status, started.elapsed());
+        match sent {
+            Ok(resp) => Answer::new(outcome, resp.map(|b| ProxyBody::held(b, call.slot))),
+            // The client's body failed (malformed, too slow): its fault, whatever the upstream
+            // client made of it.
+            Err(err) => match call.fault.as_deref().and_then(OnceLock::get) {
+                Some(BodyFault::Unreadable(why)) => ProxyError::BodyUnreadable(why.clone()),
+                Some(BodyFault::Timeout(limit)) => ProxyError::BodyTimeout(*limit),
+                None => ProxyError::from(err),
+            }
+            .into_answer(outcome),
         }
     }
 }
 
-/// The wait for the default upstream's response head.
-const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The route label of unrouted requests, in the request and upstream metrics alike.
+const UNROUTED: &str = "-";
+
+/// Where a pass-through call goes and what bounds it.
+struct Call<'a> {
+    metric: &'a str,
+    upstream: &'a Uri,
+    /// The wait for the response head.
+    limit: std::time::Duration,
+    /// The route's upstream slot, held by the answer's body.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    fault: Option<Arc<OnceLock<BodyFault>>>,
+}
 
 /// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
 /// nears, scaled by how long the fill took: `now − fill_time · β · ln(rand) ≥ fresh_until`.

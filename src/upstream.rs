@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 const SPARE_LIMIT: usize = 1024;
 
 /// A request body on its way upstream: buffered (keyed or filled requests) or streamed through.
-pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+pub type UpstreamBody = Either<Full<Bytes>, crate::body::ClientBody>;
 
 /// Why an upstream call produced no response.
 #[derive(Debug, thiserror::Error)]

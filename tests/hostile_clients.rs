@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::client::request;
 use support::corral::{config_with_server, start, url};
-use support::{Client, Upstream};
+use support::{Client, Reply, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -230,4 +230,124 @@ async fn connections_past_max_connections_wait_for_a_free_slot() {
         .expect("the third connection was never served")
         .expect("read");
     assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
+// ---- Bypassed and unrouted requests: the same body limits, permits and metrics
+
+/// Sends raw bytes on a new connection and returns the status code of the answer.
+async fn raw_status(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+    let mut conn = TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(bytes).await.expect("write");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(HANG, conn.read_exact(&mut head))
+        .await
+        .expect("no answer")
+        .expect("read the status line");
+    let line = String::from_utf8_lossy(&head).into_owned();
+    line[9..12]
+        .parse()
+        .unwrap_or_else(|_| panic!("not a status line: {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_slow_body_on_a_bypassed_route_is_the_clients_fault() {
+    let upstream = Upstream::start().await;
+    let server = "body_read_timeout = \"300ms\"";
+    let routes = route("passed", &upstream, "cache = false");
+    let fleet = start(1, &config_with_server(server, None, &routes)).await;
+    let addr = fleet[0].addr();
+    let head = "POST /passed/x HTTP/1.1\r\nHost: x\r\n";
+
+    for body in [
+        "zz\r\nabc\r\n0\r\n\r\n",
+        "3\nabc\n0\n\n",
+        "3\r\nabcdef\r\n0\r\n\r\n",
+    ] {
+        let request = format!("{head}Transfer-Encoding: chunked\r\n\r\n{body}");
+        assert_eq!(raw_status(addr, request.as_bytes()).await, 400, "{body:?}");
+    }
+
+    // Two bytes of ten, then nothing: 408 at body_read_timeout (the upstream_timeout is 30 s).
+    let slow = format!("{head}Content-Length: 10\r\n\r\nab");
+    assert_eq!(raw_status(addr, slow.as_bytes()).await, 408);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_slot_is_held_until_the_answer_has_streamed() {
+    let upstream = Upstream::start().await;
+    // Far more than loopback socket buffers hold: the stream stays open while nobody reads it.
+    upstream.script("/passed/big", Reply::status(200).body(vec![b'x'; 64 << 20]));
+    let extra = "cache = false\nupstream_concurrency = 1\nupstream_timeout = \"500ms\"";
+    let fleet = start(
+        1,
+        &config_with_server("", None, &route("passed", &upstream, extra)),
+    )
+    .await;
+    let addr = fleet[0].addr();
+
+    let mut reader = TcpStream::connect(addr).await.expect("connect");
+    reader
+        .write_all(b"GET /passed/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).await.expect("the head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // The first answer is still streaming: its slot is taken.
+    let client = Client::new();
+    let second = client.get(&url(&fleet[0], "/passed/small"), &[]).await;
+    assert_eq!(second.status, 503, "the cap let a second stream through");
+    assert_eq!(second.header("corral-error"), Some("upstream-overloaded"));
+
+    drop(reader);
+    let mut freed = false;
+    for _ in 0..50 {
+        if client
+            .get(&url(&fleet[0], "/passed/small"), &[])
+            .await
+            .status
+            == 200
+        {
+            freed = true;
+            break;
+        }
+    }
+    assert!(
+        freed,
+        "the slot was never released after the stream was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_requests_get_the_configured_timeout_and_appear_in_the_upstream_metrics() {
+    let upstream = Upstream::start().await;
+    upstream.script("/slow", Reply::status(200).delay(Duration::from_secs(20)));
+    let server = format!(
+        "admin_listen = \"127.0.0.1:0\"\ndefault_upstream = \"{}\"\ndefault_upstream_timeout = \"300ms\"",
+        upstream.url()
+    );
+    let fleet = start(1, &config_with_server(&server, None, "")).await;
+    let client = Client::new();
+
+    let slow = client.get(&url(&fleet[0], "/slow"), &[]).await;
+    assert_eq!(slow.status, 504);
+    assert_eq!(slow.header("corral-error"), Some("upstream-timeout"));
+    let fine = client.get(&url(&fleet[0], "/fine"), &[]).await;
+    assert_eq!(fine.status, 200);
+
+    let admin = fleet[0].admin_addr().expect("an admin listener");
+    let page = client
+        .get(&format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    let calls: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("corral_upstream_calls_total{") && l.contains("route=\"-\""))
+        .collect();
+    assert_eq!(
+        calls.len(),
+        2,
+        "unrouted calls in the upstream metrics:\n{page}"
+    );
 }

@@ -172,6 +172,11 @@ impl Checker<'_> {
                 DEFAULT_MAX_CONNECTIONS,
                 (None, "server.max_connections"),
             )?,
+            default_upstream_timeout: self.positive(
+                &raw.default_upstream_timeout,
+                DEFAULT_UPSTREAM_TIMEOUT,
+                (None, "server.default_upstream_timeout"),
+            )?,
             upstream_idle_timeout: self.positive(
                 &raw.upstream_idle_timeout,
                 DEFAULT_UPSTREAM_IDLE_TIMEOUT,

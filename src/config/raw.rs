@@ -38,6 +38,7 @@ pub(super) struct RawServer {
     pub(super) ready_when_degraded: Option<bool>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Deserialize)]
