@@ -152,7 +152,7 @@ impl Filler {
             l1,
             marks: PassMarks::new(),
             fleet,
-            client: UpstreamClient::new(),
+            client: UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout),
             limits,
             caps: caps(config),
             metrics,

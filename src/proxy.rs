@@ -245,17 +245,25 @@ impl Proxy {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             let (parts, body) = req.into_parts();
-            let (body, fault) = ClientBody::new(body, self.body_read_timeout);
             let upstream = route.upstream.clone();
+            // A small body of an idempotent request is read first, so that the request can be
+            // sent again if a pooled connection fails under it (see `UpstreamClient::send`).
+            if replayable_size(&parts, route.max_body) {
+                let limit = self.body_read_timeout;
+                let read = read_body(&parts.headers, body, route.max_body);
+                let read = tokio::time::timeout(limit, read).await;
+                let body = match read.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
+                    Ok(body) => Either::Left(http_body_util::Full::new(body)),
+                    Err(err) => return err.into_answer(CacheOutcome::Bypass),
+                };
+                return self
+                    .forward(&route, &upstream, &parts, body, peer, None)
+                    .await;
+            }
+            let (body, fault) = ClientBody::new(body, self.body_read_timeout);
+            let body = Either::Right(body);
             return self
-                .forward(
-                    &route,
-                    &upstream,
-                    &parts,
-                    Either::Right(body),
-                    peer,
-                    Some(fault),
-                )
+                .forward(&route, &upstream, &parts, body, peer, Some(fault))
                 .await;
         }
         let (parts, body) = req.into_parts();
@@ -556,6 +564,26 @@ fn refresh_early(entry: &Entry, beta: f64, now: u64) -> bool {
 
 /// Reads a request body of at most `limit` bytes; a declared length over the limit is refused
 /// before anything is read.
+/// Whether a bypassed request is idempotent and declares a body of at most `max_body` bytes
+/// (`Content-Length`; a chunked body is streamed, its size unknown).
+fn replayable_size(parts: &Parts, max_body: u64) -> bool {
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ];
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    idempotent.contains(&parts.method)
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && declared.is_some_and(|n| n > 0 && n <= max_body)
+}
+
 async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
