@@ -5,7 +5,7 @@
 //! disagree; errors become statuses in [`ProxyError::into_answer`] and nowhere else.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
-use crate::body::{BodyFault, ClientBody, ProxyBody};
+use crate::body::ProxyBody;
 use crate::breaker::Breaker;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
@@ -30,7 +30,8 @@ use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
 use crate::purge::{Purge, PurgeError, PurgeRequest};
 use crate::route::{Router, check_cacheable};
-use crate::upstream::{UpstreamBody, rewrite};
+
+mod pass;
 
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
@@ -244,27 +245,7 @@ impl Proxy {
     ) -> Answer {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
-            let (parts, body) = req.into_parts();
-            let upstream = route.upstream.clone();
-            // A small body of an idempotent request is read first, so that the request can be
-            // sent again if a pooled connection fails under it (see `UpstreamClient::send`).
-            if replayable_size(&parts, route.max_body) {
-                let limit = self.body_read_timeout;
-                let read = read_body(&parts.headers, body, route.max_body);
-                let read = tokio::time::timeout(limit, read).await;
-                let body = match read.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
-                    Ok(body) => Either::Left(http_body_util::Full::new(body)),
-                    Err(err) => return err.into_answer(CacheOutcome::Bypass),
-                };
-                return self
-                    .forward(&route, &upstream, &parts, body, peer, None)
-                    .await;
-            }
-            let (body, fault) = ClientBody::new(body, self.body_read_timeout);
-            let body = Either::Right(body);
-            return self
-                .forward(&route, &upstream, &parts, body, peer, Some(fault))
-                .await;
+            return self.bypass(&route, req, peer).await;
         }
         let (parts, body) = req.into_parts();
         let limit = self.body_read_timeout;
@@ -459,98 +440,6 @@ impl Proxy {
             Arc::new(filler.refresh(req, known).await)
         });
     }
-
-    /// Passes a request to `upstream` and its answer back, streaming, with `fwd=bypass`.
-    /// Passes a request through to a route's upstream, under its `upstream_concurrency` cap (the
-    /// slot is held until the answer's body has streamed). `fault` is set when the request body
-    /// is the client's, streamed: a failure of that body is the client's fault, not the upstream's.
-    async fn forward(
-        &self,
-        route: &RouteConfig,
-        upstream: &Uri,
-        parts: &Parts,
-        body: UpstreamBody,
-        peer: SocketAddr,
-        fault: Option<Arc<OnceLock<BodyFault>>>,
-    ) -> Answer {
-        let outcome = CacheOutcome::Bypass;
-        let slot = match self.filler.upstream_slot(route).await {
-            Ok(slot) => slot,
-            Err(err) => return ProxyError::from(err).into_answer(outcome),
-        };
-        let call = Call {
-            metric: &route.name,
-            upstream,
-            limit: route.upstream_timeout,
-            slot,
-            fault,
-        };
-        self.pass(call, parts, body, peer, outcome).await
-    }
-
-    async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
-        let outcome = CacheOutcome::UriMiss;
-        let Some((upstream, limit)) = &self.default_upstream else {
-            return ProxyError::NoRoute.into_answer(outcome);
-        };
-        let (parts, body) = req.into_parts();
-        let (body, fault) = ClientBody::new(body, self.body_read_timeout);
-        let call = Call {
-            metric: UNROUTED,
-            upstream,
-            limit: *limit,
-            slot: None,
-            fault: Some(fault),
-        };
-        self.pass(call, &parts, Either::Right(body), peer, outcome)
-            .await
-    }
-
-    /// One pass-through upstream call, counted in the upstream metrics under `call.metric`.
-    async fn pass(
-        &self,
-        call: Call<'_>,
-        parts: &Parts,
-        body: UpstreamBody,
-        peer: SocketAddr,
-        outcome: CacheOutcome,
-    ) -> Answer {
-        let upstream_req = rewrite(parts, body, call.upstream, peer);
-        let started = Instant::now();
-        let sent = self
-            .filler
-            .client
-            .send(upstream_req, call.upstream, call.limit)
-            .await;
-        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics
-            .upstream_call(call.metric, status, started.elapsed());
-        match sent {
-            Ok(resp) => Answer::new(outcome, resp.map(|b| ProxyBody::held(b, call.slot))),
-            // The client's body failed (malformed, too slow): its fault, whatever the upstream
-            // client made of it.
-            Err(err) => match call.fault.as_deref().and_then(OnceLock::get) {
-                Some(BodyFault::Unreadable(why)) => ProxyError::BodyUnreadable(why.clone()),
-                Some(BodyFault::Timeout(limit)) => ProxyError::BodyTimeout(*limit),
-                None => ProxyError::from(err),
-            }
-            .into_answer(outcome),
-        }
-    }
-}
-
-/// The route label of unrouted requests, in the request and upstream metrics alike.
-const UNROUTED: &str = "-";
-
-/// Where a pass-through call goes and what bounds it.
-struct Call<'a> {
-    metric: &'a str,
-    upstream: &'a Uri,
-    /// The wait for the response head.
-    limit: std::time::Duration,
-    /// The route's upstream slot, held by the answer's body.
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    fault: Option<Arc<OnceLock<BodyFault>>>,
 }
 
 /// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
@@ -564,26 +453,6 @@ fn refresh_early(entry: &Entry, beta: f64, now: u64) -> bool {
 
 /// Reads a request body of at most `limit` bytes; a declared length over the limit is refused
 /// before anything is read.
-/// Whether a bypassed request is idempotent and declares a body of at most `max_body` bytes
-/// (`Content-Length`; a chunked body is streamed, its size unknown).
-fn replayable_size(parts: &Parts, max_body: u64) -> bool {
-    let idempotent = [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-    ];
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    idempotent.contains(&parts.method)
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && declared.is_some_and(|n| n > 0 && n <= max_body)
-}
-
 async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
