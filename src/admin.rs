@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::config::ServerConfig;
 use crate::conn::{self, Activity, Tracked};
+use crate::proxy::Readiness;
 use crate::purge::PurgeRequest;
 use crate::server::Control;
 
@@ -116,8 +117,15 @@ async fn handle(
 }
 
 fn ready(control: &Control) -> Response<Full<Bytes>> {
-    if !control.proxy().degraded() {
-        return text(StatusCode::OK, "ready\n");
+    match control.proxy().readiness() {
+        Readiness::Ready => return text(StatusCode::OK, "ready\n"),
+        Readiness::Starting => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: waiting for redis to answer\n",
+            );
+        }
+        Readiness::Degraded => {}
     }
     let status = if control.ready_when_degraded() {
         StatusCode::OK

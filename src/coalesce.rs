@@ -1,243 +1,248 @@
 //! Coalescing across the fleet: one fill per key for every instance sharing a Redis.
 //!
-//! The flight first looks and, on a miss, takes the fill lock in the same round trip. If it got
-//! the lock it fills; if another instance holds it, it subscribes to the key's channel, re-checks
-//! entry, mark and the lock's remaining lease, and waits for the holder's notice — competing again
-//! when the lease lapses or the fill fails, and giving up at `wait_timeout` per `on_wait_timeout`.
-//! Redis faults end the wait at once: the flight fills for this instance alone.
+//! A flight waits for its key with the [`crate::wait`] state machine — misses and background
+//! refreshes alike — and this module is its I/O loop: it runs each action the machine asks for
+//! against Redis (lookup, lock, subscribe, peek, wait for a notice) and feeds back what happened.
+//! When the machine settles, the flight fills under the lock it took, shares what it found, or
+//! fills for this instance alone (Redis failed, or the wait timed out with `bypass`).
+//!
+//! Every Redis call here decides who calls the upstream, so each is bounded by the route's lock
+//! budget (see [`crate::config::LockSpec::redis_budget`]), not by the tight read budget.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Instant as StdInstant;
 
-use crate::config::OnWaitTimeout;
-use crate::entry::{Entry, Freshness, now_ms};
-use crate::fill::{
-    Claim, Fill, FillError, FillRequest, Filler, Fleet, LAPSE_MARGIN, Source, quiet_release,
-};
-use crate::l2::{KeyNames, Lookup, Notice, Peek};
+use tokio::time::Instant;
+
+use crate::entry::{Entry, now_ms};
+use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Fleet, Source, quiet_release};
+use crate::l2::{KeyNames, L2Error, LockState, Lookup};
 use crate::lock::FillLock;
 use crate::metrics::LockOutcome;
-use crate::notice::Wake;
+use crate::notice::Subscription;
+use crate::wait::{Action, Alone, Event, Purpose, Settled, Trace, Wait};
 
-/// What a fleet flight did with the lock, for the metrics.
-#[derive(Default)]
-struct LockTrace {
-    acquired: bool,
-    waited: bool,
-    timed_out: bool,
+/// An event without its payload, for trace logs.
+struct EventName<'a>(&'a Event);
+
+impl std::fmt::Debug for EventName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Event::Looked(Lookup::Entry(_)) => f.write_str("Looked(Entry)"),
+            Event::Looked(other) => write!(f, "Looked({other:?})"),
+            Event::Read(peek) | Event::Peeked(peek) => write!(
+                f,
+                "Read/Peeked(entry: {}, uncacheable: {}, lock: {:?})",
+                peek.entry.is_some(),
+                peek.uncacheable,
+                peek.lock
+            ),
+            Event::Rechecked(entry) => write!(f, "Rechecked({})", entry.is_some()),
+            Event::Woken(crate::notice::Wake::Notice(n)) => write!(f, "Woken({})", n.kind()),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// The Redis side of one flight's wait: the lock it took, if any, and its subscription.
+struct Io<'a> {
+    fleet: &'a Fleet,
+    names: &'a Arc<KeyNames>,
+    req: &'a FillRequest,
+    held: Option<FillLock>,
+    sub: Option<Subscription>,
 }
 
 impl Filler {
-    pub(crate) async fn fill_fleet(
+    /// Waits for `req`'s key across the fleet, then fills, shares or fills alone as the wait
+    /// settles. `fallback`: a stale entry that may stand in if the fill fails.
+    pub(crate) async fn coalesce(
         &self,
         req: &FillRequest,
         fleet: &Fleet,
         names: &Arc<KeyNames>,
+        purpose: Purpose,
+        fallback: Option<Arc<Entry>>,
     ) -> Fill {
-        let started = Instant::now();
-        let mut trace = LockTrace::default();
-        let fill = self.coalesce(req, fleet, names, &mut trace).await;
+        let started = StdInstant::now();
+        let route = &req.route;
+        let deadline = Instant::now() + route.lock.wait_timeout;
+        let policy = route.lock.on_wait_timeout;
+        let mut wait = Wait::new(purpose, fallback, deadline, route.lock.lease, policy);
+        let mut io = Io {
+            fleet,
+            names,
+            req,
+            held: None,
+            sub: None,
+        };
+        let mut action = wait.start();
+        let settled = loop {
+            let event = match action {
+                Action::Done(settled) => break settled,
+                action => {
+                    tracing::trace!(key = %names.entry, ?action, "wait");
+                    io.run(action).await
+                }
+            };
+            tracing::trace!(key = %names.entry, event = ?EventName(&event), "wait");
+            action = wait.on(event, Instant::now(), now_ms());
+        };
+        self.count_lock(req, wait.trace(), started);
+        let Io { held, sub, .. } = io;
+        // Nothing more to hear on the channel.
+        drop(sub);
+        self.settle(req, settled, held).await
+    }
+
+    /// Acts on how the wait settled.
+    async fn settle(&self, req: &FillRequest, settled: Settled, held: Option<FillLock>) -> Fill {
+        let route = &req.route;
+        match settled {
+            Settled::Fill { fallback } => {
+                let claim = match held {
+                    Some(held) => Claim::Fleet(held),
+                    // The machine settles on Fill only once the lock is ours.
+                    None => Claim::Instance(None),
+                };
+                self.fill_with(req, claim, fallback).await
+            }
+            Settled::Release { entry } => {
+                if let Some(held) = held {
+                    quiet_release(req, held).await;
+                }
+                self.keep(req, entry, Source::L2).await
+            }
+            Settled::Share {
+                entry,
+                source,
+                keep: true,
+            } => self.keep(req, entry, source).await,
+            Settled::Share { entry, source, .. } => Fill::Shared { entry, source },
+            Settled::Uncacheable => {
+                self.marks.insert(req.key, route.uncacheable_ttl);
+                Fill::FetchYourself
+            }
+            Settled::Alone { fallback, why } => {
+                if why == Alone::WaitTimedOut {
+                    tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; filling for this instance");
+                }
+                self.fill_with(req, Claim::Instance(None), fallback).await
+            }
+            Settled::TimedOut => {
+                tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; answering 504");
+                Fill::Failed(FillError::WaitTimeout(route.lock.wait_timeout))
+            }
+        }
+    }
+
+    /// An entry read from L2 or handed over by a notice: copied into L1 for its remaining life.
+    async fn keep(&self, req: &FillRequest, entry: Arc<Entry>, source: Source) -> Fill {
+        self.l1
+            .insert(req.key, &req.route.name, entry.clone())
+            .await;
+        Fill::Shared { entry, source }
+    }
+
+    fn count_lock(&self, req: &FillRequest, trace: Trace, started: StdInstant) {
         let outcome = match trace {
-            LockTrace {
+            Trace {
                 timed_out: true, ..
-            } => Some(LockOutcome::WaitTimeout),
-            LockTrace {
+            } => LockOutcome::WaitTimeout,
+            Trace {
                 acquired: true,
                 waited: false,
                 ..
-            } => Some(LockOutcome::Acquired),
-            LockTrace {
+            } => LockOutcome::Acquired,
+            Trace {
                 acquired: true,
                 waited: true,
                 ..
-            } => Some(LockOutcome::TookOver),
-            LockTrace { waited: true, .. } => Some(LockOutcome::Waited),
-            // Redis failed before any lock decision: degraded, nothing to count.
-            LockTrace { .. } => None,
+            } => LockOutcome::TookOver,
+            Trace { waited: true, .. } => LockOutcome::Waited,
+            // Settled before any lock decision (an entry, a marker, or Redis failed).
+            Trace { .. } => return,
         };
-        if let Some(outcome) = outcome {
-            let waited = trace.waited.then(|| started.elapsed());
-            self.metrics.lock(&req.route.name, outcome, waited);
-        }
-        fill
+        let waited = trace.waited.then(|| started.elapsed());
+        self.metrics.lock(&req.route.name, outcome, waited);
     }
+}
 
-    /// The fleet flight proper: look, and take the lock if it is free, in one round trip; else
-    /// wait for its holder's notice, competing again when the lease lapses or the fill fails.
-    async fn coalesce(
-        &self,
-        req: &FillRequest,
-        fleet: &Fleet,
-        names: &Arc<KeyNames>,
-        trace: &mut LockTrace,
-    ) -> Fill {
-        let route = &req.route;
-        let lock = &route.lock;
-        let deadline = tokio::time::Instant::now() + lock.wait_timeout;
-        let degraded = |err: &dyn std::fmt::Display| {
-            tracing::warn!(route = %route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-        };
-        let token = FillLock::new_token();
-        let first = match fleet.l2.lookup(names, &token, lock.lease).await {
-            Ok(first) => first,
-            Err(err) => {
-                degraded(&err);
-                return self.fill_with(req, Claim::Instance(None), None).await;
-            }
-        };
-        let mut fallback = None;
-        // Whether the lock is known to be held elsewhere (so the next step is to wait, not compete).
-        let mut held_elsewhere = match first {
-            Lookup::Locked => {
-                trace.acquired = true;
-                let held =
-                    FillLock::adopt(&fleet.l2, names, token, lock.lease, route.upstream_timeout);
-                return self.fill_with(req, Claim::Fleet(held), None).await;
-            }
-            Lookup::Held => true,
-            Lookup::Uncacheable => {
-                self.marks.insert(req.key, route.uncacheable_ttl);
-                return Fill::FetchYourself;
-            }
-            Lookup::Garbled => false,
-            Lookup::Entry(entry) => {
-                let peek = Peek {
-                    entry: Some(entry),
-                    ..Peek::default()
-                };
-                match self.settled(req, peek, Source::L2).await {
-                    Ok(fill) => return fill,
-                    Err(stale) => {
-                        fallback = stale;
-                        false
-                    }
+impl Io<'_> {
+    /// Runs one action of the wait against Redis and reports what happened.
+    async fn run(&mut self, action: Action) -> Event {
+        let l2 = &self.fleet.l2;
+        let terms = l2.terms(&self.req.route);
+        let names = self.names;
+        match action {
+            Action::Lookup => match self.fleet.keeper.lookup(l2, names, terms).await {
+                Ok((found, held)) => {
+                    self.held = held;
+                    Event::Looked(found)
                 }
-            }
-        };
-        'compete: loop {
-            if std::mem::take(&mut held_elsewhere) {
-                // Straight to waiting: the lookup saw the lock held.
-            } else if tokio::time::Instant::now() >= deadline {
-                trace.timed_out = true;
-                return self.wait_timed_out(req, fallback).await;
-            } else {
-                let acquired =
-                    FillLock::try_acquire(&fleet.l2, names, lock.lease, route.upstream_timeout);
-                match acquired.await {
-                    Ok(Some(held)) => {
-                        trace.acquired = true;
-                        // Someone may have filled between our last look and the lock.
-                        let filled = fleet.l2.get(names).await.ok().and_then(|peek| peek.entry);
-                        if let Some(entry) =
-                            filled.filter(|e| e.times.freshness(now_ms()) == Freshness::Fresh)
-                        {
-                            quiet_release(req, held).await;
-                            return self.shared(req, entry, Source::L2).await;
-                        }
-                        return self.fill_with(req, Claim::Fleet(held), fallback).await;
-                    }
-                    Ok(None) => {}
-                    Err(err) => {
-                        degraded(&err);
-                        return self.fill_with(req, Claim::Instance(None), fallback).await;
-                    }
-                }
-            }
-            // Held elsewhere: subscribe first, then re-check, then wait.
-            trace.waited = true;
-            let mut sub = match fleet.notices.subscribe(&names.channel).await {
-                Ok(sub) => sub,
-                Err(err) => {
-                    degraded(&err);
-                    return self.fill_with(req, Claim::Instance(None), fallback).await;
-                }
-            };
-            loop {
-                let peek = match fleet.l2.peek(names).await {
-                    Ok(peek) => peek,
-                    Err(err) => {
-                        degraded(&err);
-                        return self.fill_with(req, Claim::Instance(None), fallback).await;
-                    }
-                };
-                let lock_ttl = peek.lock_ttl;
-                if let Ok(fill) = self.settled(req, peek, Source::Remote).await {
-                    return fill;
-                }
-                // The lock went away without a fresh entry: compete again now.
-                let Some(ttl) = lock_ttl else {
-                    continue 'compete;
-                };
-                let wake = tokio::select! {
-                    wake = sub.next() => wake,
-                    () = tokio::time::sleep(ttl + LAPSE_MARGIN) => continue 'compete,
-                    () = tokio::time::sleep_until(deadline) => continue 'compete,
-                };
-                match wake {
-                    Some(Wake::Notice(Notice::Stored(Some(entry)))) => {
-                        self.l1.insert(req.key, &route.name, entry.clone()).await;
-                        return Fill::Shared {
-                            entry,
-                            source: Source::Remote,
-                        };
-                    }
-                    Some(Wake::Notice(Notice::Stored(None))) => match fleet.l2.get(names).await {
-                        Ok(peek) => match self.settled(req, peek, Source::Remote).await {
-                            Ok(fill) => return fill,
-                            Err(_) => continue 'compete,
-                        },
-                        Err(err) => {
-                            degraded(&err);
-                            return self.fill_with(req, Claim::Instance(None), fallback).await;
-                        }
-                    },
-                    Some(Wake::Notice(Notice::Failed(answer))) => {
-                        let failed = answer.as_ref().is_none_or(|e| e.status.is_server_error());
-                        match (&fallback, answer) {
-                            (Some(stale), _) if failed => {
-                                return Fill::Shared {
-                                    entry: stale.clone(),
-                                    source: Source::Stale,
-                                };
-                            }
-                            (_, Some(entry)) => {
-                                return Fill::Shared {
-                                    entry,
-                                    source: Source::Remote,
-                                };
-                            }
-                            // Nothing to share (too large for a notice): compete again.
-                            (_, None) => continue 'compete,
-                        }
-                    }
-                    Some(Wake::Notice(Notice::Uncacheable)) => {
-                        self.marks.insert(req.key, route.uncacheable_ttl);
-                        return Fill::FetchYourself;
-                    }
-                    // Notices may have been lost: confirm the subscription, then re-check.
-                    Some(Wake::Resync) => {
-                        if let Err(err) = sub.confirm().await {
-                            degraded(&err);
-                            return self.fill_with(req, Claim::Instance(None), fallback).await;
-                        }
-                    }
-                    None => continue 'compete,
-                }
-            }
-        }
-    }
-
-    async fn wait_timed_out(&self, req: &FillRequest, fallback: Option<Arc<Entry>>) -> Fill {
-        let waited = req.route.lock.wait_timeout;
-        tracing::warn!(route = %req.route.name, ?waited, policy = ?req.route.lock.on_wait_timeout, "gave up waiting for another instance's fill");
-        match (req.route.lock.on_wait_timeout, fallback) {
-            (_, Some(stale)) => Fill::Shared {
-                entry: stale,
-                source: Source::Stale,
+                Err(err) => self.failed(err),
             },
-            // One call for this instance's waiters, not one per waiter.
-            (OnWaitTimeout::Bypass, None) => self.fill_with(req, Claim::Instance(None), None).await,
-            (OnWaitTimeout::GatewayTimeout, None) => Fill::Failed(FillError::WaitTimeout(waited)),
+            Action::Read => match l2.get(names, terms.budget).await {
+                Ok(peek) => Event::Read(peek),
+                Err(err) => self.failed(err),
+            },
+            Action::TryLock => match self.fleet.keeper.try_lock(l2, names, terms).await {
+                Ok(Some(held)) => {
+                    self.held = Some(held);
+                    Event::Locked(true)
+                }
+                Ok(None) => Event::Locked(false),
+                Err(err) => self.failed(err),
+            },
+            // Someone may have filled between our last look and the lock; if this read fails,
+            // filling is still right: we hold the lock.
+            Action::Recheck => {
+                let found = l2.get(names, terms.budget).await.ok();
+                Event::Rechecked(found.and_then(|peek| peek.entry))
+            }
+            Action::Subscribe => match self.fleet.notices.subscribe(&names.channel).await {
+                Ok(sub) => {
+                    self.sub = Some(sub);
+                    Event::Subscribed
+                }
+                Err(err) => self.failed(err),
+            },
+            Action::Peek => match l2.peek(names, terms.budget).await {
+                Ok(peek) => {
+                    if peek.lock == LockState::Unbounded {
+                        tracing::warn!(lock = %names.lock, "a fill lock has no TTL (not set by corral?): treated as held");
+                    }
+                    Event::Peeked(peek)
+                }
+                Err(err) => self.failed(err),
+            },
+            Action::Confirm => {
+                let confirmed = match self.sub.as_mut() {
+                    Some(sub) => sub.confirm().await,
+                    None => Ok(()),
+                };
+                match confirmed {
+                    Ok(()) => Event::Confirmed,
+                    Err(err) => self.failed(err),
+                }
+            }
+            Action::Wait { until } => match self.sub.as_mut() {
+                Some(sub) => tokio::select! {
+                    wake = sub.next() => Event::Woken(wake),
+                    () = tokio::time::sleep_until(until) => Event::Lapsed,
+                },
+                None => {
+                    tokio::time::sleep_until(until).await;
+                    Event::Lapsed
+                }
+            },
+            // The loop in `coalesce` ends on Done before asking for it to be run.
+            Action::Done(_) => Event::RedisFailed,
         }
+    }
+
+    fn failed(&self, err: L2Error) -> Event {
+        tracing::warn!(route = %self.req.route.name, %err, "redis unavailable; filling for this instance only (degraded)");
+        Event::RedisFailed
     }
 }

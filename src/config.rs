@@ -91,8 +91,22 @@ pub struct RedisConfig {
     /// Prefix segment of every Redis key and channel: `corral:{namespace}:…`. Default `"default"`.
     /// Letters, digits, `_`, `-`, `.` only.
     pub namespace: String,
-    /// Budget of each Redis call. Default 50ms; never zero.
+    /// Budget of a Redis call whose failure costs nothing but a cache miss: the hit path's reads
+    /// outside a fill, purges, the tag index. Default 50ms; never zero.
     pub timeout: Duration,
+    /// Budget of a Redis call that decides who calls the upstream — the first look that takes the
+    /// fill lock, a waiter's re-check, SUBSCRIBE, the store, release and lease extensions — where
+    /// giving up costs an upstream call. Each route uses the smaller of this and half its lease
+    /// (see [`LockSpec::redis_budget`]). Default 1s; never zero.
+    pub lock_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// The longest any one Redis call may take: what the connections themselves allow before
+    /// they give up on an answer (each call is bounded by its own, possibly smaller, budget).
+    pub fn longest_budget(&self) -> Duration {
+        self.timeout.max(self.lock_timeout)
+    }
 }
 
 /// The shape of the Redis deployment: `url`, `sentinel` or `cluster` in the `[redis]` table.
@@ -197,15 +211,29 @@ pub struct LockSpec {
     /// (an error on a cached route; on a `cache = false` route, where it is unused, it becomes
     /// `Instance`).
     pub scope: LockScope,
-    /// Fill-lock lease. Default 5s; never zero.
+    /// Fill-lock lease, renewed every third of it while the fill runs: how long waiters wait
+    /// before taking over from a leader that died. Default 2s; never zero.
     pub lease: Duration,
     /// How long a waiter waits for another's fill. Default 10s; never zero.
     pub wait_timeout: Duration,
+    /// The route's own budget for Redis calls that decide who fills (see
+    /// [`RedisConfig::lock_timeout`]). `None`: derived, see [`LockSpec::redis_budget`].
+    pub redis_timeout: Option<Duration>,
     /// Default `Bypass`.
     pub on_wait_timeout: OnWaitTimeout,
     /// Most requests waiting for one key's fill in one process; past it: 503 with `Retry-After`.
     /// Default 10000.
     pub max_waiters: usize,
+}
+
+impl LockSpec {
+    /// The budget of this route's lock decisions in Redis: `lock.redis_timeout` when set, else the
+    /// smaller of `[redis] lock_timeout` and half the lease — a lease extension must be able to
+    /// land before the lease runs out.
+    pub fn redis_budget(&self, lock_timeout: Duration) -> Duration {
+        self.redis_timeout
+            .unwrap_or_else(|| lock_timeout.min(self.lease / 2))
+    }
 }
 
 /// How far one fill is shared: `scope` in a route's `lock` table.
@@ -297,7 +325,8 @@ const DEFAULT_TTL: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 const DEFAULT_MAX_ENTRY_SIZE: u64 = 8 * 1024 * 1024;
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADERS: usize = 100;

@@ -28,20 +28,28 @@ use crate::entry::{Entry, Freshness, now_ms};
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
-use crate::lock::FillLock;
+use crate::lock::{FillLock, LeaseKeeper};
 use crate::metrics::Metrics;
-use crate::notice::{Notices, Wake};
+use crate::notice::Notices;
 use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, error_entry, judge};
-
-/// Slack added to a lock's remaining lease before competing again, so the lock has surely lapsed.
-pub(crate) const LAPSE_MARGIN: Duration = Duration::from_millis(5);
+use crate::wait::Purpose;
 
 /// The Redis side of a fleet: the store and the notice hub.
 #[derive(Clone)]
 pub struct Fleet {
     pub l2: L2,
     pub notices: Notices,
+    /// Keeps this process's fill leases alive from a thread of its own.
+    pub keeper: Arc<LeaseKeeper>,
+}
+
+impl Fleet {
+    /// Whether any of the process's Redis connections is considered down: the command
+    /// connection, the lease keeper's, or the pub/sub hub's.
+    pub fn degraded(&self) -> bool {
+        self.l2.degraded() || self.keeper.degraded() || self.notices.degraded()
+    }
 }
 
 /// Everything a fill needs from the request that started it.
@@ -57,6 +65,8 @@ pub struct FillRequest {
 /// Where a shared entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Found fresh in L1 when the flight started (a fill landed just before).
+    L1,
     /// Found fresh in L2 before any lock was needed.
     L2,
     /// This flight called the upstream.
@@ -193,15 +203,26 @@ impl Filler {
     /// Runs one fill to its end. Cancel safety: runs inside its own task (a flight), so it is not
     /// cancelled when requesters go away; a held lock is released on drop.
     pub async fn fill(&self, req: FillRequest) -> Fill {
+        // A fill may have landed between this request's L1 miss and its flight's start.
+        if let Some(entry) = self.l1.get(&req.key, now_ms()).await
+            && entry.times.freshness(now_ms()) == Freshness::Fresh
+        {
+            return Fill::Shared {
+                entry,
+                source: Source::L1,
+            };
+        }
         let Some(fleet) = &self.fleet else {
             return self.fill_with(&req, Claim::Instance(None), None).await;
         };
         let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
         if req.route.lock.scope == LockScope::Fleet {
-            return self.fill_fleet(&req, fleet, &names).await;
+            return self
+                .coalesce(&req, fleet, &names, Purpose::Miss, None)
+                .await;
         }
-        let fallback = match fleet.l2.get(&names).await {
-            Ok(peek) => match self.settled(&req, peek, Source::L2).await {
+        let fallback = match fleet.l2.get(&names, fleet.l2.read_budget()).await {
+            Ok(peek) => match self.settled(&req, peek).await {
                 Ok(fill) => return fill,
                 Err(fallback) => fallback,
             },
@@ -214,83 +235,31 @@ impl Filler {
         self.fill_with(&req, claim, fallback).await
     }
 
-    /// A background refresh of an entry stored at `known`: if L2 already holds a newer one, it is
-    /// copied into L1; else the fill lock is taken without waiting and the upstream called. If
-    /// someone else holds the lock, nobody here calls the upstream: the refresh waits for that
-    /// fill's notice (at most the rest of its lease) and copies its entry into L1.
-    pub async fn refresh(&self, req: FillRequest, known: u64) -> Fill {
+    /// A background refresh of `stale`, the entry this instance holds: if L2 already holds a
+    /// newer one, it is copied into L1; else the fill lock is taken and the upstream called; if
+    /// someone else holds the lock, the refresh waits for their fill as a miss does (see
+    /// [`crate::wait`]), and if that fill fails, `stale` stands in — nobody here calls the
+    /// upstream on its own.
+    pub async fn refresh(&self, req: FillRequest, stale: Arc<Entry>) -> Fill {
         let Some(fleet) = &self.fleet else {
-            return self.fill_with(&req, Claim::Instance(None), None).await;
+            return self
+                .fill_with(&req, Claim::Instance(None), Some(stale))
+                .await;
         };
         let route = &req.route;
         let names = Arc::new(fleet.l2.names(&route.name, &req.key));
         if route.lock.scope != LockScope::Fleet {
             let claim = Claim::Instance(Some((&fleet.l2, &names)));
-            return self.fill_with(&req, claim, None).await;
+            return self.fill_with(&req, claim, Some(stale)).await;
         }
-        let newer = |entry: &Entry| {
-            entry.times.stored_at > known && entry.times.freshness(now_ms()) == Freshness::Fresh
-        };
-        if let Ok(Peek {
-            entry: Some(entry), ..
-        }) = fleet.l2.get(&names).await
-            && newer(&entry)
-        {
-            return self.shared(&req, entry, Source::L2).await;
-        }
-        let lease = route.lock.lease;
-        match FillLock::try_acquire(&fleet.l2, &names, lease, route.upstream_timeout).await {
-            Ok(Some(held)) => self.fill_with(&req, Claim::Fleet(held), None).await,
-            Ok(None) => {
-                let Ok(mut sub) = fleet.notices.subscribe(&names.channel).await else {
-                    return Fill::FetchYourself;
-                };
-                let Ok(peek) = fleet.l2.peek(&names).await else {
-                    return Fill::FetchYourself;
-                };
-                if let Some(entry) = peek.entry.filter(|e| newer(e)) {
-                    return self.shared(&req, entry, Source::Remote).await;
-                }
-                let Some(ttl) = peek.lock_ttl else {
-                    return Fill::FetchYourself;
-                };
-                let woken = tokio::time::timeout(ttl + LAPSE_MARGIN, sub.next()).await;
-                let refreshed = match woken {
-                    Ok(Some(Wake::Notice(Notice::Stored(Some(entry))))) => Some(entry),
-                    Ok(Some(Wake::Notice(Notice::Stored(None)))) => {
-                        match fleet.l2.get(&names).await {
-                            Ok(peek) => peek.entry.map(Arc::new),
-                            Err(_) => None,
-                        }
-                    }
-                    _ => None,
-                };
-                match refreshed.filter(|e| newer(e)) {
-                    Some(entry) => {
-                        self.l1.insert(req.key, &route.name, entry.clone()).await;
-                        Fill::Shared {
-                            entry,
-                            source: Source::Remote,
-                        }
-                    }
-                    None => Fill::FetchYourself,
-                }
-            }
-            Err(err) => {
-                tracing::warn!(route = %route.name, %err, "redis unavailable; refreshing for this instance only (degraded)");
-                self.fill_with(&req, Claim::Instance(None), None).await
-            }
-        }
+        let known = stale.times.stored_at;
+        self.coalesce(&req, fleet, &names, Purpose::Refresh { known }, Some(stale))
+            .await
     }
 
-    /// What an L2 read settles: `Ok` with the flight's result, or `Err` with the stale entry (if
-    /// any) to fall back on while filling.
-    pub(crate) async fn settled(
-        &self,
-        req: &FillRequest,
-        peek: Peek,
-        fresh_source: Source,
-    ) -> Result<Fill, Option<Arc<Entry>>> {
+    /// What an L2 read settles for a route that does not coalesce fleet-wide: `Ok` with the
+    /// flight's result, or `Err` with the stale entry (if any) to fall back on while filling.
+    async fn settled(&self, req: &FillRequest, peek: Peek) -> Result<Fill, Option<Arc<Entry>>> {
         if peek.uncacheable {
             self.marks.insert(req.key, req.route.uncacheable_ttl);
             return Ok(Fill::FetchYourself);
@@ -298,12 +267,17 @@ impl Filler {
         let Some(entry) = peek.entry else {
             return Err(None);
         };
-        match entry.times.freshness(now_ms()) {
-            Freshness::Fresh => Ok(self.shared(req, entry, fresh_source).await),
-            Freshness::StaleRevalidate => Ok(self.shared(req, entry, Source::Stale).await),
-            Freshness::StaleIfError => Err(Some(Arc::new(entry))),
-            Freshness::Expired => Err(None),
-        }
+        let source = match entry.times.freshness(now_ms()) {
+            Freshness::Fresh => Source::L2,
+            Freshness::StaleRevalidate => Source::Stale,
+            Freshness::StaleIfError => return Err(Some(Arc::new(entry))),
+            Freshness::Expired => return Err(None),
+        };
+        let entry = Arc::new(entry);
+        self.l1
+            .insert(req.key, &req.route.name, entry.clone())
+            .await;
+        Ok(Fill::Shared { entry, source })
     }
 
     /// Calls the upstream and ends the claim according to what it answered.
@@ -314,7 +288,11 @@ impl Filler {
         fallback: Option<Arc<Entry>>,
     ) -> Fill {
         let route = &req.route;
-        match self.call_upstream(req).await {
+        let lock = match &claim {
+            Claim::Fleet(held) => Some(held),
+            Claim::Instance(_) => None,
+        };
+        match self.call_upstream(req, lock).await {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
                 claim.store(req, &entry).await;
@@ -368,15 +346,6 @@ impl Filler {
         }
     }
 
-    /// An entry read from L2: copied into L1 for its remaining life.
-    pub(crate) async fn shared(&self, req: &FillRequest, entry: Entry, source: Source) -> Fill {
-        let entry = Arc::new(entry);
-        self.l1
-            .insert(req.key, &req.route.name, entry.clone())
-            .await;
-        Fill::Shared { entry, source }
-    }
-
     /// A slot under the route's cap on concurrent upstream calls, waited for at most
     /// `upstream_timeout`. `Ok(None)`: the route has no cap.
     pub async fn upstream_slot(
@@ -395,9 +364,18 @@ impl Filler {
         }
     }
 
-    async fn call_upstream(&self, req: &FillRequest) -> Result<Verdict, FillError> {
+    /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts
+    /// once the slot is had, so a wait for the slot cannot eat the lease of the call itself.
+    async fn call_upstream(
+        &self,
+        req: &FillRequest,
+        lock: Option<&FillLock>,
+    ) -> Result<Verdict, FillError> {
         let route = &req.route;
         let _slot = self.upstream_slot(route).await?;
+        if let Some(lock) = lock {
+            lock.calling();
+        }
         let upstream_req = crate::upstream::rewrite(
             &req.parts,
             Either::Left(Full::new(req.body.clone())),

@@ -35,10 +35,11 @@ use redis::aio::ConnectionManagerConfig;
 
 use connection::Connection;
 
-use crate::breaker::Breaker;
-use crate::config::RedisConfig;
+use crate::breaker::{Breaker, Fault};
+use crate::config::{RedisConfig, RouteConfig};
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
+use crate::lock::Terms;
 use crate::metrics::Metrics;
 
 mod connection;
@@ -88,6 +89,15 @@ pub enum Notice {
 const MAX_NOTICE_ENTRY: usize = 64 * 1024;
 
 impl Notice {
+    /// The notice's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notice::Stored(_) => "stored",
+            Notice::Failed(_) => "failed",
+            Notice::Uncacheable => "uncacheable",
+        }
+    }
+
     pub fn payload(&self) -> Bytes {
         match self {
             Notice::Stored(_) => Bytes::from_static(b"stored"),
@@ -134,8 +144,32 @@ pub struct Peek {
     pub entry: Option<Entry>,
     /// A recent fill could not be shared: skip the lock, fetch for yourself.
     pub uncacheable: bool,
-    /// Time left on the fill lock, `None` when nobody holds it.
-    pub lock_ttl: Option<Duration>,
+    /// The fill lock, as `PTTL` saw it (only [`L2::peek`] reads it).
+    pub lock: LockState,
+}
+
+/// A fill lock as seen by a waiter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockState {
+    /// Nobody holds it.
+    #[default]
+    Free,
+    /// Held, with this much of its lease left.
+    Held(Duration),
+    /// Held by a key with no TTL (written by hand, or by a foreign client): held for all we
+    /// know, and it will not lapse by itself.
+    Unbounded,
+}
+
+impl LockState {
+    fn from_pttl(pttl: i64) -> LockState {
+        match pttl {
+            -1 => LockState::Unbounded,
+            ms => u64::try_from(ms)
+                .map(|ms| LockState::Held(Duration::from_millis(ms)))
+                .unwrap_or(LockState::Free),
+        }
+    }
 }
 
 /// How a token-checked store went.
@@ -147,12 +181,20 @@ pub enum StoreOutcome {
     StoredUnlocked,
     /// Someone else holds the lock now, or an entry already existed: nothing written.
     Superseded,
+    /// A purge of the key came while the fill ran: nothing written, the lock released and the
+    /// waiters told to compete again, so the next fill starts after the purge.
+    Purged,
 }
+
+/// The value a purge leaves in a key's fill lock (keeping its TTL): the fill that holds the lock
+/// began before the purge, so its store is refused — as a delete invalidates a memcache lease.
+pub(crate) const PURGED_LOCK: &str = "purged";
 
 /// Writes the entry only while the caller still holds the lock (or nobody holds it and no entry
 /// exists), so a leader that lost its lock can never overwrite a newer fill; then releases the lock
 /// and publishes the notice — carrying the entry itself when ARGV[5] is 1, so waiters need no read
-/// — all in one round trip.
+/// — all in one round trip. A lock a purge marked is released with a `failed` notice and nothing
+/// is written.
 const STORE: &str = r"
 local notice = 'stored'
 if ARGV[5] == '1' then notice = 'stored:' .. ARGV[2] end
@@ -162,6 +204,10 @@ if holder == ARGV[1] then
   redis.call('DEL', KEYS[2])
   redis.call('PUBLISH', ARGV[4], notice)
   return 1
+elseif holder == ARGV[6] then
+  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[4], 'failed')
+  return 3
 elseif not holder then
   if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
     redis.call('PUBLISH', ARGV[4], notice)
@@ -174,12 +220,24 @@ return 0
 /// A flight's first look at a key: the entry if there is one; else the uncacheable marker; else
 /// the fill lock, taken if free (`SET NX PX`) — one round trip where GET, then SET NX, then a
 /// re-read under the lock took three.
+///
+/// Idempotent: run again with the same token (a retry after a dropped connection), it answers
+/// `Locked` again rather than `Held` by ourselves.
 const LOOKUP: &str = r"
 local entry = redis.call('GET', KEYS[1])
 if entry then return {entry, 0} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {false, 1} end
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 2} end
+if redis.call('GET', KEYS[3]) == ARGV[1] then return {false, 2} end
 return {false, 3}
+";
+
+/// `SET NX PX` that also answers yes when the caller's token already holds the lock, so a
+/// retry after a dropped connection cannot mistake our own lock for another's.
+const TAKE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
 ";
 
 /// What a flight's first look found.
@@ -223,13 +281,20 @@ pub struct L2 {
     conn: Connection,
     namespace: Arc<str>,
     timeout: Duration,
+    lock_timeout: Duration,
     breaker: Arc<Breaker>,
+    /// Whether a probe is reviving the connection (see [`L2::revive`]).
+    reviving: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
     scripts: Arc<Scripts>,
 }
 
+/// How often a connection whose circuit is open is probed.
+const REVIVE_EVERY: Duration = Duration::from_millis(250);
+
 struct Scripts {
     lookup: Script,
+    take: Script,
     store: Script,
     release: Script,
     extend: Script,
@@ -247,15 +312,40 @@ impl L2 {
             conn: Connection::open(cfg)?,
             namespace: cfg.namespace.as_str().into(),
             timeout: cfg.timeout,
+            lock_timeout: cfg.lock_timeout,
             breaker,
+            reviving: Arc::default(),
             metrics,
             scripts: Arc::new(Scripts {
                 lookup: Script::new(LOOKUP),
+                take: Script::new(TAKE),
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
                 extend: Script::new(EXTEND),
             }),
         })
+    }
+
+    /// Connects and loads the scripts (on every master of a cluster), so that the first burst
+    /// after a start pays for neither inside a call's budget. Bounded by `budget`; a failure is
+    /// logged and leaves the connection to be made on first use.
+    pub async fn warm_up(&self, budget: Duration) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let scripts = &self.scripts;
+        let load = async {
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            for script in [
+                &scripts.lookup,
+                &scripts.take,
+                &scripts.store,
+                &scripts.release,
+                &scripts.extend,
+            ] {
+                script.load_async(&mut conn).await?;
+            }
+            Ok(())
+        };
+        self.within("warm up", budget, load).await
     }
 
     pub fn names(&self, route: &str, key: &CacheKey) -> KeyNames {
@@ -269,47 +359,55 @@ impl L2 {
         }
     }
 
+    /// How `route` holds its fill locks: its lease, the budget of its lock decisions (see
+    /// [`crate::config::LockSpec::redis_budget`]) and its upstream timeout.
+    pub fn terms(&self, route: &RouteConfig) -> Terms {
+        Terms {
+            lease: route.lock.lease,
+            budget: route.lock.redis_budget(self.lock_timeout),
+            max_hold: route.upstream_timeout,
+        }
+    }
+
+    /// The budget of calls whose failure costs only a miss (`[redis] timeout`).
+    pub fn read_budget(&self) -> Duration {
+        self.timeout
+    }
+
     /// The entry (if present and decodable: a garbled or foreign value is a miss) and the
-    /// uncacheable marker, in one round trip.
-    pub async fn get(&self, names: &KeyNames) -> Result<Peek, L2Error> {
+    /// uncacheable marker, in one round trip, within `budget`.
+    pub async fn get(&self, names: &KeyNames, budget: Duration) -> Result<Peek, L2Error> {
         let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&names.entry).arg(&names.pass);
         let (raw, pass): (Option<Bytes>, Option<Bytes>) = self
-            .bounded(
-                "MGET",
-                redis::cmd("MGET")
-                    .arg(&names.entry)
-                    .arg(&names.pass)
-                    .query_async(&mut conn),
-            )
+            .within("MGET", budget, cmd.query_async(&mut conn))
             .await?;
         Ok(Peek {
             entry: raw.and_then(|raw| decode(&names.entry, raw)),
             uncacheable: pass.is_some(),
-            lock_ttl: None,
+            lock: LockState::Free,
         })
     }
 
     /// Entry, marker and the lock's remaining lease in one round trip: what a waiter checks right
     /// after subscribing, to close the race with a fill that finished (or failed) meanwhile, and
     /// to know how long the lease can still run.
-    pub async fn peek(&self, names: &KeyNames) -> Result<Peek, L2Error> {
+    pub async fn peek(&self, names: &KeyNames, budget: Duration) -> Result<Peek, L2Error> {
         let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("MGET")
+            .arg(&names.entry)
+            .arg(&names.pass)
+            .cmd("PTTL")
+            .arg(&names.lock);
         let ((raw, pass), pttl): ((Option<Bytes>, Option<Bytes>), i64) = self
-            .bounded(
-                "MGET+PTTL",
-                redis::pipe()
-                    .cmd("MGET")
-                    .arg(&names.entry)
-                    .arg(&names.pass)
-                    .cmd("PTTL")
-                    .arg(&names.lock)
-                    .query_async(&mut conn),
-            )
+            .within("MGET+PTTL", budget, pipe.query_async(&mut conn))
             .await?;
         Ok(Peek {
             entry: raw.and_then(|raw| decode(&names.entry, raw)),
             uncacheable: pass.is_some(),
-            lock_ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+            lock: LockState::from_pttl(pttl),
         })
     }
 
@@ -320,6 +418,7 @@ impl L2 {
         names: &KeyNames,
         token: &str,
         lease: Duration,
+        budget: Duration,
     ) -> Result<Lookup, L2Error> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.lookup.key(&names.entry);
@@ -327,8 +426,9 @@ impl L2 {
             .key(&names.lock)
             .arg(token)
             .arg(millis(lease));
-        let (raw, state): (Option<Bytes>, i64) =
-            self.bounded("lookup", call.invoke_async(&mut conn)).await?;
+        let (raw, state): (Option<Bytes>, i64) = self
+            .within("lookup", budget, call.invoke_async(&mut conn))
+            .await?;
         Ok(match (raw, state) {
             (Some(raw), _) => decode(&names.entry, raw).map_or(Lookup::Garbled, Lookup::Entry),
             (None, 1) => Lookup::Uncacheable,
@@ -337,27 +437,21 @@ impl L2 {
         })
     }
 
-    /// `SET lock token NX PX lease`: whether the caller now holds the fill lock.
+    /// `SET lock token NX PX lease` (see `TAKE`): whether the caller now holds the fill lock.
     pub async fn try_lock(
         &self,
         names: &KeyNames,
         token: &str,
         lease: Duration,
+        budget: Duration,
     ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
-        let reply: Option<String> = self
-            .bounded(
-                "SET NX",
-                redis::cmd("SET")
-                    .arg(&names.lock)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(lease))
-                    .query_async(&mut conn),
-            )
+        let mut call = self.scripts.take.key(&names.lock);
+        call.arg(token).arg(millis(lease));
+        let taken: i64 = self
+            .within("take lock", budget, call.invoke_async(&mut conn))
             .await?;
-        Ok(reply.is_some())
+        Ok(taken == 1)
     }
 
     /// Extends the lease if `token` still holds the lock; `false` when the lock was lost.
@@ -366,22 +460,29 @@ impl L2 {
         names: &KeyNames,
         token: &str,
         lease: Duration,
+        budget: Duration,
     ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.extend.key(&names.lock);
         call.arg(token).arg(millis(lease));
-        let n: i64 = self.bounded("extend", call.invoke_async(&mut conn)).await?;
+        let n: i64 = self
+            .within("extend", budget, call.invoke_async(&mut conn))
+            .await?;
         Ok(n == 1)
     }
 
     /// Releases the lock if `token` holds it, publishing `notice` (if any) to the waiters and, for
     /// an uncacheable answer, setting the marker for `pass_ttl`.
+    ///
+    /// Not refused by an open circuit: a leader that stopped getting answers still owes its
+    /// waiters elsewhere the release, or they sit out the lease. Bounded by `budget`.
     pub async fn release(
         &self,
         names: &KeyNames,
         token: &str,
         notice: Option<&Notice>,
         pass_ttl: Duration,
+        budget: Duration,
     ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.release.key(&names.lock);
@@ -395,9 +496,21 @@ impl L2 {
             .arg(&names.channel)
             .arg(notice.map(Notice::payload).unwrap_or_default().as_ref())
             .arg(pass_ms);
-        let n: i64 = self
-            .bounded("release", call.invoke_async(&mut conn))
-            .await?;
+        let op = "release";
+        let n: i64 = match tokio::time::timeout(budget, call.invoke_async(&mut conn)).await {
+            Ok(Ok(n)) => {
+                self.breaker.success();
+                n
+            }
+            Ok(Err(source)) => {
+                self.metrics.redis_error(op);
+                return Err(L2Error::Redis { op, source });
+            }
+            Err(_) => {
+                self.metrics.redis_error(op);
+                return Err(L2Error::Timeout { op, budget });
+            }
+        };
         Ok(n == 1)
     }
 
@@ -407,6 +520,7 @@ impl L2 {
         names: &KeyNames,
         token: &str,
         entry: &Entry,
+        budget: Duration,
     ) -> Result<StoreOutcome, L2Error> {
         let Some(ttl) = entry.times.remaining(now_ms()) else {
             return Ok(StoreOutcome::Superseded);
@@ -424,11 +538,15 @@ impl L2 {
             .arg(encoded.as_ref())
             .arg(millis(ttl))
             .arg(&names.channel)
-            .arg(with_entry);
-        let n: i64 = self.bounded("store", call.invoke_async(&mut conn)).await?;
+            .arg(with_entry)
+            .arg(PURGED_LOCK);
+        let n: i64 = self
+            .within("store", budget, call.invoke_async(&mut conn))
+            .await?;
         Ok(match n {
             1 => StoreOutcome::Stored,
             2 => StoreOutcome::StoredUnlocked,
+            3 => StoreOutcome::Purged,
             _ => StoreOutcome::Superseded,
         })
     }
@@ -456,27 +574,87 @@ impl L2 {
         self.breaker.is_open()
     }
 
+    /// Whether Redis has answered this process at least once.
+    pub fn has_answered(&self) -> bool {
+        self.breaker.has_answered()
+    }
+
+    /// A call within the read budget (`[redis] timeout`).
     async fn bounded<T>(
         &self,
         op: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, L2Error> {
-        guarded(&self.breaker, &self.metrics, op, self.timeout, call).await
+        self.within(op, self.timeout, call).await
+    }
+
+    /// A call within `budget` — patient up to [`PATIENCE`] while Redis shows signs of life when
+    /// `budget` is a lock decision's (longer than the read budget); see [`patiently`].
+    async fn within<T>(
+        &self,
+        op: &'static str,
+        budget: Duration,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, L2Error> {
+        let ceiling = if budget > self.timeout {
+            PATIENCE.max(budget)
+        } else {
+            budget
+        };
+        let result = patiently(&self.breaker, &self.metrics, op, budget, ceiling, call).await;
+        if self.breaker.is_open() {
+            self.revive();
+        }
+        result
+    }
+
+    /// While the circuit is open, PINGs the connection (which makes it reconnect) every
+    /// [`REVIVE_EVERY`] until Redis answers and the circuit closes: a connection comes back by
+    /// itself, not on the first request that happens to need it. One probe at a time.
+    fn revive(&self) {
+        if self
+            .reviving
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let l2 = self.clone();
+        tokio::spawn(async move {
+            while l2.breaker.is_open() {
+                tokio::time::sleep(REVIVE_EVERY).await;
+                let mut conn = l2.conn.clone();
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<()>(&mut conn);
+                let budget = l2.timeout.max(REVIVE_EVERY);
+                if let Ok(Ok(())) = tokio::time::timeout(budget, ping).await {
+                    l2.breaker.success();
+                }
+            }
+            l2.reviving
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 }
 
-/// Connection settings shared by the command and the notice connections: fail fast within the
-/// budget, retry the connection in the background.
+/// How long a lock decision may wait for Redis in all while Redis keeps answering other calls
+/// (see [`patiently`]).
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Connection settings shared by the command and the notice connections: each call is bounded
+/// by its own budget (see [`guarded`]); the connection itself gives up on an answer only after
+/// [`PATIENCE`], and reconnects in the background.
 pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
+        .set_response_timeout(Some(PATIENCE.max(timeout)))
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1))
 }
 
 /// Runs one Redis call within `budget`, through the breaker: refused at once while it is open,
-/// and every outcome counted.
+/// and every outcome counted — as evidence for the breaker by what it says about Redis (see
+/// [`crate::breaker`]): any reply is proof of life, a dropped connection evidence of an outage, a
+/// call past its budget only a late answer.
 pub(crate) async fn guarded<T>(
     breaker: &Breaker,
     metrics: &Metrics,
@@ -484,23 +662,81 @@ pub(crate) async fn guarded<T>(
     budget: Duration,
     call: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, L2Error> {
+    patiently(breaker, metrics, op, budget, budget, call).await
+}
+
+/// [`guarded`], for a call whose giving up costs an upstream call: past its `budget` it waits
+/// on, a budget at a time and up to `ceiling` in all, as long as Redis answered some other call
+/// during the last budget — it is alive and this call is queued behind others (a burst on a
+/// busy machine), not lost. Only silence gives up: a stalled or dead Redis costs one budget.
+pub(crate) async fn patiently<T>(
+    breaker: &Breaker,
+    metrics: &Metrics,
+    op: &'static str,
+    budget: Duration,
+    ceiling: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, L2Error> {
     if !breaker.allows() {
         metrics.redis_error(op);
         return Err(L2Error::CircuitOpen { op });
     }
-    let result = match tokio::time::timeout(budget, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(L2Error::Redis { op, source }),
-        Err(_) => Err(L2Error::Timeout { op, budget }),
+    let started = tokio::time::Instant::now();
+    let mut due = started + budget;
+    let mut call = std::pin::pin!(call);
+    let result = loop {
+        match tokio::time::timeout_at(due, &mut call).await {
+            Ok(Ok(v)) => break Ok(v),
+            Ok(Err(source)) => break Err(L2Error::Redis { op, source }),
+            Err(_) => {
+                let now = tokio::time::Instant::now();
+                // A timer that fired well after it was due means this process was starved of
+                // CPU: the replies may be waiting unread, so the silence proves nothing.
+                let starved = now.duration_since(due) > budget / 4;
+                let alive = starved || breaker.answered_within(budget);
+                if alive && now.duration_since(started) + budget <= ceiling {
+                    due = now + budget;
+                    continue;
+                }
+                break Err(L2Error::Timeout {
+                    op,
+                    budget: now.duration_since(started),
+                });
+            }
+        }
     };
     match &result {
         Ok(_) => breaker.success(),
-        Err(_) => {
+        Err(err) => {
             metrics.redis_error(op);
-            breaker.failure();
+            match err.fault() {
+                Some(fault) => breaker.failure(fault),
+                // Redis answered, with an error: it is alive.
+                None => breaker.success(),
+            }
         }
     }
     result
+}
+
+impl L2Error {
+    /// What this failure says about Redis: `None` when Redis answered (an error reply).
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            L2Error::Timeout { .. } => Some(Fault::Late),
+            L2Error::Redis { source, .. } if source.is_timeout() => Some(Fault::Late),
+            L2Error::Redis { source, .. }
+                if source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal() =>
+            {
+                Some(Fault::Outage)
+            }
+            L2Error::Redis { .. } => None,
+            L2Error::Pubsub(_) => Some(Fault::Outage),
+            L2Error::CircuitOpen { .. } => None,
+        }
+    }
 }
 
 /// The invalidation channel of a namespace.

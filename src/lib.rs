@@ -51,6 +51,7 @@ pub mod route;
 pub mod server;
 pub mod upstream;
 pub mod verdict;
+pub mod wait;
 
 pub use config::Config;
 pub use outcome::CacheOutcome;

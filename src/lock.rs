@@ -1,73 +1,268 @@
 //! The fleet-wide fill lock on one key.
 //!
 //! `SET NX PX lease` with a random token; a watchdog extends the lease at a third of it while the
-//! fill runs (never past the route's `upstream_timeout`); the fill ends by a token-checked store that
-//! also releases and publishes, or by a token-checked release. It is an efficiency lock: if it is
-//! lost (lapse, failover), the cost is an extra upstream call, never a wrong answer — the store is
-//! token-checked.
+//! fill runs, so a short lease (the default is 2 s) costs nothing to a long fill but lets waiters
+//! take over soon after a leader's process dies. The watchdog stops `upstream_timeout` after the
+//! upstream call *began* ([`FillLock::calling`]) — not after the lock was taken, since the leader
+//! may first queue for the route's upstream slot. The fill ends by a token-checked store that
+//! also releases and publishes, or by a token-checked release. It is an efficiency lock: if it
+//! is lost (lapse, failover), the cost is an extra upstream call, never a wrong answer — the
+//! store is token-checked.
 //!
-//! Dropping a [`FillLock`] that was neither stored nor released (a panicking or cancelled fill)
-//! releases it in the background with a `failed` notice, so waiters compete again at once instead of
-//! sitting out the lease.
+//! The watchdogs do not run on the request runtime. A process in a burst can be saturated long
+//! enough for a watchdog's tick, or its extension's reply, to come after the lease ran out —
+//! and a lapsed lease lets another instance fill the same key. So every process has one
+//! [`LeaseKeeper`]: a thread of its own with its own runtime and its own Redis connection, on
+//! which every watchdog runs. It competes with the request workers for a core, not for a place
+//! in their queues (as a Kafka consumer's heartbeat thread does).
+//!
+//! Releases are owed to the waiters elsewhere: they go out even while the breaker is open, and
+//! one that fails is retried in the background while the lease runs. Dropping a [`FillLock`]
+//! that was neither stored nor released (a panicking or cancelled fill) releases it the same way,
+//! with a `failed` notice, so waiters compete again at once instead of sitting out the lease.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::entry::Entry;
-use crate::l2::{KeyNames, L2, L2Error, Notice, StoreOutcome};
+use std::future::Future;
+
+use crate::l2::{KeyNames, L2, L2Error, Lookup, Notice, StoreOutcome};
+
+/// How a fill lock is held: its lease, the budget of each Redis call made for it, and how long
+/// the watchdog may extend it once the upstream call began.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    pub lease: Duration,
+    pub budget: Duration,
+    pub max_hold: Duration,
+}
+
+/// The thread that keeps this process's fill leases alive (see the module doc). Dropping it
+/// stops the thread; leases it was extending then lapse by themselves.
+pub struct LeaseKeeper {
+    runtime: tokio::runtime::Handle,
+    /// The keeper's own connection, driven by its own runtime.
+    l2: L2,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl LeaseKeeper {
+    /// Starts the keeper thread; `connect` opens its Redis connection there.
+    pub fn start(
+        connect: impl FnOnce() -> Result<L2, L2Error> + Send + 'static,
+    ) -> Result<LeaseKeeper, L2Error> {
+        let (ready, started) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("corral-leases".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = ready.send(Err(L2Error::Pubsub(format!(
+                            "cannot start the lease keeper's runtime: {err}"
+                        ))));
+                        return;
+                    }
+                };
+                let opened = runtime.block_on(async { connect() });
+                let _ = ready.send(opened.map(|l2| (runtime.handle().clone(), l2)));
+                // Serve the watchdogs until the keeper is dropped (its sender with it).
+                runtime.block_on(async move {
+                    let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+                });
+            });
+        if let Err(err) = thread {
+            return Err(L2Error::Pubsub(format!(
+                "cannot start the lease keeper's thread: {err}"
+            )));
+        }
+        match started.recv() {
+            Ok(Ok((runtime, l2))) => Ok(LeaseKeeper {
+                runtime,
+                l2,
+                _stop: stop,
+            }),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(L2Error::Pubsub(
+                "the lease keeper's thread died while starting".to_owned(),
+            )),
+        }
+    }
+
+    /// Whether the keeper's connection is considered down.
+    pub fn degraded(&self) -> bool {
+        self.l2.degraded()
+    }
+
+    /// A flight's first look at a key (see [`L2::lookup`]), run on the keeper's thread: if it
+    /// takes the lock, the watchdog starts there the moment Redis answers — however long this
+    /// process's request workers then take to read the answer. The lock stores and releases
+    /// through `l2`.
+    pub async fn lookup(
+        &self,
+        l2: &L2,
+        names: &Arc<KeyNames>,
+        terms: Terms,
+    ) -> Result<(Lookup, Option<FillLock>), L2Error> {
+        let (own, main, names) = (self.l2.clone(), l2.clone(), names.clone());
+        let keeper = self.handle();
+        let call = async move {
+            let token = random_token();
+            let taken = Instant::now();
+            let found = own
+                .lookup(&names, &token, terms.lease, terms.budget)
+                .await?;
+            let held = matches!(found, Lookup::Locked)
+                .then(|| FillLock::adopt(&main, &keeper, &names, token, terms, taken));
+            Ok((found, held))
+        };
+        self.on_keeper(call).await
+    }
+
+    /// Tries once to take the lock (`SET NX PX`), on the keeper's thread as [`Self::lookup`]
+    /// does. `Ok(None)`: someone else holds it.
+    pub async fn try_lock(
+        &self,
+        l2: &L2,
+        names: &Arc<KeyNames>,
+        terms: Terms,
+    ) -> Result<Option<FillLock>, L2Error> {
+        let (own, main, names) = (self.l2.clone(), l2.clone(), names.clone());
+        let keeper = self.handle();
+        let call = async move {
+            let token = random_token();
+            let taken = Instant::now();
+            if !own
+                .try_lock(&names, &token, terms.lease, terms.budget)
+                .await?
+            {
+                return Ok(None);
+            }
+            Ok(Some(FillLock::adopt(
+                &main, &keeper, &names, token, terms, taken,
+            )))
+        };
+        self.on_keeper(call).await
+    }
+
+    /// Runs `call` on the keeper's runtime. If the caller goes away first, the call still ends
+    /// there, and a lock it took is released by its drop.
+    async fn on_keeper<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = Result<T, L2Error>> + Send + 'static,
+    ) -> Result<T, L2Error> {
+        match self.runtime.spawn(call).await {
+            Ok(result) => result,
+            Err(err) => Err(L2Error::Pubsub(format!("the lease keeper failed: {err}"))),
+        }
+    }
+
+    /// What a lock needs of the keeper: its runtime and its connection.
+    fn handle(&self) -> KeeperHandle {
+        KeeperHandle {
+            runtime: self.runtime.clone(),
+            l2: self.l2.clone(),
+        }
+    }
+}
+
+/// The keeper's runtime and connection, as a lock taken on its thread holds them.
+#[derive(Clone)]
+struct KeeperHandle {
+    runtime: tokio::runtime::Handle,
+    l2: L2,
+}
+
+impl KeeperHandle {
+    /// Starts the watchdog of a lock whose lease began no earlier than `taken`.
+    fn keep(&self, lock: Held, terms: Terms, taken: Instant) -> Watchdog {
+        // Until the call begins, the wait for an upstream slot is bounded by max_hold too.
+        let (give_up, until) = watch::channel(Instant::now() + terms.max_hold * 2);
+        let finishing = Arc::new(AtomicBool::new(false));
+        let task = self.runtime.spawn(watch_lease(
+            self.l2.clone(),
+            lock,
+            terms,
+            taken,
+            until,
+            finishing.clone(),
+        ));
+        Watchdog {
+            give_up,
+            finishing,
+            task,
+        }
+    }
+}
+
+/// The lock a watchdog keeps: its names and token.
+struct Held {
+    names: Arc<KeyNames>,
+    token: String,
+}
+
+/// A running watchdog: the give-up time it obeys, and its task.
+struct Watchdog {
+    give_up: watch::Sender<Instant>,
+    /// Set when the holder stores or releases: the lock going away is then expected.
+    finishing: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Watchdog {
+    /// The holder is storing or releasing: keep extending until that lands (a store sent by a
+    /// saturated process can take a while to reach Redis, and a lapse meanwhile would let
+    /// another instance fill), but expect the lock to vanish.
+    fn finishing(&self) {
+        self.finishing.store(true, Ordering::Release);
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
 
 /// A held fill lock.
 pub struct FillLock {
     l2: L2,
     names: Arc<KeyNames>,
     token: String,
-    watchdog: JoinHandle<()>,
+    terms: Terms,
+    watchdog: Watchdog,
     done: bool,
 }
 
 impl FillLock {
-    /// Tries once to take the lock. `Ok(None)`: someone else holds it.
-    pub async fn try_acquire(
+    /// Takes charge of a lock taken under `token` by a call sent at `taken`: starts its watchdog
+    /// (which counts the lease from `taken`), and releases the lock on drop.
+    fn adopt(
         l2: &L2,
-        names: &Arc<KeyNames>,
-        lease: Duration,
-        max_hold: Duration,
-    ) -> Result<Option<FillLock>, L2Error> {
-        let token = random_token();
-        if !l2.try_lock(names, &token, lease).await? {
-            return Ok(None);
-        }
-        Ok(Some(FillLock::adopt(l2, names, token, lease, max_hold)))
-    }
-
-    /// A fresh token for taking the lock elsewhere (the lookup script), then [`FillLock::adopt`].
-    pub fn new_token() -> String {
-        random_token()
-    }
-
-    /// Takes charge of a lock already taken under `token`: starts its watchdog, and releases it
-    /// on drop.
-    pub fn adopt(
-        l2: &L2,
+        keeper: &KeeperHandle,
         names: &Arc<KeyNames>,
         token: String,
-        lease: Duration,
-        max_hold: Duration,
+        terms: Terms,
+        taken: Instant,
     ) -> FillLock {
-        let watchdog = tokio::spawn(watch(
-            l2.clone(),
-            names.clone(),
-            token.clone(),
-            lease,
-            max_hold,
-        ));
+        let held = Held {
+            names: names.clone(),
+            token: token.clone(),
+        };
         FillLock {
             l2: l2.clone(),
             names: names.clone(),
             token,
-            watchdog,
+            terms,
+            watchdog: keeper.keep(held, terms, taken),
             done: false,
         }
     }
@@ -80,11 +275,22 @@ impl FillLock {
         &self.names
     }
 
+    /// The upstream call begins now: the lease is extended for at most `max_hold` from here.
+    pub fn calling(&self) {
+        self.watchdog
+            .give_up
+            .send_replace(Instant::now() + self.terms.max_hold);
+    }
+
     /// Stores the entry under the lock, releases it and wakes the waiters.
     pub async fn store(mut self, entry: &Entry) -> Result<StoreOutcome, L2Error> {
-        self.watchdog.abort();
+        self.watchdog.finishing();
         self.done = true;
-        let outcome = self.l2.store(&self.names, &self.token, entry).await;
+        let outcome = self
+            .l2
+            .store(&self.names, &self.token, entry, self.terms.budget)
+            .await;
+        self.watchdog.stop();
         if outcome.is_err() {
             // The store may not have run: do not leave the waiters for the lease.
             self.release_in_background(Notice::Failed(None));
@@ -94,25 +300,53 @@ impl FillLock {
 
     /// Releases the lock and tells the waiters (if there is anything to tell) why nothing was
     /// stored; an `Uncacheable` notice also sets the key's uncacheable marker for `pass_ttl`.
+    /// A release that fails is retried in the background while the lease runs.
     pub async fn release(
         mut self,
         notice: Option<Notice>,
         pass_ttl: Duration,
     ) -> Result<(), L2Error> {
-        self.watchdog.abort();
+        self.watchdog.finishing();
         self.done = true;
-        self.l2
-            .release(&self.names, &self.token, notice.as_ref(), pass_ttl)
-            .await
-            .map(|_| ())
+        let released = self
+            .l2
+            .release(
+                &self.names,
+                &self.token,
+                notice.as_ref(),
+                pass_ttl,
+                self.terms.budget,
+            )
+            .await;
+        self.watchdog.stop();
+        if released.is_err() {
+            self.release_in_background(notice.unwrap_or(Notice::Failed(None)));
+        }
+        released.map(|_| ())
     }
 
     fn release_in_background(&self, notice: Notice) {
         let (l2, names, token) = (self.l2.clone(), self.names.clone(), self.token.clone());
+        let terms = self.terms;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(err) = l2.release(&names, &token, Some(&notice), Duration::ZERO).await {
-                    tracing::warn!(lock = %names.lock, %err, "could not release an abandoned fill lock; it lapses with its lease");
+                let until = Instant::now() + terms.lease;
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    let released = l2
+                        .release(&names, &token, Some(&notice), Duration::ZERO, terms.budget)
+                        .await;
+                    match released {
+                        Ok(_) => return,
+                        Err(err) if Instant::now() + pause >= until => {
+                            tracing::warn!(lock = %names.lock, %err, "could not release a fill lock; it lapses with its lease");
+                            return;
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                    }
                 }
             });
         }
@@ -121,27 +355,38 @@ impl FillLock {
 
 impl Drop for FillLock {
     fn drop(&mut self) {
-        self.watchdog.abort();
+        self.watchdog.stop();
         if !self.done {
             self.release_in_background(Notice::Failed(None));
         }
     }
 }
 
-/// Extends the lease every third of it while the holder lives, until `max_hold`.
-async fn watch(l2: L2, names: Arc<KeyNames>, token: String, lease: Duration, max_hold: Duration) {
-    let every = (lease / 3).max(Duration::from_millis(10));
-    let give_up = tokio::time::Instant::now() + max_hold;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+/// Extends the lease every third of it, counted from `taken`, until the give-up time it is sent.
+async fn watch_lease(
+    l2: L2,
+    lock: Held,
+    terms: Terms,
+    taken: Instant,
+    give_up: watch::Receiver<Instant>,
+    finishing: Arc<AtomicBool>,
+) {
+    let Held { names, token } = lock;
+    let every = (terms.lease / 3).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(taken + every, every);
+    // A tick missed while the reply that took the lock was late fires once, not in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if tokio::time::Instant::now() >= give_up {
+        if Instant::now() >= *give_up.borrow() {
             return;
         }
-        match l2.extend(&names, &token, lease).await {
+        match l2.extend(&names, &token, terms.lease, terms.budget).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(lock = %names.lock, "fill lock lost before the fill ended; another instance may fill too");
+                if !finishing.load(Ordering::Acquire) {
+                    tracing::warn!(lock = %names.lock, "fill lock lost before the fill ended; another instance may fill too");
+                }
                 return;
             }
             // Keep trying: the lease still runs, and Redis may answer the next time.

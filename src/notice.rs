@@ -38,19 +38,21 @@
 //! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
 //! dropped once the invalidation channel is subscribed again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology};
 use crate::l1::L1;
 use crate::l2::sentinel::{self, Sentinels};
-use crate::l2::{L2Error, Notice, guarded, invalidation_channel, manager_config};
+use crate::l2::{
+    L2Error, Notice, PATIENCE, guarded, invalidation_channel, manager_config, patiently,
+};
 use crate::metrics::Metrics;
 use crate::purge::Purge;
 
@@ -70,10 +72,48 @@ pub enum Wake {
 
 type Waiters = Arc<Mutex<HashMap<String, Slot>>>;
 
+/// The local waiters on one channel.
+#[derive(Default)]
 struct Slot {
-    refs: usize,
-    /// Bumps a sequence number with each wake so every receiver sees every change.
-    tx: watch::Sender<(u64, Option<Wake>)>,
+    mailboxes: Vec<Arc<Mailbox>>,
+}
+
+/// Most wakes one subscription holds unread; past it the oldest resync (else the oldest wake)
+/// makes room. A waiter reads each wake as it comes, so this is only a bound against a flood.
+const MAILBOX_CAP: usize = 16;
+
+/// One subscription's wakes, in the order they came. A queue, not a latest-value slot: a
+/// terminal notice (`stored`, `failed`, `uncacheable`) is never overwritten by a later resync.
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<Wake>>,
+    ready: Notify,
+}
+
+impl Mailbox {
+    fn post(&self, wake: Wake) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let resync = matches!(wake, Wake::Resync);
+        if resync && matches!(queue.back(), Some(Wake::Resync)) {
+            return;
+        }
+        if queue.len() >= MAILBOX_CAP {
+            match queue.iter().position(|w| matches!(w, Wake::Resync)) {
+                Some(at) => drop(queue.remove(at)),
+                None => drop(queue.pop_front()),
+            }
+        }
+        queue.push_back(wake);
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Option<Wake> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
 }
 
 enum Request {
@@ -94,10 +134,10 @@ pub struct Notices {
     breaker: Arc<Breaker>,
 }
 
-/// A live interest in one channel. Receives every wake after it was created.
+/// A live interest in one channel. Receives every wake after it was created, in order.
 pub struct Subscription {
     channel: String,
-    rx: watch::Receiver<(u64, Option<Wake>)>,
+    mailbox: Arc<Mailbox>,
     notices: Notices,
 }
 
@@ -119,12 +159,22 @@ impl Notices {
         let invalidations = invalidation_channel(&cfg.namespace);
         let route_purges = purges.clone();
         let channel = invalidations.clone();
-        let timeout = cfg.timeout;
+        // Subscribing is a lock decision: a failed SUBSCRIBE makes a waiter fill on its own.
+        let timeout = cfg.longest_budget();
         let open: Open = Box::new(move |client: Client| {
             let (dispatch, channel) = (dispatch.clone(), channel.clone());
             let (resets, route_purges) = (resets.clone(), route_purges.clone());
             let config = manager_config(timeout).set_push_sender(move |push: PushInfo| {
-                match deliver(&dispatch, &channel, push) {
+                // The push sender runs inside the connection's driver: one bad message must not
+                // take the connection (and every waiter's wake-up) down with it.
+                let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    deliver(&dispatch, &channel, push)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("a pub/sub message could not be handled; ignored");
+                    Delivered::Nothing
+                });
+                match delivered {
                     Delivered::Disconnected => {
                         if let Some(requests) = resets.upgrade() {
                             let _ = requests.send(Request::Reset);
@@ -174,7 +224,7 @@ impl Notices {
                 waiters: waiters.clone(),
                 always: invalidations,
                 purges,
-                timeout: cfg.timeout,
+                timeout,
                 breaker: breaker.clone(),
                 metrics,
             },
@@ -186,7 +236,7 @@ impl Notices {
         Ok(Notices {
             waiters,
             requests,
-            timeout: cfg.timeout,
+            timeout,
             breaker,
         })
     }
@@ -199,18 +249,15 @@ impl Notices {
         if !self.breaker.allows() {
             return Err(L2Error::CircuitOpen { op: "SUBSCRIBE" });
         }
-        let rx = {
-            let mut waiters = lock(&self.waiters);
-            let slot = waiters.entry(channel.to_owned()).or_insert_with(|| Slot {
-                refs: 0,
-                tx: watch::channel((0, None)).0,
-            });
-            slot.refs += 1;
-            slot.tx.subscribe()
-        };
+        let mailbox = Arc::new(Mailbox::default());
+        lock(&self.waiters)
+            .entry(channel.to_owned())
+            .or_default()
+            .mailboxes
+            .push(mailbox.clone());
         let mut subscription = Subscription {
             channel: channel.to_owned(),
-            rx,
+            mailbox,
             notices: self.clone(),
         };
         subscription.confirm().await?;
@@ -228,11 +275,22 @@ impl Notices {
         self.requests
             .send(Request::Sync(ack))
             .map_err(|_| unconfirmed())?;
-        match tokio::time::timeout(budget * 2, confirmed).await {
+        match tokio::time::timeout(PATIENCE + budget, confirmed).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(reason))) => Err(L2Error::Pubsub(reason)),
             _ => Err(unconfirmed()),
         }
+    }
+
+    /// Whether the pub/sub connection is considered down.
+    pub fn degraded(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Returns once the hub is subscribed (the invalidation channel at least), within twice the
+    /// budget of a call.
+    pub async fn ready(&self) -> Result<(), L2Error> {
+        self.sync().await
     }
 
     /// Channels with at least one local waiter.
@@ -242,10 +300,15 @@ impl Notices {
 }
 
 impl Subscription {
-    /// The next wake on this channel. Cancel safe.
-    pub async fn next(&mut self) -> Option<Wake> {
-        self.rx.changed().await.ok()?;
-        self.rx.borrow_and_update().1.clone()
+    /// The next wake on this channel. Cancel safe: a wake is taken from the queue only when
+    /// it is returned.
+    pub async fn next(&mut self) -> Wake {
+        loop {
+            if let Some(wake) = self.mailbox.take() {
+                return wake;
+            }
+            self.mailbox.ready.notified().await;
+        }
     }
 
     /// Returns once the server has confirmed this subscription (again, after a [`Wake::Resync`]).
@@ -258,8 +321,8 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut waiters = lock(&self.notices.waiters);
         if let Some(slot) = waiters.get_mut(&self.channel) {
-            slot.refs -= 1;
-            if slot.refs == 0 {
+            slot.mailboxes.retain(|m| !Arc::ptr_eq(m, &self.mailbox));
+            if slot.mailboxes.is_empty() {
                 waiters.remove(&self.channel);
                 drop(waiters);
                 // No acknowledgement wanted: the reconciler unsubscribes on its next pass.
@@ -311,10 +374,9 @@ fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered 
             if let Some(slot) = waiters.get(channel)
                 && let Some(notice) = Notice::parse(payload)
             {
-                slot.tx.send_modify(|(seq, wake)| {
-                    *seq += 1;
-                    *wake = Some(Wake::Notice(notice));
-                });
+                for mailbox in &slot.mailboxes {
+                    mailbox.post(Wake::Notice(notice.clone()));
+                }
             }
             Delivered::Nothing
         }
@@ -437,7 +499,15 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
         }
         if !to_add.is_empty() && result.is_ok() {
             let call = conn.subscribe(&to_add);
-            result = guarded(&r.breaker, &r.metrics, "SUBSCRIBE", r.timeout, call).await;
+            result = patiently(
+                &r.breaker,
+                &r.metrics,
+                "SUBSCRIBE",
+                r.timeout,
+                PATIENCE,
+                call,
+            )
+            .await;
             if result.is_ok() {
                 if to_add.contains(&r.always) {
                     if ever_subscribed {
@@ -578,11 +648,8 @@ impl Reconciler {
 
 /// Tells every waiter that notices may have been lost: confirm the subscription, re-check L2.
 fn resync(waiters: &Waiters) {
-    for slot in lock(waiters).values() {
-        slot.tx.send_modify(|(seq, wake)| {
-            *seq += 1;
-            *wake = Some(Wake::Resync);
-        });
+    for mailbox in lock(waiters).values().flat_map(|slot| &slot.mailboxes) {
+        mailbox.post(Wake::Resync);
     }
 }
 

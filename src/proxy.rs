@@ -25,6 +25,7 @@ use crate::flight::{Flights, Role};
 use crate::key::CacheKey;
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
+use crate::lock::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
@@ -33,8 +34,24 @@ use crate::route::{Router, check_cacheable};
 
 mod pass;
 
+/// How long `/readyz` answers "starting" while Redis has not answered yet, before it reports the
+/// process as degraded instead.
+pub const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Redis has not answered since the start (within [`STARTUP_GRACE`]): not ready yet.
+    Starting,
+    /// Redis is considered down: serving from L1 and the upstream.
+    Degraded,
+}
+
 /// One Corral process's request handling. Shared by every connection.
 pub struct Proxy {
+    /// When this process's proxy was first built (kept across reloads).
+    started: Instant,
     router: Router,
     /// The default upstream and the wait for its response heads.
     default_upstream: Option<(Uri, std::time::Duration)>,
@@ -55,15 +72,25 @@ impl Proxy {
         let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
             Some(redis) => {
+                // One breaker per connection: each tells whether its own connection works, so
+                // the process is out of degraded mode only once all of them do.
+                let keeper = {
+                    let (redis, metrics) = (redis.clone(), metrics.clone());
+                    let breaker = Arc::new(Breaker::default());
+                    LeaseKeeper::start(move || L2::connect(&redis, breaker, metrics))?
+                };
                 let breaker = Arc::new(Breaker::default());
+                let notices = Notices::connect(redis, breaker, metrics.clone(), l1.clone())?;
                 Some(Fleet {
-                    l2: L2::connect(redis, breaker.clone(), metrics.clone())?,
-                    notices: Notices::connect(redis, breaker, metrics.clone(), l1.clone())?,
+                    keeper: Arc::new(keeper),
+                    l2: L2::connect(redis, Arc::new(Breaker::default()), metrics.clone())?,
+                    notices,
                 })
             }
             None => None,
         };
         Ok(Proxy {
+            started: Instant::now(),
             router: Router::new(&config.routes),
             default_upstream: config
                 .server
@@ -95,6 +122,7 @@ impl Proxy {
             self.metrics.register_route(&route.name);
         }
         Proxy {
+            started: self.started,
             router: Router::new(&config.routes),
             default_upstream: config
                 .server
@@ -188,7 +216,43 @@ impl Proxy {
 
     /// Whether Redis is configured but considered down (the process serves degraded).
     pub fn degraded(&self) -> bool {
-        self.filler.fleet.as_ref().is_some_and(|f| f.l2.degraded())
+        self.filler.fleet.as_ref().is_some_and(Fleet::degraded)
+    }
+
+    /// Connects to Redis, loads the scripts and subscribes the invalidation channel, within
+    /// `budget`: the first burst after a start then pays for none of it inside a call's budget.
+    /// A failure is logged; Corral then serves degraded until Redis answers.
+    pub async fn warm_up(&self, budget: std::time::Duration) {
+        let Some(fleet) = self.fleet() else {
+            return;
+        };
+        let (l2, pubsub) = tokio::join!(fleet.l2.warm_up(budget), fleet.notices.ready());
+        match l2.and(pubsub) {
+            Ok(()) => tracing::info!("redis connected, scripts loaded, pub/sub subscribed"),
+            Err(err) => {
+                tracing::warn!(%err, "redis not ready at start; serving degraded until it answers");
+            }
+        }
+    }
+
+    /// What `/readyz` says: ready; starting (Redis has not answered yet, for at most
+    /// [`STARTUP_GRACE`]); or degraded (Redis considered down, or silent since the start).
+    pub fn readiness(&self) -> Readiness {
+        let Some(fleet) = self.fleet() else {
+            return Readiness::Ready;
+        };
+        if !fleet.l2.has_answered() {
+            return if self.started.elapsed() < STARTUP_GRACE {
+                Readiness::Starting
+            } else {
+                Readiness::Degraded
+            };
+        }
+        if fleet.degraded() {
+            Readiness::Degraded
+        } else {
+            Readiness::Ready
+        }
     }
 
     /// Answers one request. Never fails: every error becomes an answer.
@@ -319,12 +383,12 @@ impl Proxy {
                         && refresh_early(&entry, beta, now)
                     {
                         tracing::debug!(route = %req.route.name, "early refresh");
-                        self.refresh_in_background(req, entry.times.stored_at);
+                        self.refresh_in_background(req, entry.clone());
                     }
                     return answer_at(&entry, CacheOutcome::Hit, now);
                 }
                 Freshness::StaleRevalidate => {
-                    self.refresh_in_background(req, entry.times.stored_at);
+                    self.refresh_in_background(req, entry.clone());
                     return answer_at(&entry, CacheOutcome::Stale, now);
                 }
                 Freshness::StaleIfError => Some(entry),
@@ -372,7 +436,7 @@ impl Proxy {
         match fill {
             Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
-                    (Source::L2, _) => CacheOutcome::Hit,
+                    (Source::L1 | Source::L2, _) => CacheOutcome::Hit,
                     (Source::Stale, _) => CacheOutcome::Stale,
                     (Source::Remote, _) | (Source::Upstream { .. }, Role::Follower) => {
                         CacheOutcome::Coalesced
@@ -391,8 +455,7 @@ impl Proxy {
                     && role == Role::Leader
                     && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
                 {
-                    let stored_at = entry.times.stored_at;
-                    self.refresh_in_background(req, stored_at);
+                    self.refresh_in_background(req, entry.clone());
                 }
                 answer(entry, outcome)
             }
@@ -432,12 +495,12 @@ impl Proxy {
 
     /// Starts one refresh of `req`'s key, unless one already runs in this process. Nobody awaits
     /// it; a miss that arrives meanwhile joins it.
-    fn refresh_in_background(&self, req: FillRequest, known: u64) {
+    fn refresh_in_background(&self, req: FillRequest, stale: Arc<Entry>) {
         let filler = self.filler.clone();
         let key = req.key;
         let max_waiters = req.route.lock.max_waiters;
         let _ = self.flights.join(key, max_waiters, move || async move {
-            Arc::new(filler.refresh(req, known).await)
+            Arc::new(filler.refresh(req, stale).await)
         });
     }
 }

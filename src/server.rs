@@ -29,6 +29,10 @@ use crate::conn::{self, Activity, Tracked};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
+/// The least time a start gives Redis to connect, load the scripts and confirm the pub/sub
+/// subscription before serving (degraded, if it did not).
+const WARM_UP: Duration = Duration::from_secs(2);
+
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -139,6 +143,9 @@ impl Instance {
     /// Binds `server.listen` (and `server.admin_listen`; port 0 picks a free one) and serves.
     pub async fn start(config: &Config) -> Result<Instance, StartError> {
         let proxy = Arc::new(Proxy::new(config)?);
+        if let Some(redis) = &config.redis {
+            proxy.warm_up(redis.longest_budget().max(WARM_UP)).await;
+        }
         let listener = bind(config.server.listen).await?;
         let addr = local_addr(&listener, config.server.listen)?;
         let control = Arc::new(Control {

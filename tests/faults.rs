@@ -145,7 +145,6 @@ async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease()
 async fn an_abandoned_lock_is_released_with_a_failed_notice() {
     use corral::breaker::Breaker;
     use corral::l2::L2;
-    use corral::lock::FillLock;
     use std::sync::Arc;
 
     let redis = RedisServer::start().await;
@@ -155,22 +154,30 @@ async fn an_abandoned_lock_is_released_with_a_failed_notice() {
     );
     let redis_cfg = cfg.redis.clone().expect("redis table");
     let metrics = Arc::new(corral::metrics::Metrics::new());
-    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics).expect("l2");
+    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics.clone()).expect("l2");
     let mut hasher = corral::key::KeyHasher::new();
     hasher.field(b"abandoned");
     let names = Arc::new(l2.names("recommend", &hasher.finish()));
 
     let mut pubsub = redis.client().get_async_pubsub().await.expect("pubsub");
     pubsub.subscribe(&names.channel).await.expect("subscribe");
-    let held = FillLock::try_acquire(
-        &l2,
-        &names,
-        Duration::from_secs(30),
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("redis")
-    .expect("free lock");
+    let terms = corral::lock::Terms {
+        lease: Duration::from_secs(30),
+        budget: Duration::from_secs(1),
+        max_hold: Duration::from_secs(30),
+    };
+    let keeper = {
+        let (redis_cfg, metrics) = (redis_cfg.clone(), metrics.clone());
+        corral::lock::LeaseKeeper::start(move || {
+            L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics)
+        })
+        .expect("lease keeper")
+    };
+    let held = keeper
+        .try_lock(&l2, &names, terms)
+        .await
+        .expect("redis")
+        .expect("free lock");
     assert_eq!(redis.keys("corral:*:lock:*").await.len(), 1);
 
     // A fill that panics or is cancelled drops its lock without storing.

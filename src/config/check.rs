@@ -28,11 +28,11 @@ use super::{
 };
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_ERROR_TTL, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_MAX_BODY, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS,
-    DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
-    DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
-    DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
+    DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+    DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
 };
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
@@ -229,10 +229,13 @@ impl Checker<'_> {
         };
         let at = (None, "redis.timeout");
         let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
+        let at = (None, "redis.lock_timeout");
+        let lock_timeout = self.positive(&raw.lock_timeout, DEFAULT_LOCK_TIMEOUT, at)?;
         Ok(RedisConfig {
             topology,
             namespace,
             timeout,
+            lock_timeout,
         })
     }
 
@@ -402,6 +405,10 @@ impl Checker<'_> {
         let lease = self.positive(&raw.lease, DEFAULT_LEASE, at("lock.lease"))?;
         let wait = &raw.wait_timeout;
         let wait_timeout = self.positive(wait, DEFAULT_WAIT_TIMEOUT, at("lock.wait_timeout"))?;
+        let redis_timeout = match &raw.redis_timeout {
+            None => None,
+            some => Some(self.positive(some, lease, at("lock.redis_timeout"))?),
+        };
         let scope = match raw.scope.as_ref().map(|s| (*s.get_ref(), s.span())) {
             None if redis => LockScope::Fleet,
             None => LockScope::Instance,
@@ -418,6 +425,7 @@ impl Checker<'_> {
             scope,
             lease,
             wait_timeout,
+            redis_timeout,
             on_wait_timeout: match raw.on_wait_timeout {
                 None | Some(RawOnWaitTimeout::Bypass) => OnWaitTimeout::Bypass,
                 Some(RawOnWaitTimeout::GatewayTimeout) => OnWaitTimeout::GatewayTimeout,

@@ -49,6 +49,7 @@ pub(super) struct RawRedis {
     pub(super) sentinel: Option<Spanned<RawSentinel>>,
     pub(super) namespace: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<HumanDuration>>,
+    pub(super) lock_timeout: Option<Spanned<HumanDuration>>,
 }
 
 /// `sentinel = { nodes = [..], master = ".." }` in `[redis]`.
@@ -108,6 +109,7 @@ pub(super) struct RawLock {
     pub(super) scope: Option<Spanned<RawScope>>,
     pub(super) lease: Option<Spanned<HumanDuration>>,
     pub(super) wait_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) redis_timeout: Option<Spanned<HumanDuration>>,
     pub(super) on_wait_timeout: Option<RawOnWaitTimeout>,
     pub(super) max_waiters: Option<Spanned<i64>>,
 }

@@ -52,26 +52,26 @@ impl Connection {
     /// down and connects when it comes up. A cluster is discovered from its seed nodes, and a
     /// sentinels' master asked of them, on first use.
     pub(crate) fn open(cfg: &RedisConfig) -> Result<Connection, L2Error> {
-        let connect_timeout = cfg.timeout.max(Duration::from_millis(200));
+        let budget = cfg.longest_budget();
+        let connect_timeout = budget.max(Duration::from_millis(200));
         match &cfg.topology {
             RedisTopology::Standalone { url } => {
                 let client = Client::open(url.as_str())
                     .map_err(|source| L2Error::Redis { op: "open", source })?;
-                let conn =
-                    ConnectionManager::new_lazy_with_config(client, manager_config(cfg.timeout))
-                        .map_err(|source| L2Error::Redis {
-                            op: "connect",
-                            source,
-                        })?;
+                let conn = ConnectionManager::new_lazy_with_config(client, manager_config(budget))
+                    .map_err(|source| L2Error::Redis {
+                        op: "connect",
+                        source,
+                    })?;
                 Ok(Connection::Standalone(conn))
             }
             RedisTopology::Sentinel { nodes, master } => Ok(Connection::Sentinel(Arc::new(
-                SentinelConnection::open(nodes, master, cfg.timeout)?,
+                SentinelConnection::open(nodes, master, budget)?,
             ))),
             RedisTopology::Cluster { nodes } => {
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(connect_timeout)
-                    .response_timeout(cfg.timeout)
+                    .response_timeout(super::PATIENCE.max(budget))
                     .retries(CLUSTER_RETRIES)
                     .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
                     .build()
@@ -167,10 +167,24 @@ fn masters_of(slots: &Value) -> Vec<ScanTarget> {
     masters.into_iter().collect()
 }
 
+/// Whether a command failed because its connection was gone (reset, closed, broken): the
+/// connection manager is reconnecting, and the command is worth sending once more. Every
+/// script Corral runs gives the same answer when run twice with the same arguments.
+fn connection_lost(err: &redis::RedisError) -> bool {
+    err.is_connection_dropped() && !err.is_connection_refusal()
+}
+
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Connection::Standalone(conn) => conn.req_packed_command(cmd),
+            // A connection that died while idle (Redis restarted) fails the first command sent
+            // on it, and with it every command pipelined behind: send it again on the new one.
+            Connection::Standalone(conn) => Box::pin(async move {
+                match conn.req_packed_command(cmd).await {
+                    Err(err) if connection_lost(&err) => conn.req_packed_command(cmd).await,
+                    answered => answered,
+                }
+            }),
             Connection::Sentinel(conn) => Box::pin(conn.command(cmd)),
             Connection::Cluster(conn) => conn.req_packed_command(cmd),
         }
@@ -183,7 +197,14 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Standalone(conn) => Box::pin(async move {
+                match conn.req_packed_commands(pipeline, offset, count).await {
+                    Err(err) if connection_lost(&err) => {
+                        conn.req_packed_commands(pipeline, offset, count).await
+                    }
+                    answered => answered,
+                }
+            }),
             Connection::Sentinel(conn) => Box::pin(conn.pipeline(pipeline, offset, count)),
             Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }

@@ -40,3 +40,12 @@ pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
 pub use self::upstream::{Reply, Upstream};
 pub use self::wait::eventually;
+
+/// Routes Corral's logs to the test's output, filtered by `RUST_LOG` (nothing when it is unset):
+/// `RUST_LOG=corral=debug cargo test --test burst` shows what a failing test's fleet did.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,350 @@
+//! The wait for a key's fill across the fleet, as one state machine: events in, actions out.
+//!
+//! Misses and background refreshes wait the same way, so they share this machine; the thin I/O
+//! loop that drives it lives in [`crate::coalesce`]. The machine does no I/O and reads no clock: each
+//! event comes with the time it happened, so every transition is a plain unit test.
+//!
+//! ```text
+//!  Miss:    Lookup ──entry──▶ Done(share) / compete      Refresh: Read ──newer──▶ Done(share)
+//!             ├─locked──▶ Done(fill)                                  └─else──▶ compete
+//!             └─held────▶ Subscribe ─▶ Peek ─┬─ settled ─▶ Done
+//!  compete: TryLock ─┬─ got it ─▶ Recheck ─▶ Done(fill | release+share)
+//!                    └─ held ───▶ (Subscribe ─▶) Peek ─┤
+//!                                                      ├─ lock free ─▶ compete
+//!                                                      └─ lock held ─▶ Wait ─┬─ notice ─▶ Done / Read
+//!                                                                            ├─ resync ─▶ Confirm ─▶ Peek
+//!                                                                            └─ lapse ──▶ compete
+//! ```
+//! Past the deadline, compete gives up per the route's `on_wait_timeout` (a stale entry, if
+//! one is known, stands in). A Redis failure at any step ends the wait: the flight fills for
+//! this instance alone.
+//!
+//! Notices are terminal: `stored` (with the entry, or a read of it), `failed` (with the leader's
+//! answer, shared; without one, compete again) and `uncacheable` each settle the wait, and the
+//! subscription delivers them in order, so a resync that follows one can never hide it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::OnWaitTimeout;
+use crate::entry::{Entry, Freshness};
+use crate::fill::Source;
+use crate::l2::{LockState, Lookup, Notice, Peek};
+use crate::notice::Wake;
+
+/// Slack added to a lock's remaining lease before competing again, so the lock has surely lapsed.
+pub const LAPSE_MARGIN: Duration = Duration::from_millis(5);
+
+/// Why the flight waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Nothing usable is cached: any fresh entry will do.
+    Miss,
+    /// The entry stored at `known` (ms since the epoch) is due for a refresh: only a newer, fresh
+    /// entry settles it.
+    Refresh { known: u64 },
+}
+
+/// What the I/O loop does next.
+#[derive(Debug)]
+pub enum Action {
+    /// Run the lookup script: the entry, or the uncacheable marker, or the lock taken if free.
+    Lookup,
+    /// Read the entry and the marker.
+    Read,
+    /// Try to take the fill lock (`SET NX PX`).
+    TryLock,
+    /// The lock was just taken: read the entry again (a fill may have landed since the last look).
+    Recheck,
+    /// Subscribe to the key's channel (before the re-check that closes the race with its notice).
+    Subscribe,
+    /// Read entry, marker and the lock's remaining lease.
+    Peek,
+    /// The pub/sub connection was re-established: confirm the subscription, then peek.
+    Confirm,
+    /// Wait for a wake on the channel until `until`, then report [`Event::Lapsed`].
+    Wait { until: Instant },
+    /// The wait is over.
+    Done(Settled),
+}
+
+/// How a wait ended: what the flight does with it.
+#[derive(Debug)]
+pub enum Settled {
+    /// The flight holds the lock: call the upstream (`fallback`: a stale entry to stand in if it
+    /// fails).
+    Fill { fallback: Option<Arc<Entry>> },
+    /// The flight took the lock, but a fresh entry had landed: release the lock quietly, share it.
+    Release { entry: Arc<Entry> },
+    /// Share this entry; `keep` copies it into L1 (a stored entry, not a shared failure).
+    Share {
+        entry: Arc<Entry>,
+        source: Source,
+        keep: bool,
+    },
+    /// The answer may not be shared: every joiner fetches for itself.
+    Uncacheable,
+    /// Fill for this instance alone: Redis failed, or the wait timed out with `bypass`.
+    Alone {
+        fallback: Option<Arc<Entry>>,
+        why: Alone,
+    },
+    /// The wait timed out and the route answers 504.
+    TimedOut,
+}
+
+/// Why a flight fills for its instance alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alone {
+    RedisFailed,
+    WaitTimedOut,
+}
+
+/// What happened, as the I/O loop reports it.
+#[derive(Debug)]
+pub enum Event {
+    Looked(Lookup),
+    Read(Peek),
+    /// `true`: the lock is ours.
+    Locked(bool),
+    Rechecked(Option<Entry>),
+    Subscribed,
+    Peeked(Peek),
+    Confirmed,
+    Woken(Wake),
+    /// The time given by the last [`Action::Wait`] passed.
+    Lapsed,
+    /// A Redis call failed (the I/O loop logs why).
+    RedisFailed,
+}
+
+/// What the wait did with the lock, for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    pub acquired: bool,
+    pub waited: bool,
+    pub timed_out: bool,
+}
+
+/// One flight's wait for a key.
+#[derive(Debug)]
+pub struct Wait {
+    purpose: Purpose,
+    fallback: Option<Arc<Entry>>,
+    deadline: Instant,
+    lease: Duration,
+    policy: OnWaitTimeout,
+    subscribed: bool,
+    trace: Trace,
+}
+
+impl Wait {
+    /// A wait that gives up at `deadline`; `fallback` is a stale entry that may stand in for a
+    /// failed fill (a refresh always has the entry it refreshes).
+    pub fn new(
+        purpose: Purpose,
+        fallback: Option<Arc<Entry>>,
+        deadline: Instant,
+        lease: Duration,
+        policy: OnWaitTimeout,
+    ) -> Wait {
+        Wait {
+            purpose,
+            fallback,
+            deadline,
+            lease,
+            policy,
+            subscribed: false,
+            trace: Trace::default(),
+        }
+    }
+
+    /// The first action: a miss looks (and locks) in one round trip; a refresh first reads, since
+    /// the entry it refreshes would always answer the lookup.
+    pub fn start(&self) -> Action {
+        match self.purpose {
+            Purpose::Miss => Action::Lookup,
+            Purpose::Refresh { .. } => Action::Read,
+        }
+    }
+
+    pub fn trace(&self) -> Trace {
+        self.trace
+    }
+
+    /// The next action after `event`, which happened at `now` (`wall`: the same moment in ms
+    /// since the epoch, for entry freshness).
+    pub fn on(&mut self, event: Event, now: Instant, wall: u64) -> Action {
+        match event {
+            Event::Looked(Lookup::Entry(entry)) => self
+                .consider(entry, wall, Source::L2)
+                .unwrap_or_else(|| self.compete(now)),
+            Event::Looked(Lookup::Garbled) => self.compete(now),
+            Event::Looked(Lookup::Uncacheable) => Action::Done(Settled::Uncacheable),
+            Event::Looked(Lookup::Locked) => {
+                self.trace.acquired = true;
+                self.fill()
+            }
+            Event::Looked(Lookup::Held) => self.await_holder(),
+            Event::Read(peek) => self.settle(peek, wall).unwrap_or_else(|| self.compete(now)),
+            Event::Locked(true) => {
+                self.trace.acquired = true;
+                Action::Recheck
+            }
+            Event::Locked(false) => self.await_holder(),
+            Event::Rechecked(Some(entry)) if self.newer_and_fresh(&entry, wall) => {
+                Action::Done(Settled::Release {
+                    entry: Arc::new(entry),
+                })
+            }
+            Event::Rechecked(_) => self.fill(),
+            Event::Subscribed => {
+                self.subscribed = true;
+                Action::Peek
+            }
+            Event::Peeked(peek) => {
+                let lock = peek.lock;
+                if let Some(done) = self.settle(peek, wall) {
+                    return done;
+                }
+                match lock {
+                    LockState::Free => self.compete(now),
+                    LockState::Held(left) => self.wait_until(now + left + LAPSE_MARGIN),
+                    // It will not lapse by itself: look again after a lease.
+                    LockState::Unbounded => self.wait_until(now + self.lease),
+                }
+            }
+            Event::Confirmed => Action::Peek,
+            Event::Woken(Wake::Notice(notice)) => self.noticed(notice, now),
+            Event::Woken(Wake::Resync) => Action::Confirm,
+            Event::Lapsed => self.compete(now),
+            Event::RedisFailed => Action::Done(Settled::Alone {
+                fallback: self.fallback.take(),
+                why: Alone::RedisFailed,
+            }),
+        }
+    }
+
+    fn noticed(&mut self, notice: Notice, now: Instant) -> Action {
+        match notice {
+            Notice::Stored(Some(entry)) => match self.purpose {
+                Purpose::Refresh { known } if entry.times.stored_at <= known => self.compete(now),
+                _ => Action::Done(Settled::Share {
+                    entry,
+                    source: Source::Remote,
+                    keep: true,
+                }),
+            },
+            // Too large to travel with the notice: read it.
+            Notice::Stored(None) => Action::Read,
+            Notice::Failed(answer) => {
+                let failed = answer.as_ref().is_none_or(|e| e.status.is_server_error());
+                match (&self.fallback, answer) {
+                    (Some(stale), _) if failed => Action::Done(Settled::Share {
+                        entry: stale.clone(),
+                        source: Source::Stale,
+                        keep: false,
+                    }),
+                    (_, Some(entry)) => Action::Done(Settled::Share {
+                        entry,
+                        source: Source::Remote,
+                        keep: false,
+                    }),
+                    // Nothing to share (too large for a notice): compete again.
+                    (_, None) => self.compete(now),
+                }
+            }
+            Notice::Uncacheable => Action::Done(Settled::Uncacheable),
+        }
+    }
+
+    /// What a read of the key settles, if anything.
+    fn settle(&mut self, peek: Peek, wall: u64) -> Option<Action> {
+        if peek.uncacheable {
+            return Some(Action::Done(Settled::Uncacheable));
+        }
+        self.consider(peek.entry?, wall, Source::Remote)
+    }
+
+    /// Whether `entry` settles the wait; a stale-if-error entry is kept as the fallback.
+    fn consider(&mut self, entry: Entry, wall: u64, fresh: Source) -> Option<Action> {
+        let freshness = entry.times.freshness(wall);
+        let share = |entry, source| {
+            Some(Action::Done(Settled::Share {
+                entry: Arc::new(entry),
+                source,
+                keep: true,
+            }))
+        };
+        match self.purpose {
+            Purpose::Refresh { .. } if self.newer_and_fresh(&entry, wall) => share(entry, fresh),
+            Purpose::Refresh { .. } => None,
+            Purpose::Miss => match freshness {
+                Freshness::Fresh => share(entry, fresh),
+                Freshness::StaleRevalidate => share(entry, Source::Stale),
+                Freshness::StaleIfError => {
+                    self.fallback = Some(Arc::new(entry));
+                    None
+                }
+                Freshness::Expired => None,
+            },
+        }
+    }
+
+    fn newer_and_fresh(&self, entry: &Entry, wall: u64) -> bool {
+        let newer = match self.purpose {
+            Purpose::Miss => true,
+            Purpose::Refresh { known } => entry.times.stored_at > known,
+        };
+        newer && entry.times.freshness(wall) == Freshness::Fresh
+    }
+
+    fn fill(&mut self) -> Action {
+        Action::Done(Settled::Fill {
+            fallback: self.fallback.take(),
+        })
+    }
+
+    /// Try for the lock again — unless the deadline has passed.
+    fn compete(&mut self, now: Instant) -> Action {
+        if now < self.deadline {
+            return Action::TryLock;
+        }
+        self.trace.timed_out = true;
+        let settled = match (self.fallback.take(), self.policy) {
+            (Some(stale), _) => Settled::Share {
+                entry: stale,
+                source: Source::Stale,
+                keep: false,
+            },
+            // One call for this instance's waiters, not one per waiter.
+            (None, OnWaitTimeout::Bypass) => Settled::Alone {
+                fallback: None,
+                why: Alone::WaitTimedOut,
+            },
+            (None, OnWaitTimeout::GatewayTimeout) => Settled::TimedOut,
+        };
+        Action::Done(settled)
+    }
+
+    /// Someone else holds the lock: subscribe (once), then look.
+    fn await_holder(&mut self) -> Action {
+        self.trace.waited = true;
+        if self.subscribed {
+            Action::Peek
+        } else {
+            Action::Subscribe
+        }
+    }
+
+    fn wait_until(&self, lapse: Instant) -> Action {
+        Action::Wait {
+            until: lapse.min(self.deadline),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

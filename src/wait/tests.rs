@@ -1,0 +1,481 @@
+//! Every transition of the wait, under paused time: events in, actions out.
+
+use super::*;
+use crate::entry::Lifetime;
+use bytes::Bytes;
+use http::StatusCode;
+
+const LEASE: Duration = Duration::from_secs(2);
+/// Wall-clock "now" of the tests, in ms since the epoch.
+const NOW: u64 = 1_000_000;
+
+fn entry(status: u16, stored_at: u64, fresh_for: u64, swr: u64, sie: u64) -> Entry {
+    let fresh_until = stored_at + fresh_for;
+    Entry {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        headers: http::HeaderMap::new(),
+        body: Bytes::from_static(b"body"),
+        times: Lifetime {
+            stored_at,
+            fresh_until,
+            swr_until: fresh_until + swr,
+            sie_until: fresh_until + sie,
+        },
+        fill_ms: 1,
+        tags: Vec::new(),
+    }
+}
+
+fn fresh() -> Entry {
+    entry(200, NOW - 10, 60_000, 0, 0)
+}
+
+/// Stale, but within stale-if-error.
+fn stale_if_error() -> Entry {
+    entry(200, NOW - 120_000, 60_000, 0, 600_000)
+}
+
+fn miss(now: Instant) -> Wait {
+    Wait::new(
+        Purpose::Miss,
+        None,
+        now + Duration::from_secs(10),
+        LEASE,
+        OnWaitTimeout::Bypass,
+    )
+}
+
+fn held(left: Duration) -> Peek {
+    Peek {
+        lock: LockState::Held(left),
+        ..Peek::default()
+    }
+}
+
+fn is_share(action: &Action, want: Source) -> bool {
+    matches!(action, Action::Done(Settled::Share { source, .. }) if *source == want)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_miss_that_takes_the_lock_fills_at_once() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    assert!(matches!(w.start(), Action::Lookup));
+    let next = w.on(Event::Looked(Lookup::Locked), now, NOW);
+    assert!(matches!(
+        next,
+        Action::Done(Settled::Fill { fallback: None })
+    ));
+    assert_eq!(
+        w.trace(),
+        Trace {
+            acquired: true,
+            ..Trace::default()
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_entry_found_by_the_lookup_is_shared_from_l2() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    let next = w.on(Event::Looked(Lookup::Entry(fresh())), now, NOW);
+    assert!(is_share(&next, Source::L2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_lock_subscribes_then_peeks_then_waits_for_the_lease() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    assert!(matches!(
+        w.on(Event::Looked(Lookup::Held), now, NOW),
+        Action::Subscribe
+    ));
+    assert!(matches!(w.on(Event::Subscribed, now, NOW), Action::Peek));
+    let left = Duration::from_millis(700);
+    match w.on(Event::Peeked(held(left)), now, NOW) {
+        Action::Wait { until } => assert_eq!(until, now + left + LAPSE_MARGIN),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    assert!(w.trace().waited);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_notice_with_the_entry_settles_the_wait() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let notice = Notice::Stored(Some(Arc::new(fresh())));
+    let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
+    assert!(matches!(
+        next,
+        Action::Done(Settled::Share {
+            source: Source::Remote,
+            keep: true,
+            ..
+        })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_notice_without_the_entry_reads_it() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let next = w.on(Event::Woken(Wake::Notice(Notice::Stored(None))), now, NOW);
+    assert!(matches!(next, Action::Read));
+    let read = Peek {
+        entry: Some(fresh()),
+        ..Peek::default()
+    };
+    assert!(is_share(&w.on(Event::Read(read), now, NOW), Source::Remote));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_fill_shares_its_answer_and_never_competes() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let answer = Arc::new(entry(502, NOW, 0, 0, 0));
+    let next = w.on(
+        Event::Woken(Wake::Notice(Notice::Failed(Some(answer)))),
+        now,
+        NOW,
+    );
+    assert!(matches!(
+        next,
+        Action::Done(Settled::Share {
+            source: Source::Remote,
+            keep: false,
+            ..
+        })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_fill_is_covered_by_a_stale_if_error_entry() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    // The lookup found a stale-if-error entry: kept as the fallback while competing.
+    assert!(matches!(
+        w.on(Event::Looked(Lookup::Entry(stale_if_error())), now, NOW),
+        Action::TryLock
+    ));
+    assert!(matches!(
+        w.on(Event::Locked(false), now, NOW),
+        Action::Subscribe
+    ));
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
+    assert!(is_share(&next, Source::Stale));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_notice_with_nothing_to_share_competes_again() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
+    assert!(matches!(next, Action::TryLock));
+    // Already subscribed: losing the race again goes straight to a peek.
+    assert!(matches!(w.on(Event::Locked(false), now, NOW), Action::Peek));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uncacheable_notice_sends_everyone_to_the_upstream_alone() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let next = w.on(Event::Woken(Wake::Notice(Notice::Uncacheable)), now, NOW);
+    assert!(matches!(next, Action::Done(Settled::Uncacheable)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_confirms_then_rechecks() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    assert!(matches!(
+        w.on(Event::Woken(Wake::Resync), now, NOW),
+        Action::Confirm
+    ));
+    assert!(matches!(w.on(Event::Confirmed, now, NOW), Action::Peek));
+    // The fill landed while the connection was down: the re-check finds it.
+    let found = Peek {
+        entry: Some(fresh()),
+        ..Peek::default()
+    };
+    assert!(is_share(
+        &w.on(Event::Peeked(found), now, NOW),
+        Source::Remote
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lapsed_lease_competes_and_the_winner_rechecks_before_filling() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    tokio::time::advance(LEASE + LAPSE_MARGIN).await;
+    let later = Instant::now();
+    assert!(matches!(w.on(Event::Lapsed, later, NOW), Action::TryLock));
+    assert!(matches!(
+        w.on(Event::Locked(true), later, NOW),
+        Action::Recheck
+    ));
+    assert!(matches!(
+        w.on(Event::Rechecked(None), later, NOW),
+        Action::Done(Settled::Fill { .. })
+    ));
+    assert_eq!(
+        w.trace(),
+        Trace {
+            acquired: true,
+            waited: true,
+            timed_out: false
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_winner_that_finds_a_fresh_entry_under_the_lock_releases_it() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Garbled), now, NOW);
+    w.on(Event::Locked(true), now, NOW);
+    let next = w.on(Event::Rechecked(Some(fresh())), now, NOW);
+    assert!(matches!(next, Action::Done(Settled::Release { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_lock_on_the_peek_competes_at_once() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    assert!(matches!(
+        w.on(Event::Peeked(Peek::default()), now, NOW),
+        Action::TryLock
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_without_ttl_counts_as_held_for_a_lease() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    let unbounded = Peek {
+        lock: LockState::Unbounded,
+        ..Peek::default()
+    };
+    match w.on(Event::Peeked(unbounded), now, NOW) {
+        Action::Wait { until } => assert_eq!(until, now + LEASE),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_never_runs_past_the_deadline() {
+    let now = Instant::now();
+    let deadline = now + Duration::from_millis(300);
+    let mut w = Wait::new(
+        Purpose::Miss,
+        None,
+        deadline,
+        LEASE,
+        OnWaitTimeout::GatewayTimeout,
+    );
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    match w.on(Event::Peeked(held(LEASE)), now, NOW) {
+        Action::Wait { until } => assert_eq!(until, deadline),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    tokio::time::advance(Duration::from_millis(300)).await;
+    let next = w.on(Event::Lapsed, Instant::now(), NOW);
+    assert!(matches!(next, Action::Done(Settled::TimedOut)));
+    assert!(w.trace().timed_out);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_deadline_bypass_fills_alone_and_a_stale_entry_stands_in_first() {
+    let now = Instant::now();
+    let mut bypass = miss(now);
+    bypass.on(Event::Looked(Lookup::Held), now, NOW);
+    let late = now + Duration::from_secs(10);
+    assert!(matches!(
+        bypass.on(Event::Lapsed, late, NOW),
+        Action::Done(Settled::Alone {
+            why: Alone::WaitTimedOut,
+            ..
+        })
+    ));
+    let mut with_stale = miss(now);
+    with_stale.on(Event::Looked(Lookup::Entry(stale_if_error())), now, NOW);
+    assert!(is_share(
+        &with_stale.on(Event::Lapsed, late, NOW),
+        Source::Stale
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redis_failure_fills_alone_keeping_the_fallback() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Entry(stale_if_error())), now, NOW);
+    match w.on(Event::RedisFailed, now, NOW) {
+        Action::Done(Settled::Alone {
+            fallback: Some(_),
+            why: Alone::RedisFailed,
+        }) => {}
+        other => panic!("expected to fill alone with the fallback, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uncacheable_marker_settles_lookups_and_peeks() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    assert!(matches!(
+        w.on(Event::Looked(Lookup::Uncacheable), now, NOW),
+        Action::Done(Settled::Uncacheable)
+    ));
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    let marked = Peek {
+        uncacheable: true,
+        ..Peek::default()
+    };
+    assert!(matches!(
+        w.on(Event::Peeked(marked), now, NOW),
+        Action::Done(Settled::Uncacheable)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_while_revalidate_entry_is_shared_as_stale() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    let swr = entry(200, NOW - 70_000, 60_000, 60_000, 0);
+    assert!(is_share(
+        &w.on(Event::Looked(Lookup::Entry(swr)), now, NOW),
+        Source::Stale
+    ));
+}
+
+mod refresh {
+    use super::*;
+
+    fn refresh(now: Instant, known: u64) -> Wait {
+        let stale = Arc::new(entry(200, known, 1, 600_000, 0));
+        Wait::new(
+            Purpose::Refresh { known },
+            Some(stale),
+            now + Duration::from_secs(10),
+            LEASE,
+            OnWaitTimeout::Bypass,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_reads_first_and_takes_a_newer_entry() {
+        let now = Instant::now();
+        let mut w = refresh(now, NOW - 100);
+        assert!(matches!(w.start(), Action::Read));
+        let newer = Peek {
+            entry: Some(fresh()),
+            ..Peek::default()
+        };
+        assert!(is_share(
+            &w.on(Event::Read(newer), now, NOW),
+            Source::Remote
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_entry_it_refreshes_does_not_settle_a_refresh() {
+        let now = Instant::now();
+        let known = NOW - 10;
+        let mut w = refresh(now, known);
+        let same = Peek {
+            entry: Some(entry(200, known, 60_000, 0, 0)),
+            ..Peek::default()
+        };
+        assert!(matches!(w.on(Event::Read(same), now, NOW), Action::TryLock));
+        assert!(matches!(
+            w.on(Event::Locked(true), now, NOW),
+            Action::Recheck
+        ));
+        let same = entry(200, known, 60_000, 0, 0);
+        assert!(matches!(
+            w.on(Event::Rechecked(Some(same)), now, NOW),
+            Action::Done(Settled::Fill { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_loses_the_race_waits_like_a_miss_and_never_fetches_alone() {
+        let now = Instant::now();
+        let mut w = refresh(now, NOW - 100);
+        w.on(Event::Read(Peek::default()), now, NOW);
+        assert!(matches!(
+            w.on(Event::Locked(false), now, NOW),
+            Action::Subscribe
+        ));
+        w.on(Event::Subscribed, now, NOW);
+        w.on(Event::Peeked(held(LEASE)), now, NOW);
+        // A resync used to end a refresh with "fetch yourself": now it re-checks.
+        assert!(matches!(
+            w.on(Event::Woken(Wake::Resync), now, NOW),
+            Action::Confirm
+        ));
+        w.on(Event::Confirmed, now, NOW);
+        w.on(Event::Peeked(held(LEASE)), now, NOW);
+        // The holder failed: the entry being refreshed stands in.
+        let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
+        assert!(is_share(&next, Source::Stale));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_past_its_deadline_keeps_the_stale_entry() {
+        let now = Instant::now();
+        let mut w = refresh(now, NOW - 100);
+        w.on(Event::Read(Peek::default()), now, NOW);
+        w.on(Event::Locked(false), now, NOW);
+        let next = w.on(Event::Lapsed, now + Duration::from_secs(10), NOW);
+        assert!(is_share(&next, Source::Stale));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_stored_notice_does_not_settle_a_refresh() {
+        let now = Instant::now();
+        let known = NOW - 10;
+        let mut w = refresh(now, known);
+        w.on(Event::Read(Peek::default()), now, NOW);
+        w.on(Event::Locked(false), now, NOW);
+        w.on(Event::Subscribed, now, NOW);
+        w.on(Event::Peeked(held(LEASE)), now, NOW);
+        let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))));
+        assert!(matches!(
+            w.on(Event::Woken(Wake::Notice(old)), now, NOW),
+            Action::TryLock
+        ));
+    }
+}

@@ -1,0 +1,217 @@
+//! Coalescing under realistic traffic, at the DEFAULT config: bursts of many distinct cold keys
+//! on a fleet started a moment before, on one Redis and on a Redis Cluster; a Redis that stalls
+//! in the middle of a burst; a Redis that dies and comes back.
+//!
+//! Nothing here is tuned: the `[redis]` table names the server and nothing else, the route sets
+//! no lock options. Each test proves its guarantee by counting upstream calls per key.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use corral::{Config, Instance};
+use futures_util::future::join_all;
+use support::corral::{start, url};
+use support::{Client, RedisCluster, RedisServer, Upstream, eventually};
+
+/// Three instances, as the issue measured.
+const INSTANCES: usize = 3;
+/// Requests per key, spread over the instances.
+const PER_KEY: usize = 3;
+/// The backend's answer time in these tests.
+const BACKEND: Duration = Duration::from_millis(250);
+
+/// A config with every default: `redis` is the `[redis]` table's topology line.
+fn default_config(redis: &str, upstream: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n[redis]\n{redis}\n\n\
+         [[route]]\nname = \"recommend\"\npath_prefix = \"/recommend\"\nupstream = \"{upstream}\"\n"
+    );
+    match Config::parse(&text, Path::new("<burst>")) {
+        Ok(config) => config,
+        Err(err) => panic!("test config does not validate: {err}\n{text}"),
+    }
+}
+
+fn key_path(round: &str, k: usize) -> String {
+    format!("/recommend?round={round}&segment=s{k}")
+}
+
+/// `keys` distinct keys, `PER_KEY` requests each, request `i` of key `k` to instance
+/// `(k + i) % n`, all at once; the statuses in request order.
+async fn burst(client: &Client, fleet: &[Instance], round: &str, keys: usize) -> Vec<u16> {
+    let requests = (0..keys)
+        .flat_map(|k| (0..PER_KEY).map(move |i| (k, i)))
+        .map(|(k, i)| {
+            let target = url(&fleet[(k + i) % fleet.len()], &key_path(round, k));
+            let client = client.clone();
+            async move { client.get(&target, &[]).await.status }
+        });
+    join_all(requests).await
+}
+
+/// Asserts the burst made exactly one upstream call per key, and every request got a 200.
+fn assert_one_call_per_key(upstream: &Upstream, statuses: &[u16], round: &str, keys: usize) {
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(failed, 0, "{failed} requests did not answer 200");
+    let extra: Vec<(usize, u64)> = (0..keys)
+        .map(|k| (k, upstream.calls_for(&key_path(round, k))))
+        .filter(|(_, calls)| *calls != 1)
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{} of {keys} keys were not filled exactly once (key, calls): {:?}",
+        extra.len(),
+        &extra[..extra.len().min(20)]
+    );
+    assert_eq!(upstream.calls(), keys as u64);
+}
+
+/// A fleet started a moment before its first burst of `keys` cold keys, on one Redis.
+async fn cold_burst_on_one_redis(keys: usize) {
+    support::logs();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
+    let fleet = start(INSTANCES, &cfg).await;
+    let client = Client::new();
+
+    let statuses = burst(&client, &fleet, "cold", keys).await;
+
+    assert_one_call_per_key(&upstream, &statuses, "cold", keys);
+    assert!(
+        redis.keys("corral:*:lock:*").await.is_empty(),
+        "no lock is left behind"
+    );
+    for instance in &fleet {
+        assert!(!instance.proxy().degraded(), "a burst is not an outage");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_hot_key_on_a_fleet_started_a_moment_before_makes_one_call() {
+    cold_burst_on_one_redis(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_300_cold_keys_makes_300_calls() {
+    cold_burst_on_one_redis(300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_1000_cold_keys_makes_1000_calls() {
+    cold_burst_on_one_redis(1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_1000_cold_keys_on_a_redis_cluster_makes_1000_calls() {
+    support::logs();
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let topology = format!("cluster = [{}]", nodes.join(", "));
+    let fleet = start(INSTANCES, &default_config(&topology, &upstream.url())).await;
+    let client = Client::new();
+
+    let statuses = burst(&client, &fleet, "cluster", 1000).await;
+
+    assert_one_call_per_key(&upstream, &statuses, "cluster", 1000);
+    assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_recovers() {
+    support::logs();
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
+    let fleet = start(INSTANCES, &cfg).await;
+    let client = Client::new();
+    let keys = 300;
+
+    // Step 1: a burst is under way (fills are in the upstream) when Redis freezes for 2 s.
+    let running = {
+        let (client, fleet) = (client.clone(), &fleet);
+        async move { burst(&client, fleet, "stall", keys).await }
+    };
+    let fault = async {
+        upstream.wait_in_flight(1).await;
+        redis.stop();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis.cont();
+    };
+    let (statuses, ()) = tokio::join!(running, fault);
+
+    // Step 2: every request was answered, with at most one upstream call per instance per key.
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(failed, 0, "{failed} requests did not answer 200");
+    for k in 0..keys {
+        let calls = upstream.calls_for(&key_path("stall", k));
+        assert!(
+            (1..=INSTANCES as u64).contains(&calls),
+            "key {k}: {calls} calls for {INSTANCES} instances"
+        );
+    }
+
+    // Step 3: Redis is back; once the instances see it, a new burst makes one call per key.
+    eventually(
+        "every instance sees redis again",
+        Duration::from_secs(10),
+        async || fleet.iter().all(|i| !i.proxy().degraded()),
+    )
+    .await;
+    upstream.reset_calls();
+    let statuses = burst(&client, &fleet, "after", keys).await;
+    assert_one_call_per_key(&upstream, &statuses, "after", keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_mid_burst_fails_open_and_the_fleet_reconnects_by_itself() {
+    support::logs();
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
+    let fleet = start(INSTANCES, &cfg).await;
+    let client = Client::new();
+    let keys = 300;
+
+    // Step 1: Redis dies while the burst's fills are in the upstream.
+    let running = {
+        let (client, fleet) = (client.clone(), &fleet);
+        async move { burst(&client, fleet, "killed", keys).await }
+    };
+    let fault = async {
+        upstream.wait_in_flight(1).await;
+        redis.kill();
+    };
+    let (statuses, ()) = tokio::join!(running, fault);
+
+    // Step 2: every request answered, at most one upstream call per instance per key.
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for k in 0..keys {
+        let calls = upstream.calls_for(&key_path("killed", k));
+        assert!((1..=INSTANCES as u64).contains(&calls), "key {k}: {calls}");
+    }
+
+    // Step 3: Redis comes back empty on the same port; the fleet reconnects by itself and a new
+    // burst makes one call per key again.
+    redis.restart().await;
+    eventually(
+        "every instance reconnects",
+        Duration::from_secs(15),
+        async || fleet.iter().all(|i| !i.proxy().degraded()),
+    )
+    .await;
+    upstream.reset_calls();
+    let statuses = burst(&client, &fleet, "reconnected", keys).await;
+    assert_one_call_per_key(&upstream, &statuses, "reconnected", keys);
+}
