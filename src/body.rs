@@ -26,10 +26,11 @@ use tokio::time::Sleep;
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Stream(Incoming),
-    /// `prefix` is sent first, then `rest`.
+    /// `prefix` is sent first, then `rest`; `slot` as in [`ProxyBody::Held`].
     Prefixed {
         prefix: Option<Bytes>,
         rest: Incoming,
+        slot: Option<OwnedSemaphorePermit>,
     },
     /// A streamed body holding a slot of its route's `upstream_concurrency` until it ends or is
     /// dropped: the cap bounds open upstream streams, not only response heads.
@@ -43,6 +44,20 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         let bytes = bytes.into();
         ProxyBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    /// The part of an answer already read, then the rest of its stream, holding `slot` (when the
+    /// route has a cap) as long as it streams.
+    pub fn prefixed(
+        prefix: Bytes,
+        rest: Incoming,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> ProxyBody {
+        ProxyBody::Prefixed {
+            prefix: Some(prefix),
+            rest,
+            slot,
+        }
     }
 
     /// A streamed body, holding `slot` (when the route has a cap) as long as it streams.
@@ -65,9 +80,15 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(rest) => Pin::new(rest).poll_frame(cx),
-            ProxyBody::Prefixed { prefix, rest } => match prefix.take() {
+            ProxyBody::Prefixed { prefix, rest, slot } => match prefix.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => {
+                    let polled = Pin::new(rest).poll_frame(cx);
+                    if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                        slot.take();
+                    }
+                    polled
+                }
             },
             ProxyBody::Held { rest, slot } => {
                 let polled = Pin::new(rest).poll_frame(cx);
@@ -84,7 +105,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Stream(rest) | ProxyBody::Held { rest, .. } => rest.is_end_stream(),
-            ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Prefixed { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -94,7 +115,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream(rest) | ProxyBody::Held { rest, .. } => rest.size_hint(),
-            ProxyBody::Prefixed { prefix, rest } => {
+            ProxyBody::Prefixed { prefix, rest, .. } => {
                 let head = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let tail = rest.size_hint();
                 let mut hint = SizeHint::new();

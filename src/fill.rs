@@ -372,7 +372,7 @@ impl Filler {
         lock: Option<&FillLock>,
     ) -> Result<Verdict, FillError> {
         let route = &req.route;
-        let _slot = self.upstream_slot(route).await?;
+        let slot = self.upstream_slot(route).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
@@ -412,10 +412,7 @@ impl Filler {
                 rest,
             } => Verdict::Oversized(Response::from_parts(
                 parts,
-                ProxyBody::Prefixed {
-                    prefix: Some(prefix),
-                    rest,
-                },
+                ProxyBody::prefixed(prefix, rest, slot),
             )),
         })
     }

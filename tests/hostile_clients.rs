@@ -351,3 +351,30 @@ async fn unrouted_requests_get_the_configured_timeout_and_appear_in_the_upstream
         "unrouted calls in the upstream metrics:\n{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_fill_holds_its_upstream_slot_until_it_has_streamed() {
+    let upstream = Upstream::start().await;
+    upstream.script("/big/", Reply::status(200).body(vec![b'x'; 64 << 20]));
+    let extra = "max_entry_size = \"1KiB\"\nupstream_concurrency = 1\nupstream_timeout = \"500ms\"";
+    let fleet = start(
+        1,
+        &config_with_server("", None, &route("big", &upstream, extra)),
+    )
+    .await;
+    let addr = fleet[0].addr();
+
+    let mut reader = TcpStream::connect(addr).await.expect("connect");
+    reader
+        .write_all(b"GET /big/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).await.expect("the head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    let client = Client::new();
+    let second = client.get(&url(&fleet[0], "/big/b"), &[]).await;
+    assert_eq!(second.status, 503, "the cap let a second stream through");
+    drop(reader);
+}
