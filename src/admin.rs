@@ -103,20 +103,40 @@ async fn handle(
         (Method::POST, _) if !authorized(control, &req) => unauthorized(),
         (Method::POST, "/purge") => purge(control, req).await,
         (Method::POST, "/reload") => match control.reload() {
-            Ok(routes) => json(
+            Ok(reloaded) => json(
                 StatusCode::OK,
-                &serde_json::json!({ "reloaded": true, "routes": routes }),
+                &serde_json::json!({
+                    "reloaded": true,
+                    "routes": reloaded.routes,
+                    "restart_needed": reloaded.restart_needed,
+                }),
             ),
             Err(err) => json(
                 StatusCode::BAD_REQUEST,
                 &serde_json::json!({ "error": err.to_string() }),
             ),
         },
+        (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+        (_, "/purge" | "/reload") => method_not_allowed("POST"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
+/// A known endpoint asked with the wrong method: 405 with the `Allow` it takes (RFC 9110 §15.5.6).
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allow}\n"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
 fn ready(control: &Control) -> Response<Full<Bytes>> {
+    if control.draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
     match control.proxy().readiness() {
         Readiness::Ready => return text(StatusCode::OK, "ready\n"),
         Readiness::Starting => {
@@ -145,9 +165,14 @@ async fn purge(control: &Control, req: Request<Incoming>) -> Response<Full<Bytes
     {
         Ok(body) => body.to_bytes(),
         Err(err) => {
+            let why = if err.is::<http_body_util::LengthLimitError>() {
+                format!("purge body: larger than {} KiB", MAX_ADMIN_BODY / 1024)
+            } else {
+                "purge body: could not be read (the connection failed)".to_owned()
+            };
             return json(
                 StatusCode::BAD_REQUEST,
-                &serde_json::json!({ "error": err.to_string() }),
+                &serde_json::json!({ "error": why }),
             );
         }
     };

@@ -60,6 +60,13 @@ pub struct ServerConfig {
     pub default_upstream_timeout: Duration,
     /// How long graceful shutdown may take. Default 30s.
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, how long to keep serving while `/readyz` answers 503 (so load balancers and
+    /// the Kubernetes endpoints controller stop sending traffic) before the graceful shutdown
+    /// starts. Not part of `shutdown_timeout`. Default 0s; 5s suits a sidecar.
+    pub shutdown_delay: Duration,
+    /// One `info` log line per request (method, path, route, status, outcome, micros). Default
+    /// `true`.
+    pub access_log: bool,
     /// How long a client may take to send a request head; then the connection is closed.
     /// Default 10s.
     pub header_read_timeout: Duration,

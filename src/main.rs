@@ -43,6 +43,7 @@ enum Command {
     },
     /// Check a config file; exits non-zero with the file, line and field at fault.
     Validate {
+        /// The TOML config file to check.
         #[arg(long, env = "CORRAL_CONFIG")]
         config: PathBuf,
     },
@@ -61,10 +62,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `outer: inner: …`, each cause once: our error types
+/// already show their source in their own message (`cannot read config file: No such file…`),
+/// so a cause whose text is already there is not repeated.
+fn report(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 fn validate(path: &Path) -> anyhow::Result<()> {
@@ -85,12 +104,20 @@ fn validate(path: &Path) -> anyhow::Result<()> {
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
+    let terminator = instance.terminator();
     let stop = instance.stopper();
     let control = instance.control().clone();
     tokio::spawn(async move {
-        signals(control).await;
+        signals(control.clone()).await;
         tracing::info!("shutting down");
-        let _ = stop.send(true);
+        tokio::select! {
+            () = terminator.terminate() => {}
+            // An operator's second Ctrl-C (or SIGTERM) cuts server.shutdown_delay short.
+            () = signals(control) => {
+                tracing::info!("second signal: shutting down without waiting out shutdown_delay");
+                let _ = stop.send(true);
+            }
+        }
     });
     instance.wait().await;
     Ok(())
@@ -136,8 +163,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logs(format: LogFormat, quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colours only for a person at a terminal: kubectl logs, journald and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

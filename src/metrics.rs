@@ -3,6 +3,11 @@
 //! Request outcomes are labelled by [`CacheOutcome::as_str`], the same enum that writes the
 //! `Cache-Status` header, so the two never disagree. Gauges of live state (L1 size, circuit) are
 //! set when the page is rendered.
+//!
+//! Series are created at zero before their first event only where the event can happen, so the
+//! page never shows a series that cannot move: requests no route matched ([`UNROUTED`]) are only
+//! `uri_miss`; a named route is never `uri_miss`, and a `cache = false` route only `bypass`; fill-lock
+//! outcomes exist only on routes with a fleet lock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,7 +20,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
+
+/// The `route` label of requests, and of upstream calls, that no route matched.
+pub const UNROUTED: &str = "-";
+
+/// The request counters of one route, indexed by [`CacheOutcome`]: `None` for outcomes the route
+/// cannot have, whose series are then created only if one happens anyway.
+type RouteCounters = Arc<[Option<Counter>; CacheOutcome::ALL.len()]>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOutcome {
@@ -77,7 +90,7 @@ pub struct Metrics {
     requests: Family<RouteOutcome, Counter>,
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
-    request_counters: RwLock<HashMap<String, Arc<[Counter; CacheOutcome::ALL.len()]>>>,
+    request_counters: RwLock<HashMap<String, RouteCounters>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -173,7 +186,7 @@ impl Metrics {
             "Entries removed from Redis by purges",
             purged_entries.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             registry,
             requests,
             request_counters: RwLock::default(),
@@ -188,24 +201,47 @@ impl Metrics {
             l1_bytes,
             purges,
             purged_entries,
-        }
+        };
+        metrics.route_counters(UNROUTED, |outcome| outcome == CacheOutcome::UriMiss);
+        metrics
     }
 
     pub fn request(&self, route: &str, outcome: CacheOutcome) {
-        let index = outcome as usize;
         let known = self
             .request_counters
             .read()
             .ok()
             .and_then(|map| map.get(route).cloned());
-        let counters = known.unwrap_or_else(|| self.route_counters(route));
-        counters[index].inc();
+        match known.as_ref().and_then(|c| c[outcome as usize].as_ref()) {
+            Some(counter) => {
+                counter.inc();
+            }
+            // Not registered: a route not seen yet, or an outcome the route was not expected to
+            // have. Counted all the same, in a series created now.
+            None => {
+                self.requests
+                    .get_or_create(&RouteOutcome {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .inc();
+            }
+        }
     }
 
-    /// Creates a route's request and fill-lock series at zero, so dashboards and alerts see 0
-    /// rather than no data before the first event.
-    pub fn register_route(&self, route: &str) {
-        self.route_counters(route);
+    /// Creates the series a route can move at zero, so dashboards and alerts see 0 rather than no
+    /// data before the first event: its request outcomes (only `bypass` when it does not cache;
+    /// never `uri_miss`) and, with a fleet lock, its fill-lock outcomes.
+    pub fn register_route(&self, route: &RouteConfig) {
+        let cached = route.cache;
+        self.route_counters(&route.name, |outcome| match outcome {
+            CacheOutcome::UriMiss => false,
+            CacheOutcome::Bypass => true,
+            _ => cached,
+        });
+        if !cached || route.lock.scope != LockScope::Fleet {
+            return;
+        }
         for outcome in [
             LockOutcome::Acquired,
             LockOutcome::Waited,
@@ -213,26 +249,28 @@ impl Metrics {
             LockOutcome::WaitTimeout,
         ] {
             let _created = self.lock_outcomes.get_or_create(&RouteOutcome {
-                route: route.to_owned(),
+                route: route.name.clone(),
                 outcome: outcome.as_str(),
             });
         }
     }
 
-    /// Registers (once) and returns the request counters of a route.
-    fn route_counters(&self, route: &str) -> Arc<[Counter; CacheOutcome::ALL.len()]> {
-        let counters = Arc::new(CacheOutcome::ALL.map(|outcome| {
-            self.requests
-                .get_or_create(&RouteOutcome {
-                    route: route.to_owned(),
-                    outcome: outcome.as_str(),
-                })
-                .clone()
+    /// Registers the request counters of a route for the outcomes it can have (a reload may
+    /// change them: those already exported stay on the page).
+    fn route_counters(&self, route: &str, possible: impl Fn(CacheOutcome) -> bool) {
+        let counters: RouteCounters = Arc::new(CacheOutcome::ALL.map(|outcome| {
+            possible(outcome).then(|| {
+                self.requests
+                    .get_or_create(&RouteOutcome {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
         }));
         if let Ok(mut map) = self.request_counters.write() {
-            map.insert(route.to_owned(), counters.clone());
+            map.insert(route.to_owned(), counters);
         }
-        counters
     }
 
     /// One upstream call: `status` is `None` when no answer came.
@@ -300,5 +338,106 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The `corral_requests_total` and `corral_fill_lock_total` series on a page, as
+    /// `(metric, route, outcome)`.
+    fn series(page: &str) -> Vec<(String, String, String)> {
+        let mut found = Vec::new();
+        for line in page.lines() {
+            let Some((name, rest)) = line.split_once('{') else {
+                continue;
+            };
+            if name != "corral_requests_total" && name != "corral_fill_lock_total" {
+                continue;
+            }
+            let labels = rest.split_once('}').map_or("", |(labels, _)| labels);
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.trim_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            found.push((name.to_owned(), label("route"), label("outcome")));
+        }
+        found
+    }
+
+    #[test]
+    fn only_possible_series_are_created_before_their_first_event() {
+        let text = "[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+            [[route]]\nname = \"cached\"\npath_prefix = \"/c\"\nupstream = \"http://127.0.0.1:1\"\n\
+            [[route]]\nname = \"local\"\npath_prefix = \"/l\"\nupstream = \"http://127.0.0.1:1\"\nlock = { scope = \"instance\" }\n\
+            [[route]]\nname = \"passed\"\npath_prefix = \"/p\"\nupstream = \"http://127.0.0.1:1\"\ncache = false\n";
+        let config =
+            Config::parse(text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Metrics::new();
+        for route in &config.routes {
+            metrics.register_route(route);
+        }
+        let page = series(&metrics.render(0, 0, false));
+        let has = |metric: &str, route: &str, outcome: &str| {
+            page.iter()
+                .any(|(m, r, o)| m == metric && r == route && o == outcome)
+        };
+        let requests = "corral_requests_total";
+        let locks = "corral_fill_lock_total";
+        // Unrouted requests: only uri_miss.
+        assert!(has(requests, UNROUTED, "uri_miss"), "{page:?}");
+        assert_eq!(
+            page.iter().filter(|(_, r, _)| r == UNROUTED).count(),
+            1,
+            "{page:?}"
+        );
+        // Named routes never uri_miss; a cached route every other outcome.
+        assert!(
+            !page
+                .iter()
+                .any(|(_, r, o)| r != UNROUTED && o == "uri_miss"),
+            "{page:?}"
+        );
+        for outcome in ["hit", "stale", "coalesced", "miss_stored", "miss", "bypass"] {
+            assert!(
+                has(requests, "cached", outcome),
+                "cached {outcome}: {page:?}"
+            );
+        }
+        // A route that does not cache: bypass only, and no fill lock.
+        let passed: Vec<_> = page.iter().filter(|(_, r, _)| r == "passed").collect();
+        assert_eq!(
+            passed,
+            [&(
+                requests.to_owned(),
+                "passed".to_owned(),
+                "bypass".to_owned()
+            )]
+        );
+        // Fill-lock outcomes only where there is a fleet lock.
+        assert!(has(locks, "cached", "acquired"));
+        assert!(
+            !page.iter().any(|(m, r, _)| m == locks && r != "cached"),
+            "{page:?}"
+        );
+
+        // An outcome nobody expected is still counted, in a series created then.
+        metrics.request("passed", CacheOutcome::MissNotStored);
+        metrics.request("passed", CacheOutcome::Bypass);
+        let page = metrics.render(0, 0, false);
+        assert!(
+            page.contains("corral_requests_total{route=\"passed\",outcome=\"miss\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("corral_requests_total{route=\"passed\",outcome=\"bypass\"} 1"),
+            "{page}"
+        );
     }
 }

@@ -59,6 +59,8 @@ pub struct Proxy {
     flights: Arc<Flights<Arc<Fill>>>,
     metrics: Arc<Metrics>,
     body_read_timeout: std::time::Duration,
+    /// `server.access_log`: one `info` line per request.
+    access_log: bool,
 }
 
 impl Proxy {
@@ -67,7 +69,7 @@ impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
         let metrics = Arc::new(Metrics::new());
         for route in &config.routes {
-            metrics.register_route(&route.name);
+            metrics.register_route(route);
         }
         let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
@@ -101,6 +103,7 @@ impl Proxy {
             flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
             metrics,
             body_read_timeout: config.server.body_read_timeout,
+            access_log: config.server.access_log,
         })
     }
 
@@ -119,7 +122,7 @@ impl Proxy {
     /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
     pub fn reloaded(&self, config: &Config) -> Proxy {
         for route in &config.routes {
-            self.metrics.register_route(&route.name);
+            self.metrics.register_route(route);
         }
         Proxy {
             started: self.started,
@@ -133,6 +136,7 @@ impl Proxy {
             flights: self.flights.clone(),
             metrics: self.metrics.clone(),
             body_read_timeout: config.server.body_read_timeout,
+            access_log: config.server.access_log,
         }
     }
 
@@ -258,8 +262,9 @@ impl Proxy {
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        // Only a debug log line needs these; the hot path does not pay for them otherwise.
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
+        // Only the log line needs these; with it off the hot path does not pay for them.
+        let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        let logged = (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let route = self.router.route(req.uri().path(), req.method()).cloned();
         let (answer, route) = match route {
@@ -278,7 +283,9 @@ impl Proxy {
             None => (self.unrouted(req, peer).await, None),
             Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };
-        let route_name = route.as_ref().map_or("-", |r| r.name.as_str());
+        let route_name = route
+            .as_ref()
+            .map_or(crate::metrics::UNROUTED, |r| r.name.as_str());
         let Answer {
             outcome,
             mut response,
@@ -288,15 +295,15 @@ impl Proxy {
             .headers_mut()
             .insert(CACHE_STATUS, outcome.cache_status());
         if let Some((method, path)) = logged {
-            tracing::debug!(
-                %method,
-                %path,
-                route = %route_name,
-                status = response.status().as_u16(),
-                outcome = outcome.as_str(),
-                micros = started.elapsed().as_micros() as u64,
-                "request"
-            );
+            let status = response.status().as_u16();
+            let micros = started.elapsed().as_micros() as u64;
+            let outcome = outcome.as_str();
+            // The same line at `info` (the access log) or, with it off, at `debug`.
+            if info {
+                tracing::info!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+            } else {
+                tracing::debug!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+            }
         }
         response
     }
@@ -504,6 +511,10 @@ impl Proxy {
         });
     }
 }
+
+/// The log target of the per-request line, so `RUST_LOG` can filter it on its own
+/// (`corral::access=off`).
+pub const ACCESS_LOG: &str = "corral::access";
 
 /// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
 /// nears, scaled by how long the fill took: `now − fill_time · β · ln(rand) ≥ fresh_until`.

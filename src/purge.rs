@@ -8,20 +8,16 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
 use crate::key::CacheKey;
 use crate::l1::L1;
 
 /// The body of `POST /purge`: exactly one of `url`, `route`, `tag`. For `url`, `method` (default
 /// GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request whose key
 /// is purged, for routes keyed on them.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct PurgeRequest {
     pub url: Option<String>,
     pub method: Option<String>,
-    #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub body: Option<serde_json::Value>,
     pub route: Option<String>,
@@ -41,10 +37,64 @@ pub enum PurgeError {
     Redis(#[from] crate::l2::L2Error),
 }
 
+/// The fields `POST /purge` accepts, as the error messages list them.
+const PURGE_FIELDS: &str = "`url`, `method`, `headers`, `body`, `route`, `tag`";
+
 impl PurgeRequest {
+    /// Reads a `POST /purge` body. Every refusal is worded for the operator who sent it (what is
+    /// wrong and what would be right), not in the JSON parser's terms.
     pub fn parse(body: &[u8]) -> Result<PurgeRequest, PurgeError> {
-        let request: PurgeRequest =
-            serde_json::from_slice(body).map_err(|e| PurgeError::Malformed(e.to_string()))?;
+        let malformed = |why: String| PurgeError::Malformed(why);
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(malformed(
+                "empty; send a JSON object with one of `url`, `route`, `tag`".to_owned(),
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+            malformed(format!(
+                "not valid JSON (line {}, column {}); send an object such as \
+                 {{\"url\": \"/path?query\"}}",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let serde_json::Value::Object(fields) = value else {
+            return Err(malformed(format!(
+                "a JSON {} where an object with one of `url`, `route`, `tag` belongs",
+                json_kind(&value)
+            )));
+        };
+        let mut request = PurgeRequest {
+            url: None,
+            method: None,
+            headers: BTreeMap::new(),
+            body: None,
+            route: None,
+            tag: None,
+        };
+        for (name, value) in fields {
+            let text = || match &value {
+                serde_json::Value::String(s) => Ok(Some(s.clone())),
+                serde_json::Value::Null => Ok(None),
+                other => Err(malformed(format!(
+                    "`{name}` must be a string, not a JSON {}",
+                    json_kind(other)
+                ))),
+            };
+            match name.as_str() {
+                "url" => request.url = text()?,
+                "method" => request.method = text()?,
+                "route" => request.route = text()?,
+                "tag" => request.tag = text()?,
+                "body" => request.body = Some(value),
+                "headers" => request.headers = headers(&value)?,
+                _ => {
+                    return Err(malformed(format!(
+                        "unknown field `{name}` (known: {PURGE_FIELDS})"
+                    )));
+                }
+            }
+        }
         let given = [&request.url, &request.route, &request.tag]
             .iter()
             .filter(|f| f.is_some())
@@ -71,6 +121,37 @@ impl PurgeRequest {
             Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
             Some(other) => other.to_string().into_bytes(),
         }
+    }
+}
+
+/// `headers` of a purge: an object of header names to string values.
+fn headers(value: &serde_json::Value) -> Result<BTreeMap<String, String>, PurgeError> {
+    let serde_json::Value::Object(map) = value else {
+        return Err(PurgeError::Malformed(format!(
+            "`headers` must be an object of names to values, not a JSON {}",
+            json_kind(value)
+        )));
+    };
+    map.iter()
+        .map(|(name, value)| match value {
+            serde_json::Value::String(s) => Ok((name.clone(), s.clone())),
+            other => Err(PurgeError::Malformed(format!(
+                "header `{name}` must be a string, not a JSON {}",
+                json_kind(other)
+            ))),
+        })
+        .collect()
+}
+
+/// A JSON value's kind, as a message names it.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -140,6 +221,42 @@ impl Purge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_bodies_are_refused_in_our_own_words() {
+        let cases: [(&str, &str); 8] = [
+            ("", "empty; send a JSON object"),
+            ("purge everything", "not valid JSON (line 1, column 1)"),
+            ("[1]", "a JSON array where an object"),
+            (
+                r#"{"colour": "red"}"#,
+                "unknown field `colour` (known: `url`",
+            ),
+            (r#"{"url": 7}"#, "`url` must be a string, not a JSON number"),
+            (
+                r#"{"url": "/a", "headers": {"x": 1}}"#,
+                "header `x` must be a string",
+            ),
+            (r#"{"url": "/a", "tag": "t"}"#, "give exactly one of"),
+            (r#"{"tag": "t", "method": "GET"}"#, "go with `url`"),
+        ];
+        for (body, wanted) in cases {
+            let err = PurgeRequest::parse(body.as_bytes())
+                .expect_err(body)
+                .to_string();
+            assert!(err.starts_with("purge body: "), "{body:?}: {err}");
+            assert!(err.contains(wanted), "{body:?}: {err:?} lacks {wanted:?}");
+            // serde's own phrasing never reaches the operator.
+            assert!(
+                !err.contains("expected") && !err.contains("at line"),
+                "{body:?}: {err}"
+            );
+        }
+        let ok = PurgeRequest::parse(br#"{"url": "/a", "method": null, "body": {"k": 1}}"#)
+            .expect("a good body");
+        assert_eq!(ok.url.as_deref(), Some("/a"));
+        assert_eq!(ok.body_bytes(), br#"{"k":1}"#);
+    }
 
     #[test]
     fn payloads_round_trip() {

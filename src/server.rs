@@ -5,12 +5,15 @@
 //! proxy built from it (sharing caches, Redis connections and fills in progress), while requests
 //! already running finish on the proxy they started with. Shutdown stops accepting, lets open
 //! connections finish their requests, then waits for fills still running (their waiters in other
-//! instances are counting on them), all within `server.shutdown_timeout`.
+//! instances are counting on them), all within `server.shutdown_timeout`. On SIGTERM a
+//! [`Terminator`] first keeps serving for `server.shutdown_delay` while `/readyz` answers 503, so
+//! load balancers stop sending traffic before the listener closes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,7 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
-use crate::config::{Config, ConfigError, ServerConfig};
+use crate::config::{Config, ConfigError, RedisTopology, ServerConfig};
 use crate::conn::{self, Activity, Tracked};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
@@ -59,6 +62,18 @@ pub enum ReloadError {
 pub struct Control {
     proxy: ArcSwap<Proxy>,
     config: ArcSwap<Config>,
+    /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+/// What a reload changed, for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Routes in the new configuration.
+    pub routes: usize,
+    /// Fields that changed but take effect only on a restart (`server.listen`, `redis.url`, …).
+    /// The running values stay.
+    pub restart_needed: Vec<&'static str>,
 }
 
 impl Control {
@@ -75,9 +90,14 @@ impl Control {
         self.config.load().server.ready_when_degraded
     }
 
-    /// Re-reads the config file; on success swaps it in and returns the number of routes. A bad
-    /// file changes nothing.
-    pub fn reload(&self) -> Result<usize, ReloadError> {
+    /// Whether a shutdown was asked for (`/readyz` then answers 503).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the config file; on success swaps it in and says what changed. A bad file
+    /// changes nothing.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let source = self.config.load().source.clone();
         if !source.is_file() {
             return Err(ReloadError::NotAFile(source));
@@ -86,8 +106,8 @@ impl Control {
             .map_err(ReloadError::from)
             .map(|config| self.apply(config));
         match &result {
-            Ok(routes) => {
-                tracing::info!(file = %source.display(), routes, "configuration reloaded")
+            Ok(reloaded) => {
+                tracing::info!(file = %source.display(), routes = reloaded.routes, "configuration reloaded")
             }
             Err(err) => {
                 tracing::error!(%err, "configuration reload refused; keeping the running one")
@@ -96,37 +116,23 @@ impl Control {
         result
     }
 
-    /// Swaps in a validated configuration; returns the number of routes.
-    pub fn apply(&self, config: Config) -> usize {
-        let old = self.config.load();
-        let restart_only = [
-            ("server.listen", old.server.listen != config.server.listen),
-            (
-                "server.admin_listen",
-                old.server.admin_listen != config.server.admin_listen,
-            ),
-            (
-                "[redis]",
-                format!("{:?}", old.redis) != format!("{:?}", config.redis),
-            ),
-            (
-                "[cache]",
-                old.cache.l1_max_bytes != config.cache.l1_max_bytes,
-            ),
-        ];
-        for (field, changed) in restart_only {
-            if changed {
-                tracing::warn!(
-                    field,
-                    "changed in the new configuration; takes effect on restart"
-                );
-            }
+    /// Swaps in a validated configuration; says what changed.
+    pub fn apply(&self, config: Config) -> Reloaded {
+        let restart_needed = restart_needed(&self.config.load(), &config);
+        for field in &restart_needed {
+            tracing::warn!(
+                field,
+                "changed in the new configuration; takes effect on restart"
+            );
         }
         let routes = config.routes.len();
         let proxy = self.proxy.load().reloaded(&config);
         self.proxy.store(Arc::new(proxy));
         self.config.store(Arc::new(config));
-        routes
+        Reloaded {
+            routes,
+            restart_needed,
+        }
     }
 }
 
@@ -151,6 +157,7 @@ impl Instance {
         let control = Arc::new(Control {
             proxy: ArcSwap::new(proxy),
             config: ArcSwap::from_pointee(config.clone()),
+            draining: AtomicBool::new(false),
         });
         let (stop, stopped) = watch::channel(false);
         let admin_addr = match config.server.admin_listen {
@@ -218,6 +225,111 @@ impl Instance {
     pub fn stopper(&self) -> watch::Sender<bool> {
         self.stop.clone()
     }
+
+    /// A handle for SIGTERM: shutdown after `server.shutdown_delay` (see [`Terminator`]).
+    pub fn terminator(&self) -> Terminator {
+        Terminator {
+            control: self.control.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// Shuts an instance down the way an orchestrator wants it on SIGTERM.
+pub struct Terminator {
+    control: Arc<Control>,
+    stop: watch::Sender<bool>,
+}
+
+impl Terminator {
+    /// `/readyz` answers 503 at once; both listeners keep serving for `server.shutdown_delay` (of
+    /// the live configuration), so the load balancer or the endpoints controller sees the pod
+    /// unready and stops sending it traffic; then the graceful shutdown starts. Returns once it
+    /// has been started, not once it has finished ([`Instance::wait`] says that). Cancelled
+    /// during the delay, it leaves the instance serving but unready.
+    pub async fn terminate(self) {
+        self.control.draining.store(true, Ordering::Relaxed);
+        let delay = self.control.config.load().server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutdown requested: /readyz answers 503; serving on until the delay ends"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The fields of `new` that differ from `old` but take effect only on a restart.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (old_redis, new_redis) = (old.redis.as_ref(), new.redis.as_ref());
+    // The field that names where Redis is: `url`, `cluster` or `sentinel`, as the new file says.
+    let topology = match new_redis.map(|r| &r.topology) {
+        Some(RedisTopology::Cluster { .. }) => "redis.cluster",
+        Some(RedisTopology::Sentinel { .. }) => "redis.sentinel",
+        _ => "redis.url",
+    };
+    let changed = [
+        ("server.listen", old.server.listen != new.server.listen),
+        (
+            "server.admin_listen",
+            old.server.admin_listen != new.server.admin_listen,
+        ),
+        // Read once by the listener loop when it starts.
+        (
+            "server.shutdown_timeout",
+            old.server.shutdown_timeout != new.server.shutdown_timeout,
+        ),
+        (
+            "server.header_read_timeout",
+            old.server.header_read_timeout != new.server.header_read_timeout,
+        ),
+        (
+            "server.max_headers",
+            old.server.max_headers != new.server.max_headers,
+        ),
+        (
+            "server.max_header_bytes",
+            old.server.max_header_bytes != new.server.max_header_bytes,
+        ),
+        (
+            "server.max_connections",
+            old.server.max_connections != new.server.max_connections,
+        ),
+        // The upstream pool is built once, with the process.
+        (
+            "server.upstream_idle_timeout",
+            old.server.upstream_idle_timeout != new.server.upstream_idle_timeout,
+        ),
+        ("redis", old_redis.is_some() != new_redis.is_some()),
+        (
+            topology,
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.topology != b.topology),
+        ),
+        (
+            "redis.namespace",
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.namespace != b.namespace),
+        ),
+        (
+            "redis.timeout",
+            old_redis
+                .zip(new_redis)
+                .is_some_and(|(a, b)| a.timeout != b.timeout),
+        ),
+        (
+            "cache.l1_max_bytes",
+            old.cache.l1_max_bytes != new.cache.l1_max_bytes,
+        ),
+    ];
+    changed
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -324,4 +436,75 @@ fn too_many_headers() -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full("too many header fields\n"));
     *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(server: &str, redis: &str) -> Config {
+        let text = format!(
+            "[server]\n{server}\n{redis}\n[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n\
+             upstream = \"http://127.0.0.1:1\"\n"
+        );
+        Config::parse(&text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn restart_needed_names_each_start_only_field_and_nothing_that_reloads() {
+        let base = parse("", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
+        let same = parse(
+            "admin_token = \"t\"\nbody_read_timeout = \"5s\"\nshutdown_delay = \"5s\"\n\
+             access_log = false\nready_when_degraded = false\ndefault_upstream_timeout = \"5s\"",
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n",
+        );
+        assert_eq!(restart_needed(&base, &same), Vec::<&str>::new());
+        let cases = [
+            ("listen = \"127.0.0.1:1\"", "", "server.listen"),
+            ("admin_listen = \"127.0.0.1:1\"", "", "server.admin_listen"),
+            ("shutdown_timeout = \"1s\"", "", "server.shutdown_timeout"),
+            (
+                "header_read_timeout = \"1s\"",
+                "",
+                "server.header_read_timeout",
+            ),
+            ("max_headers = 10", "", "server.max_headers"),
+            ("max_connections = 10", "", "server.max_connections"),
+            (
+                "upstream_idle_timeout = \"1s\"",
+                "",
+                "server.upstream_idle_timeout",
+            ),
+            (
+                "max_header_bytes = \"16KiB\"",
+                "",
+                "server.max_header_bytes",
+            ),
+            ("", "url = \"redis://127.0.0.1:2\"", "redis.url"),
+            ("", "cluster = [\"redis://127.0.0.1:2\"]", "redis.cluster"),
+            (
+                "",
+                "url = \"redis://127.0.0.1:1\"\nnamespace = \"n\"",
+                "redis.namespace",
+            ),
+            (
+                "",
+                "url = \"redis://127.0.0.1:1\"\ntimeout = \"1s\"",
+                "redis.timeout",
+            ),
+        ];
+        for (server, redis, field) in cases {
+            let redis = if redis.is_empty() {
+                "url = \"redis://127.0.0.1:1\""
+            } else {
+                redis
+            };
+            let changed = parse(server, &format!("[redis]\n{redis}\n"));
+            assert_eq!(restart_needed(&base, &changed), [field], "{server}{redis}");
+        }
+        assert_eq!(restart_needed(&base, &parse("", "")), ["redis"]);
+        let mut bigger = base.clone();
+        bigger.cache.l1_max_bytes += 1;
+        assert_eq!(restart_needed(&base, &bigger), ["cache.l1_max_bytes"]);
+    }
 }

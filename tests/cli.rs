@@ -1,5 +1,8 @@
 //! The `corral` binary: `validate` accepts the shipped configs and rejects bad ones with the file,
-//! line and field; `run` serves and stops on SIGTERM.
+//! line and field; `--help` describes every option; `demo` refuses what cannot run, fails at once
+//! on an unreachable Redis, and leaves nothing in a reachable one.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,7 +25,7 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn validate_accepts_the_shipped_configs() {
-    for name in ["example.toml", "embedded.toml"] {
+    for name in ["example.toml", "embedded.toml", "sidecar.toml"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("config")
             .join(name);
@@ -71,8 +74,120 @@ fn validate_rejects_bad_configs_naming_file_line_and_field() {
 }
 
 #[test]
-fn a_missing_config_file_is_a_clear_error() {
+fn a_missing_config_file_is_a_clear_error_said_once() {
     let out = validate(Path::new("/nonexistent/corral.toml"));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/corral.toml"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/corral.toml"), "{stderr}");
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+/// Runs `corral <args>` to the end, without `CORRAL_CONFIG` from the caller's environment.
+fn corral(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(args)
+        .env_remove("CORRAL_CONFIG")
+        .output()
+        .expect("run corral")
+}
+
+#[test]
+fn every_option_of_run_and_validate_is_described_in_help() {
+    for command in ["validate", "run"] {
+        let out = corral(&[command, "--help"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with("--config"))
+            .unwrap_or_else(|| panic!("{command} --help lists no --config:\n{help}"));
+        let described = line
+            .trim_start()
+            .trim_start_matches("--config <CONFIG>")
+            .trim();
+        assert!(
+            described.contains("config file"),
+            "{command} --help: --config is not described: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn demo_refuses_zero_requests_and_zero_instances() {
+    for flag in ["--requests", "--instances"] {
+        let out = corral(&["demo", flag, "0"]);
+        assert!(!out.status.success(), "{flag} 0 must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1"),
+            "{flag} 0: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "no burst ran: {:?}", out.stdout);
+    }
+}
+
+#[test]
+fn demo_with_an_unreachable_redis_fails_at_once_naming_it() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let out = corral(&["demo", "--redis", &url, "--requests", "10"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Redis unreachable at {url}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one error, no warnings: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("fleet"),
+        "no fleet report"
+    );
+    let bad = corral(&["demo", "--redis", "not a url"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a Redis URL"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_redis_coalesces_across_the_fleet_and_leaves_nothing_behind() {
+    let redis = support::RedisServer::start().await;
+    let url = redis.url();
+    let out = tokio::task::spawn_blocking(move || {
+        corral(&[
+            "demo",
+            "--redis",
+            &url,
+            "--requests",
+            "60",
+            "--instances",
+            "2",
+            "--backend-delay",
+            "300ms",
+        ])
+    })
+    .await
+    .expect("the demo ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fleet (2 instances"), "{stdout}");
+    assert!(stdout.contains("60 requests, 1 backend call"), "{stdout}");
+    assert!(stdout.contains("Redis: removed the demo's"), "{stdout}");
+    assert_eq!(redis.keys("corral:*").await, Vec::<String>::new());
 }

@@ -930,7 +930,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(
         answer.json(),
-        serde_json::json!({ "reloaded": true, "routes": 2 })
+        serde_json::json!({ "reloaded": true, "routes": 2, "restart_needed": [] })
     );
     let other_x = client.get(&corral.url("/other/x"), &[]).await;
     assert_eq!(other_x.status, 200, "{}", other_x.text());

@@ -143,6 +143,8 @@ impl Checker<'_> {
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+            shutdown_delay: raw.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
+            access_log: raw.access_log.unwrap_or(true),
             header_read_timeout: self.positive(
                 &raw.header_read_timeout,
                 DEFAULT_HEADER_READ_TIMEOUT,

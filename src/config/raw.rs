@@ -31,6 +31,8 @@ pub(super) struct RawServer {
     pub(super) admin_token: Option<Spanned<String>>,
     pub(super) default_upstream: Option<Spanned<String>>,
     pub(super) shutdown_timeout: Option<HumanDuration>,
+    pub(super) shutdown_delay: Option<HumanDuration>,
+    pub(super) access_log: Option<bool>,
     pub(super) header_read_timeout: Option<Spanned<HumanDuration>>,
     pub(super) max_headers: Option<Spanned<i64>>,
     pub(super) max_header_bytes: Option<Spanned<HumanSize>>,

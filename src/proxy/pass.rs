@@ -17,6 +17,7 @@ use super::{Proxy, read_body};
 use crate::answer::{Answer, ProxyError};
 use crate::body::{BodyFault, ClientBody, ProxyBody};
 use crate::config::RouteConfig;
+use crate::metrics::UNROUTED;
 use crate::outcome::CacheOutcome;
 use crate::upstream::{UpstreamBody, rewrite};
 
@@ -127,9 +128,6 @@ impl Proxy {
         }
     }
 }
-
-/// The route label of unrouted requests, in the request and upstream metrics alike.
-const UNROUTED: &str = "-";
 
 /// Where a pass-through call goes and what bounds it.
 struct Call<'a> {
