@@ -17,11 +17,11 @@ use hyper::body::Incoming;
 
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, Pulse};
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillRequest, Filler, Fleet, Source};
-use crate::flight::{Flights, Role};
+use crate::flight::{Flights, Interest, Role};
 use crate::key::CacheKey;
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
@@ -76,16 +76,17 @@ impl Proxy {
             Some(redis) => {
                 // One breaker per connection: each tells whether its own connection works, so
                 // the process is out of degraded mode only once all of them do.
+                // Whether Redis is alive, though, is seen on any of them.
+                let pulse = Arc::new(Pulse::default());
+                let breaker = || Arc::new(Breaker::with_pulse(pulse.clone()));
                 let keeper = {
-                    let (redis, metrics) = (redis.clone(), metrics.clone());
-                    let breaker = Arc::new(Breaker::default());
+                    let (redis, metrics, breaker) = (redis.clone(), metrics.clone(), breaker());
                     LeaseKeeper::start(move || L2::connect(&redis, breaker, metrics))?
                 };
-                let breaker = Arc::new(Breaker::default());
-                let notices = Notices::connect(redis, breaker, metrics.clone(), l1.clone())?;
+                let notices = Notices::connect(redis, breaker(), metrics.clone(), l1.clone())?;
                 Some(Fleet {
                     keeper: Arc::new(keeper),
-                    l2: L2::connect(redis, Arc::new(Breaker::default()), metrics.clone())?,
+                    l2: L2::connect(redis, breaker(), metrics.clone())?,
                     notices,
                 })
             }
@@ -407,16 +408,16 @@ impl Proxy {
             return self.fetch_alone(&req, CacheOutcome::Bypass).await;
         }
         if req.route.lock.scope == LockScope::None {
-            let fill = self.filler.fill(req.clone()).await;
+            let fill = self.filler.fill(req.clone(), Interest::lasting()).await;
             return self.respond(Role::Leader, &fill, req, stale).await;
         }
         let filler = self.filler.clone();
         let fill_req = req.clone();
-        let joined = self
-            .flights
-            .join(req.key, req.route.lock.max_waiters, move || async move {
-                Arc::new(filler.fill(fill_req).await)
-            });
+        let joined = self.flights.join(
+            req.key,
+            req.route.lock.max_waiters,
+            move |interest| async move { Arc::new(filler.fill(fill_req, interest).await) },
+        );
         let joined = match joined {
             Ok(joined) => joined,
             Err(crowded) => {
@@ -506,7 +507,7 @@ impl Proxy {
         let filler = self.filler.clone();
         let key = req.key;
         let max_waiters = req.route.lock.max_waiters;
-        let _ = self.flights.join(key, max_waiters, move || async move {
+        let _ = self.flights.join(key, max_waiters, move |_| async move {
             Arc::new(filler.refresh(req, stale).await)
         });
     }

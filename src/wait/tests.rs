@@ -380,6 +380,19 @@ async fn a_stale_while_revalidate_entry_is_shared_as_stale() {
     ));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_wait_nobody_wants_any_more_ends() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    assert!(matches!(
+        w.on(Event::Abandoned, now, NOW),
+        Action::Done(Settled::Abandoned)
+    ));
+}
+
 mod refresh {
     use super::*;
 
