@@ -21,11 +21,12 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::ServerConfig;
+use crate::conn::{self, Activity, Tracked};
 use crate::proxy::Readiness;
 use crate::purge::PurgeRequest;
 use crate::server::Control;
@@ -38,8 +39,11 @@ pub async fn serve(
     listener: TcpListener,
     control: Arc<Control>,
     mut stopped: watch::Receiver<bool>,
+    server: ServerConfig,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // The proxy listener's limits: an unfinished head is closed at `header_read_timeout`.
+    let builder = conn::builder(&server);
+    let idle_limit = server.header_read_timeout;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,15 +57,21 @@ pub async fn serve(
             _ = stopped.changed() => return,
         };
         let control = control.clone();
+        let activity = Activity::new();
+        let requests = activity.clone();
         let service = service_fn(move |req| {
             let control = control.clone();
-            async move { Ok::<_, Infallible>(handle(&control, req, peer).await) }
+            let in_flight = requests.begin();
+            async move {
+                let resp = handle(&control, req, peer).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            if let Some(Err(err)) = conn::drive(conn, &activity, idle_limit).await {
                 tracing::debug!(%peer, %err, "admin connection ended with an error");
             }
         });

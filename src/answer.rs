@@ -1,6 +1,8 @@
 //! Answers: a response and the cache's part in it ([`CacheOutcome`]), built from an entry, a
 //! personal answer or an error. Errors become statuses here and nowhere else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -65,9 +67,51 @@ pub enum ProxyError {
     Crowded(#[from] Crowded),
     #[error("bad request target: {0}")]
     Target(#[from] TargetError),
+    #[error("{0} is not allowed here")]
+    MethodNotAllowed(http::Method),
+}
+
+/// The header naming the kind of failure behind an error answer (`upstream-timeout`,
+/// `body-too-large`, …): what a client or an operator reading a client's report may know of it.
+pub const ERROR_KIND: HeaderName = HeaderName::from_static("corral-error");
+
+/// The body of a 5xx answer: its status and nothing else. The detail (which upstream, what went
+/// wrong) would tell clients about the inside of the deployment; it goes to the log instead.
+pub fn generic_body(status: StatusCode) -> String {
+    format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    )
+}
+
+/// The kind of a failed fill, for the `corral-error` header.
+pub fn fill_error_kind(err: &FillError) -> &'static str {
+    match err {
+        FillError::Upstream(err) => err.kind(),
+        FillError::WaitTimeout(_) => "wait-timeout",
+        FillError::Overloaded { .. } => "upstream-overloaded",
+    }
 }
 
 impl ProxyError {
+    /// The failure's kind, for the `corral-error` header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. } => "body-too-large",
+            ProxyError::BodyUnreadable(_) => "body-unreadable",
+            ProxyError::BodyTimeout(_) => "body-timeout",
+            ProxyError::BadKey(_) => "bad-key",
+            ProxyError::NoRoute => "no-route",
+            ProxyError::Upstream(err) => err.kind(),
+            ProxyError::Fill(err) => fill_error_kind(err),
+            ProxyError::FillPanicked => "fill-failed",
+            ProxyError::Crowded(_) => "too-many-waiters",
+            ProxyError::MethodNotAllowed(_) => "method-not-allowed",
+            ProxyError::Target(_) => "bad-target",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -79,29 +123,92 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Fill(err) => err.status(),
             ProxyError::Crowded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(_) | ProxyError::FillPanicked => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// The one place where errors become answers.
+    /// The one place where errors become answers. A 5xx gets a generic body (its detail, such as
+    /// the upstream's address, is logged, at most [`WARNINGS_PER_SECOND`] lines a second); a 4xx,
+    /// the client's own fault, says what was wrong with the request. Both name the failure's kind
+    /// in `corral-error`.
     pub fn into_answer(self, outcome: CacheOutcome) -> Answer {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(%status, err = %self, "answering with an error");
+        let body = if status.is_server_error() {
+            if let Some(suppressed) = WARNINGS.allow(now_ms() / 1000) {
+                tracing::warn!(%status, err = %self, suppressed, "answering with an error");
+            }
+            generic_body(status)
         } else {
             tracing::debug!(%status, err = %self, "rejecting request");
-        }
-        let mut resp = Response::new(ProxyBody::full(format!("{self}\n")));
+            format!("{self}\n")
+        };
+        let mut resp = Response::new(ProxyBody::full(body));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        headers.insert(ERROR_KIND, HeaderValue::from_static(self.kind()));
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // What Corral passes on; the upstream may accept fewer.
+            let allow = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         Answer::new(outcome, resp)
+    }
+}
+
+/// Most error warnings logged per second; the rest are counted and the count is logged with the
+/// next one, so an upstream outage cannot flood the log.
+pub const WARNINGS_PER_SECOND: u64 = 10;
+
+static WARNINGS: LogBudget = LogBudget::new(WARNINGS_PER_SECOND);
+
+/// A per-second budget of log lines, shared by every thread.
+pub struct LogBudget {
+    per_second: u64,
+    /// The second the budget is for, and how many lines it has spent (the high and low 32 bits
+    /// of one atomic, so both change together).
+    window: AtomicU64,
+    /// Lines refused since the last one logged.
+    suppressed: AtomicU64,
+}
+
+impl LogBudget {
+    pub const fn new(per_second: u64) -> LogBudget {
+        LogBudget {
+            per_second,
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be logged in second `now_secs`: `Some(n)` with the number of lines
+    /// refused since the last one allowed, or `None` when this second's budget is spent.
+    pub fn allow(&self, now_secs: u64) -> Option<u64> {
+        let second = now_secs & 0xFFFF_FFFF;
+        let spent = self
+            .window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                let (at, used) = (w >> 32, w & 0xFFFF_FFFF);
+                match (at == second, used < self.per_second) {
+                    (false, _) => Some((second << 32) | 1),
+                    (true, true) => Some(w + 1),
+                    (true, false) => None,
+                }
+            });
+        match spent {
+            Ok(_) => Some(self.suppressed.swap(0, Ordering::AcqRel)),
+            Err(_) => {
+                self.suppressed.fetch_add(1, Ordering::AcqRel);
+                None
+            }
+        }
     }
 }
 
@@ -134,4 +241,20 @@ pub fn private_answer(buffered: &Buffered) -> Answer {
     *resp.status_mut() = buffered.status;
     *resp.headers_mut() = buffered.headers.clone();
     Answer::new(CacheOutcome::MissNotStored, resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_budget_refuses_past_its_rate_and_counts_what_it_refused() {
+        let budget = LogBudget::new(3);
+        let allowed: Vec<_> = (0..10).map(|_| budget.allow(100)).collect();
+        assert_eq!(allowed[..3], [Some(0), Some(0), Some(0)]);
+        assert!(allowed[3..].iter().all(Option::is_none));
+        // The next second opens a new budget, and its first line says how many were dropped.
+        assert_eq!(budget.allow(101), Some(7));
+        assert_eq!(budget.allow(101), Some(0));
+    }
 }

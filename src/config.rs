@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// Where unrouted requests go (uncached). `None`: unrouted requests get 404.
     /// Same shape rules as `RouteConfig::upstream`.
     pub default_upstream: Option<Uri>,
+    /// The wait for the default upstream's response head. Default 30s (a route's default
+    /// `upstream_timeout`); never zero.
+    pub default_upstream_timeout: Duration,
     /// How long graceful shutdown may take. Default 30s.
     pub shutdown_timeout: Duration,
     /// After SIGTERM, how long to keep serving while `/readyz` answers 503 (so load balancers and
@@ -78,6 +81,13 @@ pub struct ServerConfig {
     /// `/readyz` while Redis is unreachable: `true` answers 200 `degraded` (keep serving from L1
     /// and the upstream), `false` answers 503 (take the pod out of rotation). Default `true`.
     pub ready_when_degraded: bool,
+    /// Most client connections the proxy listener holds open at once; past it, new connections
+    /// wait in the kernel's accept queue until one closes. Default 10000.
+    pub max_connections: usize,
+    /// How long an upstream connection may sit idle in the pool before it is closed. Kept below
+    /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
+    /// Default 4s; never zero.
+    pub upstream_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +201,13 @@ pub struct RouteConfig {
     /// Most concurrent upstream calls this route makes from one process; more wait for a slot
     /// (within `upstream_timeout`, then 503). Default `None` (no cap).
     pub upstream_concurrency: Option<usize>,
+    /// Most surrogate keys (`Surrogate-Key` / `Cache-Tag`) indexed per answer; the rest are dropped
+    /// with a log line, so one answer cannot create thousands of Redis keys. `0` indexes none.
+    /// Default 32.
+    pub max_tags: usize,
+    /// Whether `TRACE` requests are passed to the upstream. Default `false`: they get 405 before
+    /// any upstream call (a `TRACE` echo lets a script read headers it may not, such as cookies).
+    pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
 }
@@ -391,3 +408,6 @@ const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_WAITERS: usize = 10_000;
+const DEFAULT_MAX_TAGS: usize = 32;
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);

@@ -25,6 +25,10 @@ const MAGIC: u8 = 0xC0;
 const VERSION: u8 = 0x02;
 /// The previous format (no variant fields), still read so a rolling upgrade keeps its entries.
 const VERSION_1: u8 = 0x01;
+/// The fewest bytes one encoded header takes: its two lengths and a one-byte name.
+const MIN_HEADER_BYTES: usize = 2 + 1 + 4;
+/// The fewest bytes one encoded tag takes: its length.
+const MIN_TAG_BYTES: usize = 2;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,8 +235,15 @@ impl Entry {
             sie_until: r.u64()?,
         };
         let fill_ms = r.u32()?;
-        let n_headers = r.u16()?;
-        let mut headers = HeaderMap::with_capacity(usize::from(n_headers));
+        // Every count is bounded by the bytes actually present (a header takes at least
+        // `MIN_HEADER_BYTES`, a tag `MIN_TAG_BYTES`), so a hostile count costs no allocation, and the
+        // header map is filled with `try_` calls, so no count can make it panic.
+        let n_headers = usize::from(r.u16()?);
+        if n_headers > r.remaining() / MIN_HEADER_BYTES {
+            return Err(DecodeError::Garbled);
+        }
+        let mut headers =
+            HeaderMap::try_with_capacity(n_headers).map_err(|_| DecodeError::Garbled)?;
         for _ in 0..n_headers {
             let name_len = usize::from(r.u16()?);
             let name =
@@ -242,10 +253,15 @@ impl Entry {
             r.take(value_len)?;
             let value = HeaderValue::from_maybe_shared(raw.slice(start..start + value_len))
                 .map_err(|_| DecodeError::Garbled)?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError::Garbled)?;
         }
-        let n_tags = r.u16()?;
-        let mut tags = Vec::with_capacity(usize::from(n_tags));
+        let n_tags = usize::from(r.u16()?);
+        if n_tags > r.remaining() / MIN_TAG_BYTES {
+            return Err(DecodeError::Garbled);
+        }
+        let mut tags = Vec::with_capacity(n_tags);
         for _ in 0..n_tags {
             let len = usize::from(r.u16()?);
             let tag = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::Garbled)?;
@@ -289,6 +305,10 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.raw.len().saturating_sub(self.pos)
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Garbled)?;
         let slice = self.raw.get(self.pos..end).ok_or(DecodeError::Garbled)?;
@@ -390,5 +410,30 @@ mod tests {
         for cut in 0..40 {
             assert!(Entry::decode(full.slice(..cut)).is_err(), "cut at {cut}");
         }
+    }
+
+    /// A value claiming more headers than its bytes can hold is garbled, whatever the count: the
+    /// claim must not size an allocation, nor reach `HeaderMap`'s capacity limit (which panics).
+    #[test]
+    fn hostile_counts_are_bounded_by_the_bytes_present() {
+        let mut head = sample().encode().slice(..40).to_vec();
+        head.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(Entry::decode(head.into()), Err(DecodeError::Garbled));
+
+        // 40,000 real one-byte headers: more than a `HeaderMap` can hold.
+        let mut many = sample().encode().slice(..40).to_vec();
+        many.extend_from_slice(&40_000u16.to_le_bytes());
+        for _ in 0..40_000 {
+            many.extend_from_slice(&1u16.to_le_bytes());
+            many.push(b'x');
+            many.extend_from_slice(&0u32.to_le_bytes());
+        }
+        many.extend_from_slice(&0u16.to_le_bytes());
+        assert_eq!(Entry::decode(many.into()), Err(DecodeError::Garbled));
+
+        let mut tags = sample().encode().slice(..40).to_vec();
+        tags.extend_from_slice(&0u16.to_le_bytes());
+        tags.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(Entry::decode(tags.into()), Err(DecodeError::Garbled));
     }
 }

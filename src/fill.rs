@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::config::{Config, LockScope, RouteConfig};
@@ -164,7 +164,7 @@ impl Filler {
             l1,
             marks: PassMarks::new(),
             fleet,
-            client: UpstreamClient::new(),
+            client: UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout),
             limits,
             caps: caps(config),
             metrics,
@@ -350,7 +350,10 @@ impl Filler {
                 Fill::Streamed(Arc::new(Mutex::new(Some(streaming))))
             }
             Err(err) => {
-                let answer = Arc::new(error_entry(err.status(), &err.to_string()));
+                let answer = Arc::new(error_entry(
+                    err.status(),
+                    crate::answer::fill_error_kind(&err),
+                ));
                 claim.give_up(req, Notice::Failed(Some(answer))).await;
                 match fallback {
                     Some(stale) => Fill::Shared {
@@ -368,11 +371,11 @@ impl Filler {
     pub async fn upstream_slot(
         &self,
         route: &RouteConfig,
-    ) -> Result<Option<SemaphorePermit<'_>>, FillError> {
+    ) -> Result<Option<OwnedSemaphorePermit>, FillError> {
         let Some(limit) = self.limits.get(&route.name) else {
             return Ok(None);
         };
-        match tokio::time::timeout(route.upstream_timeout, limit.acquire()).await {
+        match tokio::time::timeout(route.upstream_timeout, limit.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Some(permit)),
             _ => Err(FillError::Overloaded {
                 route: route.name.clone(),
@@ -443,10 +446,7 @@ impl Filler {
                 rest,
             } => Verdict::Oversized(Response::from_parts(
                 parts,
-                ProxyBody::Prefixed {
-                    prefix: Some(prefix),
-                    rest,
-                },
+                ProxyBody::prefixed(prefix, rest, slot),
             )),
         })
     }

@@ -4,8 +4,10 @@
 //! the path, the query (all of it, parameters sorted by name with repeated ones kept in order, or only
 //! the parameters `key.query` names), the chosen headers (lower-cased names; every value, in order)
 //! and the body: the chosen JSON body fields in canonical form (object keys sorted, whitespace
-//! ignored, duplicate object keys rejected), or — when `key.json` names none — all of it. The path
-//! is the normalized one ([`crate::target`]); HEAD is keyed as GET ([`crate::route::cache_method`]). Every field is length-prefixed, so `("ab", "c")` and `("a", "bc")`
+//! ignored, numbers kept as their exact text rather than rounded to a machine number, duplicate
+//! object keys rejected), or — when `key.json` names none — all of it. The path is the normalized
+//! one ([`crate::target`]); HEAD is keyed as GET ([`crate::route::cache_method`]). Every field is
+//! length-prefixed, so `("ab", "c")` and `("a", "bc")`
 //! hash differently, and every list is count-prefixed. Nothing of the raw request reaches a Redis
 //! key: only the hex digest does.
 
@@ -311,10 +313,95 @@ impl<'de> Visitor<'de> for StrictVisitor {
             if out.contains_key(&k) {
                 return Err(A::Error::custom(format_args!("duplicate object key {k:?}")));
             }
-            let v = map.next_value_seed(StrictValue)?;
+            let v = if out.is_empty() && k == NUMBER_TOKEN {
+                match map.next_value_seed(NumberOrValue)? {
+                    // Not an object: serde_json's way of handing over a number's exact text.
+                    Field::Number(text) => return number(&text).map_err(A::Error::custom),
+                    Field::Value(v) => v,
+                }
+            } else {
+                map.next_value_seed(StrictValue)?
+            };
             out.insert(k, v);
         }
         Ok(Value::Object(out))
+    }
+}
+
+/// The key under which serde_json (feature `arbitrary_precision`) hands a number's text to a
+/// visitor, as a one-entry map (integers that fit an `i64` or `u64` come as such: exact anyway). A client's object can use the same key; [`NumberOrValue`] tells
+/// them apart.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// A number from its exact text: it keeps that text, so `18446744073709551616` and
+/// `18446744073709551617`, or `0.1` and `0.10000000000000000001`, stay different numbers.
+fn number(text: &str) -> Result<Value, serde_json::Error> {
+    text.parse::<serde_json::Number>().map(Value::Number)
+}
+
+/// The value under [`NUMBER_TOKEN`]: a number's text when serde_json produced it, or any value
+/// when a client's object merely used that key. A slice parser hands every string from the
+/// document over borrowed (`visit_borrowed_str`) or copied (`visit_str`); only the number's text
+/// arrives as an owned `String`, and that is how the two are told apart. `tests/keys.rs` checks
+/// that the two still key differently, so a serde_json change here cannot go unnoticed.
+struct NumberOrValue;
+
+enum Field {
+    Number(String),
+    Value(Value),
+}
+
+impl<'de> DeserializeSeed<'de> for NumberOrValue {
+    type Value = Field;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+        d.deserialize_any(NumberOrValueVisitor)
+    }
+}
+
+struct NumberOrValueVisitor;
+
+impl<'de> Visitor<'de> for NumberOrValueVisitor {
+    type Value = Field;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Field, E> {
+        Ok(Field::Number(v))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field, E> {
+        Ok(Field::Value(Value::String(v.to_owned())))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+        Ok(Field::Value(Value::String(v.to_owned())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
+        Ok(Field::Value(Value::from(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
+        Ok(Field::Value(Value::from(v)))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Field, E> {
+        Ok(Field::Value(Value::Bool(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Field, E> {
+        Ok(Field::Value(Value::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field, A::Error> {
+        StrictVisitor.visit_seq(seq).map(Field::Value)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field, A::Error> {
+        StrictVisitor.visit_map(map).map(Field::Value)
     }
 }
 

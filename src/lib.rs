@@ -16,6 +16,8 @@
 //!   per key across the fleet;
 //!   [`verdict`] — what an upstream answer allows, and for how long ([`cache_control`] parses
 //!   `Cache-Control`).
+//! - [`redact`] — passwords masked in anything shown.
+//! - [`conn`] — the limits of every client connection (head, idle, count).
 //! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
 //!   [`answer`] — responses and the one place errors become statuses;
 //!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
@@ -33,6 +35,7 @@ pub mod cache_control;
 pub mod coalesce;
 pub mod conditional;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod entry;
 pub mod fill;
@@ -46,6 +49,7 @@ pub mod notice;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;
+pub mod redact;
 pub mod revalidate;
 pub mod route;
 pub mod server;

@@ -531,7 +531,7 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             // The circuit is open: nothing was asked of this node, so it is not to blame.
             Err(L2Error::CircuitOpen { .. }) => {}
             Err(err) => {
-                tracing::warn!(%err, node = %r.node(), "redis pub/sub (un)subscribe failed; retrying");
+                tracing::warn!(%err, node = %crate::redact::redact(r.node()), "redis pub/sub (un)subscribe failed; retrying");
                 r.failures += 1;
                 r.recheck();
                 if r.move_on() {
@@ -576,13 +576,13 @@ impl Reconciler {
         let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(%err, node = %urls[next], "cannot open a pub/sub connection");
+                tracing::warn!(%err, node = %crate::redact::redact(&urls[next]), "cannot open a pub/sub connection");
                 return false;
             }
         };
         tracing::warn!(
-            from = %urls[*at],
-            to = %urls[next],
+            from = %crate::redact::redact(&urls[*at]),
+            to = %crate::redact::redact(&urls[next]),
             "redis pub/sub node not answering; moving to the next seed node"
         );
         self.nodes = Nodes::Seeds {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header;
 use http::request::Parts;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 
@@ -32,10 +32,10 @@ use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, cache_method, check_cacheable};
-use crate::upstream::{UpstreamBody, rewrite};
 use crate::vary;
 
 mod invalidate;
+mod pass;
 
 /// How long `/readyz` answers "starting" while Redis has not answered yet, before it reports the
 /// process as degraded instead.
@@ -56,7 +56,8 @@ pub struct Proxy {
     /// When this process's proxy was first built (kept across reloads).
     started: Instant,
     router: Router,
-    default_upstream: Option<Uri>,
+    /// The default upstream and the wait for its response heads.
+    default_upstream: Option<(Uri, std::time::Duration)>,
     filler: Arc<Filler>,
     flights: Arc<Flights<Arc<Fill>>>,
     metrics: Arc<Metrics>,
@@ -97,7 +98,11 @@ impl Proxy {
         Ok(Proxy {
             started: Instant::now(),
             router: Router::new(&config.routes),
-            default_upstream: config.server.default_upstream.clone(),
+            default_upstream: config
+                .server
+                .default_upstream
+                .clone()
+                .map(|u| (u, config.server.default_upstream_timeout)),
             filler: Arc::new(Filler::new(config, l1, fleet, metrics.clone())),
             flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
             metrics,
@@ -126,7 +131,11 @@ impl Proxy {
         Proxy {
             started: self.started,
             router: Router::new(&config.routes),
-            default_upstream: config.server.default_upstream.clone(),
+            default_upstream: config
+                .server
+                .default_upstream
+                .clone()
+                .map(|u| (u, config.server.default_upstream_timeout)),
             filler: Arc::new(self.filler.renewed(config)),
             flights: self.flights.clone(),
             metrics: self.metrics.clone(),
@@ -213,6 +222,18 @@ impl Proxy {
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let route = self.router.route(req.uri().path(), req.method()).cloned();
         let (answer, route) = match route {
+            // TRACE echoes the request, credentials included, to whoever can read the answer:
+            // refused before any upstream call unless the route allows it.
+            _ if req.method() == Method::TRACE
+                && !route.as_ref().is_some_and(|r| r.allow_trace) =>
+            {
+                let err = ProxyError::MethodNotAllowed(Method::TRACE);
+                let outcome = match route {
+                    Some(_) => CacheOutcome::Bypass,
+                    None => CacheOutcome::UriMiss,
+                };
+                (err.into_answer(outcome), route)
+            }
             None => (self.unrouted(req, peer).await, None),
             Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
         };
@@ -251,13 +272,7 @@ impl Proxy {
     ) -> Answer {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
-            let (parts, body) = req.into_parts();
-            let upstream = route.upstream.clone();
-            let answer = self
-                .forward(&route, &upstream, &parts, Either::Right(body), peer)
-                .await;
-            self.invalidate_after(&parts, &answer.response).await;
-            return answer;
+            return self.bypass(&route, req, peer).await;
         }
         let (parts, body) = req.into_parts();
         let limit = self.body_read_timeout;
@@ -476,7 +491,14 @@ impl Proxy {
     async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Answer {
         let body = Either::Left(http_body_util::Full::new(req.body.clone()));
         let answer = self
-            .forward(&req.route, &req.route.upstream, &req.parts, body, req.peer)
+            .forward(
+                &req.route,
+                &req.route.upstream,
+                &req.parts,
+                body,
+                req.peer,
+                None,
+            )
             .await;
         Answer::new(outcome, answer.response)
     }
@@ -490,58 +512,6 @@ impl Proxy {
         let _ = self.flights.join(key, max_waiters, move |_| async move {
             Arc::new(filler.refresh(req, stale).await)
         });
-    }
-
-    /// Passes a request to `upstream` and its answer back, streaming, with `fwd=bypass`.
-    async fn forward(
-        &self,
-        route: &RouteConfig,
-        upstream: &Uri,
-        parts: &Parts,
-        body: UpstreamBody,
-        peer: SocketAddr,
-    ) -> Answer {
-        let outcome = CacheOutcome::Bypass;
-        let _slot = match self.filler.upstream_slot(route).await {
-            Ok(slot) => slot,
-            Err(err) => return ProxyError::from(err).into_answer(outcome),
-        };
-        let upstream_req = rewrite(parts, body, upstream, peer);
-        let started = Instant::now();
-        let sent = self
-            .filler
-            .client
-            .send(upstream_req, upstream, route.upstream_timeout)
-            .await;
-        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics
-            .upstream_call(&route.name, status, started.elapsed());
-        match sent {
-            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
-            Err(err) => ProxyError::from(err).into_answer(outcome),
-        }
-    }
-
-    async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
-        let outcome = CacheOutcome::UriMiss;
-        let Some(upstream) = &self.default_upstream else {
-            return ProxyError::NoRoute.into_answer(outcome);
-        };
-        let (parts, body) = req.into_parts();
-        let upstream_req = rewrite(&parts, Either::Right(body), upstream, peer);
-        let started = Instant::now();
-        let sent = self
-            .filler
-            .client
-            .send(upstream_req, upstream, DEFAULT_UPSTREAM_TIMEOUT)
-            .await;
-        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics
-            .upstream_call(crate::metrics::UNROUTED, status, started.elapsed());
-        match sent {
-            Ok(resp) => Answer::new(outcome, resp.map(ProxyBody::Stream)),
-            Err(err) => ProxyError::from(err).into_answer(outcome),
-        }
     }
 }
 
@@ -560,9 +530,6 @@ enum Looked {
     /// and the entry's generation (its `stored_at`).
     OtherVariant(FillRequest, Vec<crate::vary::VaryField>, u64),
 }
-
-/// The wait for the default upstream's response head.
-const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
 /// nears, scaled by how long the fill took: `now − fill_time · β · ln(rand) ≥ fresh_until`.

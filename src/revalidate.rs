@@ -87,7 +87,7 @@ pub fn renewed(
     }
     Some(Entry {
         status: stale.status,
-        tags: surrogate_keys(&merged),
+        tags: surrogate_keys(&merged, route),
         headers: compact(&merged),
         body: stale.body.clone(),
         times,

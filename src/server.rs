@@ -17,15 +17,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::body::ProxyBody;
 use crate::config::{Config, ConfigError, RedisTopology, ServerConfig};
+use crate::conn::{self, Activity, Tracked};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
@@ -161,7 +164,13 @@ impl Instance {
             Some(wanted) => {
                 let admin = bind(wanted).await?;
                 let admin_addr = local_addr(&admin, wanted)?;
-                tokio::spawn(crate::admin::serve(admin, control.clone(), stopped.clone()));
+                let serving = crate::admin::serve(
+                    admin,
+                    control.clone(),
+                    stopped.clone(),
+                    config.server.clone(),
+                );
+                tokio::spawn(serving);
                 tracing::info!(addr = %admin_addr, "admin listening");
                 Some(admin_addr)
             }
@@ -284,6 +293,15 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             "server.max_header_bytes",
             old.server.max_header_bytes != new.server.max_header_bytes,
         ),
+        (
+            "server.max_connections",
+            old.server.max_connections != new.server.max_connections,
+        ),
+        // The upstream pool is built once, with the process.
+        (
+            "server.upstream_idle_timeout",
+            old.server.upstream_idle_timeout != new.server.upstream_idle_timeout,
+        ),
         ("redis", old_redis.is_some() != new_redis.is_some()),
         (
             topology,
@@ -333,17 +351,19 @@ async fn serve(
     mut stopped: watch::Receiver<bool>,
     server: ServerConfig,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer is what makes hyper enforce the header read timeout at all.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        .max_headers(server.max_headers)
-        // Bounds the request head in bytes (431 past it); bodies stream through in chunks.
-        .max_buf_size(usize::try_from(server.max_header_bytes).unwrap_or(usize::MAX));
+    let builder = conn::builder(&server);
     let graceful = GracefulShutdown::new();
+    // One slot per open connection: at the cap, accepting pauses until one closes.
+    let slots = Arc::new(Semaphore::new(server.max_connections));
+    let (idle_limit, max_headers) = (server.header_read_timeout, server.max_headers);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed; ends the loop rather than spinning
+            },
+            _ = stopped.changed() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -358,17 +378,31 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let control = control.clone();
-        let service = service_fn(move |req| {
+        let activity = Activity::new();
+        let requests = activity.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
             let proxy = control.proxy();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let in_flight = requests.begin();
+            async move {
+                // HTTP/1 heads are counted by hyper; an HTTP/2 header block only here.
+                let resp = if req.headers().len() > max_headers {
+                    too_many_headers()
+                } else {
+                    proxy.handle(req, peer).await
+                };
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%peer, %err, "connection ended with an error");
+            let _slot = slot;
+            match conn::drive(conn, &activity, idle_limit).await {
+                Some(Err(err)) => tracing::debug!(%peer, %err, "connection ended with an error"),
+                Some(Ok(())) => {}
+                None => tracing::debug!(%peer, "closed an idle connection"),
             }
         });
     }
@@ -396,6 +430,14 @@ async fn serve(
     tracing::info!("all requests and fills finished");
 }
 
+/// 431 for an HTTP/2 request with more header fields than `server.max_headers` (HTTP/1 gets the
+/// same from hyper).
+fn too_many_headers() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full("too many header fields\n"));
+    *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,7 +455,7 @@ mod tests {
         let base = parse("", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
         let same = parse(
             "admin_token = \"t\"\nbody_read_timeout = \"5s\"\nshutdown_delay = \"5s\"\n\
-             access_log = false\nready_when_degraded = false",
+             access_log = false\nready_when_degraded = false\ndefault_upstream_timeout = \"5s\"",
             "[redis]\nurl = \"redis://127.0.0.1:1\"\n",
         );
         assert_eq!(restart_needed(&base, &same), Vec::<&str>::new());
@@ -427,6 +469,12 @@ mod tests {
                 "server.header_read_timeout",
             ),
             ("max_headers = 10", "", "server.max_headers"),
+            ("max_connections = 10", "", "server.max_connections"),
+            (
+                "upstream_idle_timeout = \"1s\"",
+                "",
+                "server.upstream_idle_timeout",
+            ),
             (
                 "max_header_bytes = \"16KiB\"",
                 "",

@@ -12,13 +12,13 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
 const SPARE_LIMIT: usize = 1024;
 
 /// A request body on its way upstream: buffered (keyed or filled requests) or streamed through.
-pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+pub type UpstreamBody = Either<Full<Bytes>, crate::body::ClientBody>;
 
 /// Why an upstream call produced no response.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,68 @@ pub enum UpstreamError {
     Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
     Body { upstream: String, reason: String },
+}
+
+impl UpstreamError {
+    /// The failure's kind, for the `corral-error` header: what a client may know of it (never
+    /// the upstream's address, which stays in the log).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "upstream-connect",
+            UpstreamError::Timeout { .. } => "upstream-timeout",
+            UpstreamError::Body { .. } => "upstream-body",
+        }
+    }
+}
+
+/// A copy of `req` to send again, when it is idempotent (RFC 9110 §9.2.2) and its body can be
+/// sent twice: buffered, or a streamed body that is already known to be empty.
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    if !is_idempotent(req.method()) {
+        return None;
+    }
+    let body = match req.body() {
+        Either::Left(full) => Either::Left(full.clone()),
+        Either::Right(streamed) if http_body::Body::is_end_stream(streamed) => {
+            Either::Left(Full::new(Bytes::new()))
+        }
+        Either::Right(_) => return None,
+    };
+    let mut again = Request::new(body);
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
+}
+
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// Whether a failed call got no answer at all: no connection, or one that closed before any byte
+/// of a response (hyper: canceled, or an incomplete message).
+fn unanswered(err: &hyper_util::client::legacy::Error) -> bool {
+    if err.is_connect() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            return hyper.is_incomplete_message() || hyper.is_canceled();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// An upstream answer read up to a size limit.
@@ -70,27 +132,55 @@ impl Default for UpstreamClient {
     }
 }
 
+/// How long a pooled connection may idle when the config does not say (`server.upstream_idle_timeout`).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 impl UpstreamClient {
     pub fn new() -> UpstreamClient {
+        UpstreamClient::with_idle_timeout(DEFAULT_IDLE_TIMEOUT)
+    }
+
+    /// A client whose pooled connections close after `idle` unused. Below the upstream's own
+    /// keep-alive timeout, Corral is the side that closes, so it never writes a request into a
+    /// connection the upstream is closing at that moment (the rare race left is retried: see
+    /// [`UpstreamClient::send`]).
+    pub fn with_idle_timeout(idle: Duration) -> UpstreamClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(idle)
+            // Without a timer idle connections are only dropped when next checked out.
+            .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
         UpstreamClient { client }
     }
 
     /// Sends a request and returns the response with its body still streaming. `limit` bounds the
-    /// wait for the response head.
+    /// wait for the response head, retry included.
+    ///
+    /// An idempotent request with a replayable body (buffered, or none) is sent once more when the
+    /// first try got no answer — the connection could not be made, or closed before a complete
+    /// answer head (a pooled connection the upstream closed as it was reused). Like nginx's
+    /// `proxy_next_upstream error`, and never for `POST`/`PATCH`, which must not run twice.
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
         upstream: &Uri,
         limit: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(limit, self.client.request(req)).await {
+        let replay = replayable(&req);
+        let tries = async {
+            match (self.client.request(req).await, replay) {
+                (Err(err), Some(again)) if unanswered(&err) => {
+                    tracing::debug!(%upstream, %err, "no answer on the first try; retrying once");
+                    self.client.request(again).await
+                }
+                (result, _) => result,
+            }
+        };
+        match tokio::time::timeout(limit, tries).await {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)

@@ -35,18 +35,21 @@ pub(crate) enum Verdict {
 }
 
 /// The answer standing for a fill that got none (connection error, timeout), shared with the
-/// waiters so they do not each try again.
-pub fn error_entry(status: StatusCode, message: &str) -> Entry {
+/// waiters so they do not each try again — fleet-wide, so it carries no detail: a generic body and
+/// the failure's `kind` in the `corral-error` header (see [`crate::answer::ERROR_KIND`]); the
+/// detail (the upstream's address, the cause) is in the leader's log.
+pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    headers.insert(crate::answer::ERROR_KIND, HeaderValue::from_static(kind));
     let now = now_ms();
     Entry {
         status,
         headers,
-        body: Bytes::from(format!("{message}\n")),
+        body: Bytes::from(crate::answer::generic_body(status)),
         times: Lifetime {
             stored_at: now,
             fresh_until: now,
@@ -82,7 +85,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     }
     let now = now_ms();
     let (times, storable_status) = lifetime(route, answer.status, &answer.headers, now);
-    let tags = surrogate_keys(&answer.headers);
+    let tags = surrogate_keys(&answer.headers, route);
     let headers = compact(&answer.headers);
     let vary = crate::vary::recorded(&answer.headers, &answer.sent);
     let entry = Entry {
@@ -214,8 +217,13 @@ pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
     kept
 }
 
-/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
-pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+/// Longest tag indexed; longer ones are dropped (each would be a Redis key of that length).
+const MAX_TAG_BYTES: usize = 1024;
+
+/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated), at most the
+/// route's `max_tags` of them (the first in sorted order) and none longer than `MAX_TAG_BYTES`:
+/// each tag becomes a Redis key, and the upstream's answer must not decide how many.
+pub(crate) fn surrogate_keys(headers: &HeaderMap, route: &RouteConfig) -> Vec<String> {
     let spaced = headers
         .get_all("surrogate-key")
         .iter()
@@ -234,6 +242,21 @@ pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
         .collect();
     tags.sort();
     tags.dedup();
+    let found = tags.len();
+    tags.retain(|t| t.len() <= MAX_TAG_BYTES);
+    let too_long = found - tags.len();
+    tags.truncate(route.max_tags);
+    let dropped = found - tags.len();
+    if dropped > 0 {
+        tracing::warn!(
+            route = %route.name,
+            found,
+            kept = tags.len(),
+            too_long,
+            max_tags = route.max_tags,
+            "dropped surrogate keys past the route's limit"
+        );
+    }
     tags
 }
 

@@ -210,7 +210,7 @@ async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
         8
     );
     assert_eq!(cluster.keys(entries).await.len(), 7);
-    assert!(cluster.keys("corral:test:tag:*").await.is_empty());
+    assert!(cluster.keys("corral:test:#tags:*").await.is_empty());
     for instance in &fleet {
         eventually("the instance dropped the tagged entries", async || {
             instance.proxy().l1().entry_count().await == 7

@@ -221,6 +221,23 @@ fn bad_size_is_refused() {
     assert!(message.contains("invalid size"), "{message}");
 }
 
+/// bytesize saturates at `u64::MAX` rather than failing: an overflowing size must be an error
+/// naming the field, not a silently huge limit.
+#[test]
+fn overflowing_sizes_are_refused() {
+    for size in ["99999999999999999999EiB", "20EiB", "16EiB", "1e30B"] {
+        let message = refusal(&format!("[cache]\nl1_max_bytes = \"{size}\"\n"));
+        assert_points_at(&message, 2, "cache.l1_max_bytes");
+        assert!(message.contains("invalid size"), "{size}: {message}");
+        let message = refusal(&format!("{ROUTE}max_body = \"{size}\"\n"));
+        assert_points_at(&message, 6, "max_body");
+    }
+    let largest = format!("[cache]\nl1_max_bytes = \"15EiB\"\n{ROUTE}");
+    if let Err(err) = Config::parse(&largest, Path::new("ok.toml")) {
+        panic!("refused a size that fits: {err}");
+    }
+}
+
 #[test]
 fn duplicate_route_name_is_refused() {
     let message = refusal(&format!("{ROUTE}{ROUTE}"));

@@ -479,6 +479,59 @@ fn unreadable_bodies_are_refused_only_where_json_is_keyed() {
     assert!(post(&spec(None, &[], &[]), b"\xff\xfe").is_ok());
 }
 
+/// Numbers are keyed by their exact text: two numbers that round to one `u64` or `f64` are two
+/// requests a backend can answer differently.
+#[test]
+fn json_numbers_are_keyed_by_their_exact_text() {
+    let s = json_spec();
+    let key = |body: &str| post(&s, body.as_bytes()).unwrap();
+    let pairs = [
+        ("18446744073709551616", "18446744073709551617"),
+        ("0.1", "0.1000000000000000000000000001"),
+        ("9007199254740993", "9007199254740992.0"),
+        ("1e400", "2e400"),
+        ("-0", "0"),
+    ];
+    for (a, b) in pairs {
+        assert_ne!(
+            key(&format!(r#"{{"segment":{a}}}"#)),
+            key(&format!(r#"{{"segment":{b}}}"#)),
+            "{a} and {b} share a key"
+        );
+        assert_ne!(
+            key(&format!(r#"{{"nested":{{"x":[{a}]}}}}"#)),
+            key(&format!(r#"{{"nested":{{"x":[{b}]}}}}"#)),
+            "{a} and {b} share a key when nested"
+        );
+    }
+    // The text is what counts, not where the number sits or the whitespace around it.
+    assert_eq!(
+        key(r#"{"segment": 18446744073709551617 }"#),
+        key(r#"{"segment":18446744073709551617}"#)
+    );
+}
+
+/// serde_json hands a number's text over as a one-entry object under a private key; a client's
+/// object using that very key must stay an object, neither a number nor an error.
+#[test]
+fn an_object_shaped_like_serde_jsons_number_stays_an_object() {
+    let s = json_spec();
+    let key = |body: &str| post(&s, body.as_bytes());
+    let token = "$serde_json::private::Number";
+    let number = key(r#"{"segment":1}"#).unwrap();
+    for body in [
+        format!(r#"{{"segment":{{"{token}":"1"}}}}"#),
+        format!(r#"{{"segment":{{"{token}":"1"}}}}"#),
+        format!(r#"{{"segment":{{"{token}":1}}}}"#),
+        format!(r#"{{"segment":{{"{token}":[1]}}}}"#),
+        format!(r#"{{"segment":{{"{token}":"1","x":2}}}}"#),
+    ] {
+        let got = key(&body);
+        assert!(matches!(&got, Ok(k) if *k != number), "{body}: {got:?}");
+    }
+    assert!(key(&format!(r#"{{"segment":{{"{token}":"1","{token}":"1"}}}}"#)).is_err());
+}
+
 #[test]
 fn json_pointers_follow_rfc_6901() {
     let s = spec(None, &[], &["/a~1b", "/m~0n", "/list/1"]);

@@ -13,6 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
+
+use crate::redact::redact;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -27,9 +29,10 @@ use super::{
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS,
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN,
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_HEADERS, DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT,
-    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ENTRY_SIZE,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS,
+    DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
+    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
     DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
 };
 
@@ -59,7 +62,8 @@ impl Checker<'_> {
             line: line_of(self.text, span.start),
             route: at.0.map(str::to_owned),
             field: Some(at.1.to_owned()),
-            reason: reason.to_string(),
+            // A reason may quote a value: never a password with it (`POST /reload` returns it).
+            reason: redact(&reason.to_string()).into_owned(),
         }
     }
 
@@ -75,7 +79,7 @@ impl Checker<'_> {
             line: line_of(self.text, span.start),
             route,
             field,
-            reason: err.message().trim_end().to_owned(),
+            reason: redact(err.message().trim_end()).into_owned(),
         }
     }
 
@@ -166,6 +170,21 @@ impl Checker<'_> {
                 (None, "server.body_read_timeout"),
             )?,
             ready_when_degraded: raw.ready_when_degraded.unwrap_or(true),
+            max_connections: self.count(
+                &raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                (None, "server.max_connections"),
+            )?,
+            default_upstream_timeout: self.positive(
+                &raw.default_upstream_timeout,
+                DEFAULT_UPSTREAM_TIMEOUT,
+                (None, "server.default_upstream_timeout"),
+            )?,
+            upstream_idle_timeout: self.positive(
+                &raw.upstream_idle_timeout,
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+                (None, "server.upstream_idle_timeout"),
+            )?,
         })
     }
 
@@ -386,6 +405,14 @@ impl Checker<'_> {
                 None => None,
                 some => Some(self.count(some, 1, at("upstream_concurrency"))?),
             },
+            max_tags: match raw.max_tags.as_ref().map(|n| (*n.get_ref(), n.span())) {
+                None => DEFAULT_MAX_TAGS,
+                Some((n, span)) => usize::try_from(n).map_err(|_| {
+                    let why = format!("must be a whole number >= 0, not {n}");
+                    self.error(span, at("max_tags"), why)
+                })?,
+            },
+            allow_trace: raw.allow_trace.unwrap_or(false),
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,
             name,

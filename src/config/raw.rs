@@ -38,6 +38,9 @@ pub(super) struct RawServer {
     pub(super) max_header_bytes: Option<Spanned<HumanSize>>,
     pub(super) body_read_timeout: Option<Spanned<HumanDuration>>,
     pub(super) ready_when_degraded: Option<bool>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +90,8 @@ pub(super) struct RawRoute {
     pub(super) forward_headers: List<String>,
     #[serde(default)]
     pub(super) credential_headers: Vec<Spanned<String>>,
+    pub(super) max_tags: Option<Spanned<i64>>,
+    pub(super) allow_trace: Option<bool>,
     #[serde(default)]
     pub(super) key: RawKey,
     #[serde(default)]
@@ -171,9 +176,16 @@ impl<'de> Deserialize<'de> for HumanSize {
                     .map_err(|_| E::custom(format!("invalid size {n} (must not be negative)")))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
-                s.parse::<bytesize::ByteSize>()
-                    .map(|b| HumanSize(b.as_u64()))
-                    .map_err(|e| E::custom(format!("invalid size {s:?} ({e})")))
+                let size = s
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| E::custom(format!("invalid size {s:?} ({e})")))?;
+                // bytesize saturates instead of failing: a size that reaches u64::MAX overflowed.
+                if size.as_u64() == u64::MAX {
+                    let why =
+                        format!("invalid size {s:?} (too large: at most 16EiB less one byte)");
+                    return Err(E::custom(why));
+                }
+                Ok(HumanSize(size.as_u64()))
             }
         }
         d.deserialize_any(Visitor)

@@ -167,11 +167,13 @@ fn masters_of(slots: &Value) -> Vec<ScanTarget> {
     masters.into_iter().collect()
 }
 
-/// Whether a command failed because its connection was gone (reset, closed, broken): the
-/// connection manager is reconnecting, and the command is worth sending once more. Every
-/// script Corral runs gives the same answer when run twice with the same arguments.
+/// Whether a command failed because its connection was gone (reset, closed, broken, or a
+/// reconnection refused while Redis was down, which the manager keeps answering with until the
+/// next attempt): the connection manager is reconnecting, and the command is worth sending once
+/// more — while Redis is down the second refusal costs nothing. Every script Corral runs gives
+/// the same answer when run twice with the same arguments.
 fn connection_lost(err: &redis::RedisError) -> bool {
-    err.is_connection_dropped() && !err.is_connection_refusal()
+    err.is_connection_dropped()
 }
 
 impl ConnectionLike for Connection {

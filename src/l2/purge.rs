@@ -119,8 +119,11 @@ impl L2 {
         invalidation_channel(&self.namespace)
     }
 
-    fn tag_index(&self, tag: &str) -> String {
-        format!("corral:{}:tag:{tag}", self.namespace)
+    /// The set of entry keys carrying `tag`. Its `#tags` segment holds a character no route name
+    /// may contain, so no tag can make it equal an entry key (`corral:{ns}:{route}:{{hex}}`) or any
+    /// other key of a route.
+    pub(crate) fn tag_index(&self, tag: &str) -> String {
+        tag_index(&self.namespace, tag)
     }
 
     /// `DEL` of `keys`; in a cluster redis-rs splits it by slot and adds up the counts.
@@ -165,4 +168,9 @@ impl L2 {
             cursor = next;
         }
     }
+}
+
+/// The Redis key of the set of entries carrying `tag` in `namespace`; see [`L2::tag_index`].
+pub fn tag_index(namespace: &str, tag: &str) -> String {
+    format!("corral:{namespace}:#tags:{tag}")
 }

@@ -34,7 +34,7 @@ pub(crate) const ASK_INTERVAL: Duration = Duration::from_millis(200);
 /// The sentinels of one master name: who the master is now.
 pub(crate) struct Sentinels {
     client: SentinelClient,
-    /// `host:port` of the sentinels, for messages.
+    /// The sentinels' URLs, for messages, passwords masked (they end up in logs).
     nodes: String,
     timeout: Duration,
     /// When they were last asked, to keep to [`ASK_INTERVAL`].
@@ -64,7 +64,7 @@ impl Sentinels {
         })?;
         Ok(Sentinels {
             client,
-            nodes: nodes.join(", "),
+            nodes: crate::redact::redact(&nodes.join(", ")).into_owned(),
             timeout,
             last_asked: None,
         })
@@ -280,6 +280,35 @@ mod tests {
     use redis::{ErrorKind, ServerErrorKind};
 
     use super::*;
+
+    /// Sentinels that never answer: the error names them, without their password.
+    #[tokio::test]
+    async fn an_error_naming_the_sentinels_carries_no_password() {
+        let Ok(silent) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            panic!("bind a loopback port");
+        };
+        let Ok(addr) = silent.local_addr() else {
+            panic!("the listener's address");
+        };
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn); // accepted, never answered
+            }
+        });
+        let url = format!("redis://:hunter2-s3cret@{addr}");
+        let timeout = Duration::from_millis(200);
+        let Ok(mut sentinels) = Sentinels::new(&[url], "m", timeout, ProtocolVersion::RESP3) else {
+            panic!("a usable sentinel URL");
+        };
+        let Err(err) = sentinels.master().await else {
+            panic!("silent sentinels named a master");
+        };
+        held.abort();
+        let message = err.to_string();
+        assert!(message.contains(":***@127.0.0.1"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
 
     #[test]
     fn a_lost_connection_or_a_replica_refusing_writes_means_ask_the_sentinels() {

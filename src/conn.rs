@@ -1,0 +1,185 @@
+//! Client connections: the limits every accepted connection gets, whichever protocol the client
+//! speaks (HTTP/1.1, or HTTP/2 with prior knowledge, h2c) and on both listeners.
+//!
+//! - **Head**: HTTP/1 heads are bounded by `server.header_read_timeout`, `max_headers` and
+//!   `max_header_bytes` inside hyper; an HTTP/2 header block by `max_header_bytes` (the h2
+//!   `SETTINGS_MAX_HEADER_LIST_SIZE`), its field count by the proxy service (h2 has no count limit).
+//! - **Idle**: a connection with no request in progress for `header_read_timeout` is closed. This
+//!   is what bounds an HTTP/2 connection that sends its preface and then nothing, or a header block
+//!   that never ends: hyper's HTTP/2 server has no head timeout of its own, and h2 answers
+//!   keep-alive pings by itself, so a silent client would otherwise hold the socket for ever.
+//!   A request counts as in progress from its head until its answer's body is sent or dropped.
+//! - **Count**: the proxy listener holds at most `server.max_connections` (see [`crate::server`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::Notify;
+
+use crate::config::ServerConfig;
+
+/// Most concurrent streams one HTTP/2 connection may open (hyper's default is unbounded).
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// A connection builder with the server's limits on both protocols.
+pub fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let head_bytes = usize::try_from(server.max_header_bytes).unwrap_or(usize::MAX);
+    // The timer is what makes hyper enforce the header read timeout at all.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_headers(server.max_headers)
+        // Bounds the request head in bytes (431 past it); bodies stream through in chunks.
+        .max_buf_size(head_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // A peer that stops answering pings is gone: close its connection.
+        .keep_alive_interval(server.header_read_timeout)
+        .keep_alive_timeout(server.header_read_timeout);
+    builder
+}
+
+/// What one connection is doing: how many of its requests are in progress, and a count of the
+/// requests it has started, so a wait for idleness can tell "still idle" from "busy and idle again".
+#[derive(Debug, Default)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    started: AtomicU64,
+    changed: Notify,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity::default())
+    }
+
+    /// Marks a request in progress until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        InFlight(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in progress, and started none, for
+    /// `limit` in a row. Cancel-safe: it only waits.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            // Created before the state is read, so a change in between is not missed.
+            let changed = self.changed.notified();
+            let started = self.started.load(Ordering::Acquire);
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            if tokio::time::timeout(limit, changed).await.is_err()
+                && self.started.load(Ordering::Acquire) == started
+                && self.in_flight.load(Ordering::Acquire) == 0
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// A request in progress on its connection; dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Runs a connection until it ends, or until it has been idle for `limit`; then it is dropped,
+/// which closes the socket (no request is in progress by then). `None` when closed as idle.
+pub async fn drive<C: Future>(conn: C, activity: &Activity, limit: Duration) -> Option<C::Output> {
+    tokio::select! {
+        out = conn => Some(out),
+        () = activity.idle_for(limit) => None,
+    }
+}
+
+/// An answer's body that keeps its request in progress until it is sent or dropped.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Tracked<B> {
+        Tracked {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_request_in_progress_and_none_started_for_the_whole_limit() {
+        let activity = Activity::new();
+        let limit = Duration::from_secs(10);
+        // Idle from the start: the limit elapses.
+        tokio::time::timeout(limit * 2, activity.idle_for(limit))
+            .await
+            .expect("an unused connection is idle");
+
+        // A request in progress for longer than the limit: not idle.
+        let request = activity.begin();
+        let waited = tokio::time::timeout(limit * 3, activity.idle_for(limit)).await;
+        assert!(waited.is_err(), "closed while a request was in progress");
+
+        // Once it ends, the limit runs afresh.
+        let activity2 = activity.clone();
+        let idle = tokio::spawn(async move { activity2.idle_for(limit).await });
+        tokio::time::sleep(limit / 2).await;
+        drop(request);
+        tokio::time::sleep(limit / 2 + Duration::from_secs(1)).await;
+        assert!(
+            !idle.is_finished(),
+            "the limit must restart when a request ends"
+        );
+        tokio::time::sleep(limit).await;
+        assert!(idle.is_finished());
+    }
+}

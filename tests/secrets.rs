@@ -1,0 +1,155 @@
+//! What Corral shows must never carry a secret or the inside of the deployment: a Redis password
+//! is masked in config errors (which `POST /reload` returns) and in log lines naming a node, and an
+//! error answer names the kind of failure (`corral-error`) without the upstream's address.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use corral::Config;
+use support::corral::{config, config_text, config_with_server, start, url};
+use support::{Client, CorralProcess, RedisServer, Reply, Upstream};
+
+const PASSWORD: &str = "hunter2-s3cret";
+
+fn refusal(text: &str) -> String {
+    match Config::parse(text, Path::new("bad.toml")) {
+        Ok(_) => panic!("accepted a bad config:\n{text}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+#[test]
+fn config_errors_mask_redis_passwords() {
+    let route = "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let bad = [
+        format!("[redis]\nurl = \"redix://:{PASSWORD}@10.0.0.1:6379\"\n{route}"),
+        format!(
+            "[redis]\ncluster = [\"redis://app:{PASSWORD}@h:1\", \"redis://app:{PASSWORD}@h:1\"]\n{route}"
+        ),
+        format!(
+            "[redis]\nsentinel = {{ nodes = [\"http://:{PASSWORD}@h:1\"], master = \"m\" }}\n{route}"
+        ),
+    ];
+    for text in bad {
+        let message = refusal(&text);
+        assert!(!message.contains(PASSWORD), "{message}");
+        assert!(message.contains(":***@"), "{message}");
+        assert!(message.starts_with("bad.toml:2:"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_errors_and_node_log_lines_mask_the_password() {
+    // A Redis that refuses the password Corral has: the pub/sub hub retries and logs the node.
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("the-right-one")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET requirepass");
+    let upstream = Upstream::start().await;
+    let wrong = format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port());
+    let routes = format!(
+        "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"{}\"\n",
+        upstream.url()
+    );
+    let text = config_text("admin_listen = \"127.0.0.1:0\"", Some(&wrong), &routes);
+    let corral = CorralProcess::start(&text).await;
+    let client = Client::new();
+    // A request makes the instance talk to Redis (lookups, the fill lock, a subscription).
+    let _ = client.get(&corral.url("/x"), &[]).await;
+    let line = corral
+        .wait_for_log(":***@127.0.0.1", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("node"), "{line}");
+
+    // A reload of a file whose Redis URL is bad answers 400 with the error, password masked.
+    let bad = text.replace("redis://:", "redix://:");
+    std::fs::write(corral.config_path(), bad).expect("rewrite the config");
+    let reload = client.post(&corral.admin_url("/reload"), &[], "").await;
+    assert_eq!(reload.status, 400, "{}", reload.text());
+    assert!(reload.text().contains(":***@"), "{}", reload.text());
+
+    for line in corral.logs() {
+        assert!(
+            !line.contains(PASSWORD),
+            "a log line carries the password: {line}"
+        );
+    }
+    assert!(!reload.text().contains(PASSWORD), "{}", reload.text());
+}
+
+/// An upstream that refuses connections: the client gets 502 with the failure's kind, and a body
+/// that says nothing of where the upstream is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_name_the_kind_of_failure_and_not_the_upstream() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let routes = format!(
+        "[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"http://127.0.0.1:{port}\"\n\
+         [[route]]\nname = \"q\"\npath_prefix = \"/q\"\nupstream = \"http://127.0.0.1:{port}\"\n\
+         cache = false\n"
+    );
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+    for path in ["/r/cached", "/q/passed"] {
+        let answer = client.get(&url(&fleet[0], path), &[]).await;
+        assert_eq!(answer.status, 502, "{path}");
+        assert_eq!(
+            answer.header("corral-error"),
+            Some("upstream-connect"),
+            "{path}"
+        );
+        assert!(
+            !answer.text().contains(&port.to_string()),
+            "{path}: {}",
+            answer.text()
+        );
+        assert!(
+            !answer.text().contains("127.0.0.1"),
+            "{path}: {}",
+            answer.text()
+        );
+    }
+}
+
+/// The answer a failed fill shares with the fleet's waiters (through Redis pub/sub) is generic
+/// too: it reaches requesters of other instances, and its detail stays in the leader's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_fill_shared_with_the_fleet_carries_no_upstream_address() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script("/r", Reply::status(200).delay(Duration::from_secs(3)));
+    let routes = format!(
+        "[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"{}\"\nupstream_timeout = \"1s\"\n",
+        upstream.url()
+    );
+    let cfg = config_with_server("", Some(&redis.url()), &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let leader = client.spawn_get(url(&fleet[0], "/r/k"));
+    upstream.wait_in_flight(1).await;
+    let waiter = client.get(&url(&fleet[1], "/r/k"), &[]).await;
+    let leader = leader.await.expect("the leader's request task");
+    for (who, answer) in [("leader", &leader), ("waiter", &waiter)] {
+        assert_eq!(answer.status, 504, "{who}: {}", answer.text());
+        assert_eq!(
+            answer.header("corral-error"),
+            Some("upstream-timeout"),
+            "{who}"
+        );
+        let port = upstream.addr().port().to_string();
+        assert!(!answer.text().contains(&port), "{who}: {}", answer.text());
+    }
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the waiter shared the leader's failure"
+    );
+}
