@@ -22,14 +22,21 @@
 //! dropped. A failed (re)subscription is retried every second until Redis answers.
 //!
 //! # In a Redis Cluster
-//! The hub still keeps one connection, to one node: a classic `PUBLISH` (not the sharded
-//! `SPUBLISH`) is propagated over the cluster bus to every node, replicas included, so a
-//! subscriber on any node receives every notice and invalidation whatever slot the publisher
-//! wrote to. It starts on the first seed node in `[redis] cluster`; when a node stops answering
-//! (two failed reconciliations in a row, or the first one on a node that never answered) it
-//! moves to the next seed, round robin, and resyncs exactly as after a disconnection: waiters
-//! re-confirm and re-check L2, and L1 is dropped once the invalidation channel is subscribed
-//! again.
+//! Fill notices are sharded (`SPUBLISH`, Redis >= 7.0): each fill channel is hash-tagged like its
+//! key, so the notice is delivered by the master of the key's slot alone and never crosses the
+//! cluster bus (a classic `PUBLISH` is copied to every node). The hub `SSUBSCRIBE`s through a
+//! RESP3 cluster connection of redis-rs, which keeps one connection per master, routes each
+//! subscription to its slot's master and re-subscribes after a reconnection or a topology
+//! change. When a slot moves to another master the old one drops its sharded subscriptions
+//! (an `sunsubscribe` push): the hub subscribes each such channel again — now on the new master —
+//! and its waiters resync (confirm, then re-check L2). A dropped connection to a master resyncs
+//! every waiter, as on one server.
+//!
+//! Purges stay broadcast: the invalidation channel is a classic subscription on one node,
+//! carried by a second connection. It starts on the first seed node in `[redis] cluster`; when
+//! that node stops answering (two failed reconciliations in a row, or the first one on a node
+//! that never answered) it moves to the next seed, round robin, and L1 is dropped once the
+//! invalidation channel is subscribed again.
 //!
 //! # Behind Redis Sentinel
 //! The hub subscribes on the master the sentinels name (asked on first use, so Corral starts while
@@ -42,7 +49,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -123,6 +133,11 @@ enum Request {
     Reset,
     /// Reconcile again after a failure.
     Retry,
+    /// The server dropped this sharded subscription (see [`Delivered::Lost`]).
+    Lost(String),
+    /// A connection of the sharded side dropped: its fill channels are to be subscribed again
+    /// (the invalidation channel, on the classic connection, is not affected).
+    ResetSharded,
 }
 
 /// The process's pub/sub hub. Cloning shares it.
@@ -161,32 +176,16 @@ impl Notices {
         let channel = invalidations.clone();
         // Subscribing is a lock decision: a failed SUBSCRIBE makes a waiter fill on its own.
         let timeout = cfg.longest_budget();
+        let pushes = Pushes {
+            dispatch,
+            invalidations: channel,
+            resets,
+            purges: route_purges,
+            sharded: false,
+        };
+        let classic = pushes.clone();
         let open: Open = Box::new(move |client: Client| {
-            let (dispatch, channel) = (dispatch.clone(), channel.clone());
-            let (resets, route_purges) = (resets.clone(), route_purges.clone());
-            let config = manager_config(timeout).set_push_sender(move |push: PushInfo| {
-                // The push sender runs inside the connection's driver: one bad message must not
-                // take the connection (and every waiter's wake-up) down with it.
-                let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    deliver(&dispatch, &channel, push)
-                }))
-                .unwrap_or_else(|_| {
-                    tracing::error!("a pub/sub message could not be handled; ignored");
-                    Delivered::Nothing
-                });
-                match delivered {
-                    Delivered::Disconnected => {
-                        if let Some(requests) = resets.upgrade() {
-                            let _ = requests.send(Request::Reset);
-                        }
-                    }
-                    Delivered::Purge(purge) => {
-                        let _ = route_purges.send(purge);
-                    }
-                    Delivered::Nothing => {}
-                }
-                Ok::<(), redis::aio::SendError>(())
-            });
+            let config = manager_config(timeout).set_push_sender(classic.handler());
             ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
                 L2Error::Redis {
                     op: "pubsub connect",
@@ -194,6 +193,10 @@ impl Notices {
                 }
             })
         });
+        let sharded = match &cfg.topology {
+            RedisTopology::Cluster { nodes } => Some(sharded_connection(nodes, timeout, &pushes)?),
+            _ => None,
+        };
         let (nodes, conn) = match &cfg.topology {
             RedisTopology::Sentinel { nodes, master } => {
                 let sentinels = Sentinels::new(nodes, master, timeout, ProtocolVersion::RESP3)?;
@@ -217,6 +220,7 @@ impl Notices {
         tokio::spawn(reconcile(
             Reconciler {
                 conn,
+                sharded,
                 nodes,
                 answered: false,
                 failures: 0,
@@ -341,6 +345,89 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Where the pushes of a pub/sub connection go: the waiters, the purge applier, and the
+/// reconciler (told of a dropped connection or a lost sharded subscription).
+#[derive(Clone)]
+struct Pushes {
+    dispatch: Waiters,
+    invalidations: String,
+    /// Weak: the connections (inside the reconciling task) must not keep that task alive.
+    resets: mpsc::WeakUnboundedSender<Request>,
+    purges: mpsc::UnboundedSender<Purge>,
+    /// Whether these are the sharded connection's pushes (a drop there loses no purge).
+    sharded: bool,
+}
+
+impl Pushes {
+    /// The push sender of one connection.
+    fn handler(
+        &self,
+    ) -> impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + use<> {
+        let pushes = self.clone();
+        move |push: PushInfo| {
+            // The push sender runs inside the connection's driver: one bad message must not
+            // take the connection (and every waiter's wake-up) down with it.
+            let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                deliver(&pushes.dispatch, &pushes.invalidations, push)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!("a pub/sub message could not be handled; ignored");
+                Delivered::Nothing
+            });
+            let tell = |request| {
+                if let Some(requests) = pushes.resets.upgrade() {
+                    let _ = requests.send(request);
+                }
+            };
+            match delivered {
+                Delivered::Disconnected if pushes.sharded => tell(Request::ResetSharded),
+                Delivered::Disconnected => tell(Request::Reset),
+                Delivered::Lost(channel) => {
+                    // The reconciler hears of it before the waiters re-confirm.
+                    tell(Request::Lost(channel.clone()));
+                    if let Some(slot) = lock(&pushes.dispatch).get(&channel) {
+                        for mailbox in &slot.mailboxes {
+                            mailbox.post(Wake::Resync);
+                        }
+                    }
+                }
+                Delivered::Purge(purge) => {
+                    let _ = pushes.purges.send(purge);
+                }
+                Delivered::Nothing => {}
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be
+/// down now) whose pushes go to the hub.
+fn sharded_connection(
+    nodes: &[String],
+    timeout: Duration,
+    pushes: &Pushes,
+) -> Result<ClusterConnection, L2Error> {
+    let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+        .use_protocol(ProtocolVersion::RESP3)
+        .push_sender(
+            Pushes {
+                sharded: true,
+                ..pushes.clone()
+            }
+            .handler(),
+        )
+        .connection_timeout(timeout.max(Duration::from_millis(200)))
+        .response_timeout(PATIENCE.max(timeout))
+        .retries(2)
+        .build()
+        .map_err(|source| L2Error::Redis {
+            op: "open cluster pubsub",
+            source,
+        })?;
+    Ok(client.get_pending_async_connection_with_config(ClusterConfig::default()))
+}
+
 /// What a push from Redis amounted to.
 enum Delivered {
     Nothing,
@@ -348,12 +435,16 @@ enum Delivered {
     Disconnected,
     /// A purge arrived on the invalidation channel.
     Purge(Purge),
+    /// The server dropped a sharded subscription someone still waits on: its slot moved to
+    /// another master. The reconciler must subscribe it again, then its waiters resync.
+    Lost(String),
 }
 
 /// Hands a push to the waiters of its channel, or recognises a purge or a disconnection.
 fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered {
     match push.kind {
-        PushKind::Message => {
+        // A sharded notice (`smessage`) reads as a classic one.
+        PushKind::Message | PushKind::SMessage => {
             let [channel, payload] = push.data.as_slice() else {
                 return Delivered::Nothing;
             };
@@ -379,6 +470,24 @@ fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered 
                 }
             }
             Delivered::Nothing
+        }
+        // Sent for our own SUNSUBSCRIBE (nobody waits on the channel any more), and by the
+        // server when the channel's slot leaves this master (someone may still wait).
+        PushKind::SUnsubscribe => {
+            let Some(channel) = push.data.first().and_then(bytes_of) else {
+                return Delivered::Nothing;
+            };
+            let Ok(channel) = std::str::from_utf8(channel) else {
+                return Delivered::Nothing;
+            };
+            if !lock(waiters).contains_key(channel) {
+                return Delivered::Nothing;
+            }
+            tracing::info!(
+                channel,
+                "sharded subscription dropped by the server (its slot moved?); re-subscribing"
+            );
+            Delivered::Lost(channel.to_owned())
         }
         PushKind::Disconnection => {
             tracing::warn!(
@@ -425,8 +534,13 @@ enum Nodes {
 
 /// The reconciling task's state.
 struct Reconciler {
-    /// `None` only behind sentinels, until they first named a master.
+    /// `None` only behind sentinels, until they first named a master. In a cluster it carries
+    /// only the invalidation channel (a broadcast one).
     conn: Option<ConnectionManager>,
+    /// In a cluster: the sharded subscriptions of fill channels, one connection per master
+    /// (redis-rs routes each `SSUBSCRIBE` to its slot's master and re-subscribes after a
+    /// reconnection or a topology change).
+    sharded: Option<ClusterConnection>,
     nodes: Nodes,
     /// Whether this node has answered a (un)subscription since the hub moved to it.
     answered: bool,
@@ -470,6 +584,10 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
                     r.recheck();
                 }
                 Request::Retry => {}
+                Request::Lost(channel) => {
+                    subscribed.remove(&channel);
+                }
+                Request::ResetSharded => subscribed.retain(|c| *c == r.always),
             }
         }
         if r.follow_master().await {
@@ -479,6 +597,9 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
         wanted.insert(r.always.clone());
         let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
+        // In a cluster only the invalidation channel is classic; fill channels are sharded.
+        let (to_drop, drop_sharded) = r.split(to_drop);
+        let (to_add, add_sharded) = r.split(to_add);
         let mut result = Ok(());
         let Some(conn) = r.conn.as_mut() else {
             let why = "no master found through the sentinels yet".to_owned();
@@ -522,6 +643,11 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
                 subscribed.extend(to_add);
             }
         }
+        if let Some(sharded) = &r.sharded
+            && result.is_ok()
+        {
+            result = sharded_sync(&r, sharded, &mut subscribed, drop_sharded, add_sharded).await;
+        }
         behind = result.is_err();
         match &result {
             Ok(()) => {
@@ -545,7 +671,66 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
     }
 }
 
+/// Makes the sharded subscriptions match: one (S)UNSUBSCRIBE / SSUBSCRIBE per channel, all at
+/// once — each goes to the master of its channel's slot, and channels of different slots cannot
+/// share one command. `subscribed` keeps the ones that succeeded.
+async fn sharded_sync(
+    r: &Reconciler,
+    sharded: &ClusterConnection,
+    subscribed: &mut HashSet<String>,
+    to_drop: Vec<String>,
+    to_add: Vec<String>,
+) -> Result<(), L2Error> {
+    let drops = to_drop.into_iter().map(|channel| {
+        let mut conn = sharded.clone();
+        async move {
+            let call = conn.sunsubscribe(&channel);
+            let done = guarded(&r.breaker, &r.metrics, "SUNSUBSCRIBE", r.timeout, call).await;
+            (channel, done)
+        }
+    });
+    let mut result = Ok(());
+    for (channel, done) in join_all(drops).await {
+        match done {
+            Ok(()) => drop(subscribed.remove(&channel)),
+            Err(err) => result = Err(err),
+        }
+    }
+    let adds = to_add.into_iter().map(|channel| {
+        let mut conn = sharded.clone();
+        async move {
+            let call = conn.ssubscribe(&channel);
+            let done = patiently(
+                &r.breaker,
+                &r.metrics,
+                "SSUBSCRIBE",
+                r.timeout,
+                PATIENCE,
+                call,
+            )
+            .await;
+            (channel, done)
+        }
+    });
+    for (channel, done) in join_all(adds).await {
+        match done {
+            Ok(()) => drop(subscribed.insert(channel)),
+            Err(err) => result = Err(err),
+        }
+    }
+    result
+}
+
 impl Reconciler {
+    /// Splits channels into those of the classic connection and those subscribed sharded (in a
+    /// cluster, every one but the invalidation channel).
+    fn split(&self, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
+        if self.sharded.is_none() {
+            return (channels, Vec::new());
+        }
+        channels.into_iter().partition(|c| *c == self.always)
+    }
+
     /// The node the connection talks to, for messages.
     fn node(&self) -> &str {
         match &self.nodes {
