@@ -1,17 +1,20 @@
 //! Fill notices on a Redis Cluster travel by sharded pub/sub: they stay on the shard of their
 //! key (no classic-publish message crosses the cluster bus), and a waiter whose key's slot moves
-//! to another master while it waits still gets its notice.
+//! to another master while it waits still gets its notice. Purges stay broadcast, and reach the
+//! fleet through another node when the one serving their channel is down.
 
 mod support;
 
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use support::corral::{cluster_config, recommend_route, start, url};
+use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
 use support::{Client, RedisCluster, Upstream, eventually};
 
 /// How long a subscription or a slot move gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
+
+const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 /// One `CLUSTER INFO` field of node `index`, 0 when absent.
 async fn cluster_stat(cluster: &RedisCluster, index: usize, field: &str) -> u64 {
@@ -258,4 +261,71 @@ async fn cluster_waiter_follows_its_slot_to_another_master() {
     for instance in fleet {
         instance.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() {
+    let mut cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    let cfg = cluster_config(
+        ADMIN,
+        &cluster.urls(),
+        &recommend_route(&upstream.url(), ""),
+    );
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: the node serving the invalidation channel's slot, and a key living elsewhere.
+    let channel = "corral:test:invalidate";
+    let mut dead = None;
+    for index in 0..cluster.urls().len() {
+        if cluster.serves(index, channel).await {
+            dead = Some(index);
+        }
+    }
+    let dead = dead.expect("a node serves the channel's slot");
+    let mut path = None;
+    for k in 0..100 {
+        let candidate = format!("/recommend?segment=p{k}");
+        if !cluster.serves(dead, &entry_name(&cfg, &candidate)).await {
+            path = Some(candidate);
+            break;
+        }
+    }
+    let path = path.expect("some key's slot is on another node");
+
+    // Step 2: both instances hold the entry in L1.
+    for instance in &fleet {
+        assert_eq!(client.get(&url(instance, &path), &[]).await.status, 200);
+        assert_eq!(instance.proxy().l1().entry_count().await, 1);
+    }
+
+    // Step 3: that node dies; the hubs' invalidation subscriptions end up on live nodes.
+    cluster.kill(dead);
+    let live: Vec<usize> = (0..cluster.urls().len()).filter(|i| *i != dead).collect();
+    eventually(
+        "both invalidation subscriptions on live nodes",
+        SETTLE,
+        async || {
+            let mut clients = 0;
+            for index in &live {
+                clients += cluster.pubsub_clients(*index).await;
+            }
+            clients >= 2
+        },
+    )
+    .await;
+
+    // Step 4: a purge through one instance still succeeds and reaches the other one's L1.
+    let target = admin_url(&fleet[1], "/purge");
+    let headers = [("content-type", "application/json")];
+    let body = format!(r#"{{"url": "{path}"}}"#);
+    let answer = client.post(&target, &headers, body).await;
+    assert_eq!(answer.status, 200, "purge: {}", answer.text());
+    eventually(
+        "the other instance dropped the purged entry",
+        SETTLE,
+        async || fleet[0].proxy().l1().entry_count().await == 0,
+    )
+    .await;
 }
