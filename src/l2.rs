@@ -48,6 +48,7 @@ use crate::metrics::Metrics;
 mod connection;
 mod purge;
 pub(crate) mod sentinel;
+pub(crate) mod switches;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]

@@ -57,9 +57,10 @@ use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::breaker::Breaker;
-use crate::config::{RedisConfig, RedisTopology};
+use crate::config::{RedisConfig, RedisTopology, redact_url};
 use crate::l1::L1;
 use crate::l2::sentinel::{self, Sentinels};
+use crate::l2::switches::{self, SwitchWatch};
 use crate::l2::{
     L2Error, Notice, PATIENCE, guarded, invalidation_channel, manager_config, patiently,
 };
@@ -135,6 +136,8 @@ enum Request {
     Retry,
     /// The server dropped this sharded subscription (see [`Delivered::Lost`]).
     Lost(String),
+    /// The sentinels announced a new master: ask them now and move there.
+    Switched,
     /// A connection of the sharded side dropped: its fill channels are to be subscribed again
     /// (the invalidation channel, on the classic connection, is not affected).
     ResetSharded,
@@ -198,12 +201,24 @@ impl Notices {
             _ => None,
         };
         let (nodes, conn) = match &cfg.topology {
-            RedisTopology::Sentinel { nodes, master } => {
-                let sentinels = Sentinels::new(nodes, master, timeout, ProtocolVersion::RESP3)?;
+            RedisTopology::Sentinel {
+                nodes,
+                master,
+                auth,
+            } => {
+                let sentinels =
+                    Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP3)?;
+                let switched = requests.downgrade();
+                let on_switch = move || {
+                    if let Some(requests) = switched.upgrade() {
+                        let _ = requests.send(Request::Switched);
+                    }
+                };
                 let nodes = Nodes::Sentinel {
                     sentinels: Box::new(sentinels),
                     at: None,
                     recheck: false,
+                    _switches: switches::watch(nodes, master, timeout, on_switch),
                 };
                 (nodes, None)
             }
@@ -529,6 +544,8 @@ enum Nodes {
         at: Option<String>,
         /// The connection dropped or failed: ask the sentinels before the next reconciliation.
         recheck: bool,
+        /// Listens to the sentinels' `+switch-master` ([`Request::Switched`]).
+        _switches: Option<SwitchWatch>,
     },
 }
 
@@ -588,6 +605,7 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
                     subscribed.remove(&channel);
                 }
                 Request::ResetSharded => subscribed.retain(|c| *c == r.always),
+                Request::Switched => r.switched(),
             }
         }
         if r.follow_master().await {
@@ -731,12 +749,24 @@ impl Reconciler {
         channels.into_iter().partition(|c| *c == self.always)
     }
 
-    /// The node the connection talks to, for messages.
-    fn node(&self) -> &str {
+    /// The node the connection talks to, for messages (no password in it).
+    fn node(&self) -> String {
         match &self.nodes {
-            Nodes::Seeds { urls, at } => &urls[*at],
-            Nodes::Sentinel { at: Some(at), .. } => at,
-            Nodes::Sentinel { at: None, .. } => "(no master found yet)",
+            Nodes::Seeds { urls, at } => redact_url(&urls[*at]),
+            Nodes::Sentinel { at: Some(at), .. } => at.clone(),
+            Nodes::Sentinel { at: None, .. } => "(no master found yet)".to_owned(),
+        }
+    }
+
+    /// Behind sentinels, on their `+switch-master`: ask them at once before the next
+    /// reconciliation (which then moves to the new master and resyncs the waiters).
+    fn switched(&mut self) {
+        if let Nodes::Sentinel {
+            sentinels, recheck, ..
+        } = &mut self.nodes
+        {
+            sentinels.ask_now();
+            *recheck = true;
         }
     }
 
@@ -761,13 +791,13 @@ impl Reconciler {
         let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(%err, node = %urls[next], "cannot open a pub/sub connection");
+                tracing::warn!(%err, node = %redact_url(&urls[next]), "cannot open a pub/sub connection");
                 return false;
             }
         };
         tracing::warn!(
-            from = %urls[*at],
-            to = %urls[next],
+            from = %redact_url(&urls[*at]),
+            to = %redact_url(&urls[next]),
             "redis pub/sub node not answering; moving to the next seed node"
         );
         self.nodes = Nodes::Seeds {
@@ -786,6 +816,7 @@ impl Reconciler {
             sentinels,
             at,
             recheck,
+            ..
         } = &mut self.nodes
         else {
             return false;

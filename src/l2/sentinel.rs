@@ -26,7 +26,9 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{Client, Cmd, Pipeline, ProtocolVersion, RedisError, RedisResult, Value};
 use tokio::time::Instant;
 
+use super::switches::{self, SwitchWatch};
 use super::{L2Error, manager_config};
+use crate::config::{MasterAuth, redact_url};
 
 /// Shortest time between two questions to the sentinels.
 pub(crate) const ASK_INTERVAL: Duration = Duration::from_millis(200);
@@ -47,10 +49,19 @@ impl Sentinels {
     pub(crate) fn new(
         nodes: &[String],
         master: &str,
+        auth: &MasterAuth,
         timeout: Duration,
         protocol: ProtocolVersion,
     ) -> Result<Sentinels, L2Error> {
-        let settings = redis::RedisConnectionInfo::default().set_protocol(protocol);
+        let mut settings = redis::RedisConnectionInfo::default()
+            .set_protocol(protocol)
+            .set_db(auth.db);
+        if let Some(password) = &auth.password {
+            settings = settings.set_password(password.expose());
+        }
+        if let Some(username) = &auth.username {
+            settings = settings.set_username(username);
+        }
         let node_info = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
         let client = SentinelClient::build(
             nodes.iter().map(String::as_str).collect(),
@@ -64,10 +75,19 @@ impl Sentinels {
         })?;
         Ok(Sentinels {
             client,
-            nodes: nodes.join(", "),
+            nodes: nodes
+                .iter()
+                .map(|n| redact_url(n))
+                .collect::<Vec<_>>()
+                .join(", "),
             timeout,
             last_asked: None,
         })
+    }
+
+    /// Lets the next [`Sentinels::master`] ask at once: they just announced a new master.
+    pub(crate) fn ask_now(&mut self) {
+        self.last_asked = None;
     }
 
     /// A client for the master the sentinels name now, checked to answer as a master; `Ok(None)`
@@ -137,25 +157,61 @@ pub(crate) struct SentinelConnection {
     /// One question at a time; whoever waited re-reads `master` first.
     sentinels: tokio::sync::Mutex<Sentinels>,
     timeout: Duration,
+    db: i64,
+    /// Listens to the sentinels' `+switch-master`, to move on the event (see [`switches`]).
+    _switches: Option<SwitchWatch>,
 }
 
 impl SentinelConnection {
-    /// Prepares the connection without asking the sentinels: that happens on first use.
+    /// Prepares the connection without asking the sentinels: that happens on first use, and
+    /// again on each `+switch-master` event they send about `master`.
     pub(crate) fn open(
         nodes: &[String],
         master: &str,
+        auth: &MasterAuth,
         timeout: Duration,
-    ) -> Result<SentinelConnection, L2Error> {
-        Ok(SentinelConnection {
-            master: ArcSwapOption::empty(),
-            sentinels: tokio::sync::Mutex::new(Sentinels::new(
-                nodes,
-                master,
-                timeout,
-                ProtocolVersion::RESP2,
-            )?),
-            timeout,
-        })
+    ) -> Result<Arc<SentinelConnection>, L2Error> {
+        let sentinels = Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP2)?;
+        Ok(Arc::new_cyclic(
+            |this: &std::sync::Weak<SentinelConnection>| {
+                let this = this.clone();
+                let on_switch = move || {
+                    if let Some(conn) = this.upgrade() {
+                        conn.switched();
+                    }
+                };
+                SentinelConnection {
+                    master: ArcSwapOption::empty(),
+                    sentinels: tokio::sync::Mutex::new(sentinels),
+                    timeout,
+                    db: auth.db,
+                    _switches: switches::watch(nodes, master, timeout, on_switch),
+                }
+            },
+        ))
+    }
+
+    /// The sentinels announced a new master: ask them now (not waiting out [`ASK_INTERVAL`])
+    /// and move there, in the background. Nothing to do before a master was first found.
+    fn switched(self: &Arc<Self>) {
+        let Some(master) = self.master.load_full() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        runtime.spawn(async move {
+            this.sentinels.lock().await.ask_now();
+            if let Err(err) = this.follow(Some(&master)).await {
+                tracing::warn!(%err, "redis: the sentinels named no usable master");
+            }
+        });
+    }
+
+    /// The database selected on the master (`sentinel.db`).
+    pub(crate) fn db(&self) -> i64 {
+        self.db
     }
 
     /// The current master's connection, asking the sentinels if none was found yet.
