@@ -1,4 +1,5 @@
-//! Fill notices: one pub/sub connection per process, shared by every key that waits.
+//! Fill notices: one pub/sub hub per process, shared by every key that waits (one connection; in a
+//! cluster, one per master for the sharded notices plus one for purges).
 //!
 //! A waiter calls [`Notices::subscribe`] for its key's channel and gets a [`Subscription`] once Redis
 //! has confirmed the SUBSCRIBE — only then does it re-check L2, which closes the race with a fill that
@@ -40,7 +41,9 @@
 //!
 //! # Behind Redis Sentinel
 //! The hub subscribes on the master the sentinels name (asked on first use, so Corral starts while
-//! they are down). After a disconnection, and after every failed reconciliation, it asks them again
+//! they are down). On their `+switch-master` event about that master (see
+//! `l2/switches.rs`) it asks them at once; after a disconnection, and after every failed
+//! reconciliation, it asks them again
 //! (at most every 200 ms, bounded by `[redis] timeout`); when they name another server — a failover
 //! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
 //! dropped once the invalidation channel is subscribed again.

@@ -6,8 +6,10 @@
 //! `[redis] timeout`, and the sentinels are asked at most once every [`ASK_INTERVAL`]: a burst of
 //! failing commands during a failover costs them one question, not one each.
 //!
-//! [`SentinelConnection`] holds a `ConnectionManager` to the master it last found. It asks the
-//! sentinels on first use (Corral starts while they are down) and again, in the background, after
+//! [`SentinelConnection`] holds a `ConnectionManager` to the master it last found, logged in with
+//! `sentinel.username`/`password` on `sentinel.db`. It asks the sentinels on first use (Corral
+//! starts while they are down), at once when they announce a new master (`+switch-master`, see
+//! `l2/switches.rs`), and again, in the background, after
 //! a command failed in a way that says the master may have moved: the connection broke or was
 //! refused, it timed out (or the caller's budget ran out before it ended), or the server answered
 //! `READONLY` (the old master, demoted to a replica after a failover). When the sentinels name another server, the manager is swapped; commands
