@@ -52,11 +52,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
-use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{Client, ProtocolVersion};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::breaker::Breaker;
@@ -69,6 +67,12 @@ use crate::l2::{
 };
 use crate::metrics::Metrics;
 use crate::purge::Purge;
+
+use pushes::Pushes;
+use sharded::{sharded_connection, sharded_sync};
+
+mod pushes;
+mod sharded;
 
 /// How often a failed (re)subscription is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -363,174 +367,10 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Where the pushes of a pub/sub connection go: the waiters, the purge applier, and the
-/// reconciler (told of a dropped connection or a lost sharded subscription).
-#[derive(Clone)]
-struct Pushes {
-    dispatch: Waiters,
-    invalidations: String,
-    /// Weak: the connections (inside the reconciling task) must not keep that task alive.
-    resets: mpsc::WeakUnboundedSender<Request>,
-    purges: mpsc::UnboundedSender<Purge>,
-    /// Whether these are the sharded connection's pushes (a drop there loses no purge).
-    sharded: bool,
-}
-
-impl Pushes {
-    /// The push sender of one connection.
-    fn handler(
-        &self,
-    ) -> impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + use<> {
-        let pushes = self.clone();
-        move |push: PushInfo| {
-            // The push sender runs inside the connection's driver: one bad message must not
-            // take the connection (and every waiter's wake-up) down with it.
-            let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                deliver(&pushes.dispatch, &pushes.invalidations, push)
-            }))
-            .unwrap_or_else(|_| {
-                tracing::error!("a pub/sub message could not be handled; ignored");
-                Delivered::Nothing
-            });
-            let tell = |request| {
-                if let Some(requests) = pushes.resets.upgrade() {
-                    let _ = requests.send(request);
-                }
-            };
-            match delivered {
-                Delivered::Disconnected if pushes.sharded => tell(Request::ResetSharded),
-                Delivered::Disconnected => tell(Request::Reset),
-                Delivered::Lost(channel) => {
-                    // The reconciler hears of it before the waiters re-confirm.
-                    tell(Request::Lost(channel.clone()));
-                    if let Some(slot) = lock(&pushes.dispatch).get(&channel) {
-                        for mailbox in &slot.mailboxes {
-                            mailbox.post(Wake::Resync);
-                        }
-                    }
-                }
-                Delivered::Purge(purge) => {
-                    let _ = pushes.purges.send(purge);
-                }
-                Delivered::Nothing => {}
-            }
-            Ok(())
-        }
-    }
-}
-
-/// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be
-/// down now) whose pushes go to the hub.
-fn sharded_connection(
-    nodes: &[String],
-    timeout: Duration,
-    pushes: &Pushes,
-) -> Result<ClusterConnection, L2Error> {
-    let client = ClusterClient::builder(nodes.iter().map(String::as_str))
-        .use_protocol(ProtocolVersion::RESP3)
-        .push_sender(
-            Pushes {
-                sharded: true,
-                ..pushes.clone()
-            }
-            .handler(),
-        )
-        .connection_timeout(timeout.max(Duration::from_millis(200)))
-        .response_timeout(PATIENCE.max(timeout))
-        .retries(2)
-        .build()
-        .map_err(|source| L2Error::Redis {
-            op: "open cluster pubsub",
-            source,
-        })?;
-    Ok(client.get_pending_async_connection_with_config(ClusterConfig::default()))
-}
-
-/// What a push from Redis amounted to.
-enum Delivered {
-    Nothing,
-    /// The connection dropped: the server holds no subscriptions any more.
-    Disconnected,
-    /// A purge arrived on the invalidation channel.
-    Purge(Purge),
-    /// The server dropped a sharded subscription someone still waits on: its slot moved to
-    /// another master. The reconciler must subscribe it again, then its waiters resync.
-    Lost(String),
-}
-
-/// Hands a push to the waiters of its channel, or recognises a purge or a disconnection.
-fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered {
-    match push.kind {
-        // A sharded notice (`smessage`) reads as a classic one.
-        PushKind::Message | PushKind::SMessage => {
-            let [channel, payload] = push.data.as_slice() else {
-                return Delivered::Nothing;
-            };
-            let (Some(channel), Some(payload)) = (bytes_of(channel), bytes_of(payload)) else {
-                return Delivered::Nothing;
-            };
-            if channel == invalidations.as_bytes() {
-                return match Purge::parse(payload) {
-                    Some(purge) => Delivered::Purge(purge),
-                    None => Delivered::Nothing,
-                };
-            }
-            let Ok(channel) = std::str::from_utf8(channel) else {
-                return Delivered::Nothing;
-            };
-            let waiters = lock(waiters);
-            // Parse only for a channel someone here waits on.
-            if let Some(slot) = waiters.get(channel)
-                && let Some(notice) = Notice::parse(payload)
-            {
-                for mailbox in &slot.mailboxes {
-                    mailbox.post(Wake::Notice(notice.clone()));
-                }
-            }
-            Delivered::Nothing
-        }
-        // Sent for our own SUNSUBSCRIBE (nobody waits on the channel any more), and by the
-        // server when the channel's slot leaves this master (someone may still wait).
-        PushKind::SUnsubscribe => {
-            let Some(channel) = push.data.first().and_then(bytes_of) else {
-                return Delivered::Nothing;
-            };
-            let Ok(channel) = std::str::from_utf8(channel) else {
-                return Delivered::Nothing;
-            };
-            if !lock(waiters).contains_key(channel) {
-                return Delivered::Nothing;
-            }
-            tracing::info!(
-                channel,
-                "sharded subscription dropped by the server (its slot moved?); re-subscribing"
-            );
-            Delivered::Lost(channel.to_owned())
-        }
-        PushKind::Disconnection => {
-            tracing::warn!(
-                waiting = lock(waiters).len(),
-                "redis pub/sub connection lost; waiters re-subscribe and re-check"
-            );
-            resync(waiters);
-            Delivered::Disconnected
-        }
-        _ => Delivered::Nothing,
-    }
-}
-
 async fn apply_purges(mut purges: mpsc::UnboundedReceiver<Purge>, l1: L1) {
     while let Some(purge) = purges.recv().await {
         tracing::info!(purge = %purge.payload(), "invalidating L1");
         purge.apply(&l1).await;
-    }
-}
-
-fn bytes_of(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
     }
 }
 
@@ -690,56 +530,6 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
         }
     }
-}
-
-/// Makes the sharded subscriptions match: one (S)UNSUBSCRIBE / SSUBSCRIBE per channel, all at
-/// once — each goes to the master of its channel's slot, and channels of different slots cannot
-/// share one command. `subscribed` keeps the ones that succeeded.
-async fn sharded_sync(
-    r: &Reconciler,
-    sharded: &ClusterConnection,
-    subscribed: &mut HashSet<String>,
-    to_drop: Vec<String>,
-    to_add: Vec<String>,
-) -> Result<(), L2Error> {
-    let drops = to_drop.into_iter().map(|channel| {
-        let mut conn = sharded.clone();
-        async move {
-            let call = conn.sunsubscribe(&channel);
-            let done = guarded(&r.breaker, &r.metrics, "SUNSUBSCRIBE", r.timeout, call).await;
-            (channel, done)
-        }
-    });
-    let mut result = Ok(());
-    for (channel, done) in join_all(drops).await {
-        match done {
-            Ok(()) => drop(subscribed.remove(&channel)),
-            Err(err) => result = Err(err),
-        }
-    }
-    let adds = to_add.into_iter().map(|channel| {
-        let mut conn = sharded.clone();
-        async move {
-            let call = conn.ssubscribe(&channel);
-            let done = patiently(
-                &r.breaker,
-                &r.metrics,
-                "SSUBSCRIBE",
-                r.timeout,
-                PATIENCE,
-                call,
-            )
-            .await;
-            (channel, done)
-        }
-    });
-    for (channel, done) in join_all(adds).await {
-        match done {
-            Ok(()) => drop(subscribed.insert(channel)),
-            Err(err) => result = Err(err),
-        }
-    }
-    result
 }
 
 impl Reconciler {
