@@ -1,6 +1,7 @@
 //! Fill notices on a Redis Cluster travel by sharded pub/sub: they stay on the shard of their
 //! key (no classic-publish message crosses the cluster bus), and a waiter whose key's slot moves
-//! to another master while it waits still gets its notice. Purges stay broadcast, and reach the
+//! to another master while it waits, or whose shard connection is killed, still gets its notice.
+//! Purges stay broadcast, and reach the
 //! fleet through another node when the one serving their channel is down.
 
 mod support;
@@ -328,4 +329,71 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
         async || fleet[0].proxy().l1().entry_count().await == 0,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_waiter_survives_its_shard_connection_being_killed() {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_secs(2));
+    // A waiter left unsubscribed after the kill could only end in a 504.
+    let routes = recommend_route(
+        &upstream.url(),
+        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "15s", on_wait_timeout = "504" }"#,
+    );
+    let cfg = cluster_config("", &cluster.urls(), &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=killed";
+
+    // Step 1: instance 0 leads the fill; instance 1 waits, subscribed on the slot's master.
+    let leader = {
+        let (client, target) = (client.clone(), url(&fleet[0], path));
+        tokio::spawn(async move { client.get(&target, &[]).await })
+    };
+    let mut lock = Vec::new();
+    eventually("the fill lock is taken", SETTLE, async || {
+        lock = cluster.keys("corral:*:lock:*").await;
+        !lock.is_empty()
+    })
+    .await;
+    let hex = lock[0]
+        .rsplit_once(":lock:")
+        .map(|(_, tagged)| tagged.to_owned())
+        .expect("a lock name");
+    let channel = format!("corral:test:recommend:fill:{hex}");
+    let node = owner(&cluster, &lock[0]).await;
+    let waiter = {
+        let (client, target) = (client.clone(), url(&fleet[1], path));
+        tokio::spawn(async move { client.get(&target, &[]).await })
+    };
+    eventually("the waiter subscribed", SETTLE, async || {
+        shard_subscribers(&cluster, node, &channel).await == 1
+    })
+    .await;
+
+    // Step 2: that master drops every pub/sub connection while the fill runs.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut cluster.node_conn(node).await)
+        .await
+        .expect("CLIENT KILL");
+    assert!(killed >= 1, "no pub/sub connection was killed");
+    eventually("the waiter subscribed again", SETTLE, async || {
+        shard_subscribers(&cluster, node, &channel).await == 1
+    })
+    .await;
+
+    // Step 3: one upstream call, both answered 200 with the same body.
+    let leader = leader.await.expect("leader task");
+    let waiter = waiter.await.expect("waiter task");
+    assert_eq!(leader.status, 200, "{}", leader.text());
+    assert_eq!(waiter.status, 200, "{}", waiter.text());
+    assert_eq!(leader.body, waiter.body);
+    assert_eq!(upstream.calls(), 1);
+    for instance in fleet {
+        instance.shutdown().await;
+    }
 }
