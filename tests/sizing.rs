@@ -197,3 +197,77 @@ async fn sizing_cluster() {
         instance.shutdown().await;
     }
 }
+
+/// One run of the fleet-growth measurement: `n` instances on one Redis, `keys` keys each asked
+/// once by every instance, all at once.
+async fn fleet_run(n: usize, keys: usize) {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(200));
+    upstream_with_body(&upstream);
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(n, &cfg).await;
+    let mut probe = redis.conn().await;
+    let cpu_used = |i: &HashMap<String, f64>| i["used_cpu_sys"] + i["used_cpu_user"];
+    let cpu_before = cpu_used(&info(&mut probe, "cpu").await);
+    redis.reset_stats().await;
+    let client = Client::new();
+    let started = tokio::time::Instant::now();
+    let requests = (0..keys)
+        .flat_map(|k| (0..n).map(move |i| (k, i)))
+        .map(|(k, i)| {
+            let client = client.clone();
+            let target = url(&fleet[i], &format!("/recommend?n{n}={k}"));
+            async move {
+                let status = client.get(&target, &[]).await.status;
+                (k, status, started.elapsed())
+            }
+        });
+    let done = join_all(requests).await;
+    assert!(done.iter().all(|(_, s, _)| *s == 200));
+    let calls = command_calls(&mut probe).await;
+    let cpu = cpu_used(&info(&mut probe, "cpu").await) - cpu_before;
+    // Per key: from its first answer (the fill) to its last (the slowest waiter).
+    let mut spread: Vec<f64> = (0..keys)
+        .map(|k| {
+            let times: Vec<f64> = done
+                .iter()
+                .filter(|(key, _, _)| *key == k)
+                .map(|(_, _, t)| t.as_secs_f64() * 1000.0)
+                .collect();
+            let first = times.iter().copied().fold(f64::MAX, f64::min);
+            let last = times.iter().copied().fold(0.0, f64::max);
+            last - first
+        })
+        .collect();
+    spread.sort_by(f64::total_cmp);
+    let sent: u64 = ["evalsha", "mget", "subscribe", "unsubscribe"]
+        .iter()
+        .map(|c| calls.get(*c).copied().unwrap_or(0))
+        .sum();
+    let fills = keys as f64;
+    println!(
+        "| {n} | {} | {:.1} | {:.1} | {:.0} | {:.1} / {:.1} |",
+        upstream.calls(),
+        sent as f64 / fills,
+        calls.values().sum::<u64>() as f64 / fills,
+        cpu * 1e6 / fills,
+        spread[spread.len() / 2],
+        spread[spread.len() - 1],
+    );
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "prints measurements for the README; run by hand"]
+async fn sizing_fleet_growth() {
+    println!(
+        "| instances | backend calls (100 keys) | commands sent per fill | in commandstats | Redis CPU µs per fill | fill → last waiter p50 / max ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for n in [3, 10, 30] {
+        fleet_run(n, 100).await;
+    }
+}
