@@ -97,6 +97,8 @@ fn sample_entry() -> Entry {
         },
         fill_ms: 180,
         tags: vec!["recommend".into(), "article-7".into()],
+        // The headers carry `Vary` for realistic weight, but the entry matches every request.
+        vary: Default::default(),
     }
 }
 
@@ -217,11 +219,12 @@ fn l1_hit(c: &mut Criterion) {
             let answer = proxy
                 .handle_buffered(parts.clone(), body.clone(), peer)
                 .await;
-            assert_eq!(
-                answer
-                    .headers()
-                    .get(HeaderName::from_static("cache-status")),
-                Some(&HeaderValue::from_static("corral; hit")),
+            let status = answer
+                .headers()
+                .get(HeaderName::from_static("cache-status"))
+                .and_then(|v| v.to_str().ok());
+            assert!(
+                status.is_some_and(|s| s.starts_with("corral; hit; ttl=")),
                 "{name}: the warmed entry must answer; got {:?}",
                 answer.headers()
             );

@@ -10,17 +10,35 @@ use crate::fill::FillError;
 use crate::flight::Crowded;
 use crate::key::KeyError;
 use crate::outcome::CacheOutcome;
+use crate::target::TargetError;
 use crate::upstream::{Buffered, UpstreamError};
 
 /// A response and how the cache took part in it.
 pub struct Answer {
     pub outcome: CacheOutcome,
     pub response: Response<ProxyBody>,
+    /// Seconds of freshness left in the entry answered from (negative: stale), for
+    /// `Cache-Status: …; ttl=N`.
+    pub ttl: Option<i64>,
+    /// The status the upstream gave, when Corral answered with another (a 304 or 206 it made
+    /// itself); `None`: the response's own.
+    pub fwd_status: Option<StatusCode>,
 }
 
 impl Answer {
     pub fn new(outcome: CacheOutcome, response: Response<ProxyBody>) -> Answer {
-        Answer { outcome, response }
+        Answer {
+            outcome,
+            response,
+            ttl: None,
+            fwd_status: None,
+        }
+    }
+
+    /// The `Cache-Status` value of this answer.
+    pub fn cache_status(&self) -> HeaderValue {
+        let status = self.fwd_status.unwrap_or(self.response.status());
+        self.outcome.cache_status(self.ttl, status)
     }
 }
 
@@ -45,13 +63,17 @@ pub enum ProxyError {
     FillPanicked,
     #[error("too many requests wait for this key: {0}")]
     Crowded(#[from] Crowded),
+    #[error("bad request target: {0}")]
+    Target(#[from] TargetError),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyUnreadable(_) | ProxyError::BadKey(_) | ProxyError::Target(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
@@ -97,9 +119,13 @@ pub fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
     if outcome.is_hit() {
-        headers.insert(header::AGE, HeaderValue::from(entry.times.age_secs(now)));
+        headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    Answer::new(outcome, resp)
+    let mut answer = Answer::new(outcome, resp);
+    if outcome.is_hit() {
+        answer.ttl = Some(entry.ttl_secs(now));
+    }
+    answer
 }
 
 /// An answer meant for one requester only.

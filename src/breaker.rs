@@ -17,8 +17,8 @@
 //! Any answer from Redis — even an error reply — is proof of life and closes the circuit.
 //! Timing uses tokio's clock, so tests drive it under paused time.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -46,10 +46,8 @@ pub enum Fault {
 /// (closed circuit, a success) touches atomics only.
 #[derive(Debug)]
 pub struct Breaker {
-    /// The origin of `last_answer`.
-    base: Instant,
-    /// When Redis last answered, in µs since `base` (0: never).
-    last_answer: AtomicU64,
+    /// When Redis last answered any connection of this process.
+    pulse: Arc<Pulse>,
     open: AtomicBool,
     /// Whether Redis has answered at least once since this process started.
     answered: AtomicBool,
@@ -68,20 +66,60 @@ struct Streak {
     open_until: Option<Instant>,
 }
 
+/// When Redis last answered, shared by the breakers of one process's connections: that Redis is
+/// alive is a fact about Redis, seen on whichever connection answered last.
+#[derive(Debug)]
+pub struct Pulse {
+    /// The origin of `last`.
+    base: Instant,
+    /// When Redis last answered, in µs since `base` (0: never).
+    last: AtomicU64,
+}
+
+impl Default for Pulse {
+    fn default() -> Pulse {
+        Pulse {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Pulse {
+    fn beat(&self) {
+        let micros = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last.fetch_max(micros.max(1), Ordering::Relaxed);
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let now = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let window = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        now.saturating_sub(last) <= window
+    }
+}
+
 impl Default for Breaker {
     fn default() -> Breaker {
+        Breaker::with_pulse(Arc::default())
+    }
+}
+
+impl Breaker {
+    /// A breaker for one connection that shares `pulse` with the process's other connections.
+    pub fn with_pulse(pulse: Arc<Pulse>) -> Breaker {
         Breaker {
-            base: Instant::now(),
-            last_answer: AtomicU64::new(0),
+            pulse,
             open: AtomicBool::new(false),
             answered: AtomicBool::new(false),
             faulty: AtomicBool::new(false),
             state: Mutex::default(),
         }
     }
-}
 
-impl Breaker {
     /// Whether a call may go to Redis now: closed, or open but cooled down (half-open).
     pub fn allows(&self) -> bool {
         if !self.open.load(Ordering::Acquire) {
@@ -94,8 +132,7 @@ impl Breaker {
 
     /// Redis answered (a reply of any kind): the streak ends and the circuit closes.
     pub fn success(&self) {
-        let micros = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.last_answer.fetch_max(micros.max(1), Ordering::Relaxed);
+        self.pulse.beat();
         if !self.answered.load(Ordering::Relaxed) {
             self.answered.store(true, Ordering::Relaxed);
         }
@@ -147,14 +184,9 @@ impl Breaker {
 
     /// Whether Redis answered any call within the last `window`: a call still waiting then is
     /// queued behind others, not lost — worth waiting for a while longer.
+    /// Any connection sharing this breaker's pulse counts.
     pub fn answered_within(&self, window: Duration) -> bool {
-        let last = self.last_answer.load(Ordering::Relaxed);
-        if last == 0 {
-            return false;
-        }
-        let now = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let window = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
-        now.saturating_sub(last) <= window
+        self.pulse.within(window)
     }
 
     /// Whether Redis has answered at least once since this process started.

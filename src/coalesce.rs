@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::entry::{Entry, now_ms};
 use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Fleet, Source, quiet_release};
+use crate::flight::Interest;
 use crate::l2::{KeyNames, L2Error, LockState, Lookup};
 use crate::lock::FillLock;
 use crate::metrics::LockOutcome;
@@ -51,6 +52,8 @@ struct Io<'a> {
     req: &'a FillRequest,
     held: Option<FillLock>,
     sub: Option<Subscription>,
+    /// Whether anyone still wants the answer.
+    interest: &'a Interest,
 }
 
 impl Filler {
@@ -63,6 +66,7 @@ impl Filler {
         names: &Arc<KeyNames>,
         purpose: Purpose,
         fallback: Option<Arc<Entry>>,
+        interest: &Interest,
     ) -> Fill {
         let started = StdInstant::now();
         let route = &req.route;
@@ -75,6 +79,7 @@ impl Filler {
             req,
             held: None,
             sub: None,
+            interest,
         };
         let mut action = wait.start();
         let settled = loop {
@@ -129,6 +134,8 @@ impl Filler {
                 }
                 self.fill_with(req, Claim::Instance(None), fallback).await
             }
+            // Every requester hung up while we waited: nobody to answer.
+            Settled::Abandoned => Fill::FetchYourself,
             Settled::TimedOut => {
                 tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; answering 504");
                 Fill::Failed(FillError::WaitTimeout(route.lock.wait_timeout))
@@ -230,11 +237,12 @@ impl Io<'_> {
                 Some(sub) => tokio::select! {
                     wake = sub.next() => Event::Woken(wake),
                     () = tokio::time::sleep_until(until) => Event::Lapsed,
+                    () = self.interest.abandoned() => Event::Abandoned,
                 },
-                None => {
-                    tokio::time::sleep_until(until).await;
-                    Event::Lapsed
-                }
+                None => tokio::select! {
+                    () = tokio::time::sleep_until(until) => Event::Lapsed,
+                    () = self.interest.abandoned() => Event::Abandoned,
+                },
             },
             // The loop in `coalesce` ends on Done before asking for it to be run.
             Action::Done(_) => Event::RedisFailed,

@@ -223,8 +223,19 @@ pub struct RouteConfig {
     pub stale_while_revalidate: Duration,
     /// Default 0s.
     pub stale_if_error: Duration,
-    /// Statuses that may be stored, each in `100..=599`, never empty. Default `[200]`.
+    /// Statuses that may be stored when the answer carries explicit freshness (`s-maxage`,
+    /// `max-age`, `Expires`), each in `100..=599`, never empty. Default: those RFC 9110 §15.1
+    /// calls heuristically cacheable, [`DEFAULT_CACHE_STATUSES`].
     pub cache_statuses: Vec<u16>,
+    /// Statuses that may be stored with heuristic freshness (the route's `ttl`, `error_ttl` for
+    /// errors) when the answer gives none: the configured `cache_statuses`, else `[200]`.
+    pub heuristic_statuses: Vec<u16>,
+    /// Request headers a shared fill passes to the upstream, besides the keyed ones. Default
+    /// [`DEFAULT_FORWARD_HEADERS`].
+    pub forward_headers: ForwardHeaders,
+    /// Request headers that, like `Authorization` and `Cookie`, make a request bypass the cache
+    /// unless the route keys on them. Lower-cased. Default none.
+    pub credential_headers: Vec<HeaderName>,
     /// Largest request body buffered for keying/filling; larger → 413. Default 1 MiB.
     pub max_body: u64,
     /// Largest response stored; larger is not cached. Default 8 MiB.
@@ -248,6 +259,45 @@ pub struct RouteConfig {
     pub key: KeySpec,
     pub lock: LockSpec,
 }
+
+/// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).
+///
+/// Conditional headers (`If-*`), `Range`, hop-by-hop fields and a client's `X-Forwarded-*` /
+/// `Forwarded` never travel on a shared fill, whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardHeaders {
+    /// `["*"]`: every other header (the old, unsafe behaviour: the upstream may answer one client
+    /// for everyone from a header the key does not name).
+    All,
+    /// Only these (lower-cased), plus the route's `key.headers`.
+    Only(Vec<HeaderName>),
+}
+
+impl ForwardHeaders {
+    /// Whether a header of a client's request reaches the upstream on a shared fill.
+    pub fn allows(&self, name: &HeaderName, key: &KeySpec) -> bool {
+        match self {
+            ForwardHeaders::All => true,
+            ForwardHeaders::Only(names) => names.contains(name) || key.headers.contains(name),
+        }
+    }
+}
+
+/// What a shared fill forwards when a route does not say: content negotiation, the body's type,
+/// and the client's software — what well-behaved upstreams declare in `Vary` when they use it.
+pub const DEFAULT_FORWARD_HEADERS: [&str; 6] = [
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "content-type",
+    "content-encoding",
+    "user-agent",
+];
+
+/// Statuses stored by default when the answer carries explicit freshness: RFC 9110 §15.1's
+/// heuristically cacheable statuses (RFC 9111 §3 allows storing any of them).
+pub const DEFAULT_CACHE_STATUSES: [u16; 11] =
+    [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
 
 /// What identifies a response on a route, beyond route name, method and path.
 #[derive(Debug, Clone, Default)]
@@ -307,6 +357,21 @@ pub enum OnWaitTimeout {
 }
 
 impl Config {
+    /// What `corral validate` warns about: valid options that weaken a guarantee.
+    pub fn warnings(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| r.cache && r.forward_headers == ForwardHeaders::All)
+            .map(|r| {
+                format!(
+                    "route {:?}: forward_headers = [\"*\"] passes every client header on shared fills; \
+                     an upstream that reads a header the key does not name answers one client for everyone",
+                    r.name
+                )
+            })
+            .collect()
+    }
+
     /// Reads, parses and validates a file. An unreadable file is [`ConfigError::Read`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -8,22 +8,30 @@
 //!
 //! ```text
 //! 0xC0 0x01 | status u16 | stored_at u64 | fresh_until u64 | swr_until u64 | sie_until u64 | fill_ms u32
-//! | n_headers u16 | (name_len u16, name, value_len u32, value)* | n_tags u16 | (len u16, tag)* | body…
+//! | n_headers u16 | (name_len u16, name, value_len u32, value)* | n_tags u16 | (len u16, tag)*
+//! | n_vary u16 | (name_len u16, name, present u8, value_len u32, value)* | body…
 //! ```
+//!
+//! Version 1 (no `n_vary` section) is still decoded, as an entry that does not vary.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+use crate::vary::{VaryField, VaryRecord};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: u8 = 0xC0;
-const VERSION: u8 = 0x01;
+const VERSION: u8 = 0x02;
+/// The previous format (no variant fields), still read so a rolling upgrade keeps its entries.
+const VERSION_1: u8 = 0x01;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub status: StatusCode,
-    /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`, no `Age`).
+    /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`). `Age`, when present, is
+    /// the upstream's: the entry's age when it was stored.
     pub headers: HeaderMap,
     pub body: Bytes,
     pub times: Lifetime,
@@ -31,6 +39,9 @@ pub struct Entry {
     pub fill_ms: u32,
     /// Surrogate keys from `Surrogate-Key` / `Cache-Tag`.
     pub tags: Vec<String>,
+    /// The headers the answer's `Vary` names and their values on the fill ([`crate::vary`]);
+    /// empty when it does not vary.
+    pub vary: VaryRecord,
 }
 
 /// When an entry was stored and until when it may be served, in Unix milliseconds.
@@ -107,6 +118,20 @@ pub enum DecodeError {
 }
 
 impl Entry {
+    /// Whole seconds of freshness left at `now` (negative once stale), counting the upstream's
+    /// `Age`: RFC 9211's `ttl`.
+    pub fn ttl_secs(&self, now: u64) -> i64 {
+        let left = i128::from(self.times.fresh_until) - i128::from(now);
+        i64::try_from(left.div_euclid(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// The entry's current age in whole seconds (RFC 9111 §4.2.3): the upstream's `Age` when it
+    /// was stored plus the time since.
+    pub fn age_secs(&self, now: u64) -> u64 {
+        let initial = crate::verdict::upstream_age_secs(&self.headers).unwrap_or(0);
+        initial.saturating_add(self.times.age_secs(now))
+    }
+
     /// Bytes this entry costs in memory, for the L1 weigher: its body and headers plus what
     /// holding it costs around them — the header map's table and buckets, one allocation per
     /// header value, the entry and its `Arc`, moka's node, deque and timer slots. The constants
@@ -122,7 +147,13 @@ impl Entry {
             .map(|(n, v)| n.as_str().len() + v.len() + PER_HEADER)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + PER_TAG).sum();
-        let total = self.body.len() + headers + tags + PER_ENTRY;
+        let vary: usize = self
+            .vary
+            .fields()
+            .iter()
+            .map(|f| f.name.as_str().len() + f.value.as_ref().map_or(0, String::len) + PER_TAG)
+            .sum();
+        let total = self.body.len() + headers + tags + vary + PER_ENTRY;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -162,6 +193,22 @@ impl Entry {
             out.put_u16_le(tag.len() as u16);
             out.put_slice(tag.as_bytes());
         }
+        // Header names are short and values come from one request header: both fit their
+        // prefixes; an entry varying on more than u16::MAX names does not exist.
+        let vary = self.vary.fields();
+        out.put_u16_le(vary.len().min(usize::from(u16::MAX)) as u16);
+        for field in vary.iter().take(usize::from(u16::MAX)) {
+            out.put_u16_le(field.name.as_str().len() as u16);
+            out.put_slice(field.name.as_str().as_bytes());
+            match &field.value {
+                None => out.put_u8(0),
+                Some(v) => {
+                    out.put_u8(1);
+                    out.put_u32_le(v.len() as u32);
+                    out.put_slice(v.as_bytes());
+                }
+            }
+        }
         out.put_slice(&self.body);
         out.freeze()
     }
@@ -173,7 +220,7 @@ impl Entry {
             return Err(DecodeError::Foreign);
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(DecodeError::Version(version));
         }
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::Garbled)?;
@@ -204,6 +251,25 @@ impl Entry {
             let tag = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::Garbled)?;
             tags.push(tag.to_owned());
         }
+        let mut vary = Vec::new();
+        if version == VERSION {
+            for _ in 0..r.u16()? {
+                let len = usize::from(r.u16()?);
+                let name =
+                    HeaderName::from_bytes(r.take(len)?).map_err(|_| DecodeError::Garbled)?;
+                let value = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let len = r.u32()? as usize;
+                        let text =
+                            std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::Garbled)?;
+                        Some(text.to_owned())
+                    }
+                    _ => return Err(DecodeError::Garbled),
+                };
+                vary.push(VaryField { name, value });
+            }
+        }
         let body = raw.slice(r.pos..);
         Ok(Entry {
             status,
@@ -212,6 +278,7 @@ impl Entry {
             times,
             fill_ms,
             tags,
+            vary: VaryRecord::new(vary),
         })
     }
 }
@@ -250,56 +317,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// What the upstream's `Cache-Control` says about storing a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Directives {
-    pub no_store: bool,
-    pub private: bool,
-    pub no_cache: bool,
-    pub max_age: Option<u64>,
-    pub s_maxage: Option<u64>,
-    pub stale_while_revalidate: Option<u64>,
-    pub stale_if_error: Option<u64>,
-}
-
-impl Directives {
-    /// Reads every `Cache-Control` field line. Unknown directives are ignored (RFC 9111 §5.2.3);
-    /// a malformed number makes that directive absent.
-    pub fn from_headers(headers: &HeaderMap) -> Directives {
-        let mut d = Directives::default();
-        for value in headers.get_all(header::CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for item in value.split(',') {
-                let (name, arg) = match item.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (item.trim(), None),
-                };
-                let secs = arg.and_then(|a| a.parse::<u64>().ok());
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => d.no_store = true,
-                    "private" => d.private = true,
-                    "no-cache" => d.no_cache = true,
-                    "max-age" => d.max_age = secs,
-                    "s-maxage" => d.s_maxage = secs,
-                    "stale-while-revalidate" => d.stale_while_revalidate = secs,
-                    "stale-if-error" => d.stale_if_error = secs,
-                    _ => {}
-                }
-            }
-        }
-        d
-    }
-
-    /// Whether a shared cache may store the response at all. `no-cache` responses are not stored:
-    /// Corral does not revalidate with conditional requests, so it could never reuse them.
-    pub fn storable(&self) -> bool {
-        !(self.no_store || self.private || self.no_cache)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();
@@ -321,6 +342,16 @@ mod tests {
             },
             fill_ms: 1000,
             tags: vec!["article-7".into(), "ads".into()],
+            vary: VaryRecord::new(vec![
+                VaryField {
+                    name: header::ACCEPT_ENCODING,
+                    value: Some("br,gzip".into()),
+                },
+                VaryField {
+                    name: header::ACCEPT_LANGUAGE,
+                    value: None,
+                },
+            ]),
         }
     }
 
@@ -328,6 +359,21 @@ mod tests {
     fn encode_decode_round_trips() {
         let e = sample();
         assert_eq!(Entry::decode(e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn version_1_entries_decode_as_not_varying() {
+        let mut e = sample();
+        e.vary = VaryRecord::default();
+        let v2 = e.encode();
+        // Version 1 is version 2 without the (empty) vary count.
+        let mut v1 = BytesMut::new();
+        v1.put_u8(MAGIC);
+        v1.put_u8(VERSION_1);
+        let body_at = v2.len() - e.body.len();
+        v1.put_slice(&v2[2..body_at - 2]);
+        v1.put_slice(&e.body);
+        assert_eq!(Entry::decode(v1.freeze()), Ok(e));
     }
 
     #[test]
@@ -344,23 +390,5 @@ mod tests {
         for cut in 0..40 {
             assert!(Entry::decode(full.slice(..cut)).is_err(), "cut at {cut}");
         }
-    }
-
-    #[test]
-    fn directives_parse_case_and_spacing() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("Public, MAX-AGE=60 , s-maxage=\"30\""),
-        );
-        h.append(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("stale-while-revalidate=5"),
-        );
-        let d = Directives::from_headers(&h);
-        assert_eq!(d.max_age, Some(60));
-        assert_eq!(d.s_maxage, Some(30));
-        assert_eq!(d.stale_while_revalidate, Some(5));
-        assert!(d.storable());
     }
 }

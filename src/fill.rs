@@ -25,12 +25,14 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::body::ProxyBody;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
+use crate::flight::Interest;
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
 use crate::lock::{FillLock, LeaseKeeper};
 use crate::metrics::Metrics;
 use crate::notice::Notices;
+use crate::revalidate::{is_not_modified, make_conditional, renewed};
 use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, error_entry, judge};
 use crate::wait::Purpose;
@@ -201,8 +203,9 @@ impl Filler {
     }
 
     /// Runs one fill to its end. Cancel safety: runs inside its own task (a flight), so it is not
-    /// cancelled when requesters go away; a held lock is released on drop.
-    pub async fn fill(&self, req: FillRequest) -> Fill {
+    /// cancelled when requesters go away; a held lock is released on drop. While it only waits
+    /// for another instance's fill, it stops once `interest` says every requester has gone.
+    pub async fn fill(&self, req: FillRequest, interest: Interest) -> Fill {
         // A fill may have landed between this request's L1 miss and its flight's start.
         if let Some(entry) = self.l1.get(&req.key, now_ms()).await
             && entry.times.freshness(now_ms()) == Freshness::Fresh
@@ -218,7 +221,7 @@ impl Filler {
         let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
         if req.route.lock.scope == LockScope::Fleet {
             return self
-                .coalesce(&req, fleet, &names, Purpose::Miss, None)
+                .coalesce(&req, fleet, &names, Purpose::Miss, None, &interest)
                 .await;
         }
         let fallback = match fleet.l2.get(&names, fleet.l2.read_budget()).await {
@@ -253,7 +256,10 @@ impl Filler {
             return self.fill_with(&req, claim, Some(stale)).await;
         }
         let known = stale.times.stored_at;
-        self.coalesce(&req, fleet, &names, Purpose::Refresh { known }, Some(stale))
+        let purpose = Purpose::Refresh { known };
+        // Nobody awaits a refresh; it is worth finishing for the requests to come.
+        let interest = Interest::lasting();
+        self.coalesce(&req, fleet, &names, purpose, Some(stale), &interest)
             .await
     }
 
@@ -292,14 +298,28 @@ impl Filler {
             Claim::Fleet(held) => Some(held),
             Claim::Instance(_) => None,
         };
-        match self.call_upstream(req, lock).await {
+        // A purge applied after this point covers what the upstream is about to answer.
+        let began = self.l1.fence().mark();
+        match self.call_upstream(req, lock, fallback.as_deref()).await {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
-                claim.store(req, &entry).await;
-                self.l1.insert(req.key, &route.name, entry.clone()).await;
+                let fence = self.l1.fence();
+                if fence.purged_since(began, &route.name, &req.key, &entry.tags) {
+                    tracing::info!(route = %route.name, "a purge came while this fill ran: its answer goes to its own requests only");
+                    // The waiters elsewhere fill again, after the purge.
+                    claim.give_up(req, Notice::Failed(None)).await;
+                    return Fill::Shared {
+                        entry,
+                        source: Source::Upstream { stored: false },
+                    };
+                }
+                let stored = claim.store(req, &entry).await;
+                if stored {
+                    self.l1.insert(req.key, &route.name, entry.clone()).await;
+                }
                 Fill::Shared {
                     entry,
-                    source: Source::Upstream { stored: true },
+                    source: Source::Upstream { stored },
                 }
             }
             Ok(Verdict::Share(entry)) => {
@@ -363,22 +383,27 @@ impl Filler {
 
     /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts
     /// once the slot is had, so a wait for the slot cannot eat the lease of the call itself.
+    ///
+    /// With `stale` (the entry a refresh renews, or one standing in for a failed fill) that has
+    /// validators, the request is conditional, and a `304` renews `stale` without a body (RFC
+    /// 9111 §4.3.4); a `304` that does not match it is followed by an unconditional request.
     async fn call_upstream(
         &self,
         req: &FillRequest,
         lock: Option<&FillLock>,
+        stale: Option<&Entry>,
     ) -> Result<Verdict, FillError> {
         let route = &req.route;
-        let _slot = self.upstream_slot(route).await?;
+        let slot = self.upstream_slot(route).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
-        let upstream_req = crate::upstream::rewrite(
+        let mut upstream_req = crate::upstream::fill_request(
             &req.parts,
             Either::Left(Full::new(req.body.clone())),
-            &route.upstream,
-            req.peer,
+            route,
         );
+        let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
         let started = Instant::now();
         let fetched = self
             .client
@@ -402,6 +427,15 @@ impl Filler {
         })?;
         let fill_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
         Ok(match fetched {
+            Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
+                match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
+                    Some(entry) => Verdict::Store(entry),
+                    None => {
+                        drop(slot);
+                        return Box::pin(self.call_upstream(req, lock, None)).await;
+                    }
+                }
+            }
             Fetched::Whole(answer) => judge(route, answer, fill_ms),
             Fetched::Oversized {
                 parts,
@@ -421,12 +455,18 @@ impl Filler {
 impl Claim<'_> {
     /// Stores a storable entry: under the lock (which the store releases, waking the waiters), or
     /// plainly.
-    async fn store(self, req: &FillRequest, entry: &Entry) {
+    /// `false` when a purge of the key came while the fill ran (the entry must not be kept
+    /// in L1 either).
+    async fn store(self, req: &FillRequest, entry: &Entry) -> bool {
         let route = &req.route.name;
         match self {
             Claim::Fleet(held) => {
                 let (l2, names) = (held.l2().clone(), held.names().clone());
                 match held.store(entry).await {
+                    Ok(StoreOutcome::Purged) => {
+                        tracing::info!(%route, "a purge came while this fill ran: not stored");
+                        return false;
+                    }
                     Ok(outcome) => {
                         tracing::debug!(%route, ?outcome, "filled");
                         if outcome != StoreOutcome::Superseded {
@@ -442,6 +482,7 @@ impl Claim<'_> {
             },
             Claim::Instance(None) => {}
         }
+        true
     }
 
     /// Ends a claim that stored nothing, telling the fleet's waiters why.

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::Notify;
 
 use crate::key::CacheKey;
 
@@ -32,10 +33,62 @@ pub enum Role {
     Follower,
 }
 
+/// How many joiners (leader and followers) still want a flight's result. The fill learns
+/// through it when all of them have gone — their clients hung up — so a flight that is only
+/// waiting for another instance's fill can stop waiting.
+#[derive(Clone, Default)]
+pub struct Interest(Arc<InterestState>);
+
+#[derive(Default)]
+struct InterestState {
+    live: AtomicUsize,
+    gone: Notify,
+}
+
+impl Interest {
+    /// Resolves once every joiner has gone. Cancel safe.
+    pub async fn abandoned(&self) {
+        loop {
+            let notified = self.0.gone.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// An interest that never goes: for fills nobody joins (background refreshes).
+    pub fn lasting() -> Interest {
+        let interest = Interest::default();
+        interest.0.live.store(1, Ordering::Release);
+        interest
+    }
+
+    fn join(&self) -> InterestGuard {
+        self.0.live.fetch_add(1, Ordering::AcqRel);
+        InterestGuard(self.clone())
+    }
+}
+
+/// One joiner's interest; dropping it may leave the flight abandoned.
+struct InterestGuard(Interest);
+
+impl Drop for InterestGuard {
+    fn drop(&mut self) {
+        let state = &(self.0).0;
+        if state.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.gone.notify_waiters();
+        }
+    }
+}
+
 /// One flight in the map: its id, its result, and how many followers wait on it.
 struct Flight<T: Clone> {
     id: u64,
     result: FlightResult<T>,
+    interest: Interest,
     /// Followers waiting now (bounded by `max_waiters`).
     waiting: Arc<AtomicUsize>,
     /// Followers that joined over the flight's life.
@@ -57,6 +110,7 @@ pub struct Joined<T: Clone> {
     pub role: Role,
     pub result: FlightResult<T>,
     _slot: Option<WaitSlot>,
+    _interest: InterestGuard,
 }
 
 struct WaitSlot(Arc<AtomicUsize>);
@@ -85,12 +139,12 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     }
 
     /// Joins the flight for `key`, starting it with `start` if there is none; turned away when
-    /// `max_waiters` followers already wait on it.
+    /// `max_waiters` followers already wait on it. `start` is given the flight's [`Interest`].
     pub fn join<F>(
         &self,
         key: CacheKey,
         max_waiters: usize,
-        start: impl FnOnce() -> F,
+        start: impl FnOnce(Interest) -> F,
     ) -> Result<Joined<T>, Crowded>
     where
         F: Future<Output = T> + Send + 'static,
@@ -107,10 +161,13 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 role: Role::Follower,
                 result: flight.result.clone(),
                 _slot: Some(slot),
+                _interest: flight.interest.join(),
             });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let fill = start();
+        let interest = Interest::default();
+        let leader = interest.join();
+        let fill = start(interest.clone());
         let joined = Arc::new(AtomicUsize::new(0));
         let landing = Landing {
             map: self.map.clone(),
@@ -127,6 +184,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         let flight = Flight {
             id,
             result: result.clone(),
+            interest,
             waiting: Arc::default(),
             joined,
         };
@@ -135,6 +193,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             role: Role::Leader,
             result,
             _slot: None,
+            _interest: leader,
         })
     }
 
@@ -207,7 +266,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = calls.clone();
-        let Ok(first) = flights.join(key(1), 100, move || async move {
+        let Ok(first) = flights.join(key(1), 100, move |_| async move {
             c.fetch_add(1, Ordering::SeqCst);
             let _ = rx.await;
             7
@@ -218,7 +277,7 @@ mod tests {
         let mut others = Vec::new();
         for _ in 0..50 {
             let c = calls.clone();
-            let joined = flights.join(key(1), 100, move || async move {
+            let joined = flights.join(key(1), 100, move |_| async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 0
             });
@@ -241,12 +300,12 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
         let flights = Flights::<u32>::new(None);
-        let Ok(joined) = flights.join(key(2), 1, || async { panic!("fill blew up") }) else {
+        let Ok(joined) = flights.join(key(2), 1, |_| async { panic!("fill blew up") }) else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.result.await, None);
         assert!(flights.is_empty());
-        let Ok(joined) = flights.join(key(2), 1, || async { 3 }) else {
+        let Ok(joined) = flights.join(key(2), 1, |_| async { 3 }) else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.role, Role::Leader);
@@ -257,20 +316,37 @@ mod tests {
     async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
         let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let leader = flights.join(key(3), 2, move || async move {
+        let leader = flights.join(key(3), 2, move |_| async move {
             let _ = rx.await;
             1
         });
         assert!(leader.is_ok());
-        let a = flights.join(key(3), 2, || async { 0 });
-        let b = flights.join(key(3), 2, || async { 0 });
+        let a = flights.join(key(3), 2, |_| async { 0 });
+        let b = flights.join(key(3), 2, |_| async { 0 });
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(
-            flights.join(key(3), 2, || async { 0 }).err(),
+            flights.join(key(3), 2, |_| async { 0 }).err(),
             Some(Crowded { waiting: 2 })
         );
         drop(a);
-        assert!(flights.join(key(3), 2, || async { 0 }).is_ok());
+        assert!(flights.join(key(3), 2, |_| async { 0 }).is_ok());
         let _ = tx.send(());
+    }
+
+    #[tokio::test]
+    async fn a_flight_learns_when_every_joiner_has_gone() {
+        let flights = Flights::<u32>::new(None);
+        let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+        let leader = flights.join(key(4), 10, move |interest| async move {
+            interest.abandoned().await;
+            let _ = tx.send(true);
+            0
+        });
+        let follower = flights.join(key(4), 10, |_| async { 0 });
+        assert!(leader.is_ok() && follower.is_ok());
+        drop(leader);
+        tokio::task::yield_now().await;
+        drop(follower);
+        assert_eq!(rx.await, Ok(true), "abandoned once the last joiner went");
     }
 }

@@ -3,8 +3,9 @@
 //! A key is the blake3 hash of an unambiguous encoding of: a format tag, the route name, the method,
 //! the path, the query (all of it, parameters sorted by name with repeated ones kept in order, or only
 //! the parameters `key.query` names), the chosen headers (lower-cased names; every value, in order)
-//! and the chosen JSON body fields in canonical form (object keys sorted, whitespace ignored,
-//! duplicate object keys rejected). Every field is length-prefixed, so `("ab", "c")` and `("a", "bc")`
+//! and the body: the chosen JSON body fields in canonical form (object keys sorted, whitespace
+//! ignored, duplicate object keys rejected), or — when `key.json` names none — all of it. The path
+//! is the normalized one ([`crate::target`]); HEAD is keyed as GET ([`crate::route::cache_method`]). Every field is length-prefixed, so `("ab", "c")` and `("a", "bc")`
 //! hash differently, and every list is count-prefixed. Nothing of the raw request reaches a Redis
 //! key: only the hex digest does.
 
@@ -27,8 +28,8 @@ pub struct CacheKey([u8; 32]);
 impl CacheKey {
     /// Derives the key of a request on a route.
     ///
-    /// `body` is only read when the route keys on JSON fields; an empty body then counts as "every
-    /// field absent" (a GET carries none).
+    /// With `key.json`, only those fields of `body` count (an empty body: "every field absent");
+    /// without, the whole body counts.
     pub fn derive(
         route: &str,
         spec: &KeySpec,
@@ -96,7 +97,11 @@ fn encode(
         }
     }
     h.count(spec.json.len());
-    if !spec.json.is_empty() {
+    if spec.json.is_empty() {
+        // No `key.json`: the whole body counts, byte for byte, on every method (a GET's body
+        // travels on its fill, so it must be keyed too).
+        h.field(body);
+    } else {
         let doc = if body.iter().all(u8::is_ascii_whitespace) {
             None
         } else {

@@ -8,11 +8,14 @@ use moka::future::Cache;
 
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
+use crate::purge::Fence;
 
 /// The in-process tier. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct L1 {
     cache: Cache<CacheKey, Cached>,
+    /// The purges applied to this cache lately (see [`Fence`]).
+    fence: Arc<Fence>,
 }
 
 /// An entry and the route it belongs to (so a route purge can find it).
@@ -30,7 +33,15 @@ impl L1 {
             .expire_after(OwnLifetime)
             .support_invalidation_closures()
             .build();
-        L1 { cache }
+        L1 {
+            cache,
+            fence: Arc::default(),
+        }
+    }
+
+    /// The purges applied to this cache lately, for fills to check before they store.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     /// The entry for `key`, if present and not past its `stale_until` at `now` (Unix ms).

@@ -14,7 +14,8 @@
 //! - [`lock`] — the fleet-wide fill lock; [`notice`] — the pub/sub hub that wakes waiters.
 //! - [`flight`] — in-process single-flight; [`fill`] — filling an entry; [`coalesce`] — one fill
 //!   per key across the fleet;
-//!   [`verdict`] — what an upstream answer allows, and for how long.
+//!   [`verdict`] — what an upstream answer allows, and for how long ([`cache_control`] parses
+//!   `Cache-Control`).
 //! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
 //!   [`answer`] — responses and the one place errors become statuses;
 //!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
@@ -28,7 +29,9 @@ pub mod admin;
 pub mod answer;
 pub mod body;
 pub mod breaker;
+pub mod cache_control;
 pub mod coalesce;
+pub mod conditional;
 pub mod config;
 pub mod demo;
 pub mod entry;
@@ -43,9 +46,12 @@ pub mod notice;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;
+pub mod revalidate;
 pub mod route;
 pub mod server;
+pub mod target;
 pub mod upstream;
+pub mod vary;
 pub mod verdict;
 pub mod wait;
 

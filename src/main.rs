@@ -88,6 +88,9 @@ fn report(err: &anyhow::Error) -> String {
 
 fn validate(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("warning: {}: {warning}", path.display());
+    }
     println!(
         "{}: ok ({} routes, {})",
         path.display(),

@@ -10,7 +10,8 @@ pub enum CacheOutcome {
     Hit,
     /// Answered from a stale entry while one refresh runs in the background.
     Stale,
-    /// Waited for another request's fill (in this process or another instance) and answered with it.
+    /// Waited for another request's fill (in this process or another instance) and answered with
+    /// it — its stored answer, or its error: RFC 9211's `collapsed`, never a `hit`.
     Coalesced,
     /// This request triggered the fill; the upstream's answer was stored.
     MissStored,
@@ -47,17 +48,31 @@ impl CacheOutcome {
         }
     }
 
-    /// The `Cache-Status` header value (RFC 9211), with `corral` as the cache's name.
-    pub fn cache_status(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            CacheOutcome::Hit => "corral; hit",
-            CacheOutcome::Stale => "corral; hit; detail=stale",
-            CacheOutcome::Coalesced => "corral; hit; detail=coalesced",
-            CacheOutcome::MissStored => "corral; fwd=miss; stored",
-            CacheOutcome::MissNotStored => "corral; fwd=miss",
-            CacheOutcome::Bypass => "corral; fwd=bypass",
-            CacheOutcome::UriMiss => "corral; fwd=uri-miss",
-        })
+    /// The `Cache-Status` header value (RFC 9211), with `corral` as the cache's name: `ttl` is the
+    /// entry's freshness left (hits), `status` the upstream's status (forwards).
+    ///
+    /// | outcome | value |
+    /// |---|---|
+    /// | hit | `corral; hit; ttl=N` |
+    /// | stale | `corral; hit; ttl=-N; detail=stale` |
+    /// | coalesced | `corral; fwd=miss; fwd-status=S; collapsed` |
+    /// | miss_stored | `corral; fwd=miss; fwd-status=S; stored` |
+    /// | miss | `corral; fwd=miss; fwd-status=S` |
+    /// | bypass | `corral; fwd=bypass` |
+    /// | uri_miss | `corral; fwd=uri-miss` |
+    pub fn cache_status(self, ttl: Option<i64>, status: http::StatusCode) -> HeaderValue {
+        let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
+        let status = status.as_u16();
+        let value = match self {
+            CacheOutcome::Hit => format!("corral; hit{ttl}"),
+            CacheOutcome::Stale => format!("corral; hit{ttl}; detail=stale"),
+            CacheOutcome::Coalesced => format!("corral; fwd=miss; fwd-status={status}; collapsed"),
+            CacheOutcome::MissStored => format!("corral; fwd=miss; fwd-status={status}; stored"),
+            CacheOutcome::MissNotStored => format!("corral; fwd=miss; fwd-status={status}"),
+            CacheOutcome::Bypass => return HeaderValue::from_static("corral; fwd=bypass"),
+            CacheOutcome::UriMiss => return HeaderValue::from_static("corral; fwd=uri-miss"),
+        };
+        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("corral"))
     }
 
     /// Whether the answer came from a stored entry (and so carries `Age`).
@@ -74,6 +89,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn header_values_follow_rfc_9211() {
+        let ok = http::StatusCode::OK;
+        let cases = [
+            (CacheOutcome::Hit, Some(59), ok, "corral; hit; ttl=59"),
+            (
+                CacheOutcome::Stale,
+                Some(-3),
+                ok,
+                "corral; hit; ttl=-3; detail=stale",
+            ),
+            (
+                CacheOutcome::Coalesced,
+                Some(5),
+                ok,
+                "corral; fwd=miss; fwd-status=200; collapsed",
+            ),
+            (
+                CacheOutcome::Coalesced,
+                None,
+                http::StatusCode::BAD_GATEWAY,
+                "corral; fwd=miss; fwd-status=502; collapsed",
+            ),
+            (
+                CacheOutcome::MissStored,
+                None,
+                ok,
+                "corral; fwd=miss; fwd-status=200; stored",
+            ),
+            (
+                CacheOutcome::MissNotStored,
+                None,
+                ok,
+                "corral; fwd=miss; fwd-status=200",
+            ),
+            (CacheOutcome::Bypass, None, ok, "corral; fwd=bypass"),
+        ];
+        for (outcome, ttl, status, want) in cases {
+            assert_eq!(outcome.cache_status(ttl, status), want);
+        }
+    }
+
+    #[test]
     fn all_is_indexed_by_discriminant() {
         for (i, outcome) in CacheOutcome::ALL.iter().enumerate() {
             assert_eq!(*outcome as usize, i);
@@ -84,8 +141,10 @@ mod tests {
     fn labels_and_headers_are_distinct() {
         let labels: std::collections::HashSet<_> =
             CacheOutcome::ALL.iter().map(|o| o.as_str()).collect();
-        let headers: std::collections::HashSet<_> =
-            CacheOutcome::ALL.iter().map(|o| o.cache_status()).collect();
+        let headers: std::collections::HashSet<_> = CacheOutcome::ALL
+            .iter()
+            .map(|o| o.cache_status(None, http::StatusCode::OK))
+            .collect();
         assert_eq!(labels.len(), CacheOutcome::ALL.len());
         assert_eq!(headers.len(), CacheOutcome::ALL.len());
     }

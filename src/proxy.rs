@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
 use http::request::Parts;
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Limited};
@@ -17,11 +17,13 @@ use hyper::body::Incoming;
 
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, Pulse};
+use crate::cache_control::CORRAL_CACHE_CONTROL;
+use crate::conditional::Conditions;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillRequest, Filler, Fleet, Source};
-use crate::flight::{Flights, Role};
+use crate::flight::{Flights, Interest, Role};
 use crate::key::CacheKey;
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
@@ -29,9 +31,11 @@ use crate::lock::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
-use crate::purge::{Purge, PurgeError, PurgeRequest};
-use crate::route::{Router, check_cacheable};
+use crate::route::{Router, cache_method, check_cacheable};
 use crate::upstream::{UpstreamBody, rewrite};
+use crate::vary;
+
+mod invalidate;
 
 /// How long `/readyz` answers "starting" while Redis has not answered yet, before it reports the
 /// process as degraded instead.
@@ -74,16 +78,17 @@ impl Proxy {
             Some(redis) => {
                 // One breaker per connection: each tells whether its own connection works, so
                 // the process is out of degraded mode only once all of them do.
+                // Whether Redis is alive, though, is seen on any of them.
+                let pulse = Arc::new(Pulse::default());
+                let breaker = || Arc::new(Breaker::with_pulse(pulse.clone()));
                 let keeper = {
-                    let (redis, metrics) = (redis.clone(), metrics.clone());
-                    let breaker = Arc::new(Breaker::default());
+                    let (redis, metrics, breaker) = (redis.clone(), metrics.clone(), breaker());
                     LeaseKeeper::start(move || L2::connect(&redis, breaker, metrics))?
                 };
-                let breaker = Arc::new(Breaker::default());
-                let notices = Notices::connect(redis, breaker, metrics.clone(), l1.clone())?;
+                let notices = Notices::connect(redis, breaker(), metrics.clone(), l1.clone())?;
                 Some(Fleet {
                     keeper: Arc::new(keeper),
-                    l2: L2::connect(redis, Arc::new(Breaker::default()), metrics.clone())?,
+                    l2: L2::connect(redis, breaker(), metrics.clone())?,
                     notices,
                 })
             }
@@ -133,67 +138,6 @@ impl Proxy {
     /// Fills in progress in this process (a graceful shutdown waits for them).
     pub fn fills_in_progress(&self) -> usize {
         self.flights.len()
-    }
-
-    /// Purges what `request` names: from Redis and, through the invalidation channel, from every
-    /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
-    /// mode, from L1.
-    pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
-        let purge = self.resolve(request)?;
-        let l1 = &self.filler.l1;
-        let purged = match self.fleet() {
-            Some(fleet) => {
-                let n = fleet.l2.purge(&purge).await?;
-                purge.apply(l1).await;
-                n
-            }
-            None => purge.apply(l1).await,
-        };
-        if let Purge::Key { key, .. } = &purge {
-            self.filler.marks.remove(key);
-        }
-        self.metrics.purge(purge.kind(), purged);
-        tracing::info!(purge = %purge.payload(), purged, "purged");
-        Ok(purged)
-    }
-
-    fn resolve(&self, request: &PurgeRequest) -> Result<Purge, PurgeError> {
-        if let Some(route) = &request.route {
-            return match self.router.named(route) {
-                Some(_) => Ok(Purge::Route(route.clone())),
-                None => Err(PurgeError::UnknownRoute(route.clone())),
-            };
-        }
-        if let Some(tag) = &request.tag {
-            return Ok(Purge::Tag(tag.clone()));
-        }
-        let url = request.url.as_deref().unwrap_or("/");
-        let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
-        let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
-        let method = match &request.method {
-            Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| malformed("bad method"))?,
-            None => http::Method::GET,
-        };
-        let mut headers = http::HeaderMap::new();
-        for (name, value) in &request.headers {
-            let name =
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| malformed("bad header"))?;
-            let value = HeaderValue::from_str(value).map_err(|_| malformed("bad header"))?;
-            headers.append(name, value);
-        }
-        let route = self
-            .router
-            .route(uri.path(), &method)
-            .filter(|r| r.cache)
-            .ok_or_else(|| PurgeError::NoRoute(url.to_owned()))?;
-        let body = request.body_bytes();
-        let key = CacheKey::derive(&route.name, &route.key, &method, &uri, &headers, &body)
-            .map_err(|e| PurgeError::Malformed(e.to_string()))?;
-        Ok(Purge::Key {
-            route: route.name.clone(),
-            key,
-        })
     }
 
     /// The metrics page, with live gauges filled in.
@@ -250,8 +194,19 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: every error becomes an answer.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
+        if let Err(err) = crate::target::normalize(&mut req) {
+            let answer = ProxyError::from(err).into_answer(CacheOutcome::Bypass);
+            let cache_status = answer.cache_status();
+            let mut response = answer.response;
+            response.headers_mut().insert(CACHE_STATUS, cache_status);
+            return response;
+        }
         // Only the log line needs these; with it off the hot path does not pay for them.
         let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
         let logged = (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG))
@@ -264,14 +219,16 @@ impl Proxy {
         let route_name = route
             .as_ref()
             .map_or(crate::metrics::UNROUTED, |r| r.name.as_str());
+        let cache_status = answer.cache_status();
         let Answer {
             outcome,
             mut response,
+            ..
         } = answer;
         self.metrics.request(route_name, outcome);
-        response
-            .headers_mut()
-            .insert(CACHE_STATUS, outcome.cache_status());
+        response.headers_mut().insert(CACHE_STATUS, cache_status);
+        // Corral's own directives never leave Corral, whatever path the answer took.
+        response.headers_mut().remove(CORRAL_CACHE_CONTROL);
         if let Some((method, path)) = logged {
             let status = response.status().as_u16();
             let micros = started.elapsed().as_micros() as u64;
@@ -296,9 +253,11 @@ impl Proxy {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             let (parts, body) = req.into_parts();
             let upstream = route.upstream.clone();
-            return self
+            let answer = self
                 .forward(&route, &upstream, &parts, Either::Right(body), peer)
                 .await;
+            self.invalidate_after(&parts, &answer.response).await;
+            return answer;
         }
         let (parts, body) = req.into_parts();
         let limit = self.body_read_timeout;
@@ -319,29 +278,31 @@ impl Proxy {
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let Answer {
-            outcome,
-            mut response,
-        } = match self.router.route(parts.uri.path(), &parts.method) {
+        let answer = match self.router.route(parts.uri.path(), &parts.method) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
                 self.handle_cacheable(route.clone(), parts, body, peer)
                     .await
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
-        response
-            .headers_mut()
-            .insert(CACHE_STATUS, outcome.cache_status());
+        let cache_status = answer.cache_status();
+        let mut response = answer.response;
+        response.headers_mut().insert(CACHE_STATUS, cache_status);
         response
     }
 
+    /// Keys, looks up and answers a cacheable request; its conditionals, `Range` and HEAD are
+    /// then answered by Corral from what it holds (see [`Conditions`]). A HEAD is keyed, looked up
+    /// and filled as a GET, so it shares GET's entries and flights.
     async fn handle_cacheable(
         &self,
         route: Arc<RouteConfig>,
-        parts: Parts,
+        mut parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Answer {
+        let conditions = Conditions::of(&parts.method, &parts.headers);
+        parts.method = cache_method(&parts.method).clone();
         let key = match CacheKey::derive(
             &route.name,
             &route.key,
@@ -360,12 +321,39 @@ impl Proxy {
             body,
             peer,
         };
-        self.lookup(req).await
+        conditions.apply(self.lookup(req).await)
     }
 
-    async fn lookup(&self, req: FillRequest) -> Answer {
+    /// Looks a request up under its key and, when the entry there is another variant of the
+    /// answer (`Vary`), under its own variant's key (see [`crate::vary`]).
+    async fn lookup(&self, mut req: FillRequest) -> Answer {
+        let primary = req.key;
+        for _ in 0..MAX_VARIANT_HOPS {
+            match self.lookup_key(req).await {
+                Looked::Answer(answer) => return answer,
+                Looked::OtherVariant(back, on, generation) => {
+                    req = back;
+                    let values = vary::projected(&req.route, &req.parts.headers, &on);
+                    req.key = vary::variant_key(&primary, generation, &values);
+                    tracing::debug!(route = %req.route.name, key = ?req.key, "looking up a variant");
+                }
+            }
+        }
+        // The upstream keeps changing what it varies on: answer this request alone.
+        self.fetch_alone(&req, CacheOutcome::Bypass).await
+    }
+
+    async fn lookup_key(&self, req: FillRequest) -> Looked {
         let now = now_ms();
         let stale = match self.filler.l1.get(&req.key, now).await {
+            Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
+            Some(entry) if !self.fits(&entry, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
+            }
             Some(entry) => match entry.times.freshness(now) {
                 Freshness::Fresh => {
                     if let Some(beta) = req.route.early_refresh
@@ -374,11 +362,11 @@ impl Proxy {
                         tracing::debug!(route = %req.route.name, "early refresh");
                         self.refresh_in_background(req, entry.clone());
                     }
-                    return answer_at(&entry, CacheOutcome::Hit, now);
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
                 }
                 Freshness::StaleRevalidate => {
                     self.refresh_in_background(req, entry.clone());
-                    return answer_at(&entry, CacheOutcome::Stale, now);
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
                 }
                 Freshness::StaleIfError => Some(entry),
                 Freshness::Expired => None,
@@ -386,32 +374,38 @@ impl Proxy {
             None => None,
         };
         if self.filler.marks.contains(&req.key) {
-            return self.fetch_alone(&req, CacheOutcome::Bypass).await;
+            return Looked::Answer(self.fetch_alone(&req, CacheOutcome::Bypass).await);
         }
         if req.route.lock.scope == LockScope::None {
-            let fill = self.filler.fill(req.clone()).await;
+            let fill = self.filler.fill(req.clone(), Interest::lasting()).await;
             return self.respond(Role::Leader, &fill, req, stale).await;
         }
         let filler = self.filler.clone();
         let fill_req = req.clone();
-        let joined = self
-            .flights
-            .join(req.key, req.route.lock.max_waiters, move || async move {
-                Arc::new(filler.fill(fill_req).await)
-            });
+        let joined = self.flights.join(
+            req.key,
+            req.route.lock.max_waiters,
+            move |interest| async move { Arc::new(filler.fill(fill_req, interest).await) },
+        );
         let joined = match joined {
             Ok(joined) => joined,
             Err(crowded) => {
-                return ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
+                let answer = ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
+                return Looked::Answer(answer);
             }
         };
         match joined.result.clone().await {
             Some(fill) => self.respond(joined.role, &fill, req, stale).await,
-            None => match stale {
+            None => Looked::Answer(match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
-            },
+            }),
         }
+    }
+
+    /// Whether `entry` may answer `req`: it is the variant `req` asks for.
+    fn fits(&self, entry: &Entry, req: &FillRequest) -> bool {
+        vary::matches(&entry.vary, &req.route, &req.parts.headers)
     }
 
     /// Turns a flight's result into this joiner's answer.
@@ -421,8 +415,15 @@ impl Proxy {
         fill: &Fill,
         req: FillRequest,
         stale: Option<Arc<Entry>>,
-    ) -> Answer {
-        match fill {
+    ) -> Looked {
+        Looked::Answer(match fill {
+            Fill::Shared { entry, .. } if !self.fits(entry, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
+            }
             Fill::Shared { entry, source } => {
                 let outcome = match (source, role) {
                     (Source::L1 | Source::L2, _) => CacheOutcome::Hit,
@@ -438,7 +439,7 @@ impl Proxy {
                 if entry.status.is_server_error()
                     && let Some(stale) = stale
                 {
-                    return answer(&stale, CacheOutcome::Stale);
+                    return Looked::Answer(answer(&stale, CacheOutcome::Stale));
                 }
                 if *source == Source::Stale
                     && role == Role::Leader
@@ -461,9 +462,14 @@ impl Proxy {
             }
             Fill::Failed(err) => match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
-                None => ProxyError::from(err.clone()).into_answer(CacheOutcome::MissNotStored),
+                // A follower shares the leader's error as a collapsed forward, as a follower on
+                // another instance does (which gets it as a `failed` notice): never a hit.
+                None => ProxyError::from(err.clone()).into_answer(match role {
+                    Role::Leader => CacheOutcome::MissNotStored,
+                    Role::Follower => CacheOutcome::Coalesced,
+                }),
             },
-        }
+        })
     }
 
     /// A request whose flight's answer was not for sharing: it asks the upstream itself.
@@ -481,7 +487,7 @@ impl Proxy {
         let filler = self.filler.clone();
         let key = req.key;
         let max_waiters = req.route.lock.max_waiters;
-        let _ = self.flights.join(key, max_waiters, move || async move {
+        let _ = self.flights.join(key, max_waiters, move |_| async move {
             Arc::new(filler.refresh(req, stale).await)
         });
     }
@@ -543,6 +549,18 @@ impl Proxy {
 /// (`corral::access=off`).
 pub const ACCESS_LOG: &str = "corral::access";
 
+/// How many keys one request may look at: its primary key, its variant's, and one more should
+/// the upstream change what it varies on meanwhile.
+const MAX_VARIANT_HOPS: usize = 3;
+
+/// What looking up one key gave.
+enum Looked {
+    Answer(Answer),
+    /// The entry there is another variant: look again under the variant key for these fields
+    /// and the entry's generation (its `stored_at`).
+    OtherVariant(FillRequest, Vec<crate::vary::VaryField>, u64),
+}
+
 /// The wait for the default upstream's response head.
 const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -598,6 +616,7 @@ mod tests {
             },
             fill_ms,
             tags: Vec::new(),
+            vary: Default::default(),
         }
     }
 

@@ -6,7 +6,9 @@
 //! connection dropped may have missed invalidations, so it drops its whole L1 when it has
 //! re-subscribed (entries are then re-read from Redis on demand).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::key::CacheKey;
 use crate::l1::L1;
@@ -207,14 +209,82 @@ impl Purge {
         }
     }
 
-    /// Drops what this purge names from an L1; returns how many entries it held.
+    /// Whether this purge removes an entry of `route` under `key` carrying `tags`.
+    pub fn covers(&self, route: &str, key: &CacheKey, tags: &[String]) -> bool {
+        match self {
+            Purge::Key { route: r, key: k } => r == route && k == key,
+            Purge::Route(r) => r == route,
+            Purge::Tag(tag) => tags.iter().any(|t| t == tag),
+            Purge::All => true,
+        }
+    }
+
+    /// Whether fills under way must heed this purge. `All` is not a purge anyone asked for: it
+    /// drops an L1 that may have missed purges while pub/sub was down, and refusing every fill
+    /// that spans a reconnection would stampede the upstream right after it. (A key purge
+    /// missed meanwhile still refuses the store through Redis: it marked the key's lock.)
+    fn fences(&self) -> bool {
+        !matches!(self, Purge::All)
+    }
+
+    /// Drops what this purge names from an L1 (and records it in the L1's [`Fence`]); returns
+    /// how many entries it held.
     pub async fn apply(&self, l1: &L1) -> u64 {
+        if self.fences() {
+            l1.fence().record(self);
+        }
         match self {
             Purge::Key { key, .. } => l1.remove(key).await,
             Purge::Route(route) => l1.remove_route(route),
             Purge::Tag(tag) => l1.remove_tag(tag),
             Purge::All => l1.clear(),
         }
+    }
+}
+
+/// Most purges a [`Fence`] remembers; a fill older than all of them is refused its store.
+const FENCE_MEMORY: usize = 256;
+
+/// The purges this process applied lately, numbered, so that a fill which began before one of
+/// them does not store the answer it removed — the purge wins the race. A fill takes a
+/// [`Fence::mark`] when its request arrives and asks [`Fence::purged_since`] before storing.
+/// Fleet-wide the same holds through Redis: a key purge marks the key's fill lock, and the store
+/// under it is refused (see `StoreOutcome::Purged`).
+#[derive(Debug, Default)]
+pub struct Fence {
+    /// The number the next purge gets.
+    next: AtomicU64,
+    recent: Mutex<VecDeque<(u64, Purge)>>,
+}
+
+impl Fence {
+    /// The fence's position now: purges recorded from here on are "since" this mark.
+    pub fn mark(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    pub fn record(&self, purge: &Purge) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.next.fetch_add(1, Ordering::AcqRel);
+        if recent.len() == FENCE_MEMORY {
+            recent.pop_front();
+        }
+        recent.push_back((seq, purge.clone()));
+    }
+
+    /// Whether a purge recorded since `mark` covers an entry of `route` under `key` with
+    /// `tags`. When more purges came since than the fence remembers, it answers yes.
+    pub fn purged_since(&self, mark: u64, route: &str, key: &CacheKey, tags: &[String]) -> bool {
+        if self.mark() == mark {
+            return false;
+        }
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.front().is_none_or(|(oldest, _)| *oldest > mark) {
+            return true;
+        }
+        recent
+            .iter()
+            .any(|(seq, purge)| *seq >= mark && purge.covers(route, key, tags))
     }
 }
 
@@ -276,5 +346,47 @@ mod tests {
         }
         assert_eq!(Purge::parse(b"tag "), None);
         assert_eq!(Purge::parse(b"key recommend nothex"), None);
+    }
+
+    #[test]
+    fn the_fence_tells_a_fill_whether_a_purge_since_its_start_covers_it() {
+        let key = |b: &[u8]| {
+            let mut h = crate::key::KeyHasher::new();
+            h.field(b);
+            h.finish()
+        };
+        let fence = Fence::default();
+        let mark = fence.mark();
+        let tags = vec!["article-7".to_owned()];
+        assert!(!fence.purged_since(mark, "r", &key(b"a"), &tags));
+        fence.record(&Purge::Key {
+            route: "r".into(),
+            key: key(b"b"),
+        });
+        assert!(
+            !fence.purged_since(mark, "r", &key(b"a"), &tags),
+            "another key"
+        );
+        fence.record(&Purge::Tag("article-7".into()));
+        assert!(fence.purged_since(mark, "r", &key(b"a"), &tags), "its tag");
+        let later = fence.mark();
+        assert!(
+            !fence.purged_since(later, "r", &key(b"a"), &tags),
+            "before it began"
+        );
+        fence.record(&Purge::Route("other".into()));
+        assert!(!fence.purged_since(later, "r", &key(b"a"), &tags));
+        fence.record(&Purge::Route("r".into()));
+        assert!(
+            fence.purged_since(later, "r", &key(b"a"), &tags),
+            "its route"
+        );
+        for _ in 0..FENCE_MEMORY {
+            fence.record(&Purge::Route("other".into()));
+        }
+        assert!(
+            fence.purged_since(mark, "r", &key(b"zz"), &[]),
+            "older than the fence remembers: refused"
+        );
     }
 }

@@ -33,7 +33,7 @@ impl Router {
             .filter(|r| r.path_prefix == longest.path_prefix);
         let mut first = None;
         for r in same_prefix {
-            if r.methods.contains(method) {
+            if r.methods.contains(cache_method(method)) {
                 return Some(r);
             }
             first.get_or_insert(r);
@@ -58,6 +58,15 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// The method a request is cached under: HEAD shares GET's entries, everything else its own.
+pub fn cache_method(method: &Method) -> &Method {
+    if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    }
+}
+
 /// Why a request on a caching route is passed through instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bypass {
@@ -66,9 +75,10 @@ pub enum Bypass {
     Credentials,
 }
 
-/// Whether a request may share a cached answer: the route caches, the method is cached, and it
-/// carries no `Authorization`/`Cookie` the route does not key on (a personal answer must not reach
-/// someone else).
+/// Whether a request may share a cached answer: the route caches, the method is cached (HEAD
+/// counts as GET: it is answered from the GET entry), and it carries no `Authorization`/`Cookie`
+/// nor one of the route's `credential_headers` that the route does not key on (a personal answer
+/// must not reach someone else).
 pub fn check_cacheable(
     route: &RouteConfig,
     method: &Method,
@@ -77,11 +87,12 @@ pub fn check_cacheable(
     if !route.cache {
         return Err(Bypass::RouteUncached);
     }
-    if !route.methods.contains(method) {
+    if !route.methods.contains(cache_method(method)) {
         return Err(Bypass::Method);
     }
-    for credential in [header::AUTHORIZATION, header::COOKIE] {
-        if headers.contains_key(&credential) && !route.key.headers.contains(&credential) {
+    let builtin = [header::AUTHORIZATION, header::COOKIE];
+    for credential in builtin.iter().chain(&route.credential_headers) {
+        if headers.contains_key(credential) && !route.key.headers.contains(credential) {
             return Err(Bypass::Credentials);
         }
     }

@@ -53,6 +53,9 @@ pub struct Buffered {
     pub status: http::StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The request headers this answer was fetched with, so an entry can record the values its
+    /// `Vary` names ([`crate::vary`]).
+    pub sent: HeaderMap,
 }
 
 /// The pooled client to every upstream. Cloning shares the pool.
@@ -112,6 +115,7 @@ impl UpstreamClient {
         limit: Duration,
         max_body: u64,
     ) -> Result<Fetched, UpstreamError> {
+        let sent = req.headers().clone();
         let whole = async {
             let resp = self.send(req, upstream, limit).await?;
             let (parts, mut body) = resp.into_parts();
@@ -148,6 +152,7 @@ impl UpstreamClient {
                 status: parts.status,
                 headers: parts.headers,
                 body,
+                sent,
             }))
         };
         tokio::time::timeout(limit, whole)
@@ -187,6 +192,74 @@ pub fn rewrite<B>(
     *req.uri_mut() = target_uri(upstream, &parts.uri);
     *req.headers_mut() = headers;
     req
+}
+
+/// Builds the upstream request of a shared fill: every requester with the same key gets the answer,
+/// so the request carries only what the key holds plus what the route declares.
+///
+/// - method, normalized path and query as the client sent them (all keyed);
+/// - the route's `key.headers` and `forward_headers` (by default content negotiation, the body's
+///   type and `User-Agent`);
+/// - never conditional headers (`If-*`) nor `Range`: a fill is unconditional and whole, so the
+///   upstream cannot answer 304 or 206 for everyone; never hop-by-hop fields;
+/// - `Host` is the upstream's authority; `X-Forwarded-Proto` / `Forwarded: proto=http` are
+///   Corral's own. A client's `X-Forwarded-*` and `Forwarded` are dropped, and nothing of the
+///   requester (address, `Host`) is added: it is not in the key.
+///
+/// Bypassed requests use [`rewrite`] instead, which stays transparent.
+pub fn fill_request<B>(
+    parts: &http::request::Parts,
+    body: B,
+    route: &crate::config::RouteConfig,
+) -> Request<B> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        if fill_may_carry(name) && route.forward_headers.allows(name, &route.key) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    strip_hop_by_hop(&mut headers);
+    if let Some(authority) = route.upstream.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = target_uri(&route.upstream, &parts.uri);
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Whether a shared fill on `route` forwards a request header named `name` (see
+/// [`fill_request`]).
+pub fn fill_would_forward(route: &crate::config::RouteConfig, name: &HeaderName) -> bool {
+    fill_may_carry(name)
+        && !HOP_BY_HOP.contains(&name.as_str())
+        && route.forward_headers.allows(name, &route.key)
+}
+
+/// Headers a shared fill never carries, whatever the route allows: they would make the upstream's
+/// answer depend on one requester (conditionals, ranges, forwarding chains, credentials-by-proxy).
+fn fill_may_carry(name: &HeaderName) -> bool {
+    const NEVER: [&str; 8] = [
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "if-range",
+        "range",
+        "forwarded",
+        "host",
+    ];
+    let name = name.as_str();
+    !(NEVER.contains(&name)
+        || name.starts_with("x-forwarded-")
+        || name == "x-real-ip"
+        || name == "content-length"
+        || name == "expect")
 }
 
 /// The upstream's scheme and authority, its base path (if any) joined with the request's path and
@@ -284,6 +357,86 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    fn fill_route(forward: &str) -> crate::config::RouteConfig {
+        let text = format!(
+            "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"http://10.0.0.1:5000\"\n\
+             key = {{ headers = [\"x-segment\"] }}\n{forward}\n"
+        );
+        match crate::Config::parse(&text, std::path::Path::new("<test>")) {
+            Ok(mut config) => config.routes.remove(0),
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    fn client_parts(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::builder().uri("http://client.example/a?b=c");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        match builder.body(()) {
+            Ok(req) => req.into_parts().0,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn shared_fills_carry_keyed_and_allowed_headers_only() {
+        let parts = client_parts(&[
+            ("host", "evil.example"),
+            ("if-none-match", "\"x\""),
+            ("if-modified-since", "Tue, 01 Dec 2026 00:00:00 GMT"),
+            ("if-match", "*"),
+            ("if-unmodified-since", "Tue, 01 Dec 2026 00:00:00 GMT"),
+            ("if-range", "\"x\""),
+            ("range", "bytes=0-9"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;host=evil.example"),
+            ("x-original-url", "/admin"),
+            ("accept-language", "fr"),
+            ("x-segment", "a"),
+            ("connection", "close"),
+        ]);
+        let cases: [(&str, &[&str], &[&str]); 3] = [
+            (
+                "",
+                &["accept-language", "x-segment"],
+                &["x-original-url", "if-none-match", "range"],
+            ),
+            (
+                "forward_headers = []",
+                &["x-segment"],
+                &["accept-language", "x-original-url"],
+            ),
+            (
+                "forward_headers = [\"*\"]",
+                &["accept-language", "x-segment", "x-original-url"],
+                &[
+                    "if-none-match",
+                    "if-range",
+                    "range",
+                    "if-match",
+                    "connection",
+                ],
+            ),
+        ];
+        for (forward, present, absent) in cases {
+            let req = fill_request(&parts, (), &fill_route(forward));
+            let h = req.headers();
+            for name in present {
+                assert!(h.contains_key(*name), "{forward:?}: {name} forwarded");
+            }
+            for name in absent {
+                assert!(!h.contains_key(*name), "{forward:?}: {name} not forwarded");
+            }
+            assert_eq!(h[header::HOST], "10.0.0.1:5000", "{forward:?}");
+            assert_eq!(h[header::FORWARDED], "proto=http", "{forward:?}");
+            assert!(!h.contains_key(X_FORWARDED_FOR), "{forward:?}");
+            assert!(!h.contains_key(X_FORWARDED_HOST), "{forward:?}");
+            assert_eq!(req.uri().to_string(), "http://10.0.0.1:5000/a?b=c");
+        }
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! Verdicts: what an upstream answer allows — stored and shared, shared with its fill's waiters
 //! only, or its requester's alone — and for how long it stays fresh and usable stale.
 //!
-//! Freshness is `s-maxage`, else `max-age`, else the route's `ttl` (`error_ttl` for a listed
-//! error status); the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
-//! else the route's. An answer with `Set-Cookie`, `private`, `no-store` or `no-cache` is never
+//! The directives are `Corral-Cache-Control`'s, else `CDN-Cache-Control`'s (RFC 9213: they then
+//! replace `Cache-Control` and `Expires`), else `Cache-Control`'s.
+//! Freshness is `s-maxage`, else `max-age`, else `Expires`, else (heuristic, for the route's
+//! `heuristic_statuses`) the route's `ttl` (`error_ttl` for an error status), minus the
+//! upstream's `Age`; the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
+//! else the route's, unless `must-revalidate`/`proxy-revalidate` forbid stale answers. An answer
+//! with `Set-Cookie`, `private`, `no-store`, `no-cache` or `Vary: *`, and a 206 or 304, is never
 //! shared.
 
 use std::time::Duration;
@@ -13,8 +17,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::cache_control::Directives;
 use crate::config::RouteConfig;
-use crate::entry::{Directives, Entry, Lifetime, now_ms};
+use crate::entry::{Entry, Lifetime, now_ms};
 use crate::upstream::Buffered;
 
 /// What the upstream's answer allows.
@@ -50,44 +55,36 @@ pub fn error_entry(status: StatusCode, message: &str) -> Entry {
         },
         fill_ms: 0,
         tags: Vec::new(),
+        vary: Default::default(),
     }
 }
 
-/// Decides what an upstream answer allows, and computes its lifetime: `s-maxage`, else `max-age`,
-/// else the route's `ttl` (`error_ttl` for a listed error status); the stale windows from the
-/// header, else the route's.
+/// Decides what an upstream answer allows, and computes its lifetime (RFC 9111 §4.2).
+///
+/// The freshness lifetime is `s-maxage`, else `max-age`, else `Expires − Date` (explicit
+/// freshness), else — for the route's `heuristic_statuses` only — the route's `ttl` (`error_ttl`
+/// for an error). The upstream's `Age` counts against it, and is kept so that Corral's own `Age`
+/// includes it. The stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`, else
+/// the route's; `must-revalidate` and `proxy-revalidate` close them. A 206 or 304 (which a fill,
+/// being unconditional and whole, never asks for) is only for its requester.
 pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verdict {
-    let directives = Directives::from_headers(&answer.headers);
-    if answer.headers.contains_key(header::SET_COOKIE) || !directives.storable() {
+    let (directives, _) = Directives::for_corral(&answer.headers);
+    let partial = matches!(
+        answer.status,
+        StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+    );
+    if answer.headers.contains_key(header::SET_COOKIE)
+        || !directives.storable()
+        || partial
+        || vary_star(&answer.headers)
+    {
         return Verdict::Private(answer);
     }
     let now = now_ms();
-    let secs = |s: u64| s.saturating_mul(1000);
-    let default_ttl = if answer.status.as_u16() >= 400 {
-        route.error_ttl
-    } else {
-        route.ttl
-    };
-    let fresh = directives
-        .s_maxage
-        .or(directives.max_age)
-        .map_or(millis(default_ttl), secs);
-    let swr = directives
-        .stale_while_revalidate
-        .map_or(millis(route.stale_while_revalidate), secs);
-    let sie = directives
-        .stale_if_error
-        .map_or(millis(route.stale_if_error), secs);
-    let fresh_until = now.saturating_add(fresh);
-    let times = Lifetime {
-        stored_at: now,
-        fresh_until,
-        swr_until: fresh_until.saturating_add(swr),
-        sie_until: fresh_until.saturating_add(sie),
-    };
-    let storable_status = route.cache_statuses.contains(&answer.status.as_u16());
+    let (times, storable_status) = lifetime(route, answer.status, &answer.headers, now);
     let tags = surrogate_keys(&answer.headers);
     let headers = compact(&answer.headers);
+    let vary = crate::vary::recorded(&answer.headers, &answer.sent);
     let entry = Entry {
         status: answer.status,
         headers,
@@ -95,6 +92,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
         times,
         fill_ms,
         tags,
+        vary,
     };
     // Worth storing while any of it can still be served: fresh, or stale within a window.
     if storable_status && entry.times.stale_until() > now {
@@ -104,15 +102,111 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     }
 }
 
+/// The lifetime of an answer with `status` and `headers` received at `now`, and whether its
+/// status may be stored with the kind of freshness it has (explicit or heuristic).
+pub(crate) fn lifetime(
+    route: &RouteConfig,
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: u64,
+) -> (Lifetime, bool) {
+    let (directives, targeted) = Directives::for_corral(headers);
+    let status = status.as_u16();
+    let explicit = if targeted {
+        // A targeted field (RFC 9213 §2.1) replaces Cache-Control and Expires.
+        directives
+            .s_maxage
+            .or(directives.max_age)
+            .map(|s| s.saturating_mul(1000))
+    } else {
+        explicit_lifetime(&directives, headers, now)
+    };
+    let (lifetime, storable_status) = match explicit {
+        Some(ms) => (ms, route.cache_statuses.contains(&status)),
+        None => {
+            let ttl = if status >= 400 {
+                route.error_ttl
+            } else {
+                route.ttl
+            };
+            (millis(ttl), route.heuristic_statuses.contains(&status))
+        }
+    };
+    let age = upstream_age_secs(headers).unwrap_or(0);
+    let fresh = lifetime.saturating_sub(age.saturating_mul(1000));
+    let (swr, sie) = if directives.forbids_stale() {
+        (0, 0)
+    } else {
+        let secs = |s: u64| s.saturating_mul(1000);
+        (
+            directives
+                .stale_while_revalidate
+                .map_or(millis(route.stale_while_revalidate), secs),
+            directives
+                .stale_if_error
+                .map_or(millis(route.stale_if_error), secs),
+        )
+    };
+    let fresh_until = now.saturating_add(fresh);
+    let times = Lifetime {
+        stored_at: now,
+        fresh_until,
+        swr_until: fresh_until.saturating_add(swr),
+        sie_until: fresh_until.saturating_add(sie),
+    };
+    (times, storable_status)
+}
+
+/// The explicit freshness lifetime in milliseconds: `s-maxage`, else `max-age`, else
+/// `Expires − Date` (`Date` absent: the time of receipt). An `Expires` that is not a valid date
+/// means "already expired" (RFC 9111 §5.3).
+fn explicit_lifetime(d: &Directives, headers: &HeaderMap, now: u64) -> Option<u64> {
+    if let Some(secs) = d.s_maxage.or(d.max_age) {
+        return Some(secs.saturating_mul(1000));
+    }
+    let expires = headers.get(header::EXPIRES)?;
+    let Some(expires) = http_date_ms(expires) else {
+        return Some(0);
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date_ms)
+        .unwrap_or(now);
+    Some(expires.saturating_sub(date))
+}
+
+/// An HTTP date (RFC 9110 §5.6.7) as Unix milliseconds.
+pub(crate) fn http_date_ms(value: &HeaderValue) -> Option<u64> {
+    let text = value.to_str().ok()?;
+    let at = httpdate::parse_http_date(text.trim()).ok()?;
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
+}
+
+/// The upstream's `Age` (RFC 9111 §5.1) in seconds: the first member of the first field line
+/// (`7200, 0` is 7200), parameters ignored; not a number: none.
+pub(crate) fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
+    let line = headers.get(header::AGE)?.to_str().ok()?;
+    let first = line.split(',').next()?;
+    let value = first.split(';').next()?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// `Vary: *`: no later request can be known to match, so nothing is shared.
+fn vary_star(headers: &HeaderMap) -> bool {
+    crate::vary::names(headers).is_none()
+}
+
 /// The headers an entry keeps, in allocations of their own. hyper hands out header values as slices
 /// of its connection read buffer: kept as they are, each cached entry would pin that whole buffer
-/// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget).
-fn compact(headers: &HeaderMap) -> HeaderMap {
+/// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget). The upstream's `Age`
+/// is kept (it is the entry's age when stored); Corral-only fields are not.
+pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if name == header::AGE {
-            continue;
-        }
         let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         owned.set_sensitive(value.is_sensitive());
         kept.append(name.clone(), owned);
@@ -121,7 +215,7 @@ fn compact(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
-fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
     let spaced = headers
         .get_all("surrogate-key")
         .iter()
@@ -152,6 +246,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn age_parsing_table() {
+        let cases = [
+            (vec!["60"], Some(60)),
+            (vec!["7200, 0"], Some(7200)),
+            (vec!["0, 7200"], Some(0)),
+            (vec!["7200", "0"], Some(7200)),
+            (vec!["7200;foo=bar"], Some(7200)),
+            (vec![" 12 "], Some(12)),
+            (vec!["-1"], None),
+            (vec!["1.5"], None),
+            (vec!["abc"], None),
+            (vec!["99999999999999999999999"], Some(u64::MAX)),
+        ];
+        for (lines, want) in cases {
+            let mut h = HeaderMap::new();
+            for line in &lines {
+                if let Ok(v) = HeaderValue::from_str(line) {
+                    h.append(header::AGE, v);
+                }
+            }
+            assert_eq!(upstream_age_secs(&h), want, "{lines:?}");
+        }
+    }
+
+    #[test]
     fn stored_headers_do_not_pin_the_connection_buffer() {
         let read_buffer = Bytes::from(vec![b'x'; 8192]);
         let mut headers = HeaderMap::new();
@@ -160,7 +279,6 @@ mod tests {
             header::CONTENT_TYPE,
             shared.unwrap_or(HeaderValue::from_static("x")),
         );
-        headers.insert(header::AGE, HeaderValue::from_static("5"));
         let kept = compact(&headers);
         let range = read_buffer.as_ptr_range();
         for value in kept.values() {
@@ -169,7 +287,7 @@ mod tests {
                 "still a slice of the buffer"
             );
         }
-        assert_eq!(kept.len(), 1, "Age is not kept");
+        assert_eq!(kept.len(), 1);
         assert_eq!(kept[header::CONTENT_TYPE].as_bytes(), &[b'x'; 16]);
     }
 }

@@ -93,6 +93,8 @@ pub enum Settled {
     },
     /// The wait timed out and the route answers 504.
     TimedOut,
+    /// Every requester went away while the flight waited.
+    Abandoned,
 }
 
 /// Why a flight fills for its instance alone.
@@ -118,6 +120,8 @@ pub enum Event {
     Lapsed,
     /// A Redis call failed (the I/O loop logs why).
     RedisFailed,
+    /// Every requester of the flight has gone (their clients hung up).
+    Abandoned,
 }
 
 /// What the wait did with the lock, for the metrics.
@@ -220,6 +224,7 @@ impl Wait {
             Event::Woken(Wake::Notice(notice)) => self.noticed(notice, now),
             Event::Woken(Wake::Resync) => Action::Confirm,
             Event::Lapsed => self.compete(now),
+            Event::Abandoned => Action::Done(Settled::Abandoned),
             Event::RedisFailed => Action::Done(Settled::Alone {
                 fallback: self.fallback.take(),
                 why: Alone::RedisFailed,

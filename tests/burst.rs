@@ -22,6 +22,11 @@ const PER_KEY: usize = 3;
 /// The backend's answer time in these tests.
 const BACKEND: Duration = Duration::from_millis(250);
 
+/// One burst at a time: each one saturates this machine's cores by itself (3000 requests, three
+/// instances, the upstream and the client in one process); two at once would measure the test
+/// process's own contention, not Corral's.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A config with every default: `redis` is the `[redis]` table's topology line.
 fn default_config(redis: &str, upstream: &str) -> Config {
     let text = format!(
@@ -61,7 +66,7 @@ fn assert_one_call_per_key(upstream: &Upstream, statuses: &[u16], round: &str, k
         .collect();
     assert!(
         extra.is_empty(),
-        "{} of {keys} keys were not filled exactly once (key, calls): {:?}",
+        "round {round}: {} of {keys} keys were not filled exactly once (key, calls): {:?}",
         extra.len(),
         &extra[..extra.len().min(20)]
     );
@@ -70,6 +75,7 @@ fn assert_one_call_per_key(upstream: &Upstream, statuses: &[u16], round: &str, k
 
 /// A fleet started a moment before its first burst of `keys` cold keys, on one Redis.
 async fn cold_burst_on_one_redis(keys: usize) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -111,6 +117,7 @@ async fn a_burst_of_1000_cold_keys_makes_1000_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_1000_cold_keys_on_a_redis_cluster_makes_1000_calls() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
     let cluster = RedisCluster::start().await;
     let upstream = Upstream::start().await;
@@ -128,6 +135,7 @@ async fn a_burst_of_1000_cold_keys_on_a_redis_cluster_makes_1000_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_recovers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
     let mut redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
@@ -175,6 +183,7 @@ async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_burst_fails_open_and_the_fleet_reconnects_by_itself() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
     let mut redis = RedisServer::start().await;
     let upstream = Upstream::start().await;

@@ -84,7 +84,7 @@ async fn requests_with_credentials_bypass_unless_the_route_keys_on_them() {
     let answer = client
         .get(&target, &[("authorization", "Bearer alice")])
         .await;
-    assert_eq!(answer.header("cache-status"), Some("corral; fwd=bypass"));
+    assert_eq!(answer.cache_status().as_deref(), Some("corral; fwd=bypass"));
     assert_nothing_stored(&redis, &fleet[0]).await;
 
     // A route that keys on Authorization may cache per credential.
@@ -121,7 +121,7 @@ async fn uncached_routes_and_methods_pass_through() {
     assert_eq!(bodies.iter().collect::<HashSet<_>>().len(), 4);
     assert_eq!(upstream.calls_for("/queue/ticket"), 4);
     let answer = client.get(&url(&fleet[0], "/queue/ticket"), &[]).await;
-    assert_eq!(answer.header("cache-status"), Some("corral; fwd=bypass"));
+    assert_eq!(answer.cache_status().as_deref(), Some("corral; fwd=bypass"));
 
     // PUT is not among the route's cached methods.
     for _ in 0..2 {
@@ -132,7 +132,7 @@ async fn uncached_routes_and_methods_pass_through() {
             bytes::Bytes::from_static(b"x"),
         );
         let answer = client.send(req).await;
-        assert_eq!(answer.header("cache-status"), Some("corral; fwd=bypass"));
+        assert_eq!(answer.cache_status().as_deref(), Some("corral; fwd=bypass"));
     }
     assert_eq!(upstream.calls_for("/recommend?segment=a"), 2);
     assert_nothing_stored(&redis, &fleet[0]).await;
@@ -152,7 +152,7 @@ async fn statuses_the_route_does_not_cache_are_not_stored() {
     for _ in 0..2 {
         let answer = client.get(&url(&fleet[0], "/recommend/missing"), &[]).await;
         assert_eq!(answer.status, 404);
-        assert_eq!(answer.header("cache-status"), Some("corral; fwd=miss"));
+        assert_eq!(answer.cache_status().as_deref(), Some("corral; fwd=miss"));
         client.get(&url(&fleet[0], "/recommend/gone"), &[]).await;
     }
     assert_eq!(upstream.calls_for("/recommend/missing"), 2);

@@ -191,3 +191,37 @@ async fn demo_with_redis_coalesces_across_the_fleet_and_leaves_nothing_behind() 
     assert!(stdout.contains("Redis: removed the demo's"), "{stdout}");
     assert_eq!(redis.keys("corral:*").await, Vec::<String>::new());
 }
+
+#[test]
+fn validate_warns_when_a_route_forwards_every_header_on_shared_fills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let route =
+        "[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let cases = [
+        (
+            "star.toml",
+            format!("{route}forward_headers = [\"*\"]\n"),
+            true,
+        ),
+        (
+            "listed.toml",
+            format!("{route}forward_headers = [\"x-a\"]\n"),
+            false,
+        ),
+        (
+            "uncached.toml",
+            format!("{route}cache = false\nforward_headers = [\"*\"]\n"),
+            false,
+        ),
+    ];
+    for (file, text, warned) in cases {
+        let out = validate(&write(&dir, file, &text));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file} is valid: {stderr}");
+        assert_eq!(
+            stderr.contains("warning:") && stderr.contains("forward_headers"),
+            warned,
+            "{file}: {stderr}"
+        );
+    }
+}

@@ -83,7 +83,7 @@ async fn cluster_fleet_stampede_makes_one_upstream_call() {
     assert_eq!(bodies.len(), 1, "every request got the same body");
     let fills = answers
         .iter()
-        .filter(|r| r.header("cache-status") == Some("corral; fwd=miss; stored"))
+        .filter(|r| r.cache_status().as_deref() == Some("corral; fwd=miss; stored"))
         .count();
     assert_eq!(fills, 1);
 
@@ -139,7 +139,7 @@ async fn cluster_a_fresh_instance_answers_from_the_cluster() {
         .get(&url(&first[0], "/recommend?segment=a"), &[])
         .await;
     assert_eq!(
-        filled.header("cache-status"),
+        filled.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
 
@@ -150,7 +150,7 @@ async fn cluster_a_fresh_instance_answers_from_the_cluster() {
         .await;
     assert_eq!(reused.status, 200);
     assert_eq!(reused.body, filled.body);
-    assert_eq!(reused.header("cache-status"), Some("corral; hit"));
+    assert_eq!(reused.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(upstream.calls(), 1);
     assert_eq!(second[0].proxy().l1().entry_count().await, 1);
 }

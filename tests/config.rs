@@ -117,7 +117,22 @@ fn defaults_fill_a_minimal_route() {
     assert!(route.cache);
     assert_eq!(route.ttl, Duration::from_secs(60));
     assert_eq!(route.stale_while_revalidate, Duration::ZERO);
-    assert_eq!(route.cache_statuses, [200]);
+    assert_eq!(
+        route.cache_statuses,
+        [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501],
+        "what RFC 9110 lets a cache store with explicit freshness"
+    );
+    assert_eq!(route.heuristic_statuses, [200], "the route ttl: 200 only");
+    assert!(route.credential_headers.is_empty());
+    assert_eq!(
+        route.forward_headers,
+        corral::config::ForwardHeaders::Only(
+            corral::config::DEFAULT_FORWARD_HEADERS
+                .iter()
+                .map(|h| http::HeaderName::from_static(h))
+                .collect()
+        )
+    );
     assert_eq!(route.max_entry_size, 8 * 1024 * 1024);
     assert_eq!(route.upstream_timeout, Duration::from_secs(30));
     assert_eq!(route.key.query, None, "the whole query counts");

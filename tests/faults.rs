@@ -295,7 +295,7 @@ async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
         .await;
     assert!(store.contains("Superseded"), "{store}");
     let reread = client.get(&url(&fleet[1], path), &[]).await;
-    assert_eq!(reread.header("cache-status"), Some("corral; hit"));
+    assert_eq!(reread.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(reread.json()["call"], 2);
 }
 
@@ -323,7 +323,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
         .get(&url(&fleet[0], "/recommend?k=cached"), &[])
         .await;
     assert_eq!(
-        hit.header("cache-status"),
+        hit.cache_status().as_deref(),
         Some("corral; hit"),
         "L1 still serves"
     );
@@ -421,8 +421,46 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_whose_client_hung_up_stops_waiting() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_secs(3));
+    let lock = r#"lock = { lease = "30s", wait_timeout = "20s" }"#;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=hung-up";
+
+    // Step 1: instance 0 leads a slow fill; one request on instance 1 waits for it.
+    let leader = client.spawn_get(url(&fleet[0], path));
+    upstream.wait_in_flight(1).await;
+    let waiter = client.spawn_get(url(&fleet[1], path));
+    let notices = fleet[1]
+        .proxy()
+        .fleet()
+        .expect("fleet mode")
+        .notices
+        .clone();
+    eventually("instance 1 waits on the fill", SETTLE, async || {
+        notices.waiting_channels() == 1
+    })
+    .await;
+
+    // Step 2: its client hangs up. The flight stops waiting and unsubscribes long before the
+    // fill ends (the upstream is still working on it).
+    waiter.abort();
+    eventually("instance 1 stops waiting", SETTLE, async || {
+        notices.waiting_channels() == 0 && fleet[1].proxy().fills_in_progress() == 0
+    })
+    .await;
+    assert_eq!(upstream.in_flight(), 1, "the fill is still running");
+    assert_eq!(leader.await.expect("the leader's request").status, 200);
+    assert_eq!(upstream.calls(), 1);
 }

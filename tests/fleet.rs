@@ -48,11 +48,11 @@ async fn fleet_stampede_makes_one_upstream_call_and_pubsub_wakes_the_waiters() {
     // Step 3: exactly one response says it triggered the fill; the rest were hits or coalesced.
     let statuses: Vec<String> = answers
         .iter()
-        .map(|r| r.header("cache-status").unwrap_or("").to_owned())
+        .map(|r| r.cache_status().as_deref().unwrap_or("").to_owned())
         .collect();
     assert_eq!(count(&statuses, "corral; fwd=miss; stored"), 1);
     assert_eq!(
-        count(&statuses, "corral; hit; detail=coalesced") + count(&statuses, "corral; hit"),
+        count(&statuses, "corral; fwd=miss; collapsed") + count(&statuses, "corral; hit"),
         899
     );
 
@@ -123,7 +123,7 @@ async fn a_fresh_instance_answers_from_redis_without_the_upstream() {
         .get(&url(&first[0], "/recommend?segment=a"), &[])
         .await;
     assert_eq!(
-        filled.header("cache-status"),
+        filled.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
 
@@ -134,7 +134,7 @@ async fn a_fresh_instance_answers_from_redis_without_the_upstream() {
         .await;
     assert_eq!(reused.status, 200);
     assert_eq!(reused.body, filled.body);
-    assert_eq!(reused.header("cache-status"), Some("corral; hit"));
+    assert_eq!(reused.cache_status().as_deref(), Some("corral; hit"));
     assert!(reused.header("age").is_some());
     assert_eq!(upstream.calls(), 1);
 
@@ -175,7 +175,7 @@ async fn a_garbled_redis_value_is_a_miss_never_served() {
     assert_eq!(answer.status, 200);
     assert_ne!(answer.body.as_ref(), b"not an entry");
     assert_eq!(
-        answer.header("cache-status"),
+        answer.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(upstream.calls(), 2);

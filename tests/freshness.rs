@@ -28,7 +28,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     let path = "/recommend?segment=a";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(
-        first.header("cache-status"),
+        first.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(upstream.calls(), 1);
@@ -46,7 +46,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
         assert_eq!(answer.body, first.body, "the stale body, without waiting");
@@ -63,7 +63,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
             SETTLE,
             async || {
                 let answer = client.get(&url(instance, path), &[]).await;
-                answer.header("cache-status") == Some("corral; hit") && answer.body != first.body
+                answer.cache_status().as_deref() == Some("corral; hit") && answer.body != first.body
             },
         )
         .await;
@@ -99,7 +99,7 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
         );
     }
@@ -143,7 +143,7 @@ async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
             for _ in 0..300 {
                 let answer = client.get(&target, &[]).await;
                 seen.push((
-                    answer.header("cache-status").unwrap_or("").to_owned(),
+                    answer.cache_status().as_deref().unwrap_or("").to_owned(),
                     answer.body.clone(),
                 ));
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -230,4 +230,67 @@ async fn errors_are_cached_only_when_listed_and_then_briefly() {
         .await
         .expect("PTTL");
     assert!((1..=1000).contains(&pttl), "pttl {pttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Step 1: an entry with a validator, stale at once, served stale while refreshed.
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("cache-control", "max-age=0, stale-while-revalidate=30")
+            .header("etag", "\"v1\""),
+    );
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=revalidated";
+    let first = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(first.status, 200);
+
+    // Step 2: the upstream has nothing new: it answers the conditional refresh with a 304.
+    upstream.script(
+        "/recommend",
+        Reply::status(304)
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v1\"")
+            .body(""),
+    );
+    let stale = client.get(&url(&fleet[1], path), &[]).await;
+    assert_eq!(stale.body, first.body);
+
+    // Step 3: the one refresh was conditional, and its 304 renewed the entry — same body, now
+    // fresh — on every instance, with no further upstream call.
+    eventually("the refresh reached the upstream", SETTLE, async || {
+        upstream.calls() == 2
+    })
+    .await;
+    let sent = upstream.last_headers(path).expect("the refresh's headers");
+    assert_eq!(
+        sent.get("if-none-match").and_then(|v| v.to_str().ok()),
+        Some("\"v1\"")
+    );
+    for instance in &fleet {
+        eventually(
+            "the instance serves the renewed entry",
+            SETTLE,
+            async || {
+                let answer = client.get(&url(instance, path), &[]).await;
+                answer.status == 200
+                    && answer.body == first.body
+                    && answer
+                        .cache_status()
+                        .is_some_and(|s| s.starts_with("corral; hit"))
+                    && !answer.cache_status().is_some_and(|s| s.contains("stale"))
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        upstream.calls(),
+        2,
+        "a 304 renews; nothing is fetched again"
+    );
 }

@@ -50,7 +50,7 @@ fn outcome_label(cache_status: Option<&str>) -> &'static str {
     match cache_status {
         Some("corral; hit") => "hit",
         Some("corral; hit; detail=stale") => "stale",
-        Some("corral; hit; detail=coalesced") => "coalesced",
+        Some("corral; fwd=miss; collapsed") => "coalesced",
         Some("corral; fwd=miss; stored") => "miss_stored",
         Some("corral; fwd=miss") => "miss",
         Some("corral; fwd=bypass") => "bypass",
@@ -63,7 +63,7 @@ fn outcome_label(cache_status: Option<&str>) -> &'static str {
 fn count_status(answers: &[Resp], status: &str) -> usize {
     answers
         .iter()
-        .filter(|a| a.header("cache-status") == Some(status))
+        .filter(|a| a.cache_status().as_deref() == Some(status))
         .count()
 }
 
@@ -386,7 +386,7 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
     let mut seen: HashMap<(&str, &str), u64> = HashMap::new();
     let mut tally = |route: &'static str, answers: &[Resp]| {
         for answer in answers {
-            let outcome = outcome_label(answer.header("cache-status"));
+            let outcome = outcome_label(answer.cache_status().as_deref());
             *seen.entry((route, outcome)).or_default() += 1;
         }
     };
@@ -395,7 +395,7 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
     let path = "/recommend?segment=a";
     let first = client.get(&url(&instance, path), &[]).await;
     assert_eq!(
-        first.header("cache-status"),
+        first.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     let mut hits = Vec::new();
@@ -415,7 +415,7 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
     assert_eq!(
-        count_status(&answers, "corral; hit; detail=coalesced")
+        count_status(&answers, "corral; fwd=miss; collapsed")
             + count_status(&answers, "corral; hit"),
         19
     );
@@ -432,7 +432,7 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
     let unrouted = client.get(&url(&instance, "/nowhere"), &[]).await;
     assert_eq!(unrouted.status, 404);
     assert_eq!(
-        unrouted.header("cache-status"),
+        unrouted.cache_status().as_deref(),
         Some("corral; fwd=uri-miss")
     );
     tally("-", &[unrouted]);
@@ -507,13 +507,13 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
     // Step 1: one fill, then every instance holds the entry in its L1.
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(
-        first.header("cache-status"),
+        first.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     for instance in &fleet {
         for _ in 0..2 {
             let answer = client.get(&url(instance, path), &[]).await;
-            assert_eq!(answer.header("cache-status"), Some("corral; hit"));
+            assert_eq!(answer.cache_status().as_deref(), Some("corral; hit"));
             assert_eq!(answer.body, first.body);
         }
         assert_eq!(l1_entries(&client, &admin_url(instance, "")).await, 1.0);
@@ -556,7 +556,7 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
     }
     assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
     assert_eq!(
-        count_status(&answers, "corral; hit; detail=coalesced")
+        count_status(&answers, "corral; fwd=miss; collapsed")
             + count_status(&answers, "corral; hit"),
         2
     );
@@ -592,7 +592,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     for path in paths {
         let first = client.get(&url(&fleet[0], path), &[]).await;
         assert_eq!(
-            first.header("cache-status"),
+            first.cache_status().as_deref(),
             Some("corral; fwd=miss; stored")
         );
         bodies.insert(path, first.body);
@@ -601,7 +601,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
         for path in paths {
             for _ in 0..2 {
                 let answer = client.get(&url(instance, path), &[]).await;
-                assert_eq!(answer.header("cache-status"), Some("corral; hit"));
+                assert_eq!(answer.cache_status().as_deref(), Some("corral; hit"));
                 assert_eq!(answer.body, bodies[path]);
             }
         }
@@ -645,7 +645,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     }
     for instance in &fleet {
         let c = client.get(&url(instance, "/recommend/c"), &[]).await;
-        assert_eq!(c.header("cache-status"), Some("corral; hit"));
+        assert_eq!(c.cache_status().as_deref(), Some("corral; hit"));
         assert_eq!(c.body, bodies["/recommend/c"]);
     }
     assert_eq!(upstream.calls_for("/recommend/c"), 1);
@@ -711,7 +711,7 @@ async fn malformed_purge_bodies_are_refused_with_400() {
 
     // Nothing was purged by the refused bodies; a good one still works.
     let hit = client.get(&cached, &[]).await;
-    assert_eq!(hit.header("cache-status"), Some("corral; hit"));
+    assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(
         purge(
             &client,
@@ -758,7 +758,7 @@ async fn admin_posts_need_the_token_and_the_proxy_listener_serves_no_admin_path(
     let reload = post_admin(&client, &admin_url(&instance, "/reload"), "", None).await;
     assert_eq!(reload.status, 401);
     let still = client.get(&cached, &[]).await;
-    assert_eq!(still.header("cache-status"), Some("corral; hit"));
+    assert_eq!(still.cache_status().as_deref(), Some("corral; hit"));
 
     // Step 2: with the token, the purge is done.
     let bearer = format!("Bearer {TOKEN}");
@@ -767,7 +767,7 @@ async fn admin_posts_need_the_token_and_the_proxy_listener_serves_no_admin_path(
     assert_eq!(answer.json(), serde_json::json!({ "purged": 1 }));
     let refilled = client.get(&cached, &[]).await;
     assert_eq!(
-        refilled.header("cache-status"),
+        refilled.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
@@ -803,14 +803,14 @@ async fn admin_posts_need_the_token_and_the_proxy_listener_serves_no_admin_path(
         let answer = client.send(req).await;
         assert_eq!(answer.status, 404, "{method} {path}: {}", answer.text());
         assert_eq!(
-            answer.header("cache-status"),
+            answer.cache_status().as_deref(),
             Some("corral; fwd=uri-miss"),
             "{method} {path}"
         );
     }
     assert_eq!(upstream.calls(), 0);
     let hit = client.get(&cached, &[]).await;
-    assert_eq!(hit.header("cache-status"), Some("corral; hit"));
+    assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -884,7 +884,10 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
     let client = Client::new();
     let other_x = client.get(&corral.url("/other/x"), &[]).await;
     assert_eq!(other_x.status, 404, "not routed before the reload");
-    assert_eq!(other_x.header("cache-status"), Some("corral; fwd=uri-miss"));
+    assert_eq!(
+        other_x.cache_status().as_deref(),
+        Some("corral; fwd=uri-miss")
+    );
 
     // Step 1: load — 4 tasks, each sending at least 200 requests and going on until the reloads
     // are done (bounded), on hot keys and on new, slowly filled ones.
@@ -935,7 +938,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
     let other_x = client.get(&corral.url("/other/x"), &[]).await;
     assert_eq!(other_x.status, 200, "{}", other_x.text());
     assert_eq!(
-        other_x.header("cache-status"),
+        other_x.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(other_x.json()["path"], "/other/x");
@@ -965,7 +968,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
         .wait_for_log("configuration reload refused", Duration::from_secs(5))
         .await;
     let other_x = client.get(&corral.url("/other/x"), &[]).await;
-    assert_eq!(other_x.header("cache-status"), Some("corral; hit"));
+    assert_eq!(other_x.cache_status().as_deref(), Some("corral; hit"));
 
     // Step 4: a good change (a third route) through SIGHUP.
     let good = config_text(ADMIN, None, &format!("{recommend}\n{other}\n{third}"));
@@ -987,7 +990,7 @@ async fn hot_reload_under_load_swaps_good_configs_and_keeps_the_old_one_on_a_bad
     let third_x = client.get(&corral.url("/third/x"), &[]).await;
     assert_eq!(third_x.status, 200, "{}", third_x.text());
     assert_eq!(
-        third_x.header("cache-status"),
+        third_x.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
 
@@ -1029,7 +1032,7 @@ async fn sigterm_during_a_fill_finishes_the_fill_and_exits_0() {
     let answer = request.await.expect("the request task");
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(
-        answer.header("cache-status"),
+        answer.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
 
@@ -1048,7 +1051,7 @@ async fn sigterm_during_a_fill_finishes_the_fill_and_exits_0() {
         .await
         .remove(0);
     let hit = client.get(&url(&fresh, path), &[]).await;
-    assert_eq!(hit.header("cache-status"), Some("corral; hit"));
+    assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(hit.body, answer.body);
     assert_eq!(upstream.calls(), 1);
 }
@@ -1096,7 +1099,7 @@ async fn an_instance_drops_its_l1_after_its_pubsub_connection_reconnects() {
         let answer = client
             .get(&url(instance, "/recommend?segment=a"), &[])
             .await;
-        assert_eq!(answer.header("cache-status"), Some("corral; hit"));
+        assert_eq!(answer.cache_status().as_deref(), Some("corral; hit"));
     }
     assert_eq!(upstream.calls(), 1);
 }

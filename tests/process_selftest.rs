@@ -47,7 +47,7 @@ async fn corral_process_serves_stops_continues_and_terminates() {
     assert_eq!(first.status, 200, "{}", first.text());
     let second = client.get(&corral.url("/recommend"), &[]).await;
     assert_eq!(second.status, 200, "{}", second.text());
-    assert_eq!(second.header("cache-status"), Some("corral; hit"));
+    assert_eq!(second.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(second.body, first.body);
     assert_eq!(upstream.calls(), 1);
 
@@ -72,7 +72,7 @@ async fn corral_process_serves_stops_continues_and_terminates() {
     corral.cont();
     let resumed = client.get(&corral.url("/recommend"), &[]).await;
     assert_eq!(resumed.status, 200, "{}", resumed.text());
-    assert_eq!(resumed.header("cache-status"), Some("corral; hit"));
+    assert_eq!(resumed.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(upstream.calls(), 1);
 
     // Terminated: a graceful shutdown that exits with success and says so in the log.

@@ -8,9 +8,10 @@ use support::corral::{config, recommend_route, start, url};
 use support::{Client, Reply, Upstream};
 
 #[tokio::test]
-async fn requests_are_rewritten_as_a_reverse_proxy_should() {
+async fn bypassed_requests_are_rewritten_as_a_reverse_proxy_should() {
     let upstream = Upstream::start().await;
-    let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
+    let routes = recommend_route(&upstream.url(), "cache = false");
+    let fleet = start(1, &config(None, &routes)).await;
     let client = Client::new();
 
     let headers = [
@@ -45,6 +46,42 @@ async fn requests_are_rewritten_as_a_reverse_proxy_should() {
         forwarded.starts_with("for=127.0.0.1;proto=http;host="),
         "{forwarded}"
     );
+}
+
+#[tokio::test]
+async fn shared_fills_carry_only_keyed_and_allowed_headers() {
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), "forward_headers = [\"x-end-to-end\"]");
+    let fleet = start(1, &config(None, &routes)).await;
+    let client = Client::new();
+    let headers = [
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-end-to-end", "kept"),
+        ("x-other", "dropped"),
+    ];
+    client
+        .get(&url(&fleet[0], "/recommend?segment=a"), &headers)
+        .await;
+    let seen = upstream
+        .last_headers("/recommend?segment=a")
+        .expect("the upstream saw the request");
+    for dropped in [
+        "connection",
+        "x-hop",
+        "x-other",
+        "x-forwarded-for",
+        "x-forwarded-host",
+    ] {
+        assert!(
+            !seen.contains_key(dropped),
+            "{dropped} must not be forwarded"
+        );
+    }
+    assert_eq!(seen["x-end-to-end"], "kept");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["forwarded"], "proto=http");
 }
 
 #[tokio::test]
@@ -93,7 +130,10 @@ async fn routes_match_longest_prefix_on_segment_boundaries() {
     // `/recommendations` is not under `/recommend`, and there is no default upstream.
     let answer = client.get(&url(&fleet[0], "/recommendations"), &[]).await;
     assert_eq!(answer.status, 404);
-    assert_eq!(answer.header("cache-status"), Some("corral; fwd=uri-miss"));
+    assert_eq!(
+        answer.cache_status().as_deref(),
+        Some("corral; fwd=uri-miss")
+    );
     assert_eq!(upstream.calls() + other.calls(), 2);
 }
 
@@ -113,7 +153,10 @@ async fn unrouted_requests_go_to_the_default_upstream_uncached() {
     for _ in 0..2 {
         let answer = client.get(&url(&fleet[0], "/elsewhere"), &[]).await;
         assert_eq!(answer.status, 200);
-        assert_eq!(answer.header("cache-status"), Some("corral; fwd=uri-miss"));
+        assert_eq!(
+            answer.cache_status().as_deref(),
+            Some("corral; fwd=uri-miss")
+        );
     }
     assert_eq!(fallback.calls_for("/elsewhere"), 2);
 }
@@ -177,27 +220,27 @@ async fn json_bodies_key_on_the_chosen_fields_only() {
         )
         .await;
     assert_eq!(first.body, same.body);
-    assert_eq!(same.header("cache-status"), Some("corral; hit"));
+    assert_eq!(same.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(upstream.calls(), 1);
 
     let other = client
         .post(&target, &[], r#"{"segment":"news","article_id":7}"#)
         .await;
     assert_eq!(
-        other.header("cache-status"),
+        other.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(upstream.calls(), 2);
 }
 
 #[tokio::test]
-async fn hits_carry_cache_status_and_age_and_misses_do_not_carry_age() {
+async fn hits_carry_cache_status_and_an_age_that_counts_the_upstreams() {
     let upstream = Upstream::start().await;
     upstream.script(
         "/recommend",
         Reply::status(200)
             .header("cache-control", "max-age=60")
-            .header("age", "999"),
+            .header("age", "20"),
     );
     let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
     let client = Client::new();
@@ -205,16 +248,17 @@ async fn hits_carry_cache_status_and_age_and_misses_do_not_carry_age() {
 
     let miss = client.get(&target, &[]).await;
     assert_eq!(
-        miss.header("cache-status"),
+        miss.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
     assert_eq!(
         miss.header("age"),
-        None,
-        "the upstream's own Age is not kept"
+        Some("20"),
+        "the upstream's own Age is passed on"
     );
     let hit = client.get(&target, &[]).await;
-    assert_eq!(hit.header("cache-status"), Some("corral; hit"));
-    assert_eq!(hit.header("age"), Some("0"));
+    assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"));
+    let age: u64 = hit.header("age").and_then(|a| a.parse().ok()).unwrap_or(0);
+    assert!((20..30).contains(&age), "Age counts the upstream's: {age}");
     assert_eq!(hit.body, miss.body);
 }

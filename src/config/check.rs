@@ -21,15 +21,16 @@ use super::raw::{
     RawScope, RawSentinel, RawServer,
 };
 use super::{
-    CacheConfig, Config, ConfigError, KeySpec, LockScope, LockSpec, MasterAuth, OnWaitTimeout,
-    RedisConfig, RedisTopology, RouteConfig, Secret, ServerConfig,
+    CacheConfig, Config, ConfigError, ForwardHeaders, KeySpec, LockScope, LockSpec, MasterAuth,
+    OnWaitTimeout, RedisConfig, RedisTopology, RouteConfig, Secret, ServerConfig,
 };
 use super::{
-    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_ERROR_TTL, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN, DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY,
-    DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_WAITERS,
-    DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS, DEFAULT_MAX_WAITERS, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
 };
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
@@ -362,13 +363,42 @@ impl Checker<'_> {
             Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| format!("invalid HTTP method {m:?}"))
         })?;
-        let cache_statuses =
-            self.list(&raw.cache_statuses, at("cache_statuses"), vec![200], &|s| {
+        let default_statuses = DEFAULT_CACHE_STATUSES.to_vec();
+        let cache_statuses = self.list(
+            &raw.cache_statuses,
+            at("cache_statuses"),
+            default_statuses,
+            &|s| {
                 u16::try_from(*s)
                     .ok()
                     .filter(|s| (100..=599).contains(s))
                     .ok_or_else(|| format!("invalid status {s} (must be in 100..=599)"))
-            })?;
+            },
+        )?;
+        let heuristic_statuses = match raw.cache_statuses {
+            Some(_) => cache_statuses.clone(),
+            None => vec![200],
+        };
+        let header = |h: &String| {
+            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|e| format!("invalid header name {h:?} ({e})"))
+        };
+        let forward_headers = match &raw.forward_headers {
+            Some(l) if l.get_ref().len() == 1 && l.get_ref()[0].get_ref() == "*" => {
+                ForwardHeaders::All
+            }
+            Some(l) => {
+                ForwardHeaders::Only(self.each(l.get_ref(), at("forward_headers"), &header)?)
+            }
+            None => ForwardHeaders::Only(
+                DEFAULT_FORWARD_HEADERS
+                    .iter()
+                    .map(|h| HeaderName::from_static(h))
+                    .collect(),
+            ),
+        };
+        let credential_headers =
+            self.each(&raw.credential_headers, at("credential_headers"), &header)?;
         let cache = raw.cache.unwrap_or(true);
         let duration = |d: Option<HumanDuration>, default| d.map_or(default, |d| d.0);
         let timeout = &raw.upstream_timeout;
@@ -383,6 +413,9 @@ impl Checker<'_> {
             stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
             stale_if_error: duration(raw.stale_if_error, Duration::ZERO),
             cache_statuses,
+            heuristic_statuses,
+            forward_headers,
+            credential_headers,
             max_body: raw.max_body.map_or(DEFAULT_MAX_BODY, |s| s.0),
             max_entry_size: raw.max_entry_size.map_or(DEFAULT_MAX_ENTRY_SIZE, |s| s.0),
             upstream_timeout,

@@ -11,7 +11,7 @@
 use futures_util::future::try_join_all;
 
 use super::connection::ScanTarget;
-use super::{KeyNames, L2, L2Error, invalidation_channel, millis};
+use super::{KeyNames, L2, L2Error, PURGED_LOCK, invalidation_channel, millis};
 use crate::entry::{Entry, now_ms};
 use crate::purge::Purge;
 
@@ -67,6 +67,17 @@ impl L2 {
                         "purge DEL",
                         redis::cmd("DEL").arg(&names.pass).query_async(&mut conn),
                     )
+                    .await?;
+                // A fill under way began before this purge: mark its lock (keeping its TTL) so
+                // its store is refused and its waiters fill again (see `StoreOutcome::Purged`).
+                let mut fence = redis::cmd("SET");
+                fence
+                    .arg(&names.lock)
+                    .arg(PURGED_LOCK)
+                    .arg("XX")
+                    .arg("KEEPTTL");
+                let _: Option<String> = self
+                    .bounded("purge fence", fence.query_async(&mut conn))
                     .await?;
                 n
             }

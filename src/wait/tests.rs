@@ -23,6 +23,7 @@ fn entry(status: u16, stored_at: u64, fresh_for: u64, swr: u64, sie: u64) -> Ent
         },
         fill_ms: 1,
         tags: Vec::new(),
+        vary: Default::default(),
     }
 }
 
@@ -377,6 +378,19 @@ async fn a_stale_while_revalidate_entry_is_shared_as_stale() {
     assert!(is_share(
         &w.on(Event::Looked(Lookup::Entry(swr)), now, NOW),
         Source::Stale
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_nobody_wants_any_more_ends() {
+    let now = Instant::now();
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    assert!(matches!(
+        w.on(Event::Abandoned, now, NOW),
+        Action::Done(Settled::Abandoned)
     ));
 }
 

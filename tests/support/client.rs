@@ -38,6 +38,18 @@ impl Resp {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The `Cache-Status` value without its per-answer numbers (`ttl=N`, `fwd-status=N`), e.g.
+    /// `corral; hit` or `corral; fwd=miss; stored`, for tests that compare kinds of answers.
+    pub fn cache_status(&self) -> Option<String> {
+        let value = self.header("cache-status")?;
+        let kept: Vec<&str> = value
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.starts_with("ttl=") && !p.starts_with("fwd-status="))
+            .collect();
+        Some(kept.join("; "))
+    }
+
     /// The body as text, with invalid UTF-8 replaced.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()

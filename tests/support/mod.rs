@@ -11,6 +11,8 @@
 //!   Sentinel tests (failover included).
 //! - [`upstream`]: [`Upstream`], an in-process hyper server standing in for the slow backend. It
 //!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
+//! - [`origin`]: [`Origin`], a conforming origin that honours conditional requests, `Range` and
+//!   `Vary` itself, for the HTTP-semantics tests.
 //! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
 //!   broken proxy fails a test instead of hanging it.
 //! - [`corral`]: in-process Corral instances from TOML configs, [`corral::spread`] to send a burst
@@ -26,6 +28,7 @@
 pub mod client;
 pub mod cluster;
 pub mod corral;
+pub mod origin;
 pub mod process;
 pub mod redis;
 pub mod sentinel;
@@ -35,6 +38,7 @@ pub mod wait;
 
 pub use self::client::{Client, Resp};
 pub use self::cluster::RedisCluster;
+pub use self::origin::Origin;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;

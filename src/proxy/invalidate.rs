@@ -1,0 +1,230 @@
+//! Purges, asked for (the admin API) or implied (RFC 9111 §4.4): an unsafe request that passes
+//! through Corral and gets a 2xx or 3xx invalidates what is stored for its target URI — and for
+//! its `Location` and `Content-Location` when they are on the same origin — fleet-wide, through
+//! the purge machinery, before its answer goes back. So an update made through Corral is never
+//! followed by a stale read on another instance.
+//!
+//! What is invalidated is the GET (and so HEAD) entry of each URI on the route it maps to, keyed
+//! with the unsafe request's own headers (for routes keyed on headers). Variants go with it: their
+//! keys hold the primary entry's generation ([`crate::vary::variant_key`]).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, Uri};
+
+use super::Proxy;
+use crate::body::ProxyBody;
+use crate::key::CacheKey;
+use crate::purge::{Purge, PurgeError, PurgeRequest};
+
+impl Proxy {
+    /// Purges what `request` names: from Redis and, through the invalidation channel, from every
+    /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
+    /// mode, from L1.
+    pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
+        let purge = self.resolve(request)?;
+        self.apply(purge).await
+    }
+
+    /// Removes what `purge` names from Redis and every instance's L1.
+    async fn apply(&self, purge: Purge) -> Result<u64, PurgeError> {
+        let l1 = &self.filler.l1;
+        let purged = match self.fleet() {
+            Some(fleet) => {
+                let n = fleet.l2.purge(&purge).await?;
+                purge.apply(l1).await;
+                n
+            }
+            None => purge.apply(l1).await,
+        };
+        if let Purge::Key { key, .. } = &purge {
+            self.filler.marks.remove(key);
+        }
+        self.metrics.purge(purge.kind(), purged);
+        tracing::info!(purge = %purge.payload(), purged, "purged");
+        Ok(purged)
+    }
+
+    fn resolve(&self, request: &PurgeRequest) -> Result<Purge, PurgeError> {
+        if let Some(route) = &request.route {
+            return match self.router.named(route) {
+                Some(_) => Ok(Purge::Route(route.clone())),
+                None => Err(PurgeError::UnknownRoute(route.clone())),
+            };
+        }
+        if let Some(tag) = &request.tag {
+            return Ok(Purge::Tag(tag.clone()));
+        }
+        let url = request.url.as_deref().unwrap_or("/");
+        let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
+        let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
+        // The same path and method as the request being purged was keyed with.
+        let path =
+            crate::target::normalize_path(uri.path()).map_err(|e| malformed(&e.to_string()))?;
+        let uri: Uri = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+        .parse()
+        .map_err(|_| malformed("not a URL path"))?;
+        let method = match &request.method {
+            Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| malformed("bad method"))?,
+            None => http::Method::GET,
+        };
+        let method = crate::route::cache_method(&method).clone();
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| malformed("bad header"))?;
+            let value = HeaderValue::from_str(value).map_err(|_| malformed("bad header"))?;
+            headers.append(name, value);
+        }
+        let route = self
+            .router
+            .route(uri.path(), &method)
+            .filter(|r| r.cache)
+            .ok_or_else(|| PurgeError::NoRoute(url.to_owned()))?;
+        let body = request.body_bytes();
+        let key = CacheKey::derive(&route.name, &route.key, &method, &uri, &headers, &body)
+            .map_err(|e| PurgeError::Malformed(e.to_string()))?;
+        Ok(Purge::Key {
+            route: route.name.clone(),
+            key,
+        })
+    }
+
+    /// After an unsafe request passed through: invalidates its target URI and same-origin
+    /// `Location` / `Content-Location` when the upstream answered 2xx or 3xx. Failures are logged:
+    /// the entries then expire by themselves.
+    pub(super) async fn invalidate_after(&self, parts: &Parts, response: &Response<ProxyBody>) {
+        let status = response.status();
+        if parts.method.is_safe() || !(status.is_success() || status.is_redirection()) {
+            return;
+        }
+        for uri in invalidated(parts, response.headers()) {
+            let Some(route) = self
+                .router
+                .route(uri.path(), &Method::GET)
+                .filter(|r| r.cache && r.methods.contains(&Method::GET))
+            else {
+                continue;
+            };
+            let key = CacheKey::derive(
+                &route.name,
+                &route.key,
+                &Method::GET,
+                &uri,
+                &parts.headers,
+                b"",
+            );
+            let Ok(key) = key else { continue };
+            let purge = Purge::Key {
+                route: route.name.clone(),
+                key,
+            };
+            if let Err(err) = self.apply(purge).await {
+                tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
+            }
+        }
+    }
+}
+
+/// The URIs an unsafe request invalidates: its target, and the `Location` / `Content-Location`
+/// of its answer when they are relative or name the request's own authority. Paths normalized
+/// as every request's are ([`crate::target`]); ones that cannot be are skipped.
+pub(crate) fn invalidated(parts: &Parts, answer: &HeaderMap) -> Vec<Uri> {
+    let own = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let mut out = vec![parts.uri.clone()];
+    let linked: [HeaderName; 2] = [header::LOCATION, header::CONTENT_LOCATION];
+    for name in linked {
+        let Some(value) = answer.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let Ok(uri) = value.trim().parse::<Uri>() else {
+            continue;
+        };
+        let same_origin = match uri.authority() {
+            None => uri.path().starts_with('/'),
+            Some(authority) => {
+                uri.scheme_str() == Some("http")
+                    && own.as_deref() == Some(authority.as_str().to_ascii_lowercase().as_str())
+            }
+        };
+        if same_origin {
+            out.push(uri);
+        }
+    }
+    out.into_iter()
+        .filter_map(|uri| {
+            let path = crate::target::normalize_path(uri.path()).ok()?;
+            let pq = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            pq.parse::<Uri>().ok()
+        })
+        .collect()
+}
+
+/// A header value, for the tests' requests.
+#[cfg(test)]
+fn value(s: &'static str) -> HeaderValue {
+    HeaderValue::from_static(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_same_origin_locations_are_invalidated() {
+        let mut req = http::Request::builder()
+            .method(Method::POST)
+            .uri("/items/7?x=1")
+            .header("host", "api.example:8080");
+        req = req.header("x", "y");
+        let Ok(req) = req.body(()) else {
+            panic!("a valid request");
+        };
+        let (parts, ()) = req.into_parts();
+        type Case = (
+            &'static [(HeaderName, &'static str)],
+            &'static [&'static str],
+        );
+        let cases: [Case; 5] = [
+            (&[], &["/items/7?x=1"]),
+            (
+                &[(header::LOCATION, "/items/8")],
+                &["/items/7?x=1", "/items/8"],
+            ),
+            (
+                &[(header::CONTENT_LOCATION, "http://API.example:8080/a/../b")],
+                &["/items/7?x=1", "/b"],
+            ),
+            (
+                &[(header::LOCATION, "http://other.example/items/8")],
+                &["/items/7?x=1"],
+            ),
+            (
+                &[(header::LOCATION, "https://api.example:8080/x")],
+                &["/items/7?x=1"],
+            ),
+        ];
+        for (fields, want) in cases {
+            let mut answer = HeaderMap::new();
+            for (name, v) in fields {
+                answer.insert(name.clone(), value(v));
+            }
+            let got: Vec<String> = invalidated(&parts, &answer)
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            assert_eq!(got, *want, "{fields:?}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! A purge that races a fill wins: the fill's answer, computed before the purge, is never stored —
+//! not in Redis, not in any L1 — and the requests waiting on it elsewhere fill again after it.
+
+mod support;
+
+use std::time::Duration;
+
+use corral::purge::PurgeRequest;
+use support::corral::{config, recommend_route, start, url};
+use support::{Client, RedisServer, Reply, Upstream};
+
+/// The upstream call number an answer carries (the test upstream numbers every call).
+fn call_number(body: &serde_json::Value) -> u64 {
+    body["call"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_purged_while_its_fill_runs_is_not_stored_and_waiters_fill_again() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let path = "/recommend?segment=purged";
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: the first fill is slow; instance 0 leads it, instance 1 waits on it.
+    upstream.script(
+        "/recommend",
+        Reply::status(200).delay(Duration::from_millis(800)),
+    );
+    let leader = client.spawn_get(url(&fleet[0], path));
+    upstream.wait_in_flight(1).await;
+    let waiter = client.spawn_get(url(&fleet[1], path));
+
+    // Step 2: the key is purged while that fill is in the upstream; the next fill is quick.
+    upstream.script("/recommend", Reply::status(200));
+    let purge = PurgeRequest::parse(format!(r#"{{"url":"{path}"}}"#).as_bytes());
+    let purged = fleet[0]
+        .proxy()
+        .purge(&purge.expect("a valid purge body"))
+        .await;
+    assert!(purged.is_ok(), "{purged:?}");
+
+    // Step 3: the leader's own request gets its answer; it was not stored.
+    let first = leader.await.expect("the leader's request");
+    assert_eq!(first.status, 200);
+    let waited = waiter.await.expect("the waiter's request");
+    assert_eq!(waited.status, 200);
+    assert_eq!(
+        upstream.calls_for(path),
+        2,
+        "the waiter filled again after the purge"
+    );
+    assert!(
+        call_number(&waited.json()) > call_number(&first.json()),
+        "the waiter got the answer computed after the purge"
+    );
+
+    // Step 4: every instance now serves the post-purge answer.
+    for instance in &fleet {
+        let again = client.get(&url(instance, path), &[]).await;
+        assert_eq!(
+            call_number(&again.json()),
+            call_number(&waited.json()),
+            "{:?} first={:?} waited={:?}",
+            again.header("cache-status"),
+            call_number(&first.json()),
+            waited.header("cache-status")
+        );
+    }
+    assert_eq!(upstream.calls_for(path), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_purged_while_a_fill_runs_in_embedded_mode_keeps_nothing() {
+    let upstream = Upstream::start().await;
+    let path = "/recommend?segment=embedded";
+    let cfg = config(None, &recommend_route(&upstream.url(), ""));
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    upstream.script(
+        "/recommend",
+        Reply::status(200).delay(Duration::from_millis(500)),
+    );
+    let leader = client.spawn_get(url(&fleet[0], path));
+    upstream.wait_in_flight(1).await;
+    let purge = PurgeRequest::parse(br#"{"route":"recommend"}"#).expect("a valid purge body");
+    assert!(fleet[0].proxy().purge(&purge).await.is_ok());
+    let first = leader.await.expect("the leader's request");
+    assert_eq!(first.status, 200);
+
+    // The answer computed before the purge was not kept: the next request fills again.
+    upstream.script("/recommend", Reply::status(200));
+    let next = client.get(&url(&fleet[0], path), &[]).await;
+    assert!(call_number(&next.json()) > call_number(&first.json()));
+    assert_eq!(upstream.calls_for(path), 2);
+}
