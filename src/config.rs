@@ -127,8 +127,58 @@ pub enum RedisTopology {
     Cluster { nodes: Vec<String> },
     /// Redis Sentinel: the sentinels' URLs (`redis://` or `rediss://`, at least one, no
     /// duplicates) and the name of the master they monitor. Corral talks to the master they name
-    /// and follows it through a failover (see [`crate::l2`] and [`crate::notice`]).
-    Sentinel { nodes: Vec<String>, master: String },
+    /// and follows it through a failover (see [`crate::l2`] and [`crate::notice`]), logging in
+    /// to it with `auth`.
+    Sentinel {
+        nodes: Vec<String>,
+        master: String,
+        auth: MasterAuth,
+    },
+}
+
+/// How Corral logs in to the master the sentinels name: `username`, `password` and `db` in
+/// `sentinel = { .. }` (the sentinels' own credentials, if any, go in their URLs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MasterAuth {
+    /// ACL user; `None` is the default user. Only with a password.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Logical database on the master; default 0.
+    pub db: i64,
+}
+
+/// `url` fit for a log line or an error message: a password in it (`redis://user:pw@host`,
+/// `redis://:pw@host`) is masked, as everywhere else (see [`crate::redact`]).
+pub fn redact_url(url: &str) -> String {
+    crate::redact::redact(url).into_owned()
+}
+
+/// A password: its `Debug` and `Display` never show it, so it cannot reach a log line or an
+/// error message by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Secret {
+        Secret(text)
+    }
+
+    /// The password itself, for the one place that sends it to Redis.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl RedisTopology {
@@ -411,3 +461,28 @@ const DEFAULT_MAX_WAITERS: usize = 10_000;
 const DEFAULT_MAX_TAGS: usize = 32;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_a_message() {
+        for url in [
+            "redis://corral:s3cret@10.0.0.1:6379/2",
+            "rediss://:s3cret@h:1",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("@"), "{shown}");
+        }
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("redis://user@h:1"), "redis://user@h:1");
+        let auth = MasterAuth {
+            username: Some("corral".into()),
+            password: Some(Secret::new("s3cret".into())),
+            db: 3,
+        };
+        assert!(!format!("{auth:?}").contains("s3cret"));
+    }
+}

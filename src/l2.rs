@@ -10,7 +10,8 @@
 //! its marker live in one slot and one script may touch all of them):
 //! - entry `corral:{namespace}:{route}:{<hex>}`
 //! - lock `corral:{namespace}:{route}:lock:{<hex>}`
-//! - channel `corral:{namespace}:{route}:fill:<hex>`
+//! - channel `corral:{namespace}:{route}:fill:{<hex>}`: hash-tagged too, so in a cluster the
+//!   sharded notice (`SPUBLISH`) stays on the shard that holds the entry and the lock
 //! - uncacheable marker `corral:{namespace}:{route}:pass:{<hex>}`: the last fill could not be shared,
 //!   so requests skip the lock for a while instead of queueing behind one another.
 //! - tag index `corral:{namespace}:tag:<tag>`: a set of entry names, living as long as its longest
@@ -19,9 +20,11 @@
 //!
 //! # In a Redis Cluster
 //! Every script, `MGET` and pipeline on a key names only that key's entry, lock and marker, which
-//! share the `{<hex>}` hash tag: one slot, so they run as they do on one server. A script's
-//! `PUBLISH` is not a key access, and a classic (non-sharded) PUBLISH reaches every node of the
-//! cluster. What spans slots is written for it: a tag index is a key of its own (its own slot),
+//! share the `{<hex>}` hash tag: one slot, so they run as they do on one server. The fill notice
+//! is an `SPUBLISH` there (a `PUBLISH` on one server and behind sentinels): its channel shares the
+//! key's slot, so the notice is delivered by that shard alone and never crosses the cluster bus,
+//! where a classic PUBLISH would be copied to every node. Only purges, which every instance must
+//! hear, stay on a classic (broadcast) channel. What spans slots is written for it: a tag index is a key of its own (its own slot),
 //! so tags are indexed one pipeline per tag; a purge by tag `DEL`s entries from many slots, which
 //! redis-rs splits by slot; a purge by route `SCAN`s every master in turn.
 
@@ -36,7 +39,7 @@ use redis::aio::ConnectionManagerConfig;
 use connection::Connection;
 
 use crate::breaker::{Breaker, Fault};
-use crate::config::{RedisConfig, RouteConfig};
+use crate::config::{RedisConfig, RedisTopology, RouteConfig};
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
 use crate::lock::Terms;
@@ -45,6 +48,7 @@ use crate::metrics::Metrics;
 mod connection;
 mod purge;
 pub(crate) mod sentinel;
+pub(crate) mod switches;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +198,7 @@ pub(crate) const PURGED_LOCK: &str = "purged";
 /// exists), so a leader that lost its lock can never overwrite a newer fill; then releases the lock
 /// and publishes the notice — carrying the entry itself when ARGV[5] is 1, so waiters need no read
 /// — all in one round trip. A lock a purge marked is released with a `failed` notice and nothing
-/// is written.
+/// is written. ARGV[7] is the publishing command: `SPUBLISH` in a cluster, else `PUBLISH`.
 const STORE: &str = r"
 local notice = 'stored'
 if ARGV[5] == '1' then notice = 'stored:' .. ARGV[2] end
@@ -202,15 +206,15 @@ local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[4], notice)
+  redis.call(ARGV[7], ARGV[4], notice)
   return 1
 elseif holder == ARGV[6] then
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[4], 'failed')
+  redis.call(ARGV[7], ARGV[4], 'failed')
   return 3
 elseif not holder then
   if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
-    redis.call('PUBLISH', ARGV[4], notice)
+    redis.call(ARGV[7], ARGV[4], notice)
     return 2
   end
 end
@@ -256,12 +260,13 @@ pub enum Lookup {
 }
 
 /// Compare-and-delete of a lock, publishing a notice when there is one to give, and setting the
-/// uncacheable marker when asked to (ARGV[4] > 0 milliseconds).
+/// uncacheable marker when asked to (ARGV[4] > 0 milliseconds). ARGV[5] is the publishing
+/// command: `SPUBLISH` in a cluster, else `PUBLISH`.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[4]) end
-  if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  if ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[2], ARGV[3]) end
   return 1
 end
 return 0
@@ -298,6 +303,8 @@ struct Scripts {
     store: Script,
     release: Script,
     extend: Script,
+    /// How fill notices are published: [`publish_command`].
+    publish: &'static str,
 }
 
 impl L2 {
@@ -322,6 +329,7 @@ impl L2 {
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
                 extend: Script::new(EXTEND),
+                publish: publish_command(&cfg.topology),
             }),
         })
     }
@@ -354,7 +362,7 @@ impl L2 {
         KeyNames {
             entry: format!("corral:{ns}:{route}:{{{hex}}}"),
             lock: format!("corral:{ns}:{route}:lock:{{{hex}}}"),
-            channel: format!("corral:{ns}:{route}:fill:{hex}"),
+            channel: format!("corral:{ns}:{route}:fill:{{{hex}}}"),
             pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
         }
     }
@@ -495,7 +503,8 @@ impl L2 {
             .arg(token)
             .arg(&names.channel)
             .arg(notice.map(Notice::payload).unwrap_or_default().as_ref())
-            .arg(pass_ms);
+            .arg(pass_ms)
+            .arg(self.scripts.publish);
         let op = "release";
         let n: i64 = match tokio::time::timeout(budget, call.invoke_async(&mut conn)).await {
             Ok(Ok(n)) => {
@@ -539,7 +548,8 @@ impl L2 {
             .arg(millis(ttl))
             .arg(&names.channel)
             .arg(with_entry)
-            .arg(PURGED_LOCK);
+            .arg(PURGED_LOCK)
+            .arg(self.scripts.publish);
         let n: i64 = self
             .within("store", budget, call.invoke_async(&mut conn))
             .await?;
@@ -736,6 +746,15 @@ impl L2Error {
             L2Error::Pubsub(_) => Some(Fault::Outage),
             L2Error::CircuitOpen { .. } => None,
         }
+    }
+}
+
+/// The command that publishes fill notices: the sharded `SPUBLISH` in a cluster (the notice stays
+/// on the key's shard), the classic `PUBLISH` on one server or behind sentinels.
+pub(crate) fn publish_command(topology: &RedisTopology) -> &'static str {
+    match topology {
+        RedisTopology::Cluster { .. } => "SPUBLISH",
+        RedisTopology::Standalone { .. } | RedisTopology::Sentinel { .. } => "PUBLISH",
     }
 }
 

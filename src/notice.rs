@@ -1,4 +1,5 @@
-//! Fill notices: one pub/sub connection per process, shared by every key that waits.
+//! Fill notices: one pub/sub hub per process, shared by every key that waits (one connection; in a
+//! cluster, one per master for the sharded notices plus one for purges).
 //!
 //! A waiter calls [`Notices::subscribe`] for its key's channel and gets a [`Subscription`] once Redis
 //! has confirmed the SUBSCRIBE — only then does it re-check L2, which closes the race with a fill that
@@ -22,18 +23,27 @@
 //! dropped. A failed (re)subscription is retried every second until Redis answers.
 //!
 //! # In a Redis Cluster
-//! The hub still keeps one connection, to one node: a classic `PUBLISH` (not the sharded
-//! `SPUBLISH`) is propagated over the cluster bus to every node, replicas included, so a
-//! subscriber on any node receives every notice and invalidation whatever slot the publisher
-//! wrote to. It starts on the first seed node in `[redis] cluster`; when a node stops answering
-//! (two failed reconciliations in a row, or the first one on a node that never answered) it
-//! moves to the next seed, round robin, and resyncs exactly as after a disconnection: waiters
-//! re-confirm and re-check L2, and L1 is dropped once the invalidation channel is subscribed
-//! again.
+//! Fill notices are sharded (`SPUBLISH`, Redis >= 7.0): each fill channel is hash-tagged like its
+//! key, so the notice is delivered by the master of the key's slot alone and never crosses the
+//! cluster bus (a classic `PUBLISH` is copied to every node). The hub `SSUBSCRIBE`s through a
+//! RESP3 cluster connection of redis-rs, which keeps one connection per master, routes each
+//! subscription to its slot's master and re-subscribes after a reconnection or a topology
+//! change. When a slot moves to another master the old one drops its sharded subscriptions
+//! (an `sunsubscribe` push): the hub subscribes each such channel again — now on the new master —
+//! and its waiters resync (confirm, then re-check L2). A dropped connection to a master resyncs
+//! every waiter, as on one server.
+//!
+//! Purges stay broadcast: the invalidation channel is a classic subscription on one node,
+//! carried by a second connection. It starts on the first seed node in `[redis] cluster`; when
+//! that node stops answering (two failed reconciliations in a row, or the first one on a node
+//! that never answered) it moves to the next seed, round robin, and L1 is dropped once the
+//! invalidation channel is subscribed again.
 //!
 //! # Behind Redis Sentinel
 //! The hub subscribes on the master the sentinels name (asked on first use, so Corral starts while
-//! they are down). After a disconnection, and after every failed reconciliation, it asks them again
+//! they are down). On their `+switch-master` event about that master (see
+//! `l2/switches.rs`) it asks them at once; after a disconnection, and after every failed
+//! reconciliation, it asks them again
 //! (at most every 200 ms, bounded by `[redis] timeout`); when they name another server — a failover
 //! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
 //! dropped once the invalidation channel is subscribed again.
@@ -43,18 +53,26 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, ProtocolVersion};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::breaker::Breaker;
-use crate::config::{RedisConfig, RedisTopology};
+use crate::config::{RedisConfig, RedisTopology, redact_url};
 use crate::l1::L1;
 use crate::l2::sentinel::{self, Sentinels};
+use crate::l2::switches::{self, SwitchWatch};
 use crate::l2::{
     L2Error, Notice, PATIENCE, guarded, invalidation_channel, manager_config, patiently,
 };
 use crate::metrics::Metrics;
 use crate::purge::Purge;
+
+use pushes::Pushes;
+use sharded::{sharded_connection, sharded_sync};
+
+mod pushes;
+mod sharded;
 
 /// How often a failed (re)subscription is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -123,6 +141,13 @@ enum Request {
     Reset,
     /// Reconcile again after a failure.
     Retry,
+    /// The server dropped this sharded subscription (see [`Delivered::Lost`]).
+    Lost(String),
+    /// The sentinels announced a new master: ask them now and move there.
+    Switched,
+    /// A connection of the sharded side dropped: its fill channels are to be subscribed again
+    /// (the invalidation channel, on the classic connection, is not affected).
+    ResetSharded,
 }
 
 /// The process's pub/sub hub. Cloning shares it.
@@ -161,32 +186,16 @@ impl Notices {
         let channel = invalidations.clone();
         // Subscribing is a lock decision: a failed SUBSCRIBE makes a waiter fill on its own.
         let timeout = cfg.longest_budget();
+        let pushes = Pushes {
+            dispatch,
+            invalidations: channel,
+            resets,
+            purges: route_purges,
+            sharded: false,
+        };
+        let classic = pushes.clone();
         let open: Open = Box::new(move |client: Client| {
-            let (dispatch, channel) = (dispatch.clone(), channel.clone());
-            let (resets, route_purges) = (resets.clone(), route_purges.clone());
-            let config = manager_config(timeout).set_push_sender(move |push: PushInfo| {
-                // The push sender runs inside the connection's driver: one bad message must not
-                // take the connection (and every waiter's wake-up) down with it.
-                let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    deliver(&dispatch, &channel, push)
-                }))
-                .unwrap_or_else(|_| {
-                    tracing::error!("a pub/sub message could not be handled; ignored");
-                    Delivered::Nothing
-                });
-                match delivered {
-                    Delivered::Disconnected => {
-                        if let Some(requests) = resets.upgrade() {
-                            let _ = requests.send(Request::Reset);
-                        }
-                    }
-                    Delivered::Purge(purge) => {
-                        let _ = route_purges.send(purge);
-                    }
-                    Delivered::Nothing => {}
-                }
-                Ok::<(), redis::aio::SendError>(())
-            });
+            let config = manager_config(timeout).set_push_sender(classic.handler());
             ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
                 L2Error::Redis {
                     op: "pubsub connect",
@@ -194,13 +203,29 @@ impl Notices {
                 }
             })
         });
+        let sharded = match &cfg.topology {
+            RedisTopology::Cluster { nodes } => Some(sharded_connection(nodes, timeout, &pushes)?),
+            _ => None,
+        };
         let (nodes, conn) = match &cfg.topology {
-            RedisTopology::Sentinel { nodes, master } => {
-                let sentinels = Sentinels::new(nodes, master, timeout, ProtocolVersion::RESP3)?;
+            RedisTopology::Sentinel {
+                nodes,
+                master,
+                auth,
+            } => {
+                let sentinels =
+                    Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP3)?;
+                let switched = requests.downgrade();
+                let on_switch = move || {
+                    if let Some(requests) = switched.upgrade() {
+                        let _ = requests.send(Request::Switched);
+                    }
+                };
                 let nodes = Nodes::Sentinel {
                     sentinels: Box::new(sentinels),
                     at: None,
                     recheck: false,
+                    _switches: switches::watch(nodes, master, timeout, on_switch),
                 };
                 (nodes, None)
             }
@@ -217,6 +242,7 @@ impl Notices {
         tokio::spawn(reconcile(
             Reconciler {
                 conn,
+                sharded,
                 nodes,
                 answered: false,
                 failures: 0,
@@ -341,69 +367,10 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What a push from Redis amounted to.
-enum Delivered {
-    Nothing,
-    /// The connection dropped: the server holds no subscriptions any more.
-    Disconnected,
-    /// A purge arrived on the invalidation channel.
-    Purge(Purge),
-}
-
-/// Hands a push to the waiters of its channel, or recognises a purge or a disconnection.
-fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered {
-    match push.kind {
-        PushKind::Message => {
-            let [channel, payload] = push.data.as_slice() else {
-                return Delivered::Nothing;
-            };
-            let (Some(channel), Some(payload)) = (bytes_of(channel), bytes_of(payload)) else {
-                return Delivered::Nothing;
-            };
-            if channel == invalidations.as_bytes() {
-                return match Purge::parse(payload) {
-                    Some(purge) => Delivered::Purge(purge),
-                    None => Delivered::Nothing,
-                };
-            }
-            let Ok(channel) = std::str::from_utf8(channel) else {
-                return Delivered::Nothing;
-            };
-            let waiters = lock(waiters);
-            // Parse only for a channel someone here waits on.
-            if let Some(slot) = waiters.get(channel)
-                && let Some(notice) = Notice::parse(payload)
-            {
-                for mailbox in &slot.mailboxes {
-                    mailbox.post(Wake::Notice(notice.clone()));
-                }
-            }
-            Delivered::Nothing
-        }
-        PushKind::Disconnection => {
-            tracing::warn!(
-                waiting = lock(waiters).len(),
-                "redis pub/sub connection lost; waiters re-subscribe and re-check"
-            );
-            resync(waiters);
-            Delivered::Disconnected
-        }
-        _ => Delivered::Nothing,
-    }
-}
-
 async fn apply_purges(mut purges: mpsc::UnboundedReceiver<Purge>, l1: L1) {
     while let Some(purge) = purges.recv().await {
         tracing::info!(purge = %purge.payload(), "invalidating L1");
         purge.apply(&l1).await;
-    }
-}
-
-fn bytes_of(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
     }
 }
 
@@ -420,13 +387,20 @@ enum Nodes {
         at: Option<String>,
         /// The connection dropped or failed: ask the sentinels before the next reconciliation.
         recheck: bool,
+        /// Listens to the sentinels' `+switch-master` ([`Request::Switched`]).
+        _switches: Option<SwitchWatch>,
     },
 }
 
 /// The reconciling task's state.
 struct Reconciler {
-    /// `None` only behind sentinels, until they first named a master.
+    /// `None` only behind sentinels, until they first named a master. In a cluster it carries
+    /// only the invalidation channel (a broadcast one).
     conn: Option<ConnectionManager>,
+    /// In a cluster: the sharded subscriptions of fill channels, one connection per master
+    /// (redis-rs routes each `SSUBSCRIBE` to its slot's master and re-subscribes after a
+    /// reconnection or a topology change).
+    sharded: Option<ClusterConnection>,
     nodes: Nodes,
     /// Whether this node has answered a (un)subscription since the hub moved to it.
     answered: bool,
@@ -470,6 +444,11 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
                     r.recheck();
                 }
                 Request::Retry => {}
+                Request::Lost(channel) => {
+                    subscribed.remove(&channel);
+                }
+                Request::ResetSharded => subscribed.retain(|c| *c == r.always),
+                Request::Switched => r.switched(),
             }
         }
         if r.follow_master().await {
@@ -479,6 +458,9 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
         wanted.insert(r.always.clone());
         let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
+        // In a cluster only the invalidation channel is classic; fill channels are sharded.
+        let (to_drop, drop_sharded) = r.split(to_drop);
+        let (to_add, add_sharded) = r.split(to_add);
         let mut result = Ok(());
         let Some(conn) = r.conn.as_mut() else {
             let why = "no master found through the sentinels yet".to_owned();
@@ -522,6 +504,11 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
                 subscribed.extend(to_add);
             }
         }
+        if let Some(sharded) = &r.sharded
+            && result.is_ok()
+        {
+            result = sharded_sync(&r, sharded, &mut subscribed, drop_sharded, add_sharded).await;
+        }
         behind = result.is_err();
         match &result {
             Ok(()) => {
@@ -531,7 +518,7 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
             // The circuit is open: nothing was asked of this node, so it is not to blame.
             Err(L2Error::CircuitOpen { .. }) => {}
             Err(err) => {
-                tracing::warn!(%err, node = %crate::redact::redact(r.node()), "redis pub/sub (un)subscribe failed; retrying");
+                tracing::warn!(%err, node = %r.node(), "redis pub/sub (un)subscribe failed; retrying");
                 r.failures += 1;
                 r.recheck();
                 if r.move_on() {
@@ -546,12 +533,33 @@ async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Requ
 }
 
 impl Reconciler {
-    /// The node the connection talks to, for messages.
-    fn node(&self) -> &str {
+    /// Splits channels into those of the classic connection and those subscribed sharded (in a
+    /// cluster, every one but the invalidation channel).
+    fn split(&self, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
+        if self.sharded.is_none() {
+            return (channels, Vec::new());
+        }
+        channels.into_iter().partition(|c| *c == self.always)
+    }
+
+    /// The node the connection talks to, for messages (no password in it).
+    fn node(&self) -> String {
         match &self.nodes {
-            Nodes::Seeds { urls, at } => &urls[*at],
-            Nodes::Sentinel { at: Some(at), .. } => at,
-            Nodes::Sentinel { at: None, .. } => "(no master found yet)",
+            Nodes::Seeds { urls, at } => redact_url(&urls[*at]),
+            Nodes::Sentinel { at: Some(at), .. } => at.clone(),
+            Nodes::Sentinel { at: None, .. } => "(no master found yet)".to_owned(),
+        }
+    }
+
+    /// Behind sentinels, on their `+switch-master`: ask them at once before the next
+    /// reconciliation (which then moves to the new master and resyncs the waiters).
+    fn switched(&mut self) {
+        if let Nodes::Sentinel {
+            sentinels, recheck, ..
+        } = &mut self.nodes
+        {
+            sentinels.ask_now();
+            *recheck = true;
         }
     }
 
@@ -576,13 +584,13 @@ impl Reconciler {
         let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(%err, node = %crate::redact::redact(&urls[next]), "cannot open a pub/sub connection");
+                tracing::warn!(%err, node = %redact_url(&urls[next]), "cannot open a pub/sub connection");
                 return false;
             }
         };
         tracing::warn!(
-            from = %crate::redact::redact(&urls[*at]),
-            to = %crate::redact::redact(&urls[next]),
+            from = %redact_url(&urls[*at]),
+            to = %redact_url(&urls[next]),
             "redis pub/sub node not answering; moving to the next seed node"
         );
         self.nodes = Nodes::Seeds {
@@ -601,6 +609,7 @@ impl Reconciler {
             sentinels,
             at,
             recheck,
+            ..
         } = &mut self.nodes
         else {
             return false;

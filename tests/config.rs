@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use corral::config::{Config, ConfigError, LockScope, OnWaitTimeout, RedisTopology};
+use corral::config::{
+    Config, ConfigError, LockScope, MasterAuth, OnWaitTimeout, RedisTopology, Secret,
+};
 use http::Method;
 
 fn shipped(name: &str) -> PathBuf {
@@ -357,10 +359,54 @@ fn redis_sentinel_nodes_and_master_are_accepted() {
         "redis://10.0.0.2:26379".to_owned(),
     ];
     let master = "mymaster".to_owned();
-    assert_eq!(redis.topology, RedisTopology::Sentinel { nodes, master });
+    let auth = MasterAuth::default();
+    assert_eq!(
+        redis.topology,
+        RedisTopology::Sentinel {
+            nodes,
+            master,
+            auth
+        }
+    );
     // No server to connect to directly: the master is whichever the sentinels name.
     assert!(redis.topology.seeds().is_empty());
     assert_eq!(config.routes[0].lock.scope, LockScope::Fleet);
+}
+
+#[test]
+fn redis_sentinel_master_credentials_are_accepted() {
+    let text = format!(
+        "{ROUTE}\n[redis.sentinel]\nnodes = [\"redis://a:26379\"]\nmaster = \"m\"\nusername = \"corral\"\npassword = \"s3cret\"\ndb = 2\n"
+    );
+    let config = Config::parse(&text, Path::new("ok.toml")).expect("credentials are valid");
+    let redis = config.redis.expect("[redis] is set");
+    let RedisTopology::Sentinel { auth, .. } = &redis.topology else {
+        panic!("not a sentinel topology: {:?}", redis.topology);
+    };
+    assert_eq!(auth.username.as_deref(), Some("corral"));
+    assert_eq!(auth.password, Some(Secret::new("s3cret".to_owned())));
+    assert_eq!(auth.db, 2);
+    // The password never shows in a debug print of the config.
+    assert!(!format!("{redis:?}").contains("s3cret"), "{redis:?}");
+}
+
+#[test]
+fn bad_sentinel_credentials_are_refused_at_their_line_without_quoting_the_password() {
+    let table = |extra: &str| {
+        format!(
+            "{ROUTE}\n[redis.sentinel]\nnodes = [\"redis://a:26379\"]\nmaster = \"m\"\n{extra}\n"
+        )
+    };
+    let message = refusal(&table("db = -1"));
+    assert_points_at(&message, 10, "redis.sentinel.db");
+    let message = refusal(&table("username = \"corral\""));
+    assert_points_at(&message, 10, "redis.sentinel.username");
+    assert!(message.contains("needs a `password`"), "{message}");
+    let message = refusal(&table("password = \"\""));
+    assert_points_at(&message, 10, "redis.sentinel.password");
+    let message = refusal(&table("password = 42"));
+    assert_points_at(&message, 10, "redis.sentinel.password");
+    assert!(!message.contains("42"), "the password is quoted: {message}");
 }
 
 #[test]

@@ -238,3 +238,68 @@ async fn assert_fleet_follows(
     );
     assert!(deployment.exists(new, &entry_name(cfg, path)).await);
 }
+
+/// The master's password in the password-protected deployment.
+const PASSWORD: &str = "corral-test-pw";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_switch_master_event_moves_corral_before_any_request() {
+    let mut deployment = RedisSentinel::start_with_password("corral", PASSWORD).await;
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let nodes: Vec<String> = deployment
+        .sentinel_urls()
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n[redis]\nnamespace = \"test\"\n\
+         timeout = \"500ms\"\nsentinel = {{ nodes = [{}], master = \"{MASTER_NAME}\", username = \"corral\", \
+         password = \"{PASSWORD}\", db = 3 }}\n\n{routes}",
+        nodes.join(", ")
+    );
+    let cfg = Config::parse(&text, std::path::Path::new("<test>")).expect("test config");
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+    let old = deployment.first_master_port();
+
+    // Step 1: Corral logs in as `corral` (the master refuses anyone without the password) and
+    // stores into database 3.
+    eventually(
+        "the hub subscribed on the first master",
+        SETTLE,
+        async || deployment.pubsub_clients(old).await == 1,
+    )
+    .await;
+    let before = "/recommend?segment=before";
+    assert_eq!(client.get(&url(&fleet[0], before), &[]).await.status, 200);
+    let stored = deployment
+        .keys_in_db(old, 3, "corral:test:recommend:{*")
+        .await;
+    assert_eq!(stored.len(), 1, "the entry is in database 3");
+    let users = deployment.client_users(old).await;
+    assert!(users.iter().any(|u| u == "corral"), "{users:?}");
+
+    // Step 2: the master stops answering but closes nothing: no call fails, no connection
+    // drops — only the sentinels' +switch-master can tell Corral. No request is sent.
+    deployment.pause_server(old);
+    let new = deployment.wait_failover(old, FAILOVER).await;
+    eventually(
+        "the hub moved to the new master on the event alone",
+        SETTLE,
+        async || deployment.pubsub_clients(new).await == 1,
+    )
+    .await;
+
+    // Step 3: the first request after the failover is stored into the new master at once: the
+    // command connection moved on the event too, before any call to the old master failed.
+    let after = "/recommend?segment=after";
+    let answer = client.get(&url(&fleet[0], after), &[]).await;
+    assert_eq!(answer.status, 200);
+    let name = entry_name(&cfg, after);
+    let in_new = deployment.keys_in_db(new, 3, &name).await;
+    assert_eq!(in_new, vec![name], "the entry went to the new master");
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+}

@@ -23,8 +23,8 @@ use super::raw::{
     RawScope, RawSentinel, RawServer,
 };
 use super::{
-    CacheConfig, Config, ConfigError, ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout,
-    RedisConfig, RedisTopology, RouteConfig, ServerConfig,
+    CacheConfig, Config, ConfigError, ForwardHeaders, KeySpec, LockScope, LockSpec, MasterAuth,
+    OnWaitTimeout, RedisConfig, RedisTopology, RouteConfig, Secret, ServerConfig,
 };
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS,
@@ -275,7 +275,56 @@ impl Checker<'_> {
             }
             Some(name) => name.get_ref().clone(),
         };
-        Ok(RedisTopology::Sentinel { nodes, master })
+        let auth = self.master_auth(raw)?;
+        Ok(RedisTopology::Sentinel {
+            nodes,
+            master,
+            auth,
+        })
+    }
+
+    /// `username`, `password` and `db` of `sentinel = { .. }`: how to log in to the master. A
+    /// message about the password never quotes it.
+    fn master_auth(&self, raw: &RawSentinel) -> Checked<MasterAuth> {
+        let password = match &raw.password {
+            None => None,
+            Some(p) => match p.get_ref() {
+                toml::Value::String(text) if !text.is_empty() => Some(Secret::new(text.clone())),
+                toml::Value::String(_) => {
+                    let why = "empty password (leave `password` out when the master needs none)";
+                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
+                }
+                _ => {
+                    let why = "the password must be a string (its value is not shown)";
+                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
+                }
+            },
+        };
+        let username = match &raw.username {
+            None => None,
+            Some(u) if u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace) => {
+                let why = format!("invalid username {:?} (non-empty, no spaces)", u.get_ref());
+                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
+            }
+            Some(u) if password.is_none() => {
+                let why = "a username needs a `password` too";
+                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
+            }
+            Some(u) => Some(u.get_ref().clone()),
+        };
+        let db = match &raw.db {
+            None => 0,
+            Some(db) if *db.get_ref() < 0 => {
+                let why = format!("invalid database {} (0 or more)", db.get_ref());
+                return self.fail(db.span(), (None, "redis.sentinel.db"), why);
+            }
+            Some(db) => *db.get_ref(),
+        };
+        Ok(MasterAuth {
+            username,
+            password,
+            db,
+        })
     }
 
     /// A list of Redis URLs (`what`, for the message when it is empty): at least one, none twice.

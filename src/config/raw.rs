@@ -54,12 +54,17 @@ pub(super) struct RawRedis {
     pub(super) lock_timeout: Option<Spanned<HumanDuration>>,
 }
 
-/// `sentinel = { nodes = [..], master = ".." }` in `[redis]`.
+/// `sentinel = { nodes = [..], master = "..", username = "..", password = "..", db = 0 }` in
+/// `[redis]`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSentinel {
     pub(super) nodes: List<String>,
     pub(super) master: Option<Spanned<String>>,
+    pub(super) username: Option<Spanned<String>>,
+    /// Any value, checked to be a string afterwards: a type error from serde would quote it.
+    pub(super) password: Option<Spanned<toml::Value>>,
+    pub(super) db: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -65,9 +65,13 @@ impl Connection {
                     })?;
                 Ok(Connection::Standalone(conn))
             }
-            RedisTopology::Sentinel { nodes, master } => Ok(Connection::Sentinel(Arc::new(
-                SentinelConnection::open(nodes, master, budget)?,
-            ))),
+            RedisTopology::Sentinel {
+                nodes,
+                master,
+                auth,
+            } => Ok(Connection::Sentinel(SentinelConnection::open(
+                nodes, master, auth, budget,
+            )?)),
             RedisTopology::Cluster { nodes } => {
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(connect_timeout)
@@ -215,8 +219,8 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Connection::Standalone(conn) => conn.get_db(),
-            // The master is always reached on database 0 (the sentinel URLs carry no database).
-            Connection::Sentinel(_) => 0,
+            // The database of `sentinel.db`, selected on every connection to the master.
+            Connection::Sentinel(conn) => conn.db(),
             Connection::Cluster(conn) => conn.get_db(),
         }
     }

@@ -1,6 +1,12 @@
 //! Purges and the tag index in Redis: what `POST /purge` deletes, and the sets that let a purge by
 //! tag find its entries. Deletion is followed by one PUBLISH on the invalidation channel, which
 //! every instance applies to its L1 (see [`crate::purge`]).
+//!
+//! That PUBLISH is classic (broadcast) in every topology. In a cluster redis-rs routes it to the
+//! master of the channel's slot; when that master is down, its connection is not usable and
+//! redis-rs sends the command to another connected node instead — which is right for a classic
+//! PUBLISH, since any node relays it to all the others (tests/sharded.rs kills that node and
+//! purges).
 
 use futures_util::future::try_join_all;
 

@@ -6,8 +6,10 @@
 //! `[redis] timeout`, and the sentinels are asked at most once every [`ASK_INTERVAL`]: a burst of
 //! failing commands during a failover costs them one question, not one each.
 //!
-//! [`SentinelConnection`] holds a `ConnectionManager` to the master it last found. It asks the
-//! sentinels on first use (Corral starts while they are down) and again, in the background, after
+//! [`SentinelConnection`] holds a `ConnectionManager` to the master it last found, logged in with
+//! `sentinel.username`/`password` on `sentinel.db`. It asks the sentinels on first use (Corral
+//! starts while they are down), at once when they announce a new master (`+switch-master`, see
+//! `l2/switches.rs`), and again, in the background, after
 //! a command failed in a way that says the master may have moved: the connection broke or was
 //! refused, it timed out (or the caller's budget ran out before it ended), or the server answered
 //! `READONLY` (the old master, demoted to a replica after a failover). When the sentinels name another server, the manager is swapped; commands
@@ -26,7 +28,9 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{Client, Cmd, Pipeline, ProtocolVersion, RedisError, RedisResult, Value};
 use tokio::time::Instant;
 
+use super::switches::{self, SwitchWatch};
 use super::{L2Error, manager_config};
+use crate::config::MasterAuth;
 
 /// Shortest time between two questions to the sentinels.
 pub(crate) const ASK_INTERVAL: Duration = Duration::from_millis(200);
@@ -47,10 +51,19 @@ impl Sentinels {
     pub(crate) fn new(
         nodes: &[String],
         master: &str,
+        auth: &MasterAuth,
         timeout: Duration,
         protocol: ProtocolVersion,
     ) -> Result<Sentinels, L2Error> {
-        let settings = redis::RedisConnectionInfo::default().set_protocol(protocol);
+        let mut settings = redis::RedisConnectionInfo::default()
+            .set_protocol(protocol)
+            .set_db(auth.db);
+        if let Some(password) = &auth.password {
+            settings = settings.set_password(password.expose());
+        }
+        if let Some(username) = &auth.username {
+            settings = settings.set_username(username);
+        }
         let node_info = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
         let client = SentinelClient::build(
             nodes.iter().map(String::as_str).collect(),
@@ -68,6 +81,11 @@ impl Sentinels {
             timeout,
             last_asked: None,
         })
+    }
+
+    /// Lets the next [`Sentinels::master`] ask at once: they just announced a new master.
+    pub(crate) fn ask_now(&mut self) {
+        self.last_asked = None;
     }
 
     /// A client for the master the sentinels name now, checked to answer as a master; `Ok(None)`
@@ -137,25 +155,61 @@ pub(crate) struct SentinelConnection {
     /// One question at a time; whoever waited re-reads `master` first.
     sentinels: tokio::sync::Mutex<Sentinels>,
     timeout: Duration,
+    db: i64,
+    /// Listens to the sentinels' `+switch-master`, to move on the event (see [`switches`]).
+    _switches: Option<SwitchWatch>,
 }
 
 impl SentinelConnection {
-    /// Prepares the connection without asking the sentinels: that happens on first use.
+    /// Prepares the connection without asking the sentinels: that happens on first use, and
+    /// again on each `+switch-master` event they send about `master`.
     pub(crate) fn open(
         nodes: &[String],
         master: &str,
+        auth: &MasterAuth,
         timeout: Duration,
-    ) -> Result<SentinelConnection, L2Error> {
-        Ok(SentinelConnection {
-            master: ArcSwapOption::empty(),
-            sentinels: tokio::sync::Mutex::new(Sentinels::new(
-                nodes,
-                master,
-                timeout,
-                ProtocolVersion::RESP2,
-            )?),
-            timeout,
-        })
+    ) -> Result<Arc<SentinelConnection>, L2Error> {
+        let sentinels = Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP2)?;
+        Ok(Arc::new_cyclic(
+            |this: &std::sync::Weak<SentinelConnection>| {
+                let this = this.clone();
+                let on_switch = move || {
+                    if let Some(conn) = this.upgrade() {
+                        conn.switched();
+                    }
+                };
+                SentinelConnection {
+                    master: ArcSwapOption::empty(),
+                    sentinels: tokio::sync::Mutex::new(sentinels),
+                    timeout,
+                    db: auth.db,
+                    _switches: switches::watch(nodes, master, timeout, on_switch),
+                }
+            },
+        ))
+    }
+
+    /// The sentinels announced a new master: ask them now (not waiting out [`ASK_INTERVAL`])
+    /// and move there, in the background. Nothing to do before a master was first found.
+    fn switched(self: &Arc<Self>) {
+        let Some(master) = self.master.load_full() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        runtime.spawn(async move {
+            this.sentinels.lock().await.ask_now();
+            if let Err(err) = this.follow(Some(&master)).await {
+                tracing::warn!(%err, "redis: the sentinels named no usable master");
+            }
+        });
+    }
+
+    /// The database selected on the master (`sentinel.db`).
+    pub(crate) fn db(&self) -> i64 {
+        self.db
     }
 
     /// The current master's connection, asking the sentinels if none was found yet.
@@ -298,7 +352,9 @@ mod tests {
         });
         let url = format!("redis://:hunter2-s3cret@{addr}");
         let timeout = Duration::from_millis(200);
-        let Ok(mut sentinels) = Sentinels::new(&[url], "m", timeout, ProtocolVersion::RESP3) else {
+        let auth = MasterAuth::default();
+        let Ok(mut sentinels) = Sentinels::new(&[url], "m", &auth, timeout, ProtocolVersion::RESP3)
+        else {
             panic!("a usable sentinel URL");
         };
         let Err(err) = sentinels.master().await else {

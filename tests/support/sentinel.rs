@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -97,6 +98,101 @@ impl RedisSentinel {
         }
         deployment.settle().await;
         deployment
+    }
+
+    /// [`RedisSentinel::start`], then every data server requires `password` (`requirepass`, the
+    /// default user) and knows an ACL user `username` with the same password; the servers
+    /// replicate (`masterauth`) and the sentinels monitor (`auth-pass`) with it. The fixture's
+    /// own probes log in too.
+    ///
+    /// # Panics
+    ///
+    /// If a server or sentinel refuses a setting.
+    pub async fn start_with_password(username: &str, password: &str) -> RedisSentinel {
+        let deployment = RedisSentinel::start().await;
+        for sentinel in &deployment.sentinels {
+            let mut conn = conn(sentinel.port).await.expect("connect to a sentinel");
+            ::redis::cmd("SENTINEL")
+                .arg("SET")
+                .arg(MASTER_NAME)
+                .arg("auth-pass")
+                .arg(password)
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("SENTINEL SET auth-pass");
+        }
+        for server in &deployment.servers {
+            let mut conn = conn(server.port).await.expect("connect to a data server");
+            let rules = format!("on >{password} ~* &* +@all");
+            ::redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(username)
+                .arg(rules.split(' ').collect::<Vec<_>>())
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("ACL SETUSER");
+            for (name, value) in [("masterauth", password), ("requirepass", password)] {
+                ::redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg(name)
+                    .arg(value)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("CONFIG SET {name}: {e}"));
+            }
+            PASSWORDS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(server.port, password.to_owned());
+        }
+        deployment
+    }
+
+    /// Stops the data server on `port` (SIGSTOP): its connections stay open, it just no longer
+    /// answers — the sentinels fail over, a client sees nothing until it sends a request.
+    ///
+    /// # Panics
+    ///
+    /// If no data server of this deployment listens on `port`.
+    pub fn pause_server(&mut self, port: u16) {
+        let node = self
+            .servers
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no data server on port {port}"));
+        super::signal::send(&mut node.child, "redis-server", "STOP");
+    }
+
+    /// The `user=` of every client connected to the data server at `port` (`CLIENT LIST`),
+    /// not counting the sentinels' own.
+    pub async fn client_users(&self, port: u16) -> Vec<String> {
+        let Ok(Ok(mut conn)) = timeout(PROBE_TIMEOUT, conn(port)).await else {
+            return Vec::new();
+        };
+        let list: String = ::redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        list.lines()
+            .filter(|l| !l.contains("name=sentinel-"))
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("user=")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Keys matching `pattern` in database `db` of the data server at `port`.
+    pub async fn keys_in_db(&self, port: u16, db: i64, pattern: &str) -> Vec<String> {
+        let mut conn = conn(port)
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis-server on {port}: {e}"));
+        let () = ::redis::cmd("SELECT")
+            .arg(db)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SELECT {db} on {port}: {e}"));
+        scan_keys(&mut conn, pattern, &format!("127.0.0.1:{port} db {db}")).await
     }
 
     /// The sentinels' URLs, `redis://127.0.0.1:<port>`.
@@ -342,8 +438,21 @@ async fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
     timeout(PROBE_TIMEOUT, ask).await.ok().flatten()
 }
 
+/// Passwords of the data servers that require one, by port: ports are unique within the test
+/// process, so tests running in parallel never share an entry.
+static PASSWORDS: Mutex<Option<HashMap<u16, String>>> = Mutex::new(None);
+
+fn password_of(port: u16) -> Option<String> {
+    let passwords = PASSWORDS.lock().unwrap_or_else(|p| p.into_inner());
+    passwords.as_ref().and_then(|map| map.get(&port).cloned())
+}
+
 async fn conn(port: u16) -> ::redis::RedisResult<MultiplexedConnection> {
-    ::redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+    let url = match password_of(port) {
+        Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
+        None => format!("redis://127.0.0.1:{port}"),
+    };
+    ::redis::Client::open(url)?
         .get_multiplexed_async_connection()
         .await
 }

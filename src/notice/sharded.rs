@@ -1,0 +1,90 @@
+//! The sharded side of the hub in a Redis Cluster: fill channels are `SSUBSCRIBE`d through
+//! redis-rs's RESP3 cluster connection, one connection per master.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::ProtocolVersion;
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+
+use super::{Pushes, Reconciler};
+use crate::l2::{L2Error, PATIENCE, guarded, patiently};
+
+/// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be
+/// down now) whose pushes go to the hub.
+pub(super) fn sharded_connection(
+    nodes: &[String],
+    timeout: Duration,
+    pushes: &Pushes,
+) -> Result<ClusterConnection, L2Error> {
+    let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+        .use_protocol(ProtocolVersion::RESP3)
+        .push_sender(
+            Pushes {
+                sharded: true,
+                ..pushes.clone()
+            }
+            .handler(),
+        )
+        .connection_timeout(timeout.max(Duration::from_millis(200)))
+        .response_timeout(PATIENCE.max(timeout))
+        .retries(2)
+        .build()
+        .map_err(|source| L2Error::Redis {
+            op: "open cluster pubsub",
+            source,
+        })?;
+    Ok(client.get_pending_async_connection_with_config(ClusterConfig::default()))
+}
+
+/// Makes the sharded subscriptions match: one (S)UNSUBSCRIBE / SSUBSCRIBE per channel, all at
+/// once — each goes to the master of its channel's slot, and channels of different slots cannot
+/// share one command. `subscribed` keeps the ones that succeeded.
+pub(super) async fn sharded_sync(
+    r: &Reconciler,
+    sharded: &ClusterConnection,
+    subscribed: &mut HashSet<String>,
+    to_drop: Vec<String>,
+    to_add: Vec<String>,
+) -> Result<(), L2Error> {
+    let drops = to_drop.into_iter().map(|channel| {
+        let mut conn = sharded.clone();
+        async move {
+            let call = conn.sunsubscribe(&channel);
+            let done = guarded(&r.breaker, &r.metrics, "SUNSUBSCRIBE", r.timeout, call).await;
+            (channel, done)
+        }
+    });
+    let mut result = Ok(());
+    for (channel, done) in join_all(drops).await {
+        match done {
+            Ok(()) => drop(subscribed.remove(&channel)),
+            Err(err) => result = Err(err),
+        }
+    }
+    let adds = to_add.into_iter().map(|channel| {
+        let mut conn = sharded.clone();
+        async move {
+            let call = conn.ssubscribe(&channel);
+            let done = patiently(
+                &r.breaker,
+                &r.metrics,
+                "SSUBSCRIBE",
+                r.timeout,
+                PATIENCE,
+                call,
+            )
+            .await;
+            (channel, done)
+        }
+    });
+    for (channel, done) in join_all(adds).await {
+        match done {
+            Ok(()) => drop(subscribed.insert(channel)),
+            Err(err) => result = Err(err),
+        }
+    }
+    result
+}
