@@ -40,6 +40,16 @@
 //! 6. `STAMPEDE_KEYS` cold keys x 10 concurrent requests over the 3 instances, backend 10 ms:
 //!    backend calls, lock keys left in Redis, Redis commands per miss (`INFO commandstats`).
 //!
+//! 7. Many keys at once (issue 8): `STAMPEDE_SPREAD_KEYS` (1000) distinct cold keys x 3
+//!    requests spread over the 3 instances, all at once, backend 250 ms: backend calls, p50/p99,
+//!    and for Corral Redis commands per key (the scripts' inner commands included, from
+//!    `INFO commandstats`), script calls per key and Redis CPU per 1000 fills (`INFO cpu`).
+//! 8. Cold start (issue 8): a fresh 3-instance Corral fleet, its first burst at once: 1 key x 3,
+//!    then 300 keys x 3.
+//!
+//! Every Corral row runs the default config (`benches/stampede/corral.toml` sets no timeout
+//! and no lock option; only the access log is off).
+//!
 //! Peers run row 6 with `min(STAMPEDE_KEYS, STAMPEDE_PEER_KEYS)` keys (2000 by default): their
 //! figure per key does not depend on the count, and nginx's lock re-checks on a 500 ms timer, so
 //! each of its keys costs half a second.
@@ -54,6 +64,8 @@
 mod load;
 #[path = "stampede/procs.rs"]
 mod procs;
+#[path = "stampede/spread.rs"]
+mod spread;
 #[path = "stampede/upstream.rs"]
 mod upstream;
 
@@ -96,6 +108,8 @@ struct Sizes {
     /// Row 6 for the peers: their per-key figure does not depend on the count, and nginx's
     /// 500 ms lock timer makes each key cost it half a second.
     peer_keys: usize,
+    /// Row 7: distinct keys in one burst, 3 requests each.
+    spread_keys: usize,
 }
 
 impl Sizes {
@@ -114,6 +128,7 @@ impl Sizes {
             keys: var("STAMPEDE_KEYS", 100_000),
             l2_keys: var("STAMPEDE_L2_KEYS", 2000),
             peer_keys: var("STAMPEDE_PEER_KEYS", 2000),
+            spread_keys: var("STAMPEDE_SPREAD_KEYS", 1000),
         }
     }
 }
@@ -325,6 +340,60 @@ async fn run() -> Result<(), BoxError> {
         figures.entry(system.name).or_default().cold = Some(result);
     }
 
+    // Rows 7 and 8 (issue 8): many cold keys at once, and a fleet's first burst.
+    let mut spread_lines = Vec::new();
+    for system in &systems {
+        step(&format!(
+            "7 many keys: {} keys x {} over {}",
+            sizes.spread_keys,
+            spread::PER_KEY,
+            system.name
+        ));
+        let redis_url = (system.name == "corral").then(|| redis.url());
+        let scenario = format!("spread-{}", system.name);
+        let line = match spread::burst(
+            &backend,
+            &system.targets,
+            &scenario,
+            sizes.spread_keys,
+            redis_url.as_deref(),
+        )
+        .await
+        {
+            Ok(s) => spread::summary(&s),
+            Err(e) => format!("error: {e}"),
+        };
+        spread_lines.push(format!("7 {}: {line}", system.name));
+    }
+    step("8 cold start: a fresh 3-instance fleet, then its first burst at once");
+    let fresh_namespace = format!("{namespace}-fresh");
+    let fresh = (0..3)
+        .map(|i| {
+            Corral::start(
+                &corral_bin,
+                dir.path(),
+                &CorralSettings {
+                    name: &format!("fresh{i}"),
+                    redis_url: &redis.url(),
+                    namespace: &fresh_namespace,
+                    upstream: backend.addr,
+                    l1_max_bytes: "256MiB",
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let targets: Vec<SocketAddr> = fresh.iter().map(|c| c.addr).collect();
+    for (round, keys) in [("fresh-1", 1), ("fresh-300", 300)] {
+        let line = match spread::burst(&backend, &targets, round, keys, Some(&redis.url())).await {
+            Ok(s) => spread::summary(&s),
+            Err(e) => format!("error: {e}"),
+        };
+        spread_lines.push(format!(
+            "8 corral, {round} (fleet started just before): {line}"
+        ));
+    }
+    drop(fresh);
+
     // Stop everything before the tempdir goes: peers first, then Corral, then Redis.
     drop(varnish);
     drop(nginx);
@@ -344,6 +413,14 @@ async fn run() -> Result<(), BoxError> {
         (load_at_start, procs::loadavg()),
         kept.as_deref(),
     );
+    println!();
+    println!(
+        "Rows 7-8 (issue 8, default config, backend {} ms):",
+        spread::BACKEND_MS
+    );
+    for line in &spread_lines {
+        println!("  {line}");
+    }
     Ok(())
 }
 

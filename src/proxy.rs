@@ -409,6 +409,24 @@ impl Proxy {
                 return Looked::Answer(answer);
             }
         };
+        // A follower may have joined a background refresh that started after its L1 miss, once
+        // an entry landed in L1: it answers from that entry rather than waiting for the refresh.
+        if joined.role == Role::Follower {
+            let now = now_ms();
+            if let Some(entry) = self.filler.l1.get(&req.key, now).await
+                && self.fits(&entry, &req)
+            {
+                match entry.times.freshness(now) {
+                    Freshness::Fresh => {
+                        return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
+                    }
+                    Freshness::StaleRevalidate => {
+                        return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
+                    }
+                    Freshness::StaleIfError | Freshness::Expired => {}
+                }
+            }
+        }
         match joined.result.clone().await {
             Some(fill) => self.respond(joined.role, &fill, req, stale).await,
             None => Looked::Answer(match stale {

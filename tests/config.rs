@@ -62,6 +62,7 @@ fn example_config_parses_with_every_option() {
     );
     assert_eq!(redis.namespace, "prod");
     assert_eq!(redis.timeout, Duration::from_millis(50));
+    assert_eq!(redis.lock_timeout, Duration::from_secs(1));
     assert_eq!(config.cache.l1_max_bytes, 256 * 1024 * 1024);
 
     let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
@@ -79,7 +80,11 @@ fn example_config_parses_with_every_option() {
     assert_eq!(recommend.key.headers, ["x-user-segment"]);
     assert_eq!(recommend.key.json, ["/segment", "/article_id"]);
     assert_eq!(recommend.lock.scope, LockScope::Fleet);
-    assert_eq!(recommend.lock.lease, Duration::from_secs(5));
+    assert_eq!(recommend.lock.lease, Duration::from_secs(2));
+    assert_eq!(
+        recommend.lock.redis_budget(redis.lock_timeout),
+        Duration::from_secs(1)
+    );
     assert_eq!(recommend.lock.on_wait_timeout, OnWaitTimeout::Bypass);
 
     let queue = &config.routes[1];

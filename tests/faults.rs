@@ -49,7 +49,8 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     upstream.set_delay(Duration::from_secs(1));
-    let lock = r#"lock = { lease = "1s", wait_timeout = "20s", on_wait_timeout = "504" }"#;
+    // The default lease (2s): takeover must be fast without tuning.
+    let lock = r#"lock = { wait_timeout = "20s", on_wait_timeout = "504" }"#;
     let mut leader = CorralProcess::start(&process_config(&redis, &upstream, lock)).await;
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
     let others = start(2, &cfg).await;
@@ -98,7 +99,9 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
 
     // One new leader took over: two upstream calls in all.
     assert_eq!(upstream.calls(), 2);
-    println!("measured: waiters done {last:?} after the leader's SIGKILL (lease 1s, backend 1s)");
+    println!(
+        "measured: waiters done {last:?} after the leader's SIGKILL (default lease 2s, backend 1s)"
+    );
     assert!(redis.keys("corral:*:lock:*").await.is_empty());
 }
 

@@ -1,0 +1,164 @@
+//! Rows 7 and 8 (issue 8): a burst of many distinct cold keys at once, and the first burst of a
+//! fleet started a moment before — both at the default config, 3 requests per key spread over
+//! the 3 instances, backend 250 ms.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use super::load;
+use super::procs::BoxError;
+use super::upstream::Upstream;
+
+/// Requests per key, request `j` of key `k` to instance `(k + j) % 3`.
+pub const PER_KEY: usize = 3;
+/// The backend's answer time in these rows.
+pub const BACKEND_MS: u64 = 250;
+
+/// What one spread burst did.
+#[derive(Debug)]
+pub struct Spread {
+    pub keys: usize,
+    pub calls: u64,
+    pub ok: usize,
+    pub failed: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub redis: Option<RedisCost>,
+}
+
+/// What the burst cost Redis, from `INFO commandstats` and `INFO cpu` around it.
+#[derive(Debug)]
+pub struct RedisCost {
+    /// Every command Redis ran, those inside scripts included, per key.
+    pub commands_per_key: f64,
+    /// Script calls (EVALSHA/EVAL) per key: each is one round trip from an instance.
+    pub scripts_per_key: f64,
+    /// Redis CPU (user + sys) per 1000 fills, in ms.
+    pub cpu_ms_per_1000: f64,
+}
+
+/// Sends `keys` x [`PER_KEY`] GETs all at once over `targets`; counts the backend's calls for
+/// `scenario` and, with `redis`, what the burst cost it.
+pub async fn burst(
+    backend: &Upstream,
+    targets: &[SocketAddr],
+    scenario: &str,
+    keys: usize,
+    redis: Option<&str>,
+) -> Result<Spread, BoxError> {
+    let mut conn = match redis {
+        Some(url) => Some(
+            redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?,
+        ),
+        None => None,
+    };
+    let before = match conn.as_mut() {
+        Some(c) => {
+            redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async::<()>(c)
+                .await?;
+            Some(cpu_seconds(c).await?)
+        }
+        None => None,
+    };
+    let pool = load::pool();
+    let requests = (0..keys)
+        .flat_map(|k| (0..PER_KEY).map(move |j| (k, j)))
+        .map(|(k, j)| {
+            let target = targets[(k + j) % targets.len()];
+            let url = format!("http://{target}/recommend/cold?s={scenario}&d={BACKEND_MS}&k={k}");
+            let pool = &pool;
+            async move {
+                let started = Instant::now();
+                let answer = load::pooled_get(pool, &url).await;
+                (
+                    started.elapsed(),
+                    matches!(answer, Ok(a) if a.status == 200),
+                )
+            }
+        });
+    let answers = join_all(requests).await;
+    drop(pool);
+    let mut latencies: Vec<Duration> = answers.iter().map(|(d, _)| *d).collect();
+    latencies.sort();
+    let ok = answers.iter().filter(|(_, ok)| *ok).count();
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies.get(i).copied().unwrap_or_default()
+    };
+    let redis = match (conn.as_mut(), before) {
+        (Some(c), Some(before)) => {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(c)
+                .await?;
+            let stats = super::commandstats(&info);
+            let data: u64 = stats
+                .iter()
+                .filter(|(name, _)| !super::is_admin_command(name))
+                .map(|(_, calls)| calls)
+                .sum();
+            let scripts: u64 = stats
+                .iter()
+                .filter(|(name, _)| name.starts_with("eval"))
+                .map(|(_, calls)| calls)
+                .sum();
+            let cpu = cpu_seconds(c).await? - before;
+            let per_key = |n: u64| n as f64 / keys.max(1) as f64;
+            Some(RedisCost {
+                commands_per_key: per_key(data),
+                scripts_per_key: per_key(scripts),
+                cpu_ms_per_1000: cpu * 1000.0 * 1000.0 / keys.max(1) as f64,
+            })
+        }
+        _ => None,
+    };
+    Ok(Spread {
+        keys,
+        calls: backend.calls(scenario).count,
+        ok,
+        failed: answers.len() - ok,
+        p50: at(0.5),
+        p99: at(0.99),
+        redis,
+    })
+}
+
+/// Redis's CPU time so far (`used_cpu_user + used_cpu_sys`), in seconds.
+async fn cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> Result<f64, BoxError> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().split_once(':')?;
+            matches!(name, "used_cpu_user" | "used_cpu_sys")
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum())
+}
+
+/// One line of the report for a spread burst.
+pub fn summary(s: &Spread) -> String {
+    let redis = match &s.redis {
+        Some(r) => format!(
+            "; Redis: {:.1} commands/key (scripts' inner commands included), {:.2} script calls/key, {:.0} ms CPU per 1000 fills",
+            r.commands_per_key, r.scripts_per_key, r.cpu_ms_per_1000
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{} keys x {PER_KEY}: {} backend calls, {} ok, {} failed, p50 {:.0} ms, p99 {:.0} ms{redis}",
+        s.keys,
+        s.calls,
+        s.ok,
+        s.failed,
+        s.p50.as_secs_f64() * 1000.0,
+        s.p99.as_secs_f64() * 1000.0
+    )
+}
