@@ -73,6 +73,42 @@ fn assert_one_call_per_key(upstream: &Upstream, statuses: &[u16], round: &str, k
     assert_eq!(upstream.calls(), keys as u64);
 }
 
+/// Asserts every request got a 200, with at most one upstream call per instance per key (what
+/// filling alone during a Redis fault may cost).
+fn assert_at_most_one_call_per_instance(
+    upstream: &Upstream,
+    statuses: &[u16],
+    round: &str,
+    keys: usize,
+) {
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(
+        failed, 0,
+        "round {round}: {failed} requests did not answer 200"
+    );
+    for k in 0..keys {
+        let calls = upstream.calls_for(&key_path(round, k));
+        assert!(
+            (1..=INSTANCES as u64).contains(&calls),
+            "round {round}, key {k}: {calls} calls for {INSTANCES} instances"
+        );
+    }
+}
+
+/// Waits until every instance is out of degraded mode, then asserts a new burst makes one call
+/// per key again.
+async fn assert_recovered(upstream: &Upstream, client: &Client, fleet: &[Instance], keys: usize) {
+    eventually(
+        "every instance sees redis again",
+        Duration::from_secs(15),
+        async || fleet.iter().all(|i| !i.proxy().degraded()),
+    )
+    .await;
+    upstream.reset_calls();
+    let statuses = burst(client, fleet, "recovered", keys).await;
+    assert_one_call_per_key(upstream, &statuses, "recovered", keys);
+}
+
 /// A fleet started a moment before its first burst of `keys` cold keys, on one Redis.
 async fn cold_burst_on_one_redis(keys: usize) {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -159,26 +195,10 @@ async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_re
     let (statuses, ()) = tokio::join!(running, fault);
 
     // Step 2: every request was answered, with at most one upstream call per instance per key.
-    let failed = statuses.iter().filter(|s| **s != 200).count();
-    assert_eq!(failed, 0, "{failed} requests did not answer 200");
-    for k in 0..keys {
-        let calls = upstream.calls_for(&key_path("stall", k));
-        assert!(
-            (1..=INSTANCES as u64).contains(&calls),
-            "key {k}: {calls} calls for {INSTANCES} instances"
-        );
-    }
+    assert_at_most_one_call_per_instance(&upstream, &statuses, "stall", keys);
 
     // Step 3: Redis is back; once the instances see it, a new burst makes one call per key.
-    eventually(
-        "every instance sees redis again",
-        Duration::from_secs(10),
-        async || fleet.iter().all(|i| !i.proxy().degraded()),
-    )
-    .await;
-    upstream.reset_calls();
-    let statuses = burst(&client, &fleet, "after", keys).await;
-    assert_one_call_per_key(&upstream, &statuses, "after", keys);
+    assert_recovered(&upstream, &client, &fleet, keys).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -205,22 +225,10 @@ async fn redis_killed_mid_burst_fails_open_and_the_fleet_reconnects_by_itself() 
     let (statuses, ()) = tokio::join!(running, fault);
 
     // Step 2: every request answered, at most one upstream call per instance per key.
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    for k in 0..keys {
-        let calls = upstream.calls_for(&key_path("killed", k));
-        assert!((1..=INSTANCES as u64).contains(&calls), "key {k}: {calls}");
-    }
+    assert_at_most_one_call_per_instance(&upstream, &statuses, "killed", keys);
 
     // Step 3: Redis comes back empty on the same port; the fleet reconnects by itself and a new
     // burst makes one call per key again.
     redis.restart().await;
-    eventually(
-        "every instance reconnects",
-        Duration::from_secs(15),
-        async || fleet.iter().all(|i| !i.proxy().degraded()),
-    )
-    .await;
-    upstream.reset_calls();
-    let statuses = burst(&client, &fleet, "reconnected", keys).await;
-    assert_one_call_per_key(&upstream, &statuses, "reconnected", keys);
+    assert_recovered(&upstream, &client, &fleet, keys).await;
 }

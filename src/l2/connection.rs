@@ -171,11 +171,16 @@ fn masters_of(slots: &Value) -> Vec<ScanTarget> {
     masters.into_iter().collect()
 }
 
+/// The first pause before a command whose connection was lost is sent again (the manager is
+/// reconnecting meanwhile); it doubles up to [`MAX_RESEND_PAUSE`]: three more tries in 350 ms.
+const RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const MAX_RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Whether a command failed because its connection was gone (reset, closed, broken, or a
 /// reconnection refused while Redis was down, which the manager keeps answering with until the
-/// next attempt): the connection manager is reconnecting, and the command is worth sending once
-/// more — while Redis is down the second refusal costs nothing. Every script Corral runs gives
-/// the same answer when run twice with the same arguments.
+/// next attempt): the connection manager is reconnecting, and the command is worth sending again
+/// — while Redis is down a refusal costs nothing but the pause. Every script Corral runs gives the
+/// same answer when run twice with the same arguments.
 fn connection_lost(err: &redis::RedisError) -> bool {
     err.is_connection_dropped()
 }
@@ -186,9 +191,15 @@ impl ConnectionLike for Connection {
             // A connection that died while idle (Redis restarted) fails the first command sent
             // on it, and with it every command pipelined behind: send it again on the new one.
             Connection::Standalone(conn) => Box::pin(async move {
-                match conn.req_packed_command(cmd).await {
-                    Err(err) if connection_lost(&err) => conn.req_packed_command(cmd).await,
-                    answered => answered,
+                let mut pause = RESEND_PAUSE;
+                loop {
+                    match conn.req_packed_command(cmd).await {
+                        Err(err) if connection_lost(&err) && pause <= MAX_RESEND_PAUSE => {
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                        answered => return answered,
+                    }
                 }
             }),
             Connection::Sentinel(conn) => Box::pin(conn.command(cmd)),
@@ -204,11 +215,15 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Standalone(conn) => Box::pin(async move {
-                match conn.req_packed_commands(pipeline, offset, count).await {
-                    Err(err) if connection_lost(&err) => {
-                        conn.req_packed_commands(pipeline, offset, count).await
+                let mut pause = RESEND_PAUSE;
+                loop {
+                    match conn.req_packed_commands(pipeline, offset, count).await {
+                        Err(err) if connection_lost(&err) && pause <= MAX_RESEND_PAUSE => {
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                        answered => return answered,
                     }
-                    answered => answered,
                 }
             }),
             Connection::Sentinel(conn) => Box::pin(conn.pipeline(pipeline, offset, count)),

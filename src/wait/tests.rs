@@ -46,6 +46,18 @@ fn miss(now: Instant) -> Wait {
     )
 }
 
+/// A miss that found the lock held, subscribed, peeked, and now waits for the holder's notice.
+fn waiting(now: Instant) -> Wait {
+    let mut w = miss(now);
+    w.on(Event::Looked(Lookup::Held), now, NOW);
+    w.on(Event::Subscribed, now, NOW);
+    assert!(matches!(
+        w.on(Event::Peeked(held(LEASE)), now, NOW),
+        Action::Wait { .. }
+    ));
+    w
+}
+
 fn held(left: Duration) -> Peek {
     Peek {
         lock: LockState::Held(left),
@@ -104,10 +116,7 @@ async fn a_held_lock_subscribes_then_peeks_then_waits_for_the_lease() {
 #[tokio::test(start_paused = true)]
 async fn the_notice_with_the_entry_settles_the_wait() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     let notice = Notice::Stored(Some(Arc::new(fresh())));
     let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
     assert!(matches!(
@@ -123,10 +132,7 @@ async fn the_notice_with_the_entry_settles_the_wait() {
 #[tokio::test(start_paused = true)]
 async fn a_notice_without_the_entry_reads_it() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     let next = w.on(Event::Woken(Wake::Notice(Notice::Stored(None))), now, NOW);
     assert!(matches!(next, Action::Read));
     let read = Peek {
@@ -139,10 +145,7 @@ async fn a_notice_without_the_entry_reads_it() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_fill_shares_its_answer_and_never_competes() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     let answer = Arc::new(entry(502, NOW, 0, 0, 0));
     let next = w.on(
         Event::Woken(Wake::Notice(Notice::Failed(Some(answer)))),
@@ -181,10 +184,7 @@ async fn a_failed_fill_is_covered_by_a_stale_if_error_entry() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_notice_with_nothing_to_share_competes_again() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
     assert!(matches!(next, Action::TryLock));
     // Already subscribed: losing the race again goes straight to a peek.
@@ -194,10 +194,7 @@ async fn a_failed_notice_with_nothing_to_share_competes_again() {
 #[tokio::test(start_paused = true)]
 async fn an_uncacheable_notice_sends_everyone_to_the_upstream_alone() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     let next = w.on(Event::Woken(Wake::Notice(Notice::Uncacheable)), now, NOW);
     assert!(matches!(next, Action::Done(Settled::Uncacheable)));
 }
@@ -205,10 +202,7 @@ async fn an_uncacheable_notice_sends_everyone_to_the_upstream_alone() {
 #[tokio::test(start_paused = true)]
 async fn a_resync_confirms_then_rechecks() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     assert!(matches!(
         w.on(Event::Woken(Wake::Resync), now, NOW),
         Action::Confirm
@@ -228,10 +222,7 @@ async fn a_resync_confirms_then_rechecks() {
 #[tokio::test(start_paused = true)]
 async fn a_lapsed_lease_competes_and_the_winner_rechecks_before_filling() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     tokio::time::advance(LEASE + LAPSE_MARGIN).await;
     let later = Instant::now();
     assert!(matches!(w.on(Event::Lapsed, later, NOW), Action::TryLock));
@@ -384,10 +375,7 @@ async fn a_stale_while_revalidate_entry_is_shared_as_stale() {
 #[tokio::test(start_paused = true)]
 async fn a_wait_nobody_wants_any_more_ends() {
     let now = Instant::now();
-    let mut w = miss(now);
-    w.on(Event::Looked(Lookup::Held), now, NOW);
-    w.on(Event::Subscribed, now, NOW);
-    w.on(Event::Peeked(held(LEASE)), now, NOW);
+    let mut w = waiting(now);
     assert!(matches!(
         w.on(Event::Abandoned, now, NOW),
         Action::Done(Settled::Abandoned)
