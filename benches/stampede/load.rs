@@ -76,7 +76,8 @@ async fn read(
         .headers()
         .get("cache-status")
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_start_matches("corral; ").to_owned());
+        // The kind of answer, without the per-answer `ttl` and `fwd-status`.
+        .map(corral::demo::outcome_kind);
     response.into_body().collect().await?;
     Ok(Answer {
         target,
