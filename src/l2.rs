@@ -34,19 +34,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Script;
-use redis::aio::ConnectionManagerConfig;
 
+pub(crate) use budget::{PATIENCE, guarded, manager_config, patiently};
 use connection::Connection;
+use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
 
-use crate::breaker::{Breaker, Fault};
+use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology, RouteConfig};
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
 use crate::lock::Terms;
 use crate::metrics::Metrics;
 
+mod budget;
 mod connection;
 mod purge;
+mod scripts;
 pub(crate) mod sentinel;
 pub(crate) mod switches;
 
@@ -194,56 +197,6 @@ pub enum StoreOutcome {
 /// began before the purge, so its store is refused — as a delete invalidates a memcache lease.
 pub(crate) const PURGED_LOCK: &str = "purged";
 
-/// Writes the entry only while the caller still holds the lock (or nobody holds it and no entry
-/// exists), so a leader that lost its lock can never overwrite a newer fill; then releases the lock
-/// and publishes the notice — carrying the entry itself when ARGV[5] is 1, so waiters need no read
-/// — all in one round trip. A lock a purge marked is released with a `failed` notice and nothing
-/// is written. ARGV[7] is the publishing command: `SPUBLISH` in a cluster, else `PUBLISH`.
-const STORE: &str = r"
-local notice = 'stored'
-if ARGV[5] == '1' then notice = 'stored:' .. ARGV[2] end
-local holder = redis.call('GET', KEYS[2])
-if holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[2])
-  redis.call(ARGV[7], ARGV[4], notice)
-  return 1
-elseif holder == ARGV[6] then
-  redis.call('DEL', KEYS[2])
-  redis.call(ARGV[7], ARGV[4], 'failed')
-  return 3
-elseif not holder then
-  if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
-    redis.call(ARGV[7], ARGV[4], notice)
-    return 2
-  end
-end
-return 0
-";
-
-/// A flight's first look at a key: the entry if there is one; else the uncacheable marker; else
-/// the fill lock, taken if free (`SET NX PX`) — one round trip where GET, then SET NX, then a
-/// re-read under the lock took three.
-///
-/// Idempotent: run again with the same token (a retry after a dropped connection), it answers
-/// `Locked` again rather than `Held` by ourselves.
-const LOOKUP: &str = r"
-local entry = redis.call('GET', KEYS[1])
-if entry then return {entry, 0} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {false, 1} end
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 2} end
-if redis.call('GET', KEYS[3]) == ARGV[1] then return {false, 2} end
-return {false, 3}
-";
-
-/// `SET NX PX` that also answers yes when the caller's token already holds the lock, so a
-/// retry after a dropped connection cannot mistake our own lock for another's.
-const TAKE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
-return 0
-";
-
 /// What a flight's first look found.
 #[derive(Debug)]
 pub enum Lookup {
@@ -258,27 +211,6 @@ pub enum Lookup {
     /// Nothing stored and someone else holds the lock.
     Held,
 }
-
-/// Compare-and-delete of a lock, publishing a notice when there is one to give, and setting the
-/// uncacheable marker when asked to (ARGV[4] > 0 milliseconds). ARGV[5] is the publishing
-/// command: `SPUBLISH` in a cluster, else `PUBLISH`.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[4]) end
-  if ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[2], ARGV[3]) end
-  return 1
-end
-return 0
-";
-
-/// Extends a lease only for its holder.
-const EXTEND: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
 
 /// The Redis tier. Cloning is cheap and shares the connection.
 #[derive(Clone)]
@@ -643,109 +575,6 @@ impl L2 {
             l2.reviving
                 .store(false, std::sync::atomic::Ordering::Release);
         });
-    }
-}
-
-/// How long a lock decision may wait for Redis in all while Redis keeps answering other calls
-/// (see [`patiently`]).
-pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Connection settings shared by the command and the notice connections: each call is bounded
-/// by its own budget (see [`guarded`]); the connection itself gives up on an answer only after
-/// [`PATIENCE`], and reconnects in the background.
-pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_response_timeout(Some(PATIENCE.max(timeout)))
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1))
-}
-
-/// Runs one Redis call within `budget`, through the breaker: refused at once while it is open,
-/// and every outcome counted — as evidence for the breaker by what it says about Redis (see
-/// [`crate::breaker`]): any reply is proof of life, a dropped connection evidence of an outage, a
-/// call past its budget only a late answer.
-pub(crate) async fn guarded<T>(
-    breaker: &Breaker,
-    metrics: &Metrics,
-    op: &'static str,
-    budget: Duration,
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, L2Error> {
-    patiently(breaker, metrics, op, budget, budget, call).await
-}
-
-/// [`guarded`], for a call whose giving up costs an upstream call: past its `budget` it waits
-/// on, a budget at a time and up to `ceiling` in all, as long as Redis answered some other call
-/// during the last budget — it is alive and this call is queued behind others (a burst on a
-/// busy machine), not lost. Only silence gives up: a stalled or dead Redis costs one budget.
-pub(crate) async fn patiently<T>(
-    breaker: &Breaker,
-    metrics: &Metrics,
-    op: &'static str,
-    budget: Duration,
-    ceiling: Duration,
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, L2Error> {
-    if !breaker.allows() {
-        metrics.redis_error(op);
-        return Err(L2Error::CircuitOpen { op });
-    }
-    let started = tokio::time::Instant::now();
-    let mut due = started + budget;
-    let mut call = std::pin::pin!(call);
-    let result = loop {
-        match tokio::time::timeout_at(due, &mut call).await {
-            Ok(Ok(v)) => break Ok(v),
-            Ok(Err(source)) => break Err(L2Error::Redis { op, source }),
-            Err(_) => {
-                let now = tokio::time::Instant::now();
-                // A timer that fired well after it was due means this process was starved of
-                // CPU: the replies may be waiting unread, so the silence proves nothing.
-                let starved = now.duration_since(due) > budget / 4;
-                let alive = starved || breaker.answered_within(budget);
-                if alive && now.duration_since(started) + budget <= ceiling {
-                    due = now + budget;
-                    continue;
-                }
-                break Err(L2Error::Timeout {
-                    op,
-                    budget: now.duration_since(started),
-                });
-            }
-        }
-    };
-    match &result {
-        Ok(_) => breaker.success(),
-        Err(err) => {
-            metrics.redis_error(op);
-            match err.fault() {
-                Some(fault) => breaker.failure(fault),
-                // Redis answered, with an error: it is alive.
-                None => breaker.success(),
-            }
-        }
-    }
-    result
-}
-
-impl L2Error {
-    /// What this failure says about Redis: `None` when Redis answered (an error reply).
-    pub fn fault(&self) -> Option<Fault> {
-        match self {
-            L2Error::Timeout { .. } => Some(Fault::Late),
-            L2Error::Redis { source, .. } if source.is_timeout() => Some(Fault::Late),
-            L2Error::Redis { source, .. }
-                if source.is_io_error()
-                    || source.is_connection_dropped()
-                    || source.is_connection_refusal() =>
-            {
-                Some(Fault::Outage)
-            }
-            L2Error::Redis { .. } => None,
-            L2Error::Pubsub(_) => Some(Fault::Outage),
-            L2Error::CircuitOpen { .. } => None,
-        }
     }
 }
 
