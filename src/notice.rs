@@ -58,7 +58,7 @@ use redis::{Client, ProtocolVersion};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::breaker::Breaker;
-use crate::config::{RedisConfig, RedisTopology, redact_url};
+use crate::config::{RedisConfig, RedisTopology};
 use crate::l1::L1;
 use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::switches::{self, SwitchWatch};
@@ -67,6 +67,7 @@ use crate::l2::{
 };
 use crate::metrics::Metrics;
 use crate::purge::Purge;
+use crate::redact::redact;
 
 use pushes::Pushes;
 use sharded::{sharded_connection, sharded_sync};
@@ -545,7 +546,7 @@ impl Reconciler {
     /// The node the connection talks to, for messages (no password in it).
     fn node(&self) -> String {
         match &self.nodes {
-            Nodes::Seeds { urls, at } => redact_url(&urls[*at]),
+            Nodes::Seeds { urls, at } => redact(&urls[*at]).into_owned(),
             Nodes::Sentinel { at: Some(at), .. } => at.clone(),
             Nodes::Sentinel { at: None, .. } => "(no master found yet)".to_owned(),
         }
@@ -584,13 +585,13 @@ impl Reconciler {
         let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(%err, node = %redact_url(&urls[next]), "cannot open a pub/sub connection");
+                tracing::warn!(%err, node = %redact(&urls[next]), "cannot open a pub/sub connection");
                 return false;
             }
         };
         tracing::warn!(
-            from = %redact_url(&urls[*at]),
-            to = %redact_url(&urls[next]),
+            from = %redact(&urls[*at]),
+            to = %redact(&urls[next]),
             "redis pub/sub node not answering; moving to the next seed node"
         );
         self.nodes = Nodes::Seeds {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::config::redact_url;
+use crate::redact::redact;
 
 /// The channel sentinels announce a new master on.
 const SWITCH_MASTER: &str = "+switch-master";
@@ -61,7 +61,7 @@ async fn listen(
     let connect_budget = timeout.max(Duration::from_millis(200));
     let mut first = true;
     for url in nodes.iter().cycle() {
-        let node = redact_url(url);
+        let node = redact(url).into_owned();
         let subscribed = async {
             let client = redis::Client::open(url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
