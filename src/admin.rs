@@ -27,9 +27,9 @@ use tokio::sync::watch;
 
 use crate::config::ServerConfig;
 use crate::conn::{self, Activity, Tracked};
+use crate::control::Control;
 use crate::proxy::Readiness;
 use crate::purge::PurgeRequest;
-use crate::server::Control;
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 64 * 1024;

@@ -7,7 +7,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
-use crate::entry::{Entry, now_ms};
+use crate::entry::{ERROR_KIND, Entry, generic_body, now_ms};
 use crate::fill::FillError;
 use crate::flight::Crowded;
 use crate::key::KeyError;
@@ -71,29 +71,6 @@ pub enum ProxyError {
     MethodNotAllowed(http::Method),
 }
 
-/// The header naming the kind of failure behind an error answer (`upstream-timeout`,
-/// `body-too-large`, …): what a client or an operator reading a client's report may know of it.
-pub const ERROR_KIND: HeaderName = HeaderName::from_static("corral-error");
-
-/// The body of a 5xx answer: its status and nothing else. The detail (which upstream, what went
-/// wrong) would tell clients about the inside of the deployment; it goes to the log instead.
-pub fn generic_body(status: StatusCode) -> String {
-    format!(
-        "{} {}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("Error")
-    )
-}
-
-/// The kind of a failed fill, for the `corral-error` header.
-pub fn fill_error_kind(err: &FillError) -> &'static str {
-    match err {
-        FillError::Upstream(err) => err.kind(),
-        FillError::WaitTimeout(_) => "wait-timeout",
-        FillError::Overloaded { .. } => "upstream-overloaded",
-    }
-}
-
 impl ProxyError {
     /// The failure's kind, for the `corral-error` header.
     pub fn kind(&self) -> &'static str {
@@ -104,7 +81,7 @@ impl ProxyError {
             ProxyError::BadKey(_) => "bad-key",
             ProxyError::NoRoute => "no-route",
             ProxyError::Upstream(err) => err.kind(),
-            ProxyError::Fill(err) => fill_error_kind(err),
+            ProxyError::Fill(err) => err.kind(),
             ProxyError::FillPanicked => "fill-failed",
             ProxyError::Crowded(_) => "too-many-waiters",
             ProxyError::MethodNotAllowed(_) => "method-not-allowed",

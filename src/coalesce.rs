@@ -1,65 +1,200 @@
-//! Coalescing across the fleet: one fill per key for every instance sharing a Redis.
+//! Coalescing: one fill per key, in this process (a flight) and across the fleet (the fill lock
+//! and the wait for its notice).
 //!
-//! A flight waits for its key with the [`crate::wait`] state machine — misses and background
-//! refreshes alike — and this module is its I/O loop: it runs each action the machine asks for
-//! against Redis (lookup, lock, subscribe, peek, wait for a notice) and feeds back what happened.
-//! When the machine settles, the flight fills under the lock it took, shares what it found, or
-//! fills for this instance alone (Redis failed, or the wait timed out with `bypass`).
+//! A miss that finds nothing fresh in L1 joins its key's flight ([`Coalescer::join`]); the
+//! flight's task decides how the key may be filled:
+//! - without Redis, or on a route whose lock scope is `instance`: from L2 when it holds the key,
+//!   else by a fill for this instance alone;
+//! - on a `fleet` route: by waiting with the [`crate::wait`] state machine, whose I/O loop is
+//!   [`io`], until it settles — fill under the lock it took, share what it found, or fill for this
+//!   instance alone (Redis failed, or the wait timed out with `bypass`).
 //!
-//! Every Redis call here decides who calls the upstream, so each is bounded by the route's lock
-//! budget (see [`crate::config::LockSpec::redis_budget`]), not by the tight read budget.
+//! Filling itself is [`crate::fill`]'s. A background refresh goes the same way
+//! ([`Coalescer::refresh_in_background`]) and waits as a miss does, so a refresh that loses the
+//! race shares the winner's fill, and a failed one keeps serving the stale entry.
+//!
+//! Redis faults never fail a request: the flight falls back to filling for this instance alone
+//! (at most one upstream call per instance per key), logged as degraded.
+//!
+//! # Concurrent calls on the same key
+//! Every request of this process that joins while a flight runs shares its result; a request
+//! past `lock.max_waiters` is turned away ([`Crowded`]). The flight runs in a task of its own, so
+//! requesters that go away do not cancel it; once all of them have, a flight that is only waiting
+//! for another instance's fill stops waiting.
 
 use std::sync::Arc;
-use std::time::Instant as StdInstant;
+use std::time::Instant;
 
-use tokio::time::Instant;
-
-use crate::entry::{Entry, now_ms};
-use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Fleet, Source, quiet_release};
-use crate::flight::Interest;
-use crate::l2::{KeyNames, L2Error, LockState, Lookup};
+use crate::config::LockScope;
+use crate::entry::{Entry, Freshness, now_ms};
+use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Source};
+use crate::fleet::Fleet;
+use crate::flight::{Crowded, Flights, Interest, Joined};
+use crate::l1::{L1, PassMarks};
+use crate::l2::{KeyNames, Peek};
 use crate::lock::FillLock;
-use crate::metrics::LockOutcome;
-use crate::notice::Subscription;
-use crate::wait::{Action, Alone, Event, Purpose, Settled, Trace, Wait};
+use crate::metrics::{LockOutcome, Metrics};
+use crate::wait::{Alone, Purpose, Settled, Trace};
 
-/// An event without its payload, for trace logs.
-struct EventName<'a>(&'a Event);
+mod io;
 
-impl std::fmt::Debug for EventName<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Event::Looked(Lookup::Entry(_)) => f.write_str("Looked(Entry)"),
-            Event::Looked(other) => write!(f, "Looked({other:?})"),
-            Event::Read(peek) | Event::Peeked(peek) => write!(
-                f,
-                "Read/Peeked(entry: {}, uncacheable: {}, lock: {:?})",
-                peek.entry.is_some(),
-                peek.uncacheable,
-                peek.lock
-            ),
-            Event::Rechecked(entry) => write!(f, "Rechecked({})", entry.is_some()),
-            Event::Woken(crate::notice::Wake::Notice(n)) => write!(f, "Woken({})", n.kind()),
-            other => write!(f, "{other:?}"),
+/// The flights of one process, and how each decides who fills its key.
+pub struct Coalescer {
+    l1: L1,
+    marks: PassMarks,
+    fleet: Option<Fleet>,
+    filler: Filler,
+    flights: Arc<Flights<Arc<Fill>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Coalescer {
+    pub fn new(
+        l1: L1,
+        marks: PassMarks,
+        fleet: Option<Fleet>,
+        filler: Filler,
+        metrics: Arc<Metrics>,
+    ) -> Coalescer {
+        Coalescer {
+            l1,
+            marks,
+            fleet,
+            filler,
+            flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
+            metrics,
         }
     }
-}
 
-/// The Redis side of one flight's wait: the lock it took, if any, and its subscription.
-struct Io<'a> {
-    fleet: &'a Fleet,
-    names: &'a Arc<KeyNames>,
-    req: &'a FillRequest,
-    held: Option<FillLock>,
-    sub: Option<Subscription>,
-    /// Whether anyone still wants the answer.
-    interest: &'a Interest,
-}
+    /// The same flights with a reloaded configuration's filler (its route caps): flights in
+    /// progress carry on with the filler they started with.
+    pub fn renewed(&self, filler: Filler) -> Coalescer {
+        Coalescer {
+            l1: self.l1.clone(),
+            marks: self.marks.clone(),
+            fleet: self.fleet.clone(),
+            filler,
+            flights: self.flights.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
 
-impl Filler {
+    /// Flights in progress in this process (a graceful shutdown waits for them).
+    pub fn in_progress(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Joins the flight for `req`'s key, starting it if there is none. Turned away when the
+    /// flight already has `lock.max_waiters` followers.
+    pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Arc<Fill>>, Crowded> {
+        let this = self.clone();
+        let fill_req = req.clone();
+        self.flights.join(
+            req.key,
+            req.route.lock.max_waiters,
+            move |interest| async move { Arc::new(this.miss(fill_req, interest).await) },
+        )
+    }
+
+    /// A miss on a route that does not coalesce (`lock.scope = "none"`): no flight, no lock; L2
+    /// is still read when there is one.
+    pub async fn uncoalesced(&self, req: FillRequest) -> Fill {
+        self.miss(req, Interest::lasting()).await
+    }
+
+    /// Starts one refresh of `req`'s key, unless a flight for it already runs in this process.
+    /// Nobody awaits it; a miss that arrives meanwhile joins it.
+    pub fn refresh_in_background(self: &Arc<Self>, req: FillRequest, stale: Arc<Entry>) {
+        let this = self.clone();
+        let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
+        let _ = self.flights.join(key, max_waiters, move |_| async move {
+            Arc::new(this.refresh(req, stale).await)
+        });
+    }
+
+    /// Runs one flight of a miss to its end. While it only waits for another instance's fill,
+    /// it stops once `interest` says every requester has gone.
+    async fn miss(&self, req: FillRequest, interest: Interest) -> Fill {
+        // A fill may have landed between this request's L1 miss and its flight's start.
+        if let Some(entry) = self.l1.get(&req.key, now_ms()).await
+            && entry.times.freshness(now_ms()) == Freshness::Fresh
+        {
+            return Fill::Shared {
+                entry,
+                source: Source::L1,
+            };
+        }
+        let Some(fleet) = &self.fleet else {
+            return self.filler.fill(&req, Claim::Instance(None), None).await;
+        };
+        let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
+        if req.route.lock.scope == LockScope::Fleet {
+            return self
+                .wait(&req, fleet, &names, Purpose::Miss, None, &interest)
+                .await;
+        }
+        let fallback = match fleet.l2.get(&names, fleet.l2.read_budget()).await {
+            Ok(peek) => match self.read(&req, peek).await {
+                Ok(fill) => return fill,
+                Err(fallback) => fallback,
+            },
+            Err(err) => {
+                tracing::warn!(route = %req.route.name, %err, "redis unavailable; filling for this instance only (degraded)");
+                return self.filler.fill(&req, Claim::Instance(None), None).await;
+            }
+        };
+        let claim = Claim::Instance(Some((&fleet.l2, &names)));
+        self.filler.fill(&req, claim, fallback).await
+    }
+
+    /// A background refresh of `stale`, the entry this instance holds: if L2 already holds a
+    /// newer one, it is copied into L1; else the fill lock is taken and the upstream called; if
+    /// someone else holds the lock, the refresh waits for their fill as a miss does (see
+    /// [`crate::wait`]), and if that fill fails, `stale` stands in — nobody here calls the
+    /// upstream on its own.
+    async fn refresh(&self, req: FillRequest, stale: Arc<Entry>) -> Fill {
+        let Some(fleet) = &self.fleet else {
+            return self
+                .filler
+                .fill(&req, Claim::Instance(None), Some(stale))
+                .await;
+        };
+        let route = &req.route;
+        let names = Arc::new(fleet.l2.names(&route.name, &req.key));
+        if route.lock.scope != LockScope::Fleet {
+            let claim = Claim::Instance(Some((&fleet.l2, &names)));
+            return self.filler.fill(&req, claim, Some(stale)).await;
+        }
+        let known = stale.times.stored_at;
+        let purpose = Purpose::Refresh { known };
+        // Nobody awaits a refresh; it is worth finishing for the requests to come.
+        let interest = Interest::lasting();
+        self.wait(&req, fleet, &names, purpose, Some(stale), &interest)
+            .await
+    }
+
+    /// What an L2 read settles for a route that does not coalesce fleet-wide: `Ok` with the
+    /// flight's result, or `Err` with the stale entry (if any) to fall back on while filling.
+    async fn read(&self, req: &FillRequest, peek: Peek) -> Result<Fill, Option<Arc<Entry>>> {
+        if peek.uncacheable {
+            self.marks.insert(req.key, req.route.uncacheable_ttl);
+            return Ok(Fill::FetchYourself);
+        }
+        let Some(entry) = peek.entry else {
+            return Err(None);
+        };
+        let source = match entry.times.freshness(now_ms()) {
+            Freshness::Fresh => Source::L2,
+            Freshness::StaleRevalidate => Source::Stale,
+            Freshness::StaleIfError => return Err(Some(Arc::new(entry))),
+            Freshness::Expired => return Err(None),
+        };
+        Ok(self.keep(req, Arc::new(entry), source).await)
+    }
+
     /// Waits for `req`'s key across the fleet, then fills, shares or fills alone as the wait
     /// settles. `fallback`: a stale entry that may stand in if the fill fails.
-    pub(crate) async fn coalesce(
+    async fn wait(
         &self,
         req: &FillRequest,
         fleet: &Fleet,
@@ -68,36 +203,10 @@ impl Filler {
         fallback: Option<Arc<Entry>>,
         interest: &Interest,
     ) -> Fill {
-        let started = StdInstant::now();
-        let route = &req.route;
-        let deadline = Instant::now() + route.lock.wait_timeout;
-        let policy = route.lock.on_wait_timeout;
-        let mut wait = Wait::new(purpose, fallback, deadline, route.lock.lease, policy);
-        let mut io = Io {
-            fleet,
-            names,
-            req,
-            held: None,
-            sub: None,
-            interest,
-        };
-        let mut action = wait.start();
-        let settled = loop {
-            let event = match action {
-                Action::Done(settled) => break settled,
-                action => {
-                    tracing::trace!(key = %names.entry, ?action, "wait");
-                    io.run(action).await
-                }
-            };
-            tracing::trace!(key = %names.entry, event = ?EventName(&event), "wait");
-            action = wait.on(event, Instant::now(), now_ms());
-        };
-        self.count_lock(req, wait.trace(), started);
-        let Io { held, sub, .. } = io;
-        // Nothing more to hear on the channel.
-        drop(sub);
-        self.settle(req, settled, held).await
+        let started = Instant::now();
+        let waited = io::wait(fleet, names, req, purpose, fallback, interest).await;
+        self.count_lock(req, waited.trace, started);
+        self.settle(req, waited.settled, waited.held).await
     }
 
     /// Acts on how the wait settled.
@@ -110,7 +219,7 @@ impl Filler {
                     // The machine settles on Fill only once the lock is ours.
                     None => Claim::Instance(None),
                 };
-                self.fill_with(req, claim, fallback).await
+                self.filler.fill(req, claim, fallback).await
             }
             Settled::Release { entry } => {
                 if let Some(held) = held {
@@ -132,7 +241,7 @@ impl Filler {
                 if why == Alone::WaitTimedOut {
                     tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; filling for this instance");
                 }
-                self.fill_with(req, Claim::Instance(None), fallback).await
+                self.filler.fill(req, Claim::Instance(None), fallback).await
             }
             // Every requester hung up while we waited: nobody to answer.
             Settled::Abandoned => Fill::FetchYourself,
@@ -151,7 +260,7 @@ impl Filler {
         Fill::Shared { entry, source }
     }
 
-    fn count_lock(&self, req: &FillRequest, trace: Trace, started: StdInstant) {
+    fn count_lock(&self, req: &FillRequest, trace: Trace, started: Instant) {
         let outcome = match trace {
             Trace {
                 timed_out: true, ..
@@ -175,82 +284,10 @@ impl Filler {
     }
 }
 
-impl Io<'_> {
-    /// Runs one action of the wait against Redis and reports what happened.
-    async fn run(&mut self, action: Action) -> Event {
-        let l2 = &self.fleet.l2;
-        let terms = l2.terms(&self.req.route);
-        let names = self.names;
-        match action {
-            Action::Lookup => match self.fleet.keeper.lookup(l2, names, terms).await {
-                Ok((found, held)) => {
-                    self.held = held;
-                    Event::Looked(found)
-                }
-                Err(err) => self.failed(err),
-            },
-            Action::Read => match l2.get(names, terms.budget).await {
-                Ok(peek) => Event::Read(peek),
-                Err(err) => self.failed(err),
-            },
-            Action::TryLock => match self.fleet.keeper.try_lock(l2, names, terms).await {
-                Ok(Some(held)) => {
-                    self.held = Some(held);
-                    Event::Locked(true)
-                }
-                Ok(None) => Event::Locked(false),
-                Err(err) => self.failed(err),
-            },
-            // Someone may have filled between our last look and the lock; if this read fails,
-            // filling is still right: we hold the lock.
-            Action::Recheck => {
-                let found = l2.get(names, terms.budget).await.ok();
-                Event::Rechecked(found.and_then(|peek| peek.entry))
-            }
-            Action::Subscribe => match self.fleet.notices.subscribe(&names.channel).await {
-                Ok(sub) => {
-                    self.sub = Some(sub);
-                    Event::Subscribed
-                }
-                Err(err) => self.failed(err),
-            },
-            Action::Peek => match l2.peek(names, terms.budget).await {
-                Ok(peek) => {
-                    if peek.lock == LockState::Unbounded {
-                        tracing::warn!(lock = %names.lock, "a fill lock has no TTL (not set by corral?): treated as held");
-                    }
-                    Event::Peeked(peek)
-                }
-                Err(err) => self.failed(err),
-            },
-            Action::Confirm => {
-                let confirmed = match self.sub.as_mut() {
-                    Some(sub) => sub.confirm().await,
-                    None => Ok(()),
-                };
-                match confirmed {
-                    Ok(()) => Event::Confirmed,
-                    Err(err) => self.failed(err),
-                }
-            }
-            Action::Wait { until } => match self.sub.as_mut() {
-                Some(sub) => tokio::select! {
-                    wake = sub.next() => Event::Woken(wake),
-                    () = tokio::time::sleep_until(until) => Event::Lapsed,
-                    () = self.interest.abandoned() => Event::Abandoned,
-                },
-                None => tokio::select! {
-                    () = tokio::time::sleep_until(until) => Event::Lapsed,
-                    () = self.interest.abandoned() => Event::Abandoned,
-                },
-            },
-            // The loop in `coalesce` ends on Done before asking for it to be run.
-            Action::Done(_) => Event::RedisFailed,
-        }
-    }
-
-    fn failed(&self, err: L2Error) -> Event {
-        tracing::warn!(route = %self.req.route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-        Event::RedisFailed
+/// Releases a lock that turned out not to be needed: the entry was there after all, and its
+/// filler already told the waiters.
+async fn quiet_release(req: &FillRequest, held: FillLock) {
+    if let Err(err) = held.release(None, std::time::Duration::ZERO).await {
+        tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
     }
 }

@@ -17,9 +17,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::vary::{VaryField, VaryRecord};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: u8 = 0xC0;
 const VERSION: u8 = 0x02;
@@ -132,7 +133,7 @@ impl Entry {
     /// The entry's current age in whole seconds (RFC 9111 §4.2.3): the upstream's `Age` when it
     /// was stored plus the time since.
     pub fn age_secs(&self, now: u64) -> u64 {
-        let initial = crate::verdict::upstream_age_secs(&self.headers).unwrap_or(0);
+        let initial = upstream_age_secs(&self.headers).unwrap_or(0);
         initial.saturating_add(self.times.age_secs(now))
     }
 
@@ -335,6 +336,60 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+}
+
+/// The header naming the kind of failure behind an error answer (`upstream-timeout`,
+/// `body-too-large`, …): what a client or an operator reading a client's report may know of it.
+pub const ERROR_KIND: HeaderName = HeaderName::from_static("corral-error");
+
+/// The body of a 5xx answer: its status and nothing else. The detail (which upstream, what went
+/// wrong) would tell clients about the inside of the deployment; it goes to the log instead.
+pub fn generic_body(status: StatusCode) -> String {
+    format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    )
+}
+
+/// The answer standing for a fill that got none (connection error, timeout), shared with the
+/// waiters so they do not each try again — fleet-wide, so it carries no detail: a generic body and
+/// the failure's `kind` in the `corral-error` header (see [`ERROR_KIND`]); the
+/// detail (the upstream's address, the cause) is in the leader's log.
+pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(ERROR_KIND, HeaderValue::from_static(kind));
+    let now = now_ms();
+    Entry {
+        status,
+        headers,
+        body: Bytes::from(generic_body(status)),
+        times: Lifetime {
+            stored_at: now,
+            fresh_until: now,
+            swr_until: now,
+            sie_until: now,
+        },
+        fill_ms: 0,
+        tags: Vec::new(),
+        vary: Default::default(),
+    }
+}
+
+/// The upstream's `Age` (RFC 9111 §5.1) in seconds: the first member of the first field line
+/// (`7200, 0` is 7200), parameters ignored; not a number: none.
+pub fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
+    let line = headers.get(header::AGE)?.to_str().ok()?;
+    let first = line.split(',').next()?;
+    let value = first.split(';').next()?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

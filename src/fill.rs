@@ -1,17 +1,16 @@
-//! Fills: computing an entry by calling the upstream, then writing L2, then L1.
+//! Fills: calling the upstream for a key, then ending the claim by what the answer allows.
 //!
-//! A fill runs inside an in-process flight (see [`crate::flight`]), so at most one fill per key runs
-//! in each process, in a task of its own. [`Filler::fill`] decides how it may fill — under the
-//! fleet lock (see [`crate::coalesce`]), or for this instance alone — and [`Filler::fill_with`]
-//! calls the upstream and ends the claim by what the answer allows ([`crate::verdict`]): a store
-//! that releases the lock and publishes `stored` with the entry; or a release at once with a
-//! notice that carries what the waiters need (`failed` with the answer, `uncacheable`).
-//! [`Filler::refresh`] is the background variant that never waits for another's fill.
+//! A fill is where [`crate::coalesce`] sends the one flight in the fleet that may call the
+//! upstream for a key (or, with Redis down, the one flight in this process). [`Filler::fill`]
+//! calls the upstream under the route's cap and ends its [`Claim`] by the [`crate::verdict`]: a
+//! store that releases the fill lock and publishes `stored` with the entry; or a release at once
+//! with a notice that carries what the waiters need (`failed` with the answer, `uncacheable`).
+//! Then the entry goes into L1. A purge that came while the upstream answered wins: the answer goes
+//! to this flight's requesters only.
 //!
-//! Redis faults never fail a request: the flight falls back to filling for this instance alone
-//! (at most one upstream call per instance per key), logged as degraded.
+//! This module also holds what a flight hands its joiners: the [`Fill`] and why it may have
+//! failed ([`FillError`]).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,39 +19,18 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
-use crate::config::{Config, LockScope, RouteConfig};
-use crate::entry::{Entry, Freshness, now_ms};
-use crate::flight::Interest;
+use crate::config::RouteConfig;
+use crate::entry::{Entry, error_entry};
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
-use crate::l2::{KeyNames, L2, Notice, Peek, StoreOutcome};
-use crate::lock::{FillLock, LeaseKeeper};
+use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
+use crate::lock::FillLock;
 use crate::metrics::Metrics;
-use crate::notice::Notices;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Fetched, UpstreamClient, UpstreamError};
-use crate::verdict::{Verdict, error_entry, judge};
-use crate::wait::Purpose;
-
-/// The Redis side of a fleet: the store and the notice hub.
-#[derive(Clone)]
-pub struct Fleet {
-    pub l2: L2,
-    pub notices: Notices,
-    /// Keeps this process's fill leases alive from a thread of its own.
-    pub keeper: Arc<LeaseKeeper>,
-}
-
-impl Fleet {
-    /// Whether any of the process's Redis connections is considered down: the command
-    /// connection, the lease keeper's, or the pub/sub hub's.
-    pub fn degraded(&self) -> bool {
-        self.l2.degraded() || self.keeper.degraded() || self.notices.degraded()
-    }
-}
+use crate::upstream::{Buffered, Caps, Fetched, Overloaded, UpstreamClient, UpstreamError};
+use crate::verdict::{Verdict, judge};
 
 /// Everything a fill needs from the request that started it.
 #[derive(Clone)]
@@ -105,8 +83,8 @@ pub enum FillError {
     Upstream(Arc<UpstreamError>),
     #[error("waited {0:?} for another instance's fill")]
     WaitTimeout(Duration),
-    #[error("route {route:?} already has {limit} upstream calls in progress")]
-    Overloaded { route: String, limit: usize },
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
 }
 
 impl FillError {
@@ -116,8 +94,17 @@ impl FillError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             FillError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            FillError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            FillError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             FillError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The failure's kind, for the `corral-error` header: what a client may know of it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FillError::Upstream(err) => err.kind(),
+            FillError::WaitTimeout(_) => "wait-timeout",
+            FillError::Overloaded(_) => "upstream-overloaded",
         }
     }
 }
@@ -129,165 +116,39 @@ pub(crate) enum Claim<'a> {
     Instance(Option<(&'a L2, &'a KeyNames)>),
 }
 
-/// The fill machinery of one process.
+/// What a fill needs: the upstream (client and per-route caps), the tiers it writes (L1, and the
+/// marks of keys that cannot be shared) and the metrics. Cloning shares them all.
+#[derive(Clone)]
 pub struct Filler {
-    pub l1: L1,
-    /// Keys whose last answer could not be shared: requests skip coalescing for a while.
-    pub marks: PassMarks,
-    pub fleet: Option<Fleet>,
-    pub client: UpstreamClient,
-    /// Per-route caps on concurrent upstream calls, and their sizes.
-    limits: HashMap<String, Arc<Semaphore>>,
-    caps: HashMap<String, usize>,
-    pub(crate) metrics: Arc<Metrics>,
-}
-
-fn caps(config: &Config) -> HashMap<String, usize> {
-    config
-        .routes
-        .iter()
-        .filter_map(|r| Some((r.name.clone(), r.upstream_concurrency?)))
-        .collect()
+    l1: L1,
+    marks: PassMarks,
+    client: UpstreamClient,
+    caps: Arc<Caps>,
+    metrics: Arc<Metrics>,
 }
 
 impl Filler {
-    pub fn new(config: &Config, l1: L1, fleet: Option<Fleet>, metrics: Arc<Metrics>) -> Filler {
-        let limits = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                let n = r.upstream_concurrency?;
-                Some((r.name.clone(), Arc::new(Semaphore::new(n))))
-            })
-            .collect();
+    pub fn new(
+        l1: L1,
+        marks: PassMarks,
+        client: UpstreamClient,
+        caps: Arc<Caps>,
+        metrics: Arc<Metrics>,
+    ) -> Filler {
         Filler {
             l1,
-            marks: PassMarks::new(),
-            fleet,
-            client: UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout),
-            limits,
-            caps: caps(config),
+            marks,
+            client,
+            caps,
             metrics,
         }
     }
 
-    /// The same machinery for a reloaded configuration: caches, marks, Redis, client and metrics
-    /// carry over; a route keeps its cap (and the calls in progress under it) when the cap is
-    /// unchanged.
-    pub fn renewed(&self, config: &Config) -> Filler {
-        let limits = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                let n = r.upstream_concurrency?;
-                let kept = self
-                    .limits
-                    .get(&r.name)
-                    .filter(|_| self.caps.get(&r.name) == Some(&n))
-                    .cloned();
-                Some((
-                    r.name.clone(),
-                    kept.unwrap_or_else(|| Arc::new(Semaphore::new(n))),
-                ))
-            })
-            .collect();
-        Filler {
-            l1: self.l1.clone(),
-            marks: self.marks.clone(),
-            fleet: self.fleet.clone(),
-            client: self.client.clone(),
-            limits,
-            caps: caps(config),
-            metrics: self.metrics.clone(),
-        }
-    }
-
-    /// Runs one fill to its end. Cancel safety: runs inside its own task (a flight), so it is not
-    /// cancelled when requesters go away; a held lock is released on drop. While it only waits
-    /// for another instance's fill, it stops once `interest` says every requester has gone.
-    pub async fn fill(&self, req: FillRequest, interest: Interest) -> Fill {
-        // A fill may have landed between this request's L1 miss and its flight's start.
-        if let Some(entry) = self.l1.get(&req.key, now_ms()).await
-            && entry.times.freshness(now_ms()) == Freshness::Fresh
-        {
-            return Fill::Shared {
-                entry,
-                source: Source::L1,
-            };
-        }
-        let Some(fleet) = &self.fleet else {
-            return self.fill_with(&req, Claim::Instance(None), None).await;
-        };
-        let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
-        if req.route.lock.scope == LockScope::Fleet {
-            return self
-                .coalesce(&req, fleet, &names, Purpose::Miss, None, &interest)
-                .await;
-        }
-        let fallback = match fleet.l2.get(&names, fleet.l2.read_budget()).await {
-            Ok(peek) => match self.settled(&req, peek).await {
-                Ok(fill) => return fill,
-                Err(fallback) => fallback,
-            },
-            Err(err) => {
-                tracing::warn!(route = %req.route.name, %err, "redis unavailable; filling for this instance only (degraded)");
-                return self.fill_with(&req, Claim::Instance(None), None).await;
-            }
-        };
-        let claim = Claim::Instance(Some((&fleet.l2, &names)));
-        self.fill_with(&req, claim, fallback).await
-    }
-
-    /// A background refresh of `stale`, the entry this instance holds: if L2 already holds a
-    /// newer one, it is copied into L1; else the fill lock is taken and the upstream called; if
-    /// someone else holds the lock, the refresh waits for their fill as a miss does (see
-    /// [`crate::wait`]), and if that fill fails, `stale` stands in — nobody here calls the
-    /// upstream on its own.
-    pub async fn refresh(&self, req: FillRequest, stale: Arc<Entry>) -> Fill {
-        let Some(fleet) = &self.fleet else {
-            return self
-                .fill_with(&req, Claim::Instance(None), Some(stale))
-                .await;
-        };
-        let route = &req.route;
-        let names = Arc::new(fleet.l2.names(&route.name, &req.key));
-        if route.lock.scope != LockScope::Fleet {
-            let claim = Claim::Instance(Some((&fleet.l2, &names)));
-            return self.fill_with(&req, claim, Some(stale)).await;
-        }
-        let known = stale.times.stored_at;
-        let purpose = Purpose::Refresh { known };
-        // Nobody awaits a refresh; it is worth finishing for the requests to come.
-        let interest = Interest::lasting();
-        self.coalesce(&req, fleet, &names, purpose, Some(stale), &interest)
-            .await
-    }
-
-    /// What an L2 read settles for a route that does not coalesce fleet-wide: `Ok` with the
-    /// flight's result, or `Err` with the stale entry (if any) to fall back on while filling.
-    async fn settled(&self, req: &FillRequest, peek: Peek) -> Result<Fill, Option<Arc<Entry>>> {
-        if peek.uncacheable {
-            self.marks.insert(req.key, req.route.uncacheable_ttl);
-            return Ok(Fill::FetchYourself);
-        }
-        let Some(entry) = peek.entry else {
-            return Err(None);
-        };
-        let source = match entry.times.freshness(now_ms()) {
-            Freshness::Fresh => Source::L2,
-            Freshness::StaleRevalidate => Source::Stale,
-            Freshness::StaleIfError => return Err(Some(Arc::new(entry))),
-            Freshness::Expired => return Err(None),
-        };
-        let entry = Arc::new(entry);
-        self.l1
-            .insert(req.key, &req.route.name, entry.clone())
-            .await;
-        Ok(Fill::Shared { entry, source })
-    }
-
-    /// Calls the upstream and ends the claim according to what it answered.
-    pub(crate) async fn fill_with(
+    /// Calls the upstream and ends the claim according to what it answered; `fallback` is a
+    /// stale entry that stands in if the upstream fails (and, with a validator, makes the call
+    /// conditional). Cancel safety: runs in a flight's own task; a held lock dropped mid-way is
+    /// released with a `failed` notice (see [`FillLock`]).
+    pub(crate) async fn fill(
         &self,
         req: &FillRequest,
         claim: Claim<'_>,
@@ -350,10 +211,7 @@ impl Filler {
                 Fill::Streamed(Arc::new(Mutex::new(Some(streaming))))
             }
             Err(err) => {
-                let answer = Arc::new(error_entry(
-                    err.status(),
-                    crate::answer::fill_error_kind(&err),
-                ));
+                let answer = Arc::new(error_entry(err.status(), err.kind()));
                 claim.give_up(req, Notice::Failed(Some(answer))).await;
                 match fallback {
                     Some(stale) => Fill::Shared {
@@ -363,24 +221,6 @@ impl Filler {
                     None => Fill::Failed(err),
                 }
             }
-        }
-    }
-
-    /// A slot under the route's cap on concurrent upstream calls, waited for at most
-    /// `upstream_timeout`. `Ok(None)`: the route has no cap.
-    pub async fn upstream_slot(
-        &self,
-        route: &RouteConfig,
-    ) -> Result<Option<OwnedSemaphorePermit>, FillError> {
-        let Some(limit) = self.limits.get(&route.name) else {
-            return Ok(None);
-        };
-        match tokio::time::timeout(route.upstream_timeout, limit.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Some(permit)),
-            _ => Err(FillError::Overloaded {
-                route: route.name.clone(),
-                limit: route.upstream_concurrency.unwrap_or_default(),
-            }),
         }
     }
 
@@ -397,7 +237,7 @@ impl Filler {
         stale: Option<&Entry>,
     ) -> Result<Verdict, FillError> {
         let route = &req.route;
-        let slot = self.upstream_slot(route).await?;
+        let slot = self.caps.slot(route).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
@@ -492,12 +332,5 @@ impl Claim<'_> {
         {
             tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
         }
-    }
-}
-
-/// Releases a lock that turned out not to be needed: its filler already told the waiters.
-pub(crate) async fn quiet_release(req: &FillRequest, held: FillLock) {
-    if let Err(err) = held.release(None, Duration::ZERO).await {
-        tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
     }
 }

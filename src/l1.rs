@@ -8,7 +8,7 @@ use moka::future::Cache;
 
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
-use crate::purge::Fence;
+use crate::purge::{Fence, Purge};
 
 /// The in-process tier. Cloning shares the same cache.
 #[derive(Clone)]
@@ -56,6 +56,20 @@ impl L1 {
         if entry.times.remaining(now_ms()).is_some() {
             let route = Arc::from(route);
             self.cache.insert(key, Cached { route, entry }).await;
+        }
+    }
+
+    /// Drops what `purge` names (and records it in the [`Fence`] when fills must heed it); returns
+    /// how many entries this cache held.
+    pub async fn purge(&self, purge: &Purge) -> u64 {
+        if purge.fences() {
+            self.fence.record(purge);
+        }
+        match purge {
+            Purge::Key { key, .. } => self.remove(key).await,
+            Purge::Route(route) => self.remove_route(route),
+            Purge::Tag(tag) => self.remove_tag(tag),
+            Purge::All => self.clear(),
         }
     }
 

@@ -43,7 +43,6 @@ use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology, RouteConfig};
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
-use crate::lock::Terms;
 use crate::metrics::Metrics;
 
 mod budget;
@@ -210,6 +209,15 @@ pub enum Lookup {
     Locked,
     /// Nothing stored and someone else holds the lock.
     Held,
+}
+
+/// How a fill lock is held: its lease, the budget of each Redis call made for it, and how long
+/// the watchdog may extend it once the upstream call began.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    pub lease: Duration,
+    pub budget: Duration,
+    pub max_hold: Duration,
 }
 
 /// The Redis tier. Cloning is cheap and shares the connection.

@@ -6,26 +6,31 @@
 //! Redis pub/sub.
 //!
 //! # Layout
-//! - [`config`] — the TOML file: raw structs, then validated types.
-//! - [`route`] — which `[[route]]` a request belongs to, and whether it may be cached.
-//! - [`key`] — the blake3 cache key of a request.
-//! - [`entry`] — a stored response, its freshness, its wire format.
-//! - [`l1`] / [`l2`] — the in-process and the Redis tier.
-//! - [`lock`] — the fleet-wide fill lock; [`notice`] — the pub/sub hub that wakes waiters.
-//! - [`flight`] — in-process single-flight; [`fill`] — filling an entry; [`coalesce`] — one fill
-//!   per key across the fleet;
-//!   [`verdict`] — what an upstream answer allows, and for how long ([`cache_control`] parses
-//!   `Cache-Control`).
-//! - [`redact`] — passwords masked in anything shown.
-//! - [`conn`] — the limits of every client connection (head, idle, count).
-//! - [`upstream`] — the pooled client and header hygiene; [`proxy`] — the request path;
-//!   [`answer`] — responses and the one place errors become statuses;
-//!   [`outcome`] — `Cache-Status`; [`server`] — the listener; [`demo`] — the built-in demo.
+//! The modules, top down; each uses only modules below it (`proxy → coalesce → fill →
+//! lock/notice → l2 → entry`).
+//! - [`server`] — the listeners, graceful shutdown; [`admin`] — metrics, health, purge, reload;
+//!   [`control`] — the live proxy and config they share, and reloads; [`conn`] — the limits of
+//!   every client connection (head, idle, count).
+//! - [`proxy`] — the request path: target → route → bypass? → key → L1 → coalesce → answer;
+//!   [`answer`] — responses, and the one place errors become statuses; [`conditional`] — 304,
+//!   206 and HEAD answered from what Corral holds; [`outcome`] — `Cache-Status`.
+//! - [`coalesce`] — one fill per key, in the process ([`flight`]) and across the fleet (the
+//!   [`wait`] state machine and its I/O loop).
+//! - [`fill`] — calling the upstream and ending the claim by what the answer allows
+//!   ([`verdict`], [`revalidate`], [`cache_control`], [`vary`]).
+//! - [`fleet`] — the process's Redis connections; [`lock`] — the fill lock and its lease keeper;
+//!   [`notice`] — the pub/sub hub that wakes waiters and carries purges; [`purge`] — what a purge
+//!   names.
+//! - [`l1`] / [`l2`] — the in-process and the Redis tier; [`entry`] — a stored response, its
+//!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
+//! - [`upstream`] — the pooled client, per-route caps and header hygiene; [`route`] and
+//!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
+//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`].
 //!
 //! # Request path
 //! route → bypass? → key → L1 (fresh: answer; stale within `stale_while_revalidate`: answer and
-//! refresh once) → flight (one per key per process) → L2 → fill lock → upstream → store L2, PUBLISH,
-//! release → L1 → answer with `Cache-Status`.
+//! refresh once) → coalesce: a flight (one per key per process) → L2 → fill lock (or wait for the
+//! fill's notice) → fill: upstream → store L2, PUBLISH, release → L1 → answer with `Cache-Status`.
 
 pub mod admin;
 pub mod answer;
@@ -36,9 +41,11 @@ pub mod coalesce;
 pub mod conditional;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod entry;
 pub mod fill;
+pub mod fleet;
 pub mod flight;
 pub mod key;
 pub mod l1;

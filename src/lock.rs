@@ -32,16 +32,8 @@ use tokio::time::Instant;
 use crate::entry::Entry;
 use std::future::Future;
 
+pub use crate::l2::Terms;
 use crate::l2::{KeyNames, L2, L2Error, Lookup, Notice, StoreOutcome};
-
-/// How a fill lock is held: its lease, the budget of each Redis call made for it, and how long
-/// the watchdog may extend it once the upstream call began.
-#[derive(Debug, Clone, Copy)]
-pub struct Terms {
-    pub lease: Duration,
-    pub budget: Duration,
-    pub max_hold: Duration,
-}
 
 /// The thread that keeps this process's fill leases alive (see the module doc). Dropping it
 /// stops the thread; leases it was extending then lapse by themselves.

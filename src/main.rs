@@ -127,7 +127,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 }
 
 /// Waits for SIGTERM or SIGINT, reloading the configuration on each SIGHUP meanwhile.
-async fn signals(control: std::sync::Arc<corral::server::Control>) {
+async fn signals(control: std::sync::Arc<corral::control::Control>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

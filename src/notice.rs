@@ -371,7 +371,7 @@ fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
 async fn apply_purges(mut purges: mpsc::UnboundedReceiver<Purge>, l1: L1) {
     while let Some(purge) = purges.recv().await {
         tracing::info!(purge = %purge.payload(), "invalidating L1");
-        purge.apply(&l1).await;
+        l1.purge(&purge).await;
     }
 }
 

@@ -17,21 +17,21 @@ use hyper::body::Incoming;
 
 use crate::answer::{Answer, CACHE_STATUS, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
-use crate::breaker::{Breaker, Pulse};
 use crate::cache_control::CORRAL_CACHE_CONTROL;
+use crate::coalesce::Coalescer;
 use crate::conditional::Conditions;
 use crate::config::{Config, LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
-use crate::fill::{Fill, FillRequest, Filler, Fleet, Source};
-use crate::flight::{Flights, Interest, Role};
+use crate::fill::{Fill, FillRequest, Filler, Source};
+use crate::fleet::Fleet;
+use crate::flight::Role;
 use crate::key::CacheKey;
-use crate::l1::L1;
-use crate::l2::{L2, L2Error};
-use crate::lock::LeaseKeeper;
+use crate::l1::{L1, PassMarks};
+use crate::l2::L2Error;
 use crate::metrics::Metrics;
-use crate::notice::Notices;
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, cache_method, check_cacheable};
+use crate::upstream::{Caps, UpstreamClient};
 use crate::vary;
 
 mod invalidate;
@@ -58,8 +58,14 @@ pub struct Proxy {
     router: Router,
     /// The default upstream and the wait for its response heads.
     default_upstream: Option<(Uri, std::time::Duration)>,
-    filler: Arc<Filler>,
-    flights: Arc<Flights<Arc<Fill>>>,
+    l1: L1,
+    /// Keys whose last answer could not be shared: their requests skip coalescing for a while.
+    marks: PassMarks,
+    fleet: Option<Fleet>,
+    /// The pooled client and the per-route caps, for pass-through calls (fills have theirs).
+    client: UpstreamClient,
+    caps: Arc<Caps>,
+    coalescer: Arc<Coalescer>,
     metrics: Arc<Metrics>,
     body_read_timeout: std::time::Duration,
     /// `server.access_log`: one `info` line per request.
@@ -76,25 +82,26 @@ impl Proxy {
         }
         let l1 = L1::new(config.cache.l1_max_bytes);
         let fleet = match &config.redis {
-            Some(redis) => {
-                // One breaker per connection: each tells whether its own connection works, so
-                // the process is out of degraded mode only once all of them do.
-                // Whether Redis is alive, though, is seen on any of them.
-                let pulse = Arc::new(Pulse::default());
-                let breaker = || Arc::new(Breaker::with_pulse(pulse.clone()));
-                let keeper = {
-                    let (redis, metrics, breaker) = (redis.clone(), metrics.clone(), breaker());
-                    LeaseKeeper::start(move || L2::connect(&redis, breaker, metrics))?
-                };
-                let notices = Notices::connect(redis, breaker(), metrics.clone(), l1.clone())?;
-                Some(Fleet {
-                    keeper: Arc::new(keeper),
-                    l2: L2::connect(redis, breaker(), metrics.clone())?,
-                    notices,
-                })
-            }
+            Some(redis) => Some(Fleet::connect(redis, &metrics, &l1)?),
             None => None,
         };
+        let marks = PassMarks::new();
+        let client = UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout);
+        let caps = Arc::new(Caps::new(config));
+        let filler = Filler::new(
+            l1.clone(),
+            marks.clone(),
+            client.clone(),
+            caps.clone(),
+            metrics.clone(),
+        );
+        let coalescer = Coalescer::new(
+            l1.clone(),
+            marks.clone(),
+            fleet.clone(),
+            filler,
+            metrics.clone(),
+        );
         Ok(Proxy {
             started: Instant::now(),
             router: Router::new(&config.routes),
@@ -103,8 +110,12 @@ impl Proxy {
                 .default_upstream
                 .clone()
                 .map(|u| (u, config.server.default_upstream_timeout)),
-            filler: Arc::new(Filler::new(config, l1, fleet, metrics.clone())),
-            flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
+            l1,
+            marks,
+            fleet,
+            client,
+            caps,
+            coalescer: Arc::new(coalescer),
             metrics,
             body_read_timeout: config.server.body_read_timeout,
             access_log: config.server.access_log,
@@ -118,7 +129,7 @@ impl Proxy {
 
     /// The Redis side, when there is one.
     pub fn fleet(&self) -> Option<&Fleet> {
-        self.filler.fleet.as_ref()
+        self.fleet.as_ref()
     }
 
     /// The same proxy with a new configuration's routes and limits. The caches, the Redis
@@ -128,6 +139,14 @@ impl Proxy {
         for route in &config.routes {
             self.metrics.register_route(route);
         }
+        let caps = Arc::new(self.caps.renewed(config));
+        let filler = Filler::new(
+            self.l1.clone(),
+            self.marks.clone(),
+            self.client.clone(),
+            caps.clone(),
+            self.metrics.clone(),
+        );
         Proxy {
             started: self.started,
             router: Router::new(&config.routes),
@@ -136,8 +155,12 @@ impl Proxy {
                 .default_upstream
                 .clone()
                 .map(|u| (u, config.server.default_upstream_timeout)),
-            filler: Arc::new(self.filler.renewed(config)),
-            flights: self.flights.clone(),
+            l1: self.l1.clone(),
+            marks: self.marks.clone(),
+            fleet: self.fleet.clone(),
+            client: self.client.clone(),
+            caps,
+            coalescer: Arc::new(self.coalescer.renewed(filler)),
             metrics: self.metrics.clone(),
             body_read_timeout: config.server.body_read_timeout,
             access_log: config.server.access_log,
@@ -146,39 +169,31 @@ impl Proxy {
 
     /// Fills in progress in this process (a graceful shutdown waits for them).
     pub fn fills_in_progress(&self) -> usize {
-        self.flights.len()
+        self.coalescer.in_progress()
     }
 
     /// The metrics page, with live gauges filled in.
     pub async fn render_metrics(&self) -> String {
-        let l1 = &self.filler.l1;
+        let l1 = &self.l1;
         let (entries, bytes) = (l1.entry_count().await, l1.weighted_size().await);
         self.metrics.render(entries, bytes, self.degraded())
     }
 
     /// The in-process cache, for inspection.
     pub fn l1(&self) -> &L1 {
-        &self.filler.l1
+        &self.l1
     }
 
     /// Whether Redis is configured but considered down (the process serves degraded).
     pub fn degraded(&self) -> bool {
-        self.filler.fleet.as_ref().is_some_and(Fleet::degraded)
+        self.fleet.as_ref().is_some_and(Fleet::degraded)
     }
 
     /// Connects to Redis, loads the scripts and subscribes the invalidation channel, within
-    /// `budget`: the first burst after a start then pays for none of it inside a call's budget.
-    /// A failure is logged; Corral then serves degraded until Redis answers.
+    /// `budget` (see [`Fleet::warm_up`]).
     pub async fn warm_up(&self, budget: std::time::Duration) {
-        let Some(fleet) = self.fleet() else {
-            return;
-        };
-        let (l2, pubsub) = tokio::join!(fleet.l2.warm_up(budget), fleet.notices.ready());
-        match l2.and(pubsub) {
-            Ok(()) => tracing::info!("redis connected, scripts loaded, pub/sub subscribed"),
-            Err(err) => {
-                tracing::warn!(%err, "redis not ready at start; serving degraded until it answers");
-            }
+        if let Some(fleet) = &self.fleet {
+            fleet.warm_up(budget).await;
         }
     }
 
@@ -188,7 +203,7 @@ impl Proxy {
         let Some(fleet) = self.fleet() else {
             return Readiness::Ready;
         };
-        if !fleet.l2.has_answered() {
+        if !fleet.has_answered() {
             return if self.started.elapsed() < STARTUP_GRACE {
                 Readiness::Starting
             } else {
@@ -360,7 +375,7 @@ impl Proxy {
 
     async fn lookup_key(&self, req: FillRequest) -> Looked {
         let now = now_ms();
-        let stale = match self.filler.l1.get(&req.key, now).await {
+        let stale = match self.l1.get(&req.key, now).await {
             Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
             Some(entry) if !self.fits(&entry, &req) => {
                 return Looked::OtherVariant(
@@ -375,12 +390,12 @@ impl Proxy {
                         && refresh_early(&entry, beta, now)
                     {
                         tracing::debug!(route = %req.route.name, "early refresh");
-                        self.refresh_in_background(req, entry.clone());
+                        self.coalescer.refresh_in_background(req, entry.clone());
                     }
                     return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
                 }
                 Freshness::StaleRevalidate => {
-                    self.refresh_in_background(req, entry.clone());
+                    self.coalescer.refresh_in_background(req, entry.clone());
                     return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
                 }
                 Freshness::StaleIfError => Some(entry),
@@ -388,21 +403,14 @@ impl Proxy {
             },
             None => None,
         };
-        if self.filler.marks.contains(&req.key) {
+        if self.marks.contains(&req.key) {
             return Looked::Answer(self.fetch_alone(&req, CacheOutcome::Bypass).await);
         }
         if req.route.lock.scope == LockScope::None {
-            let fill = self.filler.fill(req.clone(), Interest::lasting()).await;
+            let fill = self.coalescer.uncoalesced(req.clone()).await;
             return self.respond(Role::Leader, &fill, req, stale).await;
         }
-        let filler = self.filler.clone();
-        let fill_req = req.clone();
-        let joined = self.flights.join(
-            req.key,
-            req.route.lock.max_waiters,
-            move |interest| async move { Arc::new(filler.fill(fill_req, interest).await) },
-        );
-        let joined = match joined {
+        let joined = match self.coalescer.join(&req) {
             Ok(joined) => joined,
             Err(crowded) => {
                 let answer = ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
@@ -413,7 +421,7 @@ impl Proxy {
         // an entry landed in L1: it answers from that entry rather than waiting for the refresh.
         if joined.role == Role::Follower {
             let now = now_ms();
-            if let Some(entry) = self.filler.l1.get(&req.key, now).await
+            if let Some(entry) = self.l1.get(&req.key, now).await
                 && self.fits(&entry, &req)
             {
                 match entry.times.freshness(now) {
@@ -478,7 +486,7 @@ impl Proxy {
                     && role == Role::Leader
                     && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
                 {
-                    self.refresh_in_background(req, entry.clone());
+                    self.coalescer.refresh_in_background(req, entry.clone());
                 }
                 answer(entry, outcome)
             }
@@ -519,17 +527,6 @@ impl Proxy {
             )
             .await;
         Answer::new(outcome, answer.response)
-    }
-
-    /// Starts one refresh of `req`'s key, unless one already runs in this process. Nobody awaits
-    /// it; a miss that arrives meanwhile joins it.
-    fn refresh_in_background(&self, req: FillRequest, stale: Arc<Entry>) {
-        let filler = self.filler.clone();
-        let key = req.key;
-        let max_waiters = req.route.lock.max_waiters;
-        let _ = self.flights.join(key, max_waiters, move |_| async move {
-            Arc::new(filler.refresh(req, stale).await)
-        });
     }
 }
 

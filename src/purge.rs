@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::key::CacheKey;
-use crate::l1::L1;
 
 /// The body of `POST /purge`: exactly one of `url`, `route`, `tag`. For `url`, `method` (default
 /// GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request whose key
@@ -35,8 +34,9 @@ pub enum PurgeError {
     NoRoute(String),
     #[error("no route named {0:?}")]
     UnknownRoute(String),
+    /// Redis could not take the purge (the error is the Redis tier's).
     #[error(transparent)]
-    Redis(#[from] crate::l2::L2Error),
+    Redis(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The fields `POST /purge` accepts, as the error messages list them.
@@ -223,22 +223,8 @@ impl Purge {
     /// drops an L1 that may have missed purges while pub/sub was down, and refusing every fill
     /// that spans a reconnection would stampede the upstream right after it. (A key purge
     /// missed meanwhile still refuses the store through Redis: it marked the key's lock.)
-    fn fences(&self) -> bool {
+    pub(crate) fn fences(&self) -> bool {
         !matches!(self, Purge::All)
-    }
-
-    /// Drops what this purge names from an L1 (and records it in the L1's [`Fence`]); returns
-    /// how many entries it held.
-    pub async fn apply(&self, l1: &L1) -> u64 {
-        if self.fences() {
-            l1.fence().record(self);
-        }
-        match self {
-            Purge::Key { key, .. } => l1.remove(key).await,
-            Purge::Route(route) => l1.remove_route(route),
-            Purge::Tag(tag) => l1.remove_tag(tag),
-            Purge::All => l1.clear(),
-        }
     }
 }
 

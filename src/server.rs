@@ -1,22 +1,17 @@
 //! The listeners: proxy traffic (HTTP/1.1 and HTTP/2 with hyper) and, when configured, the admin
 //! listener; hot reload; graceful shutdown.
 //!
-//! The live [`Proxy`] sits in an `ArcSwap`: a reload validates the new file first, then swaps in a
-//! proxy built from it (sharing caches, Redis connections and fills in progress), while requests
-//! already running finish on the proxy they started with. Shutdown stops accepting, lets open
-//! connections finish their requests, then waits for fills still running (their waiters in other
-//! instances are counting on them), all within `server.shutdown_timeout`. On SIGTERM a
+//! Reloads swap the live proxy behind a [`Control`] (see [`crate::control`]). Shutdown stops
+//! accepting, lets open connections finish their requests, then waits for fills still running
+//! (their waiters in other instances are counting on them), all within `server.shutdown_timeout`. On SIGTERM a
 //! [`Terminator`] first keeps serving for `server.shutdown_delay` while `/readyz` answers 503, so
 //! load balancers stop sending traffic before the listener closes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -27,8 +22,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
-use crate::config::{Config, ConfigError, RedisTopology, ServerConfig};
+use crate::config::{Config, ServerConfig};
 use crate::conn::{self, Activity, Tracked};
+use crate::control::Control;
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
@@ -49,93 +45,6 @@ pub enum StartError {
     Redis(#[from] L2Error),
 }
 
-/// Why a reload was refused (the running configuration stays).
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("the configuration was not read from a file ({0}); nothing to reload")]
-    NotAFile(PathBuf),
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
-
-/// What both listeners share: the live proxy and the configuration it was built from.
-pub struct Control {
-    proxy: ArcSwap<Proxy>,
-    config: ArcSwap<Config>,
-    /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
-    draining: AtomicBool,
-}
-
-/// What a reload changed, for its answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reloaded {
-    /// Routes in the new configuration.
-    pub routes: usize,
-    /// Fields that changed but take effect only on a restart (`server.listen`, `redis.url`, …).
-    /// The running values stay.
-    pub restart_needed: Vec<&'static str>,
-}
-
-impl Control {
-    /// The live proxy.
-    pub fn proxy(&self) -> Arc<Proxy> {
-        self.proxy.load_full()
-    }
-
-    pub fn admin_token(&self) -> Option<String> {
-        self.config.load().server.admin_token.clone()
-    }
-
-    pub fn ready_when_degraded(&self) -> bool {
-        self.config.load().server.ready_when_degraded
-    }
-
-    /// Whether a shutdown was asked for (`/readyz` then answers 503).
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Re-reads the config file; on success swaps it in and says what changed. A bad file
-    /// changes nothing.
-    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let source = self.config.load().source.clone();
-        if !source.is_file() {
-            return Err(ReloadError::NotAFile(source));
-        }
-        let result = Config::load(&source)
-            .map_err(ReloadError::from)
-            .map(|config| self.apply(config));
-        match &result {
-            Ok(reloaded) => {
-                tracing::info!(file = %source.display(), routes = reloaded.routes, "configuration reloaded")
-            }
-            Err(err) => {
-                tracing::error!(%err, "configuration reload refused; keeping the running one")
-            }
-        }
-        result
-    }
-
-    /// Swaps in a validated configuration; says what changed.
-    pub fn apply(&self, config: Config) -> Reloaded {
-        let restart_needed = restart_needed(&self.config.load(), &config);
-        for field in &restart_needed {
-            tracing::warn!(
-                field,
-                "changed in the new configuration; takes effect on restart"
-            );
-        }
-        let routes = config.routes.len();
-        let proxy = self.proxy.load().reloaded(&config);
-        self.proxy.store(Arc::new(proxy));
-        self.config.store(Arc::new(config));
-        Reloaded {
-            routes,
-            restart_needed,
-        }
-    }
-}
-
 /// A running Corral instance: its listeners and the proxy behind them.
 pub struct Instance {
     addr: SocketAddr,
@@ -154,11 +63,7 @@ impl Instance {
         }
         let listener = bind(config.server.listen).await?;
         let addr = local_addr(&listener, config.server.listen)?;
-        let control = Arc::new(Control {
-            proxy: ArcSwap::new(proxy),
-            config: ArcSwap::from_pointee(config.clone()),
-            draining: AtomicBool::new(false),
-        });
+        let control = Arc::new(Control::new(proxy, config.clone()));
         let (stop, stopped) = watch::channel(false);
         let admin_addr = match config.server.admin_listen {
             Some(wanted) => {
@@ -248,8 +153,8 @@ impl Terminator {
     /// has been started, not once it has finished ([`Instance::wait`] says that). Cancelled
     /// during the delay, it leaves the instance serving but unready.
     pub async fn terminate(self) {
-        self.control.draining.store(true, Ordering::Relaxed);
-        let delay = self.control.config.load().server.shutdown_delay;
+        self.control.drain();
+        let delay = self.control.config().server.shutdown_delay;
         if !delay.is_zero() {
             tracing::info!(
                 ?delay,
@@ -259,77 +164,6 @@ impl Terminator {
         }
         let _ = self.stop.send(true);
     }
-}
-
-/// The fields of `new` that differ from `old` but take effect only on a restart.
-fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (old_redis, new_redis) = (old.redis.as_ref(), new.redis.as_ref());
-    // The field that names where Redis is: `url`, `cluster` or `sentinel`, as the new file says.
-    let topology = match new_redis.map(|r| &r.topology) {
-        Some(RedisTopology::Cluster { .. }) => "redis.cluster",
-        Some(RedisTopology::Sentinel { .. }) => "redis.sentinel",
-        _ => "redis.url",
-    };
-    let changed = [
-        ("server.listen", old.server.listen != new.server.listen),
-        (
-            "server.admin_listen",
-            old.server.admin_listen != new.server.admin_listen,
-        ),
-        // Read once by the listener loop when it starts.
-        (
-            "server.shutdown_timeout",
-            old.server.shutdown_timeout != new.server.shutdown_timeout,
-        ),
-        (
-            "server.header_read_timeout",
-            old.server.header_read_timeout != new.server.header_read_timeout,
-        ),
-        (
-            "server.max_headers",
-            old.server.max_headers != new.server.max_headers,
-        ),
-        (
-            "server.max_header_bytes",
-            old.server.max_header_bytes != new.server.max_header_bytes,
-        ),
-        (
-            "server.max_connections",
-            old.server.max_connections != new.server.max_connections,
-        ),
-        // The upstream pool is built once, with the process.
-        (
-            "server.upstream_idle_timeout",
-            old.server.upstream_idle_timeout != new.server.upstream_idle_timeout,
-        ),
-        ("redis", old_redis.is_some() != new_redis.is_some()),
-        (
-            topology,
-            old_redis
-                .zip(new_redis)
-                .is_some_and(|(a, b)| a.topology != b.topology),
-        ),
-        (
-            "redis.namespace",
-            old_redis
-                .zip(new_redis)
-                .is_some_and(|(a, b)| a.namespace != b.namespace),
-        ),
-        (
-            "redis.timeout",
-            old_redis
-                .zip(new_redis)
-                .is_some_and(|(a, b)| a.timeout != b.timeout),
-        ),
-        (
-            "cache.l1_max_bytes",
-            old.cache.l1_max_bytes != new.cache.l1_max_bytes,
-        ),
-    ];
-    changed
-        .into_iter()
-        .filter_map(|(field, changed)| changed.then_some(field))
-        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -436,75 +270,4 @@ fn too_many_headers() -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full("too many header fields\n"));
     *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(server: &str, redis: &str) -> Config {
-        let text = format!(
-            "[server]\n{server}\n{redis}\n[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n\
-             upstream = \"http://127.0.0.1:1\"\n"
-        );
-        Config::parse(&text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn restart_needed_names_each_start_only_field_and_nothing_that_reloads() {
-        let base = parse("", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
-        let same = parse(
-            "admin_token = \"t\"\nbody_read_timeout = \"5s\"\nshutdown_delay = \"5s\"\n\
-             access_log = false\nready_when_degraded = false\ndefault_upstream_timeout = \"5s\"",
-            "[redis]\nurl = \"redis://127.0.0.1:1\"\n",
-        );
-        assert_eq!(restart_needed(&base, &same), Vec::<&str>::new());
-        let cases = [
-            ("listen = \"127.0.0.1:1\"", "", "server.listen"),
-            ("admin_listen = \"127.0.0.1:1\"", "", "server.admin_listen"),
-            ("shutdown_timeout = \"1s\"", "", "server.shutdown_timeout"),
-            (
-                "header_read_timeout = \"1s\"",
-                "",
-                "server.header_read_timeout",
-            ),
-            ("max_headers = 10", "", "server.max_headers"),
-            ("max_connections = 10", "", "server.max_connections"),
-            (
-                "upstream_idle_timeout = \"1s\"",
-                "",
-                "server.upstream_idle_timeout",
-            ),
-            (
-                "max_header_bytes = \"16KiB\"",
-                "",
-                "server.max_header_bytes",
-            ),
-            ("", "url = \"redis://127.0.0.1:2\"", "redis.url"),
-            ("", "cluster = [\"redis://127.0.0.1:2\"]", "redis.cluster"),
-            (
-                "",
-                "url = \"redis://127.0.0.1:1\"\nnamespace = \"n\"",
-                "redis.namespace",
-            ),
-            (
-                "",
-                "url = \"redis://127.0.0.1:1\"\ntimeout = \"1s\"",
-                "redis.timeout",
-            ),
-        ];
-        for (server, redis, field) in cases {
-            let redis = if redis.is_empty() {
-                "url = \"redis://127.0.0.1:1\""
-            } else {
-                redis
-            };
-            let changed = parse(server, &format!("[redis]\n{redis}\n"));
-            assert_eq!(restart_needed(&base, &changed), [field], "{server}{redis}");
-        }
-        assert_eq!(restart_needed(&base, &parse("", "")), ["redis"]);
-        let mut bigger = base.clone();
-        bigger.cache.l1_max_bytes += 1;
-        assert_eq!(restart_needed(&base, &bigger), ["cache.l1_max_bytes"]);
-    }
 }

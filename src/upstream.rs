@@ -14,6 +14,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+mod caps;
+pub use caps::{Caps, Overloaded};
+
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
 const SPARE_LIMIT: usize = 1024;
 

@@ -12,14 +12,13 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::cache_control::Directives;
 use crate::config::RouteConfig;
-use crate::entry::{Entry, Lifetime, now_ms};
+use crate::entry::{Entry, Lifetime, now_ms, upstream_age_secs};
 use crate::upstream::Buffered;
 
 /// What the upstream's answer allows.
@@ -32,34 +31,6 @@ pub(crate) enum Verdict {
     Private(Buffered),
     /// Larger than `max_entry_size`: streamed to the requester, never stored.
     Oversized(Response<ProxyBody>),
-}
-
-/// The answer standing for a fill that got none (connection error, timeout), shared with the
-/// waiters so they do not each try again — fleet-wide, so it carries no detail: a generic body and
-/// the failure's `kind` in the `corral-error` header (see [`crate::answer::ERROR_KIND`]); the
-/// detail (the upstream's address, the cause) is in the leader's log.
-pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(crate::answer::ERROR_KIND, HeaderValue::from_static(kind));
-    let now = now_ms();
-    Entry {
-        status,
-        headers,
-        body: Bytes::from(crate::answer::generic_body(status)),
-        times: Lifetime {
-            stored_at: now,
-            fresh_until: now,
-            swr_until: now,
-            sie_until: now,
-        },
-        fill_ms: 0,
-        tags: Vec::new(),
-        vary: Default::default(),
-    }
 }
 
 /// Decides what an upstream answer allows, and computes its lifetime (RFC 9111 §4.2).
@@ -186,18 +157,6 @@ pub(crate) fn http_date_ms(value: &HeaderValue) -> Option<u64> {
     u64::try_from(since.as_millis()).ok()
 }
 
-/// The upstream's `Age` (RFC 9111 §5.1) in seconds: the first member of the first field line
-/// (`7200, 0` is 7200), parameters ignored; not a number: none.
-pub(crate) fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
-    let line = headers.get(header::AGE)?.to_str().ok()?;
-    let first = line.split(',').next()?;
-    let value = first.split(';').next()?.trim();
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(value.parse::<u64>().unwrap_or(u64::MAX))
-}
-
 /// `Vary: *`: no later request can be known to match, so nothing is shared.
 fn vary_star(headers: &HeaderMap) -> bool {
     crate::vary::names(headers).is_none()
@@ -267,6 +226,7 @@ fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn age_parsing_table() {

@@ -28,17 +28,18 @@ impl Proxy {
 
     /// Removes what `purge` names from Redis and every instance's L1.
     async fn apply(&self, purge: Purge) -> Result<u64, PurgeError> {
-        let l1 = &self.filler.l1;
+        let l1 = &self.l1;
         let purged = match self.fleet() {
             Some(fleet) => {
-                let n = fleet.l2.purge(&purge).await?;
-                purge.apply(l1).await;
+                let n = fleet.l2.purge(&purge).await;
+                let n = n.map_err(|err| PurgeError::Redis(Box::new(err)))?;
+                l1.purge(&purge).await;
                 n
             }
-            None => purge.apply(l1).await,
+            None => l1.purge(&purge).await,
         };
         if let Purge::Key { key, .. } = &purge {
-            self.filler.marks.remove(key);
+            self.marks.remove(key);
         }
         self.metrics.purge(purge.kind(), purged);
         tracing::info!(purge = %purge.payload(), purged, "purged");

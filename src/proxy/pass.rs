@@ -17,6 +17,7 @@ use super::{Proxy, read_body};
 use crate::answer::{Answer, ProxyError};
 use crate::body::{BodyFault, ClientBody, ProxyBody};
 use crate::config::RouteConfig;
+use crate::fill::FillError;
 use crate::metrics::UNROUTED;
 use crate::outcome::CacheOutcome;
 use crate::upstream::{UpstreamBody, rewrite};
@@ -67,9 +68,9 @@ impl Proxy {
         fault: Option<Arc<OnceLock<BodyFault>>>,
     ) -> Answer {
         let outcome = CacheOutcome::Bypass;
-        let slot = match self.filler.upstream_slot(route).await {
+        let slot = match self.caps.slot(route).await {
             Ok(slot) => slot,
-            Err(err) => return ProxyError::from(err).into_answer(outcome),
+            Err(err) => return ProxyError::from(FillError::from(err)).into_answer(outcome),
         };
         let call = Call {
             metric: &route.name,
@@ -111,7 +112,6 @@ impl Proxy {
         let upstream_req = rewrite(parts, body, call.upstream, peer);
         let started = Instant::now();
         let sent = self
-            .filler
             .client
             .send(upstream_req, call.upstream, call.limit)
             .await;
