@@ -1,0 +1,248 @@
+//! Answering a cacheable request from what the tiers hold: L1 first (fresh, stale within
+//! `stale_while_revalidate`, or the variant the request asks for), then the key's flight (see
+//! [`crate::coalesce`]), whose result each joiner turns into its own answer.
+
+use std::sync::Arc;
+
+use http_body_util::Either;
+
+use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
+use crate::config::LockScope;
+use crate::entry::{Entry, Freshness, now_ms};
+use crate::fill::{Fill, FillRequest, Source};
+use crate::flight::Role;
+use crate::outcome::CacheOutcome;
+use crate::vary;
+
+use super::Proxy;
+
+impl Proxy {
+    /// Looks a request up under its key and, when the entry there is another variant of the
+    /// answer (`Vary`), under its own variant's key (see [`crate::vary`]).
+    pub(super) async fn lookup(&self, mut req: FillRequest) -> Answer {
+        let primary = req.key;
+        for _ in 0..MAX_VARIANT_HOPS {
+            match self.lookup_key(req).await {
+                Looked::Answer(answer) => return answer,
+                Looked::OtherVariant(back, on, generation) => {
+                    req = back;
+                    let values = vary::projected(&req.route, &req.parts.headers, &on);
+                    req.key = vary::variant_key(&primary, generation, &values);
+                    tracing::debug!(route = %req.route.name, key = ?req.key, "looking up a variant");
+                }
+            }
+        }
+        // The upstream keeps changing what it varies on: answer this request alone.
+        self.fetch_alone(&req, CacheOutcome::Bypass).await
+    }
+
+    async fn lookup_key(&self, req: FillRequest) -> Looked {
+        let now = now_ms();
+        let stale = match self.l1.get(&req.key, now).await {
+            Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
+            Some(entry) if !self.fits(&entry, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
+            }
+            Some(entry) => match entry.times.freshness(now) {
+                Freshness::Fresh => {
+                    if let Some(beta) = req.route.early_refresh
+                        && refresh_early(&entry, beta, now)
+                    {
+                        tracing::debug!(route = %req.route.name, "early refresh");
+                        self.coalescer.refresh_in_background(req, entry.clone());
+                    }
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
+                }
+                Freshness::StaleRevalidate => {
+                    self.coalescer.refresh_in_background(req, entry.clone());
+                    return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
+                }
+                Freshness::StaleIfError => Some(entry),
+                Freshness::Expired => None,
+            },
+            None => None,
+        };
+        if self.marks.contains(&req.key) {
+            return Looked::Answer(self.fetch_alone(&req, CacheOutcome::Bypass).await);
+        }
+        if req.route.lock.scope == LockScope::None {
+            let fill = self.coalescer.uncoalesced(req.clone()).await;
+            return self.respond(Role::Leader, &fill, req, stale).await;
+        }
+        let joined = match self.coalescer.join(&req) {
+            Ok(joined) => joined,
+            Err(crowded) => {
+                let answer = ProxyError::from(crowded).into_answer(CacheOutcome::MissNotStored);
+                return Looked::Answer(answer);
+            }
+        };
+        // A follower may have joined a background refresh that started after its L1 miss, once
+        // an entry landed in L1: it answers from that entry rather than waiting for the refresh.
+        if joined.role == Role::Follower {
+            let now = now_ms();
+            if let Some(entry) = self.l1.get(&req.key, now).await
+                && self.fits(&entry, &req)
+            {
+                match entry.times.freshness(now) {
+                    Freshness::Fresh => {
+                        return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
+                    }
+                    Freshness::StaleRevalidate => {
+                        return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
+                    }
+                    Freshness::StaleIfError | Freshness::Expired => {}
+                }
+            }
+        }
+        match joined.result.clone().await {
+            Some(fill) => self.respond(joined.role, &fill, req, stale).await,
+            None => Looked::Answer(match stale {
+                Some(entry) => answer(&entry, CacheOutcome::Stale),
+                None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
+            }),
+        }
+    }
+
+    /// Whether `entry` may answer `req`: it is the variant `req` asks for.
+    fn fits(&self, entry: &Entry, req: &FillRequest) -> bool {
+        vary::matches(&entry.vary, &req.route, &req.parts.headers)
+    }
+
+    /// Turns a flight's result into this joiner's answer.
+    async fn respond(
+        &self,
+        role: Role,
+        fill: &Fill,
+        req: FillRequest,
+        stale: Option<Arc<Entry>>,
+    ) -> Looked {
+        Looked::Answer(match fill {
+            Fill::Shared { entry, .. } if !self.fits(entry, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    entry.vary.fields().to_vec(),
+                    entry.times.stored_at,
+                );
+            }
+            Fill::Shared { entry, source } => {
+                let outcome = match (source, role) {
+                    (Source::L1 | Source::L2, _) => CacheOutcome::Hit,
+                    (Source::Stale, _) => CacheOutcome::Stale,
+                    (Source::Remote, _) | (Source::Upstream { .. }, Role::Follower) => {
+                        CacheOutcome::Coalesced
+                    }
+                    (Source::Upstream { stored: true }, Role::Leader) => CacheOutcome::MissStored,
+                    (Source::Upstream { stored: false }, Role::Leader) => {
+                        CacheOutcome::MissNotStored
+                    }
+                };
+                if entry.status.is_server_error()
+                    && let Some(stale) = stale
+                {
+                    return Looked::Answer(answer(&stale, CacheOutcome::Stale));
+                }
+                if *source == Source::Stale
+                    && role == Role::Leader
+                    && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
+                {
+                    self.coalescer.refresh_in_background(req, entry.clone());
+                }
+                answer(entry, outcome)
+            }
+            Fill::Private(buffered) if role == Role::Leader => private_answer(buffered),
+            Fill::Streamed(slot) if role == Role::Leader => {
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                match taken {
+                    Some(streaming) => Answer::new(CacheOutcome::MissNotStored, streaming),
+                    None => self.fetch_alone(&req, CacheOutcome::MissNotStored).await,
+                }
+            }
+            Fill::Private(_) | Fill::Streamed(_) | Fill::FetchYourself => {
+                self.fetch_alone(&req, CacheOutcome::MissNotStored).await
+            }
+            Fill::Failed(err) => match stale {
+                Some(entry) => answer(&entry, CacheOutcome::Stale),
+                // A follower shares the leader's error as a collapsed forward, as a follower on
+                // another instance does (which gets it as a `failed` notice): never a hit.
+                None => ProxyError::from(err.clone()).into_answer(match role {
+                    Role::Leader => CacheOutcome::MissNotStored,
+                    Role::Follower => CacheOutcome::Coalesced,
+                }),
+            },
+        })
+    }
+
+    /// A request whose flight's answer was not for sharing: it asks the upstream itself.
+    async fn fetch_alone(&self, req: &FillRequest, outcome: CacheOutcome) -> Answer {
+        let body = Either::Left(http_body_util::Full::new(req.body.clone()));
+        let answer = self
+            .forward(
+                &req.route,
+                &req.route.upstream,
+                &req.parts,
+                body,
+                req.peer,
+                None,
+            )
+            .await;
+        Answer::new(outcome, answer.response)
+    }
+}
+
+/// How many keys one request may look at: its primary key, its variant's, and one more should
+/// the upstream change what it varies on meanwhile.
+const MAX_VARIANT_HOPS: usize = 3;
+
+/// What looking up one key gave.
+enum Looked {
+    Answer(Answer),
+    /// The entry there is another variant: look again under the variant key for these fields
+    /// and the entry's generation (its `stored_at`).
+    OtherVariant(FillRequest, Vec<crate::vary::VaryField>, u64),
+}
+
+/// XFetch (Vattani et al.): refresh a fresh entry early with a probability that rises as expiry
+/// nears, scaled by how long the fill took: `now − fill_time · β · ln(rand) ≥ fresh_until`.
+fn refresh_early(entry: &Entry, beta: f64, now: u64) -> bool {
+    let delta = f64::from(entry.fill_ms.max(1));
+    let r: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
+    let ahead = -delta * beta * r.ln();
+    (now as f64) + ahead >= entry.times.fresh_until as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Lifetime;
+    use bytes::Bytes;
+    use http::StatusCode;
+
+    fn entry(fill_ms: u32, fresh_until: u64) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+            times: Lifetime {
+                stored_at: 0,
+                fresh_until,
+                swr_until: fresh_until,
+                sie_until: fresh_until,
+            },
+            fill_ms,
+            tags: Vec::new(),
+            vary: Default::default(),
+        }
+    }
+
+    #[test]
+    fn xfetch_never_fires_long_before_expiry_and_always_at_it() {
+        let far = entry(10, 1_000_000);
+        assert!((0..1000).all(|_| !refresh_early(&far, 1.0, 0)));
+        let due = entry(10, 1_000);
+        assert!((0..1000).all(|_| refresh_early(&due, 1.0, 1_000)));
+    }
+}
