@@ -11,8 +11,10 @@
 //! profile); `CORRAL_BIN=path` runs another binary instead.
 //!
 //! # What runs
-//! - `redis-server` in a tempdir on a free loopback port, `--save "" --appendonly no`;
-//! - the slow backend, in this process ([`upstream`]): counts calls per scenario, 2 KiB bodies;
+//! - `redis-server` in a tempdir on a free loopback port, `--save "" --appendonly no` (the tests'
+//!   `RedisServer`; the bench shares `tests/support` with the tests);
+//! - the slow backend, in this process ([`backend`]: the tests' `Upstream`, scripted per
+//!   scenario): counts calls per scenario, 2 KiB bodies;
 //! - 3 `corral run` processes sharing that Redis (config: `benches/stampede/corral.toml`), each
 //!   bound to `127.0.0.1:0`, its address read from its `corral listening` JSON log line;
 //! - if installed: nginx (`benches/stampede/nginx.conf`: 3 server blocks with separate caches and
@@ -60,14 +62,16 @@
 //! none) limits the peers; `STAMPEDE_NO_WRK=1` measures row 3 with the in-process loop even when
 //! wrk is installed.
 
+#[path = "stampede/backend.rs"]
+mod backend;
 #[path = "stampede/load.rs"]
 mod load;
 #[path = "stampede/procs.rs"]
 mod procs;
 #[path = "stampede/spread.rs"]
 mod spread;
-#[path = "stampede/upstream.rs"]
-mod upstream;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -75,9 +79,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use backend::Outcome;
 use load::{Burst, Conn, Keyed, Throughput};
-use procs::{BoxError, Corral, CorralSettings, Nginx, Redis, Varnish};
-use upstream::Upstream;
+use procs::{BoxError, Corral, CorralSettings, Nginx, Varnish};
+use support::{CommandStats, RedisServer, Upstream};
 
 /// How long the backend takes in rows 1 and 2.
 const BACKEND: Duration = Duration::from_secs(1);
@@ -197,29 +202,25 @@ async fn run() -> Result<(), BoxError> {
     step(&format!("files in {}", dir.path().display()));
 
     let corral_bin = corral_bin();
-    let redis = Redis::start(dir.path())?;
-    let backend = Upstream::start().await?;
+    let redis = RedisServer::start().await;
+    let backend = backend::start().await;
     step(&format!(
         "redis on {}, backend on {}",
         redis.url(),
-        backend.addr
+        backend.addr()
     ));
 
-    let fleet = (0..3)
-        .map(|i| {
-            Corral::start(
-                &corral_bin,
-                dir.path(),
-                &CorralSettings {
-                    name: &format!("corral{i}"),
-                    redis_url: &redis.url(),
-                    namespace: &namespace,
-                    upstream: backend.addr,
-                    l1_max_bytes: "256MiB",
-                },
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut fleet = Vec::with_capacity(3);
+    for i in 0..3 {
+        let settings = CorralSettings {
+            name: &format!("corral{i}"),
+            redis_url: &redis.url(),
+            namespace: &namespace,
+            upstream: backend.addr(),
+            l1_max_bytes: "256MiB",
+        };
+        fleet.push(Corral::start(&corral_bin, dir.path(), &settings).await?);
+    }
     step(&format!(
         "corral fleet on {} (binary {})",
         fleet
@@ -231,13 +232,13 @@ async fn run() -> Result<(), BoxError> {
     ));
 
     let mut notes: Vec<String> = Vec::new();
-    let body = upstream::body();
+    let body = backend::body();
     let body_text = String::from_utf8_lossy(&body).into_owned();
     let nginx = start_peer("nginx", &mut notes, |bin| {
-        Nginx::start(bin, dir.path(), backend.addr, &body_text)
+        Nginx::start(bin, dir.path(), backend.addr(), &body_text)
     });
     let varnish = start_peer("varnishd", &mut notes, |bin| {
-        Varnish::start(bin, dir.path(), backend.addr)
+        Varnish::start(bin, dir.path(), backend.addr())
     });
 
     let mut systems = vec![System {
@@ -282,7 +283,7 @@ async fn run() -> Result<(), BoxError> {
         );
         step(&format!("3 hit throughput: {}", system.name));
         f.hits = Some(
-            hits(system, sizes.hit_secs)
+            hits(&backend, system, sizes.hit_secs)
                 .await
                 .map_err(|e| e.to_string()),
         );
@@ -303,7 +304,7 @@ async fn run() -> Result<(), BoxError> {
         "4 L2 hit: {} keys through A, read through B",
         sizes.l2_keys
     ));
-    let l2 = l2_hit(&redis, &namespace, &fleet, sizes.l2_keys)
+    let l2 = l2_hit(&backend, &redis, &namespace, &fleet, sizes.l2_keys)
         .await
         .map_err(|e| e.to_string());
 
@@ -349,14 +350,14 @@ async fn run() -> Result<(), BoxError> {
             spread::PER_KEY,
             system.name
         ));
-        let redis_url = (system.name == "corral").then(|| redis.url());
+        let redis_for = (system.name == "corral").then_some(&redis);
         let scenario = format!("spread-{}", system.name);
         let line = match spread::burst(
             &backend,
             &system.targets,
             &scenario,
             sizes.spread_keys,
-            redis_url.as_deref(),
+            redis_for,
         )
         .await
         {
@@ -367,24 +368,20 @@ async fn run() -> Result<(), BoxError> {
     }
     step("8 cold start: a fresh 3-instance fleet, then its first burst at once");
     let fresh_namespace = format!("{namespace}-fresh");
-    let fresh = (0..3)
-        .map(|i| {
-            Corral::start(
-                &corral_bin,
-                dir.path(),
-                &CorralSettings {
-                    name: &format!("fresh{i}"),
-                    redis_url: &redis.url(),
-                    namespace: &fresh_namespace,
-                    upstream: backend.addr,
-                    l1_max_bytes: "256MiB",
-                },
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut fresh = Vec::with_capacity(3);
+    for i in 0..3 {
+        let settings = CorralSettings {
+            name: &format!("fresh{i}"),
+            redis_url: &redis.url(),
+            namespace: &fresh_namespace,
+            upstream: backend.addr(),
+            l1_max_bytes: "256MiB",
+        };
+        fresh.push(Corral::start(&corral_bin, dir.path(), &settings).await?);
+    }
     let targets: Vec<SocketAddr> = fresh.iter().map(|c| c.addr).collect();
     for (round, keys) in [("fresh-1", 1), ("fresh-300", 300)] {
-        let line = match spread::burst(&backend, &targets, round, keys, Some(&redis.url())).await {
+        let line = match spread::burst(&backend, &targets, round, keys, Some(&redis)).await {
             Ok(s) => spread::summary(&s),
             Err(e) => format!("error: {e}"),
         };
@@ -398,6 +395,8 @@ async fn run() -> Result<(), BoxError> {
     drop(varnish);
     drop(nginx);
     drop(fleet);
+    // Into the run's directory, for STAMPEDE_KEEP; a failed copy only loses the log.
+    let _ = std::fs::write(dir.path().join("redis.log"), redis.log());
     drop(redis);
     drop(backend);
     let kept = std::env::var_os("STAMPEDE_KEEP").map(|_| dir.keep());
@@ -505,10 +504,12 @@ struct Stampede {
 
 async fn stampede(backend: &Upstream, system: &System, n: usize) -> Result<Stampede, BoxError> {
     let scenario = format!("stampede-{}", system.name);
-    let path = format!("/recommend/stampede?s={scenario}&d={}", BACKEND.as_millis());
+    let path = backend::scenario(backend, &scenario, BACKEND, Outcome::Ok);
     let burst = load::burst(&system.targets, n, &path).await?;
-    let calls = backend.calls(&scenario);
-    let filled = calls.first_answer.ok_or("the backend never answered")?;
+    let calls = backend.calls_under(&path);
+    let filled = backend
+        .first_answer(&path)
+        .ok_or("the backend never answered")?;
     let mut spread_ms: Vec<f64> = burst
         .answers
         .iter()
@@ -550,7 +551,7 @@ async fn stampede(backend: &Upstream, system: &System, n: usize) -> Result<Stamp
         requests: n,
         ok: burst.answers.iter().filter(|a| a.status == 200).count(),
         errors: burst.errors,
-        calls: calls.count,
+        calls,
         spread_ms,
         per_instance,
         floor_ms,
@@ -591,10 +592,7 @@ struct Failing {
 
 async fn failing(backend: &Upstream, system: &System, n: usize) -> Result<Failing, BoxError> {
     let scenario = format!("fail-{}", system.name);
-    let path = format!(
-        "/recommend/fail?s={scenario}&d={}&fail=1",
-        BACKEND.as_millis()
-    );
+    let path = backend::scenario(backend, &scenario, BACKEND, Outcome::Fail);
     let burst = load::burst(&system.targets, n, &path).await?;
     let last = burst
         .answers
@@ -604,7 +602,7 @@ async fn failing(backend: &Upstream, system: &System, n: usize) -> Result<Failin
         .unwrap_or(burst.started);
     Ok(Failing {
         requests: n,
-        calls: backend.calls(&scenario).count,
+        calls: backend.calls_under(&path),
         last_done: last.saturating_duration_since(burst.started),
         errors: burst.errors,
         outcomes: outcomes(&burst),
@@ -614,9 +612,10 @@ async fn failing(backend: &Upstream, system: &System, n: usize) -> Result<Failin
 // ---------------------------------------------------------------------------------------------
 // Row 3: hit throughput
 
-async fn hits(system: &System, secs: u64) -> Result<Throughput, BoxError> {
+async fn hits(backend: &Upstream, system: &System, secs: u64) -> Result<Throughput, BoxError> {
     let target = system.targets[0];
-    let path = format!("/recommend/hit?s=hit-{}", system.name);
+    let scenario = format!("hit-{}", system.name);
+    let path = backend::scenario(backend, &scenario, Duration::ZERO, Outcome::Ok);
     let mut conn = Conn::open(target).await?;
     conn.get(&path).await?;
     let warm = conn.get(&path).await?;
@@ -646,12 +645,15 @@ struct L2Hit {
 }
 
 async fn l2_hit(
-    redis: &Redis,
+    backend: &Upstream,
+    redis: &RedisServer,
     namespace: &str,
     fleet: &[Corral],
     keys: usize,
 ) -> Result<L2Hit, BoxError> {
     let fill_via = fleet[0].addr;
+    let path = backend::scenario(backend, "l2", Duration::ZERO, Outcome::Ok);
+    let fill_path = path.clone();
     let pool = load::pool();
     let filled = load::keyed(
         &pool,
@@ -659,7 +661,7 @@ async fn l2_hit(
         1,
         FILL_CONCURRENCY,
         PHASE_DEADLINE,
-        move |k, _| format!("http://{fill_via}/recommend/l2?s=l2&k={k}"),
+        move |k, _| format!("http://{fill_via}{fill_path}?k={k}"),
     )
     .await;
     if filled.ok as usize != keys {
@@ -672,20 +674,21 @@ async fn l2_hit(
     let mut hits = 0;
     for k in 0..keys {
         let started = Instant::now();
-        let answer = conn.get(&format!("/recommend/l2?s=l2&k={k}")).await?;
+        let answer = conn.get(&format!("{path}?k={k}")).await?;
         l2.push(answer.finished - started);
         hits += usize::from(answer.cache_status.as_deref() == Some("hit"));
     }
     let mut l1 = Vec::with_capacity(keys);
     for k in 0..keys {
         let started = Instant::now();
-        let answer = conn.get(&format!("/recommend/l2?s=l2&k={k}")).await?;
+        let answer = conn.get(&format!("{path}?k={k}")).await?;
         l1.push(answer.finished - started);
     }
     // Direct GETs of stored entries (same size, same server), same one-at-a-time pattern.
-    let client = redis::Client::open(redis.url())?;
-    let mut rc = client.get_multiplexed_async_connection().await?;
-    let entries = scan(&mut rc, &format!("corral:{namespace}:recommend:{{*"), keys).await?;
+    let mut rc = redis.conn().await;
+    let entries = redis
+        .keys(&format!("corral:{namespace}:recommend:{{*"))
+        .await;
     if entries.is_empty() {
         return Err("no entries found in Redis".into());
     }
@@ -713,34 +716,6 @@ fn median(samples: &mut [Duration]) -> Duration {
     samples.get(samples.len() / 2).copied().unwrap_or_default()
 }
 
-/// Up to `limit` keys matching `pattern` (SCAN, never KEYS).
-async fn scan(
-    conn: &mut redis::aio::MultiplexedConnection,
-    pattern: &str,
-    limit: usize,
-) -> Result<Vec<String>, BoxError> {
-    let mut keys = Vec::new();
-    let mut cursor = 0_u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 || keys.len() >= limit {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys.dedup();
-    Ok(keys)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Row 5: memory
 
@@ -755,7 +730,7 @@ struct Memory {
 async fn memory(
     bin: &std::path::Path,
     dir: &std::path::Path,
-    redis: &Redis,
+    redis: &RedisServer,
     namespace: &str,
     backend: &Upstream,
     keys: usize,
@@ -767,10 +742,12 @@ async fn memory(
             name: "corral-mem",
             redis_url: &redis.url(),
             namespace: &format!("{namespace}-mem"),
-            upstream: backend.addr,
+            upstream: backend.addr(),
             l1_max_bytes: MEM_BUDGET,
         },
-    )?;
+    )
+    .await?;
+    let path = backend::scenario(backend, "mem", Duration::ZERO, Outcome::Ok);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_before, _) = procs::rss(instance.pid()).ok_or("cannot read VmRSS")?;
     let addr = instance.addr;
@@ -781,7 +758,7 @@ async fn memory(
         1,
         FILL_CONCURRENCY,
         PHASE_DEADLINE,
-        move |k, _| format!("http://{addr}/recommend/mem?s=mem&k={k}"),
+        move |k, _| format!("http://{addr}{path}?k={k}"),
     )
     .await;
     drop(pool);
@@ -803,7 +780,7 @@ struct Cold {
     load: Keyed,
     calls: u64,
     /// Corral only: lock keys left, and Redis calls per command.
-    redis: Option<(usize, BTreeMap<String, u64>)>,
+    redis: Option<(usize, CommandStats)>,
 }
 
 /// Commands that are not part of serving a request (this bench's own probes, connection setup).
@@ -819,24 +796,17 @@ fn is_admin_command(name: &str) -> bool {
 async fn cold(
     backend: &Upstream,
     system: &System,
-    redis: Option<&Redis>,
+    redis: Option<&RedisServer>,
     keys: usize,
 ) -> Result<Cold, BoxError> {
-    let mut rc = match redis {
-        Some(r) => {
-            let mut conn = redis::Client::open(r.url())?
-                .get_multiplexed_async_connection()
-                .await?;
-            redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query_async::<()>(&mut conn)
-                .await?;
-            Some(conn)
-        }
-        None => None,
-    };
+    if let Some(redis) = redis {
+        redis.reset_stats().await;
+    }
     let scenario = format!("cold-{}", system.name);
+    let delay = Duration::from_millis(COLD_BACKEND_MS);
+    let path = backend::scenario(backend, &scenario, delay, Outcome::Ok);
     let targets = system.targets.clone();
+    let key_path = path.clone();
     let pool = load::pool();
     let load = load::keyed(
         &pool,
@@ -846,39 +816,21 @@ async fn cold(
         PHASE_DEADLINE,
         move |k, j| {
             let target = targets[(k + j) % targets.len()];
-            format!("http://{target}/recommend/cold?s={scenario}&d={COLD_BACKEND_MS}&k={k}")
+            format!("http://{target}{key_path}?k={k}")
         },
     )
     .await;
     drop(pool);
-    let calls = backend.calls(&format!("cold-{}", system.name)).count;
-    let redis = match rc.as_mut() {
-        Some(conn) => {
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(conn)
-                .await?;
-            let locks = scan(conn, "corral:*:lock:*", usize::MAX).await?.len();
-            Some((locks, commandstats(&info)))
+    let calls = backend.calls_under(&path);
+    let redis = match redis {
+        Some(redis) => {
+            let stats = redis.commandstats().await;
+            let locks = redis.keys("corral:*:lock:*").await.len();
+            Some((locks, stats))
         }
         None => None,
     };
     Ok(Cold { load, calls, redis })
-}
-
-/// Calls per command from `INFO commandstats` (`cmdstat_get:calls=1,usec=…`).
-fn commandstats(info: &str) -> BTreeMap<String, u64> {
-    info.lines()
-        .filter_map(|line| {
-            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = fields
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1242,8 +1194,11 @@ fn print_report(
                 details.push(format!("6 {name}: {}", keyed_summary(&c.load)));
                 match &c.redis {
                     Some((locks, stats)) => {
-                        let data: BTreeMap<&String, &u64> =
-                            stats.iter().filter(|(n, _)| !is_admin_command(n)).collect();
+                        let data: BTreeMap<&String, &u64> = stats
+                            .all()
+                            .iter()
+                            .filter(|(n, _)| !is_admin_command(n))
+                            .collect();
                         let total: u64 = data.values().copied().sum();
                         let per_miss = total as f64 / c.load.keys_done.max(1) as f64;
                         locks_row.push(locks.to_string());

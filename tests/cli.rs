@@ -135,10 +135,7 @@ fn demo_refuses_zero_requests_and_zero_instances() {
 #[test]
 fn demo_with_an_unreachable_redis_fails_at_once_naming_it() {
     // A port nothing listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = support::free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let out = corral(&["demo", "--redis", &url, "--requests", "10"]);
     assert!(!out.status.success());

@@ -9,21 +9,12 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
-use support::{Client, RedisCluster, Reply, Upstream};
+use support::{Client, RedisCluster, Reply, Upstream, eventually};
 
 const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after 15 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long an invalidation or a subscription gets to reach another instance.
+const SETTLE: Duration = Duration::from_secs(15);
 
 /// `POST /purge` on an instance's admin listener; asserts 200 and returns `purged`.
 async fn purge(client: &Client, instance: &corral::Instance, body: &str) -> u64 {
@@ -197,7 +188,7 @@ async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
     );
     assert_eq!(cluster.keys(entries).await.len(), 15);
     for instance in &fleet {
-        eventually("the instance dropped the purged URL", async || {
+        eventually("the instance dropped the purged URL", SETTLE, async || {
             instance.proxy().l1().entry_count().await == 15
         })
         .await;
@@ -212,9 +203,11 @@ async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
     assert_eq!(cluster.keys(entries).await.len(), 7);
     assert!(cluster.keys("corral:test:#tags:*").await.is_empty());
     for instance in &fleet {
-        eventually("the instance dropped the tagged entries", async || {
-            instance.proxy().l1().entry_count().await == 7
-        })
+        eventually(
+            "the instance dropped the tagged entries",
+            SETTLE,
+            async || instance.proxy().l1().entry_count().await == 7,
+        )
         .await;
     }
 
@@ -225,9 +218,11 @@ async fn cluster_purges_by_url_tag_and_route_reach_every_node_and_instance() {
     );
     assert!(cluster.keys(entries).await.is_empty());
     for instance in &fleet {
-        eventually("the instance dropped the route's entries", async || {
-            instance.proxy().l1().entry_count().await == 0
-        })
+        eventually(
+            "the instance dropped the route's entries",
+            SETTLE,
+            async || instance.proxy().l1().entry_count().await == 0,
+        )
         .await;
     }
 
@@ -258,7 +253,7 @@ async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
     let client = Client::new();
 
     // Step 1: both hubs subscribe on the first seed node.
-    eventually("both hubs subscribed on seed 0", async || {
+    eventually("both hubs subscribed on seed 0", SETTLE, async || {
         cluster.pubsub_clients(0).await == 2
     })
     .await;
@@ -276,7 +271,7 @@ async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
 
     // Step 3: kill the first seed; both hubs move to the next seed.
     cluster.kill(0);
-    eventually("both hubs re-subscribed on seed 1", async || {
+    eventually("both hubs re-subscribed on seed 1", SETTLE, async || {
         cluster.pubsub_clients(1).await == 2
     })
     .await;
@@ -300,8 +295,10 @@ async fn cluster_pubsub_moves_to_the_next_seed_when_its_node_dies() {
     // Step 5: an invalidation published through one instance reaches the other's new node.
     let body = format!(r#"{{"url": "{path}"}}"#);
     assert_eq!(purge(&client, &fleet[1], &body).await, 1);
-    eventually("the other instance dropped the purged entry", async || {
-        fleet[0].proxy().l1().entry_count().await == 0
-    })
+    eventually(
+        "the other instance dropped the purged entry",
+        SETTLE,
+        async || fleet[0].proxy().l1().entry_count().await == 0,
+    )
     .await;
 }

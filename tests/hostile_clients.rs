@@ -125,9 +125,7 @@ async fn h2_connect(
 async fn http2_requests_get_the_http1_head_limits() {
     // The upstream refuses connections: an answer other than 502 is Corral's own refusal. (A live
     // upstream would itself refuse 150 header fields, hiding whether Corral let them through.)
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let upstream = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
+    let upstream = format!("http://127.0.0.1:{}", support::free_port());
     let routes =
         format!("[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"{upstream}\"\n");
     let fleet = start(1, &config_with_server("", None, &routes)).await;

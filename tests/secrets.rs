@@ -88,9 +88,7 @@ async fn reload_errors_and_node_log_lines_mask_the_password() {
 /// that says nothing of where the upstream is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_answers_name_the_kind_of_failure_and_not_the_upstream() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = closed.local_addr().expect("addr").port();
-    drop(closed);
+    let port = support::free_port();
     let routes = format!(
         "[[route]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"http://127.0.0.1:{port}\"\n\
          [[route]]\nname = \"q\"\npath_prefix = \"/q\"\nupstream = \"http://127.0.0.1:{port}\"\n\

@@ -78,11 +78,7 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
     let upstream = Upstream::start().await;
     // Ports that were free a moment ago: nothing answers there.
     let nowhere: Vec<String> = (0..2)
-        .map(|_| {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            let port = listener.local_addr().expect("a bound address").port();
-            format!("redis://127.0.0.1:{port}")
-        })
+        .map(|_| format!("redis://127.0.0.1:{}", support::free_port()))
         .collect();
     let routes = recommend_route(&upstream.url(), "");
     let cfg = sentinel_config("", &nowhere, MASTER_NAME, &routes);

@@ -190,3 +190,88 @@ async fn client_reports_refused_connections() {
     let err = Client::new().try_send(req).await.unwrap_err();
     assert!(err.contains(&url), "{err}");
 }
+
+/// A call decides its answer when it is counted in flight, not later: a test that saw it in
+/// flight and re-scripts the upstream at once (to prepare the next phase) must not change the
+/// answer of the call it saw. Each round re-scripts the instant `wait_in_flight` returns, on a
+/// multi-threaded runtime so the handler and the test really run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_call_keeps_the_plan_it_entered_with() {
+    let upstream = Upstream::start().await;
+    let client = Client::new();
+    for round in 0..30 {
+        let prefix = format!("/plan/{round}");
+        upstream.script(
+            &prefix,
+            Reply::status(200)
+                .header("x-plan", "entered")
+                .delay(Duration::from_millis(20)),
+        );
+        let call = client.spawn_get(format!("{}{prefix}", upstream.url()));
+        upstream.wait_in_flight(1).await;
+        upstream.script(&prefix, Reply::status(503).header("x-plan", "rescripted"));
+        // Counted in the same step as in flight: the call is already in the totals.
+        assert_eq!(upstream.calls_for(&prefix), 1, "round {round}");
+
+        let resp = call.await.unwrap();
+        assert_eq!(resp.status, 200, "round {round}");
+        assert_eq!(resp.header("x-plan"), Some("entered"), "round {round}");
+        // The next call under the prefix gets the new script.
+        let resp = client
+            .get(&format!("{}{prefix}", upstream.url()), &[])
+            .await;
+        assert_eq!(resp.status, 503, "round {round}");
+        assert_eq!(resp.header("x-plan"), Some("rescripted"), "round {round}");
+    }
+}
+
+/// A script's headers replace the default answer's headers of the same name; the echo body and
+/// the rest stay. Keys are counted per path and query, and together by prefix.
+#[tokio::test]
+async fn upstream_script_headers_replace_the_defaults_and_prefixes_sum_keys() {
+    let upstream = Upstream::start().await;
+    let client = Client::new();
+    upstream.script(
+        "/typed",
+        Reply::status(201).header("content-type", "text/x-echo"),
+    );
+    let resp = client
+        .get(&format!("{}/typed?k=1", upstream.url()), &[])
+        .await;
+    assert_eq!(resp.status, 201);
+    assert_eq!(
+        resp.headers.get_all("content-type").iter().count(),
+        1,
+        "{:?}",
+        resp.headers
+    );
+    assert_eq!(resp.header("content-type"), Some("text/x-echo"));
+    assert_eq!(resp.json()["path"], "/typed");
+
+    client
+        .get(&format!("{}/typed?k=2", upstream.url()), &[])
+        .await;
+    client
+        .post(&format!("{}/other/", upstream.url()), &[], "x")
+        .await;
+    assert_eq!(upstream.calls_under("/typed"), 2);
+    assert_eq!(upstream.calls_under("/typed?k=1"), 1);
+    assert_eq!(upstream.calls_under("/"), 3);
+    assert_eq!(upstream.last_method("/other/"), Some(http::Method::POST));
+    assert!(upstream.first_answer("/typed?k=2").is_some());
+    assert!(upstream.first_answer("/never").is_none());
+    upstream.reset_calls();
+    assert!(upstream.first_answer("/typed?k=2").is_none());
+}
+
+#[tokio::test]
+async fn commandstats_parses_info_lines_and_ignores_the_rest() {
+    let stats = support::CommandStats::parse(
+        "# Commandstats\r\ncmdstat_get:calls=3,usec=9,usec_per_call=3.00,rejected_calls=0\r\n\
+         cmdstat_CLIENT|SETINFO:calls=2,usec=1\r\nused_cpu_sys:1.5\r\ncmdstat_bad:usec=1\r\n",
+    );
+    assert_eq!(stats.calls("GET"), 3);
+    assert_eq!(stats.calls("client|setinfo"), 2);
+    assert_eq!(stats.calls("bad"), 0);
+    assert_eq!(stats.all().len(), 2);
+}

@@ -1,6 +1,7 @@
-//! The real processes of the bench — `redis-server`, `corral run`, nginx, varnishd — each on free
-//! loopback ports, with its files in the run's tempdir, stopped on Drop (also when the bench
-//! panics).
+//! The bench's own processes — nginx and varnishd, each on free loopback ports with its files
+//! in the run's tempdir, stopped on Drop (also when the bench panics) — and what it reads of the
+//! machine. `redis-server` and `corral run` are the support module's fixtures
+//! ([`RedisServer`](crate::support::RedisServer), [`CorralProcess`]), as in the tests.
 
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
@@ -9,35 +10,31 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::support::{CorralProcess, free_port, signal};
+
 /// How long a process gets to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a process gets to stop after SIGTERM before it is killed.
+/// How long a peer gets to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(20);
+/// The log filter of the bench's Corral processes: no line per request.
+const CORRAL_LOG: &str = "info";
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A child process that is stopped and reaped on Drop.
-///
-/// `graceful` processes (nginx, varnishd: a manager with worker children) get SIGTERM first so
-/// they take their workers down with them; the rest get SIGKILL at once.
+/// A peer's manager process (nginx, varnishd), stopped on Drop with SIGTERM first so it takes
+/// its worker children down with it, then SIGKILL.
 pub struct ChildGuard {
     name: String,
     child: Child,
-    graceful: bool,
 }
 
 impl ChildGuard {
-    pub fn new(name: &str, child: Child, graceful: bool) -> ChildGuard {
+    pub fn new(name: &str, child: Child) -> ChildGuard {
         ChildGuard {
             name: name.to_owned(),
             child,
-            graceful,
         }
-    }
-
-    pub fn id(&self) -> u32 {
-        self.child.id()
     }
 
     /// An error if the process has exited.
@@ -51,33 +48,8 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if self.graceful {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                sleep(POLL);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        signal::terminate_then_reap(&mut self.child, STOP_TIMEOUT);
     }
-}
-
-/// A loopback port that was free a moment ago (bind port 0, read it, release it).
-pub fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Where an executable is: on `PATH`, or in the sbin directories Debian installs daemons into
@@ -192,57 +164,16 @@ pub fn fill_template(template: &str, values: &[(&str, String)]) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
-/// A `redis-server` with nothing on disk, on a free loopback port.
-pub struct Redis {
-    pub port: u16,
-    _guard: ChildGuard,
-}
-
-impl Redis {
-    pub fn start(dir: &Path) -> Result<Redis, BoxError> {
-        let bin = which("redis-server")
-            .ok_or("redis-server not found: apt-get install redis-server (the bench needs it)")?;
-        let dir = dir.join("redis");
-        fs::create_dir_all(&dir)?;
-        let port = free_port()?;
-        let log = dir.join("redis.log");
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut guard = ChildGuard::new("redis-server", child, false);
-        wait_listening(
-            &mut guard,
-            &[SocketAddr::from(([127, 0, 0, 1], port))],
-            &log,
-        )?;
-        Ok(Redis {
-            port,
-            _guard: guard,
-        })
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
 /// The Corral config every instance runs: see `benches/stampede/corral.toml`.
 const CORRAL_TOML: &str = include_str!("corral.toml");
 
-/// A `corral run` process.
+/// A `corral run` process of the bench: the support module's [`CorralProcess`] running the
+/// bench's binary at `info`. Its config, and on Drop its log, are copied into the run's
+/// directory, which `STAMPEDE_KEEP=1` keeps.
 pub struct Corral {
     pub addr: SocketAddr,
-    guard: ChildGuard,
+    process: CorralProcess,
+    log: PathBuf,
 }
 
 /// What differs between Corral instances.
@@ -255,10 +186,12 @@ pub struct CorralSettings<'a> {
 }
 
 impl Corral {
-    /// Writes the config, starts `corral --log-format json run`, and reads the bound address
-    /// from its `corral listening` log line.
-    pub fn start(bin: &Path, dir: &Path, s: &CorralSettings) -> Result<Corral, BoxError> {
-        let config = dir.join(format!("{}.toml", s.name));
+    /// Fills the config, starts `corral --log-format json run` and waits until it listens.
+    ///
+    /// # Panics
+    ///
+    /// If the process does not come up (see [`CorralProcess::start_with`]).
+    pub async fn start(bin: &Path, dir: &Path, s: &CorralSettings<'_>) -> Result<Corral, BoxError> {
         let text = fill_template(
             CORRAL_TOML,
             &[
@@ -268,51 +201,25 @@ impl Corral {
                 ("L1_MAX_BYTES", s.l1_max_bytes.to_owned()),
             ],
         );
-        fs::write(&config, text)?;
-        let log = dir.join(format!("{}.log", s.name));
-        let child = Command::new(bin)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        let mut guard = ChildGuard::new(s.name, child, false);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = listening_addr(&text) {
-                return Ok(Corral { addr, guard });
-            }
-            if let Err(err) = guard.check_alive() {
-                return Err(format!("{err}\n{}", tail(&log)).into());
-            }
-            if Instant::now() >= deadline {
-                return Err(
-                    format!("{} never logged `corral listening`\n{}", s.name, tail(&log)).into(),
-                );
-            }
-            sleep(POLL);
-        }
+        fs::write(dir.join(format!("{}.toml", s.name)), &text)?;
+        let process = CorralProcess::start_with(bin, CORRAL_LOG, &text).await;
+        Ok(Corral {
+            addr: process.addr(),
+            process,
+            log: dir.join(format!("{}.log", s.name)),
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.guard.id()
+        self.process.pid()
     }
 }
 
-/// The address in `{"fields":{"message":"corral listening","addr":"127.0.0.1:PORT",...}}`.
-fn listening_addr(log: &str) -> Option<SocketAddr> {
-    log.lines().find_map(|line| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        let fields = value.get("fields")?;
-        if fields.get("message")?.as_str()? != "corral listening" {
-            return None;
-        }
-        fields.get("addr")?.as_str()?.parse().ok()
-    })
+impl Drop for Corral {
+    fn drop(&mut self) {
+        // For STAMPEDE_KEEP; a failed copy only loses the log.
+        let _ = fs::write(&self.log, self.process.logs().join("\n"));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,7 +244,7 @@ impl Nginx {
     ) -> Result<Nginx, BoxError> {
         let dir = dir.join("nginx");
         fs::create_dir_all(&dir)?;
-        let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
+        let ports = [free_port(), free_port(), free_port(), free_port()];
         let user = if is_root() { "user root;" } else { "" };
         let text = fill_template(
             NGINX_CONF,
@@ -366,7 +273,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("stderr.log"))?)
             .spawn()?;
-        let mut guard = ChildGuard::new("nginx", child, true);
+        let mut guard = ChildGuard::new("nginx", child);
         let addrs: Vec<SocketAddr> = ports
             .iter()
             .map(|&p| SocketAddr::from(([127, 0, 0, 1], p)))
@@ -409,7 +316,7 @@ impl Varnish {
         let mut instances = Vec::new();
         let mut guards = Vec::new();
         for i in 0..3 {
-            let port = free_port()?;
+            let port = free_port();
             let workdir = dir.join(format!("varnish{i}"));
             let log = dir.join(format!("varnish{i}.log"));
             let child = Command::new(bin)
@@ -426,7 +333,7 @@ impl Varnish {
                 .stdout(fs::File::create(&log)?)
                 .stderr(fs::File::create(dir.join(format!("varnish{i}.err")))?)
                 .spawn()?;
-            let mut guard = ChildGuard::new(&format!("varnishd {i}"), child, true);
+            let mut guard = ChildGuard::new(&format!("varnishd {i}"), child);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             wait_listening(&mut guard, &[addr], &dir.join(format!("varnish{i}.err")))?;
             instances.push(addr);

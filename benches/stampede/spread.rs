@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
+use super::backend::{self, Outcome};
 use super::load;
 use super::procs::BoxError;
-use super::upstream::Upstream;
+use super::support::{RedisServer, Upstream};
 
 /// Requests per key, request `j` of key `k` to instance `(k + j) % 3`.
 pub const PER_KEY: usize = 3;
@@ -46,23 +47,18 @@ pub async fn burst(
     targets: &[SocketAddr],
     scenario: &str,
     keys: usize,
-    redis: Option<&str>,
+    redis: Option<&RedisServer>,
 ) -> Result<Spread, BoxError> {
-    let mut conn = match redis {
-        Some(url) => Some(
-            redis::Client::open(url)?
-                .get_multiplexed_async_connection()
-                .await?,
-        ),
-        None => None,
-    };
-    let before = match conn.as_mut() {
-        Some(c) => {
-            redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query_async::<()>(c)
-                .await?;
-            Some(cpu_seconds(c).await?)
+    let path = backend::scenario(
+        backend,
+        scenario,
+        Duration::from_millis(BACKEND_MS),
+        Outcome::Ok,
+    );
+    let before = match redis {
+        Some(redis) => {
+            redis.reset_stats().await;
+            Some(cpu_seconds(&mut redis.conn().await).await?)
         }
         None => None,
     };
@@ -71,7 +67,7 @@ pub async fn burst(
         .flat_map(|k| (0..PER_KEY).map(move |j| (k, j)))
         .map(|(k, j)| {
             let target = targets[(k + j) % targets.len()];
-            let url = format!("http://{target}/recommend/cold?s={scenario}&d={BACKEND_MS}&k={k}");
+            let url = format!("http://{target}{path}?k={k}");
             let pool = &pool;
             async move {
                 let started = Instant::now();
@@ -91,24 +87,22 @@ pub async fn burst(
         let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
         latencies.get(i).copied().unwrap_or_default()
     };
-    let redis = match (conn.as_mut(), before) {
-        (Some(c), Some(before)) => {
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(c)
-                .await?;
-            let stats = super::commandstats(&info);
+    let redis = match (redis, before) {
+        (Some(redis), Some(before)) => {
+            let stats = redis.commandstats().await;
             let data: u64 = stats
+                .all()
                 .iter()
                 .filter(|(name, _)| !super::is_admin_command(name))
                 .map(|(_, calls)| calls)
                 .sum();
             let scripts: u64 = stats
+                .all()
                 .iter()
                 .filter(|(name, _)| name.starts_with("eval"))
                 .map(|(_, calls)| calls)
                 .sum();
-            let cpu = cpu_seconds(c).await? - before;
+            let cpu = cpu_seconds(&mut redis.conn().await).await? - before;
             let per_key = |n: u64| n as f64 / keys.max(1) as f64;
             Some(RedisCost {
                 commands_per_key: per_key(data),
@@ -120,7 +114,7 @@ pub async fn burst(
     };
     Ok(Spread {
         keys,
-        calls: backend.calls(scenario).count,
+        calls: backend.calls_under(&path),
         ok,
         failed: answers.len() - ok,
         p50: at(0.5),

@@ -5,9 +5,9 @@
 //! its own folder of a private tempdir, removed with the fixture. A node also needs its cluster bus
 //! port (its port + 10000) free, so ports are picked with both free and below 55536.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -15,10 +15,12 @@ use ::redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
+use super::port::free_port;
+use super::redis::{Startup, log_len, wait_ready};
+use super::signal::reap;
+
 /// Masters in the cluster (no replicas): enough to spread slots over several nodes.
 const MASTERS: usize = 3;
-/// How long a spawned node gets to answer `PING`.
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the joined cluster gets until every node says `cluster_state:ok`.
 const CLUSTER_OK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often readiness is polled.
@@ -29,8 +31,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const BUS_OFFSET: u16 = 10_000;
 /// Spawn attempts per node: a free port may be taken by another test before the node binds it.
 const PORT_ATTEMPTS: usize = 5;
-/// Log lines quoted when a node does not come up.
-const LOG_TAIL_LINES: usize = 30;
 
 /// Three cluster masters on `127.0.0.1`, serving all 16384 slots between them.
 ///
@@ -226,17 +226,14 @@ async fn start_node(dir: &Path) -> Node {
     fs::create_dir_all(dir).expect("create a cluster node's folder");
     for _ in 0..PORT_ATTEMPTS {
         let port = free_port_pair();
-        let log_start = fs::metadata(log_path(dir)).map(|m| m.len()).unwrap_or(0);
+        let log_start = log_len(dir);
         let mut child = spawn(port, dir);
-        match wait_ready(&mut child, port).await {
-            Ok(()) => return Node { child, port },
-            Err(why) => {
+        // "Address already in use" (port or bus port) counts as taken: try another pair.
+        match wait_ready(&mut child, port, dir, log_start).await {
+            Startup::Ready => return Node { child, port },
+            Startup::PortTaken => reap(&mut child),
+            Startup::Failed(why) => {
                 reap(&mut child);
-                let log = fs::read(log_path(dir)).unwrap_or_default();
-                let start = usize::try_from(log_start).unwrap_or(0).min(log.len());
-                if String::from_utf8_lossy(&log[start..]).contains("Address already in use") {
-                    continue;
-                }
                 panic!(
                     "cluster node on 127.0.0.1:{port} did not come up: {why}\n{}",
                     log_tail(dir)
@@ -247,11 +244,10 @@ async fn start_node(dir: &Path) -> Node {
     panic!("cluster node: {PORT_ATTEMPTS} free port pairs in a row were taken");
 }
 
-/// A port that was free a moment ago, with its bus port (+10000) free too.
+/// A free port (see [`free_port`]) whose bus port (+10000) is free too.
 fn free_port_pair() -> u16 {
     for _ in 0..200 {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("a bound address").port();
+        let port = free_port();
         let Some(bus) = port.checked_add(BUS_OFFSET) else {
             continue;
         };
@@ -278,45 +274,6 @@ fn spawn(port: u16, dir: &Path) -> Child {
             &nodes_conf,
         ],
     )
-}
-
-/// Polls until our child answers on `port` with its own pid, or exits, or time runs out.
-async fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("valid URL");
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("it exited with {status}"));
-        }
-        let probe = async {
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            let info: String = ::redis::cmd("INFO")
-                .arg("server")
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            info.lines()
-                .find_map(|l| l.trim().strip_prefix("process_id:"))?
-                .parse::<u32>()
-                .ok()
-        };
-        if timeout(PROBE_TIMEOUT, probe).await.ok().flatten() == Some(child.id()) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("it did not answer within {READY_TIMEOUT:?}"));
-        }
-        sleep(POLL).await;
-    }
-}
-
-fn reap(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn log_path(dir: &Path) -> PathBuf {
-    dir.join("redis.log")
 }
 
 /// A node's log tail, headed by its directory (a cluster has several).

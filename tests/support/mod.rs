@@ -1,18 +1,21 @@
-//! Fixtures shared by Corral's integration tests.
+//! Fixtures shared by Corral's integration tests and its benches: the one home of each helper.
 //!
 //! Every test brings up real processes on ephemeral loopback ports, so tests run in parallel and
 //! never collide:
 //!
 //! - [`redis`]: [`RedisServer`], a `redis-server` process per test, with fault knobs (kill, stop,
-//!   continue, restart) and `INFO commandstats` for counting the commands Corral sends.
+//!   continue, restart) and [`CommandStats`], the `INFO commandstats` parser, for counting the
+//!   commands Corral sends (to any Redis: [`CommandStats::read`]).
 //! - [`cluster`]: [`RedisCluster`], three `redis-server` cluster masters joined by
 //!   `redis-cli --cluster create`, for the cluster-mode tests.
 //! - [`sentinel`]: [`RedisSentinel`], a master, its replica and three sentinels, for the
 //!   Sentinel tests (failover included).
-//! - [`upstream`]: [`Upstream`], an in-process hyper server standing in for the slow backend. It
-//!   counts calls per key, so a test proves stampede protection by asserting exactly one fill.
-//! - [`origin`]: [`Origin`], a conforming origin that honours conditional requests, `Range` and
-//!   `Vary` itself, for the HTTP-semantics tests.
+//! - [`upstream`]: [`Upstream`], the slow backend (an in-process hyper server), scripted by
+//!   path prefix (status, headers, body, delay). It counts calls per key, so a test proves
+//!   stampede protection by asserting exactly one fill; the stampede bench counts its scenarios
+//!   with it.
+//! - [`origin`]: [`Origin`], that same server answering as a conforming origin that honours
+//!   conditional requests, `Range` and `Vary` itself, for the HTTP-semantics tests.
 //! - [`client`]: [`Client`], a pooled HTTP client whose every call is bounded by a timeout, so a
 //!   broken proxy fails a test instead of hanging it.
 //! - [`corral`]: in-process Corral instances from TOML configs, [`corral::spread`] to send a burst
@@ -20,15 +23,22 @@
 //! - [`process`]: [`CorralProcess`], a real `corral run` process, for faults an in-process
 //!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
 //! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
+//! - [`port`]: [`free_port`], for processes that must be told their port.
 //!
-//! Use from a test file with `mod support;`. Each test binary uses only part of this module, so
-//! unused items are allowed here rather than in every test.
+//! Use from a test file with `mod support;`, from a bench with
+//! `#[path = "../tests/support/mod.rs"] mod support;`. Each binary uses only part of this module,
+//! so unused items are allowed here rather than in every test.
+//!
+//! One convention for failures: a fixture panics with a message that says what it was doing and
+//! quotes what it saw (a process's log, the config). A test fails on it; a bench stops on it,
+//! its processes killed on Drop as during a failed test.
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
 pub mod cluster;
 pub mod corral;
 pub mod origin;
+pub mod port;
 pub mod process;
 pub mod redis;
 pub mod sentinel;
@@ -39,6 +49,7 @@ pub mod wait;
 pub use self::client::{Client, Resp};
 pub use self::cluster::RedisCluster;
 pub use self::origin::Origin;
+pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;

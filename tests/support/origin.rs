@@ -10,131 +10,98 @@
 //! under `/star` answer `Vary: *`. Every answer has `Cache-Control: max-age=60` and a fixed
 //! `Last-Modified`, unless [`Origin::set_cache_control`] says otherwise.
 
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
-use std::convert::Infallible;
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use http::{HeaderMap, Method, Response, StatusCode};
+
+use super::upstream::{Call, Upstream};
 
 /// The fixed `Last-Modified` of every representation.
 pub const LAST_MODIFIED: &str = "Mon, 02 Nov 2026 10:00:00 GMT";
 
 /// A running origin on `127.0.0.1:<ephemeral>`; dropping it stops it.
+///
+/// Why a second type beside [`Upstream`]: an `Upstream` answers whatever the test scripts and
+/// knows nothing of HTTP semantics, so it cannot tell a test that Corral forwarded a
+/// conditional request or a header it should have kept to itself. An `Origin` computes its
+/// answer from the request the way a real origin does, so such a mistake shows up as a wrong
+/// shared answer. The server underneath is the same [`Upstream`] (same counting, same delay),
+/// answering through [`Upstream::start_with`]; [`Origin::upstream`] reaches the rest of it.
 pub struct Origin {
-    addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    server: JoinHandle<()>,
+    upstream: Upstream,
+    settings: Arc<Mutex<Settings>>,
 }
 
+/// What a test changed about every later answer.
 #[derive(Default)]
-struct State {
-    calls: u64,
-    by_path: HashMap<String, u64>,
-    last_headers: HashMap<String, HeaderMap>,
-    last_method: HashMap<String, Method>,
+struct Settings {
     cache_control: Option<String>,
     extra: Vec<(String, String)>,
-    delay: std::time::Duration,
 }
 
 impl Origin {
     pub async fn start() -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the origin to 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
-        let state = Arc::new(Mutex::new(State::default()));
-        let server = tokio::spawn(accept_loop(listener, state.clone()));
-        Origin {
-            addr,
-            state,
-            server,
-        }
+        let settings = Arc::new(Mutex::new(Settings::default()));
+        let shared = Arc::clone(&settings);
+        let upstream =
+            Upstream::start_with(Arc::new(move |call| conforming(call, &lock(&shared)))).await;
+        Origin { upstream, settings }
+    }
+
+    /// The server underneath: in-flight counts, scripts, `calls_under`.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.upstream.url()
     }
 
     /// Calls received in all.
     pub fn calls(&self) -> u64 {
-        self.lock().calls
+        self.upstream.calls()
     }
 
     /// Calls received for one path (path and query as sent).
     pub fn calls_for(&self, path_and_query: &str) -> u64 {
-        self.lock()
-            .by_path
-            .get(path_and_query)
-            .copied()
-            .unwrap_or(0)
+        self.upstream.calls_for(path_and_query)
     }
 
     /// Headers of the last call for one path.
     pub fn last_headers(&self, path_and_query: &str) -> Option<HeaderMap> {
-        self.lock().last_headers.get(path_and_query).cloned()
+        self.upstream.last_headers(path_and_query)
     }
 
     /// Method of the last call for one path.
     pub fn last_method(&self, path_and_query: &str) -> Option<Method> {
-        self.lock().last_method.get(path_and_query).cloned()
+        self.upstream.last_method(path_and_query)
     }
 
     /// Replaces `max-age=60` on every later answer (`""`: no `Cache-Control` at all).
     pub fn set_cache_control(&self, value: &str) {
-        self.lock().cache_control = Some(value.to_owned());
+        lock(&self.settings).cache_control = Some(value.to_owned());
     }
 
     /// Sleeps this long before every later answer, so concurrent requests overlap.
-    pub fn set_delay(&self, delay: std::time::Duration) {
-        self.lock().delay = delay;
+    pub fn set_delay(&self, delay: Duration) {
+        self.upstream.set_delay(delay);
     }
 
     /// Adds a header to every later answer.
     pub fn add_header(&self, name: &str, value: &str) {
-        self.lock().extra.push((name.to_owned(), value.to_owned()));
+        lock(&self.settings)
+            .extra
+            .push((name.to_owned(), value.to_owned()));
     }
 }
 
-impl Drop for Origin {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req| answer(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
+fn lock(settings: &Mutex<Settings>) -> MutexGuard<'_, Settings> {
+    // A panicking test thread must not stop the origin from answering the others.
+    settings.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
@@ -156,54 +123,31 @@ pub fn etag_of(body: &str) -> String {
     format!("\"{:016x}\"", h.finish())
 }
 
-async fn answer(
-    state: Arc<Mutex<State>>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let sent = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
-    let key = parts
-        .uri
-        .path_and_query()
-        .map_or(path.clone(), |pq| pq.as_str().to_owned());
-    let h = &parts.headers;
-    let (cache_control, extra, delay) = {
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.calls += 1;
-        *s.by_path.entry(key.clone()).or_default() += 1;
-        s.last_headers.insert(key.clone(), h.clone());
-        s.last_method.insert(key, parts.method.clone());
-        (s.cache_control.clone(), s.extra.clone(), s.delay)
-    };
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+/// The origin's answer: the representation for the request, or 304 / 206 from it.
+fn conforming(call: &Call<'_>, settings: &Settings) -> Response<Bytes> {
+    let path = call.uri.path();
+    let h = call.headers;
     let mut body = representation(
-        &path,
+        path,
         header(h, "accept-language"),
         header(h, "accept-encoding"),
         header(h, "x-forwarded-host"),
         header(h, "x-original-url"),
     );
-    if !sent.is_empty() {
-        body.push_str(&format!(";body={}", String::from_utf8_lossy(&sent)));
+    if !call.body.is_empty() {
+        body.push_str(&format!(";body={}", String::from_utf8_lossy(call.body)));
     }
     let etag = etag_of(&body);
     let mut resp = Response::builder()
         .header("etag", &etag)
         .header("last-modified", LAST_MODIFIED)
         .header("content-type", "text/plain");
-    match &cache_control {
+    match &settings.cache_control {
         Some(cc) if cc.is_empty() => {}
         Some(cc) => resp = resp.header("cache-control", cc),
         None => resp = resp.header("cache-control", "max-age=60"),
     }
-    for (name, value) in &extra {
+    for (name, value) in &settings.extra {
         resp = resp.header(name, value);
     }
     if path.starts_with("/vary") {
@@ -219,18 +163,18 @@ async fn answer(
         None => h.get("if-modified-since").and_then(|v| v.to_str().ok()) == Some(LAST_MODIFIED),
     };
     let built = if not_modified {
-        resp.status(StatusCode::NOT_MODIFIED).body(Full::default())
+        resp.status(StatusCode::NOT_MODIFIED).body(Bytes::new())
     } else if let Some((start, end)) = range(h, body.len()) {
         resp.status(StatusCode::PARTIAL_CONTENT)
             .header(
                 "content-range",
                 format!("bytes {start}-{end}/{}", body.len()),
             )
-            .body(Full::new(Bytes::from(body[start..=end].to_owned())))
+            .body(Bytes::from(body[start..=end].to_owned()))
     } else {
-        resp.body(Full::new(Bytes::from(body)))
+        resp.body(Bytes::from(body))
     };
-    Ok(built.expect("the origin builds valid responses"))
+    built.expect("the origin builds valid responses")
 }
 
 /// A single `bytes=a-b` range inside the body.

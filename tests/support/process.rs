@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -31,7 +31,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_POLL: Duration = Duration::from_millis(1);
 /// How long an exited process's last log lines get to arrive through the pipe.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-/// The log filter the process runs with.
+/// The log filter [`CorralProcess::start`] runs the process with.
 const RUST_LOG: &str = "corral=debug,info";
 /// The message Corral logs once its listener is bound.
 const LISTENING: &str = "corral listening";
@@ -63,6 +63,22 @@ impl CorralProcess {
     /// exits before listening (a config error, say), or it does not listen within 10 s. The
     /// panic quotes everything the process logged.
     pub async fn start(config_toml: &str) -> CorralProcess {
+        CorralProcess::start_with(
+            Path::new(env!("CARGO_BIN_EXE_corral")),
+            RUST_LOG,
+            config_toml,
+        )
+        .await
+    }
+
+    /// Like [`CorralProcess::start`], running the binary `bin` with `RUST_LOG=rust_log`: the
+    /// stampede bench runs its release build (or `CORRAL_BIN`) at `info`, where a debug line per
+    /// request would slow the system it measures.
+    ///
+    /// # Panics
+    ///
+    /// As [`CorralProcess::start`].
+    pub async fn start_with(bin: &Path, rust_log: &str, config_toml: &str) -> CorralProcess {
         let dir = tempfile::Builder::new()
             .prefix("corral-process-")
             .tempdir()
@@ -70,15 +86,15 @@ impl CorralProcess {
         let config = dir.path().join(CONFIG_FILE);
         std::fs::write(&config, config_toml)
             .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        let mut child = Command::new(bin)
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", RUST_LOG)
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_corral")));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         let stderr = child
             .stderr
             .take()

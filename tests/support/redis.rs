@@ -1,4 +1,4 @@
-//! A real `redis-server` per test, on a free loopback port, killed on Drop.
+//! A real `redis-server` per test (and per bench run), on a free loopback port, killed on Drop.
 //!
 //! The server keeps nothing on disk (`--save ""`, no AOF) and writes its log into a private
 //! tempdir, which is removed with the fixture. Fault tests drive the process directly:
@@ -18,6 +18,7 @@ use ::redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
+use super::port::free_port;
 use super::signal::{self, reap};
 
 /// How long a freshly spawned server gets to answer `PING`.
@@ -123,12 +124,7 @@ impl RedisServer {
     ///
     /// Reading them opens a connection, which itself shows up as `client|setinfo` and `info`.
     pub async fn commandstats(&self) -> CommandStats {
-        let info: String = ::redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut self.conn().await)
-            .await
-            .unwrap_or_else(|e| panic!("INFO commandstats on {}: {e}", self.url()));
-        CommandStats::parse(&info)
+        CommandStats::read(&mut self.conn().await, &self.url()).await
     }
 
     /// Zeroes the server's statistics (`CONFIG RESETSTAT`).
@@ -235,8 +231,24 @@ impl CommandStats {
         &self.calls
     }
 
-    /// Parses lines such as `cmdstat_set:calls=1,usec=3,usec_per_call=3.00,...`.
-    fn parse(info: &str) -> CommandStats {
+    /// Reads `INFO commandstats` from the server behind `conn` (any Redis: a test's, a cluster
+    /// node, the bench's); `server` names it in a failure.
+    ///
+    /// # Panics
+    ///
+    /// If the command fails.
+    pub async fn read(conn: &mut MultiplexedConnection, server: &str) -> CommandStats {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap_or_else(|e| panic!("INFO commandstats on {server}: {e}"));
+        CommandStats::parse(&info)
+    }
+
+    /// Parses lines such as `cmdstat_set:calls=1,usec=3,usec_per_call=3.00,...`; other lines
+    /// are ignored.
+    pub fn parse(info: &str) -> CommandStats {
         let calls = info
             .lines()
             .filter_map(|line| {
@@ -251,14 +263,6 @@ impl CommandStats {
             .collect();
         CommandStats { calls }
     }
-}
-
-/// A loopback port that was free a moment ago: bind port 0, read the port, release it.
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
 }
 
 fn spawn(port: u16, dir: &Path) -> Child {
@@ -385,8 +389,8 @@ pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
 
 /// Every key matching `pattern` on the server behind `conn`, sorted and deduplicated (`SCAN`,
 /// which may return a key twice); `server` names it in a failure.
-pub(crate) async fn scan_keys(
-    conn: &mut ::redis::aio::MultiplexedConnection,
+pub async fn scan_keys(
+    conn: &mut MultiplexedConnection,
     pattern: &str,
     server: &str,
 ) -> Vec<String> {

@@ -19,9 +19,8 @@ use ::redis::aio::MultiplexedConnection;
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
-use super::redis::{
-    Startup, free_port, log_len, scan_keys, spawn_server, startup_failure, wait_ready,
-};
+use super::port::free_port;
+use super::redis::{Startup, log_len, scan_keys, spawn_server, startup_failure, wait_ready};
 use super::signal::reap;
 
 /// The master name the sentinels monitor.

@@ -1,12 +1,39 @@
 //! Signals to the child processes the fixtures run ([`super::CorralProcess`],
-//! [`super::RedisServer`]): SIGKILL and reap, and the others (STOP, CONT, TERM) through `kill`.
+//! [`super::RedisServer`], the stampede bench's nginx and varnishd): SIGKILL and reap, SIGTERM
+//! with a grace period, and the others (STOP, CONT, TERM) through `kill`.
 
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How often [`terminate_then_reap`] checks whether the process exited.
+const EXIT_POLL: Duration = Duration::from_millis(20);
 
 /// SIGKILL and wait; harmless on a process that already exited or was reaped.
 pub fn reap(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// SIGTERM, up to `grace` for the process to exit, then [`reap`]: for a manager process that
+/// takes its worker children down with it only when asked nicely (nginx, varnishd); SIGKILL would
+/// orphan the workers. Harmless on a process that already exited; never panics, so it is fit
+/// for a Drop.
+pub fn terminate_then_reap(child: &mut Child, grace: Duration) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(EXIT_POLL);
+        }
+    }
+    reap(child);
 }
 
 /// Sends `SIG<signal>` (`"STOP"`, `"CONT"`, `"TERM"`) to `child`, which messages call `name`.

@@ -1,23 +1,28 @@
-//! An in-process HTTP/1.1 server standing in for Corral's slow backend.
+//! An in-process HTTP/1.1 server standing in for Corral's slow backend, in tests and in the
+//! stampede bench: the one slow backend of the support module.
 //!
 //! It counts every call, per key (path plus query, `/a?b=c`), so a test proves stampede
 //! protection by asserting that a key was filled exactly once. By default it answers 200 with a
 //! JSON echo of the request that carries a call number unique for the server's lifetime, so two
 //! fills never produce the same body and a test can tell a cached body from a fresh one.
+//! [`Upstream::start_with`] replaces the echo with another [`Responder`]; [`super::Origin`] is
+//! this server answering as a conforming origin.
 //!
 //! Knobs ([`Upstream::set_delay`], [`Upstream::script`]) take effect on the next call, including
-//! calls on connections that are already open.
+//! calls on connections that are already open. A call decides its answer (its [`Plan`]) when it
+//! enters, in the same step that counts it in flight: once [`Upstream::wait_in_flight`] has seen a
+//! call, re-scripting the upstream no longer changes that call's answer.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -38,14 +43,34 @@ pub struct Upstream {
     server: JoinHandle<()>,
 }
 
+/// Builds the answer to a call that no script gives a body: [`Upstream::start`] echoes the
+/// request as JSON, [`super::Origin`] answers as a conforming origin.
+///
+/// A matching script then sets the status and replaces the headers it names (see
+/// [`Upstream::script`]). It runs after the call's delay, on the server task, so it must not
+/// block; it may panic only on a bug in the support code (the client then sees a dropped
+/// connection).
+pub type Responder = Arc<dyn Fn(&Call<'_>) -> Response<Bytes> + Send + Sync>;
+
+/// One call as the [`Responder`] sees it.
+pub struct Call<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    /// The whole request body.
+    pub body: &'a Bytes,
+    /// Numbers the call among all calls for the server's lifetime, from 1; never reset.
+    pub sequence: u64,
+}
+
 /// A scripted answer for requests whose path starts with a prefix (see [`Upstream::script`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
     /// Appended to the response in order; repeated names give repeated headers.
     pub headers: Vec<(String, String)>,
-    /// `None` keeps the default JSON echo (and its `content-type`), so scripted fills still
-    /// differ from one another.
+    /// `None` keeps the [`Responder`]'s body (by default the JSON echo and its `content-type`),
+    /// so scripted fills still differ from one another.
     pub body: Option<Bytes>,
     /// Replaces the upstream-wide delay for these requests when set.
     pub delay: Option<Duration>,
@@ -90,6 +115,7 @@ struct State {
     in_flight: watch::Sender<usize>,
     /// The highest `in_flight` seen since start or the last reset.
     max_in_flight: AtomicUsize,
+    responder: Responder,
 }
 
 #[derive(Default)]
@@ -107,9 +133,12 @@ struct Inner {
 struct KeyRecord {
     calls: u64,
     last_headers: HeaderMap,
+    last_method: Method,
+    /// When the first answer since start or the last reset was ready (after its delay).
+    first_answer: Option<Instant>,
 }
 
-/// What the server decided when a call entered.
+/// What the server decided when a call entered; a later script or delay does not change it.
 struct Plan {
     sequence: u64,
     delay: Duration,
@@ -117,8 +146,18 @@ struct Plan {
 }
 
 impl Upstream {
-    /// Binds `127.0.0.1:0` and starts serving in a background task.
+    /// Binds `127.0.0.1:0` and starts serving in a background task, answering with the JSON
+    /// echo (see the module doc).
     pub async fn start() -> Upstream {
+        Upstream::start_with(Arc::new(echo)).await
+    }
+
+    /// Like [`Upstream::start`], answering calls that no script gives a body with `responder`.
+    ///
+    /// # Panics
+    ///
+    /// If `127.0.0.1:0` cannot be bound.
+    pub async fn start_with(responder: Responder) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the upstream to 127.0.0.1:0");
@@ -129,6 +168,7 @@ impl Upstream {
             inner: Mutex::new(Inner::default()),
             in_flight: watch::Sender::new(0),
             max_in_flight: AtomicUsize::new(0),
+            responder,
         });
         let server = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
         Upstream {
@@ -161,13 +201,37 @@ impl Upstream {
             .map_or(0, |key| key.calls)
     }
 
-    /// Zeroes all call counts and restarts [`Upstream::max_in_flight`] from the calls in flight
+    /// Calls received for every key (path plus query) that starts with `prefix`, e.g. all the
+    /// keys of one scenario under `/recommend/cold-corral/`.
+    pub fn calls_under(&self, prefix: &str) -> u64 {
+        self.state
+            .lock()
+            .keys
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(_, record)| record.calls)
+            .sum()
+    }
+
+    /// When the first answer for one key (path plus query) since start or the last
+    /// [`Upstream::reset_calls`] was ready to send, after its delay: the moment waiters of a
+    /// fill can start being answered.
+    pub fn first_answer(&self, path_and_query: &str) -> Option<Instant> {
+        self.state
+            .lock()
+            .keys
+            .get(path_and_query)
+            .and_then(|key| key.first_answer)
+    }
+
+    /// Zeroes all call counts (and forgets first answers) and restarts [`Upstream::max_in_flight`] from the calls in flight
     /// now. The call number in echo bodies keeps counting.
     pub fn reset_calls(&self) {
         let mut inner = self.state.lock();
         inner.calls = 0;
         for key in inner.keys.values_mut() {
             key.calls = 0;
+            key.first_answer = None;
         }
         // Inside the watch's lock, like the updates in `InFlight::enter`; nothing is modified.
         self.state.in_flight.send_if_modified(|c| {
@@ -185,13 +249,24 @@ impl Upstream {
             .map(|key| key.last_headers.clone())
     }
 
+    /// Method of the last request received for a key.
+    pub fn last_method(&self, path_and_query: &str) -> Option<Method> {
+        self.state
+            .lock()
+            .keys
+            .get(path_and_query)
+            .map(|key| key.last_method.clone())
+    }
+
     /// Sleeps this long before answering every call (unless a script sets its own delay).
     pub fn set_delay(&self, delay: Duration) {
         self.state.lock().delay = delay;
     }
 
     /// Answers requests whose path starts with `path_prefix` with `reply`, replacing any script
-    /// for the same prefix. When several prefixes match, the longest wins.
+    /// for the same prefix. When several prefixes match, the longest wins. The reply's status
+    /// replaces the [`Responder`]'s, its headers replace the responder's headers of the same
+    /// names, and its body (if any) the responder's body.
     ///
     /// # Panics
     ///
@@ -231,6 +306,10 @@ impl Upstream {
     /// Waits until at least `n` calls are in flight at once, so a test can act while fills are
     /// known to be parked in the upstream (pair it with a delay that keeps them there).
     ///
+    /// Every call counted has already decided its answer and been counted in
+    /// [`Upstream::calls`]: re-scripting or changing the delay after this returns affects later
+    /// calls only.
+    ///
     /// # Panics
     ///
     /// After 10 s, with the count reached.
@@ -260,27 +339,47 @@ impl State {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts the call, records its headers and decides how to answer it.
-    fn enter(&self, key: &str, path: &str, headers: &HeaderMap) -> Plan {
+    /// Counts the call, records its headers, decides how to answer it and counts it in flight,
+    /// all under the one lock that [`Upstream::script`] and [`Upstream::set_delay`] take: a
+    /// test that saw the call in flight can no longer change its plan.
+    fn enter(
+        self: &Arc<Self>,
+        key: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> (Plan, InFlight) {
         let mut inner = self.lock();
         inner.calls += 1;
         inner.sequence += 1;
         let record = inner.keys.entry(key.to_owned()).or_default();
         record.calls += 1;
         record.last_headers = headers.clone();
+        record.last_method = method.clone();
         let reply = inner
             .scripts
             .iter()
             .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
             .max_by_key(|(prefix, _)| prefix.len())
             .map(|(_, reply)| reply.clone());
-        Plan {
+        let plan = Plan {
             sequence: inner.sequence,
             delay: reply
                 .as_ref()
                 .and_then(|reply| reply.delay)
                 .unwrap_or(inner.delay),
             reply,
+        };
+        // Still inside `inner`'s lock, so whoever wakes on the new count sees the plan made.
+        let in_flight = InFlight::enter(self);
+        drop(inner);
+        (plan, in_flight)
+    }
+
+    /// Notes the moment the first answer for `key` was ready.
+    fn answered(&self, key: &str) {
+        if let Some(record) = self.lock().keys.get_mut(key) {
+            record.first_answer.get_or_insert_with(Instant::now);
         }
     }
 }
@@ -313,6 +412,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // Answers are small and the bench times them: do not hold them back (Nagle).
+                let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
                 connections.spawn(async move {
                     let service = service_fn(move |req| answer(Arc::clone(&state), req));
@@ -331,7 +432,6 @@ async fn answer(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let _in_flight = InFlight::enter(&state);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let key = parts
@@ -339,7 +439,8 @@ async fn answer(
         .path_and_query()
         .map_or(path, |pq| pq.as_str())
         .to_owned();
-    let plan = state.enter(&key, path, &parts.headers);
+    // Counted in flight before the first await, so a call hyper drops is counted too.
+    let (plan, _in_flight) = state.enter(&key, &parts.method, path, &parts.headers);
     let body = body
         .collect()
         .await
@@ -349,36 +450,46 @@ async fn answer(
         tokio::time::sleep(plan.delay).await;
     }
 
-    let status = plan.reply.as_ref().map_or(200, |reply| reply.status);
-    let mut response = Response::new(Full::default());
-    // Statuses and headers were validated by `Upstream::script`.
-    *response.status_mut() = StatusCode::from_u16(status).expect("validated status");
-    let scripted_body = plan.reply.as_ref().and_then(|reply| reply.body.clone());
+    let mut response = match plan.reply.as_ref().and_then(|reply| reply.body.clone()) {
+        Some(scripted) => Response::new(scripted),
+        None => (state.responder)(&Call {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            body: &body,
+            sequence: plan.sequence,
+        }),
+    };
     if let Some(reply) = &plan.reply {
+        // Statuses and headers were validated by `Upstream::script`.
+        *response.status_mut() = StatusCode::from_u16(reply.status).expect("validated status");
+        let headers = response.headers_mut();
+        for (name, _) in &reply.headers {
+            headers.remove(name.as_str());
+        }
         for (name, value) in &reply.headers {
-            response.headers_mut().append(
+            headers.append(
                 HeaderName::try_from(name.as_str()).expect("validated header name"),
                 HeaderValue::try_from(value.as_str()).expect("validated header value"),
             );
         }
     }
-    let body = match scripted_body {
-        Some(body) => body,
-        None => {
-            response
-                .headers_mut()
-                .entry(CONTENT_TYPE)
-                .or_insert(HeaderValue::from_static("application/json"));
-            let echo = serde_json::json!({
-                "path": path,
-                "query": parts.uri.query().unwrap_or(""),
-                "method": parts.method.as_str(),
-                "call": plan.sequence,
-                "body": String::from_utf8_lossy(&body),
-            });
-            Bytes::from(echo.to_string())
-        }
-    };
-    *response.body_mut() = Full::new(body);
-    Ok(response)
+    state.answered(&key);
+    Ok(response.map(Full::new))
+}
+
+/// The default [`Responder`]: 200, a JSON echo of the request numbered by its call.
+fn echo(call: &Call<'_>) -> Response<Bytes> {
+    let echo = serde_json::json!({
+        "path": call.uri.path(),
+        "query": call.uri.query().unwrap_or(""),
+        "method": call.method.as_str(),
+        "call": call.sequence,
+        "body": String::from_utf8_lossy(call.body),
+    });
+    let mut response = Response::new(Bytes::from(echo.to_string()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
