@@ -28,11 +28,14 @@ pub const STREAMS_PER_CONNECTION: usize = 200;
 /// Bound on one request, answer and body included.
 const REQUEST_BOUND: Duration = Duration::from_secs(60);
 
-/// One answer: which key, its status, and when its body was read (since the burst began).
+/// One answer: which key, its status (0: none, see `error`), and when its body was read (since
+/// the burst began).
 pub struct Answer {
     pub key: usize,
     pub status: u16,
     pub at: Duration,
+    /// Why no answer came, with its causes.
+    pub error: Option<String>,
 }
 
 /// The client connections to a fleet, opened before the burst.
@@ -98,11 +101,17 @@ impl Connections {
                             response.into_body().collect().await?;
                             Ok::<_, BoxError>(status)
                         };
-                        let status = tokio::time::timeout(REQUEST_BOUND, read).await??;
+                        let (status, error) = match tokio::time::timeout(REQUEST_BOUND, read).await
+                        {
+                            Ok(Ok(status)) => (status, None),
+                            Ok(Err(err)) => (0, Some(causes(err.as_ref()))),
+                            Err(_) => (0, Some(format!("no answer within {REQUEST_BOUND:?}"))),
+                        };
                         Ok::<_, BoxError>(Answer {
                             key,
                             status,
                             at: started.elapsed(),
+                            error,
                         })
                     });
                 }
@@ -121,4 +130,15 @@ impl Connections {
         self.drivers.abort_all();
         while self.drivers.join_next().await.is_some() {}
     }
+}
+
+/// An error and its sources, `: `-separated.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
