@@ -102,6 +102,7 @@ pub struct Metrics {
     l1_bytes: Gauge,
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
+    notices_received: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -186,6 +187,12 @@ impl Metrics {
             "Entries removed from Redis by purges",
             purged_entries.clone(),
         );
+        let notices_received = Counter::default();
+        registry.register(
+            "notices_received",
+            "Fill notices Redis pub/sub delivered to this process: one per fill it waited on, however many requests waited",
+            notices_received.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -201,6 +208,7 @@ impl Metrics {
             l1_bytes,
             purges,
             purged_entries,
+            notices_received,
         };
         metrics.route_counters(UNROUTED, |outcome| outcome == CacheOutcome::UriMiss);
         metrics
@@ -317,6 +325,16 @@ impl Metrics {
     pub fn purge(&self, kind: &'static str, entries: u64) {
         self.purges.get_or_create(&KindLabel { kind }).inc();
         self.purged_entries.inc_by(entries);
+    }
+
+    /// One fill notice delivered by pub/sub (whether or not a request here still waited on it).
+    pub fn notice_received(&self) {
+        self.notices_received.inc();
+    }
+
+    /// Fill notices delivered to this process so far (`corral_notices_received_total`).
+    pub fn notices_received(&self) -> u64 {
+        self.notices_received.get()
     }
 
     /// Renders the page, after setting the gauges of live state.

@@ -193,6 +193,7 @@ impl Notices {
             resets,
             purges: route_purges,
             sharded: false,
+            metrics: metrics.clone(),
         };
         let classic = pushes.clone();
         let open: Open = Box::new(move |client: Client| {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::corral::{config, recommend_route, spread, start, url};
-use support::{Client, RedisServer, Upstream};
+use support::{Client, RedisServer, Upstream, eventually};
 
 fn count(statuses: &[String], value: &str) -> usize {
     statuses.iter().filter(|s| s.as_str() == value).count()
@@ -67,6 +67,49 @@ async fn fleet_stampede_makes_one_upstream_call_and_pubsub_wakes_the_waiters() {
     for instance in fleet {
         instance.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_instance_receives_one_notice_per_fill_however_many_requests_wait() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Long enough for the waiters below to subscribe while the fill is parked upstream.
+    upstream.set_delay(Duration::from_secs(2));
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let notices = |i: usize| fleet[i].proxy().metrics().notices_received();
+
+    // Step 1: instance 0 takes the fill, which the upstream holds.
+    let leader = client.spawn_get(url(&fleet[0], "/recommend?segment=n"));
+    upstream.wait_in_flight(1).await;
+
+    // Step 2: 50 requests for the key at instance 1, which waits on the fill by pub/sub.
+    let waiters: Vec<_> = (0..50)
+        .map(|_| client.spawn_get(url(&fleet[1], "/recommend?segment=n")))
+        .collect();
+    eventually(
+        "instance 1 waits on the key's channel",
+        Duration::from_secs(5),
+        async || {
+            fleet[1]
+                .proxy()
+                .fleet()
+                .is_some_and(|f| f.notices.waiting_channels() == 1)
+        },
+    )
+    .await;
+
+    // Step 3: one call; instance 1 received the notice once for its 50 waiting requests, and
+    // the filler none: pub/sub work grows with the instances that wait, never with the waiters.
+    assert_eq!(leader.await.expect("the leader's request").status, 200);
+    for waiter in waiters {
+        assert_eq!(waiter.await.expect("a waiter's request").status, 200);
+    }
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!((notices(0), notices(1)), (0, 1));
+    let page = fleet[1].proxy().render_metrics().await;
+    assert!(page.contains("corral_notices_received_total 1"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

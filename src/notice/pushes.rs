@@ -5,8 +5,11 @@
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use super::{Request, Waiters, Wake, lock, resync};
 use crate::l2::Notice;
+use crate::metrics::Metrics;
 use crate::purge::Purge;
 
 /// Where the pushes of a pub/sub connection go: the waiters, the purge applier, and the
@@ -20,6 +23,8 @@ pub(super) struct Pushes {
     pub(super) purges: mpsc::UnboundedSender<Purge>,
     /// Whether these are the sharded connection's pushes (a drop there loses no purge).
     pub(super) sharded: bool,
+    /// Counts the fill notices delivered (`corral_notices_received_total`).
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Pushes {
@@ -58,6 +63,7 @@ impl Pushes {
                 Delivered::Purge(purge) => {
                     let _ = pushes.purges.send(purge);
                 }
+                Delivered::Notice => pushes.metrics.notice_received(),
                 Delivered::Nothing => {}
             }
             Ok(())
@@ -68,6 +74,8 @@ impl Pushes {
 /// What a push from Redis amounted to.
 enum Delivered {
     Nothing,
+    /// A fill notice, handed to the waiters on its channel if there were any.
+    Notice,
     /// The connection dropped: the server holds no subscriptions any more.
     Disconnected,
     /// A purge arrived on the invalidation channel.
@@ -106,7 +114,7 @@ fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered 
                     mailbox.post(Wake::Notice(notice.clone()));
                 }
             }
-            Delivered::Nothing
+            Delivered::Notice
         }
         // Sent for our own SUNSUBSCRIBE (nobody waits on the channel any more), and by the
         // server when the channel's slot leaves this master (someone may still wait).
@@ -181,7 +189,7 @@ mod tests {
         let sharded = push(PushKind::SMessage, vec![bulk(channel), bulk("uncacheable")]);
         assert!(matches!(
             deliver(&waiters, "inv", sharded),
-            Delivered::Nothing
+            Delivered::Notice
         ));
         assert_eq!(mailbox.take(), Some(Wake::Notice(Notice::Uncacheable)));
     }
