@@ -437,7 +437,7 @@ impl Filler {
         Ok(match fetched {
             Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
                 match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
-                    Some(entry) => Verdict::Store(entry),
+                    Some(verdict) => verdict,
                     None => {
                         drop(slot);
                         return Box::pin(self.call_upstream(req, lock, None)).await;
