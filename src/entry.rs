@@ -31,6 +31,12 @@ const MIN_HEADER_BYTES: usize = 2 + 1 + 4;
 /// The fewest bytes one encoded tag takes: its length.
 const MIN_TAG_BYTES: usize = 2;
 
+/// How long an entry with a validator (`ETag` or `Last-Modified`) stays in L1 past its last usable
+/// moment, served to nobody: a miss on its key then asks the upstream conditionally, and a `304`
+/// renews it without a body transfer (RFC 9111 §4.3). L1 is bounded by bytes, so keeping costs
+/// no more memory than the budget allows; an entry nobody asks for is evicted first.
+pub const KEPT_FOR_REVALIDATION: Duration = Duration::from_secs(600);
+
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -123,6 +129,32 @@ pub enum DecodeError {
 }
 
 impl Entry {
+    /// Whether the entry carries a validator a conditional request can name.
+    pub fn has_validator(&self) -> bool {
+        self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// Until when L1 keeps the entry: its last usable moment, plus [`KEPT_FOR_REVALIDATION`] when
+    /// it has a validator (past its usable life it only feeds a conditional fill).
+    pub fn kept_until(&self) -> u64 {
+        let end = self.times.stale_until();
+        if self.has_validator() {
+            let keep = u64::try_from(KEPT_FOR_REVALIDATION.as_millis()).unwrap_or(u64::MAX);
+            end.saturating_add(keep)
+        } else {
+            end
+        }
+    }
+
+    /// Time L1 still keeps the entry from `now` (see [`Entry::kept_until`]), or `None`.
+    pub fn kept_for(&self, now: u64) -> Option<Duration> {
+        self.kept_until()
+            .checked_sub(now)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis)
+    }
+
     /// Whole seconds of freshness left at `now` (negative once stale), counting the upstream's
     /// `Age`: RFC 9211's `ttl`.
     pub fn ttl_secs(&self, now: u64) -> i64 {
@@ -396,6 +428,28 @@ pub fn upstream_age_secs(headers: &HeaderMap) -> Option<u64> {
 mod tests {
     use super::*;
     use http::header;
+
+    #[test]
+    fn an_entry_with_a_validator_is_kept_past_its_usable_life_to_revalidate() {
+        let keep = u64::try_from(KEPT_FOR_REVALIDATION.as_millis()).unwrap_or(u64::MAX);
+        let mut entry = sample();
+        assert_eq!(
+            entry.kept_until(),
+            4,
+            "no validator: kept until stale_until"
+        );
+        assert_eq!(entry.kept_for(4), None);
+        for validator in [header::ETAG, header::LAST_MODIFIED] {
+            let mut with = sample();
+            with.headers
+                .insert(validator, HeaderValue::from_static("\"v1\""));
+            assert_eq!(with.kept_until(), 4 + keep);
+            assert_eq!(with.times.freshness(5), Freshness::Expired);
+            assert_eq!(with.kept_for(5), Some(Duration::from_millis(keep - 1)));
+        }
+        entry.times.sie_until = u64::MAX;
+        assert_eq!(entry.kept_until(), u64::MAX);
+    }
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();

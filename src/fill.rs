@@ -40,6 +40,10 @@ pub struct FillRequest {
     pub parts: Parts,
     pub body: Bytes,
     pub peer: SocketAddr,
+    /// An entry of this key (and variant) past its usable life, kept in L1 for its validators: a
+    /// fill with no stale entry of its own asks the upstream conditionally with them, and a
+    /// `304` renews it (RFC 9111 §4.3). Never served as it is.
+    pub validators: Option<Arc<Entry>>,
 }
 
 /// Where a shared entry came from.
@@ -161,7 +165,8 @@ impl Filler {
         };
         // A purge applied after this point covers what the upstream is about to answer.
         let began = self.l1.fence().mark();
-        match self.call_upstream(req, lock, fallback.as_deref()).await {
+        let validators = fallback.as_deref().or(req.validators.as_deref());
+        match self.call_upstream(req, lock, validators).await {
             Ok(Verdict::Store(entry)) => {
                 let entry = Arc::new(entry);
                 let fence = self.l1.fence();
@@ -272,7 +277,7 @@ impl Filler {
         Ok(match fetched {
             Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
                 match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
-                    Some(entry) => Verdict::Store(entry),
+                    Some(verdict) => verdict,
                     None => {
                         drop(slot);
                         return Box::pin(self.call_upstream(req, lock, None)).await;

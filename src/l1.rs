@@ -1,4 +1,5 @@
-//! L1: the in-process cache (moka), bounded by bytes; each entry lives until its own `stale_until`.
+//! L1: the in-process cache (moka), bounded by bytes; each entry lives until its own `stale_until`,
+//! or a while longer when it has a validator, to be revalidated ([`Entry::kept_until`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,16 +45,18 @@ impl L1 {
         &self.fence
     }
 
-    /// The entry for `key`, if present and not past its `stale_until` at `now` (Unix ms).
+    /// The entry for `key`, if present and not past its [`Entry::kept_until`] at `now` (Unix ms):
+    /// past its `stale_until` it is `Expired`, kept only to revalidate.
     pub async fn get(&self, key: &CacheKey, now: u64) -> Option<Arc<Entry>> {
         let cached = self.cache.get(key).await?;
         // moka's expiry has its own clock granularity; the entry's own wall-clock bound decides.
-        (cached.entry.times.stale_until() > now).then_some(cached.entry)
+        (cached.entry.kept_until() > now).then_some(cached.entry)
     }
 
-    /// Stores an entry of `route` for its remaining life; an entry already dead is not stored.
+    /// Stores an entry of `route` for as long as it is kept ([`Entry::kept_until`]); an entry
+    /// already past that is not stored.
     pub async fn insert(&self, key: CacheKey, route: &str, entry: Arc<Entry>) {
-        if entry.times.remaining(now_ms()).is_some() {
+        if entry.kept_for(now_ms()).is_some() {
             let route = Arc::from(route);
             self.cache.insert(key, Cached { route, entry }).await;
         }
@@ -193,7 +196,7 @@ impl Expiry<CacheKey, Duration> for MarkLifetime {
     }
 }
 
-/// Expires every entry at its own `stale_until`, on creation and on replacement alike.
+/// Expires every entry at its own [`Entry::kept_until`], on creation and on replacement alike.
 struct OwnLifetime;
 
 impl Expiry<CacheKey, Cached> for OwnLifetime {
@@ -203,13 +206,7 @@ impl Expiry<CacheKey, Cached> for OwnLifetime {
         cached: &Cached,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(
-            cached
-                .entry
-                .times
-                .remaining(now_ms())
-                .unwrap_or(Duration::ZERO),
-        )
+        Some(cached.entry.kept_for(now_ms()).unwrap_or(Duration::ZERO))
     }
 
     fn expire_after_update(
@@ -219,12 +216,6 @@ impl Expiry<CacheKey, Cached> for OwnLifetime {
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(
-            cached
-                .entry
-                .times
-                .remaining(now_ms())
-                .unwrap_or(Duration::ZERO),
-        )
+        Some(cached.entry.kept_for(now_ms()).unwrap_or(Duration::ZERO))
     }
 }

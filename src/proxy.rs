@@ -348,6 +348,7 @@ impl Proxy {
             parts,
             body,
             peer,
+            validators: None,
         };
         conditions.apply(self.lookup(req).await)
     }

@@ -6,9 +6,10 @@
 //!   refresh is an ordinary whole fill.
 //! - [`renewed`]: the entry an upstream `304 Not Modified` makes of the stale one (§4.3.4): its
 //!   body, the stored header fields replaced by those the 304 carries, and a new lifetime computed
-//!   from the merged fields as for a fresh answer. `None` when the 304 does not validate this
-//!   entry (another strong `ETag`) or the merged answer may not be stored: the caller then fills
-//!   unconditionally.
+//!   from the merged fields as for a fresh answer — stored when that lifetime is worth storing,
+//!   else shared with the fill's requesters only (validated, it answers them, §4.3.3). `None`
+//!   when the 304 does not validate this entry (another strong `ETag`) or the merged answer may
+//!   not be shared (`no-store`, `private`, `Set-Cookie`): the caller then fills unconditionally.
 //!
 //! Only a refresh under the fill lock uses them: its conditional request goes out on behalf of
 //! the cache, never of a client, so a 304 is never handed to a requester as the answer.
@@ -19,7 +20,7 @@ use http::{Request, StatusCode};
 use crate::cache_control::Directives;
 use crate::config::RouteConfig;
 use crate::entry::{Entry, now_ms};
-use crate::verdict::{compact, lifetime, surrogate_keys};
+use crate::verdict::{Verdict, compact, lifetime, surrogate_keys};
 
 /// The conditional headers a refresh of `stale` sends: `If-None-Match` with its `ETag`,
 /// `If-Modified-Since` with its `Last-Modified` (both when it has both; RFC 9111 §4.3.1).
@@ -52,14 +53,15 @@ const KEPT: [HeaderName; 4] = [
     header::CONNECTION,
 ];
 
-/// The entry a `304 Not Modified` with `headers` makes of `stale`, or `None` (see the module
-/// docs). `fill_ms` is how long the conditional request took.
-pub fn renewed(
+/// The entry a `304 Not Modified` with `headers` makes of `stale`, as a verdict (`Store`, or
+/// `Share` when its lifetime is not worth storing), or `None` (see the module docs). `fill_ms` is
+/// how long the conditional request took.
+pub(crate) fn renewed(
     route: &RouteConfig,
     stale: &Entry,
     headers: &HeaderMap,
     fill_ms: u32,
-) -> Option<Entry> {
+) -> Option<Verdict> {
     let stored_etag = stale.headers.get(header::ETAG);
     if let (Some(new), Some(old)) = (headers.get(header::ETAG), stored_etag)
         && !same_validator(new, old)
@@ -82,10 +84,7 @@ pub fn renewed(
     }
     let now = now_ms();
     let (times, storable) = lifetime(route, stale.status, &merged, now);
-    if !storable || times.stale_until() <= now {
-        return None;
-    }
-    Some(Entry {
+    let entry = Entry {
         status: stale.status,
         tags: surrogate_keys(&merged, route),
         headers: compact(&merged),
@@ -93,6 +92,11 @@ pub fn renewed(
         times,
         fill_ms,
         vary: stale.vary.clone(),
+    };
+    Some(if storable && times.stale_until() > now {
+        Verdict::Store(entry)
+    } else {
+        Verdict::Share(entry)
     })
 }
 
@@ -197,7 +201,7 @@ mod tests {
             ("content-length", "0"),
             ("surrogate-key", "new"),
         ]);
-        let Some(renewed) = renewed(&route(), &old, &not_modified, 7) else {
+        let Some(Verdict::Store(renewed)) = renewed(&route(), &old, &not_modified, 7) else {
             panic!("a matching 304 renews the entry");
         };
         assert_eq!(renewed.body, old.body);
@@ -215,14 +219,12 @@ mod tests {
     }
 
     #[test]
-    fn a_304_that_does_not_validate_or_forbids_storing_renews_nothing() {
+    fn a_304_that_does_not_validate_or_forbids_sharing_renews_nothing() {
         let old = stale(&[("etag", "\"v1\""), ("cache-control", "max-age=1")]);
-        let cases: [&[(&'static str, &'static str)]; 4] = [
+        let cases: [&[(&'static str, &'static str)]; 3] = [
             &[("etag", "\"v2\""), ("cache-control", "max-age=60")],
             &[("cache-control", "no-store")],
             &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
-            // ttl = 0s and no freshness: nothing left to store.
-            &[("cache-control", "max-age=0")],
         ];
         for fields in cases {
             assert!(
@@ -231,6 +233,30 @@ mod tests {
             );
         }
         let weak = headers(&[("etag", "W/\"v1\""), ("cache-control", "max-age=60")]);
-        assert!(renewed(&route(), &old, &weak, 1).is_some());
+        assert!(matches!(
+            renewed(&route(), &old, &weak, 1),
+            Some(Verdict::Store(_))
+        ));
+    }
+
+    /// A 304 whose merged fields leave no lifetime (here the stored `Expires` is already past the
+    /// 304's `Date`) still validated the entry: it answers the fill's requesters (RFC 9111
+    /// §4.3.3), and is not stored, so the next request revalidates again.
+    #[test]
+    fn a_304_that_leaves_no_lifetime_answers_the_fill_without_being_stored() {
+        let old = stale(&[
+            ("etag", "\"v1\""),
+            ("date", "Mon, 02 Nov 2026 10:00:00 GMT"),
+            ("expires", "Mon, 02 Nov 2026 10:00:01 GMT"),
+        ]);
+        for fields in [
+            &[("date", "Mon, 02 Nov 2026 10:00:03 GMT")][..],
+            &[("cache-control", "max-age=0"), ("x-new", "1")][..],
+        ] {
+            let Some(Verdict::Share(shared)) = renewed(&route(), &old, &headers(fields), 1) else {
+                panic!("{fields:?}: a validated 304 answers the fill, unstored");
+            };
+            assert_eq!(shared.body, old.body, "{fields:?}");
+        }
     }
 }

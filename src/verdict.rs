@@ -149,12 +149,69 @@ fn explicit_lifetime(d: &Directives, headers: &HeaderMap, now: u64) -> Option<u6
     Some(expires.saturating_sub(date))
 }
 
-/// An HTTP date (RFC 9110 §5.6.7) as Unix milliseconds.
+/// An HTTP date (RFC 9110 §5.6.7) as Unix milliseconds: IMF-fixdate, or one of the obsolete
+/// RFC 850 and asctime forms, with the leniency of [`lenient_http_date`].
 pub(crate) fn http_date_ms(value: &HeaderValue) -> Option<u64> {
-    let text = value.to_str().ok()?;
-    let at = httpdate::parse_http_date(text.trim()).ok()?;
+    let text = value.to_str().ok()?.trim();
+    let at = httpdate::parse_http_date(text)
+        .ok()
+        .or_else(|| lenient_http_date(text))?;
     let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
     u64::try_from(since.as_millis()).ok()
+}
+
+/// An HTTP date that differs from the exact grammar only where a recipient loses nothing by
+/// accepting it (RFC 9110 §5.6.7 asks recipients to be robust): day names, month names and `GMT`
+/// in any case, and a day name that does not match the date (it is redundant). Anything else —
+/// another zone, a two-digit year in IMF-fixdate, a missing comma, extra spaces, other
+/// separators, a one-digit hour — stays invalid, and an invalid `Expires` means "expired".
+fn lenient_http_date(text: &str) -> Option<std::time::SystemTime> {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const LONG_DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let canonical = |word: &str| {
+        DAYS.iter()
+            .chain(&LONG_DAYS)
+            .chain(&MONTHS)
+            .chain(&["GMT"])
+            .find(|known| known.eq_ignore_ascii_case(word))
+            .map_or_else(|| word.to_owned(), |known| (*known).to_owned())
+    };
+    // The leading day name, then the rest with every name in its canonical case.
+    let day_len = text.find(|c: char| !c.is_ascii_alphabetic())?;
+    let (day, rest) = text.split_at(day_len);
+    let mut tail = String::with_capacity(rest.len());
+    let mut word = String::new();
+    for c in rest.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+            continue;
+        }
+        if !word.is_empty() {
+            tail.push_str(&canonical(&word));
+            word.clear();
+        }
+        tail.push(c);
+    }
+    tail.pop();
+    let names = if day.len() > 3 { &LONG_DAYS } else { &DAYS };
+    if !names.iter().any(|d| d.eq_ignore_ascii_case(day)) {
+        return None;
+    }
+    // Only the day that matches the date parses: trying each one ignores the one given.
+    names
+        .iter()
+        .find_map(|d| httpdate::parse_http_date(&format!("{d}{tail}")).ok())
 }
 
 /// `Vary: *`: no later request can be known to match, so nothing is shared.
@@ -227,6 +284,45 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn dates_are_read_leniently_only_where_nothing_is_lost() {
+        let ms = |text: &'static str| http_date_ms(&HeaderValue::from_static(text));
+        let exact = ms("Thu, 18 Aug 2050 02:01:18 GMT");
+        assert!(exact.is_some());
+        for lenient in [
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gMT",
+            "Mon, 18 Aug 2050 02:01:18 GMT",
+            "Thursday, 18-Aug-50 02:01:18 GMT",
+            "thursday, 18-aug-50 02:01:18 gmt",
+            "Mon Aug 18 02:01:18 2050",
+        ] {
+            assert_eq!(ms(lenient), exact, "{lenient}");
+        }
+        assert_eq!(
+            ms("Thu Aug  8 02:01:18 2050"),
+            ms("Mon, 08 Aug 2050 02:01:18 GMT"),
+            "asctime with a day name that does not match"
+        );
+        for invalid in [
+            "Thu, 18 Aug 2050 02:01:18 UTC",
+            "Thu, 18 Aug 2050 02:01:18 AEST",
+            "Thu, 18 Aug 50 02:01:18 GMT",
+            "Thu 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18  Aug  2050 02:01:18 GMT",
+            "Thu, 18-Aug-2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02.01.18 GMT",
+            "Thu, 18 Aug 2050 2:01:18 GMT",
+            "Fri, 18 Aug 2050 02:01:18 GMTX",
+            "Xyz, 18 Aug 2050 02:01:18 GMT",
+            "0",
+            "",
+        ] {
+            assert_eq!(ms(invalid), None, "{invalid}");
+        }
+    }
 
     #[test]
     fn age_parsing_table() {

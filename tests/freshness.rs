@@ -294,3 +294,81 @@ async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fle
         "a 304 renews; nothing is fetched again"
     );
 }
+
+/// RFC 9111 §4.3: an entry past its usable life (here `must-revalidate`, so never served stale)
+/// is not forgotten while it has a validator: the next miss asks the upstream conditionally, and
+/// the upstream's 304 renews it — same body, the 304's fields merged — fleet-wide, without a
+/// body transfer; the other instance then answers from the renewed entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Step 1: an entry with a validator that lives one second and may never be served stale.
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("cache-control", "max-age=1, must-revalidate")
+            .header("etag", "\"v1\"")
+            .body("first body"),
+    );
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=expired";
+    let first = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(first.status, 200);
+    let copied = client.get(&url(&fleet[1], path), &[]).await;
+    assert!(
+        copied
+            .cache_status()
+            .is_some_and(|s| s.starts_with("corral; hit")),
+        "{:?}",
+        copied.cache_status()
+    );
+    assert_eq!(upstream.calls(), 1);
+
+    // Step 2: let its lifetime pass; the upstream now answers a matching conditional with a 304.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    upstream.script(
+        "/recommend",
+        Reply::status(304)
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v1\"")
+            .header("x-renewed", "yes")
+            .body(""),
+    );
+
+    // Step 3: the miss revalidates: one conditional call, and the requester gets the stored body
+    // with the 304's fields — never the 304 itself.
+    let renewed = client.get(&url(&fleet[0], path), &[]).await;
+    assert_eq!(renewed.status, 200);
+    assert_eq!(renewed.body, first.body);
+    assert_eq!(renewed.header("x-renewed"), Some("yes"));
+    assert_eq!(upstream.calls(), 2);
+    let sent = upstream
+        .last_headers(path)
+        .expect("the revalidation's headers");
+    assert_eq!(
+        sent.get("if-none-match").and_then(|v| v.to_str().ok()),
+        Some("\"v1\"")
+    );
+
+    // Step 4: the renewal is fleet-wide: the other instance, which holds the expired copy,
+    // answers from the renewed entry without calling the upstream.
+    let elsewhere = client.get(&url(&fleet[1], path), &[]).await;
+    assert_eq!(elsewhere.status, 200);
+    assert_eq!(elsewhere.body, first.body);
+    assert_eq!(elsewhere.header("x-renewed"), Some("yes"));
+    assert!(
+        elsewhere
+            .cache_status()
+            .is_some_and(|s| s.starts_with("corral; hit")),
+        "{:?}",
+        elsewhere.cache_status()
+    );
+    assert_eq!(
+        upstream.calls(),
+        2,
+        "a 304 renews; nothing is fetched again"
+    );
+}

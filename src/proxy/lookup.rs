@@ -36,10 +36,14 @@ impl Proxy {
         self.fetch_alone(&req, CacheOutcome::Bypass).await
     }
 
-    async fn lookup_key(&self, req: FillRequest) -> Looked {
+    async fn lookup_key(&self, mut req: FillRequest) -> Looked {
         let now = now_ms();
         let stale = match self.l1.get(&req.key, now).await {
-            Some(entry) if entry.times.freshness(now) == Freshness::Expired => None,
+            Some(entry) if entry.times.freshness(now) == Freshness::Expired => {
+                // Kept only for its validators: the fill revalidates it (RFC 9111 §4.3).
+                req.validators = self.fits(&entry, &req).then_some(entry);
+                None
+            }
             Some(entry) if !self.fits(&entry, &req) => {
                 return Looked::OtherVariant(
                     req,
