@@ -2,8 +2,8 @@
 //! the place of every fault.
 //!
 //! A rule that rejects a value knows its span, field and route. A serde error knows only a span,
-//! so [`Checker::toml_error`] walks the parsed document to the key at that span ([`describe`],
-//! [`locate`]) to name the field and route the same way.
+//! so [`Checker::toml_error`] asks [`locate`](super::locate) for the field and route at that span,
+//! to name them the same way.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,8 +16,8 @@ use http::{HeaderName, Method, Uri};
 
 use crate::redact::redact;
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
 
+use super::locate::{Place, line_of, place};
 use super::raw::{
     HumanDuration, List, RawConfig, RawKey, RawLock, RawOnWaitTimeout, RawRedis, RawRoute,
     RawScope, RawSentinel, RawServer,
@@ -70,10 +70,8 @@ impl Checker<'_> {
     /// A serde/toml error: the line from its span, the field and route from the document.
     pub(super) fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         let span = err.span().unwrap_or(0..0);
-        let (route, field) = match DeTable::parse(self.text) {
-            Ok(doc) => describe(doc.get_ref(), span.start),
-            Err(_) => (None, None), // a syntax error: no document to walk
-        };
+        let Place { route, field } = place(self.text, span.start);
+        let route = route.map(|(index, name)| route_label(index, name.as_deref()));
         ConfigError::Invalid {
             path: self.source.to_path_buf(),
             line: line_of(self.text, span.start),
@@ -607,106 +605,17 @@ fn is_json_pointer(s: &str) -> bool {
             .all(|rest| rest.starts_with(['0', '1']))
 }
 
-/// The 1-based line holding byte `offset` of `text` (offsets past the end land on the last line).
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// One step of a path into the document.
-enum Step<'d> {
-    Key(&'d str),
-    Index(usize),
-}
-
-/// The route label and field path of the key or value at byte `pos`.
-fn describe(doc: &DeTable<'_>, pos: usize) -> (Option<String>, Option<String>) {
-    let mut path = Vec::new();
-    locate(doc, pos, &mut path);
-    let (route, rest) = match path.as_slice() {
-        [Step::Key("route"), Step::Index(i), rest @ ..] => (Some(route_label(doc, *i)), rest),
-        _ => (None, path.as_slice()),
-    };
-    let keys: Vec<&str> = rest
-        .iter()
-        .filter_map(|s| match s {
-            Step::Key(k) => Some(*k),
-            Step::Index(_) => None,
-        })
-        .collect();
-    (route, (!keys.is_empty()).then(|| keys.join(".")))
-}
-
-/// Depth-first search for the deepest key or value whose span holds `pos`; leaves its path in `path`.
-/// Table spans are only their headers, so every table is searched, not just those whose span matches.
-fn locate<'d>(table: &'d DeTable<'_>, pos: usize, path: &mut Vec<Step<'d>>) -> bool {
-    for (key, value) in table.iter() {
-        path.push(Step::Key(key.get_ref()));
-        if key.span().contains(&pos) || locate_value(value, pos, path) {
-            return true;
-        }
-        path.pop();
-    }
-    false
-}
-
-fn locate_value<'d>(value: &'d Spanned<DeValue<'_>>, pos: usize, path: &mut Vec<Step<'d>>) -> bool {
-    let found_inside = match value.get_ref() {
-        DeValue::Table(t) => locate(t, pos, path),
-        DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
-            path.push(Step::Index(i));
-            let found = locate_value(item, pos, path);
-            if !found {
-                path.pop();
-            }
-            found
-        }),
-        _ => false,
-    };
-    found_inside || value.span().contains(&pos)
-}
-
-/// `name` of the `index`-th route if it is a usable name, else `#N`.
-fn route_label(doc: &DeTable<'_>, index: usize) -> String {
-    let name = entry(doc, "route")
-        .and_then(|routes| routes.as_array()?.get(index)?.get_ref().as_table())
-        .and_then(|route| entry(route, "name")?.as_str());
+/// How a message names a route: its `name` when that is a usable one, else its position (`#N`).
+fn route_label(index: usize, name: Option<&str>) -> String {
     match name {
         Some(name) if is_name(name, "") => name.to_owned(),
         _ => format!("#{}", index + 1),
     }
 }
 
-fn entry<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t DeValue<'i>> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref() == key)
-        .map(|(_, v)| v.get_ref())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_of_counts_newlines_before_the_offset() {
-        let text = "a = 1\nb = 2\n\nc = 3";
-        assert_eq!(line_of(text, 0), 1);
-        assert_eq!(
-            line_of(text, 5),
-            1,
-            "the newline itself belongs to its line"
-        );
-        assert_eq!(line_of(text, 6), 2);
-        assert_eq!(line_of(text, 12), 3);
-        assert_eq!(line_of(text, 13), 4);
-        assert_eq!(line_of(text, 999), 4, "past the end: last line");
-        assert_eq!(line_of("", 0), 1);
-    }
 
     #[test]
     fn json_pointer_escapes() {
@@ -718,14 +627,9 @@ mod tests {
     }
 
     #[test]
-    fn describe_finds_route_and_nested_field() {
-        let text = "[[route]]\nname = \"r\"\nkey = { headers = [\"a\", 3] }\n";
-        let Ok(doc) = DeTable::parse(text) else {
-            panic!("the test document parses");
-        };
-        let pos = text.find('3').unwrap_or_default();
-        let (route, field) = describe(doc.get_ref(), pos);
-        assert_eq!(route.as_deref(), Some("r"));
-        assert_eq!(field.as_deref(), Some("key.headers"));
+    fn a_route_is_named_by_its_name_else_by_its_position() {
+        assert_eq!(route_label(0, Some("recommend")), "recommend");
+        assert_eq!(route_label(1, Some("bad name")), "#2");
+        assert_eq!(route_label(2, None), "#3");
     }
 }
