@@ -13,10 +13,10 @@
 //! ```
 //!
 //! The raw structs (`Raw*`, private, in `raw.rs`) mirror the file; each value that a rule may reject
-//! keeps its byte span so the error can name its line. A serde error carries only a span, so the
-//! field and the route are recovered by walking the parsed document to the key at that span
-//! (`locate`, in `check.rs` with the rest of validation). Either way the message has one shape,
-//! which [`ConfigError`] documents.
+//! keeps its byte span so the error can name its line. Validation (`check.rs`) turns them into the
+//! types below. A serde error carries only a span, so the field and the route are recovered by
+//! walking the parsed document to the key at that span (`locate.rs`, which also turns a span into
+//! a line). Either way the message has one shape, which [`ConfigError`] documents.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -29,6 +29,7 @@ use check::Checker;
 use raw::RawConfig;
 
 mod check;
+mod locate;
 mod raw;
 
 /// A validated configuration: every field has been checked and every default applied.

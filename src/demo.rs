@@ -1,5 +1,9 @@
 //! `corral demo`: the job Corral exists for, on one machine with nothing else installed.
 //!
+//! A module of the `corral` binary (declared in `main.rs`), not of the library: it drives the
+//! library from outside, as a user would, and its command line, tables and progress bars
+//! (`clap`, `comfy-table`, `indicatif`) stay out of the library.
+//!
 //! A built-in backend stands in for the AI model (one second per call, counting its calls). Corral
 //! instances sit in front of it — one in embedded mode, or several sharing a Redis given with
 //! `--redis` — and a burst of identical concurrent requests hits them. The summary shows how many
@@ -30,8 +34,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
 
-use crate::config::Config;
-use crate::server::Instance;
+use corral::config::Config;
+use corral::outcome::cache_status_kind;
+use corral::server::Instance;
 
 mod fleet_redis;
 
@@ -279,7 +284,7 @@ async fn ask(mut sender: SendRequest<Empty<Bytes>>, addr: SocketAddr, path: &str
                 .headers()
                 .get("cache-status")
                 .and_then(|v| v.to_str().ok())
-                .map_or_else(|| "none".to_owned(), outcome_kind);
+                .map_or_else(|| "none".to_owned(), cache_status_kind);
             let _ = resp.into_body().collect().await;
             (status, outcome)
         }
@@ -528,37 +533,10 @@ impl Drop for Backend {
     }
 }
 
-/// A `Cache-Status` value without the cache's name and the per-answer numbers (`ttl`,
-/// `fwd-status`), so the demo's table counts kinds of answers.
-pub fn outcome_kind(value: &str) -> String {
-    value
-        .split(';')
-        .map(str::trim)
-        .filter(|p| *p != "corral" && !p.starts_with("ttl=") && !p.starts_with("fwd-status="))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outcome::CacheOutcome;
-
-    #[test]
-    fn outcome_kinds_drop_the_per_answer_numbers() {
-        let cases = [
-            ("corral; hit; ttl=59", "hit"),
-            ("corral; hit; ttl=-2; detail=stale", "hit; detail=stale"),
-            (
-                "corral; fwd=miss; fwd-status=200; collapsed",
-                "fwd=miss; collapsed",
-            ),
-            ("corral; fwd=bypass", "fwd=bypass"),
-        ];
-        for (value, kind) in cases {
-            assert_eq!(outcome_kind(value), kind);
-        }
-    }
+    use corral::outcome::CacheOutcome;
 
     fn report(requests: usize, instances: usize, backend_calls: u64, ok: usize) -> DemoReport {
         DemoReport {
@@ -584,7 +562,7 @@ mod tests {
         let note = late_note(&r).expect("hits are explained");
         assert!(note.starts_with("1700 requests sent with the burst reached Corral only after"));
         for value in CacheOutcome::ALL.map(|o| o.cache_status(Some(1), http::StatusCode::OK)) {
-            let value = outcome_kind(value.to_str().unwrap_or(""));
+            let value = cache_status_kind(value.to_str().unwrap_or(""));
             if value != "fwd=uri-miss" {
                 assert!(!meaning(&value).is_empty(), "{value}");
             }

@@ -27,6 +27,10 @@
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
 //!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`].
 //!
+//! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
+//! (and `demo/`), the built-in demo: they use the library from outside, and alone depend on
+//! `clap`, `comfy-table` and `indicatif`.
+//!
 //! # Request path
 //! route → bypass? → key → L1 (fresh: answer; stale within `stale_while_revalidate`: answer and
 //! refresh once) → coalesce: a flight (one per key per process) → L2 → fill lock (or wait for the
@@ -42,7 +46,6 @@ pub mod conditional;
 pub mod config;
 pub mod conn;
 pub mod control;
-pub mod demo;
 pub mod entry;
 pub mod fill;
 pub mod fleet;

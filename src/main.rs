@@ -1,4 +1,5 @@
-//! The `corral` command: `run`, `validate`, `demo`.
+//! The `corral` command: `run`, `validate`, `demo` (the demo is a module of this binary, [`demo`],
+//! not of the library).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,6 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use corral::{Config, Instance};
 use tracing_subscriber::EnvFilter;
+
+mod demo;
 
 /// glibc's allocator showed up in the hit path's profile (consolidation, page faults); mimalloc's
 /// per-thread free lists suit a server that allocates and frees small buffers per request.
@@ -48,7 +51,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run a stampede against a built-in slow backend and print what reached it.
-    Demo(corral::demo::DemoArgs),
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
-        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(corral::demo::run(args))),
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,23 @@
 //! Fill notices: one pub/sub hub per process, shared by every key that waits (one connection; in a
 //! cluster, one per master for the sharded notices plus one for purges).
 //!
+//! # Layout
+//! - `notice.rs` — the hub ([`Notices`]), a waiter's [`Subscription`], what wakes it ([`Wake`])
+//!   and what the reconciling task is asked (`Request`).
+//! - `notice/waiters.rs` — local fan-out: the waiters by channel, each with a mailbox of wakes.
+//! - `notice/reconciler.rs` — the one task that makes the server's subscriptions match the wanted
+//!   ones, and resyncs the waiters when notices may have been lost.
+//! - `notice/topology.rs` — which node the hub subscribes on and how each call there is bounded;
+//!   following it (the next seed node, the master the sentinels name).
+//!   `notice/sharded.rs` — in a cluster, the sharded subscriptions of fill channels.
+//! - `notice/pushes.rs` — what arrives on a connection: notices, purges, lost subscriptions.
+//! - `notice/invalidation.rs` — applying purges to L1, and dropping L1 after a disconnection.
+//!
+//! Dependencies run one way: hub → reconciler → topology → sharded → pushes → waiters, the
+//! reconciler → invalidation; below them only [`crate::l2`] (connections, budgets, the notice
+//! format), [`crate::l1`] and [`crate::purge`]. Nothing here calls the fill or the proxy.
+//!
+//! # Waking a waiter
 //! A waiter calls [`Notices::subscribe`] for its key's channel and gets a [`Subscription`] once Redis
 //! has confirmed the SUBSCRIBE — only then does it re-check L2, which closes the race with a fill that
 //! finishes in between. Dropping the subscription unsubscribes (when no one else in the process waits
@@ -18,7 +35,7 @@
 //! reflected in L2 (the store precedes the PUBLISH in one script), one published after it arrives.
 //!
 //! The same connection carries purges: the invalidation channel is always subscribed, and each
-//! [`Purge`] that arrives is applied to this process's L1. Purges missed while disconnected cannot
+//! [`Purge`](crate::purge::Purge) that arrives is applied to this process's L1. Purges missed while disconnected cannot
 //! be replayed, so once the channel is subscribed again after a disconnection the whole L1 is
 //! dropped. A failed (re)subscription is retried every second until Redis answers.
 //!
@@ -48,38 +65,29 @@
 //! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
 //! dropped once the invalidation channel is subscribed again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
-use redis::{Client, ProtocolVersion};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::breaker::Breaker;
-use crate::config::{RedisConfig, RedisTopology};
+use crate::config::RedisConfig;
 use crate::l1::L1;
-use crate::l2::sentinel::{self, Sentinels};
-use crate::l2::switches::{self, SwitchWatch};
-use crate::l2::{
-    L2Error, Notice, PATIENCE, guarded, invalidation_channel, manager_config, patiently,
-};
+use crate::l2::{L2Error, Notice, PATIENCE};
 use crate::metrics::Metrics;
-use crate::purge::Purge;
-use crate::redact::redact;
 
+use invalidation::Invalidation;
 use pushes::Pushes;
-use sharded::{sharded_connection, sharded_sync};
+use reconciler::Reconciler;
+use topology::{Bounds, Topology};
+use waiters::{Mailbox, Waiters, lock};
 
+mod invalidation;
 mod pushes;
+mod reconciler;
 mod sharded;
-
-/// How often a failed (re)subscription is tried again.
-const RETRY: Duration = Duration::from_secs(1);
-/// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
-/// more than one): a node that answered before gets a second chance to reconnect.
-const SWITCH_AFTER: u32 = 2;
+mod topology;
+mod waiters;
 
 /// What wakes a waiter.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,52 +97,8 @@ pub enum Wake {
     Resync,
 }
 
-type Waiters = Arc<Mutex<HashMap<String, Slot>>>;
-
-/// The local waiters on one channel.
-#[derive(Default)]
-struct Slot {
-    mailboxes: Vec<Arc<Mailbox>>,
-}
-
-/// Most wakes one subscription holds unread; past it the oldest resync (else the oldest wake)
-/// makes room. A waiter reads each wake as it comes, so this is only a bound against a flood.
-const MAILBOX_CAP: usize = 16;
-
-/// One subscription's wakes, in the order they came. A queue, not a latest-value slot: a
-/// terminal notice (`stored`, `failed`, `uncacheable`) is never overwritten by a later resync.
-#[derive(Default)]
-struct Mailbox {
-    queue: Mutex<VecDeque<Wake>>,
-    ready: Notify,
-}
-
-impl Mailbox {
-    fn post(&self, wake: Wake) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let resync = matches!(wake, Wake::Resync);
-        if resync && matches!(queue.back(), Some(Wake::Resync)) {
-            return;
-        }
-        if queue.len() >= MAILBOX_CAP {
-            match queue.iter().position(|w| matches!(w, Wake::Resync)) {
-                Some(at) => drop(queue.remove(at)),
-                None => drop(queue.pop_front()),
-            }
-        }
-        queue.push_back(wake);
-        drop(queue);
-        self.ready.notify_one();
-    }
-
-    fn take(&self) -> Option<Wake> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-    }
-}
-
+/// What the reconciler is asked or told (by the hub's handles, the push handlers, the sentinels'
+/// switch watch, its own retry timer).
 enum Request {
     /// Reconcile, then acknowledge.
     Sync(oneshot::Sender<Result<(), String>>),
@@ -142,7 +106,7 @@ enum Request {
     Reset,
     /// Reconcile again after a failure.
     Retry,
-    /// The server dropped this sharded subscription (see [`Delivered::Lost`]).
+    /// The server dropped this sharded subscription (its slot moved to another master).
     Lost(String),
     /// The sentinels announced a new master: ask them now and move there.
     Switched,
@@ -177,87 +141,38 @@ impl Notices {
         l1: L1,
     ) -> Result<Notices, L2Error> {
         let waiters: Waiters = Arc::default();
-        let dispatch = waiters.clone();
         let (requests, rx) = mpsc::unbounded_channel();
-        // Weak: the connections (inside the reconciling task) must not keep that task alive.
-        let resets = requests.downgrade();
-        let (purges, purges_rx) = mpsc::unbounded_channel();
-        let invalidations = invalidation_channel(&cfg.namespace);
-        let route_purges = purges.clone();
-        let channel = invalidations.clone();
+        let (invalidation, purges) = Invalidation::new(&cfg.namespace);
         // Subscribing is a lock decision: a failed SUBSCRIBE makes a waiter fill on its own.
         let timeout = cfg.longest_budget();
         let pushes = Pushes {
-            dispatch,
-            invalidations: channel,
-            resets,
-            purges: route_purges,
+            dispatch: waiters.clone(),
+            invalidations: invalidation.channel.clone(),
+            // Weak: the connections (inside the reconciling task) must not keep that task alive.
+            resets: requests.downgrade(),
+            purges: invalidation.purges.clone(),
             sharded: false,
             metrics: metrics.clone(),
         };
-        let classic = pushes.clone();
-        let open: Open = Box::new(move |client: Client| {
-            let config = manager_config(timeout).set_push_sender(classic.handler());
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-                L2Error::Redis {
-                    op: "pubsub connect",
-                    source,
-                }
-            })
-        });
-        let sharded = match &cfg.topology {
-            RedisTopology::Cluster { nodes } => Some(sharded_connection(nodes, timeout, &pushes)?),
-            _ => None,
-        };
-        let (nodes, conn) = match &cfg.topology {
-            RedisTopology::Sentinel {
-                nodes,
-                master,
-                auth,
-            } => {
-                let sentinels =
-                    Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP3)?;
-                let switched = requests.downgrade();
-                let on_switch = move || {
-                    if let Some(requests) = switched.upgrade() {
-                        let _ = requests.send(Request::Switched);
-                    }
-                };
-                let nodes = Nodes::Sentinel {
-                    sentinels: Box::new(sentinels),
-                    at: None,
-                    recheck: false,
-                    _switches: switches::watch(nodes, master, timeout, on_switch),
-                };
-                (nodes, None)
-            }
-            topology => {
-                let urls = topology.seeds().to_vec();
-                let first = urls.first().ok_or_else(|| {
-                    L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
-                })?;
-                let conn = open(resp3_client(first)?)?;
-                (Nodes::Seeds { urls, at: 0 }, Some(conn))
+        let switched = requests.downgrade();
+        let on_switch = move || {
+            if let Some(requests) = switched.upgrade() {
+                let _ = requests.send(Request::Switched);
             }
         };
-        tokio::spawn(apply_purges(purges_rx, l1));
-        tokio::spawn(reconcile(
-            Reconciler {
-                conn,
-                sharded,
-                nodes,
-                answered: false,
-                failures: 0,
-                open,
-                waiters: waiters.clone(),
-                always: invalidations,
-                purges,
-                timeout,
-                breaker: breaker.clone(),
-                metrics,
-            },
-            rx,
-        ));
+        let bounds = Bounds {
+            breaker: breaker.clone(),
+            metrics,
+            timeout,
+        };
+        let topology = Topology::new(cfg, bounds, &pushes, on_switch)?;
+        tokio::spawn(invalidation::apply(purges, l1));
+        let reconciler = Reconciler {
+            topology,
+            waiters: waiters.clone(),
+            invalidation,
+        };
+        tokio::spawn(reconciler.run(rx));
         // Subscribe the invalidation channel now, without waiting for it.
         let (ack, _) = oneshot::channel();
         let _ = requests.send(Request::Sync(ack));
@@ -359,320 +274,4 @@ impl Drop for Subscription {
             }
         }
     }
-}
-
-/// Poisoning only means another thread panicked while holding the map; the map itself is still
-/// consistent (every mutation is a single insert/remove), so carry on with it.
-fn lock(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Slot>> {
-    waiters
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-async fn apply_purges(mut purges: mpsc::UnboundedReceiver<Purge>, l1: L1) {
-    while let Some(purge) = purges.recv().await {
-        tracing::info!(purge = %purge.payload(), "invalidating L1");
-        l1.purge(&purge).await;
-    }
-}
-
-/// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
-type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
-
-/// Where the hub may subscribe.
-enum Nodes {
-    /// The server, or the cluster's seed nodes; `at` indexes the one the connection talks to.
-    Seeds { urls: Vec<String>, at: usize },
-    /// Whichever master the sentinels name; `at` is its `host:port` once one was found.
-    Sentinel {
-        sentinels: Box<Sentinels>,
-        at: Option<String>,
-        /// The connection dropped or failed: ask the sentinels before the next reconciliation.
-        recheck: bool,
-        /// Listens to the sentinels' `+switch-master` ([`Request::Switched`]).
-        _switches: Option<SwitchWatch>,
-    },
-}
-
-/// The reconciling task's state.
-struct Reconciler {
-    /// `None` only behind sentinels, until they first named a master. In a cluster it carries
-    /// only the invalidation channel (a broadcast one).
-    conn: Option<ConnectionManager>,
-    /// In a cluster: the sharded subscriptions of fill channels, one connection per master
-    /// (redis-rs routes each `SSUBSCRIBE` to its slot's master and re-subscribes after a
-    /// reconnection or a topology change).
-    sharded: Option<ClusterConnection>,
-    nodes: Nodes,
-    /// Whether this node has answered a (un)subscription since the hub moved to it.
-    answered: bool,
-    /// Failed reconciliations in a row on this node (not counting those the open circuit refused).
-    failures: u32,
-    open: Open,
-    waiters: Waiters,
-    /// Subscribed whether or not anyone waits: the invalidation channel.
-    always: String,
-    purges: mpsc::UnboundedSender<Purge>,
-    timeout: Duration,
-    breaker: Arc<Breaker>,
-    metrics: Arc<Metrics>,
-}
-
-/// Drains requests and makes the server's subscriptions match the channels that have waiters
-/// (plus the invalidation channel); retries every second while they do not match.
-async fn reconcile(mut r: Reconciler, mut requests: mpsc::UnboundedReceiver<Request>) {
-    let mut subscribed: HashSet<String> = HashSet::new();
-    let mut ever_subscribed = false;
-    let mut behind = false;
-    loop {
-        let first = if behind {
-            tokio::select! {
-                request = requests.recv() => request,
-                () = tokio::time::sleep(RETRY) => Some(Request::Retry),
-            }
-        } else {
-            requests.recv().await
-        };
-        let Some(first) = first else {
-            return;
-        };
-        let mut acks = Vec::new();
-        let pending = std::iter::from_fn(|| requests.try_recv().ok());
-        for request in std::iter::once(first).chain(pending) {
-            match request {
-                Request::Sync(ack) => acks.push(ack),
-                Request::Reset => {
-                    subscribed.clear();
-                    r.recheck();
-                }
-                Request::Retry => {}
-                Request::Lost(channel) => {
-                    subscribed.remove(&channel);
-                }
-                Request::ResetSharded => subscribed.retain(|c| *c == r.always),
-                Request::Switched => r.switched(),
-            }
-        }
-        if r.follow_master().await {
-            subscribed.clear();
-        }
-        let mut wanted: HashSet<String> = lock(&r.waiters).keys().cloned().collect();
-        wanted.insert(r.always.clone());
-        let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
-        let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
-        // In a cluster only the invalidation channel is classic; fill channels are sharded.
-        let (to_drop, drop_sharded) = r.split(to_drop);
-        let (to_add, add_sharded) = r.split(to_add);
-        let mut result = Ok(());
-        let Some(conn) = r.conn.as_mut() else {
-            let why = "no master found through the sentinels yet".to_owned();
-            for ack in acks {
-                let _ = ack.send(Err(why.clone()));
-            }
-            behind = true;
-            continue;
-        };
-        if !to_drop.is_empty() {
-            let call = conn.unsubscribe(&to_drop);
-            result = guarded(&r.breaker, &r.metrics, "UNSUBSCRIBE", r.timeout, call).await;
-            if result.is_ok() {
-                for channel in &to_drop {
-                    subscribed.remove(channel);
-                }
-            }
-        }
-        if !to_add.is_empty() && result.is_ok() {
-            let call = conn.subscribe(&to_add);
-            result = patiently(
-                &r.breaker,
-                &r.metrics,
-                "SUBSCRIBE",
-                r.timeout,
-                PATIENCE,
-                call,
-            )
-            .await;
-            if result.is_ok() {
-                if to_add.contains(&r.always) {
-                    if ever_subscribed {
-                        // Purges may have been missed while disconnected.
-                        tracing::info!(
-                            "pub/sub re-subscribed: dropping L1, which may have missed purges"
-                        );
-                        let _ = r.purges.send(Purge::All);
-                    }
-                    ever_subscribed = true;
-                }
-                subscribed.extend(to_add);
-            }
-        }
-        if let Some(sharded) = &r.sharded
-            && result.is_ok()
-        {
-            result = sharded_sync(&r, sharded, &mut subscribed, drop_sharded, add_sharded).await;
-        }
-        behind = result.is_err();
-        match &result {
-            Ok(()) => {
-                r.answered = true;
-                r.failures = 0;
-            }
-            // The circuit is open: nothing was asked of this node, so it is not to blame.
-            Err(L2Error::CircuitOpen { .. }) => {}
-            Err(err) => {
-                tracing::warn!(%err, node = %r.node(), "redis pub/sub (un)subscribe failed; retrying");
-                r.failures += 1;
-                r.recheck();
-                if r.move_on() {
-                    subscribed.clear();
-                }
-            }
-        }
-        for ack in acks {
-            let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
-        }
-    }
-}
-
-impl Reconciler {
-    /// Splits channels into those of the classic connection and those subscribed sharded (in a
-    /// cluster, every one but the invalidation channel).
-    fn split(&self, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
-        if self.sharded.is_none() {
-            return (channels, Vec::new());
-        }
-        channels.into_iter().partition(|c| *c == self.always)
-    }
-
-    /// The node the connection talks to, for messages (no password in it).
-    fn node(&self) -> String {
-        match &self.nodes {
-            Nodes::Seeds { urls, at } => redact(&urls[*at]).into_owned(),
-            Nodes::Sentinel { at: Some(at), .. } => at.clone(),
-            Nodes::Sentinel { at: None, .. } => "(no master found yet)".to_owned(),
-        }
-    }
-
-    /// Behind sentinels, on their `+switch-master`: ask them at once before the next
-    /// reconciliation (which then moves to the new master and resyncs the waiters).
-    fn switched(&mut self) {
-        if let Nodes::Sentinel {
-            sentinels, recheck, ..
-        } = &mut self.nodes
-        {
-            sentinels.ask_now();
-            *recheck = true;
-        }
-    }
-
-    /// Behind sentinels: have them asked again before the next reconciliation.
-    fn recheck(&mut self) {
-        if let Nodes::Sentinel { recheck, .. } = &mut self.nodes {
-            *recheck = true;
-        }
-    }
-
-    /// Moves to the next seed node when this one failed often enough (never with a single seed);
-    /// `true` when it did: the new connection holds no subscriptions, waiters must resync.
-    fn move_on(&mut self) -> bool {
-        let Nodes::Seeds { urls, at } = &self.nodes else {
-            return false;
-        };
-        let limit = if self.answered { SWITCH_AFTER } else { 1 };
-        if urls.len() < 2 || self.failures < limit {
-            return false;
-        }
-        let next = (*at + 1) % urls.len();
-        let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(%err, node = %redact(&urls[next]), "cannot open a pub/sub connection");
-                return false;
-            }
-        };
-        tracing::warn!(
-            from = %redact(&urls[*at]),
-            to = %redact(&urls[next]),
-            "redis pub/sub node not answering; moving to the next seed node"
-        );
-        self.nodes = Nodes::Seeds {
-            urls: urls.clone(),
-            at: next,
-        };
-        self.switch_to(conn);
-        true
-    }
-
-    /// Behind sentinels, when no master was found yet or the connection dropped or failed: asks
-    /// the sentinels and moves to the master they name if it is another server. `true` when it
-    /// moved: the new connection holds no subscriptions, waiters must resync.
-    async fn follow_master(&mut self) -> bool {
-        let Nodes::Sentinel {
-            sentinels,
-            at,
-            recheck,
-            ..
-        } = &mut self.nodes
-        else {
-            return false;
-        };
-        if self.conn.is_some() && !*recheck {
-            return false;
-        }
-        let client = match sentinels.master().await {
-            Ok(Some(client)) => client,
-            // Asked moments ago: keep the flag, ask on a later pass.
-            Ok(None) => return false,
-            Err(err) => {
-                tracing::warn!(%err, "redis pub/sub: the sentinels named no usable master");
-                return false;
-            }
-        };
-        *recheck = false;
-        let found = sentinel::address(&client);
-        if self.conn.is_some() && at.as_deref() == Some(found.as_str()) {
-            return false;
-        }
-        let conn = match (self.open)(client) {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(%err, node = %found, "cannot open a pub/sub connection");
-                return false;
-            }
-        };
-        tracing::warn!(
-            from = at.as_deref().unwrap_or("(none)"),
-            to = %found,
-            "redis pub/sub: following the master the sentinels name"
-        );
-        *at = Some(found);
-        self.switch_to(conn);
-        true
-    }
-
-    /// Talks to a new node from now on: nothing is subscribed there yet.
-    fn switch_to(&mut self, conn: ConnectionManager) {
-        (self.conn, self.answered, self.failures) = (Some(conn), false, 0);
-        resync(&self.waiters);
-    }
-}
-
-/// Tells every waiter that notices may have been lost: confirm the subscription, re-check L2.
-fn resync(waiters: &Waiters) {
-    for mailbox in lock(waiters).values().flat_map(|slot| &slot.mailboxes) {
-        mailbox.post(Wake::Resync);
-    }
-}
-
-fn resp3_client(url: &str) -> Result<Client, L2Error> {
-    use redis::IntoConnectionInfo;
-    let info = url
-        .into_connection_info()
-        .map_err(|source| L2Error::Redis { op: "open", source })?;
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    Client::open(info.set_redis_settings(settings))
-        .map_err(|source| L2Error::Redis { op: "open", source })
 }

@@ -84,9 +84,37 @@ impl CacheOutcome {
     }
 }
 
+/// A `Cache-Status` value (as [`CacheOutcome::cache_status`] writes it) without the cache's name
+/// and the per-answer numbers (`ttl`, `fwd-status`): the kind of answer, e.g. `hit` or
+/// `fwd=miss; collapsed`, for summaries that count answers by kind (the demo, the load bench).
+pub fn cache_status_kind(value: &str) -> String {
+    value
+        .split(';')
+        .map(str::trim)
+        .filter(|p| *p != "corral" && !p.starts_with("ttl=") && !p.starts_with("fwd-status="))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_drop_the_name_and_the_per_answer_numbers() {
+        let cases = [
+            ("corral; hit; ttl=59", "hit"),
+            ("corral; hit; ttl=-2; detail=stale", "hit; detail=stale"),
+            (
+                "corral; fwd=miss; fwd-status=200; collapsed",
+                "fwd=miss; collapsed",
+            ),
+            ("corral; fwd=bypass", "fwd=bypass"),
+        ];
+        for (value, kind) in cases {
+            assert_eq!(cache_status_kind(value), kind);
+        }
+    }
 
     #[test]
     fn header_values_follow_rfc_9211() {

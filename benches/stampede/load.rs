@@ -77,7 +77,7 @@ async fn read(
         .get("cache-status")
         .and_then(|v| v.to_str().ok())
         // The kind of answer, without the per-answer `ttl` and `fwd-status`.
-        .map(corral::demo::outcome_kind);
+        .map(corral::outcome::cache_status_kind);
     response.into_body().collect().await?;
     Ok(Answer {
         target,

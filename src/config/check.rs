@@ -2,8 +2,12 @@
 //! the place of every fault.
 //!
 //! A rule that rejects a value knows its span, field and route. A serde error knows only a span,
-//! so [`Checker::toml_error`] walks the parsed document to the key at that span ([`describe`],
-//! [`locate`]) to name the field and route the same way.
+//! so [`Checker::toml_error`] asks [`locate`](super::locate) for the field and route at that span,
+//! to name them the same way.
+//!
+//! Here: the checker, the file as a whole, `[server]`, `[cache]`, and the rules every table
+//! shares (lists, counts, durations, addresses, upstreams). `check/redis.rs` checks `[redis]`,
+//! `check/route.rs` each `[[route]]`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,29 +16,22 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use http::{HeaderName, Method, Uri};
-
-use crate::redact::redact;
+use http::Uri;
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
 
-use super::raw::{
-    HumanDuration, List, RawConfig, RawKey, RawLock, RawOnWaitTimeout, RawRedis, RawRoute,
-    RawScope, RawSentinel, RawServer,
-};
+use super::locate::{Place, line_of, place};
+use super::raw::{HumanDuration, List, RawConfig, RawServer};
+use super::{CacheConfig, Config, ConfigError, RouteConfig, ServerConfig};
 use super::{
-    CacheConfig, Config, ConfigError, ForwardHeaders, KeySpec, LockScope, LockSpec, MasterAuth,
-    OnWaitTimeout, RedisConfig, RedisTopology, RouteConfig, Secret, ServerConfig,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
+    MIN_HEADER_BYTES,
 };
-use super::{
-    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LEASE, DEFAULT_LISTEN,
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ENTRY_SIZE,
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS,
-    DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
-    DEFAULT_WAIT_TIMEOUT, MIN_HEADER_BYTES,
-};
+use crate::redact::redact;
+
+mod redis;
+mod route;
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
 pub(super) struct Checker<'a> {
@@ -70,10 +67,8 @@ impl Checker<'_> {
     /// A serde/toml error: the line from its span, the field and route from the document.
     pub(super) fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         let span = err.span().unwrap_or(0..0);
-        let (route, field) = match DeTable::parse(self.text) {
-            Ok(doc) => describe(doc.get_ref(), span.start),
-            Err(_) => (None, None), // a syntax error: no document to walk
-        };
+        let Place { route, field } = place(self.text, span.start);
+        let route = route.map(|(index, name)| route_label(index, name.as_deref()));
         ConfigError::Invalid {
             path: self.source.to_path_buf(),
             line: line_of(self.text, span.start),
@@ -188,340 +183,6 @@ impl Checker<'_> {
         })
     }
 
-    fn redis(&self, table: &Spanned<RawRedis>) -> Checked<RedisConfig> {
-        let raw = table.get_ref();
-        let one_of = "give exactly one of `url`, `cluster`, `sentinel`";
-        let mut given = [
-            raw.url.as_ref().map(|v| ("redis.url", v.span())),
-            raw.cluster.as_ref().map(|v| ("redis.cluster", v.span())),
-            raw.sentinel.as_ref().map(|v| ("redis.sentinel", v.span())),
-        ]
-        .into_iter()
-        .flatten();
-        let Some((field, span)) = given.next() else {
-            let why = format!("required: {one_of}");
-            return self.fail(table.span(), (None, "redis.url"), why);
-        };
-        if let Some((other, span)) = given.next() {
-            return self.fail(span, (None, other), format!("{one_of} (`{field}` is set)"));
-        }
-        let topology = match (&raw.url, &raw.cluster, &raw.sentinel) {
-            (Some(url), _, _) => RedisTopology::Standalone {
-                url: self.redis_url(url, "redis.url")?,
-            },
-            (None, Some(nodes), _) => RedisTopology::Cluster {
-                nodes: self.redis_nodes(nodes, "redis.cluster", "the cluster's seed nodes")?,
-            },
-            (None, None, Some(sentinel)) => self.sentinel(sentinel)?,
-            (None, None, None) => {
-                // `given` yielded a field, so one of the three is set.
-                let why = format!("required: {one_of}");
-                return self.fail(span, (None, field), why);
-            }
-        };
-        let namespace = match &raw.namespace {
-            None => DEFAULT_NAMESPACE.to_owned(),
-            Some(ns) if is_name(ns.get_ref(), ".") => ns.get_ref().clone(),
-            Some(ns) => {
-                let why = format!(
-                    "invalid namespace {:?} (non-empty; letters, digits, `_`, `-`, `.` only)",
-                    ns.get_ref()
-                );
-                return self.fail(ns.span(), (None, "redis.namespace"), why);
-            }
-        };
-        let at = (None, "redis.timeout");
-        let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
-        let at = (None, "redis.lock_timeout");
-        let lock_timeout = self.positive(&raw.lock_timeout, DEFAULT_LOCK_TIMEOUT, at)?;
-        Ok(RedisConfig {
-            topology,
-            namespace,
-            timeout,
-            lock_timeout,
-        })
-    }
-
-    /// A `redis://` or `rediss://` URL.
-    fn redis_url(&self, url: &Spanned<String>, field: &str) -> Checked<String> {
-        let text = url.get_ref();
-        if text.starts_with("redis://") || text.starts_with("rediss://") {
-            return Ok(text.clone());
-        }
-        let why = format!("{text:?} must start with redis:// or rediss://");
-        self.fail(url.span(), (None, field), why)
-    }
-
-    /// `sentinel = { nodes = [..], master = ".." }`: the sentinels and the master name they
-    /// monitor.
-    fn sentinel(&self, table: &Spanned<RawSentinel>) -> Checked<RedisTopology> {
-        let raw = table.get_ref();
-        let Some(list) = &raw.nodes else {
-            let why = "required: list the sentinels' URLs";
-            return self.fail(table.span(), (None, "redis.sentinel.nodes"), why);
-        };
-        let nodes = self.redis_nodes(list, "redis.sentinel.nodes", "the sentinels' URLs")?;
-        let master = match &raw.master {
-            None => {
-                let why = "required: the master name the sentinels monitor";
-                return self.fail(table.span(), (None, "redis.sentinel.master"), why);
-            }
-            Some(name) if name.get_ref().trim().is_empty() || name.get_ref().contains(' ') => {
-                let why = format!(
-                    "invalid master name {:?} (non-empty, no spaces)",
-                    name.get_ref()
-                );
-                return self.fail(name.span(), (None, "redis.sentinel.master"), why);
-            }
-            Some(name) => name.get_ref().clone(),
-        };
-        let auth = self.master_auth(raw)?;
-        Ok(RedisTopology::Sentinel {
-            nodes,
-            master,
-            auth,
-        })
-    }
-
-    /// `username`, `password` and `db` of `sentinel = { .. }`: how to log in to the master. A
-    /// message about the password never quotes it.
-    fn master_auth(&self, raw: &RawSentinel) -> Checked<MasterAuth> {
-        let password = match &raw.password {
-            None => None,
-            Some(p) => match p.get_ref() {
-                toml::Value::String(text) if !text.is_empty() => Some(Secret::new(text.clone())),
-                toml::Value::String(_) => {
-                    let why = "empty password (leave `password` out when the master needs none)";
-                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
-                }
-                _ => {
-                    let why = "the password must be a string (its value is not shown)";
-                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
-                }
-            },
-        };
-        let username = match &raw.username {
-            None => None,
-            Some(u) if u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace) => {
-                let why = format!("invalid username {:?} (non-empty, no spaces)", u.get_ref());
-                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
-            }
-            Some(u) if password.is_none() => {
-                let why = "a username needs a `password` too";
-                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
-            }
-            Some(u) => Some(u.get_ref().clone()),
-        };
-        let db = match &raw.db {
-            None => 0,
-            Some(db) if *db.get_ref() < 0 => {
-                let why = format!("invalid database {} (0 or more)", db.get_ref());
-                return self.fail(db.span(), (None, "redis.sentinel.db"), why);
-            }
-            Some(db) => *db.get_ref(),
-        };
-        Ok(MasterAuth {
-            username,
-            password,
-            db,
-        })
-    }
-
-    /// A list of Redis URLs (`what`, for the message when it is empty): at least one, none twice.
-    fn redis_nodes(
-        &self,
-        nodes: &Spanned<Vec<Spanned<String>>>,
-        field: &str,
-        what: &str,
-    ) -> Checked<Vec<String>> {
-        if nodes.get_ref().is_empty() {
-            let why = format!("must not be empty: list {what}");
-            return self.fail(nodes.span(), (None, field), why);
-        }
-        let mut seen = Vec::with_capacity(nodes.get_ref().len());
-        for node in nodes.get_ref() {
-            let url = self.redis_url(node, field)?;
-            if seen.contains(&url) {
-                return self.fail(
-                    node.span(),
-                    (None, field),
-                    format!("{url:?} is listed twice"),
-                );
-            }
-            seen.push(url);
-        }
-        Ok(seen)
-    }
-
-    fn route(&self, index: usize, route: &Spanned<RawRoute>, redis: bool) -> Checked<RouteConfig> {
-        let raw = route.get_ref();
-        let position = format!("#{}", index + 1);
-        let name = match &raw.name {
-            None => return Err(self.error(route.span(), (Some(&position), "name"), "required")),
-            Some(n) if is_name(n.get_ref(), "") => n.get_ref().clone(),
-            Some(n) => {
-                let why = format!(
-                    "invalid route name {:?} (non-empty; letters, digits, `_`, `-` only)",
-                    n.get_ref()
-                );
-                return self.fail(n.span(), (Some(&position), "name"), why);
-            }
-        };
-        let at = |field| (Some(name.as_str()), field);
-        let required = |v: &Option<Spanned<String>>, field| {
-            v.clone()
-                .ok_or_else(|| self.error(route.span(), at(field), "required"))
-        };
-        let path_prefix = required(&raw.path_prefix, "path_prefix")?;
-        if !path_prefix.get_ref().starts_with('/') {
-            let why = format!("{:?} must start with '/'", path_prefix.get_ref());
-            return self.fail(path_prefix.span(), at("path_prefix"), why);
-        }
-        let upstream = self.upstream(&required(&raw.upstream, "upstream")?, at("upstream"))?;
-        let methods = self.list(&raw.methods, at("methods"), vec![Method::GET], &|m| {
-            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| format!("invalid HTTP method {m:?}"))
-        })?;
-        let default_statuses = DEFAULT_CACHE_STATUSES.to_vec();
-        let cache_statuses = self.list(
-            &raw.cache_statuses,
-            at("cache_statuses"),
-            default_statuses,
-            &|s| {
-                u16::try_from(*s)
-                    .ok()
-                    .filter(|s| (100..=599).contains(s))
-                    .ok_or_else(|| format!("invalid status {s} (must be in 100..=599)"))
-            },
-        )?;
-        let heuristic_statuses = match raw.cache_statuses {
-            Some(_) => cache_statuses.clone(),
-            None => vec![200],
-        };
-        let header = |h: &String| {
-            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                .map_err(|e| format!("invalid header name {h:?} ({e})"))
-        };
-        let forward_headers = match &raw.forward_headers {
-            Some(l) if l.get_ref().len() == 1 && l.get_ref()[0].get_ref() == "*" => {
-                ForwardHeaders::All
-            }
-            Some(l) => {
-                ForwardHeaders::Only(self.each(l.get_ref(), at("forward_headers"), &header)?)
-            }
-            None => ForwardHeaders::Only(
-                DEFAULT_FORWARD_HEADERS
-                    .iter()
-                    .map(|h| HeaderName::from_static(h))
-                    .collect(),
-            ),
-        };
-        let credential_headers =
-            self.each(&raw.credential_headers, at("credential_headers"), &header)?;
-        let cache = raw.cache.unwrap_or(true);
-        let duration = |d: Option<HumanDuration>, default| d.map_or(default, |d| d.0);
-        let timeout = &raw.upstream_timeout;
-        let upstream_timeout =
-            self.positive(timeout, DEFAULT_UPSTREAM_TIMEOUT, at("upstream_timeout"))?;
-        Ok(RouteConfig {
-            path_prefix: path_prefix.into_inner(),
-            methods,
-            upstream,
-            cache,
-            ttl: duration(raw.ttl, DEFAULT_TTL),
-            stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
-            stale_if_error: duration(raw.stale_if_error, Duration::ZERO),
-            cache_statuses,
-            heuristic_statuses,
-            forward_headers,
-            credential_headers,
-            max_body: raw.max_body.map_or(DEFAULT_MAX_BODY, |s| s.0),
-            max_entry_size: raw.max_entry_size.map_or(DEFAULT_MAX_ENTRY_SIZE, |s| s.0),
-            upstream_timeout,
-            error_ttl: duration(raw.error_ttl, DEFAULT_ERROR_TTL),
-            early_refresh: match &raw.early_refresh {
-                None => None,
-                Some(e) if e.get_ref().beta.is_finite() && e.get_ref().beta > 0.0 => {
-                    Some(e.get_ref().beta)
-                }
-                Some(e) => {
-                    let why = "beta must be a positive number (1.0 is the usual choice)";
-                    return self.fail(e.span(), at("early_refresh.beta"), why);
-                }
-            },
-            uncacheable_ttl: duration(raw.uncacheable_ttl, DEFAULT_UNCACHEABLE_TTL),
-            upstream_concurrency: match &raw.upstream_concurrency {
-                None => None,
-                some => Some(self.count(some, 1, at("upstream_concurrency"))?),
-            },
-            max_tags: match raw.max_tags.as_ref().map(|n| (*n.get_ref(), n.span())) {
-                None => DEFAULT_MAX_TAGS,
-                Some((n, span)) => usize::try_from(n).map_err(|_| {
-                    let why = format!("must be a whole number >= 0, not {n}");
-                    self.error(span, at("max_tags"), why)
-                })?,
-            },
-            allow_trace: raw.allow_trace.unwrap_or(false),
-            key: self.key(&raw.key, &name)?,
-            lock: self.lock(&raw.lock, &name, redis, cache)?,
-            name,
-        })
-    }
-
-    fn key(&self, raw: &RawKey, route: &str) -> Checked<KeySpec> {
-        let headers = self.each(&raw.headers, (Some(route), "key.headers"), &|h| {
-            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                .map_err(|e| format!("invalid header name {h:?} ({e})"))
-        })?;
-        let json = self.each(&raw.json, (Some(route), "key.json"), &|p| {
-            let bad = || format!("invalid JSON pointer {p:?} (RFC 6901, starting with '/')");
-            is_json_pointer(p).then(|| p.clone()).ok_or_else(bad)
-        })?;
-        Ok(KeySpec {
-            query: raw.query.clone(),
-            headers,
-            json,
-        })
-    }
-
-    fn lock(&self, raw: &RawLock, route: &str, redis: bool, cache: bool) -> Checked<LockSpec> {
-        let at = |field| (Some(route), field);
-        let lease = self.positive(&raw.lease, DEFAULT_LEASE, at("lock.lease"))?;
-        let wait = &raw.wait_timeout;
-        let wait_timeout = self.positive(wait, DEFAULT_WAIT_TIMEOUT, at("lock.wait_timeout"))?;
-        let redis_timeout = match &raw.redis_timeout {
-            None => None,
-            some => Some(self.positive(some, lease, at("lock.redis_timeout"))?),
-        };
-        let scope = match raw.scope.as_ref().map(|s| (*s.get_ref(), s.span())) {
-            None if redis => LockScope::Fleet,
-            None => LockScope::Instance,
-            Some((RawScope::Fleet, _)) if redis => LockScope::Fleet,
-            Some((RawScope::Fleet, span)) if cache => {
-                let why = "unreachable combination: lock.scope = \"fleet\" needs a [redis] table";
-                return self.fail(span, at("lock.scope"), why);
-            }
-            // Unused on an uncached route; keep the invariant "Fleet implies Redis".
-            Some((RawScope::Fleet | RawScope::Instance, _)) => LockScope::Instance,
-            Some((RawScope::None, _)) => LockScope::None,
-        };
-        Ok(LockSpec {
-            scope,
-            lease,
-            wait_timeout,
-            redis_timeout,
-            on_wait_timeout: match raw.on_wait_timeout {
-                None | Some(RawOnWaitTimeout::Bypass) => OnWaitTimeout::Bypass,
-                Some(RawOnWaitTimeout::GatewayTimeout) => OnWaitTimeout::GatewayTimeout,
-            },
-            max_waiters: self.count(
-                &raw.max_waiters,
-                DEFAULT_MAX_WAITERS,
-                at("lock.max_waiters"),
-            )?,
-        })
-    }
-
     /// Checks each element with `check`, which says what is wrong with a bad one.
     fn each<S, T>(&self, items: &[Spanned<S>], at: At<'_>, check: Check<S, T>) -> Checked<Vec<T>> {
         let check = |item: &Spanned<S>| check(item.get_ref()).map_err(|why| (item.span(), why));
@@ -599,93 +260,12 @@ fn is_name(s: &str, extra: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || extra.contains(c))
 }
 
-/// RFC 6901, restricted to pointers below the root: `/a/b~1c`.
-fn is_json_pointer(s: &str) -> bool {
-    s.starts_with('/')
-        && s.split('~')
-            .skip(1)
-            .all(|rest| rest.starts_with(['0', '1']))
-}
-
-/// The 1-based line holding byte `offset` of `text` (offsets past the end land on the last line).
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// One step of a path into the document.
-enum Step<'d> {
-    Key(&'d str),
-    Index(usize),
-}
-
-/// The route label and field path of the key or value at byte `pos`.
-fn describe(doc: &DeTable<'_>, pos: usize) -> (Option<String>, Option<String>) {
-    let mut path = Vec::new();
-    locate(doc, pos, &mut path);
-    let (route, rest) = match path.as_slice() {
-        [Step::Key("route"), Step::Index(i), rest @ ..] => (Some(route_label(doc, *i)), rest),
-        _ => (None, path.as_slice()),
-    };
-    let keys: Vec<&str> = rest
-        .iter()
-        .filter_map(|s| match s {
-            Step::Key(k) => Some(*k),
-            Step::Index(_) => None,
-        })
-        .collect();
-    (route, (!keys.is_empty()).then(|| keys.join(".")))
-}
-
-/// Depth-first search for the deepest key or value whose span holds `pos`; leaves its path in `path`.
-/// Table spans are only their headers, so every table is searched, not just those whose span matches.
-fn locate<'d>(table: &'d DeTable<'_>, pos: usize, path: &mut Vec<Step<'d>>) -> bool {
-    for (key, value) in table.iter() {
-        path.push(Step::Key(key.get_ref()));
-        if key.span().contains(&pos) || locate_value(value, pos, path) {
-            return true;
-        }
-        path.pop();
-    }
-    false
-}
-
-fn locate_value<'d>(value: &'d Spanned<DeValue<'_>>, pos: usize, path: &mut Vec<Step<'d>>) -> bool {
-    let found_inside = match value.get_ref() {
-        DeValue::Table(t) => locate(t, pos, path),
-        DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
-            path.push(Step::Index(i));
-            let found = locate_value(item, pos, path);
-            if !found {
-                path.pop();
-            }
-            found
-        }),
-        _ => false,
-    };
-    found_inside || value.span().contains(&pos)
-}
-
-/// `name` of the `index`-th route if it is a usable name, else `#N`.
-fn route_label(doc: &DeTable<'_>, index: usize) -> String {
-    let name = entry(doc, "route")
-        .and_then(|routes| routes.as_array()?.get(index)?.get_ref().as_table())
-        .and_then(|route| entry(route, "name")?.as_str());
+/// How a message names a route: its `name` when that is a usable one, else its position (`#N`).
+fn route_label(index: usize, name: Option<&str>) -> String {
     match name {
         Some(name) if is_name(name, "") => name.to_owned(),
         _ => format!("#{}", index + 1),
     }
-}
-
-fn entry<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t DeValue<'i>> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref() == key)
-        .map(|(_, v)| v.get_ref())
 }
 
 #[cfg(test)]
@@ -693,39 +273,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_of_counts_newlines_before_the_offset() {
-        let text = "a = 1\nb = 2\n\nc = 3";
-        assert_eq!(line_of(text, 0), 1);
-        assert_eq!(
-            line_of(text, 5),
-            1,
-            "the newline itself belongs to its line"
-        );
-        assert_eq!(line_of(text, 6), 2);
-        assert_eq!(line_of(text, 12), 3);
-        assert_eq!(line_of(text, 13), 4);
-        assert_eq!(line_of(text, 999), 4, "past the end: last line");
-        assert_eq!(line_of("", 0), 1);
-    }
-
-    #[test]
-    fn json_pointer_escapes() {
-        assert!(is_json_pointer("/a/b~0c~1d"));
-        assert!(is_json_pointer("/"));
-        assert!(!is_json_pointer("a/b"));
-        assert!(!is_json_pointer("/a~2"));
-        assert!(!is_json_pointer("/a~"));
-    }
-
-    #[test]
-    fn describe_finds_route_and_nested_field() {
-        let text = "[[route]]\nname = \"r\"\nkey = { headers = [\"a\", 3] }\n";
-        let Ok(doc) = DeTable::parse(text) else {
-            panic!("the test document parses");
-        };
-        let pos = text.find('3').unwrap_or_default();
-        let (route, field) = describe(doc.get_ref(), pos);
-        assert_eq!(route.as_deref(), Some("r"));
-        assert_eq!(field.as_deref(), Some("key.headers"));
+    fn a_route_is_named_by_its_name_else_by_its_position() {
+        assert_eq!(route_label(0, Some("recommend")), "recommend");
+        assert_eq!(route_label(1, Some("bad name")), "#2");
+        assert_eq!(route_label(2, None), "#3");
     }
 }

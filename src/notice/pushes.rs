@@ -7,7 +7,8 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use super::{Request, Waiters, Wake, lock, resync};
+use super::waiters::{Waiters, lock, resync};
+use super::{Request, Wake};
 use crate::l2::Notice;
 use crate::metrics::Metrics;
 use crate::purge::Purge;
@@ -158,7 +159,7 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::{Mailbox, Slot};
+    use super::super::waiters::{Mailbox, Slot};
     use super::*;
 
     fn bulk(s: &str) -> Value {

@@ -9,8 +9,9 @@ use redis::ProtocolVersion;
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Pushes, Reconciler};
-use crate::l2::{L2Error, PATIENCE, guarded, patiently};
+use super::pushes::Pushes;
+use super::topology::Bounds;
+use crate::l2::{L2Error, PATIENCE};
 
 /// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be
 /// down now) whose pushes go to the hub.
@@ -43,7 +44,7 @@ pub(super) fn sharded_connection(
 /// once — each goes to the master of its channel's slot, and channels of different slots cannot
 /// share one command. `subscribed` keeps the ones that succeeded.
 pub(super) async fn sharded_sync(
-    r: &Reconciler,
+    bounds: &Bounds,
     sharded: &ClusterConnection,
     subscribed: &mut HashSet<String>,
     to_drop: Vec<String>,
@@ -53,7 +54,7 @@ pub(super) async fn sharded_sync(
         let mut conn = sharded.clone();
         async move {
             let call = conn.sunsubscribe(&channel);
-            let done = guarded(&r.breaker, &r.metrics, "SUNSUBSCRIBE", r.timeout, call).await;
+            let done = bounds.guarded("SUNSUBSCRIBE", call).await;
             (channel, done)
         }
     });
@@ -68,15 +69,7 @@ pub(super) async fn sharded_sync(
         let mut conn = sharded.clone();
         async move {
             let call = conn.ssubscribe(&channel);
-            let done = patiently(
-                &r.breaker,
-                &r.metrics,
-                "SSUBSCRIBE",
-                r.timeout,
-                PATIENCE,
-                call,
-            )
-            .await;
+            let done = bounds.patiently("SSUBSCRIBE", call).await;
             (channel, done)
         }
     });

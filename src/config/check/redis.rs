@@ -1,0 +1,179 @@
+//! The `[redis]` table: which Redis (one server, a cluster's seed nodes, or the sentinels and
+//! the master they monitor), its namespace and its budgets.
+
+use toml::Spanned;
+
+use super::{Checked, Checker, is_name};
+use crate::config::raw::{RawRedis, RawSentinel};
+use crate::config::{
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, MasterAuth, RedisConfig,
+    RedisTopology, Secret,
+};
+
+impl Checker<'_> {
+    /// `[redis]`: exactly one of `url`, `cluster`, `sentinel`, then the namespace and budgets.
+    pub(super) fn redis(&self, table: &Spanned<RawRedis>) -> Checked<RedisConfig> {
+        let raw = table.get_ref();
+        let one_of = "give exactly one of `url`, `cluster`, `sentinel`";
+        let mut given = [
+            raw.url.as_ref().map(|v| ("redis.url", v.span())),
+            raw.cluster.as_ref().map(|v| ("redis.cluster", v.span())),
+            raw.sentinel.as_ref().map(|v| ("redis.sentinel", v.span())),
+        ]
+        .into_iter()
+        .flatten();
+        let Some((field, span)) = given.next() else {
+            let why = format!("required: {one_of}");
+            return self.fail(table.span(), (None, "redis.url"), why);
+        };
+        if let Some((other, span)) = given.next() {
+            return self.fail(span, (None, other), format!("{one_of} (`{field}` is set)"));
+        }
+        let topology = match (&raw.url, &raw.cluster, &raw.sentinel) {
+            (Some(url), _, _) => RedisTopology::Standalone {
+                url: self.redis_url(url, "redis.url")?,
+            },
+            (None, Some(nodes), _) => RedisTopology::Cluster {
+                nodes: self.redis_nodes(nodes, "redis.cluster", "the cluster's seed nodes")?,
+            },
+            (None, None, Some(sentinel)) => self.sentinel(sentinel)?,
+            (None, None, None) => {
+                // `given` yielded a field, so one of the three is set.
+                let why = format!("required: {one_of}");
+                return self.fail(span, (None, field), why);
+            }
+        };
+        let namespace = match &raw.namespace {
+            None => DEFAULT_NAMESPACE.to_owned(),
+            Some(ns) if is_name(ns.get_ref(), ".") => ns.get_ref().clone(),
+            Some(ns) => {
+                let why = format!(
+                    "invalid namespace {:?} (non-empty; letters, digits, `_`, `-`, `.` only)",
+                    ns.get_ref()
+                );
+                return self.fail(ns.span(), (None, "redis.namespace"), why);
+            }
+        };
+        let at = (None, "redis.timeout");
+        let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
+        let at = (None, "redis.lock_timeout");
+        let lock_timeout = self.positive(&raw.lock_timeout, DEFAULT_LOCK_TIMEOUT, at)?;
+        Ok(RedisConfig {
+            topology,
+            namespace,
+            timeout,
+            lock_timeout,
+        })
+    }
+
+    /// A `redis://` or `rediss://` URL.
+    fn redis_url(&self, url: &Spanned<String>, field: &str) -> Checked<String> {
+        let text = url.get_ref();
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return Ok(text.clone());
+        }
+        let why = format!("{text:?} must start with redis:// or rediss://");
+        self.fail(url.span(), (None, field), why)
+    }
+
+    /// `sentinel = { nodes = [..], master = ".." }`: the sentinels and the master name they
+    /// monitor.
+    fn sentinel(&self, table: &Spanned<RawSentinel>) -> Checked<RedisTopology> {
+        let raw = table.get_ref();
+        let Some(list) = &raw.nodes else {
+            let why = "required: list the sentinels' URLs";
+            return self.fail(table.span(), (None, "redis.sentinel.nodes"), why);
+        };
+        let nodes = self.redis_nodes(list, "redis.sentinel.nodes", "the sentinels' URLs")?;
+        let master = match &raw.master {
+            None => {
+                let why = "required: the master name the sentinels monitor";
+                return self.fail(table.span(), (None, "redis.sentinel.master"), why);
+            }
+            Some(name) if name.get_ref().trim().is_empty() || name.get_ref().contains(' ') => {
+                let why = format!(
+                    "invalid master name {:?} (non-empty, no spaces)",
+                    name.get_ref()
+                );
+                return self.fail(name.span(), (None, "redis.sentinel.master"), why);
+            }
+            Some(name) => name.get_ref().clone(),
+        };
+        let auth = self.master_auth(raw)?;
+        Ok(RedisTopology::Sentinel {
+            nodes,
+            master,
+            auth,
+        })
+    }
+
+    /// `username`, `password` and `db` of `sentinel = { .. }`: how to log in to the master. A
+    /// message about the password never quotes it.
+    fn master_auth(&self, raw: &RawSentinel) -> Checked<MasterAuth> {
+        let password = match &raw.password {
+            None => None,
+            Some(p) => match p.get_ref() {
+                toml::Value::String(text) if !text.is_empty() => Some(Secret::new(text.clone())),
+                toml::Value::String(_) => {
+                    let why = "empty password (leave `password` out when the master needs none)";
+                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
+                }
+                _ => {
+                    let why = "the password must be a string (its value is not shown)";
+                    return self.fail(p.span(), (None, "redis.sentinel.password"), why);
+                }
+            },
+        };
+        let username = match &raw.username {
+            None => None,
+            Some(u) if u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace) => {
+                let why = format!("invalid username {:?} (non-empty, no spaces)", u.get_ref());
+                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
+            }
+            Some(u) if password.is_none() => {
+                let why = "a username needs a `password` too";
+                return self.fail(u.span(), (None, "redis.sentinel.username"), why);
+            }
+            Some(u) => Some(u.get_ref().clone()),
+        };
+        let db = match &raw.db {
+            None => 0,
+            Some(db) if *db.get_ref() < 0 => {
+                let why = format!("invalid database {} (0 or more)", db.get_ref());
+                return self.fail(db.span(), (None, "redis.sentinel.db"), why);
+            }
+            Some(db) => *db.get_ref(),
+        };
+        Ok(MasterAuth {
+            username,
+            password,
+            db,
+        })
+    }
+
+    /// A list of Redis URLs (`what`, for the message when it is empty): at least one, none twice.
+    fn redis_nodes(
+        &self,
+        nodes: &Spanned<Vec<Spanned<String>>>,
+        field: &str,
+        what: &str,
+    ) -> Checked<Vec<String>> {
+        if nodes.get_ref().is_empty() {
+            let why = format!("must not be empty: list {what}");
+            return self.fail(nodes.span(), (None, field), why);
+        }
+        let mut seen = Vec::with_capacity(nodes.get_ref().len());
+        for node in nodes.get_ref() {
+            let url = self.redis_url(node, field)?;
+            if seen.contains(&url) {
+                return self.fail(
+                    node.span(),
+                    (None, field),
+                    format!("{url:?} is listed twice"),
+                );
+            }
+            seen.push(url);
+        }
+        Ok(seen)
+    }
+}
