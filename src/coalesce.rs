@@ -6,7 +6,7 @@
 //! - without Redis, or on a route whose lock scope is `instance`: from L2 when it holds the key,
 //!   else by a fill for this instance alone;
 //! - on a `fleet` route: by waiting with the [`crate::wait`] state machine, whose I/O loop is
-//!   [`io`], until it settles — fill under the lock it took, share what it found, or fill for this
+//!   `coalesce/io.rs`, until it settles — fill under the lock it took, share what it found, or fill for this
 //!   instance alone (Redis failed, or the wait timed out with `bypass`).
 //!
 //! Filling itself is [`crate::fill`]'s. A background refresh goes the same way

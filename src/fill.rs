@@ -1,8 +1,8 @@
 //! Fills: calling the upstream for a key, then ending the claim by what the answer allows.
 //!
 //! A fill is where [`crate::coalesce`] sends the one flight in the fleet that may call the
-//! upstream for a key (or, with Redis down, the one flight in this process). [`Filler::fill`]
-//! calls the upstream under the route's cap and ends its [`Claim`] by the [`crate::verdict`]: a
+//! upstream for a key (or, with Redis down, the one flight in this process). `Filler::fill`
+//! calls the upstream under the route's cap and ends its `Claim` by the [`crate::verdict`]: a
 //! store that releases the fill lock and publishes `stored` with the entry; or a release at once
 //! with a notice that carries what the waiters need (`failed` with the answer, `uncacheable`).
 //! Then the entry goes into L1. A purge that came while the upstream answered wins: the answer goes

@@ -4,7 +4,7 @@
 //! - [`conditional_headers`]: the `If-None-Match` / `If-Modified-Since` a refresh sends, from the
 //!   stale entry's validators (`ETag`, `Last-Modified`); empty when it has none, and then the
 //!   refresh is an ordinary whole fill.
-//! - [`renewed`]: the entry an upstream `304 Not Modified` makes of the stale one (§4.3.4): its
+//! - `renewed`: the entry an upstream `304 Not Modified` makes of the stale one (§4.3.4): its
 //!   body, the stored header fields replaced by those the 304 carries, and a new lifetime computed
 //!   from the merged fields as for a fresh answer — stored when that lifetime is worth storing,
 //!   else shared with the fill's requesters only (validated, it answers them, §4.3.3). `None`
@@ -109,7 +109,7 @@ fn same_validator(new: &HeaderValue, old: &HeaderValue) -> bool {
     opaque(new) == opaque(old)
 }
 
-/// Whether an upstream answer to a conditional refresh is the 304 that [`renewed`] merges.
+/// Whether an upstream answer to a conditional refresh is the 304 that `renewed` merges.
 pub fn is_not_modified(status: StatusCode) -> bool {
     status == StatusCode::NOT_MODIFIED
 }

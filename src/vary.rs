@@ -2,7 +2,7 @@
 //!
 //! The entry filled at a request's primary key records the header names its `Vary` lists and the
 //! values of those headers that the upstream saw on the fill, normalized ([`VaryField`]). Every
-//! request served from an entry first checks that its own values match ([`matches`]); when they
+//! request served from an entry first checks that its own values match ([`fn@matches`]); when they
 //! do not, it derives the variant key — the hash of the primary key, the primary entry's
 //! generation and its own normalized values ([`variant_key`]) — and looks that key up, coalesces and fills under it like any other key.
 //! So variants live in L1 and L2 beside the primary entry, a waiter whose varied headers differ
