@@ -378,6 +378,7 @@ fn meaning(value: &str) -> &'static str {
         "hit" => "reached Corral after the answer was stored: read from the cache",
         "hit; detail=stale" => "answered from a stale entry while it was refreshed",
         "fwd=miss" => "called the backend; the answer was not stored",
+        "fwd=stale; stored" => "revalidated the expired entry with the backend (304) and stored it",
         "fwd=bypass" => "went to the backend without the cache",
         v if v.starts_with("no answer") => "the request failed before an answer",
         _ => "",

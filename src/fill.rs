@@ -55,10 +55,20 @@ pub enum Source {
     L2,
     /// This flight called the upstream.
     Upstream { stored: bool },
+    /// This flight's conditional call got a `304`: the entry it held was renewed and stored.
+    Revalidated,
     /// Another instance's fill, waited for.
     Remote,
     /// A stale entry: within `stale_while_revalidate`, or standing in for a failed fill.
     Stale,
+}
+
+/// What the upstream gave a fill: a whole answer, or a `304` to its conditional request, which
+/// renewed the entry the request was conditional on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answered {
+    Whole,
+    NotModified,
 }
 
 /// An oversized answer's stream, handed to the flight's leader (once).
@@ -167,7 +177,7 @@ impl Filler {
         let began = self.l1.fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
         match self.call_upstream(req, lock, validators).await {
-            Ok(Verdict::Store(entry)) => {
+            Ok((Verdict::Store(entry), answered)) => {
                 let entry = Arc::new(entry);
                 let fence = self.l1.fence();
                 if fence.purged_since(began, &route.name, &req.key, &entry.tags) {
@@ -183,12 +193,13 @@ impl Filler {
                 if stored {
                     self.l1.insert(req.key, &route.name, entry.clone()).await;
                 }
-                Fill::Shared {
-                    entry,
-                    source: Source::Upstream { stored },
-                }
+                let source = match answered {
+                    Answered::NotModified if stored => Source::Revalidated,
+                    _ => Source::Upstream { stored },
+                };
+                Fill::Shared { entry, source }
             }
-            Ok(Verdict::Share(entry)) => {
+            Ok((Verdict::Share(entry), _)) => {
                 let entry = Arc::new(entry);
                 claim
                     .give_up(req, Notice::Failed(Some(entry.clone())))
@@ -204,12 +215,12 @@ impl Filler {
                     },
                 }
             }
-            Ok(Verdict::Private(answer)) => {
+            Ok((Verdict::Private(answer), _)) => {
                 claim.give_up(req, Notice::Uncacheable).await;
                 self.marks.insert(req.key, route.uncacheable_ttl);
                 Fill::Private(Arc::new(answer))
             }
-            Ok(Verdict::Oversized(streaming)) => {
+            Ok((Verdict::Oversized(streaming), _)) => {
                 tracing::info!(route = %route.name, limit = route.max_entry_size, "answer larger than max_entry_size: streamed, not stored");
                 claim.give_up(req, Notice::Uncacheable).await;
                 self.marks.insert(req.key, route.uncacheable_ttl);
@@ -240,7 +251,7 @@ impl Filler {
         req: &FillRequest,
         lock: Option<&FillLock>,
         stale: Option<&Entry>,
-    ) -> Result<Verdict, FillError> {
+    ) -> Result<(Verdict, Answered), FillError> {
         let route = &req.route;
         let slot = self.caps.slot(route).await?;
         if let Some(lock) = lock {
@@ -277,22 +288,25 @@ impl Filler {
         Ok(match fetched {
             Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
                 match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
-                    Some(verdict) => verdict,
+                    Some(verdict) => (verdict, Answered::NotModified),
                     None => {
                         drop(slot);
                         return Box::pin(self.call_upstream(req, lock, None)).await;
                     }
                 }
             }
-            Fetched::Whole(answer) => judge(route, answer, fill_ms),
+            Fetched::Whole(answer) => (judge(route, answer, fill_ms), Answered::Whole),
             Fetched::Oversized {
                 parts,
                 prefix,
                 rest,
-            } => Verdict::Oversized(Response::from_parts(
-                parts,
-                ProxyBody::prefixed(prefix, rest, slot),
-            )),
+            } => (
+                Verdict::Oversized(Response::from_parts(
+                    parts,
+                    ProxyBody::prefixed(prefix, rest, slot),
+                )),
+                Answered::Whole,
+            ),
         })
     }
 }

@@ -17,6 +17,9 @@ pub enum CacheOutcome {
     MissStored,
     /// This request triggered the fill; the answer could not be stored (status, `no-store`, size…).
     MissNotStored,
+    /// This request triggered the fill, which was conditional on the expired entry Corral held:
+    /// the upstream answered `304` and the renewed entry was stored and answered.
+    Revalidated,
     /// The route, method or request is not cacheable: passed through to the upstream.
     Bypass,
     /// No route matched: passed to the default upstream, or 404.
@@ -25,12 +28,13 @@ pub enum CacheOutcome {
 
 impl CacheOutcome {
     /// Every variant, for metrics that pre-register their labels.
-    pub const ALL: [CacheOutcome; 7] = [
+    pub const ALL: [CacheOutcome; 8] = [
         CacheOutcome::Hit,
         CacheOutcome::Stale,
         CacheOutcome::Coalesced,
         CacheOutcome::MissStored,
         CacheOutcome::MissNotStored,
+        CacheOutcome::Revalidated,
         CacheOutcome::Bypass,
         CacheOutcome::UriMiss,
     ];
@@ -43,6 +47,7 @@ impl CacheOutcome {
             CacheOutcome::Coalesced => "coalesced",
             CacheOutcome::MissStored => "miss_stored",
             CacheOutcome::MissNotStored => "miss",
+            CacheOutcome::Revalidated => "revalidated",
             CacheOutcome::Bypass => "bypass",
             CacheOutcome::UriMiss => "uri_miss",
         }
@@ -58,6 +63,7 @@ impl CacheOutcome {
     /// | coalesced | `corral; fwd=miss; fwd-status=S; collapsed` |
     /// | miss_stored | `corral; fwd=miss; fwd-status=S; stored` |
     /// | miss | `corral; fwd=miss; fwd-status=S` |
+    /// | revalidated | `corral; fwd=stale; fwd-status=304; stored` |
     /// | bypass | `corral; fwd=bypass` |
     /// | uri_miss | `corral; fwd=uri-miss` |
     pub fn cache_status(self, ttl: Option<i64>, status: http::StatusCode) -> HeaderValue {
@@ -69,6 +75,10 @@ impl CacheOutcome {
             CacheOutcome::Coalesced => format!("corral; fwd=miss; fwd-status={status}; collapsed"),
             CacheOutcome::MissStored => format!("corral; fwd=miss; fwd-status={status}; stored"),
             CacheOutcome::MissNotStored => format!("corral; fwd=miss; fwd-status={status}"),
+            // What the upstream returned was the 304; the client gets the renewed entry.
+            CacheOutcome::Revalidated => {
+                return HeaderValue::from_static("corral; fwd=stale; fwd-status=304; stored");
+            }
             CacheOutcome::Bypass => return HeaderValue::from_static("corral; fwd=bypass"),
             CacheOutcome::UriMiss => return HeaderValue::from_static("corral; fwd=uri-miss"),
         };

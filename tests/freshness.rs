@@ -344,6 +344,11 @@ async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
     assert_eq!(renewed.status, 200);
     assert_eq!(renewed.body, first.body);
     assert_eq!(renewed.header("x-renewed"), Some("yes"));
+    assert_eq!(
+        renewed.header("cache-status"),
+        Some("corral; fwd=stale; fwd-status=304; stored"),
+        "RFC 9211: the upstream answered this forward with a 304"
+    );
     assert_eq!(upstream.calls(), 2);
     let sent = upstream
         .last_headers(path)

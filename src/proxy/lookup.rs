@@ -136,9 +136,11 @@ impl Proxy {
                 let outcome = match (source, role) {
                     (Source::L1 | Source::L2, _) => CacheOutcome::Hit,
                     (Source::Stale, _) => CacheOutcome::Stale,
-                    (Source::Remote, _) | (Source::Upstream { .. }, Role::Follower) => {
+                    (Source::Remote, _)
+                    | (Source::Upstream { .. } | Source::Revalidated, Role::Follower) => {
                         CacheOutcome::Coalesced
                     }
+                    (Source::Revalidated, Role::Leader) => CacheOutcome::Revalidated,
                     (Source::Upstream { stored: true }, Role::Leader) => CacheOutcome::MissStored,
                     (Source::Upstream { stored: false }, Role::Leader) => {
                         CacheOutcome::MissNotStored
