@@ -110,13 +110,9 @@ impl L2 {
         lease: Duration,
         budget: Duration,
     ) -> Result<bool, L2Error> {
-        let mut conn = self.conn.clone();
-        let mut call = self.scripts.take.key(&names.lock);
-        call.arg(token).arg(millis(lease));
-        let taken: i64 = self
-            .within("take lock", budget, call.invoke_async(&mut conn))
-            .await?;
-        Ok(taken == 1)
+        let take = &self.scripts.take;
+        self.on_lock("take lock", take, names, token, lease, budget)
+            .await
     }
 
     /// Extends the lease if `token` still holds the lock; `false` when the lock was lost.
@@ -127,11 +123,26 @@ impl L2 {
         lease: Duration,
         budget: Duration,
     ) -> Result<bool, L2Error> {
+        let extend = &self.scripts.extend;
+        self.on_lock("extend", extend, names, token, lease, budget)
+            .await
+    }
+
+    /// Runs `script` on the lock with `token` and `lease`; whether it did what it is for (`1`).
+    async fn on_lock(
+        &self,
+        op: &'static str,
+        script: &redis::Script,
+        names: &KeyNames,
+        token: &str,
+        lease: Duration,
+        budget: Duration,
+    ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
-        let mut call = self.scripts.extend.key(&names.lock);
+        let mut call = script.key(&names.lock);
         call.arg(token).arg(millis(lease));
         let n: i64 = self
-            .within("extend", budget, call.invoke_async(&mut conn))
+            .within(op, budget, call.invoke_async(&mut conn))
             .await?;
         Ok(n == 1)
     }
