@@ -2,14 +2,15 @@
 //! that it grows with nothing else — not with the requests waiting at each instance.
 //!
 //! ```sh
-//! cargo bench --bench fleet            # the README's run: about half a minute on 2 cores
+//! cargo bench --bench fleet            # the README's run: under a minute on 2 cores
 //! FLEET_SIZES=3,10 FLEET_KEYS=20 FLEET_TOPOLOGIES=one cargo bench --bench fleet   # a quick look
 //! ```
 //!
 //! # What runs
 //! Everything in this one process but Redis, on 127.0.0.1:
-//! - per run, a fresh `redis-server`, or a fresh Redis Cluster of 3 masters (the fixtures of
-//!   `tests/support`), so every run starts from empty statistics and an empty Redis;
+//! - per run, a fresh `redis-server`, a fresh Redis Cluster of 3 masters, or a fresh Sentinel
+//!   deployment (a master, its replica, three sentinels) — the fixtures of `tests/support` — so
+//!   every run starts from empty statistics and an empty Redis;
 //! - N Corral instances ([`corral::Instance`]), each with its own listener, command connection,
 //!   lease-keeper thread (its own runtime and connection) and pub/sub connection(s) — what N
 //!   processes would hold — at Corral's default config (only the access log is off);
@@ -27,13 +28,22 @@
 //!   the scripts) and every command `INFO commandstats` counts;
 //! - pub/sub messages delivered: the instances' `corral_notices_received_total`, summed (Redis
 //!   counts no deliveries): one per instance that waited, N − 1 at most;
-//! - Redis CPU (`used_cpu_sys + used_cpu_user`, summed over the nodes);
+//! - Redis CPU (`used_cpu_sys + used_cpu_user`, summed over the nodes; behind sentinels, the
+//!   master's: its replication stream to the replica included);
 //! - the time from the fill to the last waiter: per key, from its first answer to its last, p50
 //!   and max over the keys — with every fill landing at once, this is the time the machine takes
 //!   to write N × K × R answers, not a wake-up latency. The floor beside it: the same burst sent
 //!   again once every instance holds the keys in L1, spread measured the same way;
 //! - in a cluster, cluster-bus publish messages (`cluster_stats_messages_publish_sent` summed
-//!   over the nodes; classic PUBLISH copies every message to every node) and sharded ones.
+//!   over the nodes; classic PUBLISH copies every message to every node) and sharded ones;
+//! - connections per instance: `connected_clients` on the nodes (and, behind sentinels, on each
+//!   sentinel), less what they held before the fleet started, divided by N — once the fleet has
+//!   started, and again after the burst.
+//!
+//! Behind sentinels, the master's counters leave out the `PING`s of the sentinels and the
+//! `REPLCONF ACK`s of the replica (a few a second, which Corral never sends during a burst); the
+//! sentinels' hello messages (one `PUBLISH` per sentinel every 2 s) stay in the `commandstats`
+//! column, being indistinguishable there from the notices the scripts publish.
 //!
 //! Then a sweep over R at one N (one Redis): Redis's work per fill must not move with R.
 //! Prints markdown tables, and draws them as an SVG (`benches/fleet.svg` by default).
@@ -44,7 +54,8 @@
 //! - `FLEET_REQUESTS` (`4`): R, requests per key per instance;
 //! - `FLEET_SWEEP` (`1,4,16`): the R values of the sweep (empty: no sweep), at
 //!   `FLEET_SWEEP_INSTANCES` (`10`) instances;
-//! - `FLEET_TOPOLOGIES` (`one,cluster`): one Redis, a Redis Cluster, or both;
+//! - `FLEET_TOPOLOGIES` (`one,cluster,sentinel`): which of one Redis, a Redis Cluster and a
+//!   Sentinel deployment;
 //! - `FLEET_REDIS_TIMEOUT` (unset: Corral's default): `[redis] timeout`, e.g. `500ms`;
 //! - `FLEET_PLOT` (`benches/fleet.svg`): where the figure goes, relative to the package root;
 //!   empty: no figure.
@@ -77,7 +88,7 @@ use tokio::time::Instant;
 
 use burst::{Answer, Connections};
 use plot::{COLORS, Curve, Panel};
-use redis_side::{Counters, Topology};
+use redis_side::{Counters, Kind, Probe, Topology};
 use upstream::Gated;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,7 +132,7 @@ struct Settings {
     requests: usize,
     sweep: Vec<usize>,
     sweep_instances: usize,
-    cluster: Vec<bool>,
+    topologies: Vec<Kind>,
     redis_timeout: Option<String>,
     plot: Option<PathBuf>,
 }
@@ -149,19 +160,18 @@ fn number(name: &str, default: usize) -> Result<usize, BoxError> {
 
 impl Settings {
     fn from_env() -> Result<Settings, BoxError> {
-        let topologies = std::env::var("FLEET_TOPOLOGIES").unwrap_or_else(|_| "one,cluster".into());
-        let cluster = topologies
+        let text =
+            std::env::var("FLEET_TOPOLOGIES").unwrap_or_else(|_| "one,cluster,sentinel".into());
+        let topologies = text
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|t| match t {
-                "one" => Ok(false),
-                "cluster" => Ok(true),
-                other => Err(format!(
-                    "FLEET_TOPOLOGIES: `{other}` is neither `one` nor `cluster`"
-                )),
+            .map(|t| {
+                Kind::parse(t).ok_or_else(|| {
+                    format!("FLEET_TOPOLOGIES: `{t}` is none of `one`, `cluster`, `sentinel`")
+                })
             })
-            .collect::<Result<Vec<bool>, String>>()?;
+            .collect::<Result<Vec<Kind>, String>>()?;
         let plot = match std::env::var("FLEET_PLOT") {
             Ok(path) if path.is_empty() => None,
             Ok(path) => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)),
@@ -173,7 +183,7 @@ impl Settings {
             requests: number("FLEET_REQUESTS", 4)?,
             sweep: list("FLEET_SWEEP", "1,4,16")?,
             sweep_instances: number("FLEET_SWEEP_INSTANCES", 10)?,
-            cluster,
+            topologies,
             redis_timeout: std::env::var("FLEET_REDIS_TIMEOUT").ok(),
             plot,
         })
@@ -182,8 +192,7 @@ impl Settings {
 
 /// One run's figures.
 struct Row {
-    topology: &'static str,
-    cluster: bool,
+    kind: Kind,
     instances: usize,
     keys: usize,
     per_instance: usize,
@@ -215,8 +224,14 @@ struct Row {
     keys_left: usize,
     /// Redis memory per key left (`MEMORY USAGE`).
     memory: f64,
-    /// Redis connections per instance (after the burst).
+    /// Redis connections per instance once the fleet started, and after the burst (on the
+    /// master, or summed over a cluster's nodes).
+    clients_started: f64,
     clients: f64,
+    /// Behind sentinels: connections per instance to each sentinel, once the fleet started and
+    /// after the burst.
+    sentinels_started: Vec<f64>,
+    sentinels: Vec<f64>,
 }
 
 fn step(what: &str) {
@@ -226,14 +241,15 @@ fn step(what: &str) {
 async fn run() -> Result<(), BoxError> {
     let settings = Settings::from_env()?;
     let mut rows = Vec::new();
-    for &cluster in &settings.cluster {
+    for &kind in &settings.topologies {
         for &n in &settings.sizes {
-            rows.push(measure(cluster, n, settings.keys, settings.requests, &settings).await?);
+            rows.push(measure(kind, n, settings.keys, settings.requests, &settings).await?);
         }
     }
     let mut sweep = Vec::new();
     for &r in &settings.sweep {
-        sweep.push(measure(false, settings.sweep_instances, settings.keys, r, &settings).await?);
+        let n = settings.sweep_instances;
+        sweep.push(measure(Kind::One, n, settings.keys, r, &settings).await?);
     }
     print_tables(&rows, &sweep, &settings);
     if let Some(path) = &settings.plot {
@@ -247,15 +263,16 @@ async fn run() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// One burst on a fresh Redis (or cluster) and a fresh fleet of `n` instances.
+/// One burst on a fresh Redis (cluster, or sentinel deployment) and a fresh fleet of `n`
+/// instances.
 async fn measure(
-    cluster: bool,
+    kind: Kind,
     n: usize,
     keys: usize,
     per_instance: usize,
     settings: &Settings,
 ) -> Result<Row, BoxError> {
-    let topology = Topology::start(cluster).await;
+    let topology = Topology::start(kind).await;
     step(&format!(
         "{}: {n} instances, {keys} keys x {per_instance} requests per instance",
         topology.name()
@@ -263,7 +280,12 @@ async fn measure(
     let upstream = Gated::start(BODY).await?;
     let config = topology.config(&upstream.url(), settings.redis_timeout.as_deref())?;
     let mut probe = topology.probe().await;
+    let idle = probe.counters().await?;
+    let idle_sentinels = probe.sentinel_clients().await?;
+    let idle_listeners = probe.sentinel_listeners().await?;
     let fleet = support::corral::start(n, &config).await;
+    let (clients_started, sentinels_started) =
+        connections(&mut probe, &idle, &idle_sentinels, n).await?;
     let conns = Connections::open(&fleet, keys * per_instance).await?;
     probe.reset().await?;
     let before = probe.counters().await?;
@@ -296,6 +318,8 @@ async fn measure(
     let (answers, (gate_at, gate_forced)) = (answers?, gate?);
     let quiet = probe.quiet().await?;
     let after = probe.counters().await?;
+    let (clients, sentinels) = connections(&mut probe, &idle, &idle_sentinels, n).await?;
+    let listeners = (probe.sentinel_listeners().await? as f64 - idle_listeners as f64) / n as f64;
     let notices = notices(&fleet) - notices_before;
     // The floor: the same burst again, now answered from every instance's L1 — how long this
     // machine takes to write that many answers, with no fill and no Redis in the way.
@@ -320,12 +344,19 @@ async fn measure(
         .map(|(name, n)| format!("{name} {:.2}", **n as f64 / fills))
         .collect();
     step(&format!("  per fill: {}", calls.join(", ")));
+    if kind == Kind::Sentinel {
+        step(&format!(
+            "  left out: {:.2} per fill (the sentinels' PING, the replica's REPLCONF); connections per instance to each sentinel: {} once started, {} after the burst, of which pub/sub (listening to +switch-master) {listeners:.1} in all",
+            after.background as f64 / fills,
+            per_sentinel(&sentinels_started),
+            per_sentinel(&sentinels),
+        ));
+    }
     let (p50, max) = spread(&answers, keys);
     let (floor_p50, floor_max) = spread(&again, keys);
     let delta = |f: fn(&Counters) -> f64| (f(&after) - f(&before)) / fills;
     Ok(Row {
-        topology: topology.name(),
-        cluster,
+        kind,
         instances: n,
         keys,
         per_instance,
@@ -350,8 +381,36 @@ async fn measure(
         net_out: delta(|c| c.net_out),
         keys_left,
         memory: stored / keys_left.max(1) as f64,
-        clients: after.clients / n as f64,
+        clients_started,
+        clients,
+        sentinels_started,
+        sentinels,
     })
+}
+
+/// Connections per instance of a fleet of `n`: on the nodes (summed), and on each sentinel,
+/// beyond what they held before the fleet started (`idle`, `idle_sentinels`).
+async fn connections(
+    probe: &mut Probe,
+    idle: &Counters,
+    idle_sentinels: &[f64],
+    n: usize,
+) -> Result<(f64, Vec<f64>), BoxError> {
+    let clients = (probe.counters().await?.clients - idle.clients) / n as f64;
+    let sentinels = probe
+        .sentinel_clients()
+        .await?
+        .iter()
+        .zip(idle_sentinels)
+        .map(|(now, idle)| (now - idle) / n as f64)
+        .collect();
+    Ok((clients, sentinels))
+}
+
+/// Connections per instance to each sentinel, e.g. `3.0 + 0.0 + 0.0`.
+fn per_sentinel(sentinels: &[f64]) -> String {
+    let each: Vec<String> = sentinels.iter().map(|c| format!("{c:.1}")).collect();
+    each.join(" + ")
 }
 
 /// Over the fleet: the keys with a flight (a request in progress), and the keys an instance
@@ -432,14 +491,14 @@ fn print_tables(rows: &[Row], sweep: &[Row], settings: &Settings) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let bus = if row.cluster {
+        let bus = if row.kind == Kind::Cluster {
             format!("{:.2} / {:.2}", row.bus_publish, row.bus_publishshard)
         } else {
             "—".to_owned()
         };
         println!(
             "| {} | {} | {}{} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} µs | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {bus} |",
-            row.topology,
+            row.kind.name(),
             row.instances,
             row.backend_calls,
             marks(row),
@@ -482,17 +541,27 @@ fn print_tables(rows: &[Row], sweep: &[Row], settings: &Settings) {
     }
     println!("\nBytes, memory and connections:");
     println!(
-        "\n| Redis | instances | bytes into / out of Redis per fill | Redis memory per entry (`MEMORY USAGE`) | Redis connections per instance |"
+        "\n| Redis | instances | bytes into / out of Redis per fill | Redis memory per entry (`MEMORY USAGE`) | Redis connections per instance, started / after the burst | connections per instance to each sentinel, started / after the burst |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for row in rows {
+        let sentinels = if row.sentinels.is_empty() {
+            "—".to_owned()
+        } else {
+            format!(
+                "{} / {}",
+                per_sentinel(&row.sentinels_started),
+                per_sentinel(&row.sentinels)
+            )
+        };
         println!(
-            "| {} | {} | {:.1} / {:.1} KB | {:.2} KB | {:.1} |",
-            row.topology,
+            "| {} | {} | {:.1} / {:.1} KB | {:.2} KB | {:.1} / {:.1} | {sentinels} |",
+            row.kind.name(),
             row.instances,
             row.net_in / 1000.0,
             row.net_out / 1000.0,
             row.memory / 1000.0,
+            row.clients_started,
             row.clients,
         );
     }
@@ -500,7 +569,7 @@ fn print_tables(rows: &[Row], sweep: &[Row], settings: &Settings) {
     for row in rows.iter().chain(sweep) {
         println!(
             "  {}, {} instances, {} per instance: {:.0} ms",
-            row.topology,
+            row.kind.name(),
             row.instances,
             row.per_instance,
             row.gate_at.as_secs_f64() * 1000.0
@@ -518,33 +587,29 @@ fn figure_title(settings: &Settings) -> String {
 /// The figure's panels: the fleet-growth curves over N (one curve per topology), then the
 /// sweep over R.
 fn panels(rows: &[Row], sweep: &[Row], settings: &Settings) -> Vec<Panel> {
-    // One colour per topology (and a second for its p50 curve), whichever ran.
+    // One colour per topology (and a second for its floor curve), whichever ran.
     let color =
-        |cluster: bool, second: bool| COLORS[usize::from(cluster) + 2 * usize::from(second)];
-    let name = |cluster: bool| {
-        if cluster {
-            "Cluster (3 masters)"
-        } else {
-            "one Redis"
-        }
-    };
-    let curve = |cluster: bool, label: String, second: bool, value: fn(&Row) -> f64| Curve {
+        |kind: Kind, second: bool| COLORS[kind.index() + Kind::ALL.len() * usize::from(second)];
+    let curve = |kind: Kind, label: String, second: bool, value: fn(&Row) -> f64| Curve {
         label,
         points: rows
             .iter()
-            .filter(|r| r.cluster == cluster)
+            .filter(|r| r.kind == kind)
             .map(|r| (r.instances as f64, value(r)))
             .collect(),
-        color: color(cluster, second),
+        color: color(kind, second),
+        // Behind sentinels Corral talks to one master as it does to one Redis: where their
+        // curves coincide, the dashes leave the one-Redis curve visible.
+        dashed: kind == Kind::Sentinel,
     };
     let over_n = |title: &str, y_desc: &str, value: fn(&Row) -> f64| Panel {
         title: title.to_owned(),
         x_desc: "instances".to_owned(),
         y_desc: y_desc.to_owned(),
         curves: settings
-            .cluster
+            .topologies
             .iter()
-            .map(|&cluster| curve(cluster, name(cluster).to_owned(), false, value))
+            .map(|&kind| curve(kind, kind.name().to_owned(), false, value))
             .collect(),
     };
     let mut panels = vec![
@@ -560,33 +625,33 @@ fn panels(rows: &[Row], sweep: &[Row], settings: &Settings) -> Vec<Panel> {
         |r| r.spread_max_ms,
     );
     waiters.curves = settings
-        .cluster
+        .topologies
         .iter()
-        .flat_map(|&cluster| {
+        .flat_map(|&kind| {
             [
-                curve(cluster, format!("{}, max", name(cluster)), false, |r| {
+                curve(kind, format!("{}, max", kind.name()), false, |r| {
                     r.spread_max_ms
                 }),
-                curve(cluster, format!("{}, floor", name(cluster)), true, |r| {
+                curve(kind, format!("{}, floor", kind.name()), true, |r| {
                     r.floor_max_ms
                 }),
             ]
         })
         .collect();
     panels.push(waiters);
-    if settings.cluster.contains(&true) {
+    if settings.topologies.contains(&Kind::Cluster) {
         panels.push(Panel {
             title: "cluster-bus publish messages per fill".to_owned(),
             x_desc: "instances".to_owned(),
             y_desc: "messages".to_owned(),
             curves: vec![
                 curve(
-                    true,
+                    Kind::Cluster,
                     "classic publish (notices are sharded)".to_owned(),
                     false,
                     |r| r.bus_publish,
                 ),
-                curve(true, "sharded publish".to_owned(), true, |r| {
+                curve(Kind::Cluster, "sharded publish".to_owned(), true, |r| {
                     r.bus_publishshard
                 }),
             ],
@@ -611,16 +676,19 @@ fn panels(rows: &[Row], sweep: &[Row], settings: &Settings) -> Vec<Panel> {
                     label: "commands sent".to_owned(),
                     points: per(|r| r.sent),
                     color: COLORS[0],
+                    dashed: false,
                 },
                 Curve {
                     label: "scripts".to_owned(),
                     points: per(|r| r.scripts),
                     color: COLORS[2],
+                    dashed: false,
                 },
                 Curve {
                     label: "pub/sub messages".to_owned(),
                     points: per(|r| r.notices),
                     color: COLORS[3],
+                    dashed: false,
                 },
             ],
         });

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 use super::BoxError;
@@ -12,6 +13,8 @@ pub struct Curve {
     pub label: String,
     pub points: Vec<(f64, f64)>,
     pub color: RGBColor,
+    /// Dashed, so a curve that lies on another one drawn before it leaves that one visible.
+    pub dashed: bool,
 }
 
 /// One panel: a title, the axes' descriptions, its curves.
@@ -22,12 +25,14 @@ pub struct Panel {
     pub curves: Vec<Curve>,
 }
 
-/// Colours of the curves, in order.
-pub const COLORS: [RGBColor; 4] = [
+/// Colours of the curves, in order: enough for three topologies with two curves each.
+pub const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
 ];
 
 /// Draws the panels two per row under `title` into an SVG file at `path`.
@@ -81,16 +86,28 @@ where
         .draw()
         .map_err(|e| e.to_string())?;
     for curve in &panel.curves {
-        let color = curve.color;
-        chart
-            .draw_series(
-                LineSeries::new(curve.points.iter().copied(), color.stroke_width(2)).point_size(3),
-            )
-            .map_err(|e| e.to_string())?
-            .label(curve.label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
+        let (color, points) = (curve.color, curve.points.iter().copied());
+        let series = if curve.dashed {
+            chart
+                .draw_series(
+                    points
+                        .clone()
+                        .map(|p| Circle::new(p, 3, color.stroke_width(2))),
+                )
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(DashedLineSeries::new(points, 8, 5, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+        } else {
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
+                .map_err(|e| e.to_string())?
+        };
+        let dashed = curve.dashed;
+        series.label(curve.label.as_str()).legend(move |(x, y)| {
+            let (dash, gap) = if dashed { (5, 3) } else { (18, 0) };
+            DashedPathElement::new(vec![(x, y), (x + 18, y)], dash, gap, color.stroke_width(2))
+        });
     }
     chart
         .configure_series_labels()

@@ -1,6 +1,7 @@
 //! What the bench reads from Redis: `INFO commandstats`, `INFO` (CPU, bytes, clients), the keys
 //! left and, in a cluster, `CLUSTER INFO`, summed over the nodes, on connections opened before the statistics are reset
-//! (so opening them is not counted).
+//! (so opening them is not counted). Behind sentinels the nodes are the master alone (Corral
+//! sends nothing to the replica), and the sentinels are asked only how many clients they hold.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +13,8 @@ use tokio::time::Instant;
 
 use super::BoxError;
 use super::support::corral::recommend_route;
-use super::support::{RedisCluster, RedisServer};
+use super::support::sentinel::MASTER_NAME;
+use super::support::{RedisCluster, RedisSentinel, RedisServer};
 
 /// Commands Corral runs only inside its Lua scripts: `INFO commandstats` counts them as well as
 /// the `EVALSHA` that ran them, so they are no round trip of their own.
@@ -20,7 +22,7 @@ const IN_SCRIPTS: [&str; 7] = [
     "get", "set", "del", "exists", "publish", "spublish", "pexpire",
 ];
 /// The bench's own commands.
-const PROBES: [&str; 9] = [
+const PROBES: [&str; 10] = [
     "info",
     "config|resetstat",
     "cluster|info",
@@ -30,14 +32,62 @@ const PROBES: [&str; 9] = [
     "pubsub|shardnumsub",
     "scan",
     "memory|usage",
+    "client|list",
 ];
+/// Commands the sentinels (`PING` every second) and the replica (`REPLCONF ACK` every second)
+/// send the master on their own; during a burst Corral sends neither (its `PING` is a warm-up
+/// before the statistics are reset, or a probe while its circuit is open).
+const BACKGROUND: [&str; 2] = ["ping", "replconf"];
 /// How long the bench waits for the instances to drop their subscriptions after a burst.
 const QUIET_BOUND: Duration = Duration::from_secs(10);
 
-/// The Redis a fleet shares: one server, or a cluster of three masters.
+/// Which Redis a run starts (`FLEET_TOPOLOGIES`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    One,
+    Cluster,
+    Sentinel,
+}
+
+impl Kind {
+    /// Every kind, in the order of their curves' colours.
+    pub const ALL: [Kind; 3] = [Kind::One, Kind::Cluster, Kind::Sentinel];
+
+    /// From a `FLEET_TOPOLOGIES` item.
+    pub fn parse(text: &str) -> Option<Kind> {
+        match text {
+            "one" => Some(Kind::One),
+            "cluster" => Some(Kind::Cluster),
+            "sentinel" => Some(Kind::Sentinel),
+            _ => None,
+        }
+    }
+
+    /// Its name in the tables and the figure.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::One => "one Redis",
+            Kind::Cluster => "Cluster (3 masters)",
+            Kind::Sentinel => "Sentinel (master, replica, 3 sentinels)",
+        }
+    }
+
+    /// Its place in [`Kind::ALL`], which picks its colours.
+    pub fn index(self) -> usize {
+        match self {
+            Kind::One => 0,
+            Kind::Cluster => 1,
+            Kind::Sentinel => 2,
+        }
+    }
+}
+
+/// The Redis a fleet shares: one server, a cluster of three masters, or a master and its
+/// replica behind three sentinels.
 pub enum Topology {
     One(RedisServer),
     Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
 }
 
 /// Counters summed over the nodes.
@@ -56,6 +106,8 @@ pub struct Counters {
     pub net_out: f64,
     /// `connected_clients`, the probe's own connection left out.
     pub clients: f64,
+    /// Calls of the [`BACKGROUND`] commands behind sentinels, left out of `calls`.
+    pub background: u64,
 }
 
 impl Counters {
@@ -86,23 +138,30 @@ impl Counters {
 /// Open connections to every node of a topology, for reading its counters.
 pub struct Probe {
     nodes: Vec<MultiplexedConnection>,
+    /// Behind sentinels: a connection to each sentinel.
+    sentinels: Vec<MultiplexedConnection>,
     cluster: bool,
 }
 
 impl Topology {
-    pub async fn start(cluster: bool) -> Topology {
-        if cluster {
-            Topology::Cluster(RedisCluster::start().await)
-        } else {
-            Topology::One(RedisServer::start().await)
+    pub async fn start(kind: Kind) -> Topology {
+        match kind {
+            Kind::One => Topology::One(RedisServer::start().await),
+            Kind::Cluster => Topology::Cluster(RedisCluster::start().await),
+            Kind::Sentinel => Topology::Sentinel(RedisSentinel::start().await),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Topology::One(_) => Kind::One,
+            Topology::Cluster(_) => Kind::Cluster,
+            Topology::Sentinel(_) => Kind::Sentinel,
         }
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Topology::One(_) => "one Redis",
-            Topology::Cluster(_) => "Cluster (3 masters)",
-        }
+        self.kind().name()
     }
 
     /// A config for the fleet: Corral's defaults, `/recommend` to `upstream`, listener on port
@@ -114,6 +173,17 @@ impl Topology {
                 let nodes: Vec<String> =
                     cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
                 format!("cluster = [{}]", nodes.join(", "))
+            }
+            Topology::Sentinel(deployment) => {
+                let nodes: Vec<String> = deployment
+                    .sentinel_urls()
+                    .iter()
+                    .map(|u| format!("\"{u}\""))
+                    .collect();
+                format!(
+                    "sentinel = {{ nodes = [{}], master = \"{MASTER_NAME}\" }}",
+                    nodes.join(", ")
+                )
             }
         };
         let timeout = redis_timeout
@@ -131,6 +201,12 @@ impl Topology {
         match self {
             Topology::One(redis) => Probe {
                 nodes: vec![redis.conn().await],
+                sentinels: Vec::new(),
+                cluster: false,
+            },
+            Topology::Sentinel(deployment) => Probe {
+                nodes: vec![deployment.master_conn().await],
+                sentinels: deployment.sentinel_conns().await,
                 cluster: false,
             },
             Topology::Cluster(cluster) => {
@@ -140,6 +216,7 @@ impl Topology {
                 }
                 Probe {
                     nodes,
+                    sentinels: Vec::new(),
                     cluster: true,
                 }
             }
@@ -168,7 +245,12 @@ impl Probe {
                 .query_async(node)
                 .await?;
             for (name, calls) in command_calls(&stats) {
-                if !PROBES.contains(&name.as_str()) {
+                if PROBES.contains(&name.as_str()) {
+                    continue;
+                }
+                if !self.sentinels.is_empty() && BACKGROUND.contains(&name.as_str()) {
+                    sum.background += calls;
+                } else {
                     *sum.calls.entry(name).or_default() += calls;
                 }
             }
@@ -184,6 +266,36 @@ impl Probe {
             }
         }
         Ok(sum)
+    }
+
+    /// Clients each sentinel holds (`connected_clients`), the probe's own connection left out;
+    /// empty but behind sentinels.
+    pub async fn sentinel_clients(&mut self) -> Result<Vec<f64>, BoxError> {
+        let mut clients = Vec::with_capacity(self.sentinels.len());
+        for sentinel in &mut self.sentinels {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(sentinel)
+                .await?;
+            clients.push(field(&info, "connected_clients") - 1.0);
+        }
+        Ok(clients)
+    }
+
+    /// Pub/sub clients over the sentinels (`CLIENT LIST TYPE pubsub`): who listens to their
+    /// events, such as `+switch-master`.
+    pub async fn sentinel_listeners(&mut self) -> Result<usize, BoxError> {
+        let mut listeners = 0;
+        for sentinel in &mut self.sentinels {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(sentinel)
+                .await?;
+            listeners += list.lines().filter(|l| !l.trim().is_empty()).count();
+        }
+        Ok(listeners)
     }
 
     /// Subscriptions to fill channels the nodes hold now, summed over the channels (`PUBSUB

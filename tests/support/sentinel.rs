@@ -202,6 +202,36 @@ impl RedisSentinel {
             .collect()
     }
 
+    /// A connection to the master the deployment started with, for a bench's probes.
+    ///
+    /// # Panics
+    ///
+    /// If it does not answer.
+    pub async fn master_conn(&self) -> MultiplexedConnection {
+        let port = self.servers[0].port;
+        conn(port)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the master on {port}: {e}"))
+    }
+
+    /// A connection to each sentinel, in order, for a bench's probes.
+    ///
+    /// # Panics
+    ///
+    /// If one does not answer.
+    pub async fn sentinel_conns(&self) -> Vec<MultiplexedConnection> {
+        let mut conns = Vec::with_capacity(self.sentinels.len());
+        for sentinel in &self.sentinels {
+            let port = sentinel.port;
+            conns.push(
+                conn(port)
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to the sentinel on {port}: {e}")),
+            );
+        }
+        conns
+    }
+
     /// The port of the master the deployment started with.
     pub fn first_master_port(&self) -> u16 {
         self.servers[0].port
