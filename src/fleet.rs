@@ -53,12 +53,17 @@ impl Fleet {
         self.l2.has_answered()
     }
 
-    /// Connects, loads the scripts and subscribes the invalidation channel within `budget`, so
-    /// the first burst after a start pays for none of it inside a call's budget. A failure is
-    /// logged; Corral then serves degraded until Redis answers.
+    /// Connects all three connections, loads the scripts (on the command connection and the lease
+    /// keeper's) and subscribes the invalidation channel within `budget`, so the first burst after
+    /// a start pays for none of it inside a call's budget. A failure is logged; Corral then serves
+    /// degraded until Redis answers.
     pub async fn warm_up(&self, budget: Duration) {
-        let (l2, pubsub) = tokio::join!(self.l2.warm_up(budget), self.notices.ready());
-        match l2.and(pubsub) {
+        let (l2, keeper, pubsub) = tokio::join!(
+            self.l2.warm_up(budget),
+            self.keeper.warm_up(budget),
+            self.notices.ready()
+        );
+        match l2.and(keeper).and(pubsub) {
             Ok(()) => tracing::info!("redis connected, scripts loaded, pub/sub subscribed"),
             Err(err) => {
                 tracing::warn!(%err, "redis not ready at start; serving degraded until it answers");

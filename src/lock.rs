@@ -91,6 +91,15 @@ impl LeaseKeeper {
         }
     }
 
+    /// Connects the keeper's own connection and loads the scripts on it, within `budget`, on the
+    /// keeper's thread — so the first lookup of a burst does not pay for the connection (behind
+    /// sentinels: for finding the master) inside its budget.
+    pub async fn warm_up(&self, budget: Duration) -> Result<(), L2Error> {
+        let own = self.l2.clone();
+        self.on_keeper(async move { own.warm_up(budget).await })
+            .await
+    }
+
     /// Whether the keeper's connection is considered down.
     pub fn degraded(&self) -> bool {
         self.l2.degraded()

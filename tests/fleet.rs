@@ -223,3 +223,29 @@ async fn a_garbled_redis_value_is_a_miss_never_served() {
     );
     assert_eq!(upstream.calls(), 2);
 }
+
+/// A started instance has opened all three of its Redis connections — command, lease keeper,
+/// pub/sub — before its first request, so a cold burst's first lookups, which run on the lease
+/// keeper's connection within the lock budget, pay for no connection (nor, behind sentinels, for
+/// finding the master).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_instance_has_every_redis_connection_open_before_its_first_request() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
+    let _fleet = start(1, &cfg).await;
+
+    let mut conn = redis.conn().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT LIST");
+    // Every client but this probe, with the last command each ran.
+    let clients: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .collect();
+    assert_eq!(clients.len(), 3, "command, lease keeper, pub/sub:\n{list}");
+    assert_eq!(upstream.calls(), 0, "nothing was requested yet");
+}
