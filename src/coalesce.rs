@@ -34,6 +34,7 @@ use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, Peek};
 use crate::lock::FillLock;
 use crate::metrics::{LockOutcome, Metrics};
+use crate::upstream::Caps;
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
 mod io;
@@ -66,14 +67,14 @@ impl Coalescer {
         }
     }
 
-    /// The same flights with a reloaded configuration's filler (its route caps): flights in
-    /// progress carry on with the filler they started with.
-    pub fn renewed(&self, filler: Filler) -> Coalescer {
+    /// The same flights under a reloaded configuration's route caps: flights in progress carry on
+    /// with the caps they started with.
+    pub fn renewed(&self, caps: Arc<Caps>) -> Coalescer {
         Coalescer {
             l1: self.l1.clone(),
             marks: self.marks.clone(),
             fleet: self.fleet.clone(),
-            filler,
+            filler: self.filler.with_caps(caps),
             flights: self.flights.clone(),
             metrics: self.metrics.clone(),
         }

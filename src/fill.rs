@@ -158,6 +158,14 @@ impl Filler {
         }
     }
 
+    /// The same filler under other per-route caps (a reloaded configuration's).
+    pub fn with_caps(&self, caps: Arc<Caps>) -> Filler {
+        Filler {
+            caps,
+            ..self.clone()
+        }
+    }
+
     /// Calls the upstream and ends the claim according to what it answered; `fallback` is a
     /// stale entry that stands in if the upstream fails (and, with a validator, makes the call
     /// conditional). Cancel safety: runs in a flight's own task; a held lock dropped mid-way is

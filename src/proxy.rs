@@ -138,13 +138,6 @@ impl Proxy {
             self.metrics.register_route(route);
         }
         let caps = Arc::new(self.caps.renewed(config));
-        let filler = Filler::new(
-            self.l1.clone(),
-            self.marks.clone(),
-            self.client.clone(),
-            caps.clone(),
-            self.metrics.clone(),
-        );
         Proxy {
             started: self.started,
             router: Router::new(&config.routes),
@@ -157,8 +150,8 @@ impl Proxy {
             marks: self.marks.clone(),
             fleet: self.fleet.clone(),
             client: self.client.clone(),
+            coalescer: Arc::new(self.coalescer.renewed(caps.clone())),
             caps,
-            coalescer: Arc::new(self.coalescer.renewed(filler)),
             metrics: self.metrics.clone(),
             body_read_timeout: config.server.body_read_timeout,
             access_log: config.server.access_log,
