@@ -25,7 +25,8 @@
 //!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
 //! - [`upstream`] — the pooled client, per-route caps and header hygiene; [`route`] and
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
-//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`].
+//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
+//!   [`access`] — the access line, written by its own thread.
 //!
 //! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
 //! (and `demo/`), the built-in demo: they use the library from outside, and alone depend on
@@ -36,6 +37,7 @@
 //! refresh once) → coalesce: a flight (one per key per process) → L2 → fill lock (or wait for the
 //! fill's notice) → fill: upstream → store L2, PUBLISH, release → L1 → answer with `Cache-Status`.
 
+pub mod access;
 pub mod admin;
 pub mod answer;
 pub mod body;

@@ -62,6 +62,8 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
     };
+    // The access lines still queued are written before the process ends (unless stderr blocks).
+    let _ = corral::access::flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -175,8 +177,19 @@ fn init_logs(format: LogFormat, quiet: bool) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let line_format = match format {
+        LogFormat::Text => {
+            builder.init();
+            corral::access::LineFormat::Text
+        }
+        LogFormat::Json => {
+            builder.json().init();
+            corral::access::LineFormat::Json
+        }
+    };
+    // The access lines get their own writer thread, off the request path; without it they are
+    // ordinary log lines.
+    if let Err(err) = corral::access::install(line_format) {
+        tracing::warn!(%err, "no access-log writer thread; access lines are written inline");
     }
 }

@@ -26,9 +26,42 @@ use crate::outcome::CacheOutcome;
 /// The `route` label of requests, and of upstream calls, that no route matched.
 pub const UNROUTED: &str = "-";
 
-/// The request counters of one route, indexed by [`CacheOutcome`]: `None` for outcomes the route
-/// cannot have, whose series are then created only if one happens anyway.
-type RouteCounters = Arc<[Option<Counter>; CacheOutcome::ALL.len()]>;
+/// The request counters of one route, resolved once, so that counting a request is one atomic
+/// add: no label set built, no route name hashed, no lock taken. Cloned into the proxy's routes at
+/// start and on reloads.
+#[derive(Clone, Debug)]
+pub struct RequestCounters(Arc<RouteRequests>);
+
+#[derive(Debug)]
+struct RouteRequests {
+    route: String,
+    /// Indexed by [`CacheOutcome`]: `None` for outcomes the route cannot have, whose series are
+    /// then created only if one happens anyway.
+    by_outcome: [Option<Counter>; CacheOutcome::ALL.len()],
+    family: Family<RouteOutcome, Counter>,
+}
+
+impl RequestCounters {
+    /// Counts one request of this route.
+    pub fn inc(&self, outcome: CacheOutcome) {
+        match &self.0.by_outcome[outcome as usize] {
+            Some(counter) => {
+                counter.inc();
+            }
+            // An outcome the route was not expected to have: counted all the same, in a series
+            // created now.
+            None => {
+                self.0
+                    .family
+                    .get_or_create(&RouteOutcome {
+                        route: self.0.route.clone(),
+                        outcome: outcome.as_str(),
+                    })
+                    .inc();
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOutcome {
@@ -90,7 +123,7 @@ pub struct Metrics {
     requests: Family<RouteOutcome, Counter>,
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
-    request_counters: RwLock<HashMap<String, RouteCounters>>,
+    request_counters: RwLock<HashMap<String, RequestCounters>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -193,6 +226,11 @@ impl Metrics {
             "Fill notices Redis pub/sub delivered to this process: one per fill it waited on, however many requests waited",
             notices_received.clone(),
         );
+        registry.register(
+            "access_lines_dropped",
+            "Access lines dropped because the log writer's queue was full (its output is slow or blocked); requests never wait for the log",
+            crate::access::dropped_counter().clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -214,27 +252,26 @@ impl Metrics {
         metrics
     }
 
+    /// Counts a request by its route's name (see [`Metrics::route_requests`] for the hit path).
     pub fn request(&self, route: &str, outcome: CacheOutcome) {
+        self.route_requests(route).inc(outcome);
+    }
+
+    /// The request counters of a route, to keep and count with: those its registration created,
+    /// or, for a name never registered, counters whose series appear with their first request.
+    pub fn route_requests(&self, route: &str) -> RequestCounters {
         let known = self
             .request_counters
             .read()
             .ok()
             .and_then(|map| map.get(route).cloned());
-        match known.as_ref().and_then(|c| c[outcome as usize].as_ref()) {
-            Some(counter) => {
-                counter.inc();
-            }
-            // Not registered: a route not seen yet, or an outcome the route was not expected to
-            // have. Counted all the same, in a series created now.
-            None => {
-                self.requests
-                    .get_or_create(&RouteOutcome {
-                        route: route.to_owned(),
-                        outcome: outcome.as_str(),
-                    })
-                    .inc();
-            }
-        }
+        known.unwrap_or_else(|| {
+            RequestCounters(Arc::new(RouteRequests {
+                route: route.to_owned(),
+                by_outcome: Default::default(),
+                family: self.requests.clone(),
+            }))
+        })
     }
 
     /// Creates the series a route can move at zero, so dashboards and alerts see 0 rather than no
@@ -266,7 +303,7 @@ impl Metrics {
     /// Registers the request counters of a route for the outcomes it can have (a reload may
     /// change them: those already exported stay on the page).
     fn route_counters(&self, route: &str, possible: impl Fn(CacheOutcome) -> bool) {
-        let counters: RouteCounters = Arc::new(CacheOutcome::ALL.map(|outcome| {
+        let by_outcome = CacheOutcome::ALL.map(|outcome| {
             possible(outcome).then(|| {
                 self.requests
                     .get_or_create(&RouteOutcome {
@@ -275,6 +312,11 @@ impl Metrics {
                     })
                     .clone()
             })
+        });
+        let counters = RequestCounters(Arc::new(RouteRequests {
+            route: route.to_owned(),
+            by_outcome,
+            family: self.requests.clone(),
         }));
         if let Ok(mut map) = self.request_counters.write() {
             map.insert(route.to_owned(), counters);

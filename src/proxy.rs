@@ -15,6 +15,7 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::access::AccessLine;
 use crate::answer::{Answer, CACHE_STATUS, ProxyError};
 use crate::body::ProxyBody;
 use crate::cache_control::CORRAL_CACHE_CONTROL;
@@ -26,7 +27,7 @@ use crate::fleet::Fleet;
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
 use crate::l2::L2Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters, UNROUTED};
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, cache_method, check_cacheable};
 use crate::upstream::{Caps, UpstreamClient};
@@ -65,6 +66,9 @@ pub struct Proxy {
     caps: Arc<Caps>,
     coalescer: Arc<Coalescer>,
     metrics: Arc<Metrics>,
+    /// The request counters of each route, in the router's order, and of unrouted requests.
+    requests: Vec<RequestCounters>,
+    unrouted_requests: RequestCounters,
     body_read_timeout: std::time::Duration,
     /// `server.access_log`: one `info` line per request.
     access_log: bool,
@@ -100,9 +104,12 @@ impl Proxy {
             filler,
             metrics.clone(),
         );
+        let router = Router::new(&config.routes);
         Ok(Proxy {
             started: Instant::now(),
-            router: Router::new(&config.routes),
+            requests: request_counters(&router, &metrics),
+            unrouted_requests: metrics.route_requests(UNROUTED),
+            router,
             default_upstream: config
                 .server
                 .default_upstream
@@ -138,9 +145,12 @@ impl Proxy {
             self.metrics.register_route(route);
         }
         let caps = Arc::new(self.caps.renewed(config));
+        let router = Router::new(&config.routes);
         Proxy {
             started: self.started,
-            router: Router::new(&config.routes),
+            requests: request_counters(&router, &self.metrics),
+            unrouted_requests: self.unrouted_requests.clone(),
+            router,
             default_upstream: config
                 .server
                 .default_upstream
@@ -222,52 +232,80 @@ impl Proxy {
             response.headers_mut().insert(CACHE_STATUS, cache_status);
             return response;
         }
-        // Only the log line needs these; with it off the hot path does not pay for them.
-        let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
-        let logged = (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG))
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let route = self.router.route(req.uri().path(), req.method()).cloned();
-        let (answer, route) = match route {
+        let logged = self.access_line_of(req.method(), req.uri().path());
+        let found = self.router.route_index(req.uri().path(), req.method());
+        let route = found.map(|i| &self.router.routes()[i]);
+        let answer = match route {
             // TRACE echoes the request, credentials included, to whoever can read the answer:
             // refused before any upstream call unless the route allows it.
-            _ if req.method() == Method::TRACE
-                && !route.as_ref().is_some_and(|r| r.allow_trace) =>
-            {
+            _ if req.method() == Method::TRACE && !route.is_some_and(|r| r.allow_trace) => {
                 let err = ProxyError::MethodNotAllowed(Method::TRACE);
                 let outcome = match route {
                     Some(_) => CacheOutcome::Bypass,
                     None => CacheOutcome::UriMiss,
                 };
-                (err.into_answer(outcome), route)
+                err.into_answer(outcome)
             }
-            None => (self.unrouted(req, peer).await, None),
-            Some(route) => (self.routed(route.clone(), req, peer).await, Some(route)),
+            None => self.unrouted(req, peer).await,
+            Some(route) => self.routed(route.clone(), req, peer).await,
         };
-        let route_name = route
-            .as_ref()
-            .map_or(crate::metrics::UNROUTED, |r| r.name.as_str());
+        self.finish(answer, found, started, logged)
+    }
+
+    /// What every answer gets on its way out: `Cache-Status`, the request metric, the access
+    /// line; Corral's own directives removed.
+    fn finish(
+        &self,
+        answer: Answer,
+        route: Option<usize>,
+        started: Instant,
+        logged: Option<Logged>,
+    ) -> Response<ProxyBody> {
+        let (route_name, counters) = match route {
+            Some(i) => (self.router.routes()[i].name.as_str(), &self.requests[i]),
+            None => (crate::metrics::UNROUTED, &self.unrouted_requests),
+        };
         let cache_status = answer.cache_status();
         let Answer {
             outcome,
             mut response,
             ..
         } = answer;
-        self.metrics.request(route_name, outcome);
-        response.headers_mut().insert(CACHE_STATUS, cache_status);
+        counters.inc(outcome);
+        let headers = response.headers_mut();
+        headers.insert(CACHE_STATUS, cache_status);
         // Corral's own directives never leave Corral, whatever path the answer took.
-        response.headers_mut().remove(CORRAL_CACHE_CONTROL);
-        if let Some((method, path)) = logged {
+        headers.remove(CORRAL_CACHE_CONTROL);
+        if let Some(logged) = logged {
             let status = response.status().as_u16();
             let micros = started.elapsed().as_micros() as u64;
-            let outcome = outcome.as_str();
+            let line = AccessLine::new(
+                logged.method,
+                &logged.path,
+                route_name,
+                status,
+                outcome,
+                micros,
+            );
             // The same line at `info` (the access log) or, with it off, at `debug`.
-            if info {
-                tracing::info!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+            if logged.info {
+                crate::access::record(line);
             } else {
-                tracing::debug!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+                crate::access::record_debug(line);
             }
         }
         response
+    }
+
+    /// What the access line needs from the request, when a line is wanted: only the log line
+    /// needs these, so with it off the hot path does not pay for them.
+    fn access_line_of(&self, method: &Method, path: &str) -> Option<Logged> {
+        let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)).then(|| Logged {
+            info,
+            method: method.clone(),
+            path: path.to_owned(),
+        })
     }
 
     async fn routed(
@@ -281,35 +319,47 @@ impl Proxy {
             return self.bypass(&route, req, peer).await;
         }
         let (parts, body) = req.into_parts();
-        let limit = self.body_read_timeout;
-        let read = tokio::time::timeout(limit, read_body(&parts.headers, body, route.max_body));
-        let body = match read.await.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
-            Ok(body) => body,
-            Err(err) => return err.into_answer(CacheOutcome::Bypass),
+        // Most cacheable requests have no body: no timer for them.
+        let body = if http_body::Body::is_end_stream(&body) {
+            Bytes::new()
+        } else {
+            let limit = self.body_read_timeout;
+            let read = tokio::time::timeout(limit, read_body(&parts.headers, body, route.max_body));
+            match read.await.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
+                Ok(body) => body,
+                Err(err) => return err.into_answer(CacheOutcome::Bypass),
+            }
         };
         self.handle_cacheable(route, parts, body, peer).await
     }
 
-    /// Answers a request whose body is already read, on a route that may cache it: key → L1 →
-    /// flight. Public for benchmarks of the hit path without sockets; [`Proxy::handle`] routes and
-    /// checks cacheability first.
+    /// [`Proxy::handle`] for a request whose body is already read: the same path (target,
+    /// route, key, L1, flight, `Cache-Status`, metrics, access line), for benchmarks of the hit
+    /// path without sockets. A request that is not cacheable on its route gets a 404 here instead
+    /// of passing through.
     pub async fn handle_buffered(
         &self,
         parts: Parts,
         body: Bytes,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let answer = match self.router.route(parts.uri.path(), &parts.method) {
+        let started = Instant::now();
+        let mut req = Request::from_parts(parts, ());
+        if let Err(err) = crate::target::normalize(&mut req) {
+            let answer = ProxyError::from(err).into_answer(CacheOutcome::Bypass);
+            return self.finish(answer, None, started, None);
+        }
+        let (parts, ()) = req.into_parts();
+        let logged = self.access_line_of(&parts.method, parts.uri.path());
+        let found = self.router.route_index(parts.uri.path(), &parts.method);
+        let answer = match found.map(|i| &self.router.routes()[i]) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
                 self.handle_cacheable(route.clone(), parts, body, peer)
                     .await
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
-        let cache_status = answer.cache_status();
-        let mut response = answer.response;
-        response.headers_mut().insert(CACHE_STATUS, cache_status);
-        response
+        self.finish(answer, found, started, logged)
     }
 
     /// Keys, looks up and answers a cacheable request; its conditionals, `Range` and HEAD are
@@ -347,9 +397,21 @@ impl Proxy {
     }
 }
 
-/// The log target of the per-request line, so `RUST_LOG` can filter it on its own
-/// (`corral::access=off`).
-pub const ACCESS_LOG: &str = "corral::access";
+pub use crate::access::ACCESS_LOG;
+
+/// What a request's access line needs from the request, taken before the request is consumed.
+struct Logged {
+    /// `info` (the access log), else `debug`.
+    info: bool,
+    method: Method,
+    path: String,
+}
+
+/// The request counters of every route, in the router's order.
+fn request_counters(router: &Router, metrics: &Metrics) -> Vec<RequestCounters> {
+    let routes = router.routes().iter();
+    routes.map(|r| metrics.route_requests(&r.name)).collect()
+}
 
 /// Reads a request body of at most `limit` bytes; a declared length over the limit is refused
 /// before anything is read.

@@ -23,22 +23,32 @@ impl Router {
     /// the first that caches the method, else the first of them (which will pass the request
     /// through uncached).
     pub fn route(&self, path: &str, method: &Method) -> Option<&Arc<RouteConfig>> {
+        self.route_index(path, method).map(|i| &self.routes[i])
+    }
+
+    /// [`Router::route`] as a position in [`Router::routes`], for what is kept per route
+    /// beside the router (the request counters).
+    pub fn route_index(&self, path: &str, method: &Method) -> Option<usize> {
         let longest = self
             .routes
             .iter()
             .find(|r| prefix_matches(&r.path_prefix, path))?;
-        let same_prefix = self
-            .routes
-            .iter()
-            .filter(|r| r.path_prefix == longest.path_prefix);
         let mut first = None;
-        for r in same_prefix {
-            if r.methods.contains(cache_method(method)) {
-                return Some(r);
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.path_prefix != longest.path_prefix {
+                continue;
             }
-            first.get_or_insert(r);
+            if r.methods.contains(cache_method(method)) {
+                return Some(i);
+            }
+            first.get_or_insert(i);
         }
         first
+    }
+
+    /// Every route, in the order [`Router::route_index`] counts them.
+    pub fn routes(&self) -> &[Arc<RouteConfig>] {
+        &self.routes
     }
 }
 

@@ -1,0 +1,121 @@
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+
+/// An output that says when a write starts and blocks until told to go on: a stderr nobody reads.
+struct Blocked {
+    started: Sender<()>,
+    go: Receiver<()>,
+    written: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Write for Blocked {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.started.send(());
+        let _ = self.go.recv();
+        if let Ok(mut w) = self.written.lock() {
+            w.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn line(path: &str) -> AccessLine {
+    AccessLine::new(Method::GET, path, "recommend", 200, CacheOutcome::Hit, 12)
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_lines_and_never_blocks_the_sender() {
+    let (started, write_started) = channel();
+    let (go, wait) = channel();
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let out = Blocked {
+        started,
+        go: wait,
+        written: written.clone(),
+    };
+    let dropped = Counter::default();
+    let log = AccessLog::start(LineFormat::Text, Box::new(out), 2, dropped.clone())
+        .expect("the writer thread starts");
+
+    // The writer takes the first line and blocks writing it.
+    assert_eq!(log.send(line("/1")), Sent::Queued);
+    write_started.recv().expect("the writer writes");
+    // Two more fill the queue; the next five find it full. None of these calls waits.
+    let sent: Vec<Sent> = (2..=8).map(|i| log.send(line(&format!("/{i}")))).collect();
+    assert_eq!(sent[..2], [Sent::Queued, Sent::Queued]);
+    assert!(sent[2..].iter().all(|s| *s == Sent::Dropped), "{sent:?}");
+    assert_eq!(dropped.get(), 5);
+
+    // Unblocked, the writer writes what was queued, in order, and a flush waits for it.
+    for _ in 0..10 {
+        let _ = go.send(());
+    }
+    assert_eq!(log.flush(Duration::from_secs(10)), Flushed::Written);
+    let text = String::from_utf8(written.lock().expect("not poisoned").clone()).expect("utf-8");
+    let paths: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split(" path=").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    assert_eq!(paths, ["/1", "/2", "/3"]);
+}
+
+#[test]
+fn a_flush_behind_a_blocked_writer_gives_up_at_its_limit() {
+    let (started, write_started) = channel();
+    let (go, wait) = channel();
+    let out = Blocked {
+        started,
+        go: wait,
+        written: Arc::default(),
+    };
+    let log = AccessLog::start(LineFormat::Text, Box::new(out), 1, Counter::default())
+        .expect("the writer thread starts");
+    assert_eq!(log.send(line("/1")), Sent::Queued);
+    write_started.recv().expect("the writer writes");
+    assert_eq!(log.flush(Duration::from_millis(20)), Flushed::TimedOut);
+    let _ = go.send(());
+}
+
+#[test]
+fn lines_look_like_the_tracing_lines_around_them() {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_323_045_678_901);
+    let mut line = AccessLine::new(Method::POST, "/a\"b", "-", 404, CacheOutcome::UriMiss, 7);
+    line.at = at;
+    let mut text = Vec::new();
+    format_line(&mut text, LineFormat::Text, &line);
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        "2026-01-02T03:04:05.678901Z  INFO corral::access: request method=POST path=/a\"b \
+         route=- status=404 outcome=\"uri_miss\" micros=7\n"
+    );
+    let mut json = Vec::new();
+    format_line(&mut json, LineFormat::Json, &line);
+    let value: serde_json::Value = serde_json::from_slice(&json).expect("one JSON object");
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "timestamp": "2026-01-02T03:04:05.678901Z",
+            "level": "INFO",
+            "fields": {
+                "message": "request", "method": "POST", "path": "/a\"b", "route": "-",
+                "status": 404, "outcome": "uri_miss", "micros": 7
+            },
+            "target": "corral::access"
+        })
+    );
+}
+
+#[test]
+fn civil_dates_cross_leap_years_and_centuries() {
+    assert_eq!(civil(0), (1970, 1, 1));
+    assert_eq!(civil(11_016), (2000, 2, 29));
+    assert_eq!(civil(11_017), (2000, 3, 1));
+    assert_eq!(civil(20_454), (2026, 1, 1));
+}
