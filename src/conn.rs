@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::config::ServerConfig;
 
@@ -52,46 +52,58 @@ pub fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// What one connection is doing: how many of its requests are in progress, and a count of the
-/// requests it has started, so a wait for idleness can tell "still idle" from "busy and idle again".
-#[derive(Debug, Default)]
+/// What one connection is doing: how many of its requests are in progress, and when the last one
+/// ended. A request costs two atomic adds and a clock read: no timer and no wake-up of the idle
+/// watch, which sleeps on one timer per connection and re-arms it only when it fires.
+#[derive(Debug)]
 pub struct Activity {
     in_flight: AtomicUsize,
-    started: AtomicU64,
-    changed: Notify,
+    /// When the connection was opened: the origin of `last_end`.
+    opened: Instant,
+    /// Microseconds from `opened` to the end of the last request.
+    last_end: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity::default())
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            opened: Instant::now(),
+            last_end: AtomicU64::new(0),
+        })
     }
 
     /// Marks a request in progress until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.started.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
         InFlight(self.clone())
     }
 
-    /// Resolves once the connection has had no request in progress, and started none, for
-    /// `limit` in a row. Cancel-safe: it only waits.
+    /// Resolves once the connection has had no request in progress for `limit` in a row (or
+    /// up to `limit / 8` more, when the last request was still in progress at a check).
+    /// Cancel-safe: it only waits.
     pub async fn idle_for(&self, limit: Duration) {
+        let mut deadline = self.quiet_since() + limit;
         loop {
-            // Created before the state is read, so a change in between is not missed.
-            let changed = self.changed.notified();
-            let started = self.started.load(Ordering::Acquire);
+            tokio::time::sleep_until(deadline).await;
+            // A request in progress (however long) keeps the connection. Look again an eighth of
+            // the limit later: the connection closes at most that late after the request ends.
             if self.in_flight.load(Ordering::Acquire) > 0 {
-                changed.await;
+                deadline = Instant::now() + limit / 8;
                 continue;
             }
-            if tokio::time::timeout(limit, changed).await.is_err()
-                && self.started.load(Ordering::Acquire) == started
-                && self.in_flight.load(Ordering::Acquire) == 0
-            {
+            let quiet_until = self.quiet_since() + limit;
+            if quiet_until <= Instant::now() {
                 return;
             }
+            // Requests came and went meanwhile: the limit runs from the end of the last one.
+            deadline = quiet_until;
         }
+    }
+
+    /// When the last request ended (the opening, before the first).
+    fn quiet_since(&self) -> Instant {
+        self.opened + Duration::from_micros(self.last_end.load(Ordering::Acquire))
     }
 }
 
@@ -101,8 +113,12 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        let activity = &self.0;
+        let since = Instant::now().saturating_duration_since(activity.opened);
+        let micros = u64::try_from(since.as_micros()).unwrap_or(u64::MAX);
+        // Before the count drops, so a watch that sees no request in progress sees this end.
+        activity.last_end.fetch_max(micros, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
