@@ -1,7 +1,13 @@
 //! Micro-benchmarks of what every request pays: deriving its key, decoding and encoding an entry,
-//! and answering an L1 hit through the proxy (no sockets, no Redis, no upstream call).
+//! and answering an L1 hit through the proxy's whole request path ([`Proxy::handle_buffered`]:
+//! target, route, key, L1, headers, `Cache-Status`, metrics, access line; no sockets, no Redis, no
+//! upstream call). The `proxy/*_access_line` rows run with an access-log writer thread installed
+//! (writing to a sink), as `corral run` does; the others with the line off.
 //!
 //! `cargo bench --bench hot_path` measures; `cargo bench --bench hot_path -- --test` runs each once.
+//! `HOT_PATH_HITS=N cargo bench --bench hot_path` answers N GET hits (access line on) and exits,
+//! without criterion: run it under `valgrind --tool=callgrind` twice with two counts, and the
+//! difference of the totals over the difference of the counts is the instructions per hit.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -14,7 +20,7 @@ use corral::config::KeySpec;
 use corral::entry::{Entry, Lifetime, now_ms};
 use corral::key::CacheKey;
 use corral::{Config, Proxy};
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
 
@@ -41,6 +47,7 @@ fn keyed_headers() -> HeaderMap {
     );
     h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     h.insert(header::USER_AGENT, HeaderValue::from_static("bench/1"));
+    h.insert(header::HOST, HeaderValue::from_static("corral.bench"));
     h
 }
 
@@ -186,56 +193,97 @@ async fn warm(proxy: &Proxy, config: &Config, parts: &Parts, body: &Bytes, entry
     proxy.l1().insert(key, &route.name, entry).await;
 }
 
+/// The proxy, a runtime to drive it, and the requests of the `proxy/*` rows with their entry
+/// warmed in L1.
+struct Hits {
+    rt: tokio::runtime::Runtime,
+    proxy: Proxy,
+    peer: SocketAddr,
+    requests: Vec<(&'static str, Parts, Bytes)>,
+}
+
+impl Hits {
+    fn new() -> Hits {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let config =
+            Config::parse(CONFIG, Path::new("<bench>")).expect("the bench config is valid");
+        let proxy = {
+            let _in_runtime = rt.enter();
+            Proxy::new(&config).expect("embedded mode needs no Redis")
+        };
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("a socket address");
+        let entry = Arc::new(sample_entry());
+        let get = request(Method::GET, QUERY_URI, keyed_headers());
+        let mut json_headers = keyed_headers();
+        json_headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let post = request(Method::POST, "/recommend", json_headers);
+        let requests = vec![
+            ("l1_hit_get", get, Bytes::new()),
+            ("l1_hit_post_json_1KiB", post, json_body(1024)),
+        ];
+        for (name, parts, body) in &requests {
+            rt.block_on(async {
+                warm(&proxy, &config, parts, body, entry.clone()).await;
+                let answer = proxy
+                    .handle_buffered(parts.clone(), body.clone(), peer)
+                    .await;
+                let status = answer
+                    .headers()
+                    .get(HeaderName::from_static("cache-status"))
+                    .and_then(|v| v.to_str().ok());
+                assert!(
+                    status.is_some_and(|s| s.starts_with("corral; hit; ttl=")),
+                    "{name}: the warmed entry must answer; got {:?}",
+                    answer.headers()
+                );
+            });
+        }
+        Hits {
+            rt,
+            proxy,
+            peer,
+            requests,
+        }
+    }
+}
+
+/// Turns the access line on for the rest of the process, as `corral run` does: a `tracing`
+/// subscriber that lets `corral::access` through at `info`, and the writer thread (to a sink).
+fn access_line_on() {
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,corral::access=info",
+        ))
+        .with_writer(std::io::sink)
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    corral::access::install(corral::access::LineFormat::Text, Box::new(std::io::sink()))
+        .expect("the access-log writer starts");
+}
+
 fn l1_hit(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let config = Config::parse(CONFIG, Path::new("<bench>")).expect("the bench config is valid");
-    let proxy = {
-        let _in_runtime = rt.enter();
-        Proxy::new(&config).expect("embedded mode needs no Redis")
-    };
-    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("a socket address");
-    let entry = Arc::new(sample_entry());
-
-    let get = request(Method::GET, QUERY_URI, keyed_headers());
-    let mut json_headers = keyed_headers();
-    json_headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    let post = request(Method::POST, "/recommend", json_headers);
-    let post_body = json_body(1024);
-
+    let hits = Hits::new();
     let mut group = c.benchmark_group("proxy");
-    for (name, parts, body) in [
-        ("l1_hit_get", get, Bytes::new()),
-        ("l1_hit_post_json_1KiB", post, post_body),
-    ] {
-        rt.block_on(async {
-            warm(&proxy, &config, &parts, &body, entry.clone()).await;
-            let answer = proxy
-                .handle_buffered(parts.clone(), body.clone(), peer)
-                .await;
-            let status = answer
-                .headers()
-                .get(HeaderName::from_static("cache-status"))
-                .and_then(|v| v.to_str().ok());
-            assert!(
-                status.is_some_and(|s| s.starts_with("corral; hit; ttl=")),
-                "{name}: the warmed entry must answer; got {:?}",
-                answer.headers()
-            );
-        });
-        group.bench_function(name, |b| {
-            b.to_async(&rt).iter_batched(
-                || (parts.clone(), body.clone()),
-                |(parts, body)| proxy.handle_buffered(parts, body, peer),
-                BatchSize::SmallInput,
-            )
-        });
+    for line in ["", "_access_line"] {
+        if !line.is_empty() {
+            access_line_on();
+        }
+        for (name, parts, body) in &hits.requests {
+            group.bench_function(format!("{name}{line}"), |b| {
+                b.to_async(&hits.rt).iter_batched(
+                    || (parts.clone(), body.clone()),
+                    |(parts, body)| hits.proxy.handle_buffered(parts, body, hits.peer),
+                    BatchSize::SmallInput,
+                )
+            });
+        }
     }
     group.finish();
 }
@@ -252,4 +300,28 @@ criterion_group! {
     config = config();
     targets = key_derivation, entry_codec, l1_hit
 }
-criterion_main!(hot_path);
+
+fn main() {
+    if let Some(n) = std::env::var("HOT_PATH_HITS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        // For callgrind: N GET hits through the whole path, access line on, nothing else.
+        let hits = Hits::new();
+        access_line_on();
+        let (_, parts, body) = &hits.requests[0];
+        hits.rt.block_on(async {
+            for _ in 0..n {
+                let answer = hits
+                    .proxy
+                    .handle_buffered(parts.clone(), body.clone(), hits.peer)
+                    .await;
+                black_box(answer);
+            }
+        });
+        let _ = corral::access::flush(Duration::from_secs(5));
+        return;
+    }
+    hot_path();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -203,14 +203,10 @@ pub fn dropped_counter() -> &'static Counter {
 
 static INSTALLED: OnceLock<AccessLog> = OnceLock::new();
 
-/// Makes `format` lines on stderr the process's access log (once; later calls change nothing).
-pub fn install(format: LineFormat) -> std::io::Result<()> {
-    let log = AccessLog::start(
-        format,
-        Box::new(std::io::stderr()),
-        QUEUE_LINES,
-        dropped_counter().clone(),
-    )?;
+/// Makes `format` lines to `out` (stderr, for `corral run`) the process's access log (once;
+/// later calls change nothing).
+pub fn install(format: LineFormat, out: Box<dyn Write + Send>) -> std::io::Result<()> {
+    let log = AccessLog::start(format, out, QUEUE_LINES, dropped_counter().clone())?;
     let _ = INSTALLED.set(log);
     Ok(())
 }

@@ -189,7 +189,7 @@ fn init_logs(format: LogFormat, quiet: bool) {
     };
     // The access lines get their own writer thread, off the request path; without it they are
     // ordinary log lines.
-    if let Err(err) = corral::access::install(line_format) {
+    if let Err(err) = corral::access::install(line_format, Box::new(std::io::stderr())) {
         tracing::warn!(%err, "no access-log writer thread; access lines are written inline");
     }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Instructions per L1 hit of a whole `corral run` process (every thread, user space: hyper, the
+# proxy, the access-line writer), counted by callgrind, which counts the same on a busy machine as
+# on an idle one. Corral runs twice under callgrind, serving HITS_SMALL and then HITS_LARGE hits
+# of one 2 KiB entry over HITS_CONNS keep-alive connections; the difference of the two totals,
+# divided by the difference of the counts, is the cost of one hit (start-up and shutdown cancel).
+#
+#   cargo build --release --bin corral
+#   benches/hit-instructions.sh                      # default config: access line on
+#   ACCESS_LOG=false benches/hit-instructions.sh     # the access line off
+#   benches/hit-instructions.sh path/to/other/corral # another build (e.g. main's), same driver
+#
+# Needs valgrind and python3. Everything binds 127.0.0.1; every process is stopped on exit.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${1:-$here/../target/release/corral}
+small=${HITS_SMALL:-2000}
+large=${HITS_LARGE:-12000}
+conns=${HITS_CONNS:-4}
+access_log=${ACCESS_LOG:-true}
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+mkfifo "$dir/upstream.in"
+python3 "$here/hits/driver.py" serve < "$dir/upstream.in" > "$dir/upstream.port" &
+pids+=($!)
+exec 3>"$dir/upstream.in"
+for _ in $(seq 100); do [ -s "$dir/upstream.port" ] && break; sleep 0.1; done
+upstream=$(cat "$dir/upstream.port")
+
+total_for() {
+    local n=$1 port
+    port=$(free_port)
+    cat > "$dir/corral.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+shutdown_timeout = "5s"
+access_log = $access_log
+
+[[route]]
+name = "hit"
+path_prefix = "/hit"
+upstream = "http://127.0.0.1:$upstream"
+ttl = "1h"
+TOML
+    valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$n" "$bin" run --config "$dir/corral.toml" \
+        2> "$dir/corral.$n.log" &
+    local pid=$!
+    pids+=("$pid")
+    for _ in $(seq 600); do grep -q "corral listening" "$dir/corral.$n.log" && break; sleep 0.1; done
+    grep -q "corral listening" "$dir/corral.$n.log" || { echo "corral did not start:" >&2; cat "$dir/corral.$n.log" >&2; exit 1; }
+    python3 "$here/hits/driver.py" hit "$port" "$conns" "$conns"   # the miss, then every connection warm
+    python3 "$here/hits/driver.py" hit "$port" "$n" "$conns"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    awk '/^totals:/ {print $2}' "$dir/cg.$n"
+}
+
+a=$(total_for "$small")
+b=$(total_for "$large")
+echo "access_log=$access_log hits=$small→$large instructions: $a → $b"
+echo "instructions per hit: $(( (b - a) / (large - small) ))"
