@@ -67,14 +67,29 @@ impl CacheOutcome {
     /// | bypass | `corral; fwd=bypass` |
     /// | uri_miss | `corral; fwd=uri-miss` |
     pub fn cache_status(self, ttl: Option<i64>, status: http::StatusCode) -> HeaderValue {
-        let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
+        use std::fmt::Write;
+        // One buffer, handed to the header value without a copy: this runs on every hit.
+        let mut value = String::with_capacity(48);
         let status = status.as_u16();
-        let value = match self {
-            CacheOutcome::Hit => format!("corral; hit{ttl}"),
-            CacheOutcome::Stale => format!("corral; hit{ttl}; detail=stale"),
-            CacheOutcome::Coalesced => format!("corral; fwd=miss; fwd-status={status}; collapsed"),
-            CacheOutcome::MissStored => format!("corral; fwd=miss; fwd-status={status}; stored"),
-            CacheOutcome::MissNotStored => format!("corral; fwd=miss; fwd-status={status}"),
+        // Writing into a String cannot fail.
+        let _ = match self {
+            CacheOutcome::Hit | CacheOutcome::Stale => {
+                value.push_str("corral; hit");
+                if let Some(ttl) = ttl {
+                    let _ = write!(value, "; ttl={ttl}");
+                }
+                if self == CacheOutcome::Stale {
+                    value.push_str("; detail=stale");
+                }
+                Ok(())
+            }
+            CacheOutcome::Coalesced => {
+                write!(value, "corral; fwd=miss; fwd-status={status}; collapsed")
+            }
+            CacheOutcome::MissStored => {
+                write!(value, "corral; fwd=miss; fwd-status={status}; stored")
+            }
+            CacheOutcome::MissNotStored => write!(value, "corral; fwd=miss; fwd-status={status}"),
             // What the upstream returned was the 304; the client gets the renewed entry.
             CacheOutcome::Revalidated => {
                 return HeaderValue::from_static("corral; fwd=stale; fwd-status=304; stored");
@@ -82,7 +97,8 @@ impl CacheOutcome {
             CacheOutcome::Bypass => return HeaderValue::from_static("corral; fwd=bypass"),
             CacheOutcome::UriMiss => return HeaderValue::from_static("corral; fwd=uri-miss"),
         };
-        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("corral"))
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+            .unwrap_or(HeaderValue::from_static("corral"))
     }
 
     /// Whether the answer came from a stored entry (and so carries `Age`).

@@ -247,7 +247,7 @@ impl Proxy {
                 err.into_answer(outcome)
             }
             None => self.unrouted(req, peer).await,
-            Some(route) => self.routed(route.clone(), req, peer).await,
+            Some(route) => self.routed(route, req, peer).await,
         };
         self.finish(answer, found, started, logged)
     }
@@ -310,13 +310,13 @@ impl Proxy {
 
     async fn routed(
         &self,
-        route: Arc<RouteConfig>,
+        route: &Arc<RouteConfig>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Answer {
         if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
-            return self.bypass(&route, req, peer).await;
+            return self.bypass(route, req, peer).await;
         }
         let (parts, body) = req.into_parts();
         // Most cacheable requests have no body: no timer for them.
@@ -354,8 +354,7 @@ impl Proxy {
         let found = self.router.route_index(parts.uri.path(), &parts.method);
         let answer = match found.map(|i| &self.router.routes()[i]) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
-                self.handle_cacheable(route.clone(), parts, body, peer)
-                    .await
+                self.handle_cacheable(route, parts, body, peer).await
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
@@ -367,7 +366,7 @@ impl Proxy {
     /// and filled as a GET, so it shares GET's entries and flights.
     async fn handle_cacheable(
         &self,
-        route: Arc<RouteConfig>,
+        route: &Arc<RouteConfig>,
         mut parts: Parts,
         body: Bytes,
         peer: SocketAddr,
@@ -385,8 +384,11 @@ impl Proxy {
             Ok(key) => key,
             Err(err) => return ProxyError::from(err).into_answer(CacheOutcome::Bypass),
         };
+        if let Some(hit) = self.fresh_hit(route, &key, &parts).await {
+            return conditions.apply(hit);
+        }
         let req = FillRequest {
-            route,
+            route: route.clone(),
             key,
             parts,
             body,

@@ -7,16 +7,38 @@ use std::sync::Arc;
 use http_body_util::Either;
 
 use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
-use crate::config::LockScope;
+use http::request::Parts;
+
+use crate::config::{LockScope, RouteConfig};
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillRequest, Source};
 use crate::flight::Role;
+use crate::key::CacheKey;
 use crate::outcome::CacheOutcome;
 use crate::vary;
 
 use super::Proxy;
 
 impl Proxy {
+    /// The answer to a request from a fresh L1 entry of the variant it asks for, when there is
+    /// one and nothing else is due (no early refresh): the common hit, answered without building
+    /// the request a fill would need. Anything else is left to [`Proxy::lookup`].
+    pub(super) async fn fresh_hit(
+        &self,
+        route: &RouteConfig,
+        key: &CacheKey,
+        parts: &Parts,
+    ) -> Option<Answer> {
+        if route.early_refresh.is_some() {
+            return None;
+        }
+        let now = now_ms();
+        let entry = self.l1.get(key, now).await?;
+        let fresh = entry.times.freshness(now) == Freshness::Fresh;
+        (fresh && vary::matches(&entry.vary, route, &parts.headers))
+            .then(|| answer_at(&entry, CacheOutcome::Hit, now))
+    }
+
     /// Looks a request up under its key and, when the entry there is another variant of the
     /// answer (`Vary`), under its own variant's key (see [`crate::vary`]).
     pub(super) async fn lookup(&self, mut req: FillRequest) -> Answer {
