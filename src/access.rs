@@ -246,9 +246,9 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
     let _ = match format {
         LineFormat::Text => {
             timestamp(buf, line.at);
-            write!(
+            writeln!(
                 buf,
-                "  INFO {ACCESS_LOG}: request method={} path={} route={} status={} outcome={:?} micros={}\n",
+                "  INFO {ACCESS_LOG}: request method={} path={} route={} status={} outcome={:?} micros={}",
                 line.method,
                 line.path(),
                 line.route(),
@@ -268,9 +268,9 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
             json_string(buf, line.path());
             buf.extend_from_slice(b",\"route\":");
             json_string(buf, line.route());
-            write!(
+            writeln!(
                 buf,
-                ",\"status\":{},\"outcome\":\"{}\",\"micros\":{}}},\"target\":\"{ACCESS_LOG}\"}}\n",
+                ",\"status\":{},\"outcome\":\"{}\",\"micros\":{}}},\"target\":\"{ACCESS_LOG}\"}}",
                 line.status,
                 line.outcome.as_str(),
                 line.micros

@@ -314,7 +314,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Answer {
-        if let Err(why) = check_cacheable(&route, req.method(), req.headers()) {
+        if let Err(why) = check_cacheable(route, req.method(), req.headers()) {
             tracing::debug!(route = %route.name, ?why, "bypassing the cache");
             return self.bypass(route, req, peer).await;
         }
