@@ -56,6 +56,10 @@
 //! figure per key does not depend on the count, and nginx's lock re-checks on a 500 ms timer, so
 //! each of its keys costs half a second.
 //!
+//! `STAMPEDE_ONLY=hits` runs only the hit table of issue 19 instead (see [`hit_table`]): Corral
+//! with and without its access line, nginx with and without its access log, and the ceiling, in
+//! interleaved rounds; `STAMPEDE_ONLY=hits STAMPEDE_HIT_ROUNDS=1 STAMPEDE_HIT_SECONDS=1` checks it.
+//!
 //! For quick runs while developing: `STAMPEDE_BURST` (1000), `STAMPEDE_FAIL_BURST` (200),
 //! `STAMPEDE_HIT_SECONDS` (10), `STAMPEDE_L2_KEYS` (2000). `STAMPEDE_KEEP=1` keeps the run's
 //! directory (configs and every process's log). `STAMPEDE_PEERS=nginx` (comma-separated; empty:
@@ -64,6 +68,8 @@
 
 #[path = "stampede/backend.rs"]
 mod backend;
+#[path = "stampede/hit_table.rs"]
+mod hit_table;
 #[path = "stampede/load.rs"]
 mod load;
 #[path = "stampede/procs.rs"]
@@ -97,7 +103,7 @@ const FILL_CONCURRENCY: usize = 64;
 /// Bound on each keyed phase (rows 5 and 6); a phase cut short says so.
 const PHASE_DEADLINE: Duration = Duration::from_secs(240);
 /// Connections of the hit-throughput load.
-const HIT_CONNS: usize = 64;
+pub(crate) const HIT_CONNS: usize = 64;
 /// L1 budget of the row-5 instance.
 const MEM_BUDGET: &str = "64MiB";
 const MEM_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
@@ -164,7 +170,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     eprintln!("[stampede] {what}");
 }
 
@@ -209,6 +215,10 @@ async fn run() -> Result<(), BoxError> {
         redis.url(),
         backend.addr()
     ));
+
+    if std::env::var("STAMPEDE_ONLY").as_deref() == Ok("hits") {
+        return hit_table::run(&corral_bin, dir.path(), &redis, &namespace, &backend).await;
+    }
 
     let mut fleet = Vec::with_capacity(3);
     for i in 0..3 {

@@ -222,6 +222,55 @@ impl Drop for Corral {
     }
 }
 
+/// A `corral run` process of the hit table: the bench's config with the access line on or off,
+/// listening on a port chosen here, its log written to a file (as a deployment's goes to a file or
+/// journald) rather than read by the bench, which would compete with it for the CPU.
+pub struct LoggingCorral {
+    pub addr: SocketAddr,
+    _guard: ChildGuard,
+}
+
+impl LoggingCorral {
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        s: &CorralSettings<'_>,
+        access_log: bool,
+    ) -> Result<LoggingCorral, BoxError> {
+        let port = free_port();
+        let text = fill_template(
+            CORRAL_TOML,
+            &[
+                ("REDIS_URL", s.redis_url.to_owned()),
+                ("NAMESPACE", s.namespace.to_owned()),
+                ("UPSTREAM", s.upstream.to_string()),
+                ("L1_MAX_BYTES", s.l1_max_bytes.to_owned()),
+            ],
+        )
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        .replace("access_log = false", &format!("access_log = {access_log}"));
+        let config = dir.join(format!("{name}.toml"));
+        fs::write(&config, &text)?;
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut guard = ChildGuard::new(name, child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(&mut guard, &[addr], &log)?;
+        Ok(LoggingCorral {
+            addr,
+            _guard: guard,
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 /// The nginx config: see `benches/stampede/nginx.conf`.
@@ -232,6 +281,8 @@ const NGINX_CONF: &str = include_str!("nginx.conf");
 pub struct Nginx {
     pub instances: Vec<SocketAddr>,
     pub ceiling: SocketAddr,
+    /// A cached server block like the instances, with a buffered access log (the hit table).
+    pub logged: SocketAddr,
     _guard: ChildGuard,
 }
 
@@ -244,7 +295,13 @@ impl Nginx {
     ) -> Result<Nginx, BoxError> {
         let dir = dir.join("nginx");
         fs::create_dir_all(&dir)?;
-        let ports = [free_port(), free_port(), free_port(), free_port()];
+        let ports = [
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        ];
         let user = if is_root() { "user root;" } else { "" };
         let text = fill_template(
             NGINX_CONF,
@@ -256,6 +313,7 @@ impl Nginx {
                 ("PORT1", ports[1].to_string()),
                 ("PORT2", ports[2].to_string()),
                 ("CEILING_PORT", ports[3].to_string()),
+                ("LOGGED_PORT", ports[4].to_string()),
                 ("BODY", body.to_owned()),
             ],
         );
@@ -282,6 +340,7 @@ impl Nginx {
         Ok(Nginx {
             instances: addrs[..3].to_vec(),
             ceiling: addrs[3],
+            logged: addrs[4],
             _guard: guard,
         })
     }
