@@ -23,6 +23,10 @@ use prometheus_client::registry::Registry;
 use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
 
+mod sharded;
+
+pub use sharded::ShardedCounter;
+
 /// The `route` label of requests, and of upstream calls, that no route matched.
 pub const UNROUTED: &str = "-";
 
@@ -37,8 +41,8 @@ struct RouteRequests {
     route: String,
     /// Indexed by [`CacheOutcome`]: `None` for outcomes the route cannot have, whose series are
     /// then created only if one happens anyway.
-    by_outcome: [Option<Counter>; CacheOutcome::ALL.len()],
-    family: Family<RouteOutcome, Counter>,
+    by_outcome: [Option<ShardedCounter>; CacheOutcome::ALL.len()],
+    family: Family<RouteOutcome, ShardedCounter>,
 }
 
 impl RequestCounters {
@@ -120,7 +124,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Every metric Corral exports.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RouteOutcome, Counter>,
+    /// Sharded: every hit counts here, from every core.
+    requests: Family<RouteOutcome, ShardedCounter>,
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
     request_counters: RwLock<HashMap<String, RequestCounters>>,
@@ -146,7 +151,7 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("corral");
-        let requests = Family::<RouteOutcome, Counter>::default();
+        let requests = Family::<RouteOutcome, ShardedCounter>::default();
         registry.register(
             "requests",
             "Requests answered, by route and cache outcome (the Cache-Status value)",
