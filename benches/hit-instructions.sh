@@ -9,6 +9,7 @@
 #   benches/hit-instructions.sh                      # default config: access line on
 #   ACCESS_LOG=false benches/hit-instructions.sh     # the access line off
 #   benches/hit-instructions.sh path/to/other/corral # another build (e.g. main's), same driver
+#   HITS_KEEP=dir benches/hit-instructions.sh        # keeps the callgrind files (callgrind_annotate)
 #
 # Needs valgrind and python3. Everything binds 127.0.0.1; every process is stopped on exit.
 set -euo pipefail
@@ -61,6 +62,7 @@ TOML
     python3 "$here/hits/driver.py" hit "$port" "$n" "$conns"
     kill -TERM "$pid"
     wait "$pid" || true
+    [ -n "${HITS_KEEP:-}" ] && cp "$dir/cg.$n" "$HITS_KEEP/callgrind.out.$n"
     awk '/^totals:/ {print $2}' "$dir/cg.$n"
 }
 

@@ -26,6 +26,9 @@ use tokio::time::Instant;
 
 use crate::config::ServerConfig;
 
+/// The header count hyper's HTTP/1 server allows when none is set.
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// Most concurrent streams one HTTP/2 connection may open (hyper's default is unbounded).
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
@@ -38,9 +41,14 @@ pub fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
-        .max_headers(server.max_headers)
         // Bounds the request head in bytes (431 past it); bodies stream through in chunks.
         .max_buf_size(head_bytes);
+    // hyper's own limit is the default, 100: set explicitly, it makes hyper fill two arrays of
+    // that many slots for every request head (a thousand instructions a request) instead of
+    // using uninitialised ones.
+    if server.max_headers != HYPER_MAX_HEADERS {
+        builder.http1().max_headers(server.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
