@@ -5,9 +5,10 @@
 //! proxy built from it (sharing caches, Redis connections and fills in progress), while requests
 //! already running finish on the proxy they started with.
 
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -29,6 +30,38 @@ pub struct Control {
     config: ArcSwap<Config>,
     /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
     draining: AtomicBool,
+    /// Counts the proxies swapped in, for [`ConnectionProxy`].
+    generation: AtomicU64,
+}
+
+/// The live proxy as one connection holds it. Taking the proxy from the [`Control`] for every
+/// request would bump the proxy's reference count, one cache line every core writes to; a
+/// connection keeps its own handle instead (whose count only its requests touch) and renews it
+/// when a reload has swapped the proxy (seen by one atomic load of a line written only on reload).
+/// A request started before a reload finishes on the proxy it started with, as before.
+pub struct ConnectionProxy {
+    generation: Cell<u64>,
+    proxy: RefCell<Arc<Arc<Proxy>>>,
+}
+
+impl ConnectionProxy {
+    pub fn new(control: &Control) -> ConnectionProxy {
+        ConnectionProxy {
+            generation: Cell::new(control.generation.load(Ordering::Acquire)),
+            proxy: RefCell::new(Arc::new(control.proxy())),
+        }
+    }
+
+    /// The live proxy, for one request.
+    pub fn current(&self, control: &Control) -> Arc<Arc<Proxy>> {
+        let generation = control.generation.load(Ordering::Acquire);
+        if generation != self.generation.get() {
+            // Never borrowed across a call: the borrow ends with this statement.
+            *self.proxy.borrow_mut() = Arc::new(control.proxy());
+            self.generation.set(generation);
+        }
+        self.proxy.borrow().clone()
+    }
 }
 
 /// What a reload changed, for its answer.
@@ -47,6 +80,7 @@ impl Control {
             proxy: ArcSwap::new(proxy),
             config: ArcSwap::from_pointee(config),
             draining: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -111,6 +145,7 @@ impl Control {
         let routes = config.routes.len();
         let proxy = self.proxy.load().reloaded(&config);
         self.proxy.store(Arc::new(proxy));
+        self.generation.fetch_add(1, Ordering::Release);
         self.config.store(Arc::new(config));
         Reloaded {
             routes,

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::body::ProxyBody;
 use crate::config::{Config, ServerConfig};
 use crate::conn::{self, Activity, Tracked};
-use crate::control::Control;
+use crate::control::{ConnectionProxy, Control};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
@@ -212,10 +212,11 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let control = control.clone();
+        let live = ConnectionProxy::new(&control);
         let activity = Activity::new();
         let requests = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = control.proxy();
+            let proxy = live.current(&control);
             let in_flight = requests.begin();
             async move {
                 // HTTP/1 heads are counted by hyper; an HTTP/2 header block only here.
