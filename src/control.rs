@@ -41,23 +41,35 @@ pub struct Control {
 /// A request started before a reload finishes on the proxy it started with, as before.
 pub struct ConnectionProxy {
     generation: Cell<u64>,
-    proxy: RefCell<Arc<Arc<Proxy>>>,
+    proxy: RefCell<Arc<HeldProxy>>,
+}
+
+/// The proxy a connection holds: its own allocation, so that its reference count is the
+/// connection's alone.
+pub struct HeldProxy(Arc<Proxy>);
+
+impl std::ops::Deref for HeldProxy {
+    type Target = Proxy;
+
+    fn deref(&self) -> &Proxy {
+        &self.0
+    }
 }
 
 impl ConnectionProxy {
     pub fn new(control: &Control) -> ConnectionProxy {
         ConnectionProxy {
             generation: Cell::new(control.generation.load(Ordering::Acquire)),
-            proxy: RefCell::new(Arc::new(control.proxy())),
+            proxy: RefCell::new(Arc::new(HeldProxy(control.proxy()))),
         }
     }
 
     /// The live proxy, for one request.
-    pub fn current(&self, control: &Control) -> Arc<Arc<Proxy>> {
+    pub fn current(&self, control: &Control) -> Arc<HeldProxy> {
         let generation = control.generation.load(Ordering::Acquire);
         if generation != self.generation.get() {
             // Never borrowed across a call: the borrow ends with this statement.
-            *self.proxy.borrow_mut() = Arc::new(control.proxy());
+            *self.proxy.borrow_mut() = Arc::new(HeldProxy(control.proxy()));
             self.generation.set(generation);
         }
         self.proxy.borrow().clone()
