@@ -196,24 +196,17 @@ pub fn answer(entry: &Entry, outcome: CacheOutcome) -> Answer {
     answer_at(entry, outcome, now_ms())
 }
 
-/// Headers an answer from an entry gets besides the stored ones: `Age`, `Cache-Status`, and a
-/// conditional's or a range's own.
-const ADDED_HEADERS: usize = 4;
-
 /// An answer from an entry, its `Age` taken at `now`.
 pub fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
-    // Built at its final size: a clone of the stored map has no room left, and the `Age` and
-    // `Cache-Status` added to it would grow (and rehash) it on every hit.
-    let mut headers = http::HeaderMap::with_capacity(entry.headers.len() + ADDED_HEADERS);
-    for (name, value) in &entry.headers {
-        headers.append(name.clone(), value.clone());
-    }
+    let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+    *resp.status_mut() = entry.status;
+    // A clone, not a map built header by header: measured (callgrind), rebuilding costs more
+    // than the growth the added `Age` and `Cache-Status` cause.
+    let headers = resp.headers_mut();
+    headers.clone_from(&entry.headers);
     if outcome.is_hit() {
         headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
-    *resp.status_mut() = entry.status;
-    *resp.headers_mut() = headers;
     let mut answer = Answer::new(outcome, resp);
     if outcome.is_hit() {
         answer.ttl = Some(entry.ttl_secs(now));

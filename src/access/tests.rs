@@ -119,3 +119,17 @@ fn civil_dates_cross_leap_years_and_centuries() {
     assert_eq!(civil(11_017), (2000, 3, 1));
     assert_eq!(civil(20_454), (2026, 1, 1));
 }
+
+#[test]
+fn numbers_are_written_whole() {
+    let mut buf = Vec::new();
+    for n in [0, 7, 10, 404, u64::MAX] {
+        decimal(&mut buf, n);
+        buf.push(b' ');
+    }
+    padded(&mut buf, 5, 6);
+    assert_eq!(
+        String::from_utf8_lossy(&buf),
+        "0 7 10 404 18446744073709551615 000005"
+    );
+}
