@@ -89,11 +89,14 @@ impl Coalescer {
     /// flight already has `lock.max_waiters` followers.
     pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Arc<Fill>>, Crowded> {
         let this = self.clone();
-        let fill_req = req.clone();
+        let mut fill_req = req.clone();
         self.flights.join(
             req.key,
             req.route.lock.max_waiters,
-            move |interest| async move { Arc::new(this.miss(fill_req, interest).await) },
+            move |interest, hold| {
+                fill_req.hold = Some(hold);
+                async move { Arc::new(this.miss(fill_req, interest).await) }
+            },
         )
     }
 
@@ -108,8 +111,10 @@ impl Coalescer {
     pub fn refresh_in_background(self: &Arc<Self>, req: FillRequest, stale: Arc<Entry>) {
         let this = self.clone();
         let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
-        let _ = self.flights.join(key, max_waiters, move |_| async move {
-            Arc::new(this.refresh(req, stale).await)
+        let _ = self.flights.join(key, max_waiters, move |_, hold| {
+            let mut req = req;
+            req.hold = Some(hold);
+            async move { Arc::new(this.refresh(req, stale).await) }
         });
     }
 
@@ -144,7 +149,7 @@ impl Coalescer {
                 return self.filler.fill(&req, Claim::Instance(None), None).await;
             }
         };
-        let claim = Claim::Instance(Some((&fleet.l2, &names)));
+        let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
         self.filler.fill(&req, claim, fallback).await
     }
 
@@ -163,7 +168,7 @@ impl Coalescer {
         let route = &req.route;
         let names = Arc::new(fleet.l2.names(&route.name, &req.key));
         if route.lock.scope != LockScope::Fleet {
-            let claim = Claim::Instance(Some((&fleet.l2, &names)));
+            let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
             return self.filler.fill(&req, claim, Some(stale)).await;
         }
         let known = stale.times.stored_at;

@@ -13,23 +13,27 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::ProxyBody;
 use crate::config::RouteConfig;
 use crate::entry::{Entry, error_entry};
+use crate::flight::Hold;
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
 use crate::lock::FillLock;
 use crate::metrics::Metrics;
+use crate::relay::{End, Push, Relay};
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Caps, Fetched, Overloaded, UpstreamClient, UpstreamError};
+use crate::upstream::{Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, judge};
 
 /// Everything a fill needs from the request that started it.
@@ -44,6 +48,9 @@ pub struct FillRequest {
     /// fill with no stale entry of its own asks the upstream conditionally with them, and a
     /// `304` renews it (RFC 9111 §4.3). Never served as it is.
     pub validators: Option<Arc<Entry>>,
+    /// The flight this request started, kept joinable while its answer streams (see
+    /// [`crate::flight::Hold`]); `None` outside a flight.
+    pub hold: Option<Hold>,
 }
 
 /// Where a shared entry came from.
@@ -71,6 +78,29 @@ enum Answered {
     NotModified,
 }
 
+/// What a call to the upstream came to: a verdict on a whole answer, or a storable head whose
+/// body is still to stream.
+enum Called {
+    Judged(Verdict, Answered),
+    Streaming(Streaming),
+}
+
+/// A storable answer's head, and what its body needs to stream to its end.
+struct Streaming {
+    /// The entry the answer will be, without its body yet.
+    head: Entry,
+    body: hyper::body::Incoming,
+    /// The route's upstream slot, held until the body has ended.
+    slot: Option<OwnedSemaphorePermit>,
+    /// When the call began, and when it must have ended (`upstream_timeout`).
+    started: Instant,
+    deadline: tokio::time::Instant,
+}
+
+/// Bytes a relay keeps past an answer too large to store: what the fastest reader may be
+/// ahead of the slowest before the slowest is cut.
+pub const RELAY_WINDOW: usize = 1024 * 1024;
+
 /// An oversized answer's stream, handed to the flight's leader (once).
 pub type StreamSlot = Mutex<Option<Response<ProxyBody>>>;
 
@@ -82,8 +112,11 @@ pub enum Fill {
     /// An answer for the flight's leader alone; followers fetch for themselves.
     Private(Arc<Buffered>),
     /// An answer too large to store, streaming to the flight's leader; followers fetch for
-    /// themselves.
+    /// themselves (an answer whose head is not for sharing).
     Streamed(Arc<StreamSlot>),
+    /// A storable answer whose body is still arriving: every joiner reads it from the relay
+    /// while it arrives; the fill stores it once it has arrived whole (see [`crate::relay`]).
+    Streaming { head: Arc<Entry>, relay: Arc<Relay> },
     /// Nobody may share: every joiner fetches for itself.
     FetchYourself,
     /// No answer: every joiner answers with this error (or a stale entry it holds).
@@ -99,6 +132,8 @@ pub enum FillError {
     WaitTimeout(Duration),
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
+    #[error("the streamed answer was cut short: {0}")]
+    Cut(Arc<str>),
 }
 
 impl FillError {
@@ -109,7 +144,7 @@ impl FillError {
             }
             FillError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             FillError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            FillError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            FillError::Upstream(_) | FillError::Cut(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -119,15 +154,16 @@ impl FillError {
             FillError::Upstream(err) => err.kind(),
             FillError::WaitTimeout(_) => "wait-timeout",
             FillError::Overloaded(_) => "upstream-overloaded",
+            FillError::Cut(_) => "upstream-cut",
         }
     }
 }
 
 /// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
 /// plainly when there is one to write).
-pub(crate) enum Claim<'a> {
+pub(crate) enum Claim {
     Fleet(FillLock),
-    Instance(Option<(&'a L2, &'a KeyNames)>),
+    Instance(Option<(L2, Arc<KeyNames>)>),
 }
 
 /// What a fill needs: the upstream (client and per-route caps), the tiers it writes (L1, and the
@@ -173,7 +209,7 @@ impl Filler {
     pub(crate) async fn fill(
         &self,
         req: &FillRequest,
-        claim: Claim<'_>,
+        claim: Claim,
         fallback: Option<Arc<Entry>>,
     ) -> Fill {
         let route = &req.route;
@@ -184,23 +220,15 @@ impl Filler {
         // A purge applied after this point covers what the upstream is about to answer.
         let began = self.l1.fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
-        match self.call_upstream(req, lock, validators).await {
+        let called = match self.call_upstream(req, lock, validators).await {
+            Ok(Called::Streaming(streaming)) => return self.stream(req, claim, streaming, began),
+            Ok(Called::Judged(verdict, answered)) => Ok((verdict, answered)),
+            Err(err) => Err(err),
+        };
+        match called {
             Ok((Verdict::Store(entry), answered)) => {
                 let entry = Arc::new(entry);
-                let fence = self.l1.fence();
-                if fence.purged_since(began, &route.name, &req.key, &entry.tags) {
-                    tracing::info!(route = %route.name, "a purge came while this fill ran: its answer goes to its own requests only");
-                    // The waiters elsewhere fill again, after the purge.
-                    claim.give_up(req, Notice::Failed(None)).await;
-                    return Fill::Shared {
-                        entry,
-                        source: Source::Upstream { stored: false },
-                    };
-                }
-                let stored = claim.store(req, &entry).await;
-                if stored {
-                    self.l1.insert(req.key, &route.name, entry.clone()).await;
-                }
+                let stored = self.store(req, claim, &entry, began).await;
                 let source = match answered {
                     Answered::NotModified if stored => Source::Revalidated,
                     _ => Source::Upstream { stored },
@@ -248,8 +276,131 @@ impl Filler {
         }
     }
 
+    /// Stores what a fill got, unless a purge came since `began` (then its answer goes to this
+    /// flight's requesters only and the waiters elsewhere fill again). `true` when stored.
+    async fn store(&self, req: &FillRequest, claim: Claim, entry: &Arc<Entry>, began: u64) -> bool {
+        let route = &req.route;
+        if self
+            .l1
+            .fence()
+            .purged_since(began, &route.name, &req.key, &entry.tags)
+        {
+            tracing::info!(route = %route.name, "a purge came while this fill ran: its answer goes to its own requests only");
+            claim.give_up(req, Notice::Failed(None)).await;
+            return false;
+        }
+        let stored = claim.store(req, entry).await;
+        if stored {
+            self.l1.insert(req.key, &route.name, entry.clone()).await;
+        }
+        stored
+    }
+
+    /// Hands a storable answer to the flight while its body still arrives: the flight's
+    /// requesters read it from a [`Relay`], and a task of its own reads the upstream to the end
+    /// and stores the answer if it arrived whole (see [`Filler::pump`]). The flight stays
+    /// joinable until then, through the request's [`Hold`].
+    fn stream(&self, req: &FillRequest, claim: Claim, streaming: Streaming, began: u64) -> Fill {
+        let relay = Relay::new(req.route.max_entry_size, RELAY_WINDOW);
+        let head = Arc::new(streaming.head.clone());
+        let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
+        tokio::spawn(async move { this.pump(req, claim, streaming, pumped, began).await });
+        Fill::Streaming { head, relay }
+    }
+
+    /// Reads a streaming answer's body into its relay to the end, within `upstream_timeout`,
+    /// then ends the claim: a body that arrived whole and fits `max_entry_size` is stored; a body
+    /// cut short aborts every reader and is stored nowhere. A body that outgrows the store limit
+    /// gives the lock up at once (the fleet's waiters elsewhere fill for themselves) and streams
+    /// on to this flight's readers only while one is left.
+    ///
+    /// Runs in a task of its own: requesters that go away (the leader's client included) do not
+    /// stop it, so a storable answer is stored even when nobody reads it any more.
+    async fn pump(
+        self,
+        req: FillRequest,
+        claim: Claim,
+        streaming: Streaming,
+        relay: Arc<Relay>,
+        began: u64,
+    ) {
+        let _hold = req.hold.clone();
+        let route = &req.route;
+        let Streaming {
+            mut head,
+            mut body,
+            slot,
+            started,
+            deadline,
+        } = streaming;
+        let mut claim = Some(claim);
+        let end = loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    break End::Aborted(
+                        "the upstream did not finish within upstream_timeout".into(),
+                    );
+                }
+                Ok(None) => break End::Complete,
+                Ok(Some(Err(err))) => {
+                    break End::Aborted(format!("the upstream's body failed: {err}").into());
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            // Trailers are hop-by-hop for us: dropped.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            match tokio::time::timeout_at(deadline, relay.push(data)).await {
+                Ok(Push::Kept) => {}
+                Ok(Push::Unread) => break End::Aborted("nobody reads it any more".into()),
+                Err(_) => {
+                    break End::Aborted(
+                        "the upstream did not finish within upstream_timeout".into(),
+                    );
+                }
+            }
+            if relay.oversized()
+                && let Some(held) = claim.take()
+            {
+                tracing::info!(route = %route.name, limit = route.max_entry_size, "streamed answer larger than max_entry_size: relayed to this flight, not stored");
+                held.give_up(&req, Notice::Failed(None)).await;
+            }
+        };
+        drop(body);
+        drop(slot);
+        relay.finish(end.clone());
+        self.metrics.stream_ended(
+            &route.name,
+            &end,
+            relay.total_bytes(),
+            relay.readers_attached(),
+            relay.readers_cut(),
+        );
+        let Some(claim) = claim else {
+            return;
+        };
+        match (end, relay.whole_body()) {
+            (End::Complete, Some(whole)) => {
+                head.body = whole;
+                head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                let entry = Arc::new(head);
+                let stored = self.store(&req, claim, &entry, began).await;
+                tracing::info!(route = %route.name, bytes = entry.body.len(), stored, "streamed fill complete");
+            }
+            (End::Complete, None) => claim.give_up(&req, Notice::Failed(None)).await,
+            (End::Aborted(why), _) => {
+                tracing::warn!(route = %route.name, %why, bytes = relay.total_bytes(), "streamed fill cut short: every reader aborted, nothing stored");
+                claim.give_up(&req, Notice::Failed(None)).await;
+            }
+        }
+    }
+
     /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts
     /// once the slot is had, so a wait for the slot cannot eat the lease of the call itself.
+    ///
+    /// A head that the verdict would store comes back at once with its body still streaming
+    /// ([`Called::Streaming`]); any other answer is read whole (up to `max_entry_size`) first.
     ///
     /// With `stale` (the entry a refresh renews, or one standing in for a failed fill) that has
     /// validators, the request is conditional, and a `304` renews `stale` without a body (RFC
@@ -259,7 +410,7 @@ impl Filler {
         req: &FillRequest,
         lock: Option<&FillLock>,
         stale: Option<&Entry>,
-    ) -> Result<(Verdict, Answered), FillError> {
+    ) -> Result<Called, FillError> {
         let route = &req.route;
         let slot = self.caps.slot(route).await?;
         if let Some(lock) = lock {
@@ -272,15 +423,32 @@ impl Filler {
         );
         let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
         let started = Instant::now();
-        let fetched = self
+        let deadline = tokio::time::Instant::now() + route.upstream_timeout;
+        let headed = self
             .client
-            .fetch(
-                upstream_req,
-                &route.upstream,
-                route.upstream_timeout,
-                route.max_entry_size,
-            )
+            .fetch_head(upstream_req, &route.upstream, route.upstream_timeout)
             .await;
+        let fetched = match headed {
+            Ok(headed) => {
+                let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                let not_modified = conditional && is_not_modified(headed.parts.status);
+                if !not_modified && let Verdict::Store(head) = judge(route, headed.head(), fill_ms)
+                {
+                    let status = headed.parts.status.as_u16();
+                    self.metrics
+                        .upstream_call(&route.name, Some(status), started.elapsed());
+                    return Ok(Called::Streaming(Streaming {
+                        head,
+                        body: headed.body,
+                        slot,
+                        started,
+                        deadline,
+                    }));
+                }
+                read_rest(headed, route, deadline).await
+            }
+            Err(err) => Err(err),
+        };
         let took = started.elapsed();
         let status = match &fetched {
             Ok(Fetched::Whole(answer)) => Some(answer.status.as_u16()),
@@ -296,19 +464,21 @@ impl Filler {
         Ok(match fetched {
             Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
                 match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
-                    Some(verdict) => (verdict, Answered::NotModified),
+                    Some(verdict) => Called::Judged(verdict, Answered::NotModified),
                     None => {
                         drop(slot);
                         return Box::pin(self.call_upstream(req, lock, None)).await;
                     }
                 }
             }
-            Fetched::Whole(answer) => (judge(route, answer, fill_ms), Answered::Whole),
+            Fetched::Whole(answer) => {
+                Called::Judged(judge(route, answer, fill_ms), Answered::Whole)
+            }
             Fetched::Oversized {
                 parts,
                 prefix,
                 rest,
-            } => (
+            } => Called::Judged(
                 Verdict::Oversized(Response::from_parts(
                     parts,
                     ProxyBody::prefixed(prefix, rest, slot),
@@ -319,7 +489,24 @@ impl Filler {
     }
 }
 
-impl Claim<'_> {
+/// Reads the rest of an answer that will not stream, by `deadline`.
+async fn read_rest(
+    headed: Headed,
+    route: &RouteConfig,
+    deadline: tokio::time::Instant,
+) -> Result<Fetched, UpstreamError> {
+    let read = headed.read_limited(&route.upstream, route.max_entry_size);
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Timeout {
+                upstream: route.upstream.to_string(),
+                limit: route.upstream_timeout,
+            })
+        })
+}
+
+impl Claim {
     /// Stores a storable entry: under the lock (which the store releases, waking the waiters), or
     /// plainly.
     /// `false` when a purge of the key came while the fill ran (the entry must not be kept
@@ -343,8 +530,8 @@ impl Claim<'_> {
                     Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
                 }
             }
-            Claim::Instance(Some((l2, names))) => match l2.put(names, entry).await {
-                Ok(()) => l2.index_tags(names, entry).await,
+            Claim::Instance(Some((l2, names))) => match l2.put(&names, entry).await {
+                Ok(()) => l2.index_tags(&names, entry).await,
                 Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
             },
             Claim::Instance(None) => {}

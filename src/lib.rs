@@ -60,6 +60,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod purge;
 pub mod redact;
+pub mod relay;
 pub mod revalidate;
 pub mod route;
 pub mod server;

@@ -342,6 +342,7 @@ impl Proxy {
             body,
             peer,
             validators: None,
+            hold: None,
         };
         conditions.apply(self.lookup(req).await)
     }

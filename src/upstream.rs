@@ -208,45 +208,9 @@ impl UpstreamClient {
         limit: Duration,
         max_body: u64,
     ) -> Result<Fetched, UpstreamError> {
-        let sent = req.headers().clone();
         let whole = async {
-            let resp = self.send(req, upstream, limit).await?;
-            let (parts, mut body) = resp.into_parts();
-            let cap = usize::try_from(max_body).unwrap_or(usize::MAX);
-            let declared = http_body::Body::size_hint(&body).exact();
-            let mut buf = BytesMut::with_capacity(
-                declared.map_or(8 * 1024, |n| usize::try_from(n).unwrap_or(cap).min(cap)),
-            );
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|err| UpstreamError::Body {
-                    upstream: upstream.to_string(),
-                    reason: err.to_string(),
-                })?;
-                // Trailers are hop-by-hop for us: dropped.
-                if let Ok(data) = frame.into_data() {
-                    buf.extend_from_slice(&data);
-                    if buf.len() > cap {
-                        return Ok(Fetched::Oversized {
-                            parts,
-                            prefix: buf.freeze(),
-                            rest: body,
-                        });
-                    }
-                }
-            }
-            // A body much smaller than the buffer it was read into would keep the spare capacity
-            // alive for as long as it is cached.
-            let body = if buf.capacity() - buf.len() > SPARE_LIMIT {
-                Bytes::copy_from_slice(&buf)
-            } else {
-                buf.freeze()
-            };
-            Ok(Fetched::Whole(Buffered {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-                sent,
-            }))
+            let headed = self.fetch_head(req, upstream, limit).await?;
+            headed.read_limited(upstream, max_body).await
         };
         tokio::time::timeout(limit, whole)
             .await
@@ -256,6 +220,90 @@ impl UpstreamClient {
                     limit,
                 })
             })
+    }
+
+    /// Sends a request and returns the answer's head, its body still to read (see [`Headed`]),
+    /// within `limit`.
+    pub async fn fetch_head(
+        &self,
+        req: Request<UpstreamBody>,
+        upstream: &Uri,
+        limit: Duration,
+    ) -> Result<Headed, UpstreamError> {
+        let sent = req.headers().clone();
+        let resp = self.send(req, upstream, limit).await?;
+        let (parts, body) = resp.into_parts();
+        Ok(Headed { parts, body, sent })
+    }
+}
+
+/// An upstream answer whose head has arrived, its body still streaming.
+#[derive(Debug)]
+pub struct Headed {
+    pub parts: http::response::Parts,
+    pub body: Incoming,
+    /// The request headers it was fetched with (see [`Buffered::sent`]).
+    pub sent: HeaderMap,
+}
+
+impl Headed {
+    /// The head alone, as a [`Buffered`] answer with no body: what a verdict on the head reads.
+    pub fn head(&self) -> Buffered {
+        Buffered {
+            status: self.parts.status,
+            headers: self.parts.headers.clone(),
+            body: Bytes::new(),
+            sent: self.sent.clone(),
+        }
+    }
+
+    /// Reads the body — at most `max_body` bytes; past that, what was read with the rest still
+    /// streaming. Not bounded in time: the caller bounds it.
+    pub async fn read_limited(
+        self,
+        upstream: &Uri,
+        max_body: u64,
+    ) -> Result<Fetched, UpstreamError> {
+        let Headed {
+            parts,
+            mut body,
+            sent,
+        } = self;
+        let cap = usize::try_from(max_body).unwrap_or(usize::MAX);
+        let declared = http_body::Body::size_hint(&body).exact();
+        let mut buf = BytesMut::with_capacity(
+            declared.map_or(8 * 1024, |n| usize::try_from(n).unwrap_or(cap).min(cap)),
+        );
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| UpstreamError::Body {
+                upstream: upstream.to_string(),
+                reason: err.to_string(),
+            })?;
+            // Trailers are hop-by-hop for us: dropped.
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                if buf.len() > cap {
+                    return Ok(Fetched::Oversized {
+                        parts,
+                        prefix: buf.freeze(),
+                        rest: body,
+                    });
+                }
+            }
+        }
+        // A body much smaller than the buffer it was read into would keep the spare capacity
+        // alive for as long as it is cached.
+        let body = if buf.capacity() - buf.len() > SPARE_LIMIT {
+            Bytes::copy_from_slice(&buf)
+        } else {
+            buf.freeze()
+        };
+        Ok(Fetched::Whole(Buffered {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            sent,
+        }))
     }
 }
 

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use http_body_util::Either;
 
 use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
+use crate::body::ProxyBody;
 use crate::config::LockScope;
 use crate::entry::{Entry, Freshness, now_ms};
-use crate::fill::{Fill, FillRequest, Source};
+use crate::fill::{Fill, FillError, FillRequest, Source};
 use crate::flight::Role;
 use crate::outcome::CacheOutcome;
+use crate::relay::End;
 use crate::vary;
 
 use super::Proxy;
@@ -159,6 +161,47 @@ impl Proxy {
                 }
                 answer(entry, outcome)
             }
+            Fill::Streaming { head, .. } if !self.fits(head, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    head.vary.fields().to_vec(),
+                    head.times.stored_at,
+                );
+            }
+            Fill::Streaming { head, relay } => {
+                let outcome = match role {
+                    Role::Leader => CacheOutcome::MissStored,
+                    Role::Follower => CacheOutcome::Coalesced,
+                };
+                if asks_for_part(&req.parts.headers) {
+                    // Preconditions and ranges are answered from a whole entry, never from part
+                    // of a body: wait for the stream to end.
+                    return Looked::Answer(match (relay.ended().await, relay.whole_body()) {
+                        (End::Complete, Some(body)) => {
+                            let mut entry = Entry::clone(head);
+                            entry.body = body;
+                            answer(&entry, outcome)
+                        }
+                        (End::Complete, None) => {
+                            self.fetch_alone(&req, CacheOutcome::MissNotStored).await
+                        }
+                        (End::Aborted(why), _) => {
+                            ProxyError::from(FillError::Cut(why)).into_answer(outcome)
+                        }
+                    });
+                }
+                match relay.reader() {
+                    Some(reader) => {
+                        let length = declared_length(&head.headers);
+                        let mut answer = answer(head, outcome);
+                        *answer.response.body_mut() =
+                            ProxyBody::Relay(Box::new(reader.with_length(length)));
+                        answer
+                    }
+                    // Past the store limit, byte 0 is gone: this request asks for itself.
+                    None => self.fetch_alone(&req, CacheOutcome::MissNotStored).await,
+                }
+            }
             Fill::Private(buffered) if role == Role::Leader => private_answer(buffered),
             Fill::Streamed(slot) if role == Role::Leader => {
                 let taken = slot.lock().ok().and_then(|mut s| s.take());
@@ -197,6 +240,32 @@ impl Proxy {
             .await;
         Answer::new(outcome, answer.response)
     }
+}
+
+/// Whether a request's answer depends on more than the whole entry: a precondition or a range,
+/// which Corral answers from a complete body only.
+fn asks_for_part(headers: &http::HeaderMap) -> bool {
+    use http::header;
+    [
+        header::RANGE,
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name))
+}
+
+/// The body length a head declares, if any.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// How many keys one request may look at: its primary key, its variant's, and one more should
