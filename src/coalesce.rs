@@ -38,6 +38,7 @@ use crate::upstream::Caps;
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
 mod io;
+mod tail;
 
 /// The flights of one process, and how each decides who fills its key.
 pub struct Coalescer {
@@ -209,10 +210,21 @@ impl Coalescer {
         fallback: Option<Arc<Entry>>,
         interest: &Interest,
     ) -> Fill {
-        let started = Instant::now();
-        let waited = io::wait(fleet, names, req, purpose, fallback, interest).await;
-        self.count_lock(req, waited.trace, started);
-        self.settle(req, waited.settled, waited.held).await
+        for _ in 0..MAX_TAILS {
+            let started = Instant::now();
+            let waited = io::wait(fleet, names, req, purpose, fallback.clone(), interest).await;
+            self.count_lock(req, waited.trace, started);
+            if let Settled::Relay = waited.settled {
+                match tail::tail(fleet, names, req).await {
+                    Some(fill) => return fill,
+                    // The log could not be read: wait again (for the stored entry).
+                    None => continue,
+                }
+            }
+            return self.settle(req, waited.settled, waited.held).await;
+        }
+        // Relay logs announced and unreadable, again and again: ask for yourselves.
+        Fill::FetchYourself
     }
 
     /// Acts on how the wait settled.
@@ -249,8 +261,9 @@ impl Coalescer {
                 }
                 self.filler.fill(req, Claim::Instance(None), fallback).await
             }
-            // Every requester hung up while we waited: nobody to answer.
-            Settled::Abandoned => Fill::FetchYourself,
+            // Every requester hung up while we waited: nobody to answer. (`Relay` is handled
+            // by the wait itself.)
+            Settled::Abandoned | Settled::Relay => Fill::FetchYourself,
             Settled::TimedOut => {
                 tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; answering 504");
                 Fill::Failed(FillError::WaitTimeout(route.lock.wait_timeout))
@@ -289,6 +302,9 @@ impl Coalescer {
         self.metrics.lock(&req.route.name, outcome, waited);
     }
 }
+
+/// How many relay logs one flight tries to tail before it gives up on them.
+const MAX_TAILS: usize = 3;
 
 /// Releases a lock that turned out not to be needed: the entry was there after all, and its
 /// filler already told the waiters.

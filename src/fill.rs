@@ -36,6 +36,8 @@ use crate::revalidate::{is_not_modified, make_conditional, renewed};
 use crate::upstream::{Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, judge};
 
+mod publish;
+
 /// Everything a fill needs from the request that started it.
 #[derive(Clone)]
 pub struct FillRequest {
@@ -116,7 +118,12 @@ pub enum Fill {
     Streamed(Arc<StreamSlot>),
     /// A storable answer whose body is still arriving: every joiner reads it from the relay
     /// while it arrives; the fill stores it once it has arrived whole (see [`crate::relay`]).
-    Streaming { head: Arc<Entry>, relay: Arc<Relay> },
+    Streaming {
+        head: Arc<Entry>,
+        relay: Arc<Relay>,
+        /// `Upstream` when this flight fills; `Remote` when it tails another instance's fill.
+        source: Source,
+    },
     /// Nobody may share: every joiner fetches for itself.
     FetchYourself,
     /// No answer: every joiner answers with this error (or a stale entry it holds).
@@ -301,11 +308,24 @@ impl Filler {
     /// and stores the answer if it arrived whole (see [`Filler::pump`]). The flight stays
     /// joinable until then, through the request's [`Hold`].
     fn stream(&self, req: &FillRequest, claim: Claim, streaming: Streaming, began: u64) -> Fill {
-        let relay = Relay::new(req.route.max_entry_size, RELAY_WINDOW);
+        let route = &req.route;
+        let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
         let head = Arc::new(streaming.head.clone());
+        if let Claim::Fleet(held) = &claim {
+            // Waiters on other instances read it too, through the key's relay log.
+            let (l2, names) = (held.l2().clone(), held.names().clone());
+            let ttl = route.upstream_timeout + route.lock.lease;
+            let keepalive = route.lock.lease / 2;
+            let (head, relay) = (head.clone(), relay.clone());
+            tokio::spawn(publish::publish(l2, names, head, relay, ttl, keepalive));
+        }
         let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
         tokio::spawn(async move { this.pump(req, claim, streaming, pumped, began).await });
-        Fill::Streaming { head, relay }
+        Fill::Streaming {
+            head,
+            relay,
+            source: Source::Upstream { stored: true },
+        }
     }
 
     /// Reads a streaming answer's body into its relay to the end, within `upstream_timeout`,

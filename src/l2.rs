@@ -40,6 +40,7 @@ pub(crate) use budget::{PATIENCE, guarded, manager_config, patiently};
 use connection::Connection;
 pub(crate) use fill_lock::PURGED_LOCK;
 pub use fill_lock::{LockState, Lookup, StoreOutcome, Terms};
+pub use relay_log::{Record, RelayReader, WINDOW_RECORDS};
 use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
 
 use crate::breaker::Breaker;
@@ -52,6 +53,7 @@ mod budget;
 mod connection;
 mod fill_lock;
 mod purge;
+mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
 pub(crate) mod switches;
@@ -80,6 +82,8 @@ pub struct KeyNames {
     pub lock: String,
     pub channel: String,
     pub pass: String,
+    /// The relay log of a streaming fill (see `l2/relay_log.rs`).
+    pub relay: String,
 }
 
 /// What a fill notice says. Published on the key's channel by the leader.
@@ -93,6 +97,9 @@ pub enum Notice {
     Failed(Option<Arc<Entry>>),
     /// The answer may not be shared: every waiter fetches for itself.
     Uncacheable,
+    /// The leader is relaying a storable answer while it arrives: waiters may read its relay
+    /// log (see `l2/relay_log.rs`); `stored` follows once it has arrived whole.
+    Streaming,
 }
 
 /// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
@@ -105,6 +112,7 @@ impl Notice {
             Notice::Stored(_) => "stored",
             Notice::Failed(_) => "failed",
             Notice::Uncacheable => "uncacheable",
+            Notice::Streaming => "streaming",
         }
     }
 
@@ -112,6 +120,7 @@ impl Notice {
         match self {
             Notice::Stored(_) => Bytes::from_static(b"stored"),
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
+            Notice::Streaming => Bytes::from_static(b"streaming"),
             Notice::Failed(None) => Bytes::from_static(b"failed"),
             Notice::Failed(Some(entry)) => {
                 let encoded = entry.encode();
@@ -136,6 +145,7 @@ impl Notice {
         match payload {
             b"stored" => Some(Notice::Stored(None)),
             b"uncacheable" => Some(Notice::Uncacheable),
+            b"streaming" => Some(Notice::Streaming),
             b"failed" => Some(Notice::Failed(None)),
             _ => {
                 let entry = payload.strip_prefix(b"failed:")?;
@@ -181,6 +191,7 @@ struct Scripts {
     store: Script,
     release: Script,
     extend: Script,
+    relay_append: Script,
     /// How fill notices are published: [`publish_command`].
     publish: &'static str,
 }
@@ -207,6 +218,7 @@ impl L2 {
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
                 extend: Script::new(EXTEND),
+                relay_append: Script::new(relay_log::APPEND),
                 publish: publish_command(&cfg.topology),
             }),
         })
@@ -242,6 +254,7 @@ impl L2 {
             lock: format!("corral:{ns}:{route}:lock:{{{hex}}}"),
             channel: format!("corral:{ns}:{route}:fill:{{{hex}}}"),
             pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
+            relay: format!("corral:{ns}:{route}:relay:{{{hex}}}"),
         }
     }
 

@@ -86,6 +86,8 @@ pub enum Settled {
     },
     /// The answer may not be shared: every joiner fetches for itself.
     Uncacheable,
+    /// The holder is relaying its answer while it arrives: read its relay log.
+    Relay,
     /// Fill for this instance alone: Redis failed, or the wait timed out with `bypass`.
     Alone {
         fallback: Option<Arc<Entry>>,
@@ -262,6 +264,12 @@ impl Wait {
                 }
             }
             Notice::Uncacheable => Action::Done(Settled::Uncacheable),
+            // A miss reads the answer while it arrives; a refresh has an entry to serve
+            // meanwhile and waits for the stored one (looking at the lock's lease again).
+            Notice::Streaming => match self.purpose {
+                Purpose::Miss => Action::Done(Settled::Relay),
+                Purpose::Refresh { .. } => Action::Peek,
+            },
         }
     }
 

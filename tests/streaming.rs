@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::corral::{config, recommend_route, start, url};
 use support::{Client, RedisServer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// How long a test waits for one step before it fails.
 const STEP: Duration = Duration::from_secs(10);
@@ -37,25 +37,45 @@ struct StreamingUpstream {
     writers: mpsc::UnboundedReceiver<Writer>,
 }
 
-/// The body of one upstream answer, written by the test.
-struct Writer(mpsc::Sender<Event>);
+/// One upstream answer, written by the test: its head goes out on [`Writer::head`] (or with the
+/// first event), then its body event by event.
+struct Writer {
+    body: mpsc::Sender<Event>,
+    head: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+}
 
 impl Writer {
+    /// Sends the answer's head (once).
+    fn head(&self) {
+        if let Some(head) = self.head.lock().ok().and_then(|mut h| h.take()) {
+            let _ = head.send(());
+        }
+    }
+
     async fn event(&self, n: usize) {
-        let sent = self.0.send(Ok(Frame::data(event(n)))).await;
+        self.head();
+        let sent = self.body.send(Ok(Frame::data(event(n)))).await;
         assert!(sent.is_ok(), "corral stopped reading the upstream");
     }
 
     async fn bytes(&self, chunk: Bytes) -> bool {
-        self.0.send(Ok(Frame::data(chunk))).await.is_ok()
+        self.head();
+        self.body.send(Ok(Frame::data(chunk))).await.is_ok()
     }
 
     /// Breaks the body: the upstream's connection ends without the last chunk.
     async fn cut(self) {
+        self.head();
         let _ = self
-            .0
+            .body
             .send(Err(std::io::Error::other("upstream cut the stream")))
             .await;
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.head();
     }
 }
 
@@ -77,14 +97,21 @@ impl StreamingUpstream {
                     let service = service_fn(move |_req: Request<Incoming>| {
                         counted.fetch_add(1, Ordering::SeqCst);
                         let (tx, rx) = mpsc::channel::<Event>(4);
-                        let _ = to_test.send(Writer(tx));
+                        let (head, headed) = oneshot::channel();
+                        let _ = to_test.send(Writer {
+                            body: tx,
+                            head: std::sync::Mutex::new(Some(head)),
+                        });
                         let body = StreamBody::new(tokio_stream_from(rx));
                         let resp = Response::builder()
                             .header("content-type", "text/event-stream")
                             .header("cache-control", "public, max-age=60")
                             .body(body)
                             .expect("a valid response");
-                        async move { Ok::<_, Infallible>(resp) }
+                        async move {
+                            let _ = headed.await;
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -129,6 +156,10 @@ struct Reader {
 
 impl Reader {
     async fn get(url: &str) -> Reader {
+        Reader::send(http::Method::GET, url, Bytes::new()).await
+    }
+
+    async fn send(method: http::Method, url: &str, body: Bytes) -> Reader {
         let uri: http::Uri = url.parse().expect("a valid url");
         let authority = uri.authority().expect("an authority").clone();
         let stream = TcpStream::connect(authority.as_str())
@@ -138,9 +169,12 @@ impl Reader {
             .await
             .expect("handshake");
         tokio::spawn(conn);
-        let req = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        let req = Request::builder()
+            .method(method)
+            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header("host", authority.as_str())
-            .body(Empty::<Bytes>::new())
+            .header("content-type", "application/json")
+            .body(Full::new(body))
             .expect("a valid request");
         let resp = tokio::time::timeout(STEP, sender.send_request(req))
             .await
@@ -452,8 +486,22 @@ async fn a_body_over_the_store_limit_streams_to_every_reader_and_is_not_stored()
     assert_eq!(upstream.calls(), 2);
 }
 
+/// The number of subscribers of a key's fill channel (one per waiting instance).
+async fn waiting_instances(redis: &RedisServer, cfg: &corral::Config, path: &str) -> usize {
+    let entry = support::corral::entry_name(cfg, path);
+    let channel = entry.replacen(":{", ":fill:{", 1);
+    let mut conn = redis.conn().await;
+    let counts: Vec<(String, usize)> = ::redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .expect("PUBSUB NUMSUB");
+    counts.first().map_or(0, |(_, n)| *n)
+}
+
 #[tokio::test]
-async fn waiters_on_another_instance_get_the_whole_answer_once_it_is_stored() {
+async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     let redis = RedisServer::start().await;
     let mut upstream = StreamingUpstream::start().await;
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
@@ -470,16 +518,137 @@ async fn waiters_on_another_instance_get_the_whole_answer_once_it_is_stored() {
             tokio::spawn(async move { Reader::get(&target).await })
         })
         .collect();
-    for n in 1..=5 {
+    // The other instance waits on the key's channel before the upstream's head comes.
+    support::eventually("the other instance waits for the fill", STEP, async || {
+        waiting_instances(&redis, &cfg, path).await == 1
+    })
+    .await;
+    writer.event(1).await;
+    let mut readers = vec![leader.await.expect("leader")];
+    for waiter in remote {
+        readers.push(waiter.await.expect("remote waiter"));
+    }
+    assert!(
+        readers[1..]
+            .iter()
+            .all(|r| r.cache_status.contains("collapsed")),
+        "remote waiters share the leader's fill"
+    );
+    for n in 1..=10 {
+        if n > 1 {
+            writer.event(n).await;
+        }
+        for reader in &mut readers {
+            reader
+                .read_to(events_len(n))
+                .await
+                .expect("the event arrives everywhere");
+        }
+    }
+    drop(writer);
+    for reader in &mut readers {
+        reader.finish().await.expect("a clean end");
+        assert_eq!(reader.read, events(10));
+    }
+    assert_eq!(upstream.calls(), 1, "one call for the fleet");
+}
+
+#[tokio::test]
+async fn a_cut_stream_ends_visibly_on_other_instances_too() {
+    let redis = RedisServer::start().await;
+    let mut upstream = StreamingUpstream::start().await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
+    let fleet = start(2, &cfg).await;
+    let path = "/recommend?segment=remote-cut";
+    let leader = tokio::spawn({
+        let target = url(&fleet[0], path);
+        async move { Reader::get(&target).await }
+    });
+    let writer = upstream.next_call().await;
+    let remote = tokio::spawn({
+        let target = url(&fleet[1], path);
+        async move { Reader::get(&target).await }
+    });
+    support::eventually("the other instance waits for the fill", STEP, async || {
+        waiting_instances(&redis, &cfg, path).await == 1
+    })
+    .await;
+    for n in 1..=3 {
+        writer.event(n).await;
+    }
+    let mut readers = [leader.await.expect("leader"), remote.await.expect("remote")];
+    for reader in &mut readers {
+        reader.read_to(events_len(3)).await.expect("three events");
+    }
+    writer.cut().await;
+    for reader in &mut readers {
+        let ended = reader.finish().await;
+        assert!(
+            ended.is_err(),
+            "a cut stream must not end cleanly: {ended:?}"
+        );
+    }
+    support::corral::assert_nothing_stored(&redis, &fleet[1]).await;
+}
+
+#[tokio::test]
+async fn identical_llm_requests_in_flight_share_one_call_and_its_tokens() {
+    let mut upstream = StreamingUpstream::start().await;
+    let route = recommend_route(
+        &upstream.url,
+        "key = { json = [\"/model\", \"/messages\", \"/temperature\"] }",
+    );
+    let fleet = start(1, &config(None, &route)).await;
+    let target = url(&fleet[0], "/recommend/chat");
+    let prompt = |spacing: &str| {
+        Bytes::from(format!(
+            "{{\"model\":\"m\",{spacing}\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"temperature\":0}}"
+        ))
+    };
+    let ask = |body: Bytes| {
+        let target = target.clone();
+        tokio::spawn(async move { Reader::send(http::Method::POST, &target, body).await })
+    };
+    let leader = ask(prompt(""));
+    let writer = upstream.next_call().await;
+    // The same request written differently (whitespace) is the same key.
+    let others: Vec<_> = (0..3).map(|_| ask(prompt(" "))).collect();
+    writer.event(1).await;
+    let mut readers = vec![leader.await.expect("leader")];
+    for other in others {
+        readers.push(other.await.expect("other"));
+    }
+    for reader in &mut readers {
+        reader
+            .read_to(events_len(1))
+            .await
+            .expect("the first token");
+    }
+    for n in 2..=5 {
         writer.event(n).await;
     }
     drop(writer);
-    let mut leader = leader.await.expect("leader");
-    leader.finish().await.expect("clean end");
-    for waiter in remote {
-        let mut waiter = waiter.await.expect("remote waiter");
-        waiter.finish().await.expect("clean end");
-        assert_eq!(waiter.read, events(5));
+    for reader in &mut readers {
+        reader.finish().await.expect("clean end");
+        assert_eq!(reader.read, events(5));
     }
-    assert_eq!(upstream.calls(), 1, "one call for the fleet");
+    assert!(
+        readers[1..]
+            .iter()
+            .all(|r| r.cache_status.contains("collapsed"))
+    );
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "identical prompts in flight make one call"
+    );
+    // A different prompt is another key: its own call.
+    let other = ask(Bytes::from_static(
+        b"{\"model\":\"m\",\"messages\":[],\"temperature\":1}",
+    ));
+    let writer = upstream.next_call().await;
+    drop(writer);
+    let mut other = other.await.expect("other prompt");
+    other.finish().await.expect("clean end");
+    assert_eq!(upstream.calls(), 2);
 }

@@ -168,10 +168,14 @@ impl Proxy {
                     head.times.stored_at,
                 );
             }
-            Fill::Streaming { head, relay } => {
-                let outcome = match role {
-                    Role::Leader => CacheOutcome::MissStored,
-                    Role::Follower => CacheOutcome::Coalesced,
+            Fill::Streaming {
+                head,
+                relay,
+                source,
+            } => {
+                let outcome = match (source, role) {
+                    (Source::Upstream { .. }, Role::Leader) => CacheOutcome::MissStored,
+                    _ => CacheOutcome::Coalesced,
                 };
                 if asks_for_part(&req.parts.headers) {
                     // Preconditions and ranges are answered from a whole entry, never from part

@@ -130,6 +130,14 @@ async fn the_notice_with_the_entry_settles_the_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_streaming_notice_settles_a_miss_on_reading_the_relay() {
+    let now = Instant::now();
+    let mut w = waiting(now);
+    let next = w.on(Event::Woken(Wake::Notice(Notice::Streaming)), now, NOW);
+    assert!(matches!(next, Action::Done(Settled::Relay)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_notice_without_the_entry_reads_it() {
     let now = Instant::now();
     let mut w = waiting(now);
@@ -394,6 +402,14 @@ mod refresh {
             LEASE,
             OnWaitTimeout::Bypass,
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streaming_notice_leaves_a_refresh_waiting_for_the_stored_entry() {
+        let now = Instant::now();
+        let mut w = refresh(now, NOW - 100);
+        let next = w.on(Event::Woken(Wake::Notice(Notice::Streaming)), now, NOW);
+        assert!(matches!(next, Action::Peek), "it looks at the lease again");
     }
 
     #[tokio::test(start_paused = true)]
