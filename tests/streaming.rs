@@ -652,3 +652,160 @@ async fn identical_llm_requests_in_flight_share_one_call_and_its_tokens() {
     other.finish().await.expect("clean end");
     assert_eq!(upstream.calls(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_mid_stream_cuts_remote_readers_visibly_and_local_ones_read_on() {
+    let mut redis = RedisServer::start().await;
+    let mut upstream = StreamingUpstream::start().await;
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
+    let fleet = start(2, &cfg).await;
+    let path = "/recommend?segment=redis-dies";
+    let leader = tokio::spawn({
+        let target = url(&fleet[0], path);
+        async move { Reader::get(&target).await }
+    });
+    let writer = upstream.next_call().await;
+    let remote = tokio::spawn({
+        let target = url(&fleet[1], path);
+        async move { Reader::get(&target).await }
+    });
+    support::eventually("the other instance waits for the fill", STEP, async || {
+        waiting_instances(&redis, &cfg, path).await == 1
+    })
+    .await;
+    writer.event(1).await;
+    let (mut leader, mut remote) = (leader.await.expect("leader"), remote.await.expect("remote"));
+    leader.read_to(events_len(1)).await.expect("first event");
+    remote
+        .read_to(events_len(1))
+        .await
+        .expect("first event elsewhere");
+
+    redis.kill();
+    for n in 2..=4 {
+        writer.event(n).await;
+    }
+    drop(writer);
+    leader
+        .finish()
+        .await
+        .expect("the leader's instance reads the upstream to a clean end");
+    assert_eq!(leader.read, events(4));
+    let cut = remote.finish().await;
+    assert!(
+        cut.is_err(),
+        "the remote reader must not end cleanly: {cut:?}"
+    );
+    assert!(
+        remote.read.len() < events_len(4),
+        "never a silently short body that looks complete"
+    );
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_process_killed_mid_stream_cuts_remote_readers_and_the_next_request_fills_again()
+{
+    let redis = RedisServer::start().await;
+    let mut upstream = StreamingUpstream::start().await;
+    let routes = recommend_route(&upstream.url, "");
+    let cfg = config(Some(&redis.url()), &routes);
+    let mut leader_process = support::CorralProcess::start(&support::corral::config_text(
+        "",
+        Some(&redis.url()),
+        &routes,
+    ))
+    .await;
+    let fleet = start(1, &cfg).await;
+    let path = "/recommend?segment=leader-dies";
+    let leader = tokio::spawn({
+        let target = leader_process.url(path);
+        async move { Reader::get(&target).await }
+    });
+    let writer = upstream.next_call().await;
+    let remote = tokio::spawn({
+        let target = url(&fleet[0], path);
+        async move { Reader::get(&target).await }
+    });
+    support::eventually("the other instance waits for the fill", STEP, async || {
+        waiting_instances(&redis, &cfg, path).await == 1
+    })
+    .await;
+    writer.event(1).await;
+    let mut remote = remote.await.expect("remote");
+    remote
+        .read_to(events_len(1))
+        .await
+        .expect("first event elsewhere");
+    drop(leader);
+
+    leader_process.kill();
+    let cut = remote.finish().await;
+    assert!(
+        cut.is_err(),
+        "a relay whose leader died must not end cleanly: {cut:?}"
+    );
+    drop(writer);
+
+    // The lock lapses with its lease; the next request fills again.
+    let next = tokio::spawn({
+        let target = url(&fleet[0], path);
+        async move { Reader::get(&target).await }
+    });
+    let writer = upstream.next_call().await;
+    writer.event(1).await;
+    drop(writer);
+    let mut next = next.await.expect("next");
+    next.finish().await.expect("a clean end");
+    assert_eq!(next.read, events(1));
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_reader_slows_nobody_and_is_cut_once_it_falls_behind_the_window() {
+    let mut upstream = StreamingUpstream::start().await;
+    let route = recommend_route(&upstream.url, "max_entry_size = \"64KiB\"");
+    let fleet = start(1, &config(None, &route)).await;
+    let target = url(&fleet[0], "/recommend?segment=slow");
+    let fast = tokio::spawn({
+        let target = target.clone();
+        async move { Reader::get(&target).await }
+    });
+    let writer = upstream.next_call().await;
+    let slow = tokio::spawn({
+        let target = target.clone();
+        async move { Reader::get(&target).await }
+    });
+    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
+    assert!(writer.bytes(chunk.clone()).await);
+    let (mut fast, mut slow) = (fast.await.expect("fast"), slow.await.expect("slow"));
+    // 64 MiB: far more than the relay's window and every socket buffer between.
+    let chunks = 1024;
+    let feed = tokio::spawn(async move {
+        for _ in 1..chunks {
+            if !writer.bytes(chunk.clone()).await {
+                return false;
+            }
+        }
+        true
+    });
+    // The slow client reads nothing until the fast one has read everything.
+    fast.finish()
+        .await
+        .expect("the fast reader reads to a clean end");
+    assert_eq!(fast.read.len(), chunks * 64 * 1024);
+    assert!(
+        feed.await.expect("feed"),
+        "the fill read the whole upstream body"
+    );
+    let cut = slow.finish().await;
+    assert!(cut.is_err(), "the laggard is cut, visibly: {cut:?}");
+    assert!(slow.read.len() < chunks * 64 * 1024);
+    let metrics = fleet[0].proxy().render_metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("corral_stream_readers_cut_total") && !l.ends_with(" 0")),
+        "the cut is counted:\n{metrics}"
+    );
+}
