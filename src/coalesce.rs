@@ -214,8 +214,8 @@ impl Coalescer {
             let started = Instant::now();
             let waited = io::wait(fleet, names, req, purpose, fallback.clone(), interest).await;
             self.count_lock(req, waited.trace, started);
-            if let Settled::Relay = waited.settled {
-                match tail::tail(fleet, names, req).await {
+            if let (Settled::Relay(id), Some(sub)) = (&waited.settled, waited.sub) {
+                match tail::tail(fleet, names, id, sub, req).await {
                     Some(fill) => return fill,
                     // The log could not be read: wait again (for the stored entry).
                     None => continue,
@@ -263,7 +263,7 @@ impl Coalescer {
             }
             // Every requester hung up while we waited: nobody to answer. (`Relay` is handled
             // by the wait itself.)
-            Settled::Abandoned | Settled::Relay => Fill::FetchYourself,
+            Settled::Abandoned | Settled::Relay(_) => Fill::FetchYourself,
             Settled::TimedOut => {
                 tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; answering 504");
                 Fill::Failed(FillError::WaitTimeout(route.lock.wait_timeout))

@@ -15,12 +15,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 
 use crate::body::ProxyBody;
 use crate::config::RouteConfig;
@@ -31,12 +30,16 @@ use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
 use crate::lock::FillLock;
 use crate::metrics::Metrics;
-use crate::relay::{End, Push, Relay};
+use crate::relay::Relay;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
 use crate::upstream::{Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError};
 use crate::verdict::{Verdict, judge};
 
 mod publish;
+mod stream;
+
+use stream::Streaming;
+pub use stream::{RELAY_WINDOW, declared_length};
 
 /// Everything a fill needs from the request that started it.
 #[derive(Clone)]
@@ -86,22 +89,6 @@ enum Called {
     Judged(Verdict, Answered),
     Streaming(Streaming),
 }
-
-/// A storable answer's head, and what its body needs to stream to its end.
-struct Streaming {
-    /// The entry the answer will be, without its body yet.
-    head: Entry,
-    body: hyper::body::Incoming,
-    /// The route's upstream slot, held until the body has ended.
-    slot: Option<OwnedSemaphorePermit>,
-    /// When the call began, and when it must have ended (`upstream_timeout`).
-    started: Instant,
-    deadline: tokio::time::Instant,
-}
-
-/// Bytes a relay keeps past an answer too large to store: what the fastest reader may be
-/// ahead of the slowest before the slowest is cut.
-pub const RELAY_WINDOW: usize = 1024 * 1024;
 
 /// An oversized answer's stream, handed to the flight's leader (once).
 pub type StreamSlot = Mutex<Option<Response<ProxyBody>>>;
@@ -301,119 +288,6 @@ impl Filler {
             self.l1.insert(req.key, &route.name, entry.clone()).await;
         }
         stored
-    }
-
-    /// Hands a storable answer to the flight while its body still arrives: the flight's
-    /// requesters read it from a [`Relay`], and a task of its own reads the upstream to the end
-    /// and stores the answer if it arrived whole (see [`Filler::pump`]). The flight stays
-    /// joinable until then, through the request's [`Hold`].
-    fn stream(&self, req: &FillRequest, claim: Claim, streaming: Streaming, began: u64) -> Fill {
-        let route = &req.route;
-        let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
-        let head = Arc::new(streaming.head.clone());
-        if let Claim::Fleet(held) = &claim {
-            // Waiters on other instances read it too, through the key's relay log.
-            let (l2, names) = (held.l2().clone(), held.names().clone());
-            let ttl = route.upstream_timeout + route.lock.lease;
-            let keepalive = route.lock.lease / 2;
-            let (head, relay) = (head.clone(), relay.clone());
-            tokio::spawn(publish::publish(l2, names, head, relay, ttl, keepalive));
-        }
-        let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
-        tokio::spawn(async move { this.pump(req, claim, streaming, pumped, began).await });
-        Fill::Streaming {
-            head,
-            relay,
-            source: Source::Upstream { stored: true },
-        }
-    }
-
-    /// Reads a streaming answer's body into its relay to the end, within `upstream_timeout`,
-    /// then ends the claim: a body that arrived whole and fits `max_entry_size` is stored; a body
-    /// cut short aborts every reader and is stored nowhere. A body that outgrows the store limit
-    /// gives the lock up at once (the fleet's waiters elsewhere fill for themselves) and streams
-    /// on to this flight's readers only while one is left.
-    ///
-    /// Runs in a task of its own: requesters that go away (the leader's client included) do not
-    /// stop it, so a storable answer is stored even when nobody reads it any more.
-    async fn pump(
-        self,
-        req: FillRequest,
-        claim: Claim,
-        streaming: Streaming,
-        relay: Arc<Relay>,
-        began: u64,
-    ) {
-        let _hold = req.hold.clone();
-        let route = &req.route;
-        let Streaming {
-            mut head,
-            mut body,
-            slot,
-            started,
-            deadline,
-        } = streaming;
-        let mut claim = Some(claim);
-        let end = loop {
-            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) => {
-                    break End::Aborted(
-                        "the upstream did not finish within upstream_timeout".into(),
-                    );
-                }
-                Ok(None) => break End::Complete,
-                Ok(Some(Err(err))) => {
-                    break End::Aborted(format!("the upstream's body failed: {err}").into());
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            // Trailers are hop-by-hop for us: dropped.
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            match tokio::time::timeout_at(deadline, relay.push(data)).await {
-                Ok(Push::Kept) => {}
-                Ok(Push::Unread) => break End::Aborted("nobody reads it any more".into()),
-                Err(_) => {
-                    break End::Aborted(
-                        "the upstream did not finish within upstream_timeout".into(),
-                    );
-                }
-            }
-            if relay.oversized()
-                && let Some(held) = claim.take()
-            {
-                tracing::info!(route = %route.name, limit = route.max_entry_size, "streamed answer larger than max_entry_size: relayed to this flight, not stored");
-                held.give_up(&req, Notice::Failed(None)).await;
-            }
-        };
-        drop(body);
-        drop(slot);
-        relay.finish(end.clone());
-        self.metrics.stream_ended(
-            &route.name,
-            &end,
-            relay.total_bytes(),
-            relay.readers_attached(),
-            relay.readers_cut(),
-        );
-        let Some(claim) = claim else {
-            return;
-        };
-        match (end, relay.whole_body()) {
-            (End::Complete, Some(whole)) => {
-                head.body = whole;
-                head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-                let entry = Arc::new(head);
-                let stored = self.store(&req, claim, &entry, began).await;
-                tracing::info!(route = %route.name, bytes = entry.body.len(), stored, "streamed fill complete");
-            }
-            (End::Complete, None) => claim.give_up(&req, Notice::Failed(None)).await,
-            (End::Aborted(why), _) => {
-                tracing::warn!(route = %route.name, %why, bytes = relay.total_bytes(), "streamed fill cut short: every reader aborted, nothing stored");
-                claim.give_up(&req, Notice::Failed(None)).await;
-            }
-        }
     }
 
     /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts

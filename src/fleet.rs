@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::breaker::{Breaker, Pulse};
 use crate::config::RedisConfig;
 use crate::l1::L1;
-use crate::l2::{L2, L2Error, RelayReader};
+use crate::l2::{L2, L2Error};
 use crate::lock::LeaseKeeper;
 use crate::metrics::Metrics;
 use crate::notice::Notices;
@@ -22,8 +22,6 @@ pub struct Fleet {
     pub notices: Notices,
     /// Keeps this process's fill leases alive from a thread of its own.
     pub keeper: Arc<LeaseKeeper>,
-    /// Where Redis is, for the connections opened per use (relay reads).
-    redis: Arc<RedisConfig>,
 }
 
 impl Fleet {
@@ -39,16 +37,10 @@ impl Fleet {
         };
         let notices = Notices::connect(redis, breaker(), metrics.clone(), l1.clone())?;
         Ok(Fleet {
-            redis: Arc::new(redis.clone()),
             keeper: Arc::new(keeper),
             l2: L2::connect(redis, breaker(), metrics.clone())?,
             notices,
         })
-    }
-
-    /// A connection of its own for tailing another instance's relay log (blocking reads).
-    pub fn relay_reader(&self) -> Result<RelayReader, L2Error> {
-        self.l2.relay_reader(&self.redis)
     }
 
     /// Whether any of the process's Redis connections is considered down.

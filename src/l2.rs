@@ -40,7 +40,7 @@ pub(crate) use budget::{PATIENCE, guarded, manager_config, patiently};
 use connection::Connection;
 pub(crate) use fill_lock::PURGED_LOCK;
 pub use fill_lock::{LockState, Lookup, StoreOutcome, Terms};
-pub use relay_log::{Record, RelayReader, WINDOW_RECORDS};
+pub use relay_log::{Record, WINDOW_RECORDS};
 use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
 
 use crate::breaker::Breaker;
@@ -82,8 +82,16 @@ pub struct KeyNames {
     pub lock: String,
     pub channel: String,
     pub pass: String,
-    /// The relay log of a streaming fill (see `l2/relay_log.rs`).
+    /// The prefix of the relay logs of streaming fills (see `l2/relay_log.rs`).
     pub relay: String,
+}
+
+impl KeyNames {
+    /// The relay log of the streaming fill `id` of this key: one per fill, so a fill that
+    /// follows another never writes into a log still being read.
+    pub fn relay_log(&self, id: &str) -> String {
+        format!("{}:{id}", self.relay)
+    }
 }
 
 /// What a fill notice says. Published on the key's channel by the leader.
@@ -98,8 +106,12 @@ pub enum Notice {
     /// The answer may not be shared: every waiter fetches for itself.
     Uncacheable,
     /// The leader is relaying a storable answer while it arrives: waiters may read its relay
-    /// log (see `l2/relay_log.rs`); `stored` follows once it has arrived whole.
-    Streaming,
+    /// log, named by the fill's id (see `l2/relay_log.rs`); `stored` follows once it has arrived
+    /// whole.
+    Streaming(Arc<str>),
+    /// The streaming fill (by id) wrote more to its relay log: its tailers read on, and a waiter
+    /// that missed the `streaming` notice starts tailing.
+    Relayed(Arc<str>),
 }
 
 /// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
@@ -112,7 +124,8 @@ impl Notice {
             Notice::Stored(_) => "stored",
             Notice::Failed(_) => "failed",
             Notice::Uncacheable => "uncacheable",
-            Notice::Streaming => "streaming",
+            Notice::Streaming(_) => "streaming",
+            Notice::Relayed(_) => "relayed",
         }
     }
 
@@ -120,7 +133,8 @@ impl Notice {
         match self {
             Notice::Stored(_) => Bytes::from_static(b"stored"),
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
-            Notice::Streaming => Bytes::from_static(b"streaming"),
+            Notice::Streaming(id) => Bytes::from(format!("streaming:{id}")),
+            Notice::Relayed(id) => Bytes::from(format!("relayed:{id}")),
             Notice::Failed(None) => Bytes::from_static(b"failed"),
             Notice::Failed(Some(entry)) => {
                 let encoded = entry.encode();
@@ -142,10 +156,14 @@ impl Notice {
                 .map(Arc::new);
             return Some(Notice::Stored(entry));
         }
+        if let Some(id) = payload.strip_prefix(b"streaming:") {
+            return std::str::from_utf8(id)
+                .ok()
+                .map(|id| Notice::Streaming(id.into()));
+        }
         match payload {
             b"stored" => Some(Notice::Stored(None)),
             b"uncacheable" => Some(Notice::Uncacheable),
-            b"streaming" => Some(Notice::Streaming),
             b"failed" => Some(Notice::Failed(None)),
             _ => {
                 let entry = payload.strip_prefix(b"failed:")?;

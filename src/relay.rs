@@ -10,12 +10,14 @@
 //! # Memory
 //! While the body fits the route's `max_entry_size` the relay keeps all of it: the fill stores
 //! it once complete, and a requester that joins late reads it from byte 0. Past that limit the
-//! body can no longer be stored and the relay keeps only a window (`window` bytes past what the
-//! fastest reader has read): memory grows with open relays, never with body size. A reader that
-//! falls behind the window is cut (counted); one that joins once byte 0 is gone cannot read it
-//! ([`Relay::reader`] says `None`) and fetches for itself. The writer waits only for the
-//! *fastest* reader, so a slow reader never slows the fill or the others; with no reader left,
-//! an answer that cannot be stored is not worth reading on ([`Push::Unread`]).
+//! body can no longer be stored and the relay keeps only a window (`window` bytes): memory grows
+//! with open relays, never with body size. The writer waits only for the *fastest active* reader
+//! (the furthest one among those that read within [`ACTIVE`]), so a slow reader never slows the
+//! fill or the others, and one that stopped reading (its client's socket full) does not count
+//! as fast however far it got first. A reader that falls behind the window is cut (counted); one
+//! that joins once byte 0 is gone cannot read it ([`Relay::reader`] says `None`) and fetches for
+//! itself. With no reader left, an answer that cannot be stored is not worth reading on
+//! ([`Push::Unread`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -26,6 +28,10 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
+
+/// A reader that read within this long counts as active: the writer may wait for it.
+pub const ACTIVE: Duration = Duration::from_millis(500);
 
 /// How a relayed body ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,8 +84,8 @@ struct State {
     whole: bool,
     store_limit: usize,
     window: usize,
-    /// The next chunk the fastest reader will read.
-    fastest: u64,
+    /// Each attached reader's next chunk, and when it last read.
+    positions: HashMap<u64, (u64, Instant)>,
     readers: usize,
     next_reader: u64,
     wakers: HashMap<u64, Waker>,
@@ -98,7 +104,7 @@ impl Relay {
                 whole: true,
                 store_limit: usize::try_from(store_limit).unwrap_or(usize::MAX),
                 window: window.max(1),
-                fastest: 0,
+                positions: HashMap::new(),
                 readers: 0,
                 next_reader: 0,
                 wakers: HashMap::new(),
@@ -143,8 +149,9 @@ impl Relay {
                 if state.readers == 0 {
                     return Push::Unread;
                 }
-                // Drop what the fastest reader has read, down to the window.
-                while state.kept_bytes > state.window && state.first < state.fastest {
+                // Drop what the fastest active reader has read, down to the window.
+                let fastest = state.fastest_active(Instant::now());
+                while state.kept_bytes > state.window && state.first < fastest {
                     if let Some(front) = state.chunks.pop_front() {
                         state.kept_bytes -= front.len();
                         state.first += 1;
@@ -155,7 +162,9 @@ impl Relay {
                     return Push::Kept;
                 }
             }
-            room.await;
+            // Nobody active may have read the front yet: wait for a reader to read, and look
+            // again once a stalled reader stops counting as active.
+            let _ = tokio::time::timeout(ACTIVE, room).await;
         }
     }
 
@@ -232,6 +241,7 @@ impl Relay {
         state.readers += 1;
         let id = state.next_reader;
         state.next_reader += 1;
+        state.positions.insert(id, (0, Instant::now()));
         Some(RelayReader {
             relay: self.clone(),
             id,
@@ -239,6 +249,18 @@ impl Relay {
             exact: None,
             done: false,
         })
+    }
+}
+
+impl State {
+    /// The next chunk of the furthest reader that read within [`ACTIVE`] of `now` (0: none).
+    fn fastest_active(&self, now: Instant) -> u64 {
+        self.positions
+            .values()
+            .filter(|(_, read)| now.saturating_duration_since(*read) <= ACTIVE)
+            .map(|(next, _)| *next)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -284,6 +306,7 @@ impl Drop for RelayReader {
         let mut state = self.relay.state();
         state.readers = state.readers.saturating_sub(1);
         state.wakers.remove(&self.id);
+        state.positions.remove(&self.id);
         drop(state);
         self.relay.room.notify_one();
     }
@@ -311,11 +334,9 @@ impl Body for RelayReader {
         let at = usize::try_from(this.next - state.first).unwrap_or(usize::MAX);
         if let Some(chunk) = state.chunks.get(at).cloned() {
             this.next += 1;
-            if this.next > state.fastest {
-                state.fastest = this.next;
-                drop(state);
-                this.relay.room.notify_one();
-            }
+            state.positions.insert(this.id, (this.next, Instant::now()));
+            drop(state);
+            this.relay.room.notify_one();
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         match state.end.clone() {
@@ -328,6 +349,8 @@ impl Body for RelayReader {
                 Poll::Ready(Some(Err(RelayError::Aborted(why))))
             }
             None => {
+                // Caught up and waiting: as active as a reader gets.
+                state.positions.insert(this.id, (this.next, Instant::now()));
                 state.wakers.insert(this.id, cx.waker().clone());
                 Poll::Pending
             }
@@ -434,6 +457,37 @@ mod tests {
         let reader = relay.reader().expect("byte 0 is kept");
         drop(reader);
         assert_eq!(relay.push(Bytes::from_static(b"xxx")).await, Push::Unread);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stopped_reading_ahead_does_not_get_the_active_one_cut() {
+        let relay = Relay::new(2, 8);
+        let mut stalled = relay.reader().expect("byte 0 is kept");
+        let mut active = relay.reader().expect("byte 0 is kept");
+        // The stalled reader reads three chunks ahead, then stops; the active one reads one.
+        for _ in 0..3 {
+            relay.push(Bytes::from_static(b"ab")).await;
+            let _ = stalled.frame().await;
+        }
+        assert!(matches!(active.frame().await, Some(Ok(_))));
+        tokio::time::advance(ACTIVE * 2).await;
+        // The writer goes on at the active reader's pace; the active reader is never cut.
+        for _ in 0..20 {
+            let writer = relay.clone();
+            let pushed = tokio::spawn(async move { writer.push(Bytes::from_static(b"ab")).await });
+            let mut done = false;
+            while !done {
+                match active.frame().await {
+                    Some(Ok(_)) => {}
+                    other => panic!("the active reader must read on: {other:?}"),
+                }
+                tokio::task::yield_now().await;
+                done = pushed.is_finished();
+            }
+        }
+        relay.finish(End::Complete);
+        assert!(read_all(active).await.is_ok());
+        assert!(matches!(read_all(stalled).await, Err(RelayError::TooSlow)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,8 +86,8 @@ pub enum Settled {
     },
     /// The answer may not be shared: every joiner fetches for itself.
     Uncacheable,
-    /// The holder is relaying its answer while it arrives: read its relay log.
-    Relay,
+    /// The holder is relaying its answer while it arrives: read its relay log (this fill's id).
+    Relay(Arc<str>),
     /// Fill for this instance alone: Redis failed, or the wait timed out with `bypass`.
     Alone {
         fallback: Option<Arc<Entry>>,
@@ -143,6 +143,8 @@ pub struct Wait {
     lease: Duration,
     policy: OnWaitTimeout,
     subscribed: bool,
+    /// When the current wait lapses (the last [`Action::Wait`]).
+    until: Option<Instant>,
     trace: Trace,
 }
 
@@ -163,6 +165,7 @@ impl Wait {
             lease,
             policy,
             subscribed: false,
+            until: None,
             trace: Trace::default(),
         }
     }
@@ -264,11 +267,15 @@ impl Wait {
                 }
             }
             Notice::Uncacheable => Action::Done(Settled::Uncacheable),
-            // A miss reads the answer while it arrives; a refresh has an entry to serve
-            // meanwhile and waits for the stored one (looking at the lock's lease again).
-            Notice::Streaming => match self.purpose {
-                Purpose::Miss => Action::Done(Settled::Relay),
-                Purpose::Refresh { .. } => Action::Peek,
+            // A miss reads the answer while it arrives (from the log's start, also when it
+            // hears of the fill only by a later batch); a refresh has an entry to serve
+            // meanwhile and waits on for the stored one.
+            Notice::Streaming(id) | Notice::Relayed(id) => match self.purpose {
+                Purpose::Miss => Action::Done(Settled::Relay(id)),
+                Purpose::Refresh { .. } => match self.until {
+                    Some(until) => Action::Wait { until },
+                    None => Action::Peek,
+                },
             },
         }
     }
@@ -352,10 +359,10 @@ impl Wait {
         }
     }
 
-    fn wait_until(&self, lapse: Instant) -> Action {
-        Action::Wait {
-            until: lapse.min(self.deadline),
-        }
+    fn wait_until(&mut self, lapse: Instant) -> Action {
+        let until = lapse.min(self.deadline);
+        self.until = Some(until);
+        Action::Wait { until }
     }
 }
 

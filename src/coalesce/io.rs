@@ -21,6 +21,9 @@ pub(super) struct Outcome {
     pub settled: Settled,
     pub trace: Trace,
     pub held: Option<FillLock>,
+    /// The key's subscription, kept when the wait settled on tailing a relay (whose records ring
+    /// the channel); `None` otherwise.
+    pub sub: Option<Subscription>,
 }
 
 /// Waits for `req`'s key across the fleet until the state machine settles. `fallback`: a stale
@@ -58,11 +61,17 @@ pub(super) async fn wait(
         tracing::trace!(key = %names.entry, event = ?EventName(&event), "wait");
         action = wait.on(event, Instant::now(), now_ms());
     };
-    // Nothing more to hear on the channel: `io.sub` unsubscribes as it drops.
+    // Nothing more to hear on the channel, unless the flight tails a relay: `io.sub`
+    // unsubscribes as it drops.
+    let sub = match settled {
+        Settled::Relay(_) => io.sub.take(),
+        _ => None,
+    };
     Outcome {
         settled,
         trace: wait.trace(),
         held: io.held,
+        sub,
     }
 }
 

@@ -1,11 +1,17 @@
 //! Reading another instance's streaming fill while it arrives: the relay log it writes (see
-//! `l2/relay_log.rs`) is tailed into a [`Relay`] of this process, which this flight's requesters
+//! `l2/relay_log.rs`) is read into a [`Relay`] of this process, which this flight's requesters
 //! read as if the fill were local.
 //!
+//! The flight keeps its subscription to the key's channel: every record the leader appends rings
+//! it, and each ring is one read of what is new (a plain `XREAD` on the shared connection), so
+//! one instance's reads follow the leader's writes, not its own clock or its number of readers.
+//! Should a ring be lost, the tail reads anyway after a quiet `lease / 2`.
+//!
 //! The tail ends as the log says. It is cut — every reader aborted, never a clean end — when the
-//! log says the fill was cut, when a record is missing (trimmed past this reader, a gap), when the
-//! leader stops writing for longer than `2 × lease` (keep-alives come every `lease / 2`; its
-//! process died), past the route's `upstream_timeout`, or when Redis fails.
+//! log says the fill was cut, when a record is missing (trimmed past this reader: a gap in the
+//! offsets), when the leader writes nothing for `2 × lease` (keep-alives come every `lease / 2`;
+//! its process died) or Redis fails for that long (a failed read is tried again meanwhile), or
+//! past the route's `upstream_timeout`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,48 +21,50 @@ use tokio::time::Instant;
 use crate::entry::Entry;
 use crate::fill::{Fill, FillRequest, RELAY_WINDOW, Source};
 use crate::fleet::Fleet;
-use crate::l2::{KeyNames, Record, RelayReader};
+use crate::flight::Hold;
+use crate::l2::{KeyNames, L2, Record};
+use crate::notice::Subscription;
 use crate::relay::{End, Push, Relay};
 
-/// Starts tailing the relay log of `names`: `None` when it cannot be read (then the flight waits
-/// as before, for the stored entry).
-pub(super) async fn tail(fleet: &Fleet, names: &Arc<KeyNames>, req: &FillRequest) -> Option<Fill> {
+/// Starts tailing the relay log of fill `id` of `names`, rung on `sub`: `None` when its head
+/// cannot be read (then the flight waits as before, for the stored entry).
+pub(super) async fn tail(
+    fleet: &Fleet,
+    names: &Arc<KeyNames>,
+    id: &str,
+    sub: Subscription,
+    req: &FillRequest,
+) -> Option<Fill> {
     let route = &req.route;
-    let mut reader = match fleet.relay_reader() {
-        Ok(reader) => reader,
-        Err(err) => {
-            tracing::warn!(route = %route.name, %err, "cannot read the fleet relay");
-            return None;
-        }
-    };
-    let (records, last) = match reader.read(&names.relay, "0").await {
+    let log = names.relay_log(id);
+    let (records, last) = match fleet.l2.relay_read(&log, "0").await {
         Ok(read) => read,
         Err(err) => {
-            tracing::warn!(route = %route.name, %err, "cannot read the fleet relay");
+            tracing::warn!(route = %route.name, %err, "cannot read the fleet relay; waiting for the stored answer");
             return None;
         }
     };
     let mut records = records.into_iter();
     let Some(Record::Head(head)) = records.next() else {
+        // Gone (expired, or trimmed past its head): nothing to read from byte 0.
         return None;
     };
     let head = Arc::new(Entry::decode(head).ok()?);
     let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
     let tailing = Tailing {
-        reader,
-        log: names.relay.clone(),
+        l2: fleet.l2.clone(),
+        sub,
+        log,
         after: last.unwrap_or_else(|| "0".to_owned()),
         relay: relay.clone(),
         offset: 0,
         deadline: Instant::now() + route.upstream_timeout,
+        quiet: route.lock.lease / 2,
         idle_limit: route.lock.lease * 2,
     };
     let first: Vec<Record> = records.collect();
     let hold = req.hold.clone();
-    tokio::spawn(async move {
-        let _hold = hold;
-        tailing.run(first).await;
-    });
+    tokio::spawn(tailing.run(first, hold));
     Some(Fill::Streaming {
         head,
         relay,
@@ -65,23 +73,33 @@ pub(super) async fn tail(fleet: &Fleet, names: &Arc<KeyNames>, req: &FillRequest
 }
 
 struct Tailing {
-    reader: RelayReader,
+    l2: L2,
+    sub: Subscription,
     log: String,
     after: String,
     relay: Arc<Relay>,
     /// The body offset the next data record must start at.
     offset: u64,
     deadline: Instant,
+    /// How long without a ring before the tail reads anyway.
+    quiet: Duration,
     idle_limit: Duration,
 }
 
 impl Tailing {
-    async fn run(mut self, first: Vec<Record>) {
+    /// Follows the log to its end, keeping the flight joinable (`hold`) meanwhile.
+    async fn run(mut self, first: Vec<Record>, hold: Option<Hold>) {
         let end = self.follow(first).await;
         if let End::Aborted(why) = &end {
             tracing::warn!(log = %self.log, %why, "the fleet relay was cut: readers here aborted");
+            // Land the flight before its readers learn of the abort, so that the request that
+            // comes next fills again instead of joining this one.
+            drop(hold);
+            self.relay.finish(end);
+            return;
         }
         self.relay.finish(end);
+        drop(hold);
     }
 
     async fn follow(&mut self, first: Vec<Record>) -> End {
@@ -90,13 +108,14 @@ impl Tailing {
         }
         let mut heard = Instant::now();
         loop {
-            if Instant::now() >= self.deadline {
-                return End::Aborted("the fill did not end within upstream_timeout".into());
-            }
-            if heard.elapsed() > self.idle_limit {
-                return End::Aborted("the leader stopped relaying".into());
-            }
-            match self.reader.read(&self.log, &self.after).await {
+            let rang = tokio::select! {
+                _ = self.sub.next() => true,
+                () = tokio::time::sleep(self.quiet) => false,
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return End::Aborted("the fill did not end within upstream_timeout".into());
+                }
+            };
+            match self.l2.relay_read(&self.log, &self.after).await {
                 Ok((records, last)) => {
                     if let Some(last) = last {
                         self.after = last;
@@ -108,7 +127,13 @@ impl Tailing {
                         return end;
                     }
                 }
-                Err(err) => return End::Aborted(format!("redis failed: {err}").into()),
+                Err(err) if heard.elapsed() > self.idle_limit => {
+                    return End::Aborted(format!("redis failed: {err}").into());
+                }
+                Err(_) => {}
+            }
+            if !rang && heard.elapsed() > self.idle_limit {
+                return End::Aborted("the leader stopped relaying".into());
             }
         }
     }

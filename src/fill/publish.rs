@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use http_body_util::BodyExt;
 
 use crate::entry::Entry;
-use crate::l2::{KeyNames, L2, Record};
+use crate::l2::{KeyNames, L2, Notice, Record};
 use crate::relay::{Relay, RelayError};
 
 /// Largest batch of body bytes in one record.
@@ -34,15 +34,22 @@ pub(crate) async fn publish(
     let Some(mut reader) = relay.reader() else {
         return;
     };
-    let append = async |record: &Record, window: bool, announce: bool| {
-        l2.relay_append(&names.relay, &names.channel, record, ttl, window, announce)
+    let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+    let log = names.relay_log(&id);
+    let relayed = Notice::Relayed(id.clone());
+    let append = async |record: &Record, window: bool, ttl: Duration| {
+        let notice = match record {
+            Record::Head(_) => Notice::Streaming(id.clone()),
+            _ => relayed.clone(),
+        };
+        l2.relay_append(&log, &names.channel, record, ttl, window, &notice)
             .await
     };
-    match append(&Record::Head(head.encode()), false, true).await {
+    match append(&Record::Head(head.encode()), false, ttl).await {
         Ok(0) => return,
         Ok(_) => {}
         Err(err) => {
-            tracing::warn!(log = %names.relay, %err, "could not start the fleet relay; waiters elsewhere get the answer once stored");
+            tracing::warn!(%log, %err, "could not start the fleet relay; waiters elsewhere get the answer once stored");
             return;
         }
     }
@@ -51,7 +58,7 @@ pub(crate) async fn publish(
         let first = tokio::select! {
             frame = reader.frame() => frame,
             () = tokio::time::sleep(keepalive) => {
-                if append(&Record::KeepAlive, relay.oversized(), false).await.is_err() {
+                if append(&Record::KeepAlive, relay.oversized(), ttl).await.is_err() {
                     return;
                 }
                 continue;
@@ -83,24 +90,15 @@ pub(crate) async fn publish(
             let bytes = batch.freeze();
             let len = bytes.len() as u64;
             let record = Record::Data { offset, bytes };
-            if let Err(err) = append(&record, relay.oversized(), false).await {
-                tracing::warn!(log = %names.relay, %err, "the fleet relay stopped: waiters elsewhere see it cut");
+            if let Err(err) = append(&record, relay.oversized(), ttl).await {
+                tracing::warn!(%log, %err, "the fleet relay stopped: waiters elsewhere see it cut");
                 return;
             }
             offset += len;
         }
         if let Some(end) = end {
             // Kept a little after the end, for readers still catching up to learn how it ended.
-            let _ = l2
-                .relay_append(
-                    &names.relay,
-                    &names.channel,
-                    &end,
-                    keepalive * 4,
-                    relay.oversized(),
-                    false,
-                )
-                .await;
+            let _ = append(&end, relay.oversized(), keepalive * 4).await;
             return;
         }
     }

@@ -1,48 +1,45 @@
 //! The relay log of a streaming fill: the Redis side of relaying a body fleet-wide while it
 //! arrives (see [`crate::relay`] for the in-process side).
 //!
-//! The leader writes a Redis Stream `…:relay:{<hex>}` (hash-tagged like the key, so a cluster
-//! keeps it on the key's master): first a head record (`h`: the entry without its body, in the
-//! entry wire format), then body records (`d`: one batch of chunks each), keep-alives (`k`) while
-//! the upstream is silent, and one end record (`e`: `complete`, or `aborted:<why>`). The head is
-//! written with a `streaming` notice on the key's channel in one script, and only when some
-//! instance waits there: the notice's subscriber count is the answer. Each write renews the
-//! log's TTL; a log whose leader died expires by itself.
+//! The leader writes a Redis Stream `…:relay:{<hex>}:<fill id>` (hash-tagged like the key, so a
+//! cluster keeps it on the key's master; one per fill, so a fill that follows another never
+//! writes into a log still being read): first a head record (`h`: the entry without its body, in
+//! the entry wire format), then body records (`d`: one batch of chunks each, with its offset),
+//! keep-alives (`k`) while the upstream is silent, and one end record (`e`: `complete`, or
+//! `aborted:<why>`). Each record is appended by one script that also renews the log's TTL and
+//! rings the key's channel: `streaming:<id>` with the head, `relayed:<id>` with every later
+//! record. The head's script answers how many instances heard it; with none, it deletes the log
+//! and the leader writes no more.
 //!
-//! A waiter elsewhere reads the log from its first record with `XREAD BLOCK` on a connection of
-//! its own (a blocking read would hold up every other command of a shared one), so its readers
-//! get each batch as it lands. While the body fits the route's `max_entry_size` the log keeps all
-//! of it (a reader may start from byte 0 as long as the fill runs); past it, the log is trimmed to
-//! its last [`WINDOW_RECORDS`] records, and a reader that falls behind that window is cut.
+//! A waiter elsewhere keeps its subscription to the key's channel while it tails, and reads the
+//! log (a plain `XREAD` from the last id it read, on the shared command connection) each time the
+//! channel rings — never in a loop of its own, and with no connection of its own. While the
+//! body fits the route's `max_entry_size` the log keeps all of it (a reader may start from byte
+//! 0 as long as the fill runs); past it, the log is trimmed to its last [`WINDOW_RECORDS`] records,
+//! and a reader that falls behind that window sees a gap in the offsets and is cut.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Value;
 
-use super::connection::Connection;
-use super::{L2, L2Error};
-use crate::config::RedisConfig;
+use super::{L2, L2Error, Notice};
 
 /// Records a log keeps once its body has outgrown the store limit (each one batch).
 pub const WINDOW_RECORDS: usize = 64;
 
-/// How long one blocking read waits for a record before the reader looks at its clock again.
-pub const READ_BLOCK: Duration = Duration::from_millis(500);
-
-/// Appends one record, renews the TTL and, for the head, publishes the `streaming` notice: the
-/// answer is how many subscribers heard it (none: the log is deleted at once, nobody will read it).
+/// Appends one record, renews the TTL and publishes `ARGV[6]` on channel `ARGV[5]` (with the
+/// command `ARGV[7]`): the answer is how many subscribers heard it. For the head (`ARGV[8]` is 1),
+/// none means nobody will read the log: it is deleted at once.
 pub(super) const APPEND: &str = r"
-local id
 if tonumber(ARGV[4]) > 0 then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[1], ARGV[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[1], ARGV[2])
 else
-  id = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+  redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ARGV[5] == '' then return 0 end
-local heard = redis.call(ARGV[5], ARGV[6], 'streaming')
-if heard == 0 then redis.call('DEL', KEYS[1]) end
+local heard = redis.call(ARGV[7], ARGV[5], ARGV[6])
+if heard == 0 and ARGV[8] == '1' then redis.call('DEL', KEYS[1]) end
 return heard
 ";
 
@@ -101,9 +98,9 @@ impl Record {
 }
 
 impl L2 {
-    /// Appends `record` to the relay log `log`, kept `ttl` from now; `window`: trim to the last
-    /// [`WINDOW_RECORDS`]. With `announce` (the head), publishes the `streaming` notice on
-    /// `channel` and returns how many subscribers heard it; else 0.
+    /// Appends `record` to the relay log `log`, kept `ttl` from now (`window`: trimmed to the
+    /// last [`WINDOW_RECORDS`]), and rings `channel` with `notice` (the head's `streaming`,
+    /// else `relayed`): returns how many subscribers heard it.
     pub async fn relay_append(
         &self,
         log: &str,
@@ -111,7 +108,7 @@ impl L2 {
         record: &Record,
         ttl: Duration,
         window: bool,
-        announce: bool,
+        notice: &Notice,
     ) -> Result<i64, L2Error> {
         let mut conn = self.conn.clone();
         let (field, value) = record.field();
@@ -120,52 +117,31 @@ impl L2 {
             .arg(value.as_ref())
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
             .arg(if window { WINDOW_RECORDS } else { 0 })
-            .arg(if announce { self.scripts.publish } else { "" })
-            .arg(channel);
+            .arg(channel)
+            .arg(notice.payload().as_ref())
+            .arg(self.scripts.publish)
+            .arg(if matches!(record, Record::Head(_)) {
+                "1"
+            } else {
+                "0"
+            });
         self.within("relay", self.timeout, call.invoke_async(&mut conn))
             .await
     }
 
-    /// A connection of its own for blocking reads of relay logs (see the module doc). It
-    /// connects on first use.
-    pub fn relay_reader(&self, cfg: &RedisConfig) -> Result<RelayReader, L2Error> {
-        let mut cfg = cfg.clone();
-        // Replies to a blocking read come after up to READ_BLOCK.
-        cfg.lock_timeout = cfg.lock_timeout.max(READ_BLOCK * 4);
-        Ok(RelayReader {
-            conn: Connection::open(&cfg)?,
-        })
-    }
-}
-
-/// A blocking reader of relay logs.
-pub struct RelayReader {
-    conn: Connection,
-}
-
-impl RelayReader {
-    /// The records of `log` after `after` (`0` for the first), waiting up to [`READ_BLOCK`] for
-    /// one; with the id of the last one read.
-    pub async fn read(
-        &mut self,
+    /// The records of `log` after the id `after` (`0` for the first), at most a few hundred, and
+    /// the id of the last one. Does not block.
+    pub async fn relay_read(
+        &self,
         log: &str,
         after: &str,
     ) -> Result<(Vec<Record>, Option<String>), L2Error> {
+        let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(u64::try_from(READ_BLOCK.as_millis()).unwrap_or(500))
-            .arg("STREAMS")
-            .arg(log)
-            .arg(after);
-        let reply: Value = tokio::time::timeout(READ_BLOCK * 4, cmd.query_async(&mut self.conn))
-            .await
-            .map_err(|_| L2Error::Pubsub("a relay read got no answer".to_owned()))?
-            .map_err(|source| L2Error::Redis {
-                op: "relay read",
-                source,
-            })?;
+        cmd.arg("COUNT").arg(256).arg("STREAMS").arg(log).arg(after);
+        let reply: Value = self
+            .within("relay read", self.timeout, cmd.query_async(&mut conn))
+            .await?;
         Ok(records(reply))
     }
 }

@@ -196,7 +196,7 @@ impl Proxy {
                 }
                 match relay.reader() {
                     Some(reader) => {
-                        let length = declared_length(&head.headers);
+                        let length = crate::fill::declared_length(&head.headers);
                         let mut answer = answer(head, outcome);
                         *answer.response.body_mut() =
                             ProxyBody::Relay(Box::new(reader.with_length(length)));
@@ -260,16 +260,6 @@ fn asks_for_part(headers: &http::HeaderMap) -> bool {
     ]
     .iter()
     .any(|name| headers.contains_key(name))
-}
-
-/// The body length a head declares, if any.
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// How many keys one request may look at: its primary key, its variant's, and one more should

@@ -130,11 +130,13 @@ async fn the_notice_with_the_entry_settles_the_wait() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_streaming_notice_settles_a_miss_on_reading_the_relay() {
+async fn a_streaming_or_relayed_notice_settles_a_miss_on_reading_the_relay() {
     let now = Instant::now();
-    let mut w = waiting(now);
-    let next = w.on(Event::Woken(Wake::Notice(Notice::Streaming)), now, NOW);
-    assert!(matches!(next, Action::Done(Settled::Relay)));
+    for notice in [Notice::Streaming("f1".into()), Notice::Relayed("f1".into())] {
+        let mut w = waiting(now);
+        let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
+        assert!(matches!(next, Action::Done(Settled::Relay(id)) if &*id == "f1"));
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -408,8 +410,21 @@ mod refresh {
     async fn a_streaming_notice_leaves_a_refresh_waiting_for_the_stored_entry() {
         let now = Instant::now();
         let mut w = refresh(now, NOW - 100);
-        let next = w.on(Event::Woken(Wake::Notice(Notice::Streaming)), now, NOW);
-        assert!(matches!(next, Action::Peek), "it looks at the lease again");
+        // Before it has waited at all, it looks at the lock again.
+        let first = w.on(
+            Event::Woken(Wake::Notice(Notice::Streaming("f1".into()))),
+            now,
+            NOW,
+        );
+        assert!(matches!(first, Action::Peek));
+        let Action::Wait { until } = w.on(Event::Peeked(held(LEASE)), now, NOW) else {
+            panic!("a refresh whose lock is held waits");
+        };
+        // Once waiting, neither notice moves its lapse: it waits on for the stored entry.
+        for notice in [Notice::Streaming("f1".into()), Notice::Relayed("f1".into())] {
+            let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
+            assert!(matches!(next, Action::Wait { until: u } if u == until));
+        }
     }
 
     #[tokio::test(start_paused = true)]
