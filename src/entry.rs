@@ -24,7 +24,7 @@ use crate::vary::VaryRecord;
 
 mod lifetime;
 mod wire;
-pub use lifetime::{Freshness, Lifetime, now_ms};
+pub use lifetime::{Answerable, Freshness, Lifetime, now_ms};
 pub use wire::DecodeError;
 
 /// How long an entry with a validator (`ETag` or `Last-Modified`) stays in L1 past its last usable
