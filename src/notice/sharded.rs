@@ -9,8 +9,8 @@ use redis::ProtocolVersion;
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 
+use super::bounds::Bounds;
 use super::pushes::Pushes;
-use super::topology::Bounds;
 use crate::l2::{L2Error, PATIENCE};
 
 /// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be

@@ -7,55 +7,23 @@
 //! invalidation channel is carried by the classic connection.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion};
 
+use super::bounds::Bounds;
 use super::pushes::Pushes;
 use super::sharded::{sharded_connection, sharded_sync};
-use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology};
 use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::switches::{self, SwitchWatch};
-use crate::l2::{L2Error, PATIENCE, guarded, manager_config, patiently};
-use crate::metrics::Metrics;
+use crate::l2::{L2Error, manager_config};
 use crate::redact::redact;
 
 /// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
 /// more than one): a node that answered before gets a second chance to reconnect.
 const SWITCH_AFTER: u32 = 2;
-
-/// How each (un)subscription is bounded: through the breaker, within the budget of a lock
-/// decision (a failed SUBSCRIBE makes a waiter fill on its own), counted in the metrics.
-pub(super) struct Bounds {
-    pub(super) breaker: Arc<Breaker>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) timeout: Duration,
-}
-
-impl Bounds {
-    /// A call whose failure costs little: within one budget.
-    pub(super) async fn guarded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        guarded(&self.breaker, &self.metrics, op, self.timeout, call).await
-    }
-
-    /// A subscription a waiter waits for: patiently while Redis keeps answering.
-    pub(super) async fn patiently<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        let (breaker, metrics) = (&self.breaker, &self.metrics);
-        patiently(breaker, metrics, op, self.timeout, PATIENCE, call).await
-    }
-}
 
 /// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
 type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
