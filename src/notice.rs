@@ -80,7 +80,7 @@ use crate::metrics::Metrics;
 use bounds::Bounds;
 use invalidation::Invalidation;
 use pushes::Pushes;
-use reconciler::Reconciler;
+use reconciler::Driver;
 use topology::Topology;
 use waiters::{Mailbox, Waiters, lock};
 
@@ -102,6 +102,7 @@ pub enum Wake {
 
 /// What the reconciler is asked or told (by the hub's handles, the push handlers, the sentinels'
 /// switch watch, its own retry timer).
+#[derive(Debug)]
 enum Request {
     /// Reconcile, then acknowledge.
     Sync(oneshot::Sender<Result<(), String>>),
@@ -170,7 +171,7 @@ impl Notices {
         };
         let topology = Topology::new(cfg, bounds, &pushes, on_switch)?;
         tokio::spawn(invalidation::apply(purges, l1));
-        let reconciler = Reconciler {
+        let reconciler = Driver {
             topology,
             waiters: waiters.clone(),
             invalidation,

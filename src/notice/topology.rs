@@ -6,8 +6,6 @@
 //! In a cluster the fill channels are subscribed sharded (see [`super::sharded`]) and only the
 //! invalidation channel is carried by the classic connection.
 
-use std::collections::HashSet;
-
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion};
@@ -122,13 +120,9 @@ impl Topology {
         })
     }
 
-    /// Splits channels into those of the classic connection and those subscribed sharded (in a
-    /// cluster, every one but the invalidation channel, `classic`).
-    pub(super) fn split(&self, channels: Vec<String>, classic: &str) -> (Vec<String>, Vec<String>) {
-        if self.sharded.is_none() {
-            return (channels, Vec::new());
-        }
-        channels.into_iter().partition(|c| c == classic)
+    /// Whether fill channels are subscribed sharded: in a cluster.
+    pub(super) fn sharded(&self) -> bool {
+        self.sharded.is_some()
     }
 
     /// Whether there is a node to talk to: behind sentinels, not until they first named one.
@@ -152,17 +146,16 @@ impl Topology {
             .await
     }
 
-    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]); elsewhere
-    /// there are none.
+    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]): the channels
+    /// dropped and added, and the last failure; elsewhere there are none.
     pub(super) async fn sync_sharded(
         &self,
-        subscribed: &mut HashSet<String>,
         to_drop: Vec<String>,
         to_add: Vec<String>,
-    ) -> Result<(), L2Error> {
+    ) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
         match &self.sharded {
-            Some(sharded) => sharded_sync(&self.bounds, sharded, subscribed, to_drop, to_add).await,
-            None => Ok(()),
+            Some(sharded) => sharded_sync(&self.bounds, sharded, to_drop, to_add).await,
+            None => (Vec::new(), Vec::new(), Ok(())),
         }
     }
 
