@@ -8,8 +8,7 @@ mod support;
 use std::time::Duration;
 
 use corral::Config;
-use futures_util::future::join_all;
-use support::corral::{entry_name, recommend_route, sentinel_config, start, url};
+use support::corral::{entry_name, recommend_route, sentinel_config, spread, start, url};
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
 
@@ -21,56 +20,8 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
 
-/// `n` identical GETs of `path`, spread over the fleet, all at once.
-async fn stampede(client: &Client, fleet: &[corral::Instance], path: &str, n: usize) -> Vec<Resp> {
-    join_all((0..n).map(|i| {
-        let (client, target) = (client.clone(), url(&fleet[i % fleet.len()], path));
-        async move { client.get(&target, &[]).await }
-    }))
-    .await
-}
-
 fn statuses(answers: &[Resp]) -> Vec<u16> {
     answers.iter().map(|r| r.status).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sentinel_fleet_stampede_makes_one_upstream_call() {
-    let deployment = RedisSentinel::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(300));
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let master = deployment.first_master_port();
-
-    // Step 1: both hubs subscribe on the master the sentinels name.
-    eventually("both hubs subscribed on the master", SETTLE, async || {
-        deployment.pubsub_clients(master).await == 2
-    })
-    .await;
-
-    // Step 2: 200 identical requests over the two instances, all at once.
-    let path = "/recommend?segment=sports&article=42";
-    let answers = stampede(&client, &fleet, path, 200).await;
-
-    // Step 3: one upstream call, every answer 200; the entry is on the master, no lock is left.
-    assert!(
-        answers.iter().all(|r| r.status == 200),
-        "{:?}",
-        statuses(&answers)
-    );
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the fleet called the upstream more than once"
-    );
-    assert!(deployment.exists(master, &entry_name(&cfg, path)).await);
-    assert!(deployment.keys(master, "corral:*:lock:*").await.is_empty());
-    for instance in fleet {
-        instance.shutdown().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -221,7 +172,7 @@ async fn assert_fleet_follows(
     upstream.reset_calls();
     upstream.set_delay(Duration::from_millis(300));
     let path = "/recommend?segment=after";
-    let answers = stampede(&client, fleet, path, 200).await;
+    let answers = spread(&client, fleet, path, 200).await;
     assert!(
         answers.iter().all(|r| r.status == 200),
         "{:?}",
