@@ -20,6 +20,44 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
 
+/// A fleet of two instances behind `deployment`'s sentinels, both hubs subscribed on the first
+/// master, and a first key (`filled`) filled into it.
+struct Before {
+    upstream: Upstream,
+    cfg: Config,
+    fleet: Vec<corral::Instance>,
+    client: Client,
+    /// The first master's port.
+    old: u16,
+    filled: &'static str,
+}
+
+async fn before_a_failover(deployment: &RedisSentinel) -> Before {
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let old = deployment.first_master_port();
+    eventually(
+        "both hubs subscribed on the first master",
+        SETTLE,
+        async || deployment.pubsub_clients(old).await == 2,
+    )
+    .await;
+    let filled = "/recommend?segment=before";
+    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
+    Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
+    }
+}
+
 fn statuses(answers: &[Resp]) -> Vec<u16> {
     answers.iter().map(|r| r.status).collect()
 }
@@ -50,23 +88,15 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     let mut deployment = RedisSentinel::start().await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
-    let filled = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
-    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
+    let Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
+    } = before_a_failover(&deployment).await;
 
     // Step 2: SIGKILL the master. Until a sentinel reports the promoted replica, keep asking
     // both instances for the filled key and for keys never seen: every answer is a 200
@@ -101,22 +131,15 @@ async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
     let deployment = RedisSentinel::start().await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
-    let filled = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+    let Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
+    } = before_a_failover(&deployment).await;
 
     // Step 2: a failover that leaves the old master up. The sentinels demote it to a replica of
     // the promoted one some seconds later; from then on a write there answers READONLY, which
