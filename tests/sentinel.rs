@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use corral::Config;
-use support::corral::{entry_name, recommend_route, sentinel_config, spread, start, url};
+use support::corral::{
+    entry_name, full_text, parse, recommend_route, sentinel_config, spread, start, url,
+};
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
 
@@ -222,13 +224,13 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
         .iter()
         .map(|n| format!("\"{n}\""))
         .collect();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n[redis]\nnamespace = \"test\"\n\
+    let redis = format!(
+        "[redis]\nnamespace = \"test\"\n\
          timeout = \"500ms\"\nsentinel = {{ nodes = [{}], master = \"{MASTER_NAME}\", username = \"corral\", \
-         password = \"{PASSWORD}\", db = 3 }}\n\n{routes}",
+         password = \"{PASSWORD}\", db = 3 }}\n",
         nodes.join(", ")
     );
-    let cfg = Config::parse(&text, std::path::Path::new("<test>")).expect("test config");
+    let cfg = parse(&full_text("", &redis, &routes));
     let fleet = start(1, &cfg).await;
     let client = Client::new();
     let old = deployment.first_master_port();
