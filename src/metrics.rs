@@ -23,6 +23,8 @@ use prometheus_client::registry::Registry;
 use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
 
+mod streams;
+
 /// The `route` label of requests, and of upstream calls, that no route matched.
 pub const UNROUTED: &str = "-";
 
@@ -103,47 +105,7 @@ pub struct Metrics {
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
     notices_received: Counter,
-    streams: StreamMetrics,
-}
-
-/// What streamed fills did (see [`crate::relay`]).
-struct StreamMetrics {
-    ended: Family<RouteOutcome, Counter>,
-    bytes: Family<RouteLabel, Counter>,
-    readers_cut: Family<RouteLabel, Counter>,
-    bytes_saved: Family<RouteLabel, Counter>,
-}
-
-impl StreamMetrics {
-    fn register(registry: &mut Registry) -> StreamMetrics {
-        let streams = StreamMetrics {
-            ended: Family::default(),
-            bytes: Family::default(),
-            readers_cut: Family::default(),
-            bytes_saved: Family::default(),
-        };
-        registry.register(
-            "streamed_fills",
-            "Fills whose body was relayed to their requesters while it arrived, by route and how the body ended (`outcome`: complete or aborted)",
-            streams.ended.clone(),
-        );
-        registry.register(
-            "streamed_bytes",
-            "Bytes of upstream answers relayed by streamed fills, by route",
-            streams.bytes.clone(),
-        );
-        registry.register(
-            "stream_readers_cut",
-            "Readers of a streamed fill cut for falling more than the relay's window behind the fastest one, by route",
-            streams.readers_cut.clone(),
-        );
-        registry.register(
-            "collapsed_bytes_saved",
-            "Upstream bytes that collapsing saved: bytes of streamed fills times the requesters beyond the first that read them, by route",
-            streams.bytes_saved.clone(),
-        );
-        streams
-    }
+    streams: streams::StreamMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -234,7 +196,7 @@ impl Metrics {
             "Fill notices Redis pub/sub delivered to this process: one per fill it waited on, however many requests waited",
             notices_received.clone(),
         );
-        let streams = StreamMetrics::register(&mut registry);
+        let streams = streams::StreamMetrics::register(&mut registry);
         let metrics = Metrics {
             registry,
             requests,
@@ -373,38 +335,6 @@ impl Metrics {
     /// One fill notice delivered by pub/sub (whether or not a request here still waited on it).
     pub fn notice_received(&self) {
         self.notices_received.inc();
-    }
-
-    /// A streamed fill ended: `end` says how, having relayed `bytes` to `readers` requesters, of
-    /// which `cut` fell too far behind.
-    pub fn stream_ended(
-        &self,
-        route: &str,
-        end: &crate::relay::End,
-        bytes: u64,
-        readers: u64,
-        cut: u64,
-    ) {
-        let outcome = match end {
-            crate::relay::End::Complete => "complete",
-            crate::relay::End::Aborted(_) => "aborted",
-        };
-        let s = &self.streams;
-        let route = route.to_owned();
-        s.ended
-            .get_or_create(&RouteOutcome {
-                route: route.clone(),
-                outcome,
-            })
-            .inc();
-        let label = RouteLabel { route };
-        s.bytes.get_or_create(&label).inc_by(bytes);
-        if cut > 0 {
-            s.readers_cut.get_or_create(&label).inc_by(cut);
-        }
-        s.bytes_saved
-            .get_or_create(&label)
-            .inc_by(bytes.saturating_mul(readers.saturating_sub(1)));
     }
 
     /// Fill notices delivered to this process so far (`corral_notices_received_total`).

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::OnWaitTimeout;
-use crate::entry::{Entry, Freshness};
+use crate::entry::{Answerable, Entry, Freshness};
 use crate::fill::Source;
 use crate::l2::{LockState, Lookup, Notice, Peek};
 use crate::notice::Wake;
@@ -301,14 +301,17 @@ impl Wait {
         match self.purpose {
             Purpose::Refresh { .. } if self.newer_and_fresh(&entry, wall) => share(entry, fresh),
             Purpose::Refresh { .. } => None,
-            Purpose::Miss => match freshness {
-                Freshness::Fresh => share(entry, fresh),
-                Freshness::StaleRevalidate => share(entry, Source::Stale),
-                Freshness::StaleIfError => {
+            Purpose::Miss => match freshness.answer(entry) {
+                Answerable::Now {
+                    entry,
+                    stale: false,
+                } => share(entry, fresh),
+                Answerable::Now { entry, stale: true } => share(entry, Source::Stale),
+                Answerable::Fallback(entry) => {
                     self.fallback = Some(Arc::new(entry));
                     None
                 }
-                Freshness::Expired => None,
+                Answerable::Expired(_) => None,
             },
         }
     }

@@ -6,56 +6,22 @@
 //! In a cluster the fill channels are subscribed sharded (see [`super::sharded`]) and only the
 //! invalidation channel is carried by the classic connection.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
-
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion};
 
+use super::bounds::Bounds;
 use super::pushes::Pushes;
 use super::sharded::{sharded_connection, sharded_sync};
-use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology};
 use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::switches::{self, SwitchWatch};
-use crate::l2::{L2Error, PATIENCE, guarded, manager_config, patiently};
-use crate::metrics::Metrics;
+use crate::l2::{L2Error, manager_config};
 use crate::redact::redact;
 
 /// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
 /// more than one): a node that answered before gets a second chance to reconnect.
 const SWITCH_AFTER: u32 = 2;
-
-/// How each (un)subscription is bounded: through the breaker, within the budget of a lock
-/// decision (a failed SUBSCRIBE makes a waiter fill on its own), counted in the metrics.
-pub(super) struct Bounds {
-    pub(super) breaker: Arc<Breaker>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) timeout: Duration,
-}
-
-impl Bounds {
-    /// A call whose failure costs little: within one budget.
-    pub(super) async fn guarded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        guarded(&self.breaker, &self.metrics, op, self.timeout, call).await
-    }
-
-    /// A subscription a waiter waits for: patiently while Redis keeps answering.
-    pub(super) async fn patiently<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        let (breaker, metrics) = (&self.breaker, &self.metrics);
-        patiently(breaker, metrics, op, self.timeout, PATIENCE, call).await
-    }
-}
 
 /// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
 type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
@@ -154,13 +120,9 @@ impl Topology {
         })
     }
 
-    /// Splits channels into those of the classic connection and those subscribed sharded (in a
-    /// cluster, every one but the invalidation channel, `classic`).
-    pub(super) fn split(&self, channels: Vec<String>, classic: &str) -> (Vec<String>, Vec<String>) {
-        if self.sharded.is_none() {
-            return (channels, Vec::new());
-        }
-        channels.into_iter().partition(|c| c == classic)
+    /// Whether fill channels are subscribed sharded: in a cluster.
+    pub(super) fn sharded(&self) -> bool {
+        self.sharded.is_some()
     }
 
     /// Whether there is a node to talk to: behind sentinels, not until they first named one.
@@ -184,17 +146,16 @@ impl Topology {
             .await
     }
 
-    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]); elsewhere
-    /// there are none.
+    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]): the channels
+    /// dropped and added, and the last failure; elsewhere there are none.
     pub(super) async fn sync_sharded(
         &self,
-        subscribed: &mut HashSet<String>,
         to_drop: Vec<String>,
         to_add: Vec<String>,
-    ) -> Result<(), L2Error> {
+    ) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
         match &self.sharded {
-            Some(sharded) => sharded_sync(&self.bounds, sharded, subscribed, to_drop, to_add).await,
-            None => Ok(()),
+            Some(sharded) => sharded_sync(&self.bounds, sharded, to_drop, to_add).await,
+            None => (Vec::new(), Vec::new(), Ok(())),
         }
     }
 

@@ -9,7 +9,7 @@ use http_body_util::Either;
 use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
 use crate::body::ProxyBody;
 use crate::config::LockScope;
-use crate::entry::{Entry, Freshness, now_ms};
+use crate::entry::{Answerable, Entry, now_ms};
 use crate::fill::{Fill, FillError, FillRequest, Source};
 use crate::flight::Role;
 use crate::outcome::CacheOutcome;
@@ -40,36 +40,38 @@ impl Proxy {
 
     async fn lookup_key(&self, mut req: FillRequest) -> Looked {
         let now = now_ms();
-        let stale = match self.l1.get(&req.key, now).await {
-            Some(entry) if entry.times.freshness(now) == Freshness::Expired => {
+        let held = self.l1.get(&req.key, now).await;
+        let stale = match held.map(|entry| Answerable::of(entry, now)) {
+            Some(Answerable::Expired(entry)) => {
                 // Kept only for its validators: the fill revalidates it (RFC 9111 §4.3).
                 req.validators = self.fits(&entry, &req).then_some(entry);
                 None
             }
-            Some(entry) if !self.fits(&entry, &req) => {
+            Some(found) if !self.fits(found.entry(), &req) => {
+                let entry = found.entry();
                 return Looked::OtherVariant(
                     req,
                     entry.vary.fields().to_vec(),
                     entry.times.stored_at,
                 );
             }
-            Some(entry) => match entry.times.freshness(now) {
-                Freshness::Fresh => {
-                    if let Some(beta) = req.route.early_refresh
-                        && refresh_early(&entry, beta, now)
-                    {
-                        tracing::debug!(route = %req.route.name, "early refresh");
-                        self.coalescer.refresh_in_background(req, entry.clone());
-                    }
-                    return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
-                }
-                Freshness::StaleRevalidate => {
+            Some(Answerable::Now {
+                entry,
+                stale: false,
+            }) => {
+                if let Some(beta) = req.route.early_refresh
+                    && refresh_early(&entry, beta, now)
+                {
+                    tracing::debug!(route = %req.route.name, "early refresh");
                     self.coalescer.refresh_in_background(req, entry.clone());
-                    return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
                 }
-                Freshness::StaleIfError => Some(entry),
-                Freshness::Expired => None,
-            },
+                return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
+            }
+            Some(Answerable::Now { entry, stale: true }) => {
+                self.coalescer.refresh_in_background(req, entry.clone());
+                return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
+            }
+            Some(Answerable::Fallback(entry)) => Some(entry),
             None => None,
         };
         if self.marks.contains(&req.key) {
@@ -92,16 +94,14 @@ impl Proxy {
             let now = now_ms();
             if let Some(entry) = self.l1.get(&req.key, now).await
                 && self.fits(&entry, &req)
+                && let Answerable::Now { entry, stale } = Answerable::of(entry, now)
             {
-                match entry.times.freshness(now) {
-                    Freshness::Fresh => {
-                        return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
-                    }
-                    Freshness::StaleRevalidate => {
-                        return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
-                    }
-                    Freshness::StaleIfError | Freshness::Expired => {}
-                }
+                let outcome = if stale {
+                    CacheOutcome::Stale
+                } else {
+                    CacheOutcome::Hit
+                };
+                return Looked::Answer(answer_at(&entry, outcome, now));
             }
         }
         match joined.result.clone().await {
@@ -155,7 +155,7 @@ impl Proxy {
                 }
                 if *source == Source::Stale
                     && role == Role::Leader
-                    && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
+                    && let Answerable::Now { stale: true, .. } = Answerable::of(&**entry, now_ms())
                 {
                     self.coalescer.refresh_in_background(req, entry.clone());
                 }
