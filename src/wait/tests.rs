@@ -117,7 +117,7 @@ async fn a_held_lock_subscribes_then_peeks_then_waits_for_the_lease() {
 async fn the_notice_with_the_entry_settles_the_wait() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let notice = Notice::Stored(Some(Arc::new(fresh())));
+    let notice = Notice::Stored(Some(Arc::new(fresh())), None);
     let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
     assert!(matches!(
         next,
@@ -133,7 +133,11 @@ async fn the_notice_with_the_entry_settles_the_wait() {
 async fn a_notice_without_the_entry_reads_it() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let next = w.on(Event::Woken(Wake::Notice(Notice::Stored(None))), now, NOW);
+    let next = w.on(
+        Event::Woken(Wake::Notice(Notice::Stored(None, None))),
+        now,
+        NOW,
+    );
     assert!(matches!(next, Action::Read));
     let read = Peek {
         entry: Some(fresh()),
@@ -474,7 +478,7 @@ mod refresh {
         w.on(Event::Locked(false), now, NOW);
         w.on(Event::Subscribed, now, NOW);
         w.on(Event::Peeked(held(LEASE)), now, NOW);
-        let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))));
+        let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))), None);
         assert!(matches!(
             w.on(Event::Woken(Wake::Notice(old)), now, NOW),
             Action::TryLock
