@@ -8,6 +8,8 @@
 //! cannot run there). [`Telemetry::shutdown`] flushes what is batched; the binary calls it on a
 //! graceful shutdown.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -136,6 +138,8 @@ fn traces_url(endpoint: &Uri) -> String {
 struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
+    /// Whether the last export failed: a failing collector is logged once, not per batch.
+    failing: Arc<AtomicBool>,
 }
 
 impl Sender {
@@ -144,7 +148,29 @@ impl Sender {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(EXPORT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Sender { client, runtime }
+        Sender {
+            client,
+            runtime,
+            failing: Arc::default(),
+        }
+    }
+
+    /// Logs the first failure of a run of them, and the recovery.
+    fn note(&self, outcome: Result<http::StatusCode, &HttpError>) {
+        let failed = match outcome {
+            Ok(status) if status.is_success() => None,
+            Ok(status) => Some(format!("the collector answered {status}")),
+            Err(err) => Some(err.to_string()),
+        };
+        match failed {
+            Some(why) if !self.failing.swap(true, Ordering::AcqRel) => {
+                tracing::warn!(%why, "telemetry: spans could not be exported (logged once until it recovers)");
+            }
+            None if self.failing.swap(false, Ordering::AcqRel) => {
+                tracing::info!("telemetry: exporting spans again");
+            }
+            _ => {}
+        }
     }
 }
 
@@ -172,7 +198,9 @@ impl HttpClient for Sender {
                 Err(_) => Err(format!("no answer within {EXPORT_TIMEOUT:?}").into()),
             }
         };
-        self.runtime.spawn(bounded).await?
+        let answer = self.runtime.spawn(bounded).await?;
+        self.note(answer.as_ref().map(Response::status));
+        answer
     }
 }
 

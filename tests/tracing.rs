@@ -401,7 +401,9 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
     let collector = Collector::start().await;
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(2));
+    // Well within the default lease (2s): B learns of the fill from its notice, not from a
+    // re-read when the lease would have lapsed (which finds the entry but not who filled it).
+    upstream.set_delay(Duration::from_secs(1));
     let route = recommend_route(&upstream.url(), "");
     let base = config_text("", Some(&redis.url()), &route);
     let mut a = CorralProcess::start(&(base.clone() + &telemetry(&collector, "corral-a"))).await;
@@ -452,4 +454,71 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
             .any(|r| r.service == "corral-b" && r.span.name == "fill"),
         "B did not fill"
     );
+}
+
+#[test]
+fn a_bad_telemetry_table_names_its_line_and_field() {
+    let route =
+        "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:5000\"\n";
+    let cases = [
+        (
+            "[telemetry]\nservice_name = \"x\"\n",
+            6,
+            "telemetry.otlp_endpoint",
+            "required",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"https://collector:4318\"\n",
+            7,
+            "telemetry.otlp_endpoint",
+            "https",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://user:secret@collector:4318\"\n",
+            7,
+            "telemetry.otlp_endpoint",
+            "credentials",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c:4318\"\nsample_ratio = 2\n",
+            8,
+            "telemetry.sample_ratio",
+            "between 0.0 and 1.0",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c:4318\"\nservice_name = \" \"\n",
+            8,
+            "telemetry.service_name",
+            "empty",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://c:4318\"\nendpoint = \"x\"\n",
+            8,
+            "telemetry.endpoint",
+            "unknown field",
+        ),
+    ];
+    for (table, line, field, why) in cases {
+        let text = format!("{route}\n{table}");
+        let err = match corral::Config::parse(&text, std::path::Path::new("corral.toml")) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(err) => err.to_string(),
+        };
+        assert!(err.starts_with(&format!("corral.toml:{line}:")), "{err}");
+        assert!(err.contains(field), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(
+            !err.contains("secret"),
+            "a credential is never echoed: {err}"
+        );
+    }
+    let text = format!("{route}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n");
+    let config = corral::Config::parse(&text, std::path::Path::new("corral.toml"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let telemetry = config.telemetry.expect("[telemetry] is on");
+    assert_eq!(telemetry.service_name, "corral");
+    assert_eq!(telemetry.sample_ratio, 1.0);
+    let off = corral::Config::parse(route, std::path::Path::new("corral.toml"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(off.telemetry.is_none(), "off by default");
 }
