@@ -43,6 +43,10 @@ pub struct TelemetryConfig {
 
 pub const DEFAULT_SERVICE_NAME: &str = "corral";
 
+/// The access log's target (the proxy's `ACCESS_LOG`, named here so that this module depends on
+/// no other; `tests/tracing.rs` checks they agree): never exported.
+pub const ACCESS_LOG: &str = "corral::access";
+
 /// How long one export may take, connection included.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -102,10 +106,7 @@ impl Telemetry {
         // enabled to the hit path when its lines are off.
         let only_corral = Targets::new()
             .with_target("corral", tracing::Level::INFO)
-            .with_target(
-                crate::proxy::ACCESS_LOG,
-                tracing::level_filters::LevelFilter::OFF,
-            );
+            .with_target(ACCESS_LOG, tracing::level_filters::LevelFilter::OFF);
         let layer = tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_filter(only_corral);

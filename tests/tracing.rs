@@ -518,6 +518,7 @@ fn a_bad_telemetry_table_names_its_line_and_field() {
     let telemetry = config.telemetry.expect("[telemetry] is on");
     assert_eq!(telemetry.service_name, "corral");
     assert_eq!(telemetry.sample_ratio, 1.0);
+    assert_eq!(corral::telemetry::ACCESS_LOG, corral::proxy::ACCESS_LOG);
     let off = corral::Config::parse(route, std::path::Path::new("corral.toml"))
         .unwrap_or_else(|err| panic!("{err}"));
     assert!(off.telemetry.is_none(), "off by default");

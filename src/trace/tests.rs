@@ -189,3 +189,21 @@ async fn a_flight_reports_the_fill_noted_in_it() {
         remote: false,
     });
 }
+
+#[test]
+fn with_the_log_lines_alone_the_spans_are_not_built() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let filter = tracing_subscriber::EnvFilter::new("trace")
+        .add_directive(QUIET.parse().unwrap_or_else(|err| panic!("{QUIET}: {err}")));
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::sink);
+    let subscriber = tracing_subscriber::registry().with(lines).with(filter);
+    tracing::subscriber::with_default(subscriber, || {
+        let headers = headers(&[("traceparent", GOOD)]);
+        assert!(request_span(&http::Method::GET, &headers).is_disabled());
+        assert!(wait_span(true).is_disabled());
+        let key = crate::key::KeyHasher::new().finish();
+        assert!(fill_span("r", &key).is_disabled());
+        // Other targets still log at `trace`.
+        assert!(tracing::enabled!(target: "corral::proxy", tracing::Level::TRACE));
+    });
+}
