@@ -22,6 +22,7 @@
 //! requesters that go away do not cancel it; once all of them have, a flight that is only waiting
 //! for another instance's fill stops waiting.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ pub struct Coalescer {
     marks: PassMarks,
     fleet: Option<Fleet>,
     filler: Filler,
-    flights: Arc<Flights<Arc<Fill>>>,
+    flights: Arc<Flights<Landed>>,
     metrics: Arc<Metrics>,
 }
 
@@ -88,15 +89,18 @@ impl Coalescer {
 
     /// Joins the flight for `req`'s key, starting it if there is none. Turned away when the
     /// flight already has `lock.max_waiters` followers.
-    pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Arc<Fill>>, Crowded> {
+    pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Landed>, Crowded> {
         let this = self.clone();
         let mut fill_req = req.clone();
+        // The flight's spans (its fill's) are children of the leader's request span.
+        let parent = tracing::Span::current();
         self.flights.join(
             req.key,
             req.route.lock.max_waiters,
             move |interest, hold| {
                 fill_req.hold = Some(hold);
-                async move { Arc::new(this.miss(fill_req, interest).await) }
+                let flight = async move { this.miss(fill_req, interest).await };
+                Landed::from_flight(flight, parent)
             },
         )
     }
@@ -112,10 +116,12 @@ impl Coalescer {
     pub fn refresh_in_background(self: &Arc<Self>, req: FillRequest, stale: Arc<Entry>) {
         let this = self.clone();
         let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
+        let parent = tracing::Span::current();
         let _ = self.flights.join(key, max_waiters, move |_, hold| {
             let mut req = req;
             req.hold = Some(hold);
-            async move { Arc::new(this.refresh(req, stale).await) }
+            let flight = async move { this.refresh(req, stale).await };
+            Landed::from_flight(flight, parent)
         });
     }
 
@@ -305,6 +311,31 @@ impl Coalescer {
 
 /// How many relay logs one flight tries to tail before it gives up on them.
 const MAX_TAILS: usize = 3;
+
+/// What a flight hands each joiner: its fill, and which fill span answered it (for the span
+/// links of [`crate::trace`]; `None` when nothing records spans).
+#[derive(Clone)]
+pub struct Landed {
+    pub fill: Arc<Fill>,
+    pub by: Option<crate::trace::FillRef>,
+}
+
+impl Landed {
+    /// Runs a flight under `parent` (the span of the request that started it), noting the fill
+    /// that answers it.
+    async fn from_flight(flight: impl Future<Output = Fill>, parent: tracing::Span) -> Landed {
+        let attributed = crate::trace::attributed(flight);
+        let (fill, by) = if parent.is_disabled() {
+            attributed.await
+        } else {
+            tracing::Instrument::instrument(attributed, parent).await
+        };
+        Landed {
+            fill: Arc::new(fill),
+            by,
+        }
+    }
+}
 
 /// Releases a lock that turned out not to be needed: the entry was there after all, and its
 /// filler already told the waiters.

@@ -43,6 +43,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// In file order. Names are unique. Empty only when `server.default_upstream` is set.
     pub routes: Vec<RouteConfig>,
+    /// `[telemetry]`: span export. `None` (the default): nothing is exported. Read at start only.
+    pub telemetry: Option<crate::telemetry::TelemetryConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -206,6 +206,21 @@ impl Filler {
         claim: Claim,
         fallback: Option<Arc<Entry>>,
     ) -> Fill {
+        let span = crate::trace::fill_span(&req.route.name, &req.key);
+        if span.is_disabled() {
+            return self.fill_traced(req, claim, fallback).await;
+        }
+        let fill = self.fill_traced(req, claim, fallback);
+        tracing::Instrument::instrument(fill, span).await
+    }
+
+    /// [`Filler::fill`] within the fill's span.
+    async fn fill_traced(
+        &self,
+        req: &FillRequest,
+        claim: Claim,
+        fallback: Option<Arc<Entry>>,
+    ) -> Fill {
         let route = &req.route;
         let lock = match &claim {
             Claim::Fleet(held) => Some(held),
@@ -316,6 +331,8 @@ impl Filler {
             route,
         );
         let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
+        let span = tracing::Span::current();
+        crate::trace::inject(&span, upstream_req.headers_mut());
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + route.upstream_timeout;
         let headed = self
@@ -350,6 +367,9 @@ impl Filler {
             Err(_) => None,
         };
         self.metrics.upstream_call(&route.name, status, took);
+        if let Some(status) = status {
+            span.record("upstream.status", status);
+        }
         let fetched = fetched.map_err(|err| {
             tracing::warn!(route = %route.name, %err, "upstream call failed");
             FillError::Upstream(Arc::new(err))

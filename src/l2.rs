@@ -97,8 +97,9 @@ impl KeyNames {
 /// What a fill notice says. Published on the key's channel by the leader.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// The entry is in L2; it comes with the notice unless it was too large to publish.
-    Stored(Option<Arc<Entry>>),
+    /// The entry is in L2; it comes with the notice unless it was too large to publish. Then the
+    /// fill's span, when the filler records spans (see [`crate::trace::FillRef`]).
+    Stored(Option<Arc<Entry>>, Option<crate::trace::FillRef>),
     /// The fill failed and stored nothing. Carries the answer the leader got (an upstream error,
     /// or a 502/504 standing for a call that got none) so waiters share it instead of calling
     /// the upstream one after another; `None` when it was too large to publish.
@@ -121,7 +122,7 @@ impl Notice {
     /// The notice's name, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            Notice::Stored(_) => "stored",
+            Notice::Stored(..) => "stored",
             Notice::Failed(_) => "failed",
             Notice::Uncacheable => "uncacheable",
             Notice::Streaming(_) => "streaming",
@@ -131,7 +132,12 @@ impl Notice {
 
     pub fn payload(&self) -> Bytes {
         match self {
-            Notice::Stored(_) => Bytes::from_static(b"stored"),
+            Notice::Stored(_, None) => Bytes::from_static(b"stored"),
+            Notice::Stored(_, Some(by)) => {
+                let mut payload = b"stored:".to_vec();
+                payload.extend_from_slice(&by.encode());
+                Bytes::from(payload)
+            }
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
             Notice::Streaming(id) => Bytes::from(format!("streaming:{id}")),
             Notice::Relayed(id) => Bytes::from(format!("relayed:{id}")),
@@ -150,11 +156,14 @@ impl Notice {
     }
 
     pub fn parse(payload: &[u8]) -> Option<Notice> {
-        if let Some(entry) = payload.strip_prefix(b"stored:") {
-            let entry = Entry::decode(Bytes::copy_from_slice(entry))
-                .ok()
+        if let Some(rest) = payload.strip_prefix(b"stored:") {
+            // `stored:[trace reference][entry]`, each part optional.
+            let (by, entry) = crate::trace::FillRef::split(rest);
+            let entry = (!entry.is_empty())
+                .then(|| Entry::decode(Bytes::copy_from_slice(entry)).ok())
+                .flatten()
                 .map(Arc::new);
-            return Some(Notice::Stored(entry));
+            return Some(Notice::Stored(entry, by));
         }
         if let Some(id) = payload.strip_prefix(b"streaming:") {
             return std::str::from_utf8(id)
@@ -162,7 +171,7 @@ impl Notice {
                 .map(|id| Notice::Streaming(id.into()));
         }
         match payload {
-            b"stored" => Some(Notice::Stored(None)),
+            b"stored" => Some(Notice::Stored(None, None)),
             b"uncacheable" => Some(Notice::Uncacheable),
             b"failed" => Some(Notice::Failed(None)),
             _ => {

@@ -25,7 +25,9 @@
 //!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
 //! - [`upstream`] — the pooled client, per-route caps and header hygiene; [`route`] and
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
-//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`].
+//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
+//!   [`trace`] — W3C trace context and the request path's spans; [`telemetry`] — their OTLP
+//!   export, when configured.
 //!
 //! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
 //! (and `demo/`), the built-in demo: they use the library from outside, and alone depend on
@@ -65,6 +67,8 @@ pub mod revalidate;
 pub mod route;
 pub mod server;
 pub mod target;
+pub mod telemetry;
+pub mod trace;
 pub mod upstream;
 pub mod vary;
 pub mod verdict;

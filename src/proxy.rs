@@ -209,10 +209,21 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: every error becomes an answer.
-    pub async fn handle(
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let span = crate::trace::request_span(req.method(), req.headers());
+        if span.is_disabled() {
+            return self.serve(req, peer, &span).await;
+        }
+        let serve = self.serve(req, peer, &span);
+        tracing::Instrument::instrument(serve, span.clone()).await
+    }
+
+    /// [`Proxy::handle`] within the request's span (a disabled one when nothing records it).
+    async fn serve(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        span: &tracing::Span,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         if let Err(err) = crate::target::normalize(&mut req) {
@@ -253,6 +264,8 @@ impl Proxy {
             ..
         } = answer;
         self.metrics.request(route_name, outcome);
+        let status = response.status().as_u16();
+        crate::trace::finish(span, route_name, outcome.as_str(), status);
         response.headers_mut().insert(CACHE_STATUS, cache_status);
         // Corral's own directives never leave Corral, whatever path the answer took.
         response.headers_mut().remove(CORRAL_CACHE_CONTROL);

@@ -239,7 +239,7 @@ impl Wait {
 
     fn noticed(&mut self, notice: Notice, now: Instant) -> Action {
         match notice {
-            Notice::Stored(Some(entry)) => match self.purpose {
+            Notice::Stored(Some(entry), _) => match self.purpose {
                 Purpose::Refresh { known } if entry.times.stored_at <= known => self.compete(now),
                 _ => Action::Done(Settled::Share {
                     entry,
@@ -248,7 +248,7 @@ impl Wait {
                 }),
             },
             // Too large to travel with the notice: read it.
-            Notice::Stored(None) => Action::Read,
+            Notice::Stored(None, _) => Action::Read,
             Notice::Failed(answer) => {
                 let failed = answer.as_ref().is_none_or(|e| e.status.is_server_error());
                 match (&self.fallback, answer) {

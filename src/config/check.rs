@@ -32,6 +32,7 @@ use crate::redact::redact;
 
 mod redis;
 mod route;
+mod telemetry;
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
 pub(super) struct Checker<'a> {
@@ -81,6 +82,11 @@ impl Checker<'_> {
     pub(super) fn config(&self, raw: RawConfig) -> Checked<Config> {
         let server = self.server(raw.server.as_ref().map(Spanned::get_ref))?;
         let redis = raw.redis.as_ref().map(|r| self.redis(r)).transpose()?;
+        let telemetry = raw
+            .telemetry
+            .as_ref()
+            .map(|t| self.telemetry(t))
+            .transpose()?;
         let l1 = raw.cache.and_then(|c| c.l1_max_bytes);
         let l1_max_bytes = match l1.map(|v| (v.get_ref().0, v.span())) {
             None => DEFAULT_L1_MAX_BYTES,
@@ -113,6 +119,7 @@ impl Checker<'_> {
             redis,
             cache,
             routes,
+            telemetry,
         })
     }
 

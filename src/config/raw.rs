@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub(super) server: Option<Spanned<RawServer>>,
     pub(super) redis: Option<Spanned<RawRedis>>,
     pub(super) cache: Option<RawCache>,
+    pub(super) telemetry: Option<Spanned<RawTelemetry>>,
     #[serde(default)]
     pub(super) route: Vec<Spanned<RawRoute>>,
 }
@@ -65,6 +66,15 @@ pub(super) struct RawSentinel {
     /// Any value, checked to be a string afterwards: a type error from serde would quote it.
     pub(super) password: Option<Spanned<toml::Value>>,
     pub(super) db: Option<Spanned<i64>>,
+}
+
+/// `[telemetry]`: OTLP export of the request path's spans.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: Option<Spanned<String>>,
+    pub(super) service_name: Option<Spanned<String>>,
+    pub(super) sample_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]

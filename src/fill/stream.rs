@@ -27,7 +27,7 @@ pub(super) struct Streaming {
 
 /// Bytes a relay keeps past an answer too large to store: what the fastest reader may be
 /// ahead of the slowest before the slowest is cut.
-pub const RELAY_WINDOW: usize = 1024 * 1024;
+pub const RELAY_WINDOW: usize = 16 * 1024 * 1024;
 
 /// A body declared this small (`Content-Length`) is not relayed fleet-wide: it travels whole with
 /// the `stored` notice (the largest entry a notice carries).
@@ -71,7 +71,16 @@ impl Filler {
             tokio::spawn(publish::publish(l2, names, head, relay, ttl, keepalive));
         }
         let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
-        tokio::spawn(async move { this.pump(req, claim, streaming, pumped, began).await });
+        // The pump stays in the fill's span, and its `stored` notice names the fill as the flight
+        // would have (see `crate::trace`).
+        let (span, by) = (tracing::Span::current(), crate::trace::current_fill());
+        let pump = crate::trace::attributed(async move {
+            if let Some(by) = by {
+                crate::trace::attribute(by);
+            }
+            this.pump(req, claim, streaming, pumped, began).await;
+        });
+        tokio::spawn(tracing::Instrument::instrument(pump, span));
         Fill::Streaming {
             head,
             relay,

@@ -104,8 +104,18 @@ impl Proxy {
                 return Looked::Answer(answer_at(&entry, outcome, now));
             }
         }
-        match joined.result.clone().await {
-            Some(fill) => self.respond(joined.role, &fill, req, stale).await,
+        let leader = joined.role == Role::Leader;
+        let wait = crate::trace::wait_span(leader);
+        let landed = if wait.is_disabled() {
+            joined.result.clone().await
+        } else {
+            tracing::Instrument::instrument(joined.result.clone(), wait).await
+        };
+        match landed {
+            Some(landed) => {
+                crate::trace::link(landed.by.as_ref(), leader);
+                self.respond(joined.role, &landed.fill, req, stale).await
+            }
             None => Looked::Answer(match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),

@@ -109,7 +109,9 @@ impl Proxy {
         peer: SocketAddr,
         outcome: CacheOutcome,
     ) -> Answer {
-        let upstream_req = rewrite(parts, body, call.upstream, peer);
+        let mut upstream_req = rewrite(parts, body, call.upstream, peer);
+        crate::trace::sanitize(upstream_req.headers_mut());
+        crate::trace::inject(&tracing::Span::current(), upstream_req.headers_mut());
         let started = Instant::now();
         let sent = self
             .client

@@ -44,6 +44,7 @@ pub fn rewrite<B>(
 ///   type and `User-Agent`);
 /// - never conditional headers (`If-*`) nor `Range`: a fill is unconditional and whole, so the
 ///   upstream cannot answer 304 or 206 for everyone; never hop-by-hop fields;
+/// - the leader's `traceparent` and `tracestate` when well formed (see [`crate::trace`]);
 /// - `Host` is the upstream's authority; `X-Forwarded-Proto` / `Forwarded: proto=http` are
 ///   Corral's own. A client's `X-Forwarded-*` and `Forwarded` are dropped, and nothing of the
 ///   requester (address, `Host`) is added: it is not in the key.
@@ -61,6 +62,8 @@ pub fn fill_request<B>(
         }
     }
     strip_hop_by_hop(&mut headers);
+    // The leader's trace context: it names a trace and cannot change the answer.
+    crate::trace::carry(&parts.headers, &mut headers);
     if let Some(authority) = route.upstream.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {

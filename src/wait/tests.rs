@@ -117,7 +117,7 @@ async fn a_held_lock_subscribes_then_peeks_then_waits_for_the_lease() {
 async fn the_notice_with_the_entry_settles_the_wait() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let notice = Notice::Stored(Some(Arc::new(fresh())));
+    let notice = Notice::Stored(Some(Arc::new(fresh())), None);
     let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
     assert!(matches!(
         next,
@@ -143,7 +143,11 @@ async fn a_streaming_or_relayed_notice_settles_a_miss_on_reading_the_relay() {
 async fn a_notice_without_the_entry_reads_it() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let next = w.on(Event::Woken(Wake::Notice(Notice::Stored(None))), now, NOW);
+    let next = w.on(
+        Event::Woken(Wake::Notice(Notice::Stored(None, None))),
+        now,
+        NOW,
+    );
     assert!(matches!(next, Action::Read));
     let read = Peek {
         entry: Some(fresh()),

@@ -112,7 +112,7 @@ async fn an_older_stored_notice_does_not_settle_a_refresh() {
     w.on(Event::Locked(false), now, NOW);
     w.on(Event::Subscribed, now, NOW);
     w.on(Event::Peeked(held(LEASE)), now, NOW);
-    let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))));
+    let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))), None);
     assert!(matches!(
         w.on(Event::Woken(Wake::Notice(old)), now, NOW),
         Action::TryLock
