@@ -70,6 +70,8 @@ pub struct Relay {
     ended: Notify,
     /// Readers cut for being too slow, over this relay's life.
     cut: AtomicU64,
+    /// Where cuts are counted as they happen, too (a metric of the route).
+    cut_counter: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 #[derive(Debug)]
@@ -113,6 +115,7 @@ impl Relay {
             room: Notify::new(),
             ended: Notify::new(),
             cut: AtomicU64::new(0),
+            cut_counter: std::sync::OnceLock::new(),
         })
     }
 
@@ -214,6 +217,11 @@ impl Relay {
     /// Bytes pushed so far.
     pub fn total_bytes(&self) -> u64 {
         self.state().total
+    }
+
+    /// Counts every reader cut from now on in `counter` as well, when it is cut.
+    pub fn count_cuts_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        let _ = self.cut_counter.set(counter);
     }
 
     /// Readers cut for falling behind, so far.
@@ -329,6 +337,9 @@ impl Body for RelayReader {
             this.done = true;
             drop(state);
             this.relay.cut.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = this.relay.cut_counter.get() {
+                counter.inc();
+            }
             return Poll::Ready(Some(Err(RelayError::TooSlow)));
         }
         let at = usize::try_from(this.next - state.first).unwrap_or(usize::MAX);

@@ -57,6 +57,7 @@ impl Filler {
     ) -> Fill {
         let route = &req.route;
         let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
+        relay.count_cuts_in(self.metrics.stream_cuts(&route.name));
         let head = Arc::new(streaming.head.clone());
         // Waiters elsewhere read it through the key's relay log — unless its head declares a body
         // small enough to travel with the `stored` notice, which then serves them at once.
@@ -160,7 +161,6 @@ impl Filler {
             &end,
             relay.total_bytes(),
             relay.readers_attached(),
-            relay.readers_cut(),
         );
         let Some(claim) = claim else {
             return;

@@ -47,16 +47,19 @@ impl StreamMetrics {
 }
 
 impl Metrics {
+    /// The counter of readers of `route`'s streamed fills cut for falling behind.
+    pub fn stream_cuts(&self, route: &str) -> Counter {
+        self.streams
+            .readers_cut
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone()
+    }
+
     /// A streamed fill ended: `end` says how, having relayed `bytes` to `readers` requesters, of
-    /// which `cut` fell too far behind.
-    pub fn stream_ended(
-        &self,
-        route: &str,
-        end: &crate::relay::End,
-        bytes: u64,
-        readers: u64,
-        cut: u64,
-    ) {
+    /// (readers cut are counted as they are cut: [`Metrics::stream_cuts`]).
+    pub fn stream_ended(&self, route: &str, end: &crate::relay::End, bytes: u64, readers: u64) {
         let outcome = match end {
             crate::relay::End::Complete => "complete",
             crate::relay::End::Aborted(_) => "aborted",
@@ -71,9 +74,6 @@ impl Metrics {
             .inc();
         let label = RouteLabel { route };
         s.bytes.get_or_create(&label).inc_by(bytes);
-        if cut > 0 {
-            s.readers_cut.get_or_create(&label).inc_by(cut);
-        }
         s.bytes_saved
             .get_or_create(&label)
             .inc_by(bytes.saturating_mul(readers.saturating_sub(1)));
