@@ -39,6 +39,12 @@ impl Answer {
 
     /// The `Cache-Status` value of this answer.
     pub fn cache_status(&self) -> HeaderValue {
+        // Corral's own error answer (or one a failed fill shared): nothing upstream gave it.
+        if let Some(kind) = self.response.headers().get(ERROR_KIND) {
+            return self
+                .outcome
+                .cache_status_unanswered(kind.to_str().unwrap_or(""));
+        }
         let status = self.fwd_status.unwrap_or(self.response.status());
         self.outcome.cache_status(self.ttl, status)
     }

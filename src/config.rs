@@ -255,6 +255,9 @@ pub struct RouteConfig {
     pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
+    /// `response_headers = { remove = [..], set = { .. } }`: applied to every answer of the
+    /// route (see [`crate::header_rules`]). Default: none.
+    pub response_headers: crate::header_rules::HeaderRules,
 }
 
 /// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).

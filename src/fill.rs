@@ -185,7 +185,12 @@ impl Filler {
         let began = self.l1.fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
         match self.call_upstream(req, lock, validators).await {
-            Ok((Verdict::Store(entry), answered)) => {
+            Ok((Verdict::Store(mut entry), answered)) => {
+                // Indexed under the path prefixes it lies under, for purges by prefix.
+                let path = req.parts.uri.path();
+                entry
+                    .tags
+                    .extend(crate::purge::path_tags(&route.path_prefix, path));
                 let entry = Arc::new(entry);
                 let fence = self.l1.fence();
                 if fence.purged_since(began, &route.name, &req.key, &entry.tags) {
@@ -198,6 +203,10 @@ impl Filler {
                     };
                 }
                 let stored = claim.store(req, &entry).await;
+                if stored {
+                    let (path, status) = (req.parts.uri.path(), entry.status.as_u16());
+                    tracing::info!(route = %route.name, path, status, fill_ms = entry.fill_ms, "fill stored");
+                }
                 if stored {
                     self.l1.insert(req.key, &route.name, entry.clone()).await;
                 }

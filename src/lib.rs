@@ -25,7 +25,8 @@
 //!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
 //! - [`upstream`] — the pooled client, per-route caps and header hygiene; [`route`] and
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
-//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`].
+//!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
+//!   [`header_rules`] — what a route adds to or removes from its answers' headers.
 //!
 //! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
 //! (and `demo/`), the built-in demo: they use the library from outside, and alone depend on
@@ -50,6 +51,7 @@ pub mod entry;
 pub mod fill;
 pub mod fleet;
 pub mod flight;
+pub mod header_rules;
 pub mod key;
 pub mod l1;
 pub mod l2;

@@ -91,6 +91,10 @@ pub struct Metrics {
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
     request_counters: RwLock<HashMap<String, RouteCounters>>,
+    /// Time to Corral's own answer, by route and outcome.
+    answer_seconds: HistogramFamily<RouteOutcome>,
+    /// The answer histograms of each route, by outcome, found as the request counters are.
+    answer_histograms: RwLock<HashMap<String, AnswerHistograms>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -103,6 +107,15 @@ pub struct Metrics {
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
     notices_received: Counter,
+}
+
+/// The answer-time histograms of one route, indexed by outcome like [`RouteCounters`].
+type AnswerHistograms = Arc<[Option<Histogram>; CacheOutcome::ALL.len()]>;
+
+/// Buckets for Corral's own answers: a hit takes microseconds, a fill the upstream's time.
+fn answer_histogram() -> Histogram {
+    // 50 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 fn latency_histogram() -> Histogram {
@@ -131,6 +144,13 @@ impl Metrics {
             "upstream_duration_seconds",
             "Time to the upstream's answer head (pass-through) or whole body (fills)",
             upstream_seconds.clone(),
+        );
+        let answer_seconds: HistogramFamily<RouteOutcome> =
+            Family::new_with_constructor(answer_histogram);
+        registry.register(
+            "answer_duration_seconds",
+            "Time from a request's arrival to Corral's answer head, by route and cache outcome",
+            answer_seconds.clone(),
         );
         let lock_outcomes = Family::<RouteOutcome, Counter>::default();
         registry.register(
@@ -197,6 +217,8 @@ impl Metrics {
             registry,
             requests,
             request_counters: RwLock::default(),
+            answer_seconds,
+            answer_histograms: RwLock::default(),
             upstream_calls,
             upstream_seconds,
             lock_outcomes,
@@ -234,6 +256,28 @@ impl Metrics {
                     })
                     .inc();
             }
+        }
+    }
+
+    /// One answer of Corral's: counted by outcome (as [`Metrics::request`]) and its time, from
+    /// the request's arrival to the answer head, observed by route and outcome.
+    pub fn answered(&self, route: &str, outcome: CacheOutcome, took: Duration) {
+        self.request(route, outcome);
+        let known = self
+            .answer_histograms
+            .read()
+            .ok()
+            .and_then(|map| map.get(route).cloned());
+        let seconds = took.as_secs_f64();
+        match known.as_ref().and_then(|h| h[outcome as usize].as_ref()) {
+            Some(histogram) => histogram.observe(seconds),
+            None => self
+                .answer_seconds
+                .get_or_create(&RouteOutcome {
+                    route: route.to_owned(),
+                    outcome: outcome.as_str(),
+                })
+                .observe(seconds),
         }
     }
 
@@ -278,6 +322,20 @@ impl Metrics {
         }));
         if let Ok(mut map) = self.request_counters.write() {
             map.insert(route.to_owned(), counters);
+        }
+        // The same outcomes' answer times, at zero too.
+        let histograms: AnswerHistograms = Arc::new(CacheOutcome::ALL.map(|outcome| {
+            possible(outcome).then(|| {
+                self.answer_seconds
+                    .get_or_create(&RouteOutcome {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
+        }));
+        if let Ok(mut map) = self.answer_histograms.write() {
+            map.insert(route.to_owned(), histograms);
         }
     }
 
@@ -401,7 +459,8 @@ mod tests {
         for route in &config.routes {
             metrics.register_route(route);
         }
-        let page = series(&metrics.render(0, 0, false));
+        let page_text = metrics.render(0, 0, false);
+        let page = series(&page_text);
         let has = |metric: &str, route: &str, outcome: &str| {
             page.iter()
                 .any(|(m, r, o)| m == metric && r == route && o == outcome)
@@ -422,7 +481,7 @@ mod tests {
                 .any(|(_, r, o)| r != UNROUTED && o == "uri_miss"),
             "{page:?}"
         );
-        for outcome in ["hit", "stale", "coalesced", "miss_stored", "miss", "bypass"] {
+        for outcome in ["hit", "stale", "collapsed", "miss_stored", "miss", "bypass"] {
             assert!(
                 has(requests, "cached", outcome),
                 "cached {outcome}: {page:?}"
@@ -443,6 +502,29 @@ mod tests {
         assert!(
             !page.iter().any(|(m, r, _)| m == locks && r != "cached"),
             "{page:?}"
+        );
+
+        // Answer times: a route's expected outcomes are on the page at zero; an answer is
+        // observed under its route and outcome.
+        assert!(
+            page_text.contains(
+                "corral_answer_duration_seconds_count{route=\"cached\",outcome=\"collapsed\"} 0"
+            ),
+            "{page_text}"
+        );
+        metrics.answered("cached", CacheOutcome::Hit, Duration::from_micros(80));
+        let page = metrics.render(0, 0, false);
+        assert!(
+            page.contains(
+                "corral_answer_duration_seconds_count{route=\"cached\",outcome=\"hit\"} 1"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "corral_answer_duration_seconds_bucket{le=\"0.0001\",route=\"cached\",outcome=\"hit\"} 1"
+            ),
+            "{page}"
         );
 
         // An outcome nobody expected is still counted, in a series created then.

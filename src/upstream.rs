@@ -26,7 +26,9 @@ pub type UpstreamBody = Either<Full<Bytes>, crate::body::ClientBody>;
 /// Why an upstream call produced no response.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream {upstream}: {source}")]
+    /// Displayed with the whole chain of causes (`client error (Connect): tcp connect error:
+    /// Connection refused`): the first alone says nothing of what went wrong.
+    #[error("upstream {upstream}: {}", causes(source.as_ref()))]
     Connect {
         upstream: String,
         #[source]
@@ -36,6 +38,22 @@ pub enum UpstreamError {
     Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
     Body { upstream: String, reason: String },
+}
+
+/// `err` and each of its sources, joined by `: `.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        // Some errors repeat their source's text in their own.
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl UpstreamError {

@@ -50,7 +50,7 @@ fn outcome_label(cache_status: Option<&str>) -> &'static str {
     match cache_status {
         Some("corral; hit") => "hit",
         Some("corral; hit; detail=stale") => "stale",
-        Some("corral; fwd=miss; collapsed") => "coalesced",
+        Some("corral; fwd=miss; collapsed") => "collapsed",
         Some("corral; fwd=miss; stored") => "miss_stored",
         Some("corral; fwd=miss") => "miss",
         Some("corral; fwd=bypass") => "bypass",

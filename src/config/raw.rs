@@ -106,6 +106,17 @@ pub(super) struct RawRoute {
     pub(super) key: RawKey,
     #[serde(default)]
     pub(super) lock: RawLock,
+    pub(super) response_headers: Option<RawHeaderRules>,
+}
+
+/// `response_headers = { remove = [..], set = { name = "value" } }` in a route.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaderRules {
+    #[serde(default)]
+    pub(super) remove: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) set: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -31,6 +31,9 @@ impl Reconciler {
     pub(super) async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         let mut subscribed: HashSet<String> = HashSet::new();
         let mut behind = false;
+        // Failed rounds in a row: each is retried after a second, but warned of only on the 1st,
+        // 2nd, 4th, 8th… (then every 64th), so an outage is a few lines, not one a second.
+        let mut failures: u64 = 0;
         loop {
             let first = if behind {
                 tokio::select! {
@@ -106,12 +109,21 @@ impl Reconciler {
             }
             behind = result.is_err();
             match &result {
-                Ok(()) => self.topology.answered(),
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "redis pub/sub subscribed again");
+                        failures = 0;
+                    }
+                    self.topology.answered();
+                }
                 // The circuit is open: nothing was asked of this node, so it is not to blame.
                 Err(L2Error::CircuitOpen { .. }) => {}
                 Err(err) => {
-                    let node = self.topology.node();
-                    tracing::warn!(%err, %node, "redis pub/sub (un)subscribe failed; retrying");
+                    failures += 1;
+                    if failures.is_power_of_two() && failures <= 64 || failures % 64 == 0 {
+                        let node = self.topology.node();
+                        tracing::warn!(%err, %node, failures, "redis pub/sub (un)subscribe failed; retrying every second");
+                    }
                     if self.topology.failed() {
                         self.moved(&mut subscribed);
                     }

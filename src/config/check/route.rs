@@ -2,17 +2,20 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
 use super::{Checked, Checker, is_name};
-use crate::config::raw::{HumanDuration, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope};
+use crate::config::raw::{
+    HumanDuration, RawHeaderRules, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope,
+};
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
     DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, ForwardHeaders,
     KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
+use crate::header_rules::{HeaderRules, PROTECTED};
 
 impl Checker<'_> {
     /// The `index`-th `[[route]]` (named `#N` in messages until its name is checked); `redis`:
@@ -133,8 +136,41 @@ impl Checker<'_> {
             allow_trace: raw.allow_trace.unwrap_or(false),
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,
+            response_headers: self.header_rules(raw.response_headers.as_ref(), &name)?,
             name,
         })
+    }
+
+    /// `response_headers = { remove = [..], set = { .. } }`: valid names and values, none of the
+    /// headers Corral keeps for itself ([`PROTECTED`]).
+    fn header_rules(&self, raw: Option<&RawHeaderRules>, route: &str) -> Checked<HeaderRules> {
+        let Some(raw) = raw else {
+            return Ok(HeaderRules::default());
+        };
+        let name = |h: &str| {
+            let name = HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|e| format!("invalid header name {h:?} ({e})"))?;
+            if PROTECTED.contains(&name.as_str()) {
+                return Err(format!(
+                    "{name} is Corral's to write; no rule may change it"
+                ));
+            }
+            Ok(name)
+        };
+        let at = (Some(route), "response_headers.remove");
+        let remove = self.each(&raw.remove, at, &|h: &String| name(h))?;
+        let mut set = Vec::with_capacity(raw.set.len());
+        for (key, value) in &raw.set {
+            let at = (Some(route), "response_headers.set");
+            let checked = name(key).and_then(|name| {
+                let text = value.get_ref();
+                HeaderValue::from_str(text)
+                    .map(|v| (name, v))
+                    .map_err(|_| format!("invalid value {text:?} for {key}"))
+            });
+            set.push(checked.map_err(|why| self.error(value.span(), at, why))?);
+        }
+        Ok(HeaderRules { remove, set })
     }
 
     fn key(&self, raw: &RawKey, route: &str) -> Checked<KeySpec> {
