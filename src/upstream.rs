@@ -195,6 +195,7 @@ impl UpstreamClient {
         let tries = async {
             match (self.client.request(req).await, replay) {
                 (Err(err), Some(again)) if unanswered(&err) => {
+                    let err = causes(&err);
                     tracing::debug!(%upstream, %err, "no answer on the first try; retrying once");
                     self.client.request(again).await
                 }

@@ -134,16 +134,16 @@ impl Checker<'_> {
             env: (raw.admin_token_env.as_ref(), "server.admin_token_env"),
         })?;
         let open = raw.admin_open.unwrap_or(false);
-        if let (Some(admin), None, false) = (admin_listen, &admin_token, open) {
-            if !admin.ip().is_loopback() {
-                let span = raw.admin_listen.as_ref().map_or(0..0, Spanned::span);
-                let why = format!(
-                    "{admin} is not a loopback address and no admin token is set: anyone who \
-                     reaches it could purge and reload. Set `admin_token_file` (or \
-                     `admin_token`, `admin_token_env`), or `admin_open = true` to accept that"
-                );
-                return self.fail(span, (None, "server.admin_listen"), why);
-            }
+        if let (Some(admin), None, false) = (admin_listen, &admin_token, open)
+            && !admin.ip().is_loopback()
+        {
+            let span = raw.admin_listen.as_ref().map_or(0..0, Spanned::span);
+            let why = format!(
+                "{admin} is not a loopback address and no admin token is set: anyone who \
+                 reaches it could purge and reload. Set `admin_token_file` (or `admin_token`, \
+                 `admin_token_env`), or `admin_open = true` to accept that"
+            );
+            return self.fail(span, (None, "server.admin_listen"), why);
         }
         let at = (None, "server.default_upstream");
         let default_upstream = raw.default_upstream.as_ref();

@@ -120,7 +120,7 @@ impl Reconciler {
                 Err(L2Error::CircuitOpen { .. }) => {}
                 Err(err) => {
                     failures += 1;
-                    if failures.is_power_of_two() && failures <= 64 || failures % 64 == 0 {
+                    if failures.is_power_of_two() && failures <= 64 || failures.is_multiple_of(64) {
                         let node = self.topology.node();
                         tracing::warn!(%err, %node, failures, "redis pub/sub (un)subscribe failed; retrying every second");
                     }
