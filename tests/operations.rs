@@ -45,7 +45,7 @@ fn named_route(name: &str, upstream: &Upstream) -> String {
     )
 }
 
-/// The metric label of a `Cache-Status` header, as the README's table pairs them.
+/// The metric label of a `Cache-Status` header, as docs/reference.md's table pairs them.
 fn outcome_label(cache_status: Option<&str>) -> &'static str {
     match cache_status {
         Some("corral; hit") => "hit",
