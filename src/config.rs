@@ -203,8 +203,13 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Methods this route caches; upper-case, never empty. Default `["GET"]`.
     pub methods: Vec<Method>,
-    /// `http://host:port` (optionally with a base path); scheme `http` only for now.
+    /// `http://host:port` (optionally with a base path); scheme `http` only for now. The first
+    /// of [`RouteConfig::endpoints`].
     pub upstream: Uri,
+    /// Every endpoint of the upstream (`upstream = ["http://a:5000", "http://b:5000"]`), in file
+    /// order; never empty, no duplicates. With more than one, calls are spread over the healthy
+    /// ones and a fill that fails on one tries the next (see [`crate::upstream::endpoints`]).
+    pub endpoints: Vec<Uri>,
     /// `false`: every request passes through uncached. Default `true`.
     pub cache: bool,
     /// Freshness when the upstream sends no `s-maxage`/`max-age`. Default 60s.

@@ -29,7 +29,9 @@ use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
 use crate::lock::FillLock;
 use crate::metrics::Metrics;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Caps, Fetched, Overloaded, UpstreamClient, UpstreamError};
+use crate::upstream::{
+    Buffered, Caps, Fetched, Overloaded, UpstreamClient, UpstreamError, endpoints,
+};
 use crate::verdict::{Verdict, judge};
 
 /// Everything a fill needs from the request that started it.
@@ -274,29 +276,53 @@ impl Filler {
         if let Some(lock) = lock {
             lock.calling();
         }
-        let mut upstream_req = crate::upstream::fill_request(
-            &req.parts,
-            Either::Left(Full::new(req.body.clone())),
-            route,
-        );
-        let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
-        let started = Instant::now();
-        let fetched = self
-            .client
-            .fetch(
-                upstream_req,
-                &route.upstream,
-                route.upstream_timeout,
-                route.max_entry_size,
-            )
-            .await;
-        let took = started.elapsed();
-        let status = match &fetched {
-            Ok(Fetched::Whole(answer)) => Some(answer.status.as_u16()),
-            Ok(Fetched::Oversized { parts, .. }) => Some(parts.status.as_u16()),
-            Err(_) => None,
+        // A route with several endpoints: a failure (no answer, or a 5xx) on one is tried on the
+        // next before the fill fails its waiters, each try under `upstream_timeout`.
+        let endpoints = self.caps.endpoints(route);
+        let mut tried = Vec::new();
+        let (fetched, conditional, took) = loop {
+            let picked = endpoints.as_deref().and_then(|set| set.pick_except(&tried));
+            let upstream = picked.map_or(&route.upstream, |(_, uri)| uri);
+            let mut upstream_req = crate::upstream::fill_request_to(
+                &req.parts,
+                Either::Left(Full::new(req.body.clone())),
+                route,
+                upstream,
+            );
+            let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
+            let started = Instant::now();
+            let fetched = self
+                .client
+                .fetch(
+                    upstream_req,
+                    upstream,
+                    route.upstream_timeout,
+                    route.max_entry_size,
+                )
+                .await;
+            let took = started.elapsed();
+            let status = match &fetched {
+                Ok(Fetched::Whole(answer)) => Some(answer.status),
+                Ok(Fetched::Oversized { parts, .. }) => Some(parts.status),
+                Err(_) => None,
+            };
+            let code = status.map(|s| s.as_u16());
+            self.metrics.upstream_call(&route.name, code, took);
+            let (Some(set), Some((index, _))) = (&endpoints, picked) else {
+                break (fetched, conditional, took);
+            };
+            let call = endpoints::judged(status);
+            set.record(index, call);
+            tried.push(index);
+            if call == endpoints::Call::Failed && tried.len() < set.len() {
+                tracing::warn!(route = %route.name, endpoint = %upstream, status = code, "fill failed on this endpoint; trying the next");
+                if let Some(lock) = lock {
+                    lock.calling();
+                }
+                continue;
+            }
+            break (fetched, conditional, took);
         };
-        self.metrics.upstream_call(&route.name, status, took);
         let fetched = fetched.map_err(|err| {
             tracing::warn!(route = %route.name, %err, "upstream call failed");
             FillError::Upstream(Arc::new(err))

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 mod caps;
+pub mod endpoints;
 pub use caps::{Caps, Overloaded};
 
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
@@ -324,6 +325,16 @@ pub fn fill_request<B>(
     body: B,
     route: &crate::config::RouteConfig,
 ) -> Request<B> {
+    fill_request_to(parts, body, route, &route.upstream)
+}
+
+/// [`fill_request`] for one of the route's endpoints: its URI and `Host`.
+pub fn fill_request_to<B>(
+    parts: &http::request::Parts,
+    body: B,
+    route: &crate::config::RouteConfig,
+    upstream: &Uri,
+) -> Request<B> {
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
         if fill_may_carry(name) && route.forward_headers.allows(name, &route.key) {
@@ -331,7 +342,7 @@ pub fn fill_request<B>(
         }
     }
     strip_hop_by_hop(&mut headers);
-    if let Some(authority) = route.upstream.authority()
+    if let Some(authority) = upstream.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(header::HOST, host);
@@ -340,7 +351,7 @@ pub fn fill_request<B>(
     headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = target_uri(&route.upstream, &parts.uri);
+    *req.uri_mut() = target_uri(upstream, &parts.uri);
     *req.headers_mut() = headers;
     req
 }

@@ -84,7 +84,7 @@ pub(super) struct RawRoute {
     pub(super) name: Option<Spanned<String>>,
     pub(super) path_prefix: Option<Spanned<String>>,
     pub(super) methods: List<String>,
-    pub(super) upstream: Option<Spanned<String>>,
+    pub(super) upstream: Option<Spanned<RawUpstream>>,
     pub(super) cache: Option<bool>,
     pub(super) ttl: Option<HumanDuration>,
     pub(super) stale_while_revalidate: Option<HumanDuration>,
@@ -107,6 +107,38 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) lock: RawLock,
     pub(super) response_headers: Option<RawHeaderRules>,
+}
+
+/// A route's `upstream`: one URL, or a list of endpoints serving the same thing.
+pub(super) enum RawUpstream {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawUpstream;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an upstream URL such as \"http://127.0.0.1:5000\", or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(RawUpstream::One(s.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element::<Spanned<String>>()? {
+                    all.push(one);
+                }
+                Ok(RawUpstream::Many(all))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `response_headers = { remove = [..], set = { name = "value" } }` in a route.

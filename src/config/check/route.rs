@@ -8,6 +8,7 @@ use toml::Spanned;
 use super::{Checked, Checker, is_name};
 use crate::config::raw::{
     HumanDuration, RawHeaderRules, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope,
+    RawUpstream,
 };
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
@@ -49,7 +50,32 @@ impl Checker<'_> {
             let why = format!("{:?} must start with '/'", path_prefix.get_ref());
             return self.fail(path_prefix.span(), at("path_prefix"), why);
         }
-        let upstream = self.upstream(&required(&raw.upstream, "upstream")?, at("upstream"))?;
+        let Some(given) = &raw.upstream else {
+            return Err(self.error(route.span(), at("upstream"), "required"));
+        };
+        let endpoints = match given.get_ref() {
+            RawUpstream::One(url) => {
+                vec![self.upstream(&Spanned::new(given.span(), url.clone()), at("upstream"))?]
+            }
+            RawUpstream::Many(urls) if urls.is_empty() => {
+                let why = "must not be empty: list the endpoints";
+                return self.fail(given.span(), at("upstream"), why);
+            }
+            RawUpstream::Many(urls) => {
+                let mut endpoints: Vec<http::Uri> = Vec::with_capacity(urls.len());
+                for url in urls {
+                    let uri = self.upstream(url, at("upstream"))?;
+                    if endpoints.contains(&uri) {
+                        let why = format!("{:?} is listed twice", url.get_ref());
+                        return self.fail(url.span(), at("upstream"), why);
+                    }
+                    endpoints.push(uri);
+                }
+                endpoints
+            }
+        };
+        // Non-empty: one URL, or a list checked not to be empty.
+        let upstream = endpoints[0].clone();
         let methods = self.list(&raw.methods, at("methods"), vec![Method::GET], &|m| {
             Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| format!("invalid HTTP method {m:?}"))
@@ -99,6 +125,7 @@ impl Checker<'_> {
             path_prefix: path_prefix.into_inner(),
             methods,
             upstream,
+            endpoints,
             cache,
             ttl: duration(raw.ttl, DEFAULT_TTL),
             stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
