@@ -39,8 +39,11 @@ impl Answer {
 
     /// The `Cache-Status` value of this answer.
     pub fn cache_status(&self) -> HeaderValue {
-        // Corral's own error answer (or one a failed fill shared): nothing upstream gave it.
-        if let Some(kind) = self.response.headers().get(ERROR_KIND) {
+        // Corral's own 5xx (or one a failed fill shared): no upstream answer stands behind it.
+        // (Corral's 4xx refusals of a request never carried a `fwd-status`.)
+        if let Some(kind) = self.response.headers().get(ERROR_KIND)
+            && self.response.status().is_server_error()
+        {
             return self
                 .outcome
                 .cache_status_unanswered(kind.to_str().unwrap_or(""));

@@ -86,10 +86,10 @@ impl CacheOutcome {
         HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("corral"))
     }
 
-    /// The `Cache-Status` of an answer Corral made itself because nothing answered it (the
-    /// upstream refused, timed out, broke off; or the request was refused before it went
-    /// anywhere): no `fwd-status`, which RFC 9211 reserves for the status the next hop returned,
-    /// and the failure's kind (as in `corral-error`) as `detail`.
+    /// The `Cache-Status` of a 5xx Corral made itself because no upstream answer stands behind
+    /// it (the upstream refused, timed out, broke off, or had no free slot): no `fwd-status`,
+    /// which RFC 9211 reserves for the status the next hop returned, and the failure's kind (as
+    /// in `corral-error`) as `detail`.
     pub fn cache_status_unanswered(self, kind: &str) -> HeaderValue {
         let forward = match self {
             CacheOutcome::Coalesced => "fwd=miss; collapsed",
