@@ -205,8 +205,13 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Methods this route caches; upper-case, never empty. Default `["GET"]`.
     pub methods: Vec<Method>,
-    /// `http://host:port` (optionally with a base path); scheme `http` only for now.
+    /// `http://host:port` (optionally with a base path); scheme `http` only for now. The first
+    /// of [`RouteConfig::endpoints`].
     pub upstream: Uri,
+    /// Every endpoint of the upstream (`upstream = ["http://a:5000", "http://b:5000"]`), in file
+    /// order; never empty, no duplicates. With more than one, calls are spread over the healthy
+    /// ones and a fill that fails on one tries the next (see [`crate::upstream::endpoints`]).
+    pub endpoints: Vec<Uri>,
     /// `false`: every request passes through uncached. Default `true`.
     pub cache: bool,
     /// Freshness when the upstream sends no `s-maxage`/`max-age`. Default 60s.
@@ -257,6 +262,9 @@ pub struct RouteConfig {
     pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
+    /// `response_headers = { remove = [..], set = { .. } }`: applied to every answer of the
+    /// route (see [`crate::header_rules`]). Default: none.
+    pub response_headers: crate::header_rules::HeaderRules,
 }
 
 /// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).

@@ -27,6 +27,9 @@ pub enum ReloadError {
 pub struct Control {
     proxy: ArcSwap<Proxy>,
     config: ArcSwap<Config>,
+    /// The configuration the process started with: what its start-only fields still run with,
+    /// whatever reloads came since. Reloads are compared with it, not with the last reload.
+    running: Arc<Config>,
     /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
     draining: AtomicBool,
 }
@@ -36,16 +39,19 @@ pub struct Control {
 pub struct Reloaded {
     /// Routes in the new configuration.
     pub routes: usize,
-    /// Fields that changed but take effect only on a restart (`server.listen`, `redis.url`, …).
-    /// The running values stay.
+    /// Fields whose new value differs from the one running but takes effect only on a restart
+    /// (`server.listen`, `redis.url`, …). The running values stay, so a field is listed on
+    /// every reload until the process restarts.
     pub restart_needed: Vec<&'static str>,
 }
 
 impl Control {
     pub fn new(proxy: Arc<Proxy>, config: Config) -> Control {
+        let running = Arc::new(config);
         Control {
             proxy: ArcSwap::new(proxy),
-            config: ArcSwap::from_pointee(config),
+            config: ArcSwap::new(running.clone()),
+            running,
             draining: AtomicBool::new(false),
         }
     }
@@ -99,9 +105,10 @@ impl Control {
         result
     }
 
-    /// Swaps in a validated configuration; says what changed.
+    /// Swaps in a validated configuration; says which of its start-only fields differ from what
+    /// runs (the values the process started with), however many reloads came since.
     pub fn apply(&self, config: Config) -> Reloaded {
-        let restart_needed = restart_needed(&self.config.load(), &config);
+        let restart_needed = restart_needed(&self.running, &config);
         for field in &restart_needed {
             tracing::warn!(
                 field,

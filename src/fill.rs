@@ -27,16 +27,21 @@ use crate::entry::{Entry, error_entry};
 use crate::flight::Hold;
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
-use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
+use crate::l2::Notice;
 use crate::lock::FillLock;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError};
+use crate::upstream::{
+    Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError, endpoints,
+};
 use crate::verdict::{Verdict, judge};
 
+mod claim;
 mod publish;
 mod stream;
+
+pub(crate) use claim::Claim;
 
 use stream::Streaming;
 pub use stream::{RELAY_WINDOW, declared_length};
@@ -153,13 +158,6 @@ impl FillError {
     }
 }
 
-/// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
-/// plainly when there is one to write).
-pub(crate) enum Claim {
-    Fleet(FillLock),
-    Instance(Option<(L2, Arc<KeyNames>)>),
-}
-
 /// What a fill needs: the upstream (client and per-route caps), the tiers it writes (L1, and the
 /// marks of keys that cannot be shared) and the metrics. Cloning shares them all.
 #[derive(Clone)]
@@ -230,12 +228,16 @@ impl Filler {
         let began = self.l1.fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
         let called = match self.call_upstream(req, lock, validators).await {
-            Ok(Called::Streaming(streaming)) => return self.stream(req, claim, streaming, began),
+            Ok(Called::Streaming(mut streaming)) => {
+                tag_path(req, &mut streaming.head);
+                return self.stream(req, claim, streaming, began);
+            }
             Ok(Called::Judged(verdict, answered)) => Ok((verdict, answered)),
             Err(err) => Err(err),
         };
         match called {
-            Ok((Verdict::Store(entry), answered)) => {
+            Ok((Verdict::Store(mut entry), answered)) => {
+                tag_path(req, &mut entry);
                 let entry = Arc::new(entry);
                 let stored = self.store(req, claim, &entry, began).await;
                 let source = match answered {
@@ -300,6 +302,8 @@ impl Filler {
         }
         let stored = claim.store(req, entry).await;
         if stored {
+            let (path, status) = (req.parts.uri.path(), entry.status.as_u16());
+            tracing::info!(route = %route.name, path, status, fill_ms = entry.fill_ms, bytes = entry.body.len(), "fill stored");
             self.l1.insert(req.key, &route.name, entry.clone()).await;
         }
         stored
@@ -325,51 +329,83 @@ impl Filler {
         if let Some(lock) = lock {
             lock.calling();
         }
-        let mut upstream_req = crate::upstream::fill_request(
-            &req.parts,
-            Either::Left(Full::new(req.body.clone())),
-            route,
-        );
-        let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
         let span = tracing::Span::current();
-        crate::trace::inject(&span, upstream_req.headers_mut());
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + route.upstream_timeout;
-        let headed = self
-            .client
-            .fetch_head(upstream_req, &route.upstream, route.upstream_timeout)
-            .await;
-        let fetched = match headed {
-            Ok(headed) => {
-                let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-                let not_modified = conditional && is_not_modified(headed.parts.status);
-                if !not_modified && let Verdict::Store(head) = judge(route, headed.head(), fill_ms)
-                {
-                    let status = headed.parts.status.as_u16();
-                    self.metrics
-                        .upstream_call(&route.name, Some(status), started.elapsed());
-                    return Ok(Called::Streaming(Streaming {
-                        head,
-                        body: headed.body,
-                        slot,
-                        started,
-                        deadline,
-                    }));
+        // A route with several endpoints: a failure (no answer, or a 5xx) on one is tried on the
+        // next before the fill fails its waiters, each try under `upstream_timeout`.
+        let endpoints = self.caps.endpoints(route);
+        let mut tried = Vec::new();
+        let (fetched, conditional, took) = loop {
+            let picked = endpoints.as_deref().and_then(|set| set.pick_except(&tried));
+            let upstream = picked.map_or(&route.upstream, |(_, uri)| uri);
+            let mut upstream_req = crate::upstream::fill_request_to(
+                &req.parts,
+                Either::Left(Full::new(req.body.clone())),
+                route,
+                upstream,
+            );
+            let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
+            crate::trace::inject(&span, upstream_req.headers_mut());
+            let started = Instant::now();
+            let deadline = tokio::time::Instant::now() + route.upstream_timeout;
+            let headed = self
+                .client
+                .fetch_head(upstream_req, upstream, route.upstream_timeout)
+                .await;
+            let fetched = match headed {
+                Ok(headed) => {
+                    let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                    let not_modified = conditional && is_not_modified(headed.parts.status);
+                    if !not_modified
+                        && let Verdict::Store(head) = judge(route, headed.head(), fill_ms)
+                    {
+                        let status = headed.parts.status;
+                        self.metrics.upstream_call(
+                            &route.name,
+                            Some(status.as_u16()),
+                            started.elapsed(),
+                        );
+                        span.record("upstream.status", status.as_u16());
+                        if let (Some(set), Some((index, _))) = (&endpoints, picked) {
+                            set.record(index, endpoints::judged(Some(status)));
+                        }
+                        return Ok(Called::Streaming(Streaming {
+                            head,
+                            body: headed.body,
+                            slot,
+                            started,
+                            deadline,
+                        }));
+                    }
+                    read_rest(headed, route, deadline).await
                 }
-                read_rest(headed, route, deadline).await
+                Err(err) => Err(err),
+            };
+            let took = started.elapsed();
+            let status = match &fetched {
+                Ok(Fetched::Whole(answer)) => Some(answer.status),
+                Ok(Fetched::Oversized { parts, .. }) => Some(parts.status),
+                Err(_) => None,
+            };
+            let code = status.map(|s| s.as_u16());
+            self.metrics.upstream_call(&route.name, code, took);
+            if let Some(code) = code {
+                span.record("upstream.status", code);
             }
-            Err(err) => Err(err),
+            let (Some(set), Some((index, _))) = (&endpoints, picked) else {
+                break (fetched, conditional, took);
+            };
+            let call = endpoints::judged(status);
+            set.record(index, call);
+            tried.push(index);
+            if call == endpoints::Call::Failed && tried.len() < set.len() {
+                tracing::warn!(route = %route.name, endpoint = %upstream, status = code, "fill failed on this endpoint; trying the next");
+                if let Some(lock) = lock {
+                    lock.calling();
+                }
+                continue;
+            }
+            break (fetched, conditional, took);
         };
-        let took = started.elapsed();
-        let status = match &fetched {
-            Ok(Fetched::Whole(answer)) => Some(answer.status.as_u16()),
-            Ok(Fetched::Oversized { parts, .. }) => Some(parts.status.as_u16()),
-            Err(_) => None,
-        };
-        self.metrics.upstream_call(&route.name, status, took);
-        if let Some(status) = status {
-            span.record("upstream.status", status);
-        }
         let fetched = fetched.map_err(|err| {
             tracing::warn!(route = %route.name, %err, "upstream call failed");
             FillError::Upstream(Arc::new(err))
@@ -403,6 +439,14 @@ impl Filler {
     }
 }
 
+/// Indexes an entry under the path prefixes it lies under, for purges by prefix.
+fn tag_path(req: &FillRequest, entry: &mut Entry) {
+    let path = req.parts.uri.path();
+    entry
+        .tags
+        .extend(crate::purge::path_tags(&req.route.path_prefix, path));
+}
+
 /// Reads the rest of an answer that will not stream, by `deadline`.
 async fn read_rest(
     headed: Headed,
@@ -418,47 +462,4 @@ async fn read_rest(
                 limit: route.upstream_timeout,
             })
         })
-}
-
-impl Claim {
-    /// Stores a storable entry: under the lock (which the store releases, waking the waiters), or
-    /// plainly.
-    /// `false` when a purge of the key came while the fill ran (the entry must not be kept
-    /// in L1 either).
-    async fn store(self, req: &FillRequest, entry: &Entry) -> bool {
-        let route = &req.route.name;
-        match self {
-            Claim::Fleet(held) => {
-                let (l2, names) = (held.l2().clone(), held.names().clone());
-                match held.store(entry).await {
-                    Ok(StoreOutcome::Purged) => {
-                        tracing::info!(%route, "a purge came while this fill ran: not stored");
-                        return false;
-                    }
-                    Ok(outcome) => {
-                        tracing::debug!(%route, ?outcome, "filled");
-                        if outcome != StoreOutcome::Superseded {
-                            l2.index_tags(&names, entry).await;
-                        }
-                    }
-                    Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
-                }
-            }
-            Claim::Instance(Some((l2, names))) => match l2.put(&names, entry).await {
-                Ok(()) => l2.index_tags(&names, entry).await,
-                Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
-            },
-            Claim::Instance(None) => {}
-        }
-        true
-    }
-
-    /// Ends a claim that stored nothing, telling the fleet's waiters why.
-    async fn give_up(self, req: &FillRequest, notice: Notice) {
-        if let Claim::Fleet(held) = self
-            && let Err(err) = held.release(Some(notice), req.route.uncacheable_ttl).await
-        {
-            tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
-        }
-    }
 }

@@ -27,7 +27,8 @@
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
 //!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
 //!   [`trace`] — W3C trace context and the request path's spans; [`telemetry`] — their OTLP
-//!   export, when configured.
+//!   export, when configured; [`header_rules`] — what a route adds to or removes from its
+//!   answers' headers.
 //!
 //! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
 //! (and `demo/`), the built-in demo: they use the library from outside, and alone depend on
@@ -52,6 +53,7 @@ pub mod entry;
 pub mod fill;
 pub mod fleet;
 pub mod flight;
+pub mod header_rules;
 pub mod key;
 pub mod l1;
 pub mod l2;

@@ -102,10 +102,13 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     for warning in config.warnings() {
         eprintln!("warning: {}: {warning}", path.display());
     }
+    let routes = match config.routes.len() {
+        1 => "1 route".to_owned(),
+        n => format!("{n} routes"),
+    };
     println!(
-        "{}: ok ({} routes, {})",
+        "{}: ok ({routes}, {})",
         path.display(),
-        config.routes.len(),
         if config.redis.is_some() {
             "fleet mode with redis"
         } else {

@@ -93,6 +93,10 @@ pub struct Metrics {
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
     request_counters: RwLock<HashMap<String, RouteCounters>>,
+    /// Time to Corral's own answer, by route and outcome.
+    answer_seconds: HistogramFamily<RouteOutcome>,
+    /// The answer histograms of each route, by outcome, found as the request counters are.
+    answer_histograms: RwLock<HashMap<String, AnswerHistograms>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -106,6 +110,15 @@ pub struct Metrics {
     purged_entries: Counter,
     notices_received: Counter,
     streams: streams::StreamMetrics,
+}
+
+/// The answer-time histograms of one route, indexed by outcome like [`RouteCounters`].
+type AnswerHistograms = Arc<[Option<Histogram>; CacheOutcome::ALL.len()]>;
+
+/// Buckets for Corral's own answers: a hit takes microseconds, a fill the upstream's time.
+fn answer_histogram() -> Histogram {
+    // 50 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 fn latency_histogram() -> Histogram {
@@ -134,6 +147,13 @@ impl Metrics {
             "upstream_duration_seconds",
             "Time to the upstream's answer head (pass-through) or whole body (fills)",
             upstream_seconds.clone(),
+        );
+        let answer_seconds: HistogramFamily<RouteOutcome> =
+            Family::new_with_constructor(answer_histogram);
+        registry.register(
+            "answer_duration_seconds",
+            "Time from a request's arrival to Corral's answer head, by route and cache outcome",
+            answer_seconds.clone(),
         );
         let lock_outcomes = Family::<RouteOutcome, Counter>::default();
         registry.register(
@@ -201,6 +221,8 @@ impl Metrics {
             registry,
             requests,
             request_counters: RwLock::default(),
+            answer_seconds,
+            answer_histograms: RwLock::default(),
             upstream_calls,
             upstream_seconds,
             lock_outcomes,
@@ -239,6 +261,28 @@ impl Metrics {
                     })
                     .inc();
             }
+        }
+    }
+
+    /// One answer of Corral's: counted by outcome (as [`Metrics::request`]) and its time, from
+    /// the request's arrival to the answer head, observed by route and outcome.
+    pub fn answered(&self, route: &str, outcome: CacheOutcome, took: Duration) {
+        self.request(route, outcome);
+        let known = self
+            .answer_histograms
+            .read()
+            .ok()
+            .and_then(|map| map.get(route).cloned());
+        let seconds = took.as_secs_f64();
+        match known.as_ref().and_then(|h| h[outcome as usize].as_ref()) {
+            Some(histogram) => histogram.observe(seconds),
+            None => self
+                .answer_seconds
+                .get_or_create(&RouteOutcome {
+                    route: route.to_owned(),
+                    outcome: outcome.as_str(),
+                })
+                .observe(seconds),
         }
     }
 
@@ -283,6 +327,20 @@ impl Metrics {
         }));
         if let Ok(mut map) = self.request_counters.write() {
             map.insert(route.to_owned(), counters);
+        }
+        // The same outcomes' answer times, at zero too.
+        let histograms: AnswerHistograms = Arc::new(CacheOutcome::ALL.map(|outcome| {
+            possible(outcome).then(|| {
+                self.answer_seconds
+                    .get_or_create(&RouteOutcome {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
+        }));
+        if let Ok(mut map) = self.answer_histograms.write() {
+            map.insert(route.to_owned(), histograms);
         }
     }
 
@@ -365,102 +423,4 @@ impl Default for Metrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    /// The `corral_requests_total` and `corral_fill_lock_total` series on a page, as
-    /// `(metric, route, outcome)`.
-    fn series(page: &str) -> Vec<(String, String, String)> {
-        let mut found = Vec::new();
-        for line in page.lines() {
-            let Some((name, rest)) = line.split_once('{') else {
-                continue;
-            };
-            if name != "corral_requests_total" && name != "corral_fill_lock_total" {
-                continue;
-            }
-            let labels = rest.split_once('}').map_or("", |(labels, _)| labels);
-            let label = |key: &str| {
-                labels
-                    .split(',')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| v.trim_matches('"').to_owned())
-                    .unwrap_or_default()
-            };
-            found.push((name.to_owned(), label("route"), label("outcome")));
-        }
-        found
-    }
-
-    #[test]
-    fn only_possible_series_are_created_before_their_first_event() {
-        let text = "[redis]\nurl = \"redis://127.0.0.1:1\"\n\
-            [[route]]\nname = \"cached\"\npath_prefix = \"/c\"\nupstream = \"http://127.0.0.1:1\"\n\
-            [[route]]\nname = \"local\"\npath_prefix = \"/l\"\nupstream = \"http://127.0.0.1:1\"\nlock = { scope = \"instance\" }\n\
-            [[route]]\nname = \"passed\"\npath_prefix = \"/p\"\nupstream = \"http://127.0.0.1:1\"\ncache = false\n";
-        let config =
-            Config::parse(text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"));
-        let metrics = Metrics::new();
-        for route in &config.routes {
-            metrics.register_route(route);
-        }
-        let page = series(&metrics.render(0, 0, false));
-        let has = |metric: &str, route: &str, outcome: &str| {
-            page.iter()
-                .any(|(m, r, o)| m == metric && r == route && o == outcome)
-        };
-        let requests = "corral_requests_total";
-        let locks = "corral_fill_lock_total";
-        // Unrouted requests: only uri_miss.
-        assert!(has(requests, UNROUTED, "uri_miss"), "{page:?}");
-        assert_eq!(
-            page.iter().filter(|(_, r, _)| r == UNROUTED).count(),
-            1,
-            "{page:?}"
-        );
-        // Named routes never uri_miss; a cached route every other outcome.
-        assert!(
-            !page
-                .iter()
-                .any(|(_, r, o)| r != UNROUTED && o == "uri_miss"),
-            "{page:?}"
-        );
-        for outcome in ["hit", "stale", "coalesced", "miss_stored", "miss", "bypass"] {
-            assert!(
-                has(requests, "cached", outcome),
-                "cached {outcome}: {page:?}"
-            );
-        }
-        // A route that does not cache: bypass only, and no fill lock.
-        let passed: Vec<_> = page.iter().filter(|(_, r, _)| r == "passed").collect();
-        assert_eq!(
-            passed,
-            [&(
-                requests.to_owned(),
-                "passed".to_owned(),
-                "bypass".to_owned()
-            )]
-        );
-        // Fill-lock outcomes only where there is a fleet lock.
-        assert!(has(locks, "cached", "acquired"));
-        assert!(
-            !page.iter().any(|(m, r, _)| m == locks && r != "cached"),
-            "{page:?}"
-        );
-
-        // An outcome nobody expected is still counted, in a series created then.
-        metrics.request("passed", CacheOutcome::MissNotStored);
-        metrics.request("passed", CacheOutcome::Bypass);
-        let page = metrics.render(0, 0, false);
-        assert!(
-            page.contains("corral_requests_total{route=\"passed\",outcome=\"miss\"} 1"),
-            "{page}"
-        );
-        assert!(
-            page.contains("corral_requests_total{route=\"passed\",outcome=\"bypass\"} 1"),
-            "{page}"
-        );
-    }
-}
+mod tests;

@@ -236,7 +236,7 @@ impl Proxy {
         // Only the log line needs these; with it off the hot path does not pay for them.
         let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
         let logged = (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG))
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+            .then(|| Logged::of(&req));
         let route = self.router.route(req.uri().path(), req.method()).cloned();
         let (answer, route) = match route {
             // TRACE echoes the request, credentials included, to whoever can read the answer:
@@ -263,21 +263,37 @@ impl Proxy {
             mut response,
             ..
         } = answer;
-        self.metrics.request(route_name, outcome);
+        let took = started.elapsed();
+        self.metrics.answered(route_name, outcome, took);
         let status = response.status().as_u16();
         crate::trace::finish(span, route_name, outcome.as_str(), status);
-        response.headers_mut().insert(CACHE_STATUS, cache_status);
-        // Corral's own directives never leave Corral, whatever path the answer took.
-        response.headers_mut().remove(CORRAL_CACHE_CONTROL);
-        if let Some((method, path)) = logged {
+        let headers = response.headers_mut();
+        headers.insert(CACHE_STATUS, cache_status);
+        // Corral's own directives and the upstream's purge tags never leave Corral, whatever
+        // path the answer took; then the route's own rules.
+        headers.remove(CORRAL_CACHE_CONTROL);
+        crate::header_rules::strip_cache_only(headers);
+        if let Some(route) = &route {
+            route.response_headers.apply(headers);
+        }
+        if let Some(Logged {
+            method,
+            path,
+            query,
+            request_id,
+        }) = logged
+        {
             let status = response.status().as_u16();
-            let micros = started.elapsed().as_micros() as u64;
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             let outcome = outcome.as_str();
+            // The body's size as the answer head knows it; absent for a body still streaming in.
+            let bytes = http_body::Body::size_hint(response.body()).exact();
+            let (query, request_id) = (query.as_deref(), request_id.as_deref());
             // The same line at `info` (the access log) or, with it off, at `debug`.
             if info {
-                tracing::info!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+                tracing::info!(target: ACCESS_LOG, %method, %path, query, client = %peer, request_id, route = %route_name, status, outcome, bytes, micros, "request");
             } else {
-                tracing::debug!(target: ACCESS_LOG, %method, %path, route = %route_name, status, outcome, micros, "request");
+                tracing::debug!(target: ACCESS_LOG, %method, %path, query, client = %peer, request_id, route = %route_name, status, outcome, bytes, micros, "request");
             }
         }
         response
@@ -358,6 +374,32 @@ impl Proxy {
             hold: None,
         };
         conditions.apply(self.lookup(req).await)
+    }
+}
+
+/// What the access line says of a request, taken before the request is consumed.
+struct Logged {
+    method: Method,
+    path: String,
+    /// As sent (already checked by target normalization); `None` when there is none.
+    query: Option<String>,
+    /// The client's `X-Request-Id`, when it sent a printable one.
+    request_id: Option<String>,
+}
+
+impl Logged {
+    fn of<B>(req: &Request<B>) -> Logged {
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(128).collect());
+        Logged {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().map(str::to_owned),
+            request_id,
+        }
     }
 }
 

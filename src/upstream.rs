@@ -14,9 +14,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 mod caps;
+pub mod endpoints;
 mod request;
 pub use caps::{Caps, Overloaded};
-pub use request::{fill_request, fill_would_forward, rewrite, strip_hop_by_hop};
+pub use request::{fill_request, fill_request_to, fill_would_forward, rewrite, strip_hop_by_hop};
 
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
 const SPARE_LIMIT: usize = 1024;
@@ -27,7 +28,9 @@ pub type UpstreamBody = Either<Full<Bytes>, crate::body::ClientBody>;
 /// Why an upstream call produced no response.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream {upstream}: {source}")]
+    /// Displayed with the whole chain of causes (`client error (Connect): tcp connect error:
+    /// Connection refused`): the first alone says nothing of what went wrong.
+    #[error("upstream {upstream}: {}", causes(source.as_ref()))]
     Connect {
         upstream: String,
         #[source]
@@ -37,6 +40,22 @@ pub enum UpstreamError {
     Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
     Body { upstream: String, reason: String },
+}
+
+/// `err` and each of its sources, joined by `: `.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        // Some errors repeat their source's text in their own.
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl UpstreamError {
@@ -178,6 +197,7 @@ impl UpstreamClient {
         let tries = async {
             match (self.client.request(req).await, replay) {
                 (Err(err), Some(again)) if unanswered(&err) => {
+                    let err = causes(&err);
                     tracing::debug!(%upstream, %err, "no answer on the first try; retrying once");
                     self.client.request(again).await
                 }

@@ -532,3 +532,18 @@ fn unreadable_file_names_its_path() {
     assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
     assert!(err.to_string().contains("does-not-exist.toml"), "{err}");
 }
+
+#[test]
+fn an_unknown_field_suggests_the_closest_known_one() {
+    let message = refusal(&format!("{ROUTE}tll = \"60s\"\n"));
+
+    assert!(message.ends_with("did you mean `ttl`?"), "{message}");
+}
+
+#[test]
+fn a_duration_without_a_unit_says_what_to_write() {
+    let message = refusal(&format!("{ROUTE}ttl = 60\n"));
+
+    assert_points_at(&message, 6, "ttl");
+    assert!(message.contains(r#"write "60s""#), "{message}");
+}

@@ -151,3 +151,133 @@ async fn a_failed_fill_shared_with_the_fleet_carries_no_upstream_address() {
         "the waiter shared the leader's failure"
     );
 }
+
+/// A `[server]` with an admin listener on `addr`, then `extra`, and one route.
+fn admin_config(addr: &str, extra: &str) -> String {
+    format!(
+        "[server]\nadmin_listen = \"{addr}\"\n{extra}\n[[route]]\nname = \"r\"\npath_prefix = \"/\"\n\
+         upstream = \"http://127.0.0.1:1\"\n"
+    )
+}
+
+#[test]
+fn the_admin_token_is_read_from_a_file_beside_the_config_or_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("token"), "from-the-file\n").expect("write the token");
+    let file = dir.path().join("corral.toml");
+
+    // A relative path is read beside the config file; the trailing newline is not the token's.
+    let text = admin_config("127.0.0.1:0", "admin_token_file = \"token\"");
+    let cfg = Config::parse(&text, &file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.server.admin_token.as_deref(), Some("from-the-file"));
+
+    // From the environment.
+    // Cargo sets CARGO_PKG_NAME for the test run: no need to change this process's environment.
+    let text = admin_config("127.0.0.1:0", "admin_token_env = \"CARGO_PKG_NAME\"");
+    let cfg = Config::parse(&text, &file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.server.admin_token.as_deref(), Some("corral"));
+
+    // What cannot give a token names the file, line and field — never a token.
+    let cases = [
+        (
+            "admin_token_file = \"missing\"",
+            3,
+            "server.admin_token_file",
+            "cannot read",
+        ),
+        (
+            "admin_token_env = \"CORRAL_TEST_UNSET_9Q\"",
+            3,
+            "server.admin_token_env",
+            "is not set",
+        ),
+        (
+            "admin_token = \"x\"\nadmin_token_file = \"token\"",
+            4,
+            "server.admin_token_file",
+            "only one of",
+        ),
+    ];
+    for (extra, line, field, why) in cases {
+        let message =
+            match Config::parse(&admin_config("127.0.0.1:0", extra), Path::new("bad.toml")) {
+                Ok(_) => panic!("accepted {extra}"),
+                Err(err) => err.to_string(),
+            };
+        assert!(
+            message.starts_with(&format!("bad.toml:{line}: ")),
+            "{message}"
+        );
+        assert!(message.contains(&format!("field `{field}`")), "{message}");
+        assert!(message.contains(why), "{message}");
+        assert!(!message.contains("from-the-file"), "{message}");
+    }
+}
+
+#[test]
+fn an_admin_listener_beyond_loopback_needs_a_token_or_says_it_is_open() {
+    let message = refusal(&admin_config("0.0.0.0:9090", ""));
+    assert!(message.starts_with("bad.toml:2: "), "{message}");
+    assert!(message.contains("field `server.admin_listen`"), "{message}");
+    assert!(message.contains("admin_open = true"), "{message}");
+
+    for extra in ["admin_token = \"t\"", "admin_open = true"] {
+        let text = admin_config("0.0.0.0:9090", extra);
+        if let Err(err) = Config::parse(&text, Path::new("ok.toml")) {
+            panic!("{extra}: {err}");
+        }
+    }
+    // Loopback needs neither.
+    assert!(Config::parse(&admin_config("127.0.0.1:9090", ""), Path::new("ok.toml")).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_is_read_from_a_file() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(PASSWORD)
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET requirepass");
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("redis-password");
+    std::fs::write(&secret, format!("{PASSWORD}\n")).expect("write the password");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[redis]\nurl = \"{}\"\nnamespace = \"test\"\n\
+         password_file = \"{}\"\n[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"{}\"\n",
+        redis.url(),
+        secret.display(),
+        upstream.url()
+    );
+    let cfg = Config::parse(&text, Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"));
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    // A fill is stored in Redis: Corral logged in with the password from the file.
+    let answer = client.get(&url(&fleet[0], "/k"), &[]).await;
+    assert_eq!(answer.status, 200);
+    let mut authed = redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port()))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("log in");
+    support::eventually("the fill is stored", Duration::from_secs(10), async || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("corral:test:r:{*")
+            .query_async(&mut authed)
+            .await
+            .unwrap_or_default();
+        !keys.is_empty()
+    })
+    .await;
+
+    // A URL with a password of its own and a password file: refused, neither password shown.
+    let twice = text.replace("redis://", &format!("redis://:{PASSWORD}@"));
+    let message = refusal(&twice);
+    assert!(message.contains("field `redis.password_file`"), "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+}

@@ -170,8 +170,7 @@ impl Filler {
                 head.body = whole;
                 head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
                 let entry = Arc::new(head);
-                let stored = self.store(&req, claim, &entry, began).await;
-                tracing::info!(route = %route.name, bytes = entry.body.len(), stored, "streamed fill complete");
+                self.store(&req, claim, &entry, began).await;
             }
             (End::Complete, None) => claim.give_up(&req, Notice::Failed(None)).await,
             (End::Aborted(why), _) => {

@@ -20,6 +20,7 @@ use crate::config::RouteConfig;
 use crate::fill::FillError;
 use crate::metrics::UNROUTED;
 use crate::outcome::CacheOutcome;
+use crate::upstream::endpoints::judged;
 use crate::upstream::{UpstreamBody, rewrite};
 
 impl Proxy {
@@ -72,14 +73,22 @@ impl Proxy {
             Ok(slot) => slot,
             Err(err) => return ProxyError::from(FillError::from(err)).into_answer(outcome),
         };
+        // A route with several endpoints: the one picked gets the call (once: a client's
+        // request is not replayed elsewhere) and its result counts toward its health.
+        let endpoints = self.caps.endpoints(route);
+        let picked = endpoints.as_deref().and_then(|set| set.pick());
         let call = Call {
             metric: &route.name,
-            upstream,
+            upstream: picked.map_or(upstream, |(_, uri)| uri),
             limit: route.upstream_timeout,
             slot,
             fault,
         };
-        self.pass(call, parts, body, peer, outcome).await
+        let answer = self.pass(call, parts, body, peer, outcome).await;
+        if let (Some(set), Some((index, _))) = (&endpoints, picked) {
+            set.record(index, judged(Some(answer.response.status())));
+        }
+        answer
     }
 
     pub(super) async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {

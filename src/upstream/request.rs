@@ -55,6 +55,16 @@ pub fn fill_request<B>(
     body: B,
     route: &crate::config::RouteConfig,
 ) -> Request<B> {
+    fill_request_to(parts, body, route, &route.upstream)
+}
+
+/// [`fill_request`] for one of the route's endpoints: its URI and `Host`.
+pub fn fill_request_to<B>(
+    parts: &http::request::Parts,
+    body: B,
+    route: &crate::config::RouteConfig,
+    upstream: &Uri,
+) -> Request<B> {
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
         if fill_may_carry(name) && route.forward_headers.allows(name, &route.key) {
@@ -64,7 +74,7 @@ pub fn fill_request<B>(
     strip_hop_by_hop(&mut headers);
     // The leader's trace context: it names a trace and cannot change the answer.
     crate::trace::carry(&parts.headers, &mut headers);
-    if let Some(authority) = route.upstream.authority()
+    if let Some(authority) = upstream.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(header::HOST, host);
@@ -73,7 +83,7 @@ pub fn fill_request<B>(
     headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = target_uri(&route.upstream, &parts.uri);
+    *req.uri_mut() = target_uri(upstream, &parts.uri);
     *req.headers_mut() = headers;
     req
 }

@@ -23,10 +23,16 @@ impl Driver {
     /// Ends when every handle of the hub is gone.
     pub(in crate::notice) async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         let channel = self.invalidation.channel.clone();
+        // Failed rounds in a row, for warnings that back off.
+        let mut failures: u64 = 0;
         let mut machine = Reconciler::new(channel, self.topology.sharded());
         let mut step = machine.start();
         loop {
             for effect in step.effects {
+                if matches!(effect, Effect::Answered) && failures > 0 {
+                    tracing::info!(failures, "redis pub/sub subscribed again");
+                    failures = 0;
+                }
                 self.apply(effect);
             }
             let event = match step.then {
@@ -57,8 +63,13 @@ impl Driver {
                     }
                 }
                 Io::Fail(err) => {
-                    let node = self.topology.node();
-                    tracing::warn!(%err, %node, "redis pub/sub (un)subscribe failed; retrying");
+                    // Each failed round is retried after a second, but warned of only on the
+                    // 1st, 2nd, 4th, 8th… (then every 64th): an outage is a few lines.
+                    failures += 1;
+                    if failures.is_power_of_two() && failures <= 64 || failures.is_multiple_of(64) {
+                        let node = self.topology.node();
+                        tracing::warn!(%err, %node, failures, "redis pub/sub (un)subscribe failed; retrying every second");
+                    }
                     Event::FailedOver {
                         moved: self.topology.failed(),
                     }
