@@ -209,6 +209,29 @@ impl Relay {
         Some(concat(&state.chunks, state.kept_bytes))
     }
 
+    /// All of the body pushed so far, if the relay still keeps all of it (under the store limit).
+    pub fn kept_body(&self) -> Option<Bytes> {
+        let state = self.state();
+        if !state.whole || state.first != 0 {
+            return None;
+        }
+        Some(concat(&state.chunks, state.kept_bytes))
+    }
+
+    /// All of the body pushed so far followed by `last`, if that still fits the store limit.
+    pub fn kept_body_with(&self, last: &Bytes) -> Option<Bytes> {
+        let state = self.state();
+        if !state.whole || state.first != 0 || state.kept_bytes + last.len() > state.store_limit {
+            return None;
+        }
+        let mut body = BytesMut::with_capacity(state.kept_bytes + last.len());
+        for chunk in &state.chunks {
+            body.extend_from_slice(chunk);
+        }
+        body.extend_from_slice(last);
+        Some(body.freeze())
+    }
+
     /// Whether the body has outgrown the store limit.
     pub fn oversized(&self) -> bool {
         !self.state().whole

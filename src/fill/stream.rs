@@ -115,6 +115,7 @@ impl Filler {
             deadline,
         } = streaming;
         let mut claim = Some(claim);
+        let declared = declared_length(&head.headers);
         let end = loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
@@ -132,6 +133,19 @@ impl Filler {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            // The last bytes of a body of declared length (hyper has checked the length): a
+            // reader's response is complete once it has them, so the answer is stored first
+            // and a request that follows the answer finds it stored.
+            let last = declared.is_some_and(|n| relay.total_bytes() + data.len() as u64 == n);
+            if last
+                && let Some(whole) = relay.kept_body_with(&data)
+                && let Some(held) = claim.take()
+            {
+                head.body = whole;
+                head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                let entry = Arc::new(head.clone());
+                self.store(&req, held, &entry, began).await;
+            }
             match tokio::time::timeout_at(deadline, relay.push(data)).await {
                 Ok(Push::Kept) => {}
                 Ok(Push::Unread) => break End::Aborted("nobody reads it any more".into()),
@@ -155,6 +169,21 @@ impl Filler {
             // comes next starts a new fill instead of joining this one.
             hold.take();
         }
+        // A whole answer is stored before its readers see it end, so a request that follows
+        // the answer finds it stored.
+        if end == End::Complete
+            && let Some(claim) = claim.take()
+        {
+            match relay.kept_body() {
+                Some(whole) => {
+                    head.body = whole;
+                    head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                    let entry = Arc::new(head);
+                    self.store(&req, claim, &entry, began).await;
+                }
+                None => claim.give_up(&req, Notice::Failed(None)).await,
+            }
+        }
         relay.finish(end.clone());
         self.metrics.stream_ended(
             &route.name,
@@ -162,21 +191,9 @@ impl Filler {
             relay.total_bytes(),
             relay.readers_attached(),
         );
-        let Some(claim) = claim else {
-            return;
-        };
-        match (end, relay.whole_body()) {
-            (End::Complete, Some(whole)) => {
-                head.body = whole;
-                head.fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-                let entry = Arc::new(head);
-                self.store(&req, claim, &entry, began).await;
-            }
-            (End::Complete, None) => claim.give_up(&req, Notice::Failed(None)).await,
-            (End::Aborted(why), _) => {
-                tracing::warn!(route = %route.name, %why, bytes = relay.total_bytes(), "streamed fill cut short: every reader aborted, nothing stored");
-                claim.give_up(&req, Notice::Failed(None)).await;
-            }
+        if let (End::Aborted(why), Some(claim)) = (&end, claim) {
+            tracing::warn!(route = %route.name, %why, bytes = relay.total_bytes(), "streamed fill cut short: every reader aborted, nothing stored");
+            claim.give_up(&req, Notice::Failed(None)).await;
         }
     }
 }
