@@ -31,6 +31,9 @@ use raw::RawConfig;
 mod check;
 mod locate;
 mod raw;
+mod tls;
+
+pub use tls::{ListenerTls, RedisTls, UpstreamTls};
 
 /// A validated configuration: every field has been checked and every default applied.
 #[derive(Debug, Clone)]
@@ -89,6 +92,8 @@ pub struct ServerConfig {
     /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
     /// Default 4s; never zero.
     pub upstream_idle_timeout: Duration,
+    /// `tls = { cert_file, key_file }`: the proxy listener speaks TLS. Optional.
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +112,8 @@ pub struct RedisConfig {
     /// giving up costs an upstream call. Each route uses the smaller of this and half its lease
     /// (see [`LockSpec::redis_budget`]). Default 1s; never zero.
     pub lock_timeout: Duration,
+    /// `tls = { .. }`: the roots and client certificate of `rediss://` connections. Optional.
+    pub tls: Option<RedisTls>,
 }
 
 impl RedisConfig {
@@ -255,6 +262,8 @@ pub struct RouteConfig {
     pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
+    /// `tls = { .. }` of an `https://` upstream. Optional.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).

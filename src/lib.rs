@@ -64,6 +64,7 @@ pub mod revalidate;
 pub mod route;
 pub mod server;
 pub mod target;
+pub mod tls;
 pub mod upstream;
 pub mod vary;
 pub mod verdict;

@@ -48,6 +48,12 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// An upstream's authority (`host:port`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
     pub op: &'static str,
@@ -103,6 +109,7 @@ pub struct Metrics {
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
     notices_received: Counter,
+    upstream_tls_handshakes: Family<UpstreamLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -193,7 +200,14 @@ impl Metrics {
             "Fill notices Redis pub/sub delivered to this process: one per fill it waited on, however many requests waited",
             notices_received.clone(),
         );
+        let upstream_tls_handshakes = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes with upstreams, by authority: new connections, not requests (pooled connections are reused)",
+            upstream_tls_handshakes.clone(),
+        );
         let metrics = Metrics {
+            upstream_tls_handshakes,
             registry,
             requests,
             request_counters: RwLock::default(),
@@ -314,6 +328,11 @@ impl Metrics {
     }
 
     /// The histogram of requests waiting on one fill, observed by the flights as they land.
+    /// The TLS handshake counters, for the upstream connectors to count in.
+    pub fn upstream_tls_handshakes(&self) -> Family<UpstreamLabel, Counter> {
+        self.upstream_tls_handshakes.clone()
+    }
+
     pub fn waiters_histogram(&self) -> Histogram {
         self.waiters.clone()
     }

@@ -41,6 +41,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
     pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +53,7 @@ pub(super) struct RawRedis {
     pub(super) namespace: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<HumanDuration>>,
     pub(super) lock_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) tls: Option<Spanned<RawRedisTls>>,
 }
 
 /// `sentinel = { nodes = [..], master = "..", username = "..", password = "..", db = 0 }` in
@@ -101,6 +103,35 @@ pub(super) struct RawRoute {
     pub(super) key: RawKey,
     #[serde(default)]
     pub(super) lock: RawLock,
+    pub(super) tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// A route's `tls = { .. }` (see `config/tls.rs`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// `[redis] tls = { .. }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedisTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+}
+
+/// `[server] tls = { cert_file, key_file }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -58,7 +58,19 @@ impl Checker<'_> {
         let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
         let at = (None, "redis.lock_timeout");
         let lock_timeout = self.positive(&raw.lock_timeout, DEFAULT_LOCK_TIMEOUT, at)?;
+        let rediss = match &topology {
+            RedisTopology::Sentinel { nodes, .. } | RedisTopology::Cluster { nodes } => nodes,
+            RedisTopology::Standalone { url } => std::slice::from_ref(url),
+        }
+        .iter()
+        .any(|url| url.starts_with("rediss://"));
+        let tls = raw
+            .tls
+            .as_ref()
+            .map(|t| self.redis_tls(t, rediss))
+            .transpose()?;
         Ok(RedisConfig {
+            tls,
             topology,
             namespace,
             timeout,
