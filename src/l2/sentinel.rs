@@ -67,7 +67,7 @@ impl Sentinels {
         let node_info = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
         let client = SentinelClient::build(
             nodes.iter().map(String::as_str).collect(),
-            master.to_owned(),
+            master,
             Some(node_info),
             SentinelServerType::Master,
         )

@@ -75,7 +75,9 @@ impl TlsFailure {
         use CertificateError as C;
         match err {
             rustls::Error::InvalidCertificate(cert) => match cert {
-                C::UnknownIssuer => TlsFailure::UnknownIssuer,
+                // A certificate signed by a key other than the trusted authority's of that name
+                // is, to the operator, just as unknown.
+                C::UnknownIssuer | C::BadSignature => TlsFailure::UnknownIssuer,
                 C::NotValidForName | C::NotValidForNameContext { .. } => TlsFailure::NameMismatch,
                 C::Expired
                 | C::ExpiredContext { .. }
@@ -97,14 +99,15 @@ impl TlsFailure {
             if let Some(tls) = err.downcast_ref::<rustls::Error>() {
                 return Some(TlsFailure::from_rustls(tls));
             }
-            // io::Error's `source` skips the error it wraps: look inside it first.
-            if let Some(io) = err.downcast_ref::<std::io::Error>()
-                && let Some(inner) = io.get_ref()
-                && let Some(tls) = inner.downcast_ref::<rustls::Error>()
-            {
-                return Some(TlsFailure::from_rustls(tls));
-            }
-            cause = err.source();
+            // io::Error's `source` skips the error it wraps (hyper-rustls wraps tokio-rustls'
+            // io::Error, which wraps rustls'): step into it instead.
+            cause = match err.downcast_ref::<std::io::Error>() {
+                Some(io) => match io.get_ref() {
+                    Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                    None => None,
+                },
+                None => err.source(),
+            };
         }
         None
     }

@@ -43,6 +43,7 @@ pub mod process;
 pub mod redis;
 pub mod sentinel;
 pub mod signal;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
 
@@ -53,6 +54,7 @@ pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
+pub use self::tls::{Leaf, Pki};
 pub use self::upstream::{Reply, Upstream};
 pub use self::wait::eventually;
 
