@@ -64,6 +64,11 @@ impl Checker<'_> {
         }
         .iter()
         .any(|url| url.starts_with("rediss://"));
+        if let (Some(tls), RedisTopology::Sentinel { .. }) = (&raw.tls, &topology) {
+            let why = "not supported behind sentinels yet: rediss:// sentinels and their master \
+                       are verified against the system's roots";
+            return self.fail(tls.span(), (None, "redis.tls"), why);
+        }
         let tls = raw
             .tls
             .as_ref()
