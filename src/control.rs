@@ -130,6 +130,11 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     let changed = [
         ("server.listen", old.server.listen != new.server.listen),
+        // The listener speaks TLS or not from its start; a new certificate is read on reload.
+        (
+            "server.tls",
+            old.server.tls.is_some() != new.server.tls.is_some(),
+        ),
         (
             "server.admin_listen",
             old.server.admin_listen != new.server.admin_listen,
