@@ -126,10 +126,20 @@ impl Checker<'_> {
         };
         let listen = addr(&raw.listen, "server.listen")?.unwrap_or(DEFAULT_LISTEN);
         let admin_listen = addr(&raw.admin_listen, "server.admin_listen")?;
-        if let Some(token) = raw.admin_token.as_ref().filter(|t| t.get_ref().is_empty()) {
-            let why = "must not be empty (omit it to disable the token)";
-            return self.fail(token.span(), (None, "server.admin_token"), why);
-        }
+        let admin_token = match &raw.admin_token {
+            None => None,
+            Some(token) => match token.get_ref() {
+                toml::Value::String(text) if !text.is_empty() => Some(text.clone()),
+                toml::Value::String(_) => {
+                    let why = "must not be empty (omit it to disable the token)";
+                    return self.fail(token.span(), (None, "server.admin_token"), why);
+                }
+                _ => {
+                    let why = "the token must be a string (its value is not shown)";
+                    return self.fail(token.span(), (None, "server.admin_token"), why);
+                }
+            },
+        };
         let at = (None, "server.default_upstream");
         let default_upstream = raw.default_upstream.as_ref();
         let tls = raw.tls.as_ref().map(|t| self.listener_tls(t)).transpose()?;
@@ -137,7 +147,7 @@ impl Checker<'_> {
             tls,
             listen,
             admin_listen,
-            admin_token: raw.admin_token.as_ref().map(|t| t.get_ref().clone()),
+            admin_token,
             default_upstream: default_upstream.map(|u| self.upstream(u, at)).transpose()?,
             shutdown_timeout: raw
                 .shutdown_timeout

@@ -28,7 +28,8 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) admin_listen: Option<Spanned<String>>,
-    pub(super) admin_token: Option<Spanned<String>>,
+    /// Any value, checked to be a string afterwards: a type error from serde would quote it.
+    pub(super) admin_token: Option<Spanned<toml::Value>>,
     pub(super) default_upstream: Option<Spanned<String>>,
     pub(super) shutdown_timeout: Option<HumanDuration>,
     pub(super) shutdown_delay: Option<HumanDuration>,

@@ -87,7 +87,15 @@ impl Checker<'_> {
     fn redis_url(&self, url: &Spanned<String>, field: &str) -> Checked<String> {
         let text = url.get_ref();
         if text.starts_with("redis://") || text.starts_with("rediss://") {
-            return Ok(text.clone());
+            // What redis-rs will make of it at start, found now (its reason never quotes the
+            // URL; the message shows it with the password masked).
+            return match redis::IntoConnectionInfo::into_connection_info(text.as_str()) {
+                Ok(_) => Ok(text.clone()),
+                Err(err) => {
+                    let why = format!("{text:?} is not a Redis URL redis-rs can use ({err})");
+                    self.fail(url.span(), (None, field), why)
+                }
+            };
         }
         let why = format!("{text:?} must start with redis:// or rediss://");
         self.fail(url.span(), (None, field), why)
