@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, ConfigError, RedisTopology};
+use crate::config::{Config, ConfigError, RedisTls, RedisTopology};
 use crate::proxy::Proxy;
 
 /// Why a reload was refused (the running configuration stays).
@@ -187,6 +187,14 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "cache.l1_max_bytes",
             old.cache.l1_max_bytes != new.cache.l1_max_bytes,
+        ),
+        // Redis connections are opened once: new certificates take effect on restart.
+        (
+            "redis.tls",
+            old_redis.zip(new_redis).is_some_and(|(a, b)| {
+                a.tls.as_ref().map(RedisTls::fingerprint)
+                    != b.tls.as_ref().map(RedisTls::fingerprint)
+            }),
         ),
     ];
     changed

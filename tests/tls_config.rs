@@ -178,3 +178,28 @@ fn each_fault_names_its_field() {
         assert!(!message.contains("PRIVATE KEY"), "{message}");
     }
 }
+
+#[test]
+fn the_shipped_tls_example_validates_with_its_files() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tls.toml");
+    let text = std::fs::read_to_string(&shipped).expect("config/tls.toml");
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("tls")).expect("mkdir tls");
+    let put = |from: &Path, name: &str| {
+        std::fs::copy(from, dir.path().join("tls").join(name)).expect("copy a certificate file");
+    };
+    put(&pki.ca_file(), "ca.pem");
+    let listener = pki.server(&["127.0.0.1"]);
+    put(&listener.cert, "listener.pem");
+    put(&listener.key, "listener.key");
+    let client = pki.client("corral");
+    put(&client.cert, "client.pem");
+    put(&client.key, "client.key");
+    let path = dir.path().join("tls.toml");
+    std::fs::write(&path, text).expect("write");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.routes.len(), 2);
+    assert!(config.routes[0].tls.is_some() && config.routes[1].tls.is_none());
+    assert!(config.server.tls.is_some());
+}

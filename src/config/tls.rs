@@ -2,7 +2,6 @@
 //! are read and checked during validation (see [`crate::tls`]), so a running Corral never finds
 //! out at its first connection that a certificate is missing.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::tls::{Identity, Roots};
@@ -48,22 +47,28 @@ pub struct RedisTls {
     pub identity: Option<Identity>,
 }
 
+impl RedisTls {
+    /// What identifies the material (file contents), to tell a reload that changed it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        for bytes in [
+            self.roots.as_ref().map_or(&[][..], |r| &r.pem),
+            self.identity.as_ref().map_or(&[][..], |i| &i.cert_pem),
+            self.identity.as_ref().map_or(&[][..], |i| &i.key_pem),
+        ] {
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        *hasher.finalize().as_bytes()
+    }
+}
+
 /// `[server] tls = { cert_file, key_file }`: the proxy listener speaks TLS (HTTP/1.1 and HTTP/2
 /// by ALPN). A reload reads the files again: new connections get the new certificate, open ones
 /// keep theirs.
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
     pub identity: Identity,
-}
-
-/// The paths as written, for the reload check of what changed.
-impl ListenerTls {
-    pub fn paths(&self) -> (PathBuf, PathBuf) {
-        (
-            self.identity.cert_path.clone(),
-            self.identity.key_path.clone(),
-        )
-    }
 }
 
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
