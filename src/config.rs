@@ -31,6 +31,9 @@ use raw::RawConfig;
 mod check;
 mod locate;
 mod raw;
+mod tls;
+
+pub use tls::{ListenerTls, RedisTls, UpstreamTls};
 
 /// A validated configuration: every field has been checked and every default applied.
 #[derive(Debug, Clone)]
@@ -91,6 +94,8 @@ pub struct ServerConfig {
     /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
     /// Default 4s; never zero.
     pub upstream_idle_timeout: Duration,
+    /// `tls = { cert_file, key_file }`: the proxy listener speaks TLS. Optional.
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +114,8 @@ pub struct RedisConfig {
     /// giving up costs an upstream call. Each route uses the smaller of this and half its lease
     /// (see [`LockSpec::redis_budget`]). Default 1s; never zero.
     pub lock_timeout: Duration,
+    /// `tls = { .. }`: the roots and client certificate of `rediss://` connections. Optional.
+    pub tls: Option<RedisTls>,
 }
 
 impl RedisConfig {
@@ -265,6 +272,8 @@ pub struct RouteConfig {
     /// `response_headers = { remove = [..], set = { .. } }`: applied to every answer of the
     /// route (see [`crate::header_rules`]). Default: none.
     pub response_headers: crate::header_rules::HeaderRules,
+    /// `tls = { .. }` of an `https://` upstream. Optional.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).
@@ -468,32 +477,4 @@ const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[cfg(test)]
-mod redaction_tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_a_message() {
-        for url in [
-            "redis://corral:s3cret@10.0.0.1:6379/2",
-            "rediss://:s3cret@h:1",
-        ] {
-            let shown = crate::redact::redact(url);
-            assert!(!shown.contains("s3cret"), "{shown}");
-            assert!(shown.contains("@"), "{shown}");
-        }
-        assert_eq!(
-            crate::redact::redact("redis://h:1/0").as_ref(),
-            "redis://h:1/0"
-        );
-        assert_eq!(
-            crate::redact::redact("redis://user@h:1").as_ref(),
-            "redis://user@h:1"
-        );
-        let auth = MasterAuth {
-            username: Some("corral".into()),
-            password: Some(Secret::new("s3cret".into())),
-            db: 3,
-        };
-        assert!(!format!("{auth:?}").contains("s3cret"));
-    }
-}
+mod redaction_tests;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, ConfigError, RedisTopology};
+use crate::config::{Config, ConfigError, RedisTls, RedisTopology};
 use crate::proxy::Proxy;
 
 /// Why a reload was refused (the running configuration stays).
@@ -137,6 +137,11 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     let changed = [
         ("server.listen", old.server.listen != new.server.listen),
+        // The listener speaks TLS or not from its start; a new certificate is read on reload.
+        (
+            "server.tls",
+            old.server.tls.is_some() != new.server.tls.is_some(),
+        ),
         (
             "server.admin_listen",
             old.server.admin_listen != new.server.admin_listen,
@@ -189,6 +194,14 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "cache.l1_max_bytes",
             old.cache.l1_max_bytes != new.cache.l1_max_bytes,
+        ),
+        // Redis connections are opened once: new certificates take effect on restart.
+        (
+            "redis.tls",
+            old_redis.zip(new_redis).is_some_and(|(a, b)| {
+                a.tls.as_ref().map(RedisTls::fingerprint)
+                    != b.tls.as_ref().map(RedisTls::fingerprint)
+            }),
         ),
     ];
     changed

@@ -57,6 +57,7 @@ mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
 pub(crate) mod switches;
+pub(crate) mod tls;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]

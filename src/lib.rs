@@ -70,6 +70,7 @@ pub mod route;
 pub mod server;
 pub mod target;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod vary;

@@ -50,6 +50,12 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// An upstream's authority (`host:port`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
     pub op: &'static str,
@@ -109,6 +115,7 @@ pub struct Metrics {
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
     notices_received: Counter,
+    upstream_tls_handshakes: Family<UpstreamLabel, Counter>,
     streams: streams::StreamMetrics,
 }
 
@@ -217,7 +224,14 @@ impl Metrics {
             notices_received.clone(),
         );
         let streams = streams::StreamMetrics::register(&mut registry);
+        let upstream_tls_handshakes = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes with upstreams, by authority: new connections, not requests (pooled connections are reused)",
+            upstream_tls_handshakes.clone(),
+        );
         let metrics = Metrics {
+            upstream_tls_handshakes,
             registry,
             requests,
             request_counters: RwLock::default(),
@@ -377,6 +391,11 @@ impl Metrics {
     }
 
     /// The histogram of requests waiting on one fill, observed by the flights as they land.
+    /// The TLS handshake counters, for the upstream connectors to count in.
+    pub fn upstream_tls_handshakes(&self) -> Family<UpstreamLabel, Counter> {
+        self.upstream_tls_handshakes.clone()
+    }
+
     pub fn waiters_histogram(&self) -> Histogram {
         self.waiters.clone()
     }

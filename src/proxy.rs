@@ -84,7 +84,9 @@ impl Proxy {
             None => None,
         };
         let marks = PassMarks::new();
-        let client = UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout);
+        let idle = config.server.upstream_idle_timeout;
+        let client = UpstreamClient::with_handshakes(idle, metrics.upstream_tls_handshakes());
+        client.renew(config);
         let caps = Arc::new(Caps::new(config));
         let filler = Filler::new(
             l1.clone(),
@@ -138,6 +140,7 @@ impl Proxy {
             self.metrics.register_route(route);
         }
         let caps = Arc::new(self.caps.renewed(config));
+        self.client.renew(config);
         Proxy {
             started: self.started,
             router: Router::new(&config.routes),

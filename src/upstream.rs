@@ -1,7 +1,10 @@
 //! Talking to upstreams: one pooled hyper client; the requests it sends are built in
 //! [`request`] (rewriting as a reverse proxy does, hop-by-hop removal in both directions).
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderMap;
@@ -9,15 +12,14 @@ use http::uri::Uri;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
 mod caps;
 pub mod endpoints;
+mod pool;
 mod request;
+pub mod tls;
 pub use caps::{Caps, Overloaded};
 pub use request::{fill_request, fill_request_to, fill_would_forward, rewrite, strip_hop_by_hop};
+pub use tls::{TlsFailure, TlsRoute};
 
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.
 const SPARE_LIMIT: usize = 1024;
@@ -40,6 +42,11 @@ pub enum UpstreamError {
     Timeout { upstream: String, limit: Duration },
     #[error("upstream {upstream}: reading the body: {reason}")]
     Body { upstream: String, reason: String },
+    #[error("upstream {upstream}: {failure}")]
+    Tls {
+        upstream: String,
+        failure: TlsFailure,
+    },
 }
 
 /// `err` and each of its sources, joined by `: `.
@@ -66,6 +73,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => "upstream-connect",
             UpstreamError::Timeout { .. } => "upstream-timeout",
             UpstreamError::Body { .. } => "upstream-body",
+            UpstreamError::Tls { failure, .. } => failure.kind(),
         }
     }
 }
@@ -143,10 +151,14 @@ pub struct Buffered {
     pub sent: HeaderMap,
 }
 
-/// The pooled client to every upstream. Cloning shares the pool.
+/// The pooled clients to every upstream (see `upstream/pool.rs`). Cloning shares the pools, and
+/// a reload's [`UpstreamClient::renew`] reaches every clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: pool::Pooled,
+    routes: Arc<ArcSwap<pool::RouteClients>>,
+    idle: Duration,
+    handshakes: tls::Handshakes,
 }
 
 impl Default for UpstreamClient {
@@ -168,16 +180,57 @@ impl UpstreamClient {
     /// connection the upstream is closing at that moment (the rare race left is retried: see
     /// [`UpstreamClient::send`]).
     pub fn with_idle_timeout(idle: Duration) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle)
-            // Without a timer idle connections are only dropped when next checked out.
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        UpstreamClient { client }
+        UpstreamClient::with_handshakes(idle, tls::Handshakes::default())
+    }
+
+    /// A client whose TLS handshakes are counted in `handshakes` (the metrics' family).
+    pub fn with_handshakes(idle: Duration, handshakes: tls::Handshakes) -> UpstreamClient {
+        let client = pool::pooled(tls::Connector::system(handshakes.clone()), idle);
+        UpstreamClient {
+            client,
+            routes: Arc::default(),
+            idle,
+            handshakes,
+        }
+    }
+
+    /// Builds (or keeps) the clients of the routes that have a `tls` table: every clone of this
+    /// client sees them.
+    pub fn renew(&self, config: &crate::Config) {
+        let routes = self
+            .routes
+            .load()
+            .renewed(config, self.idle, &self.handshakes);
+        self.routes.store(Arc::new(routes));
+    }
+
+    /// The client for `req`: its route's own when [`TlsRoute`] marks it, else the shared one.
+    fn client_for(
+        &self,
+        req: &Request<UpstreamBody>,
+        upstream: &Uri,
+    ) -> Result<pool::Pooled, UpstreamError> {
+        let Some(TlsRoute(route)) = req.extensions().get::<TlsRoute>() else {
+            return Ok(self.client.clone());
+        };
+        let routes = self.routes.load();
+        match routes.get(route).map(|r| &r.client) {
+            Some(Ok(client)) => Ok(client.clone()),
+            Some(Err(why)) => Err(UpstreamError::Tls {
+                upstream: upstream.to_string(),
+                failure: TlsFailure::Other(why.to_string()),
+            }),
+            // A route whose tls table a reload removed while this request ran.
+            None => Ok(self.client.clone()),
+        }
+    }
+
+    /// Marks a pass-through request of `route` for its route's client, if it has one.
+    pub fn mark(&self, req: &mut Request<UpstreamBody>, route: &str) {
+        let routes = self.routes.load();
+        if !routes.is_empty() && routes.get(route).is_some() {
+            req.extensions_mut().insert(TlsRoute(Arc::from(route)));
+        }
     }
 
     /// Sends a request and returns the response with its body still streaming. `limit` bounds the
@@ -193,13 +246,19 @@ impl UpstreamClient {
         upstream: &Uri,
         limit: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let replay = replayable(&req);
+        let client = self.client_for(&req, upstream)?;
+        let replay = replayable(&req).map(|mut again| {
+            again.extensions_mut().extend(req.extensions().clone());
+            again
+        });
         let tries = async {
-            match (self.client.request(req).await, replay) {
-                (Err(err), Some(again)) if unanswered(&err) => {
+            match (client.request(req).await, replay) {
+                // A TLS failure is the upstream's answer (a certificate, a name, a timeout
+                // already waited for): trying again would only double it.
+                (Err(err), Some(again)) if unanswered(&err) && TlsFailure::of(&err).is_none() => {
                     let err = causes(&err);
                     tracing::debug!(%upstream, %err, "no answer on the first try; retrying once");
-                    self.client.request(again).await
+                    client.request(again).await
                 }
                 (result, _) => result,
             }
@@ -209,10 +268,16 @@ impl UpstreamClient {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
-            Ok(Err(source)) => Err(UpstreamError::Connect {
-                upstream: upstream.to_string(),
-                source: Box::new(source),
-            }),
+            Ok(Err(source)) => match TlsFailure::of(&source) {
+                Some(failure) => Err(UpstreamError::Tls {
+                    upstream: upstream.to_string(),
+                    failure,
+                }),
+                None => Err(UpstreamError::Connect {
+                    upstream: upstream.to_string(),
+                    source: Box::new(source),
+                }),
+            },
             Err(_) => Err(UpstreamError::Timeout {
                 upstream: upstream.to_string(),
                 limit,

@@ -281,3 +281,90 @@ async fn the_redis_password_is_read_from_a_file() {
     assert!(message.contains("field `redis.password_file`"), "{message}");
     assert!(!message.contains(PASSWORD), "{message}");
 }
+/// Runs `corral validate` on `text` (written to `dir/corral.toml`); its whole output.
+fn validate_output(dir: &Path, text: &str) -> (bool, String) {
+    let path = dir.join("corral.toml");
+    std::fs::write(&path, text).expect("write the config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .arg("validate")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run corral validate");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), shown)
+}
+
+/// Every config error that can carry a secret — a Redis URL that does not parse, a password or a
+/// token of the wrong type, a TLS key file's contents, a line TOML cannot read — is reported
+/// by `corral validate` without the secret.
+#[test]
+fn validate_never_echoes_a_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let route =
+        "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"https://127.0.0.1:1\"\n";
+    // A key file whose contents are the secret (not PEM at all), and a certificate beside it.
+    let pki = support::Pki::new();
+    let leaf = pki.server(&["127.0.0.1"]);
+    let key = dir.path().join("secret.key");
+    std::fs::write(&key, format!("{PASSWORD}\n")).expect("write the key file");
+    let (cert, key) = (leaf.cert.display(), key.display());
+    let identity = format!("client_cert_file = \"{cert}\", client_key_file = \"{key}\"");
+    let cases = [
+        (
+            "a mistyped url",
+            format!("[redis]\nurl = \"redis//:{PASSWORD}@127.0.0.1:6379\"\n{route}"),
+        ),
+        (
+            "a url redis-rs cannot use",
+            format!("[redis]\nurl = \"redis://:{PASSWORD}@127.0.0.1:port\"\n{route}"),
+        ),
+        (
+            "a mistyped cluster node",
+            format!("[redis]\ncluster = [\"redis:/:{PASSWORD}@h:1\"]\n{route}"),
+        ),
+        (
+            "a mistyped sentinel",
+            format!(
+                "[redis]\nsentinel = {{ nodes = [\"redis//app:{PASSWORD}@h:1\"], master = \"m\" }}\n{route}"
+            ),
+        ),
+        (
+            "an unterminated url",
+            format!("[redis]\nurl = \"redis://:{PASSWORD}@h:1\n{route}"),
+        ),
+        (
+            "a numeric admin token",
+            format!("[server]\nadmin_token = 4815162342\n{route}"),
+        ),
+        (
+            "a route's client key",
+            format!(
+                "{route}tls = {{ ca_file = \"{}\", {identity} }}\n",
+                pki.ca_file().display()
+            ),
+        ),
+        (
+            "the listener's key",
+            format!("[server]\ntls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}\n{route}"),
+        ),
+        (
+            "redis's client key",
+            format!("[redis]\nurl = \"rediss://127.0.0.1:1\"\ntls = {{ {identity} }}\n{route}"),
+        ),
+    ];
+    for (what, text) in cases {
+        let (ok, shown) = validate_output(dir.path(), &text);
+        assert!(!ok, "{what}: accepted\n{text}");
+        assert!(!shown.contains(PASSWORD), "{what}: {shown}");
+        assert!(!shown.contains("4815162342"), "{what}: {shown}");
+        assert!(
+            shown.contains("corral.toml:"),
+            "{what}: names the file: {shown}"
+        );
+    }
+}

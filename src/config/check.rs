@@ -36,6 +36,7 @@ mod secret;
 mod telemetry;
 
 use secret::SecretSources;
+mod tls;
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
 pub(super) struct Checker<'a> {
@@ -135,8 +136,18 @@ impl Checker<'_> {
         };
         let listen = addr(&raw.listen, "server.listen")?.unwrap_or(DEFAULT_LISTEN);
         let admin_listen = addr(&raw.admin_listen, "server.admin_listen")?;
+        let inline_token = match &raw.admin_token {
+            None => None,
+            Some(token) => match token.get_ref() {
+                toml::Value::String(text) => Some(Spanned::new(token.span(), text.clone())),
+                _ => {
+                    let why = "the token must be a string (its value is not shown)";
+                    return self.fail(token.span(), (None, "server.admin_token"), why);
+                }
+            },
+        };
         let admin_token = self.secret(SecretSources {
-            value: (raw.admin_token.as_ref(), "server.admin_token"),
+            value: (inline_token.as_ref(), "server.admin_token"),
             file: (raw.admin_token_file.as_ref(), "server.admin_token_file"),
             env: (raw.admin_token_env.as_ref(), "server.admin_token_env"),
         })?;
@@ -154,7 +165,9 @@ impl Checker<'_> {
         }
         let at = (None, "server.default_upstream");
         let default_upstream = raw.default_upstream.as_ref();
+        let tls = raw.tls.as_ref().map(|t| self.listener_tls(t)).transpose()?;
         Ok(ServerConfig {
+            tls,
             listen,
             admin_listen,
             admin_token,
@@ -234,18 +247,19 @@ impl Checker<'_> {
         text.parse().map_err(|_| self.error(v.span(), at, why))
     }
 
-    /// An upstream: an absolute `http://` URI with a host, optionally a base path, no query.
+    /// An upstream: an absolute `http://` or `https://` URI with a host, optionally a base path, no query.
     fn upstream(&self, v: &Spanned<String>, at: At<'_>) -> Checked<Uri> {
         let text = v.get_ref();
         let uri: Uri = text
             .parse()
             .map_err(|e| self.error(v.span(), at, format!("invalid URI {text:?} ({e})")))?;
         let problem = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(_)) if uri.query().is_none() => return Ok(uri),
-            (Some("http"), Some(_)) => "must not have a query",
-            (Some("https"), _) => "https upstreams are not supported yet; use http://",
-            (Some(_), _) => "unsupported scheme; use http://",
-            _ => "must be an absolute http:// URI with a host, e.g. \"http://127.0.0.1:5000\"",
+            (Some("http" | "https"), Some(_)) if uri.query().is_none() => return Ok(uri),
+            (Some("http" | "https"), Some(_)) => "must not have a query",
+            (Some(_), _) => "unsupported scheme; use http:// or https://",
+            _ => {
+                "must be an absolute http:// or https:// URI with a host, e.g. \"http://127.0.0.1:5000\""
+            }
         };
         self.fail(v.span(), at, format!("{text:?}: {problem}"))
     }

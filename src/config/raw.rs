@@ -29,7 +29,8 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) admin_listen: Option<Spanned<String>>,
-    pub(super) admin_token: Option<Spanned<String>>,
+    /// Any value, checked to be a string afterwards: a type error from serde would quote it.
+    pub(super) admin_token: Option<Spanned<toml::Value>>,
     pub(super) admin_token_file: Option<Spanned<String>>,
     pub(super) admin_token_env: Option<Spanned<String>>,
     pub(super) admin_open: Option<bool>,
@@ -45,6 +46,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
     pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +60,7 @@ pub(super) struct RawRedis {
     pub(super) lock_timeout: Option<Spanned<HumanDuration>>,
     pub(super) password_file: Option<Spanned<String>>,
     pub(super) password_env: Option<Spanned<String>>,
+    pub(super) tls: Option<Spanned<RawRedisTls>>,
 }
 
 /// `sentinel = { nodes = [..], master = "..", username = "..", password = "..", db = 0 }` in
@@ -116,6 +119,7 @@ pub(super) struct RawRoute {
     pub(super) key: RawKey,
     #[serde(default)]
     pub(super) lock: RawLock,
+    pub(super) tls: Option<Spanned<RawUpstreamTls>>,
     pub(super) response_headers: Option<RawHeaderRules>,
 }
 
@@ -159,6 +163,34 @@ pub(super) struct RawHeaderRules {
     pub(super) remove: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) set: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+/// A route's `tls = { .. }` (see `config/tls.rs`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// `[redis] tls = { .. }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedisTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+}
+
+/// `[server] tls = { cert_file, key_file }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

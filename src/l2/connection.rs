@@ -18,7 +18,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::sentinel::SentinelConnection;
 use super::{L2Error, manager_config};
@@ -56,7 +56,7 @@ impl Connection {
         let connect_timeout = budget.max(Duration::from_millis(200));
         match &cfg.topology {
             RedisTopology::Standalone { url } => {
-                let client = Client::open(url.as_str())
+                let client = super::tls::client(url, cfg.tls.as_ref())
                     .map_err(|source| L2Error::Redis { op: "open", source })?;
                 let conn = ConnectionManager::new_lazy_with_config(client, manager_config(budget))
                     .map_err(|source| L2Error::Redis {
@@ -73,7 +73,11 @@ impl Connection {
                 nodes, master, auth, budget,
             )?)),
             RedisTopology::Cluster { nodes } => {
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str));
+                if let Some(tls) = &cfg.tls {
+                    builder = builder.certs(super::tls::certificates(tls));
+                }
+                let client = builder
                     .connection_timeout(connect_timeout)
                     .response_timeout(super::PATIENCE.max(budget))
                     .retries(CLUSTER_RETRIES)

@@ -16,10 +16,15 @@ use crate::l2::{L2Error, PATIENCE};
 /// down now) whose pushes go to the hub.
 pub(super) fn sharded_connection(
     nodes: &[String],
+    tls: Option<&crate::config::RedisTls>,
     timeout: Duration,
     pushes: &Pushes,
 ) -> Result<ClusterConnection, L2Error> {
-    let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+    let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str));
+    if let Some(tls) = tls {
+        builder = builder.certs(crate::l2::tls::certificates(tls));
+    }
+    let client = builder
         .use_protocol(ProtocolVersion::RESP3)
         .push_sender(
             Pushes {

@@ -43,6 +43,8 @@ enum Nodes {
 
 /// The hub's connections and the node they talk to.
 pub(super) struct Topology {
+    /// `[redis] tls`: the material of `rediss://` seed nodes.
+    tls: Option<crate::config::RedisTls>,
     /// `None` only behind sentinels, until they first named a master. In a cluster it carries
     /// only the invalidation channel (a broadcast one).
     conn: Option<ConnectionManager>,
@@ -81,7 +83,12 @@ impl Topology {
             })
         });
         let sharded = match &cfg.topology {
-            RedisTopology::Cluster { nodes } => Some(sharded_connection(nodes, timeout, pushes)?),
+            RedisTopology::Cluster { nodes } => Some(sharded_connection(
+                nodes,
+                cfg.tls.as_ref(),
+                timeout,
+                pushes,
+            )?),
             _ => None,
         };
         let (nodes, conn) = match &cfg.topology {
@@ -105,11 +112,12 @@ impl Topology {
                 let first = urls.first().ok_or_else(|| {
                     L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
                 })?;
-                let conn = open(resp3_client(first)?)?;
+                let conn = open(resp3_client(first, cfg.tls.as_ref())?)?;
                 (Nodes::Seeds { urls, at: 0 }, Some(conn))
             }
         };
         Ok(Topology {
+            tls: cfg.tls.clone(),
             conn,
             sharded,
             nodes,
@@ -212,7 +220,9 @@ impl Topology {
             return false;
         }
         let next = (*at + 1) % urls.len();
-        let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
+        let conn = match resp3_client(&urls[next], self.tls.as_ref())
+            .and_then(|client| (self.open)(client))
+        {
             Ok(conn) => conn,
             Err(err) => {
                 tracing::warn!(%err, node = %redact(&urls[next]), "cannot open a pub/sub connection");
@@ -292,7 +302,7 @@ fn no_master_yet() -> L2Error {
     L2Error::Pubsub(NO_MASTER_YET.to_owned())
 }
 
-fn resp3_client(url: &str) -> Result<Client, L2Error> {
+fn resp3_client(url: &str, tls: Option<&crate::config::RedisTls>) -> Result<Client, L2Error> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()
@@ -301,6 +311,6 @@ fn resp3_client(url: &str) -> Result<Client, L2Error> {
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    Client::open(info.set_redis_settings(settings))
+    crate::l2::tls::client_for(info.set_redis_settings(settings), tls)
         .map_err(|source| L2Error::Redis { op: "open", source })
 }

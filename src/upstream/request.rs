@@ -82,6 +82,10 @@ pub fn fill_request_to<B>(
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
     let mut req = Request::new(body);
+    if route.tls.is_some() {
+        req.extensions_mut()
+            .insert(super::TlsRoute(std::sync::Arc::from(route.name.as_str())));
+    }
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = target_uri(upstream, &parts.uri);
     *req.headers_mut() = headers;

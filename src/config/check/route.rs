@@ -121,7 +121,12 @@ impl Checker<'_> {
         let timeout = &raw.upstream_timeout;
         let upstream_timeout =
             self.positive(timeout, DEFAULT_UPSTREAM_TIMEOUT, at("upstream_timeout"))?;
+        let tls = raw.tls.as_ref();
+        let tls = tls
+            .map(|t| self.upstream_tls(t, &name, &upstream))
+            .transpose()?;
         Ok(RouteConfig {
+            tls,
             path_prefix: path_prefix.into_inner(),
             methods,
             upstream,
