@@ -2,7 +2,7 @@
 //! that it grows with nothing else — not with the requests waiting at each instance.
 //!
 //! ```sh
-//! cargo bench --bench fleet            # the README's run: under a minute on 2 cores
+//! cargo bench --bench fleet            # the run in docs/measurements.md: under a minute on 2 cores
 //! FLEET_SIZES=3,10 FLEET_KEYS=20 FLEET_TOPOLOGIES=one cargo bench --bench fleet   # a quick look
 //! ```
 //!

@@ -55,9 +55,30 @@ pub struct AccessLine {
     status: u16,
     outcome: CacheOutcome,
     micros: u64,
+    /// Who asked and what went back: the query, the client, its `X-Request-Id`, the bytes sent
+    /// (as the answer head knows them).
+    query: Option<String>,
+    client: Option<std::net::SocketAddr>,
+    request_id: Option<String>,
+    bytes: Option<u64>,
 }
 
 impl AccessLine {
+    /// The line with who asked and what went back.
+    pub fn of_request(
+        mut self,
+        query: Option<String>,
+        client: std::net::SocketAddr,
+        request_id: Option<String>,
+        bytes: Option<u64>,
+    ) -> AccessLine {
+        self.query = query;
+        self.client = Some(client);
+        self.request_id = request_id;
+        self.bytes = bytes;
+        self
+    }
+
     pub fn new(
         method: Method,
         path: &str,
@@ -77,6 +98,10 @@ impl AccessLine {
             status,
             outcome,
             micros,
+            query: None,
+            client: None,
+            request_id: None,
+            bytes: None,
         }
     }
 
@@ -262,13 +287,32 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
             buf.extend_from_slice(line.method.as_str().as_bytes());
             buf.extend_from_slice(b" path=");
             buf.extend_from_slice(line.path().as_bytes());
+            if let Some(query) = &line.query {
+                buf.extend_from_slice(b" query=\"");
+                buf.extend_from_slice(query.as_bytes());
+                buf.push(b'"');
+            }
+            if let Some(client) = &line.client {
+                buf.extend_from_slice(b" client=");
+                buf.extend_from_slice(client.to_string().as_bytes());
+            }
+            if let Some(id) = &line.request_id {
+                buf.extend_from_slice(b" request_id=\"");
+                buf.extend_from_slice(id.as_bytes());
+                buf.push(b'"');
+            }
             buf.extend_from_slice(b" route=");
             buf.extend_from_slice(line.route().as_bytes());
             buf.extend_from_slice(b" status=");
             decimal(buf, u64::from(line.status));
             buf.extend_from_slice(b" outcome=\"");
             buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.extend_from_slice(b"\" micros=");
+            buf.push(b'"');
+            if let Some(bytes) = line.bytes {
+                buf.extend_from_slice(b" bytes=");
+                decimal(buf, bytes);
+            }
+            buf.extend_from_slice(b" micros=");
             decimal(buf, line.micros);
             buf.push(b'\n');
         }
@@ -281,13 +325,30 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
             json_string(buf, line.method.as_str());
             buf.extend_from_slice(b",\"path\":");
             json_string(buf, line.path());
+            if let Some(query) = &line.query {
+                buf.extend_from_slice(b",\"query\":");
+                json_string(buf, query);
+            }
+            if let Some(client) = &line.client {
+                buf.extend_from_slice(b",\"client\":");
+                json_string(buf, &client.to_string());
+            }
+            if let Some(id) = &line.request_id {
+                buf.extend_from_slice(b",\"request_id\":");
+                json_string(buf, id);
+            }
             buf.extend_from_slice(b",\"route\":");
             json_string(buf, line.route());
             buf.extend_from_slice(b",\"status\":");
             decimal(buf, u64::from(line.status));
             buf.extend_from_slice(b",\"outcome\":\"");
             buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.extend_from_slice(b"\",\"micros\":");
+            buf.push(b'"');
+            if let Some(bytes) = line.bytes {
+                buf.extend_from_slice(b",\"bytes\":");
+                decimal(buf, bytes);
+            }
+            buf.extend_from_slice(b",\"micros\":");
             decimal(buf, line.micros);
             buf.extend_from_slice(b"},\"target\":\"");
             buf.extend_from_slice(ACCESS_LOG.as_bytes());

@@ -39,6 +39,15 @@ impl Answer {
 
     /// The `Cache-Status` value of this answer.
     pub fn cache_status(&self) -> HeaderValue {
+        // Corral's own 5xx (or one a failed fill shared): no upstream answer stands behind it.
+        // (Corral's 4xx refusals of a request never carried a `fwd-status`.)
+        if let Some(kind) = self.response.headers().get(ERROR_KIND)
+            && self.response.status().is_server_error()
+        {
+            return self
+                .outcome
+                .cache_status_unanswered(kind.to_str().unwrap_or(""));
+        }
         let status = self.fwd_status.unwrap_or(self.response.status());
         self.outcome.cache_status(self.ttl, status)
     }

@@ -21,6 +21,8 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
+use crate::relay::RelayReader;
+
 /// An answer's body.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -38,7 +40,14 @@ pub enum ProxyBody {
         rest: Incoming,
         slot: Option<OwnedSemaphorePermit>,
     },
+    /// A fill's body read while it arrives, shared with the flight's other requesters (see
+    /// [`crate::relay`]); it fails — never ends cleanly — when the fill was cut short.
+    Relay(Box<RelayReader>),
 }
+
+/// Why an answer's body failed on its way to the client: the upstream's stream broke, or a
+/// relayed fill was cut short. Either way the client's response is aborted, never ended cleanly.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -71,14 +80,19 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Relay(reader) => {
+                return Pin::new(reader.as_mut())
+                    .poll_frame(cx)
+                    .map_err(|err| Box::new(err) as BodyError);
+            }
             ProxyBody::Stream(rest) => Pin::new(rest).poll_frame(cx),
             ProxyBody::Prefixed { prefix, rest, slot } => match prefix.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
@@ -98,12 +112,14 @@ impl Body for ProxyBody {
                 }
                 polled
             }
-        }
+        };
+        polled.map_err(|err| Box::new(err) as BodyError)
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Relay(reader) => reader.is_end_stream(),
             ProxyBody::Stream(rest) | ProxyBody::Held { rest, .. } => rest.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
@@ -114,6 +130,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ProxyBody::Relay(reader) => reader.size_hint(),
             ProxyBody::Stream(rest) | ProxyBody::Held { rest, .. } => rest.size_hint(),
             ProxyBody::Prefixed { prefix, rest, .. } => {
                 let head = prefix.as_ref().map_or(0, |b| b.len() as u64);

@@ -22,6 +22,7 @@
 //! requesters that go away do not cancel it; once all of them have, a flight that is only waiting
 //! for another instance's fill stops waiting.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,6 +39,7 @@ use crate::upstream::Caps;
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
 mod io;
+mod tail;
 
 /// The flights of one process, and how each decides who fills its key.
 pub struct Coalescer {
@@ -45,7 +47,7 @@ pub struct Coalescer {
     marks: PassMarks,
     fleet: Option<Fleet>,
     filler: Filler,
-    flights: Arc<Flights<Arc<Fill>>>,
+    flights: Arc<Flights<Landed>>,
     metrics: Arc<Metrics>,
 }
 
@@ -87,13 +89,19 @@ impl Coalescer {
 
     /// Joins the flight for `req`'s key, starting it if there is none. Turned away when the
     /// flight already has `lock.max_waiters` followers.
-    pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Arc<Fill>>, Crowded> {
+    pub fn join(self: &Arc<Self>, req: &FillRequest) -> Result<Joined<Landed>, Crowded> {
         let this = self.clone();
-        let fill_req = req.clone();
+        let mut fill_req = req.clone();
+        // The flight's spans (its fill's) are children of the leader's request span.
+        let parent = tracing::Span::current();
         self.flights.join(
             req.key,
             req.route.lock.max_waiters,
-            move |interest| async move { Arc::new(this.miss(fill_req, interest).await) },
+            move |interest, hold| {
+                fill_req.hold = Some(hold);
+                let flight = async move { this.miss(fill_req, interest).await };
+                Landed::from_flight(flight, parent)
+            },
         )
     }
 
@@ -108,8 +116,12 @@ impl Coalescer {
     pub fn refresh_in_background(self: &Arc<Self>, req: FillRequest, stale: Arc<Entry>) {
         let this = self.clone();
         let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
-        let _ = self.flights.join(key, max_waiters, move |_| async move {
-            Arc::new(this.refresh(req, stale).await)
+        let parent = tracing::Span::current();
+        let _ = self.flights.join(key, max_waiters, move |_, hold| {
+            let mut req = req;
+            req.hold = Some(hold);
+            let flight = async move { this.refresh(req, stale).await };
+            Landed::from_flight(flight, parent)
         });
     }
 
@@ -144,7 +156,7 @@ impl Coalescer {
                 return self.filler.fill(&req, Claim::Instance(None), None).await;
             }
         };
-        let claim = Claim::Instance(Some((&fleet.l2, &names)));
+        let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
         self.filler.fill(&req, claim, fallback).await
     }
 
@@ -163,7 +175,7 @@ impl Coalescer {
         let route = &req.route;
         let names = Arc::new(fleet.l2.names(&route.name, &req.key));
         if route.lock.scope != LockScope::Fleet {
-            let claim = Claim::Instance(Some((&fleet.l2, &names)));
+            let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
             return self.filler.fill(&req, claim, Some(stale)).await;
         }
         let known = stale.times.stored_at;
@@ -204,10 +216,21 @@ impl Coalescer {
         fallback: Option<Arc<Entry>>,
         interest: &Interest,
     ) -> Fill {
-        let started = Instant::now();
-        let waited = io::wait(fleet, names, req, purpose, fallback, interest).await;
-        self.count_lock(req, waited.trace, started);
-        self.settle(req, waited.settled, waited.held).await
+        for _ in 0..MAX_TAILS {
+            let started = Instant::now();
+            let waited = io::wait(fleet, names, req, purpose, fallback.clone(), interest).await;
+            self.count_lock(req, waited.trace, started);
+            if let (Settled::Relay(id), Some(sub)) = (&waited.settled, waited.sub) {
+                match tail::tail(fleet, names, id, sub, req).await {
+                    Some(fill) => return fill,
+                    // The log could not be read: wait again (for the stored entry).
+                    None => continue,
+                }
+            }
+            return self.settle(req, waited.settled, waited.held).await;
+        }
+        // Relay logs announced and unreadable, again and again: ask for yourselves.
+        Fill::FetchYourself
     }
 
     /// Acts on how the wait settled.
@@ -244,8 +267,9 @@ impl Coalescer {
                 }
                 self.filler.fill(req, Claim::Instance(None), fallback).await
             }
-            // Every requester hung up while we waited: nobody to answer.
-            Settled::Abandoned => Fill::FetchYourself,
+            // Every requester hung up while we waited: nobody to answer. (`Relay` is handled
+            // by the wait itself.)
+            Settled::Abandoned | Settled::Relay(_) => Fill::FetchYourself,
             Settled::TimedOut => {
                 tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; answering 504");
                 Fill::Failed(FillError::WaitTimeout(route.lock.wait_timeout))
@@ -282,6 +306,34 @@ impl Coalescer {
         };
         let waited = trace.waited.then(|| started.elapsed());
         self.metrics.lock(&req.route.name, outcome, waited);
+    }
+}
+
+/// How many relay logs one flight tries to tail before it gives up on them.
+const MAX_TAILS: usize = 3;
+
+/// What a flight hands each joiner: its fill, and which fill span answered it (for the span
+/// links of [`crate::trace`]; `None` when nothing records spans).
+#[derive(Clone)]
+pub struct Landed {
+    pub fill: Arc<Fill>,
+    pub by: Option<crate::trace::FillRef>,
+}
+
+impl Landed {
+    /// Runs a flight under `parent` (the span of the request that started it), noting the fill
+    /// that answers it.
+    async fn from_flight(flight: impl Future<Output = Fill>, parent: tracing::Span) -> Landed {
+        let attributed = crate::trace::attributed(flight);
+        let (fill, by) = if parent.is_disabled() {
+            attributed.await
+        } else {
+            tracing::Instrument::instrument(attributed, parent).await
+        };
+        Landed {
+            fill: Arc::new(fill),
+            by,
+        }
     }
 }
 

@@ -31,6 +31,9 @@ use raw::RawConfig;
 mod check;
 mod locate;
 mod raw;
+mod tls;
+
+pub use tls::{ListenerTls, RedisTls, UpstreamTls};
 
 /// A validated configuration: every field has been checked and every default applied.
 #[derive(Debug, Clone)]
@@ -43,6 +46,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// In file order. Names are unique. Empty only when `server.default_upstream` is set.
     pub routes: Vec<RouteConfig>,
+    /// `[telemetry]`: span export. `None` (the default): nothing is exported. Read at start only.
+    pub telemetry: Option<crate::telemetry::TelemetryConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +94,8 @@ pub struct ServerConfig {
     /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
     /// Default 4s; never zero.
     pub upstream_idle_timeout: Duration,
+    /// `tls = { cert_file, key_file }`: the proxy listener speaks TLS. Optional.
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +114,8 @@ pub struct RedisConfig {
     /// giving up costs an upstream call. Each route uses the smaller of this and half its lease
     /// (see [`LockSpec::redis_budget`]). Default 1s; never zero.
     pub lock_timeout: Duration,
+    /// `tls = { .. }`: the roots and client certificate of `rediss://` connections. Optional.
+    pub tls: Option<RedisTls>,
 }
 
 impl RedisConfig {
@@ -203,8 +212,13 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Methods this route caches; upper-case, never empty. Default `["GET"]`.
     pub methods: Vec<Method>,
-    /// `http://host:port` (optionally with a base path); scheme `http` only for now.
+    /// `http://host:port` (optionally with a base path); scheme `http` only for now. The first
+    /// of [`RouteConfig::endpoints`].
     pub upstream: Uri,
+    /// Every endpoint of the upstream (`upstream = ["http://a:5000", "http://b:5000"]`), in file
+    /// order; never empty, no duplicates. With more than one, calls are spread over the healthy
+    /// ones and a fill that fails on one tries the next (see [`crate::upstream::endpoints`]).
+    pub endpoints: Vec<Uri>,
     /// `false`: every request passes through uncached. Default `true`.
     pub cache: bool,
     /// Freshness when the upstream sends no `s-maxage`/`max-age`. Default 60s.
@@ -255,6 +269,11 @@ pub struct RouteConfig {
     pub allow_trace: bool,
     pub key: KeySpec,
     pub lock: LockSpec,
+    /// `response_headers = { remove = [..], set = { .. } }`: applied to every answer of the
+    /// route (see [`crate::header_rules`]). Default: none.
+    pub response_headers: crate::header_rules::HeaderRules,
+    /// `tls = { .. }` of an `https://` upstream. Optional.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which request headers a shared fill passes to the upstream (`forward_headers` in a route).
@@ -458,32 +477,4 @@ const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[cfg(test)]
-mod redaction_tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_a_message() {
-        for url in [
-            "redis://corral:s3cret@10.0.0.1:6379/2",
-            "rediss://:s3cret@h:1",
-        ] {
-            let shown = crate::redact::redact(url);
-            assert!(!shown.contains("s3cret"), "{shown}");
-            assert!(shown.contains("@"), "{shown}");
-        }
-        assert_eq!(
-            crate::redact::redact("redis://h:1/0").as_ref(),
-            "redis://h:1/0"
-        );
-        assert_eq!(
-            crate::redact::redact("redis://user@h:1").as_ref(),
-            "redis://user@h:1"
-        );
-        let auth = MasterAuth {
-            username: Some("corral".into()),
-            password: Some(Secret::new("s3cret".into())),
-            db: 3,
-        };
-        assert!(!format!("{auth:?}").contains("s3cret"));
-    }
-}
+mod redaction_tests;

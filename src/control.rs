@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, ConfigError, RedisTopology};
+use crate::config::{Config, ConfigError, RedisTls, RedisTopology};
 use crate::proxy::Proxy;
 
 /// Why a reload was refused (the running configuration stays).
@@ -28,6 +28,9 @@ pub enum ReloadError {
 pub struct Control {
     proxy: ArcSwap<Proxy>,
     config: ArcSwap<Config>,
+    /// The configuration the process started with: what its start-only fields still run with,
+    /// whatever reloads came since. Reloads are compared with it, not with the last reload.
+    running: Arc<Config>,
     /// Set once a shutdown was asked for: `/readyz` answers 503 from then on.
     draining: AtomicBool,
     /// Counts the proxies swapped in, for [`ConnectionProxy`].
@@ -81,16 +84,19 @@ impl ConnectionProxy {
 pub struct Reloaded {
     /// Routes in the new configuration.
     pub routes: usize,
-    /// Fields that changed but take effect only on a restart (`server.listen`, `redis.url`, …).
-    /// The running values stay.
+    /// Fields whose new value differs from the one running but takes effect only on a restart
+    /// (`server.listen`, `redis.url`, …). The running values stay, so a field is listed on
+    /// every reload until the process restarts.
     pub restart_needed: Vec<&'static str>,
 }
 
 impl Control {
     pub fn new(proxy: Arc<Proxy>, config: Config) -> Control {
+        let running = Arc::new(config);
         Control {
             proxy: ArcSwap::new(proxy),
-            config: ArcSwap::from_pointee(config),
+            config: ArcSwap::new(running.clone()),
+            running,
             draining: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         }
@@ -145,9 +151,10 @@ impl Control {
         result
     }
 
-    /// Swaps in a validated configuration; says what changed.
+    /// Swaps in a validated configuration; says which of its start-only fields differ from what
+    /// runs (the values the process started with), however many reloads came since.
     pub fn apply(&self, config: Config) -> Reloaded {
-        let restart_needed = restart_needed(&self.config.load(), &config);
+        let restart_needed = restart_needed(&self.running, &config);
         for field in &restart_needed {
             tracing::warn!(
                 field,
@@ -177,6 +184,11 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     let changed = [
         ("server.listen", old.server.listen != new.server.listen),
+        // The listener speaks TLS or not from its start; a new certificate is read on reload.
+        (
+            "server.tls",
+            old.server.tls.is_some() != new.server.tls.is_some(),
+        ),
         (
             "server.admin_listen",
             old.server.admin_listen != new.server.admin_listen,
@@ -229,6 +241,14 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "cache.l1_max_bytes",
             old.cache.l1_max_bytes != new.cache.l1_max_bytes,
+        ),
+        // Redis connections are opened once: new certificates take effect on restart.
+        (
+            "redis.tls",
+            old_redis.zip(new_redis).is_some_and(|(a, b)| {
+                a.tls.as_ref().map(RedisTls::fingerprint)
+                    != b.tls.as_ref().map(RedisTls::fingerprint)
+            }),
         ),
     ];
     changed

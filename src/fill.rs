@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,14 +24,27 @@ use http_body_util::{Either, Full};
 use crate::body::ProxyBody;
 use crate::config::RouteConfig;
 use crate::entry::{Entry, error_entry};
+use crate::flight::Hold;
 use crate::key::CacheKey;
 use crate::l1::{L1, PassMarks};
-use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
+use crate::l2::Notice;
 use crate::lock::FillLock;
 use crate::metrics::Metrics;
+use crate::relay::Relay;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Caps, Fetched, Overloaded, UpstreamClient, UpstreamError};
+use crate::upstream::{
+    Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError, endpoints,
+};
 use crate::verdict::{Verdict, judge};
+
+mod claim;
+mod publish;
+mod stream;
+
+pub(crate) use claim::Claim;
+
+use stream::Streaming;
+pub use stream::{RELAY_WINDOW, declared_length};
 
 /// Everything a fill needs from the request that started it.
 #[derive(Clone)]
@@ -44,6 +58,9 @@ pub struct FillRequest {
     /// fill with no stale entry of its own asks the upstream conditionally with them, and a
     /// `304` renews it (RFC 9111 §4.3). Never served as it is.
     pub validators: Option<Arc<Entry>>,
+    /// The flight this request started, kept joinable while its answer streams (see
+    /// [`crate::flight::Hold`]); `None` outside a flight.
+    pub hold: Option<Hold>,
 }
 
 /// Where a shared entry came from.
@@ -71,6 +88,13 @@ enum Answered {
     NotModified,
 }
 
+/// What a call to the upstream came to: a verdict on a whole answer, or a storable head whose
+/// body is still to stream.
+enum Called {
+    Judged(Verdict, Answered),
+    Streaming(Streaming),
+}
+
 /// An oversized answer's stream, handed to the flight's leader (once).
 pub type StreamSlot = Mutex<Option<Response<ProxyBody>>>;
 
@@ -82,8 +106,16 @@ pub enum Fill {
     /// An answer for the flight's leader alone; followers fetch for themselves.
     Private(Arc<Buffered>),
     /// An answer too large to store, streaming to the flight's leader; followers fetch for
-    /// themselves.
+    /// themselves (an answer whose head is not for sharing).
     Streamed(Arc<StreamSlot>),
+    /// A storable answer whose body is still arriving: every joiner reads it from the relay
+    /// while it arrives; the fill stores it once it has arrived whole (see [`crate::relay`]).
+    Streaming {
+        head: Arc<Entry>,
+        relay: Arc<Relay>,
+        /// `Upstream` when this flight fills; `Remote` when it tails another instance's fill.
+        source: Source,
+    },
     /// Nobody may share: every joiner fetches for itself.
     FetchYourself,
     /// No answer: every joiner answers with this error (or a stale entry it holds).
@@ -99,6 +131,8 @@ pub enum FillError {
     WaitTimeout(Duration),
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
+    #[error("the streamed answer was cut short: {0}")]
+    Cut(Arc<str>),
 }
 
 impl FillError {
@@ -109,7 +143,7 @@ impl FillError {
             }
             FillError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             FillError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            FillError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            FillError::Upstream(_) | FillError::Cut(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -119,15 +153,9 @@ impl FillError {
             FillError::Upstream(err) => err.kind(),
             FillError::WaitTimeout(_) => "wait-timeout",
             FillError::Overloaded(_) => "upstream-overloaded",
+            FillError::Cut(_) => "upstream-cut",
         }
     }
-}
-
-/// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
-/// plainly when there is one to write).
-pub(crate) enum Claim<'a> {
-    Fleet(FillLock),
-    Instance(Option<(&'a L2, &'a KeyNames)>),
 }
 
 /// What a fill needs: the upstream (client and per-route caps), the tiers it writes (L1, and the
@@ -173,7 +201,22 @@ impl Filler {
     pub(crate) async fn fill(
         &self,
         req: &FillRequest,
-        claim: Claim<'_>,
+        claim: Claim,
+        fallback: Option<Arc<Entry>>,
+    ) -> Fill {
+        let span = crate::trace::fill_span(&req.route.name, &req.key);
+        if span.is_disabled() {
+            return self.fill_traced(req, claim, fallback).await;
+        }
+        let fill = self.fill_traced(req, claim, fallback);
+        tracing::Instrument::instrument(fill, span).await
+    }
+
+    /// [`Filler::fill`] within the fill's span.
+    async fn fill_traced(
+        &self,
+        req: &FillRequest,
+        claim: Claim,
         fallback: Option<Arc<Entry>>,
     ) -> Fill {
         let route = &req.route;
@@ -184,23 +227,19 @@ impl Filler {
         // A purge applied after this point covers what the upstream is about to answer.
         let began = self.l1.fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
-        match self.call_upstream(req, lock, validators).await {
-            Ok((Verdict::Store(entry), answered)) => {
+        let called = match self.call_upstream(req, lock, validators).await {
+            Ok(Called::Streaming(mut streaming)) => {
+                tag_path(req, &mut streaming.head);
+                return self.stream(req, claim, streaming, began);
+            }
+            Ok(Called::Judged(verdict, answered)) => Ok((verdict, answered)),
+            Err(err) => Err(err),
+        };
+        match called {
+            Ok((Verdict::Store(mut entry), answered)) => {
+                tag_path(req, &mut entry);
                 let entry = Arc::new(entry);
-                let fence = self.l1.fence();
-                if fence.purged_since(began, &route.name, &req.key, &entry.tags) {
-                    tracing::info!(route = %route.name, "a purge came while this fill ran: its answer goes to its own requests only");
-                    // The waiters elsewhere fill again, after the purge.
-                    claim.give_up(req, Notice::Failed(None)).await;
-                    return Fill::Shared {
-                        entry,
-                        source: Source::Upstream { stored: false },
-                    };
-                }
-                let stored = claim.store(req, &entry).await;
-                if stored {
-                    self.l1.insert(req.key, &route.name, entry.clone()).await;
-                }
+                let stored = self.store(req, claim, &entry, began).await;
                 let source = match answered {
                     Answered::NotModified if stored => Source::Revalidated,
                     _ => Source::Upstream { stored },
@@ -248,8 +287,33 @@ impl Filler {
         }
     }
 
+    /// Stores what a fill got, unless a purge came since `began` (then its answer goes to this
+    /// flight's requesters only and the waiters elsewhere fill again). `true` when stored.
+    async fn store(&self, req: &FillRequest, claim: Claim, entry: &Arc<Entry>, began: u64) -> bool {
+        let route = &req.route;
+        if self
+            .l1
+            .fence()
+            .purged_since(began, &route.name, &req.key, &entry.tags)
+        {
+            tracing::info!(route = %route.name, "a purge came while this fill ran: its answer goes to its own requests only");
+            claim.give_up(req, Notice::Failed(None)).await;
+            return false;
+        }
+        let stored = claim.store(req, entry).await;
+        if stored {
+            let (path, status) = (req.parts.uri.path(), entry.status.as_u16());
+            tracing::info!(route = %route.name, path, status, fill_ms = entry.fill_ms, bytes = entry.body.len(), "fill stored");
+            self.l1.insert(req.key, &route.name, entry.clone()).await;
+        }
+        stored
+    }
+
     /// Calls the upstream for a fill, under the route's cap. The lock's watchdog clock starts
     /// once the slot is had, so a wait for the slot cannot eat the lease of the call itself.
+    ///
+    /// A head that the verdict would store comes back at once with its body still streaming
+    /// ([`Called::Streaming`]); any other answer is read whole (up to `max_entry_size`) first.
     ///
     /// With `stale` (the entry a refresh renews, or one standing in for a failed fill) that has
     /// validators, the request is conditional, and a `304` renews `stale` without a body (RFC
@@ -259,35 +323,89 @@ impl Filler {
         req: &FillRequest,
         lock: Option<&FillLock>,
         stale: Option<&Entry>,
-    ) -> Result<(Verdict, Answered), FillError> {
+    ) -> Result<Called, FillError> {
         let route = &req.route;
         let slot = self.caps.slot(route).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
-        let mut upstream_req = crate::upstream::fill_request(
-            &req.parts,
-            Either::Left(Full::new(req.body.clone())),
-            route,
-        );
-        let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
-        let started = Instant::now();
-        let fetched = self
-            .client
-            .fetch(
-                upstream_req,
-                &route.upstream,
-                route.upstream_timeout,
-                route.max_entry_size,
-            )
-            .await;
-        let took = started.elapsed();
-        let status = match &fetched {
-            Ok(Fetched::Whole(answer)) => Some(answer.status.as_u16()),
-            Ok(Fetched::Oversized { parts, .. }) => Some(parts.status.as_u16()),
-            Err(_) => None,
+        let span = tracing::Span::current();
+        // A route with several endpoints: a failure (no answer, or a 5xx) on one is tried on the
+        // next before the fill fails its waiters, each try under `upstream_timeout`.
+        let endpoints = self.caps.endpoints(route);
+        let mut tried = Vec::new();
+        let (fetched, conditional, took) = loop {
+            let picked = endpoints.as_deref().and_then(|set| set.pick_except(&tried));
+            let upstream = picked.map_or(&route.upstream, |(_, uri)| uri);
+            let mut upstream_req = crate::upstream::fill_request_to(
+                &req.parts,
+                Either::Left(Full::new(req.body.clone())),
+                route,
+                upstream,
+            );
+            let conditional = stale.is_some_and(|e| make_conditional(&mut upstream_req, e));
+            crate::trace::inject(&span, upstream_req.headers_mut());
+            let started = Instant::now();
+            let deadline = tokio::time::Instant::now() + route.upstream_timeout;
+            let headed = self
+                .client
+                .fetch_head(upstream_req, upstream, route.upstream_timeout)
+                .await;
+            let fetched = match headed {
+                Ok(headed) => {
+                    let fill_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+                    let not_modified = conditional && is_not_modified(headed.parts.status);
+                    if !not_modified
+                        && let Verdict::Store(head) = judge(route, headed.head(), fill_ms)
+                    {
+                        let status = headed.parts.status;
+                        self.metrics.upstream_call(
+                            &route.name,
+                            Some(status.as_u16()),
+                            started.elapsed(),
+                        );
+                        span.record("upstream.status", status.as_u16());
+                        if let (Some(set), Some((index, _))) = (&endpoints, picked) {
+                            set.record(index, endpoints::judged(Some(status)));
+                        }
+                        return Ok(Called::Streaming(Streaming {
+                            head,
+                            body: headed.body,
+                            slot,
+                            started,
+                            deadline,
+                        }));
+                    }
+                    read_rest(headed, route, deadline).await
+                }
+                Err(err) => Err(err),
+            };
+            let took = started.elapsed();
+            let status = match &fetched {
+                Ok(Fetched::Whole(answer)) => Some(answer.status),
+                Ok(Fetched::Oversized { parts, .. }) => Some(parts.status),
+                Err(_) => None,
+            };
+            let code = status.map(|s| s.as_u16());
+            self.metrics.upstream_call(&route.name, code, took);
+            if let Some(code) = code {
+                span.record("upstream.status", code);
+            }
+            let (Some(set), Some((index, _))) = (&endpoints, picked) else {
+                break (fetched, conditional, took);
+            };
+            let call = endpoints::judged(status);
+            set.record(index, call);
+            tried.push(index);
+            if call == endpoints::Call::Failed && tried.len() < set.len() {
+                tracing::warn!(route = %route.name, endpoint = %upstream, status = code, "fill failed on this endpoint; trying the next");
+                if let Some(lock) = lock {
+                    lock.calling();
+                }
+                continue;
+            }
+            break (fetched, conditional, took);
         };
-        self.metrics.upstream_call(&route.name, status, took);
         let fetched = fetched.map_err(|err| {
             tracing::warn!(route = %route.name, %err, "upstream call failed");
             FillError::Upstream(Arc::new(err))
@@ -296,19 +414,21 @@ impl Filler {
         Ok(match fetched {
             Fetched::Whole(answer) if conditional && is_not_modified(answer.status) => {
                 match stale.and_then(|e| renewed(route, e, &answer.headers, fill_ms)) {
-                    Some(verdict) => (verdict, Answered::NotModified),
+                    Some(verdict) => Called::Judged(verdict, Answered::NotModified),
                     None => {
                         drop(slot);
                         return Box::pin(self.call_upstream(req, lock, None)).await;
                     }
                 }
             }
-            Fetched::Whole(answer) => (judge(route, answer, fill_ms), Answered::Whole),
+            Fetched::Whole(answer) => {
+                Called::Judged(judge(route, answer, fill_ms), Answered::Whole)
+            }
             Fetched::Oversized {
                 parts,
                 prefix,
                 rest,
-            } => (
+            } => Called::Judged(
                 Verdict::Oversized(Response::from_parts(
                     parts,
                     ProxyBody::prefixed(prefix, rest, slot),
@@ -319,45 +439,27 @@ impl Filler {
     }
 }
 
-impl Claim<'_> {
-    /// Stores a storable entry: under the lock (which the store releases, waking the waiters), or
-    /// plainly.
-    /// `false` when a purge of the key came while the fill ran (the entry must not be kept
-    /// in L1 either).
-    async fn store(self, req: &FillRequest, entry: &Entry) -> bool {
-        let route = &req.route.name;
-        match self {
-            Claim::Fleet(held) => {
-                let (l2, names) = (held.l2().clone(), held.names().clone());
-                match held.store(entry).await {
-                    Ok(StoreOutcome::Purged) => {
-                        tracing::info!(%route, "a purge came while this fill ran: not stored");
-                        return false;
-                    }
-                    Ok(outcome) => {
-                        tracing::debug!(%route, ?outcome, "filled");
-                        if outcome != StoreOutcome::Superseded {
-                            l2.index_tags(&names, entry).await;
-                        }
-                    }
-                    Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
-                }
-            }
-            Claim::Instance(Some((l2, names))) => match l2.put(names, entry).await {
-                Ok(()) => l2.index_tags(names, entry).await,
-                Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
-            },
-            Claim::Instance(None) => {}
-        }
-        true
-    }
+/// Indexes an entry under the path prefixes it lies under, for purges by prefix.
+fn tag_path(req: &FillRequest, entry: &mut Entry) {
+    let path = req.parts.uri.path();
+    entry
+        .tags
+        .extend(crate::purge::path_tags(&req.route.path_prefix, path));
+}
 
-    /// Ends a claim that stored nothing, telling the fleet's waiters why.
-    async fn give_up(self, req: &FillRequest, notice: Notice) {
-        if let Claim::Fleet(held) = self
-            && let Err(err) = held.release(Some(notice), req.route.uncacheable_ttl).await
-        {
-            tracing::warn!(route = %req.route.name, %err, "could not release fill lock; it lapses with its lease");
-        }
-    }
+/// Reads the rest of an answer that will not stream, by `deadline`.
+async fn read_rest(
+    headed: Headed,
+    route: &RouteConfig,
+    deadline: tokio::time::Instant,
+) -> Result<Fetched, UpstreamError> {
+    let read = headed.read_limited(&route.upstream, route.max_entry_size);
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Timeout {
+                upstream: route.upstream.to_string(),
+                limit: route.upstream_timeout,
+            })
+        })
 }

@@ -97,6 +97,19 @@ struct Flight<T: Clone> {
 
 type Map<T> = Arc<Mutex<HashMap<CacheKey, Flight<T>>>>;
 
+/// Keeps a flight joinable after its fill task has returned: a fill that answers early (a body
+/// still streaming through a [`crate::relay`]) holds it until the body has ended, so requests
+/// that come meanwhile join the stream instead of starting another fill. Dropping the last
+/// hold (and the task ending) lands the flight.
+#[derive(Clone)]
+pub struct Hold(#[allow(dead_code)] Arc<dyn Send + Sync>);
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold")
+    }
+}
+
 /// A joiner turned away: the flight already has its maximum of waiters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{waiting} requests already wait for this key")]
@@ -139,12 +152,13 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     }
 
     /// Joins the flight for `key`, starting it with `start` if there is none; turned away when
-    /// `max_waiters` followers already wait on it. `start` is given the flight's [`Interest`].
+    /// `max_waiters` followers already wait on it. `start` is given the flight's [`Interest`]
+    /// and a [`Hold`] on it.
     pub fn join<F>(
         &self,
         key: CacheKey,
         max_waiters: usize,
-        start: impl FnOnce(Interest) -> F,
+        start: impl FnOnce(Interest, Hold) -> F,
     ) -> Result<Joined<T>, Crowded>
     where
         F: Future<Output = T> + Send + 'static,
@@ -167,15 +181,15 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let interest = Interest::default();
         let leader = interest.join();
-        let fill = start(interest.clone());
         let joined = Arc::new(AtomicUsize::new(0));
-        let landing = Landing {
+        let landing = Arc::new(Landing {
             map: self.map.clone(),
             key,
             id,
             joined: joined.clone(),
             waiters: self.waiters.clone(),
-        };
+        });
+        let fill = start(interest.clone(), Hold(landing.clone()));
         let task = tokio::spawn(async move {
             let _landing = landing;
             fill.await
@@ -220,7 +234,8 @@ impl<T: Clone + Send + Sync + 'static> Default for Flights<T> {
     }
 }
 
-/// Removes its flight from the map when the fill task ends, however it ends.
+/// Removes its flight from the map when the fill task ends, however it ends, and every
+/// [`Hold`] on it has gone.
 struct Landing<T: Clone> {
     map: Map<T>,
     key: CacheKey,
@@ -266,7 +281,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = calls.clone();
-        let Ok(first) = flights.join(key(1), 100, move |_| async move {
+        let Ok(first) = flights.join(key(1), 100, move |_, _| async move {
             c.fetch_add(1, Ordering::SeqCst);
             let _ = rx.await;
             7
@@ -277,7 +292,7 @@ mod tests {
         let mut others = Vec::new();
         for _ in 0..50 {
             let c = calls.clone();
-            let joined = flights.join(key(1), 100, move |_| async move {
+            let joined = flights.join(key(1), 100, move |_, _| async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 0
             });
@@ -300,12 +315,12 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
         let flights = Flights::<u32>::new(None);
-        let Ok(joined) = flights.join(key(2), 1, |_| async { panic!("fill blew up") }) else {
+        let Ok(joined) = flights.join(key(2), 1, |_, _| async { panic!("fill blew up") }) else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.result.await, None);
         assert!(flights.is_empty());
-        let Ok(joined) = flights.join(key(2), 1, |_| async { 3 }) else {
+        let Ok(joined) = flights.join(key(2), 1, |_, _| async { 3 }) else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.role, Role::Leader);
@@ -316,20 +331,20 @@ mod tests {
     async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
         let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let leader = flights.join(key(3), 2, move |_| async move {
+        let leader = flights.join(key(3), 2, move |_, _| async move {
             let _ = rx.await;
             1
         });
         assert!(leader.is_ok());
-        let a = flights.join(key(3), 2, |_| async { 0 });
-        let b = flights.join(key(3), 2, |_| async { 0 });
+        let a = flights.join(key(3), 2, |_, _| async { 0 });
+        let b = flights.join(key(3), 2, |_, _| async { 0 });
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(
-            flights.join(key(3), 2, |_| async { 0 }).err(),
+            flights.join(key(3), 2, |_, _| async { 0 }).err(),
             Some(Crowded { waiting: 2 })
         );
         drop(a);
-        assert!(flights.join(key(3), 2, |_| async { 0 }).is_ok());
+        assert!(flights.join(key(3), 2, |_, _| async { 0 }).is_ok());
         let _ = tx.send(());
     }
 
@@ -337,12 +352,12 @@ mod tests {
     async fn a_flight_learns_when_every_joiner_has_gone() {
         let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-        let leader = flights.join(key(4), 10, move |interest| async move {
+        let leader = flights.join(key(4), 10, move |interest, _| async move {
             interest.abandoned().await;
             let _ = tx.send(true);
             0
         });
-        let follower = flights.join(key(4), 10, |_| async { 0 });
+        let follower = flights.join(key(4), 10, |_, _| async { 0 });
         assert!(leader.is_ok() && follower.is_ok());
         drop(leader);
         tokio::task::yield_now().await;

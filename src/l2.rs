@@ -40,6 +40,7 @@ pub(crate) use budget::{PATIENCE, guarded, manager_config, patiently};
 use connection::Connection;
 pub(crate) use fill_lock::PURGED_LOCK;
 pub use fill_lock::{LockState, Lookup, StoreOutcome, Terms};
+pub use relay_log::{Record, WINDOW_RECORDS};
 use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
 
 use crate::breaker::Breaker;
@@ -52,9 +53,11 @@ mod budget;
 mod connection;
 mod fill_lock;
 mod purge;
+mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
 pub(crate) mod switches;
+pub(crate) mod tls;
 
 /// A Redis fault, with the operation that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -80,19 +83,37 @@ pub struct KeyNames {
     pub lock: String,
     pub channel: String,
     pub pass: String,
+    /// The prefix of the relay logs of streaming fills (see `l2/relay_log.rs`).
+    pub relay: String,
+}
+
+impl KeyNames {
+    /// The relay log of the streaming fill `id` of this key: one per fill, so a fill that
+    /// follows another never writes into a log still being read.
+    pub fn relay_log(&self, id: &str) -> String {
+        format!("{}:{id}", self.relay)
+    }
 }
 
 /// What a fill notice says. Published on the key's channel by the leader.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// The entry is in L2; it comes with the notice unless it was too large to publish.
-    Stored(Option<Arc<Entry>>),
+    /// The entry is in L2; it comes with the notice unless it was too large to publish. Then the
+    /// fill's span, when the filler records spans (see [`crate::trace::FillRef`]).
+    Stored(Option<Arc<Entry>>, Option<crate::trace::FillRef>),
     /// The fill failed and stored nothing. Carries the answer the leader got (an upstream error,
     /// or a 502/504 standing for a call that got none) so waiters share it instead of calling
     /// the upstream one after another; `None` when it was too large to publish.
     Failed(Option<Arc<Entry>>),
     /// The answer may not be shared: every waiter fetches for itself.
     Uncacheable,
+    /// The leader is relaying a storable answer while it arrives: waiters may read its relay
+    /// log, named by the fill's id (see `l2/relay_log.rs`); `stored` follows once it has arrived
+    /// whole.
+    Streaming(Arc<str>),
+    /// The streaming fill (by id) wrote more to its relay log: its tailers read on, and a waiter
+    /// that missed the `streaming` notice starts tailing.
+    Relayed(Arc<str>),
 }
 
 /// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
@@ -102,16 +123,25 @@ impl Notice {
     /// The notice's name, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            Notice::Stored(_) => "stored",
+            Notice::Stored(..) => "stored",
             Notice::Failed(_) => "failed",
             Notice::Uncacheable => "uncacheable",
+            Notice::Streaming(_) => "streaming",
+            Notice::Relayed(_) => "relayed",
         }
     }
 
     pub fn payload(&self) -> Bytes {
         match self {
-            Notice::Stored(_) => Bytes::from_static(b"stored"),
+            Notice::Stored(_, None) => Bytes::from_static(b"stored"),
+            Notice::Stored(_, Some(by)) => {
+                let mut payload = b"stored:".to_vec();
+                payload.extend_from_slice(&by.encode());
+                Bytes::from(payload)
+            }
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
+            Notice::Streaming(id) => Bytes::from(format!("streaming:{id}")),
+            Notice::Relayed(id) => Bytes::from(format!("relayed:{id}")),
             Notice::Failed(None) => Bytes::from_static(b"failed"),
             Notice::Failed(Some(entry)) => {
                 let encoded = entry.encode();
@@ -127,14 +157,22 @@ impl Notice {
     }
 
     pub fn parse(payload: &[u8]) -> Option<Notice> {
-        if let Some(entry) = payload.strip_prefix(b"stored:") {
-            let entry = Entry::decode(Bytes::copy_from_slice(entry))
-                .ok()
+        if let Some(rest) = payload.strip_prefix(b"stored:") {
+            // `stored:[trace reference][entry]`, each part optional.
+            let (by, entry) = crate::trace::FillRef::split(rest);
+            let entry = (!entry.is_empty())
+                .then(|| Entry::decode(Bytes::copy_from_slice(entry)).ok())
+                .flatten()
                 .map(Arc::new);
-            return Some(Notice::Stored(entry));
+            return Some(Notice::Stored(entry, by));
+        }
+        if let Some(id) = payload.strip_prefix(b"streaming:") {
+            return std::str::from_utf8(id)
+                .ok()
+                .map(|id| Notice::Streaming(id.into()));
         }
         match payload {
-            b"stored" => Some(Notice::Stored(None)),
+            b"stored" => Some(Notice::Stored(None, None)),
             b"uncacheable" => Some(Notice::Uncacheable),
             b"failed" => Some(Notice::Failed(None)),
             _ => {
@@ -181,6 +219,7 @@ struct Scripts {
     store: Script,
     release: Script,
     extend: Script,
+    relay_append: Script,
     /// How fill notices are published: [`publish_command`].
     publish: &'static str,
 }
@@ -207,6 +246,7 @@ impl L2 {
                 store: Script::new(STORE),
                 release: Script::new(RELEASE),
                 extend: Script::new(EXTEND),
+                relay_append: Script::new(relay_log::APPEND),
                 publish: publish_command(&cfg.topology),
             }),
         })
@@ -242,6 +282,7 @@ impl L2 {
             lock: format!("corral:{ns}:{route}:lock:{{{hex}}}"),
             channel: format!("corral:{ns}:{route}:fill:{{{hex}}}"),
             pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
+            relay: format!("corral:{ns}:{route}:relay:{{{hex}}}"),
         }
     }
 

@@ -26,6 +26,9 @@
 //! - [`upstream`] — the pooled client, per-route caps and header hygiene; [`route`] and
 //!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
 //!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
+//!   [`trace`] — W3C trace context and the request path's spans; [`telemetry`] — their OTLP
+//!   export, when configured; [`header_rules`] — what a route adds to or removes from its
+//!   answers' headers;
 //!   [`access`] — the access line, written by its own thread.
 //!
 //! The `corral` binary is `main.rs` (`run`, `validate`, `demo`) with its one module `demo.rs`
@@ -52,6 +55,7 @@ pub mod entry;
 pub mod fill;
 pub mod fleet;
 pub mod flight;
+pub mod header_rules;
 pub mod key;
 pub mod l1;
 pub mod l2;
@@ -62,10 +66,14 @@ pub mod outcome;
 pub mod proxy;
 pub mod purge;
 pub mod redact;
+pub mod relay;
 pub mod revalidate;
 pub mod route;
 pub mod server;
 pub mod target;
+pub mod telemetry;
+pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod vary;
 pub mod verdict;

@@ -6,8 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use corral::telemetry::{Telemetry, TelemetryConfig};
 use corral::{Config, Instance};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 mod demo;
 
@@ -56,11 +59,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format, matches!(cli.command, Command::Demo(_)));
+    let format = cli.log_format;
     let result = match cli.command {
-        Command::Validate { config } => validate(&config),
-        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
-        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
+        Command::Validate { config } => {
+            init_logs(format, false, None).and_then(|_| validate(&config))
+        }
+        // Logging starts once the config is read: its `[telemetry]` says where spans go.
+        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config, format))),
+        Command::Demo(args) => init_logs(format, true, None)
+            .and_then(|_| runtime())
+            .and_then(|rt| rt.block_on(demo::run(args))),
     };
     // The access lines still queued are written before the process ends (unless stderr blocks).
     let _ = corral::access::flush(std::time::Duration::from_secs(2));
@@ -96,10 +104,13 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     for warning in config.warnings() {
         eprintln!("warning: {}: {warning}", path.display());
     }
+    let routes = match config.routes.len() {
+        1 => "1 route".to_owned(),
+        n => format!("{n} routes"),
+    };
     println!(
-        "{}: ok ({} routes, {})",
+        "{}: ok ({routes}, {})",
         path.display(),
-        config.routes.len(),
         if config.redis.is_some() {
             "fleet mode with redis"
         } else {
@@ -109,8 +120,9 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
+async fn run(path: PathBuf, format: LogFormat) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
+    let telemetry = init_logs(format, false, config.telemetry.as_ref())?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
     let terminator = instance.terminator();
     let stop = instance.stopper();
@@ -128,6 +140,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
     });
     instance.wait().await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
     Ok(())
 }
 
@@ -168,23 +183,40 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn init_logs(format: LogFormat, quiet: bool) {
+/// Installs the log lines (stderr, `RUST_LOG`) and, with `[telemetry]`, the span export, which
+/// must be flushed at the end ([`Telemetry::shutdown`]). The request path's spans never show in
+/// the log lines ([`corral::trace::QUIET`]); without export they are not even built.
+fn init_logs(
+    format: LogFormat,
+    quiet: bool,
+    telemetry: Option<&TelemetryConfig>,
+) -> anyhow::Result<Option<Telemetry>> {
     let default = if quiet { "warn" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = match corral::trace::QUIET.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // Colours only for a person at a terminal: kubectl logs, journald and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let line_format = match format {
-        LogFormat::Text => {
-            builder.init();
-            corral::access::LineFormat::Text
+    let (lines, line_format) = match format {
+        LogFormat::Text => (lines.boxed(), corral::access::LineFormat::Text),
+        LogFormat::Json => (lines.json().boxed(), corral::access::LineFormat::Json),
+    };
+    let registry = tracing_subscriber::registry().with(lines.with_filter(filter));
+    let telemetry = match telemetry {
+        None => {
+            registry.init();
+            None
         }
-        LogFormat::Json => {
-            builder.json().init();
-            corral::access::LineFormat::Json
+        Some(config) => {
+            let (telemetry, export) = Telemetry::start(config).context("starting span export")?;
+            registry.with(export).init();
+            tracing::info!(endpoint = %config.otlp_endpoint, "exporting spans (OTLP/HTTP)");
+            Some(telemetry)
         }
     };
     // The access lines get their own writer thread, off the request path; without it they are
@@ -192,4 +224,5 @@ fn init_logs(format: LogFormat, quiet: bool) {
     if let Err(err) = corral::access::install(line_format, Box::new(std::io::stderr())) {
         tracing::warn!(%err, "no access-log writer thread; access lines are written inline");
     }
+    Ok(telemetry)
 }

@@ -24,6 +24,7 @@ use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
 
 mod sharded;
+mod streams;
 
 pub use sharded::ShardedCounter;
 
@@ -85,6 +86,12 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// An upstream's authority (`host:port`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
     pub op: &'static str,
@@ -129,6 +136,10 @@ pub struct Metrics {
     /// The request counters of each route, by outcome: counted without building a label set
     /// (and allocating its route name) on every request.
     request_counters: RwLock<HashMap<String, RequestCounters>>,
+    /// Time to Corral's own answer, by route and outcome.
+    answer_seconds: HistogramFamily<RouteOutcome>,
+    /// The answer histograms of each route, by outcome, found as the request counters are.
+    answer_histograms: RwLock<HashMap<String, AnswerHistograms>>,
     upstream_calls: Family<RouteStatus, Counter>,
     upstream_seconds: HistogramFamily<RouteLabel>,
     lock_outcomes: Family<RouteOutcome, Counter>,
@@ -141,6 +152,17 @@ pub struct Metrics {
     purges: Family<KindLabel, Counter>,
     purged_entries: Counter,
     notices_received: Counter,
+    upstream_tls_handshakes: Family<UpstreamLabel, Counter>,
+    streams: streams::StreamMetrics,
+}
+
+/// The answer-time histograms of one route, indexed by outcome like [`RequestCounters`].
+type AnswerHistograms = Arc<[Option<Histogram>; CacheOutcome::ALL.len()]>;
+
+/// Buckets for Corral's own answers: a hit takes microseconds, a fill the upstream's time.
+fn answer_histogram() -> Histogram {
+    // 50 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 fn latency_histogram() -> Histogram {
@@ -169,6 +191,13 @@ impl Metrics {
             "upstream_duration_seconds",
             "Time to the upstream's answer head (pass-through) or whole body (fills)",
             upstream_seconds.clone(),
+        );
+        let answer_seconds: HistogramFamily<RouteOutcome> =
+            Family::new_with_constructor(answer_histogram);
+        registry.register(
+            "answer_duration_seconds",
+            "Time from a request's arrival to Corral's answer head, by route and cache outcome",
+            answer_seconds.clone(),
         );
         let lock_outcomes = Family::<RouteOutcome, Counter>::default();
         registry.register(
@@ -231,15 +260,25 @@ impl Metrics {
             "Fill notices Redis pub/sub delivered to this process: one per fill it waited on, however many requests waited",
             notices_received.clone(),
         );
+        let streams = streams::StreamMetrics::register(&mut registry);
+        let upstream_tls_handshakes = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes with upstreams, by authority: new connections, not requests (pooled connections are reused)",
+            upstream_tls_handshakes.clone(),
+        );
         registry.register(
             "access_lines_dropped",
             "Access lines dropped because the log writer's queue was full (its output is slow or blocked); requests never wait for the log",
             crate::access::dropped_counter().clone(),
         );
         let metrics = Metrics {
+            upstream_tls_handshakes,
             registry,
             requests,
             request_counters: RwLock::default(),
+            answer_seconds,
+            answer_histograms: RwLock::default(),
             upstream_calls,
             upstream_seconds,
             lock_outcomes,
@@ -252,6 +291,7 @@ impl Metrics {
             purges,
             purged_entries,
             notices_received,
+            streams,
         };
         metrics.route_counters(UNROUTED, |outcome| outcome == CacheOutcome::UriMiss);
         metrics
@@ -277,6 +317,34 @@ impl Metrics {
                 family: self.requests.clone(),
             }))
         })
+    }
+
+    /// One answer of Corral's: counted by outcome (as [`Metrics::request`]) and its time, from
+    /// the request's arrival to the answer head, observed by route and outcome.
+    pub fn answered(&self, route: &str, outcome: CacheOutcome, took: Duration) {
+        self.request(route, outcome);
+        self.answer_time(route, outcome, took);
+    }
+
+    /// The time of one answer of Corral's (the request is counted apart, see
+    /// [`RequestCounters`]), observed by route and outcome.
+    pub fn answer_time(&self, route: &str, outcome: CacheOutcome, took: Duration) {
+        let known = self
+            .answer_histograms
+            .read()
+            .ok()
+            .and_then(|map| map.get(route).cloned());
+        let seconds = took.as_secs_f64();
+        match known.as_ref().and_then(|h| h[outcome as usize].as_ref()) {
+            Some(histogram) => histogram.observe(seconds),
+            None => self
+                .answer_seconds
+                .get_or_create(&RouteOutcome {
+                    route: route.to_owned(),
+                    outcome: outcome.as_str(),
+                })
+                .observe(seconds),
+        }
     }
 
     /// Creates the series a route can move at zero, so dashboards and alerts see 0 rather than no
@@ -326,6 +394,20 @@ impl Metrics {
         if let Ok(mut map) = self.request_counters.write() {
             map.insert(route.to_owned(), counters);
         }
+        // The same outcomes' answer times, at zero too.
+        let histograms: AnswerHistograms = Arc::new(CacheOutcome::ALL.map(|outcome| {
+            possible(outcome).then(|| {
+                self.answer_seconds
+                    .get_or_create(&RouteOutcome {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
+        }));
+        if let Ok(mut map) = self.answer_histograms.write() {
+            map.insert(route.to_owned(), histograms);
+        }
     }
 
     /// One upstream call: `status` is `None` when no answer came.
@@ -361,6 +443,11 @@ impl Metrics {
     }
 
     /// The histogram of requests waiting on one fill, observed by the flights as they land.
+    /// The TLS handshake counters, for the upstream connectors to count in.
+    pub fn upstream_tls_handshakes(&self) -> Family<UpstreamLabel, Counter> {
+        self.upstream_tls_handshakes.clone()
+    }
+
     pub fn waiters_histogram(&self) -> Histogram {
         self.waiters.clone()
     }
@@ -407,102 +494,4 @@ impl Default for Metrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    /// The `corral_requests_total` and `corral_fill_lock_total` series on a page, as
-    /// `(metric, route, outcome)`.
-    fn series(page: &str) -> Vec<(String, String, String)> {
-        let mut found = Vec::new();
-        for line in page.lines() {
-            let Some((name, rest)) = line.split_once('{') else {
-                continue;
-            };
-            if name != "corral_requests_total" && name != "corral_fill_lock_total" {
-                continue;
-            }
-            let labels = rest.split_once('}').map_or("", |(labels, _)| labels);
-            let label = |key: &str| {
-                labels
-                    .split(',')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| v.trim_matches('"').to_owned())
-                    .unwrap_or_default()
-            };
-            found.push((name.to_owned(), label("route"), label("outcome")));
-        }
-        found
-    }
-
-    #[test]
-    fn only_possible_series_are_created_before_their_first_event() {
-        let text = "[redis]\nurl = \"redis://127.0.0.1:1\"\n\
-            [[route]]\nname = \"cached\"\npath_prefix = \"/c\"\nupstream = \"http://127.0.0.1:1\"\n\
-            [[route]]\nname = \"local\"\npath_prefix = \"/l\"\nupstream = \"http://127.0.0.1:1\"\nlock = { scope = \"instance\" }\n\
-            [[route]]\nname = \"passed\"\npath_prefix = \"/p\"\nupstream = \"http://127.0.0.1:1\"\ncache = false\n";
-        let config =
-            Config::parse(text, std::path::Path::new("<test>")).unwrap_or_else(|e| panic!("{e}"));
-        let metrics = Metrics::new();
-        for route in &config.routes {
-            metrics.register_route(route);
-        }
-        let page = series(&metrics.render(0, 0, false));
-        let has = |metric: &str, route: &str, outcome: &str| {
-            page.iter()
-                .any(|(m, r, o)| m == metric && r == route && o == outcome)
-        };
-        let requests = "corral_requests_total";
-        let locks = "corral_fill_lock_total";
-        // Unrouted requests: only uri_miss.
-        assert!(has(requests, UNROUTED, "uri_miss"), "{page:?}");
-        assert_eq!(
-            page.iter().filter(|(_, r, _)| r == UNROUTED).count(),
-            1,
-            "{page:?}"
-        );
-        // Named routes never uri_miss; a cached route every other outcome.
-        assert!(
-            !page
-                .iter()
-                .any(|(_, r, o)| r != UNROUTED && o == "uri_miss"),
-            "{page:?}"
-        );
-        for outcome in ["hit", "stale", "coalesced", "miss_stored", "miss", "bypass"] {
-            assert!(
-                has(requests, "cached", outcome),
-                "cached {outcome}: {page:?}"
-            );
-        }
-        // A route that does not cache: bypass only, and no fill lock.
-        let passed: Vec<_> = page.iter().filter(|(_, r, _)| r == "passed").collect();
-        assert_eq!(
-            passed,
-            [&(
-                requests.to_owned(),
-                "passed".to_owned(),
-                "bypass".to_owned()
-            )]
-        );
-        // Fill-lock outcomes only where there is a fleet lock.
-        assert!(has(locks, "cached", "acquired"));
-        assert!(
-            !page.iter().any(|(m, r, _)| m == locks && r != "cached"),
-            "{page:?}"
-        );
-
-        // An outcome nobody expected is still counted, in a series created then.
-        metrics.request("passed", CacheOutcome::MissNotStored);
-        metrics.request("passed", CacheOutcome::Bypass);
-        let page = metrics.render(0, 0, false);
-        assert!(
-            page.contains("corral_requests_total{route=\"passed\",outcome=\"miss\"} 1"),
-            "{page}"
-        );
-        assert!(
-            page.contains("corral_requests_total{route=\"passed\",outcome=\"bypass\"} 1"),
-            "{page}"
-        );
-    }
-}
+mod tests;

@@ -9,12 +9,13 @@
 //!   ones, and resyncs the waiters when notices may have been lost.
 //! - `notice/topology.rs` — which node the hub subscribes on and how each call there is bounded;
 //!   following it (the next seed node, the master the sentinels name).
-//!   `notice/sharded.rs` — in a cluster, the sharded subscriptions of fill channels.
+//!   `notice/sharded.rs` — in a cluster, the sharded subscriptions of fill channels;
+//!   `notice/bounds.rs` — how every call the hub makes is bounded (breaker, budget, metrics).
 //! - `notice/pushes.rs` — what arrives on a connection: notices, purges, lost subscriptions.
 //! - `notice/invalidation.rs` — applying purges to L1, and dropping L1 after a disconnection.
 //!
-//! Dependencies run one way: hub → reconciler → topology → sharded → pushes → waiters, the
-//! reconciler → invalidation; below them only [`crate::l2`] (connections, budgets, the notice
+//! Dependencies run one way: hub → reconciler → topology → sharded → pushes → waiters, topology
+//! and sharded → bounds, the reconciler → invalidation (`tests/layering.rs` checks it); below them only [`crate::l2`] (connections, budgets, the notice
 //! format), [`crate::l1`] and [`crate::purge`]. Nothing here calls the fill or the proxy.
 //!
 //! # Waking a waiter
@@ -76,12 +77,14 @@ use crate::l1::L1;
 use crate::l2::{L2Error, Notice, PATIENCE};
 use crate::metrics::Metrics;
 
+use bounds::Bounds;
 use invalidation::Invalidation;
 use pushes::Pushes;
-use reconciler::Reconciler;
-use topology::{Bounds, Topology};
+use reconciler::Driver;
+use topology::Topology;
 use waiters::{Mailbox, Waiters, lock};
 
+mod bounds;
 mod invalidation;
 mod pushes;
 mod reconciler;
@@ -99,6 +102,7 @@ pub enum Wake {
 
 /// What the reconciler is asked or told (by the hub's handles, the push handlers, the sentinels'
 /// switch watch, its own retry timer).
+#[derive(Debug)]
 enum Request {
     /// Reconcile, then acknowledge.
     Sync(oneshot::Sender<Result<(), String>>),
@@ -167,7 +171,7 @@ impl Notices {
         };
         let topology = Topology::new(cfg, bounds, &pushes, on_switch)?;
         tokio::spawn(invalidation::apply(purges, l1));
-        let reconciler = Reconciler {
+        let reconciler = Driver {
             topology,
             waiters: waiters.clone(),
             invalidation,

@@ -39,12 +39,13 @@ impl CacheOutcome {
         CacheOutcome::UriMiss,
     ];
 
-    /// The metric label.
+    /// The metric and log label: RFC 9211's words where it has one (`collapsed` for a waiter,
+    /// as in `Cache-Status`).
     pub fn as_str(self) -> &'static str {
         match self {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Stale => "stale",
-            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::Coalesced => "collapsed",
             CacheOutcome::MissStored => "miss_stored",
             CacheOutcome::MissNotStored => "miss",
             CacheOutcome::Revalidated => "revalidated",
@@ -60,7 +61,7 @@ impl CacheOutcome {
     /// |---|---|
     /// | hit | `corral; hit; ttl=N` |
     /// | stale | `corral; hit; ttl=-N; detail=stale` |
-    /// | coalesced | `corral; fwd=miss; fwd-status=S; collapsed` |
+    /// | collapsed | `corral; fwd=miss; fwd-status=S; collapsed` |
     /// | miss_stored | `corral; fwd=miss; fwd-status=S; stored` |
     /// | miss | `corral; fwd=miss; fwd-status=S` |
     /// | revalidated | `corral; fwd=stale; fwd-status=304; stored` |
@@ -101,6 +102,30 @@ impl CacheOutcome {
             .unwrap_or(HeaderValue::from_static("corral"))
     }
 
+    /// The `Cache-Status` of a 5xx Corral made itself because no upstream answer stands behind
+    /// it (the upstream refused, timed out, broke off, or had no free slot): no `fwd-status`,
+    /// which RFC 9211 reserves for the status the next hop returned, and the failure's kind (as
+    /// in `corral-error`) as `detail`.
+    pub fn cache_status_unanswered(self, kind: &str) -> HeaderValue {
+        let forward = match self {
+            CacheOutcome::Coalesced => "fwd=miss; collapsed",
+            CacheOutcome::Bypass => "fwd=bypass",
+            CacheOutcome::UriMiss => "fwd=uri-miss",
+            CacheOutcome::Revalidated => "fwd=stale",
+            CacheOutcome::Hit
+            | CacheOutcome::Stale
+            | CacheOutcome::MissStored
+            | CacheOutcome::MissNotStored => "fwd=miss",
+        };
+        // `kind` is one of Corral's own tokens; anything else is left out rather than sent.
+        let detail = match kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+            true if !kind.is_empty() => format!("; detail={kind}"),
+            _ => String::new(),
+        };
+        HeaderValue::from_str(&format!("corral; {forward}{detail}"))
+            .unwrap_or(HeaderValue::from_static("corral"))
+    }
+
     /// Whether the answer came from a stored entry (and so carries `Age`).
     pub fn is_hit(self) -> bool {
         matches!(
@@ -125,6 +150,19 @@ pub fn cache_status_kind(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_nothing_gave_has_no_fwd_status_and_says_why() {
+        let refused = CacheOutcome::MissNotStored.cache_status_unanswered("upstream-connect");
+        assert_eq!(refused, "corral; fwd=miss; detail=upstream-connect");
+        let shared = CacheOutcome::Coalesced.cache_status_unanswered("upstream-timeout");
+        assert_eq!(
+            shared,
+            "corral; fwd=miss; collapsed; detail=upstream-timeout"
+        );
+        let odd = CacheOutcome::Bypass.cache_status_unanswered("x\"; y");
+        assert_eq!(odd, "corral; fwd=bypass");
+    }
 
     #[test]
     fn kinds_drop_the_name_and_the_per_answer_numbers() {

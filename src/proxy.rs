@@ -88,7 +88,9 @@ impl Proxy {
             None => None,
         };
         let marks = PassMarks::new();
-        let client = UpstreamClient::with_idle_timeout(config.server.upstream_idle_timeout);
+        let idle = config.server.upstream_idle_timeout;
+        let client = UpstreamClient::with_handshakes(idle, metrics.upstream_tls_handshakes());
+        client.renew(config);
         let caps = Arc::new(Caps::new(config));
         let filler = Filler::new(
             l1.clone(),
@@ -145,6 +147,7 @@ impl Proxy {
             self.metrics.register_route(route);
         }
         let caps = Arc::new(self.caps.renewed(config));
+        self.client.renew(config);
         let router = Router::new(&config.routes);
         Proxy {
             started: self.started,
@@ -219,10 +222,21 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: every error becomes an answer.
-    pub async fn handle(
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let span = crate::trace::request_span(req.method(), req.headers());
+        if span.is_disabled() {
+            return self.serve(req, peer, &span).await;
+        }
+        let serve = self.serve(req, peer, &span);
+        tracing::Instrument::instrument(serve, span.clone()).await
+    }
+
+    /// [`Proxy::handle`] within the request's span (a disabled one when nothing records it).
+    async fn serve(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        span: &tracing::Span,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         if let Err(err) = crate::target::normalize(&mut req) {
@@ -232,7 +246,7 @@ impl Proxy {
             response.headers_mut().insert(CACHE_STATUS, cache_status);
             return response;
         }
-        let logged = self.access_line_of(req.method(), req.uri().path());
+        let logged = self.access_line_of(&req);
         let found = self.router.route_index(req.uri().path(), req.method());
         let route = found.map(|i| &self.router.routes()[i]);
         let answer = match route {
@@ -249,7 +263,7 @@ impl Proxy {
             None => self.unrouted(req, peer).await,
             Some(route) => self.routed(route, req, peer).await,
         };
-        self.finish(answer, found, started, logged)
+        self.finish(answer, found, (started, peer, span), logged)
     }
 
     /// What every answer gets on its way out: `Cache-Status`, the request metric, the access
@@ -258,7 +272,7 @@ impl Proxy {
         &self,
         answer: Answer,
         route: Option<usize>,
-        started: Instant,
+        (started, peer, span): (Instant, SocketAddr, &tracing::Span),
         logged: Option<Logged>,
     ) -> Response<ProxyBody> {
         let (route_name, counters) = match route {
@@ -271,14 +285,25 @@ impl Proxy {
             mut response,
             ..
         } = answer;
+        let took = started.elapsed();
         counters.inc(outcome);
+        self.metrics.answer_time(route_name, outcome, took);
+        let status = response.status().as_u16();
+        crate::trace::finish(span, route_name, outcome.as_str(), status);
         let headers = response.headers_mut();
         headers.insert(CACHE_STATUS, cache_status);
-        // Corral's own directives never leave Corral, whatever path the answer took.
+        // Corral's own directives and the upstream's purge tags never leave Corral, whatever
+        // path the answer took; then the route's own rules.
         headers.remove(CORRAL_CACHE_CONTROL);
+        crate::header_rules::strip_cache_only(headers);
+        if let Some(i) = route {
+            self.router.routes()[i].response_headers.apply(headers);
+        }
         if let Some(logged) = logged {
             let status = response.status().as_u16();
-            let micros = started.elapsed().as_micros() as u64;
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            // The body's size as the answer head knows it; absent for a body still streaming in.
+            let bytes = http_body::Body::size_hint(response.body()).exact();
             let line = AccessLine::new(
                 logged.method,
                 &logged.path,
@@ -286,7 +311,8 @@ impl Proxy {
                 status,
                 outcome,
                 micros,
-            );
+            )
+            .of_request(logged.query, peer, logged.request_id, bytes);
             // The same line at `info` (the access log) or, with it off, at `debug`.
             if logged.info {
                 crate::access::record(line);
@@ -299,12 +325,18 @@ impl Proxy {
 
     /// What the access line needs from the request, when a line is wanted: only the log line
     /// needs these, so with it off the hot path does not pay for them.
-    fn access_line_of(&self, method: &Method, path: &str) -> Option<Logged> {
+    fn access_line_of<B>(&self, req: &Request<B>) -> Option<Logged> {
         let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
         (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)).then(|| Logged {
             info,
-            method: method.clone(),
-            path: path.to_owned(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().map(str::to_owned),
+            request_id: req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(128).collect()),
         })
     }
 
@@ -347,10 +379,10 @@ impl Proxy {
         let mut req = Request::from_parts(parts, ());
         if let Err(err) = crate::target::normalize(&mut req) {
             let answer = ProxyError::from(err).into_answer(CacheOutcome::Bypass);
-            return self.finish(answer, None, started, None);
+            return self.finish(answer, None, (started, peer, &tracing::Span::none()), None);
         }
         let (parts, ()) = req.into_parts();
-        let logged = self.access_line_of(&parts.method, parts.uri.path());
+        let logged = self.access_line_of(&Request::from_parts(parts.clone(), ()));
         let found = self.router.route_index(parts.uri.path(), &parts.method);
         let answer = match found.map(|i| &self.router.routes()[i]) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
@@ -358,7 +390,12 @@ impl Proxy {
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
-        self.finish(answer, found, started, logged)
+        self.finish(
+            answer,
+            found,
+            (started, peer, &tracing::Span::none()),
+            logged,
+        )
     }
 
     /// Keys, looks up and answers a cacheable request; its conditionals, `Range` and HEAD are
@@ -394,6 +431,7 @@ impl Proxy {
             body,
             peer,
             validators: None,
+            hold: None,
         };
         conditions.apply(self.lookup(req).await)
     }
@@ -407,6 +445,10 @@ struct Logged {
     info: bool,
     method: Method,
     path: String,
+    /// As sent (already checked by target normalization); `None` when there is none.
+    query: Option<String>,
+    /// The client's `X-Request-Id`, when it sent a printable one.
+    request_id: Option<String>,
 }
 
 /// The request counters of every route, in the router's order.

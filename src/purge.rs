@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::key::CacheKey;
 
-/// The body of `POST /purge`: exactly one of `url`, `route`, `tag`. For `url`, `method` (default
-/// GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request whose key
-/// is purged, for routes keyed on them.
+/// The body of `POST /purge`: exactly one of `url`, `route`, `tag`, `prefix`, `prefix`. For `url`, `method`
+/// (default GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request
+/// whose key is purged, for routes keyed on them. `prefix` names a path: every entry whose path
+/// is it or lies below it (on a `/` boundary, as a route's `path_prefix` matches) is purged.
 #[derive(Debug)]
 pub struct PurgeRequest {
     pub url: Option<String>,
@@ -23,6 +24,7 @@ pub struct PurgeRequest {
     pub body: Option<serde_json::Value>,
     pub route: Option<String>,
     pub tag: Option<String>,
+    pub prefix: Option<String>,
 }
 
 /// Why a purge could not be done.
@@ -40,7 +42,7 @@ pub enum PurgeError {
 }
 
 /// The fields `POST /purge` accepts, as the error messages list them.
-const PURGE_FIELDS: &str = "`url`, `method`, `headers`, `body`, `route`, `tag`";
+const PURGE_FIELDS: &str = "`url`, `method`, `headers`, `body`, `route`, `tag`, `prefix`";
 
 impl PurgeRequest {
     /// Reads a `POST /purge` body. Every refusal is worded for the operator who sent it (what is
@@ -49,7 +51,7 @@ impl PurgeRequest {
         let malformed = |why: String| PurgeError::Malformed(why);
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(malformed(
-                "empty; send a JSON object with one of `url`, `route`, `tag`".to_owned(),
+                "empty; send a JSON object with one of `url`, `route`, `tag`, `prefix`".to_owned(),
             ));
         }
         let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
@@ -62,7 +64,7 @@ impl PurgeRequest {
         })?;
         let serde_json::Value::Object(fields) = value else {
             return Err(malformed(format!(
-                "a JSON {} where an object with one of `url`, `route`, `tag` belongs",
+                "a JSON {} where an object with one of `url`, `route`, `tag`, `prefix` belongs",
                 json_kind(&value)
             )));
         };
@@ -73,6 +75,7 @@ impl PurgeRequest {
             body: None,
             route: None,
             tag: None,
+            prefix: None,
         };
         for (name, value) in fields {
             let text = || match &value {
@@ -88,6 +91,7 @@ impl PurgeRequest {
                 "method" => request.method = text()?,
                 "route" => request.route = text()?,
                 "tag" => request.tag = text()?,
+                "prefix" => request.prefix = text()?,
                 "body" => request.body = Some(value),
                 "headers" => request.headers = headers(&value)?,
                 _ => {
@@ -97,13 +101,13 @@ impl PurgeRequest {
                 }
             }
         }
-        let given = [&request.url, &request.route, &request.tag]
+        let given = [&request.url, &request.route, &request.tag, &request.prefix]
             .iter()
             .filter(|f| f.is_some())
             .count();
         if given != 1 {
             return Err(PurgeError::Malformed(
-                "give exactly one of `url`, `route`, `tag`".to_owned(),
+                "give exactly one of `url`, `route`, `tag`, `prefix`".to_owned(),
             ));
         }
         if request.url.is_none()
@@ -114,6 +118,20 @@ impl PurgeRequest {
             ));
         }
         Ok(request)
+    }
+
+    /// What the purge names, for its log line: `url GET /a?b`, `route r`, `tag t`, `prefix /p/`.
+    pub fn describe(&self) -> String {
+        match (&self.url, &self.route, &self.tag, &self.prefix) {
+            (Some(url), ..) => {
+                let method = self.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+                format!("url {method} {url}")
+            }
+            (None, Some(route), ..) => format!("route {route}"),
+            (None, None, Some(tag), _) => format!("tag {tag}"),
+            (None, None, None, Some(prefix)) => format!("prefix {prefix}"),
+            (None, None, None, None) => "nothing".to_owned(),
+        }
     }
 
     /// The request body to key on: a JSON string is sent as is, any other value as JSON.
@@ -155,6 +173,52 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
         serde_json::Value::Array(_) => "array",
         serde_json::Value::Object(_) => "object",
     }
+}
+
+/// Marks the tags Corral gives an entry for the path prefixes it lies under (see [`path_tags`]).
+/// An upstream's surrogate key can never start with it: tags from `Surrogate-Key` are split on
+/// whitespace and those from `Cache-Tag` trimmed of it.
+const PATH_TAG: &str = " path:";
+
+/// How many path segments below its route's `path_prefix` an entry is indexed for purges by
+/// prefix. Each is a tag (a Redis set) written with the entry, and the client chooses the path,
+/// so the depth is bounded; a purge by a deeper prefix is refused, never half done.
+pub const MAX_PREFIX_DEPTH: usize = 4;
+
+/// The tags of an entry stored for `path` on a route whose `path_prefix` is `route_prefix`: one
+/// per path prefix ending on a segment boundary strictly below the route's prefix, at most
+/// [`MAX_PREFIX_DEPTH`] of them (`/recs` and `/recs/v2/items/7` give `/recs/v2`,
+/// `/recs/v2/items`, `/recs/v2/items/7`). A prefix at or above the route's is a purge of the
+/// whole route, which needs no tag.
+pub fn path_tags(route_prefix: &str, path: &str) -> Vec<String> {
+    let base = route_prefix.trim_end_matches('/');
+    let Some(below) = path.strip_prefix(base) else {
+        return Vec::new();
+    };
+    let mut tags = Vec::new();
+    let (mut rest, mut end) = (below, base.len());
+    while let Some(after) = rest.strip_prefix('/') {
+        if tags.len() == MAX_PREFIX_DEPTH {
+            break;
+        }
+        let segment = after.find('/').unwrap_or(after.len());
+        end += 1 + segment;
+        if segment > 0 {
+            tags.push(format!("{PATH_TAG}{}", &path[..end]));
+        }
+        rest = &after[segment..];
+    }
+    tags
+}
+
+/// The tag of the entries under `prefix` (a path, trailing `/` or not), as [`path_tags`] gives it.
+pub fn prefix_tag(prefix: &str) -> String {
+    format!("{PATH_TAG}{}", prefix.trim_end_matches('/'))
+}
+
+/// Whether `tag` is one of Corral's path tags (kept through a revalidation, as the path is).
+pub fn is_path_tag(tag: &str) -> bool {
+    tag.starts_with(PATH_TAG)
 }
 
 /// What to remove.
@@ -312,6 +376,21 @@ mod tests {
             .expect("a good body");
         assert_eq!(ok.url.as_deref(), Some("/a"));
         assert_eq!(ok.body_bytes(), br#"{"k":1}"#);
+    }
+
+    #[test]
+    fn an_entry_is_tagged_with_each_prefix_below_its_route_up_to_the_depth() {
+        let tags = path_tags("/recs", "/recs/v2/items/7");
+        let want: Vec<String> = ["/recs/v2", "/recs/v2/items", "/recs/v2/items/7"]
+            .iter()
+            .map(|p| prefix_tag(p))
+            .collect();
+        assert_eq!(tags, want);
+        assert_eq!(path_tags("/recs/", "/recs/v2/"), [prefix_tag("/recs/v2/")]);
+        assert!(path_tags("/recs", "/recs").is_empty(), "the route itself");
+        assert!(path_tags("/", "/a/b/c/d/e/f").len() == MAX_PREFIX_DEPTH);
+        assert!(path_tags("/", "/a/b")[0].starts_with(PATH_TAG));
+        assert!(is_path_tag(&tags[0]) && !is_path_tag("article-7"));
     }
 
     #[test]

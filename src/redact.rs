@@ -3,7 +3,9 @@
 //! (which `POST /reload` also returns), and log lines naming a Redis node.
 //!
 //! It works on any text, not only on a well-formed URL, because the text to show is often the very
-//! value that failed to parse.
+//! value that failed to parse: a URL whose `://` was mistyped (`redis//:s3cret@host`,
+//! `redis:/:s3cret@host`) still has its credentials masked — everything before the `@` of a word
+//! that holds a `:` or `/` before it, after its scheme letters.
 
 use std::borrow::Cow;
 
@@ -15,6 +17,60 @@ const MASK: &str = "***";
 /// it is). Text without a password is
 /// returned as it is, without a copy.
 pub fn redact(text: &str) -> Cow<'_, str> {
+    match redact_urls(text) {
+        Cow::Borrowed(text) => redact_malformed(text),
+        Cow::Owned(text) => Cow::Owned(redact_malformed(&text).into_owned()),
+    }
+}
+
+/// Masks the credentials of words that look like a URL with userinfo but have no `://`:
+/// `redis//:pw@h`, `redis:pw@h`, `//user:pw@h`. Words with `://` were handled by [`redact_urls`];
+/// an e-mail address (`a@b`, nothing of `:` or `/` before the `@`) is left alone.
+fn redact_malformed(text: &str) -> Cow<'_, str> {
+    let is_break = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`');
+    let mut out = String::new();
+    let mut changed = false;
+    let mut start = 0;
+    for (i, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')))
+    {
+        if !is_break(c) {
+            continue;
+        }
+        let word = &text[start..i];
+        let masked = (!word.contains("://"))
+            .then(|| word.rfind('@'))
+            .flatten()
+            .filter(|&at| word[..at].contains([':', '/']))
+            .map(|at| {
+                let scheme = word
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+                    .unwrap_or(0)
+                    .min(at);
+                format!("{}{MASK}{}", &word[..scheme], &word[at..])
+            });
+        match masked {
+            Some(masked) => {
+                out.push_str(&masked);
+                changed = true;
+            }
+            None => out.push_str(word),
+        }
+        if i < text.len() {
+            out.push(c);
+        }
+        start = i + c.len_utf8();
+    }
+    if changed {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// The `scheme://user:password@` pass of [`redact`].
+fn redact_urls(text: &str) -> Cow<'_, str> {
     let mut out = String::new();
     let mut rest = text;
     let mut changed = false;
@@ -75,6 +131,23 @@ mod tests {
     }
 
     #[test]
+    fn credentials_of_a_mistyped_url_are_masked_too() {
+        let cases = [
+            (
+                "\"redis//:s3cret@127.0.0.1:6379\" must start with redis://",
+                "\"redis***@127.0.0.1:6379\" must start with redis://",
+            ),
+            ("redis:/:s3cret@h:1", "redis***@h:1"),
+            ("redis:app:s3cret@h", "redis***@h"),
+            ("//app:s3cret@h/0", "***@h/0"),
+            ("see `rediss//u:s3cret@h`.", "see `rediss***@h`."),
+        ];
+        for (text, shown) in cases {
+            assert_eq!(redact(text), shown, "{text}");
+        }
+    }
+
+    #[test]
     fn text_without_a_password_is_not_copied() {
         for text in [
             "redis://h:6379",
@@ -83,6 +156,8 @@ mod tests {
             "a://",
             "://@",
             "redis://user@h",
+            "write to ops@example.com",
+            "a @ b",
         ] {
             assert!(matches!(redact(text), Cow::Borrowed(_)), "{text}");
         }

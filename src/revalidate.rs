@@ -20,6 +20,7 @@ use http::{Request, StatusCode};
 use crate::cache_control::Directives;
 use crate::config::RouteConfig;
 use crate::entry::{Entry, now_ms};
+use crate::purge::is_path_tag;
 use crate::verdict::{Verdict, compact, lifetime, surrogate_keys};
 
 /// The conditional headers a refresh of `stale` sends: `If-None-Match` with its `ETag`,
@@ -86,7 +87,11 @@ pub(crate) fn renewed(
     let (times, storable) = lifetime(route, stale.status, &merged, now);
     let entry = Entry {
         status: stale.status,
-        tags: surrogate_keys(&merged, route),
+        // The upstream's tags as it sends them now; the path's, as the path, stay.
+        tags: surrogate_keys(&merged, route)
+            .into_iter()
+            .chain(stale.tags.iter().filter(|t| is_path_tag(t)).cloned())
+            .collect(),
         headers: compact(&merged),
         body: stale.body.clone(),
         times,

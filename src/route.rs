@@ -57,6 +57,11 @@ impl Router {
     pub fn named(&self, name: &str) -> Option<&Arc<RouteConfig>> {
         self.routes.iter().find(|r| r.name == name)
     }
+
+    /// Every route, longest path prefix first.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<RouteConfig>> {
+        self.routes.iter()
+    }
 }
 
 /// `/recommend` matches `/recommend`, `/recommend/x`, but not `/recommendations`; a prefix ending

@@ -28,6 +28,8 @@ use crate::control::{ConnectionProxy, Control};
 use crate::l2::L2Error;
 use crate::proxy::Proxy;
 
+mod tls;
+
 /// The least time a start gives Redis to connect, load the scripts and confirm the pub/sub
 /// subscription before serving (degraded, if it did not).
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -190,6 +192,18 @@ async fn serve(
     // One slot per open connection: at the cap, accepting pauses until one closes.
     let slots = Arc::new(Semaphore::new(server.max_connections));
     let (idle_limit, max_headers) = (server.header_read_timeout, server.max_headers);
+    let tls = server.tls.as_ref().map(|first| {
+        let live = control.clone();
+        let live: tls::Live = Box::new(move || {
+            let config = live.config();
+            config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| t.identity.certified.clone())
+        });
+        tls::Acceptor::new(first, live)
+    });
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -228,12 +242,24 @@ async fn serve(
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
             let _slot = slot;
+            // The handshake runs here, not in the accept loop: a slow client holds only itself.
+            let stream = match tls {
+                None => tls::Stream::Plain(stream),
+                Some(tls) => match tls.accept(stream, idle_limit).await {
+                    Ok(stream) => stream,
+                    Err(err) => {
+                        tracing::debug!(%peer, %err, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = watcher.watch(conn);
             match conn::drive(conn, &activity, idle_limit).await {
                 Some(Err(err)) => tracing::debug!(%peer, %err, "connection ended with an error"),
                 Some(Ok(())) => {}

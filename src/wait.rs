@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::OnWaitTimeout;
-use crate::entry::{Entry, Freshness};
+use crate::entry::{Answerable, Entry, Freshness};
 use crate::fill::Source;
 use crate::l2::{LockState, Lookup, Notice, Peek};
 use crate::notice::Wake;
@@ -86,6 +86,8 @@ pub enum Settled {
     },
     /// The answer may not be shared: every joiner fetches for itself.
     Uncacheable,
+    /// The holder is relaying its answer while it arrives: read its relay log (this fill's id).
+    Relay(Arc<str>),
     /// Fill for this instance alone: Redis failed, or the wait timed out with `bypass`.
     Alone {
         fallback: Option<Arc<Entry>>,
@@ -141,6 +143,8 @@ pub struct Wait {
     lease: Duration,
     policy: OnWaitTimeout,
     subscribed: bool,
+    /// When the current wait lapses (the last [`Action::Wait`]).
+    until: Option<Instant>,
     trace: Trace,
 }
 
@@ -161,6 +165,7 @@ impl Wait {
             lease,
             policy,
             subscribed: false,
+            until: None,
             trace: Trace::default(),
         }
     }
@@ -234,7 +239,7 @@ impl Wait {
 
     fn noticed(&mut self, notice: Notice, now: Instant) -> Action {
         match notice {
-            Notice::Stored(Some(entry)) => match self.purpose {
+            Notice::Stored(Some(entry), _) => match self.purpose {
                 Purpose::Refresh { known } if entry.times.stored_at <= known => self.compete(now),
                 _ => Action::Done(Settled::Share {
                     entry,
@@ -243,7 +248,7 @@ impl Wait {
                 }),
             },
             // Too large to travel with the notice: read it.
-            Notice::Stored(None) => Action::Read,
+            Notice::Stored(None, _) => Action::Read,
             Notice::Failed(answer) => {
                 let failed = answer.as_ref().is_none_or(|e| e.status.is_server_error());
                 match (&self.fallback, answer) {
@@ -262,6 +267,16 @@ impl Wait {
                 }
             }
             Notice::Uncacheable => Action::Done(Settled::Uncacheable),
+            // A miss reads the answer while it arrives (from the log's start, also when it
+            // hears of the fill only by a later batch); a refresh has an entry to serve
+            // meanwhile and waits on for the stored one.
+            Notice::Streaming(id) | Notice::Relayed(id) => match self.purpose {
+                Purpose::Miss => Action::Done(Settled::Relay(id)),
+                Purpose::Refresh { .. } => match self.until {
+                    Some(until) => Action::Wait { until },
+                    None => Action::Peek,
+                },
+            },
         }
     }
 
@@ -286,14 +301,17 @@ impl Wait {
         match self.purpose {
             Purpose::Refresh { .. } if self.newer_and_fresh(&entry, wall) => share(entry, fresh),
             Purpose::Refresh { .. } => None,
-            Purpose::Miss => match freshness {
-                Freshness::Fresh => share(entry, fresh),
-                Freshness::StaleRevalidate => share(entry, Source::Stale),
-                Freshness::StaleIfError => {
+            Purpose::Miss => match freshness.answer(entry) {
+                Answerable::Now {
+                    entry,
+                    stale: false,
+                } => share(entry, fresh),
+                Answerable::Now { entry, stale: true } => share(entry, Source::Stale),
+                Answerable::Fallback(entry) => {
                     self.fallback = Some(Arc::new(entry));
                     None
                 }
-                Freshness::Expired => None,
+                Answerable::Expired(_) => None,
             },
         }
     }
@@ -344,10 +362,10 @@ impl Wait {
         }
     }
 
-    fn wait_until(&self, lapse: Instant) -> Action {
-        Action::Wait {
-            until: lapse.min(self.deadline),
-        }
+    fn wait_until(&mut self, lapse: Instant) -> Action {
+        let until = lapse.min(self.deadline);
+        self.until = Some(until);
+        Action::Wait { until }
     }
 }
 

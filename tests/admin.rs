@@ -1,4 +1,5 @@
-//! The admin listener as an operator meets it: a reload says which changes wait for a restart,
+//! The admin listener as an operator meets it: a reload says which changes wait for a restart
+//! (compared with what runs, on every reload until the restart),
 //! a wrong method gets 405 with `Allow`, and on SIGTERM with `server.shutdown_delay` the process
 //! keeps serving while `/readyz` answers 503, then drains and exits 0.
 
@@ -59,6 +60,15 @@ async fn a_reload_lists_the_changes_that_need_a_restart() {
     // Still serving on the address it was started on.
     let served = client.get(&url(&instance, "/recommend?a=1"), &[]).await;
     assert_eq!(served.status, 200);
+
+    // Step 3: the same file again: what runs still differs from it, so the answer still says so.
+    let answer = client.post(&reload, &[], "").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(
+        answer.json()["restart_needed"],
+        serde_json::json!(["server.listen", "cache.l1_max_bytes"]),
+        "compared with what runs, not with the previous reload"
+    );
     instance.shutdown().await;
 }
 

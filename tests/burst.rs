@@ -7,12 +7,11 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use corral::{Config, Instance};
 use futures_util::future::join_all;
-use support::corral::{start, url};
+use support::corral::{full_text, parse, start, url};
 use support::{Client, RedisCluster, RedisServer, Upstream, eventually};
 
 /// Three instances, as the issue measured.
@@ -29,14 +28,32 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// A config with every default: `redis` is the `[redis]` table's topology line.
 fn default_config(redis: &str, upstream: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n[redis]\n{redis}\n\n\
-         [[route]]\nname = \"recommend\"\npath_prefix = \"/recommend\"\nupstream = \"{upstream}\"\n"
+    let route = format!(
+        "[[route]]\nname = \"recommend\"\npath_prefix = \"/recommend\"\nupstream = \"{upstream}\"\n"
     );
-    match Config::parse(&text, Path::new("<burst>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
+    parse(&full_text("", &format!("[redis]\n{redis}\n"), &route))
+}
+
+/// A fleet of [`INSTANCES`] at the default config on one Redis, in front of the backend.
+async fn fleet_on_one_redis() -> (RedisServer, Upstream, Vec<Instance>) {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
+    let fleet = start(INSTANCES, &cfg).await;
+    (redis, upstream, fleet)
+}
+
+/// A [`burst`] during which `fault` happens; its statuses once both are over.
+async fn burst_while(
+    client: &Client,
+    fleet: &[Instance],
+    round: &str,
+    keys: usize,
+    fault: impl Future<Output = ()>,
+) -> Vec<u16> {
+    let (statuses, ()) = tokio::join!(burst(client, fleet, round, keys), fault);
+    statuses
 }
 
 fn key_path(round: &str, k: usize) -> String {
@@ -117,11 +134,7 @@ async fn cold_burst_on_one_redis(keys: usize) {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(BACKEND);
-    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
-    let fleet = start(INSTANCES, &cfg).await;
+    let (redis, upstream, fleet) = fleet_on_one_redis().await;
     let client = Client::new();
 
     let statuses = burst(&client, &fleet, "cold", keys).await;
@@ -173,26 +186,18 @@ async fn a_burst_of_1000_cold_keys_on_a_redis_cluster_makes_1000_calls() {
 async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_recovers() {
     let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(BACKEND);
-    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
-    let fleet = start(INSTANCES, &cfg).await;
+    let (mut redis, upstream, fleet) = fleet_on_one_redis().await;
     let client = Client::new();
     let keys = 300;
 
     // Step 1: a burst is under way (fills are in the upstream) when Redis freezes for 2 s.
-    let running = {
-        let (client, fleet) = (client.clone(), &fleet);
-        async move { burst(&client, fleet, "stall", keys).await }
-    };
     let fault = async {
         upstream.wait_in_flight(1).await;
         redis.stop();
         tokio::time::sleep(Duration::from_secs(2)).await;
         redis.cont();
     };
-    let (statuses, ()) = tokio::join!(running, fault);
+    let statuses = burst_while(&client, &fleet, "stall", keys, fault).await;
 
     // Step 2: every request was answered, with at most one upstream call per instance per key.
     assert_at_most_one_call_per_instance(&upstream, &statuses, "stall", keys);
@@ -205,24 +210,16 @@ async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_re
 async fn redis_killed_mid_burst_fails_open_and_the_fleet_reconnects_by_itself() {
     let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(BACKEND);
-    let cfg = default_config(&format!("url = \"{}\"", redis.url()), &upstream.url());
-    let fleet = start(INSTANCES, &cfg).await;
+    let (mut redis, upstream, fleet) = fleet_on_one_redis().await;
     let client = Client::new();
     let keys = 300;
 
     // Step 1: Redis dies while the burst's fills are in the upstream.
-    let running = {
-        let (client, fleet) = (client.clone(), &fleet);
-        async move { burst(&client, fleet, "killed", keys).await }
-    };
     let fault = async {
         upstream.wait_in_flight(1).await;
         redis.kill();
     };
-    let (statuses, ()) = tokio::join!(running, fault);
+    let statuses = burst_while(&client, &fleet, "killed", keys, fault).await;
 
     // Step 2: every request answered, at most one upstream call per instance per key.
     assert_at_most_one_call_per_instance(&upstream, &statuses, "killed", keys);

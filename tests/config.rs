@@ -276,12 +276,17 @@ fn fleet_lock_with_redis_is_accepted() {
 }
 
 #[test]
-fn https_upstream_is_refused() {
+fn https_upstream_is_accepted_and_tls_on_http_is_refused() {
     let text = ROUTE.replace("http://127.0.0.1:5000", "https://backend.internal");
-    let message = refusal(&text);
-
-    assert_points_at(&message, 5, "upstream");
-    assert!(message.contains("https"), "{message}");
+    let config = Config::parse(&text, Path::new("ok.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.routes[0].upstream.scheme_str(), Some("https"));
+    assert!(
+        config.routes[0].tls.is_none(),
+        "system roots, the host's own name"
+    );
+    let message = refusal(&format!("{ROUTE}tls = {{ server_name = \"api\" }}\n"));
+    assert!(message.contains("field `tls`"), "{message}");
+    assert!(message.contains("https://"), "{message}");
 }
 
 #[test]
@@ -531,4 +536,19 @@ fn unreadable_file_names_its_path() {
 
     assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
     assert!(err.to_string().contains("does-not-exist.toml"), "{err}");
+}
+
+#[test]
+fn an_unknown_field_suggests_the_closest_known_one() {
+    let message = refusal(&format!("{ROUTE}tll = \"60s\"\n"));
+
+    assert!(message.ends_with("did you mean `ttl`?"), "{message}");
+}
+
+#[test]
+fn a_duration_without_a_unit_says_what_to_write() {
+    let message = refusal(&format!("{ROUTE}ttl = 60\n"));
+
+    assert_points_at(&message, 6, "ttl");
+    assert!(message.contains(r#"write "60s""#), "{message}");
 }

@@ -44,6 +44,20 @@ fn process_config(redis: &RedisServer, upstream: &Upstream, extra: &str) -> Stri
     )
 }
 
+/// One Redis, an upstream answering after `delay`, and two instances whose `/recommend` route
+/// has `extra` (its lock settings).
+async fn two_on_one_redis(
+    delay: Duration,
+    extra: &str,
+) -> (RedisServer, Upstream, Vec<corral::Instance>) {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(delay);
+    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), extra));
+    let fleet = start(2, &cfg).await;
+    (redis, upstream, fleet)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_take_over_when_the_leader_process_is_killed() {
     let redis = RedisServer::start().await;
@@ -198,12 +212,8 @@ async fn an_abandoned_lock_is_released_with_a_failed_notice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(1));
     let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(2, &cfg).await;
+    let (redis, upstream, fleet) = two_on_one_redis(Duration::from_secs(1), lock).await;
     let client = Client::new();
     let path = "/recommend?segment=a";
 
@@ -241,13 +251,9 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_watchdog_keeps_a_slow_fill_single() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(1000));
     // The upstream takes more than three leases.
     let lock = r#"lock = { lease = "300ms", wait_timeout = "10s" }"#;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(2, &cfg).await;
+    let (_redis, upstream, fleet) = two_on_one_redis(Duration::from_millis(1000), lock).await;
     let client = Client::new();
     let path = "/recommend?segment=a";
 
@@ -436,12 +442,8 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_whose_client_hung_up_stops_waiting() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(3));
     let lock = r#"lock = { lease = "30s", wait_timeout = "20s" }"#;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(2, &cfg).await;
+    let (_redis, upstream, fleet) = two_on_one_redis(Duration::from_secs(3), lock).await;
     let client = Client::new();
     let path = "/recommend?segment=hung-up";
 

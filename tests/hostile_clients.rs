@@ -273,24 +273,8 @@ async fn a_malformed_or_slow_body_on_a_bypassed_route_is_the_clients_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_slot_is_held_until_the_answer_has_streamed() {
     let upstream = Upstream::start().await;
-    // Far more than loopback socket buffers hold: the stream stays open while nobody reads it.
-    upstream.script("/passed/big", Reply::status(200).body(vec![b'x'; 64 << 20]));
-    let extra = "cache = false\nupstream_concurrency = 1\nupstream_timeout = \"500ms\"";
-    let fleet = start(
-        1,
-        &config_with_server("", None, &route("passed", &upstream, extra)),
-    )
-    .await;
-    let addr = fleet[0].addr();
-
-    let mut reader = TcpStream::connect(addr).await.expect("connect");
-    reader
-        .write_all(b"GET /passed/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut head = [0u8; 12];
-    reader.read_exact(&mut head).await.expect("the head");
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let (fleet, reader) =
+        a_stream_holding_the_only_slot(&upstream, "passed", "cache = false", "/passed/big").await;
 
     // The first answer is still streaming: its slot is taken.
     let client = Client::new();
@@ -353,26 +337,34 @@ async fn unrouted_requests_get_the_configured_timeout_and_appear_in_the_upstream
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_fill_holds_its_upstream_slot_until_it_has_streamed() {
     let upstream = Upstream::start().await;
-    upstream.script("/big/", Reply::status(200).body(vec![b'x'; 64 << 20]));
-    let extra = "max_entry_size = \"1KiB\"\nupstream_concurrency = 1\nupstream_timeout = \"500ms\"";
-    let fleet = start(
-        1,
-        &config_with_server("", None, &route("big", &upstream, extra)),
-    )
-    .await;
-    let addr = fleet[0].addr();
-
-    let mut reader = TcpStream::connect(addr).await.expect("connect");
-    reader
-        .write_all(b"GET /big/a HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut head = [0u8; 12];
-    reader.read_exact(&mut head).await.expect("the head");
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let extra = "max_entry_size = \"1KiB\"";
+    let (fleet, reader) = a_stream_holding_the_only_slot(&upstream, "big", extra, "/big/a").await;
 
     let client = Client::new();
     let second = client.get(&url(&fleet[0], "/big/b"), &[]).await;
     assert_eq!(second.status, 503, "the cap let a second stream through");
     drop(reader);
+}
+
+/// One instance whose route `name` (with `extra`) may run one upstream call at a time, and a
+/// client that GETs `path` there — an answer far larger than loopback socket buffers hold — and
+/// reads only its head: the stream stays open, holding the route's one upstream slot, until the
+/// returned connection is dropped.
+async fn a_stream_holding_the_only_slot(
+    upstream: &Upstream,
+    name: &str,
+    extra: &str,
+    path: &str,
+) -> (Vec<corral::Instance>, TcpStream) {
+    upstream.script(path, Reply::status(200).body(vec![b'x'; 64 << 20]));
+    let extra = format!("{extra}\nupstream_concurrency = 1\nupstream_timeout = \"500ms\"");
+    let routes = route(name, upstream, &extra);
+    let fleet = start(1, &config_with_server("", None, &routes)).await;
+    let mut reader = TcpStream::connect(fleet[0].addr()).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    reader.write_all(request.as_bytes()).await.expect("write");
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).await.expect("the head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    (fleet, reader)
 }

@@ -2,7 +2,8 @@
 //! l2 → entry`, with no cycle anywhere. Reads `src/` as text, so a change that makes two modules
 //! call each other fails here, not in a reader's head.
 //!
-//! A dependency is a `crate::<module>` path outside comments and test modules. A call can also hide
+//! A dependency is a `crate::<module>` path outside comments and test modules. Inside a folder
+//! the files depend on each other one way too (`super::<sibling>`), and no file is over 500 lines. A call can also hide
 //! in an inherent `impl` of another module's type (a module that adds methods to a type of another
 //! calls back into whoever holds that type), so the second test allows inherent impls only in the
 //! module that declares the type.
@@ -51,16 +52,19 @@ fn sources() -> Vec<(String, String)> {
         if relative.file_name().is_some_and(|n| n == "tests.rs") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-        let code: String = text
-            .lines()
-            .take_while(|line| line.trim() != "#[cfg(test)]")
-            .filter(|line| !line.trim_start().starts_with("//"))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        out.push((module, code));
+        out.push((module, code_of(&path)));
     }
     out
+}
+
+/// A source file's code: comment lines and everything from the first `#[cfg(test)]` on left out.
+fn code_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    text.lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .map(|line| format!("{line}\n"))
+        .collect()
 }
 
 /// The modules each module names through `crate::`.
@@ -100,6 +104,117 @@ fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option
         }
     }
     None
+}
+
+/// The name a path names right after `prefix` (`super::topology::Bounds` after `super::` is
+/// `topology`), at every place `prefix` occurs.
+fn names_after<'a>(code: &'a str, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
+    code.match_indices(prefix).map(move |(at, _)| {
+        code[at + prefix.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect()
+    })
+}
+
+/// For each folder of `src/` (`src/notice`), the files in it (`notice/sharded.rs` is `sharded`)
+/// and which of their siblings each names: through `super::<sibling>` or
+/// `crate::<folder path>::<sibling>`. The folder's own module file (`notice.rs`) is not a node:
+/// it declares the siblings and whatever they share.
+fn folder_dependencies() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut folders: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for path in &files {
+        let relative = path.strip_prefix(&src).expect("under src/");
+        let Some(folder) = relative.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            continue;
+        };
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a file name");
+        if stem == "tests" {
+            continue;
+        }
+        let folder = folder.to_str().expect("a UTF-8 path").replace('/', "::");
+        folders
+            .entry(folder)
+            .or_default()
+            .insert(stem.to_owned(), BTreeSet::new());
+    }
+    for path in &files {
+        let relative = path.strip_prefix(&src).expect("under src/");
+        let Some(folder) = relative.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            continue;
+        };
+        let folder = folder.to_str().expect("a UTF-8 path").replace('/', "::");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a file name");
+        let Some(siblings) = folders.get_mut(&folder) else {
+            continue;
+        };
+        if !siblings.contains_key(stem) {
+            continue;
+        }
+        let code = code_of(path);
+        let absolute = format!("crate::{folder}::");
+        let named: BTreeSet<String> = names_after(&code, "super::")
+            .chain(names_after(&code, &absolute))
+            .filter(|name| name != stem && siblings.contains_key(name))
+            .collect();
+        siblings.insert(stem.to_owned(), named);
+    }
+    folders
+}
+
+#[test]
+fn no_file_in_a_folder_depends_on_a_sibling_that_depends_on_it() {
+    let folders = folder_dependencies();
+    assert!(
+        folders
+            .get("notice")
+            .is_some_and(|files| files.contains_key("topology")),
+        "{folders:?}"
+    );
+    let cycles: Vec<String> = folders
+        .iter()
+        .flat_map(|(folder, graph)| {
+            graph
+                .keys()
+                .filter_map(|m| cycle_from(graph, m))
+                .map(move |cycle| format!("{folder}: {}", cycle.join(" → ")))
+        })
+        .collect();
+    assert!(
+        cycles.is_empty(),
+        "cycles inside folders:\n{}",
+        cycles.join("\n")
+    );
+}
+
+/// STYLE.md: no file over 500 lines in `src/`.
+#[test]
+fn no_source_file_is_over_500_lines() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|path| {
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let lines = text.lines().count();
+            (lines > 500).then(|| format!("{}: {lines} lines", path.display()))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "files over 500 lines:\n{}",
+        long.join("\n")
+    );
 }
 
 #[test]

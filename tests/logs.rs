@@ -149,3 +149,88 @@ async fn text_logs_to_a_pipe_are_plain() {
     assert!(log.contains("request"), "the access line: {log}");
     assert!(!log.contains('\u{1b}'), "escape codes in {log:?}");
 }
+
+/// The lines an operator follows a request, a fill, a purge and a refused upstream by: the access
+/// line with the query, the client, the request id and the bytes sent; one `info` line per
+/// stored fill; a purge naming what it purged; the refusal's cause, not only hyper's summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_fill_purge_and_connect_lines_say_what_happened() {
+    let upstream = Upstream::start().await;
+    let refused = support::free_port();
+    let routes = format!(
+        "{}[[route]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"http://127.0.0.1:{refused}\"\n",
+        recommend_route(&upstream.url(), "")
+    );
+    let text = config_text("admin_listen = \"127.0.0.1:0\"", None, &routes);
+    let mut corral = CorralProcess::start(&text).await;
+    let client = Client::new();
+    let answer = client
+        .get(
+            &corral.url("/recommend?k=1&z=2"),
+            &[("x-request-id", "req-42")],
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    let purge = client
+        .post(
+            &corral.admin_url("/purge"),
+            &[],
+            r#"{"url": "/recommend?k=1&z=2"}"#,
+        )
+        .await;
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    let down = client.get(&corral.url("/down/x"), &[]).await;
+    assert_eq!(down.status, 502);
+    stop(&mut corral).await;
+
+    let lines = access_lines(&corral);
+    let first = &lines[0]["fields"];
+    assert_eq!(first["query"], "k=1&z=2", "{first}");
+    assert_eq!(first["request_id"], "req-42", "{first}");
+    assert!(
+        first["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{first}"
+    );
+    assert_eq!(
+        first["bytes"].as_u64(),
+        Some(answer.body.len() as u64),
+        "{first}"
+    );
+
+    let logs: Vec<serde_json::Value> = corral
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let fills: Vec<_> = logs
+        .iter()
+        .filter(|v| v["level"] == "INFO" && message(v) == "fill stored")
+        .collect();
+    assert_eq!(fills.len(), 1, "{fills:#?}");
+    assert_eq!(fills[0]["fields"]["path"], "/recommend");
+    let purged = logs
+        .iter()
+        .find(|v| v["level"] == "INFO" && message(v) == "purged")
+        .expect("a purge line");
+    assert_eq!(
+        purged["fields"]["purge"], "url GET /recommend?k=1&z=2",
+        "{purged}"
+    );
+    let refusal = logs
+        .iter()
+        .find(|v| {
+            v["fields"]["err"]
+                .as_str()
+                .is_some_and(|e| e.contains("Connect"))
+        })
+        .expect("the refused call is logged");
+    assert!(
+        refusal["fields"]["err"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused")),
+        "the cause is named: {refusal}"
+    );
+}

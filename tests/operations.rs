@@ -45,12 +45,12 @@ fn named_route(name: &str, upstream: &Upstream) -> String {
     )
 }
 
-/// The metric label of a `Cache-Status` header, as the README's table pairs them.
+/// The metric label of a `Cache-Status` header, as docs/reference.md's table pairs them.
 fn outcome_label(cache_status: Option<&str>) -> &'static str {
     match cache_status {
         Some("corral; hit") => "hit",
         Some("corral; hit; detail=stale") => "stale",
-        Some("corral; fwd=miss; collapsed") => "coalesced",
+        Some("corral; fwd=miss; collapsed") => "collapsed",
         Some("corral; fwd=miss; stored") => "miss_stored",
         Some("corral; fwd=miss") => "miss",
         Some("corral; fwd=bypass") => "bypass",

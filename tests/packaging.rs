@@ -163,6 +163,54 @@ fn the_service_targets_a_port_of_the_pod() {
     }
 }
 
+/// Where the sidecar reads its admin token (a Secret mounted by kubernetes.yaml).
+const TOKEN_FILE: &str = "/var/run/secrets/corral/admin-token";
+
+/// Parses the sidecar's config with its token file pointed at a file of this test's own (the
+/// Secret exists only in a cluster): everything else exactly as shipped.
+fn parse_sidecar(text: &str) -> corral::Config {
+    assert!(
+        text.contains(TOKEN_FILE),
+        "the sidecar reads its token from {TOKEN_FILE}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "t0ken\n").expect("write the token");
+    let text = text.replace(TOKEN_FILE, &token.display().to_string());
+    let config = corral::Config::parse(&text, Path::new("config/sidecar.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.admin_token.as_deref(), Some("t0ken"));
+    config
+}
+
+/// The pod mounts a Secret where the sidecar reads its admin token, readable by Corral's group.
+#[test]
+fn the_admin_token_comes_from_a_mounted_secret() {
+    let docs = documents("config/kubernetes.yaml");
+    let pod = pod_spec(&docs);
+    let corral = containers(pod)
+        .into_iter()
+        .find(|c| c.name == "corral")
+        .expect("the corral container");
+    let dir = TOKEN_FILE.rsplit_once('/').map_or("", |(dir, _)| dir);
+    let mount = list(&corral.spec["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+    let volume = list(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert!(
+        volume["secret"]["secretName"].as_str().is_some(),
+        "a Secret"
+    );
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], corral.spec["securityContext"]["runAsGroup"],
+        "the secret's files belong to corral's group"
+    );
+}
+
 /// The config mounted into the sidecar is `config/sidecar.toml`, validated by Corral itself.
 #[test]
 fn the_configmap_is_the_sidecar_config_and_it_validates() {
@@ -175,8 +223,7 @@ fn the_configmap_is_the_sidecar_config_and_it_validates() {
         read("config/sidecar.toml"),
         "kubernetes.yaml's ConfigMap and config/sidecar.toml differ"
     );
-    let config = corral::Config::parse(embedded, Path::new("config/sidecar.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = parse_sidecar(embedded);
     assert!(
         config.server.shutdown_delay > Duration::ZERO,
         "the sidecar keeps serving a while after SIGTERM (the preStop pause)"
@@ -192,8 +239,7 @@ fn shutdown_fits_the_grace_period_and_the_app_outlives_corral() {
     let grace = pod["terminationGracePeriodSeconds"]
         .as_i64()
         .expect("terminationGracePeriodSeconds");
-    let config = corral::Config::parse(&read("config/sidecar.toml"), Path::new("sidecar.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = parse_sidecar(&read("config/sidecar.toml"));
     let corral_needs = (config.server.shutdown_delay + config.server.shutdown_timeout).as_secs();
     assert!(
         u64::try_from(grace).is_ok_and(|g| g > corral_needs),

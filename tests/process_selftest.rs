@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::Method;
 use support::client::request;
-use support::corral::recommend_route;
+use support::corral::{config_text, recommend_route};
 use support::{Client, CorralProcess, Upstream};
 
 /// How long a request to a stopped process is given before we conclude it is not answered.
@@ -19,10 +19,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Embedded mode (no `[redis]`), one cached route to `upstream`.
 fn config(upstream: &Upstream) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n{}",
-        recommend_route(&upstream.url(), "")
-    )
+    config_text("", None, &recommend_route(&upstream.url(), ""))
 }
 
 #[tokio::test]

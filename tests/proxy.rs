@@ -7,13 +7,26 @@ use bytes::Bytes;
 use support::corral::{config, recommend_route, start, url};
 use support::{Client, Reply, Upstream};
 
+/// One GET of `/recommend?segment=a` with `headers` through a `/recommend` route with `extra`:
+/// the headers the upstream saw, the upstream, and the instance.
+async fn seen_upstream(
+    extra: &str,
+    headers: &[(&str, &str)],
+) -> (http::HeaderMap, Upstream, Vec<corral::Instance>) {
+    let upstream = Upstream::start().await;
+    let routes = recommend_route(&upstream.url(), extra);
+    let fleet = start(1, &config(None, &routes)).await;
+    Client::new()
+        .get(&url(&fleet[0], "/recommend?segment=a"), headers)
+        .await;
+    let seen = upstream
+        .last_headers("/recommend?segment=a")
+        .expect("the upstream saw the request");
+    (seen, upstream, fleet)
+}
+
 #[tokio::test]
 async fn bypassed_requests_are_rewritten_as_a_reverse_proxy_should() {
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), "cache = false");
-    let fleet = start(1, &config(None, &routes)).await;
-    let client = Client::new();
-
     let headers = [
         ("connection", "x-hop"),
         ("x-hop", "1"),
@@ -22,12 +35,7 @@ async fn bypassed_requests_are_rewritten_as_a_reverse_proxy_should() {
         ("x-forwarded-for", "10.1.2.3"),
         ("x-end-to-end", "kept"),
     ];
-    client
-        .get(&url(&fleet[0], "/recommend?segment=a"), &headers)
-        .await;
-    let seen = upstream
-        .last_headers("/recommend?segment=a")
-        .expect("the upstream saw the request");
+    let (seen, upstream, fleet) = seen_upstream("cache = false", &headers).await;
     for hop in ["connection", "x-hop", "keep-alive", "te"] {
         assert!(!seen.contains_key(hop), "{hop} must not be forwarded");
     }
@@ -50,10 +58,6 @@ async fn bypassed_requests_are_rewritten_as_a_reverse_proxy_should() {
 
 #[tokio::test]
 async fn shared_fills_carry_only_keyed_and_allowed_headers() {
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), "forward_headers = [\"x-end-to-end\"]");
-    let fleet = start(1, &config(None, &routes)).await;
-    let client = Client::new();
     let headers = [
         ("connection", "x-hop"),
         ("x-hop", "1"),
@@ -61,12 +65,8 @@ async fn shared_fills_carry_only_keyed_and_allowed_headers() {
         ("x-end-to-end", "kept"),
         ("x-other", "dropped"),
     ];
-    client
-        .get(&url(&fleet[0], "/recommend?segment=a"), &headers)
-        .await;
-    let seen = upstream
-        .last_headers("/recommend?segment=a")
-        .expect("the upstream saw the request");
+    let extra = "forward_headers = [\"x-end-to-end\"]";
+    let (seen, _upstream, _fleet) = seen_upstream(extra, &headers).await;
     for dropped in [
         "connection",
         "x-hop",

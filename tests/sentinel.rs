@@ -8,8 +8,9 @@ mod support;
 use std::time::Duration;
 
 use corral::Config;
-use futures_util::future::join_all;
-use support::corral::{entry_name, recommend_route, sentinel_config, start, url};
+use support::corral::{
+    entry_name, full_text, parse, recommend_route, sentinel_config, spread, start, url,
+};
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
 
@@ -21,56 +22,46 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
 
-/// `n` identical GETs of `path`, spread over the fleet, all at once.
-async fn stampede(client: &Client, fleet: &[corral::Instance], path: &str, n: usize) -> Vec<Resp> {
-    join_all((0..n).map(|i| {
-        let (client, target) = (client.clone(), url(&fleet[i % fleet.len()], path));
-        async move { client.get(&target, &[]).await }
-    }))
-    .await
+/// A fleet of two instances behind `deployment`'s sentinels, both hubs subscribed on the first
+/// master, and a first key (`filled`) filled into it.
+struct Before {
+    upstream: Upstream,
+    cfg: Config,
+    fleet: Vec<corral::Instance>,
+    client: Client,
+    /// The first master's port.
+    old: u16,
+    filled: &'static str,
 }
 
-fn statuses(answers: &[Resp]) -> Vec<u16> {
-    answers.iter().map(|r| r.status).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sentinel_fleet_stampede_makes_one_upstream_call() {
-    let deployment = RedisSentinel::start().await;
+async fn before_a_failover(deployment: &RedisSentinel) -> Before {
     let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(300));
     let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
     let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
     let fleet = start(2, &cfg).await;
     let client = Client::new();
-    let master = deployment.first_master_port();
-
-    // Step 1: both hubs subscribe on the master the sentinels name.
-    eventually("both hubs subscribed on the master", SETTLE, async || {
-        deployment.pubsub_clients(master).await == 2
-    })
+    let old = deployment.first_master_port();
+    eventually(
+        "both hubs subscribed on the first master",
+        SETTLE,
+        async || deployment.pubsub_clients(old).await == 2,
+    )
     .await;
-
-    // Step 2: 200 identical requests over the two instances, all at once.
-    let path = "/recommend?segment=sports&article=42";
-    let answers = stampede(&client, &fleet, path, 200).await;
-
-    // Step 3: one upstream call, every answer 200; the entry is on the master, no lock is left.
-    assert!(
-        answers.iter().all(|r| r.status == 200),
-        "{:?}",
-        statuses(&answers)
-    );
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the fleet called the upstream more than once"
-    );
-    assert!(deployment.exists(master, &entry_name(&cfg, path)).await);
-    assert!(deployment.keys(master, "corral:*:lock:*").await.is_empty());
-    for instance in fleet {
-        instance.shutdown().await;
+    let filled = "/recommend?segment=before";
+    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
+    Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
     }
+}
+
+fn statuses(answers: &[Resp]) -> Vec<u16> {
+    answers.iter().map(|r| r.status).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -99,23 +90,15 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     let mut deployment = RedisSentinel::start().await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
-    let filled = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
-    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
+    let Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
+    } = before_a_failover(&deployment).await;
 
     // Step 2: SIGKILL the master. Until a sentinel reports the promoted replica, keep asking
     // both instances for the filled key and for keys never seen: every answer is a 200
@@ -150,22 +133,15 @@ async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
     let deployment = RedisSentinel::start().await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
-    let filled = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
+    let Before {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+        filled,
+    } = before_a_failover(&deployment).await;
 
     // Step 2: a failover that leaves the old master up. The sentinels demote it to a replica of
     // the promoted one some seconds later; from then on a write there answers READONLY, which
@@ -221,7 +197,7 @@ async fn assert_fleet_follows(
     upstream.reset_calls();
     upstream.set_delay(Duration::from_millis(300));
     let path = "/recommend?segment=after";
-    let answers = stampede(&client, fleet, path, 200).await;
+    let answers = spread(&client, fleet, path, 200).await;
     assert!(
         answers.iter().all(|r| r.status == 200),
         "{:?}",
@@ -248,13 +224,13 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
         .iter()
         .map(|n| format!("\"{n}\""))
         .collect();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\n[redis]\nnamespace = \"test\"\n\
+    let redis = format!(
+        "[redis]\nnamespace = \"test\"\n\
          timeout = \"500ms\"\nsentinel = {{ nodes = [{}], master = \"{MASTER_NAME}\", username = \"corral\", \
-         password = \"{PASSWORD}\", db = 3 }}\n\n{routes}",
+         password = \"{PASSWORD}\", db = 3 }}\n",
         nodes.join(", ")
     );
-    let cfg = Config::parse(&text, std::path::Path::new("<test>")).expect("test config");
+    let cfg = parse(&full_text("", &redis, &routes));
     let fleet = start(1, &cfg).await;
     let client = Client::new();
     let old = deployment.first_master_port();

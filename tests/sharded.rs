@@ -8,14 +8,100 @@ mod support;
 
 use std::time::Duration;
 
+use corral::Instance;
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
-use support::{Client, RedisCluster, Upstream, eventually};
+use support::{Client, RedisCluster, Resp, Upstream, eventually};
+use tokio::task::JoinHandle;
 
 /// How long a subscription or a slot move gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
 
 const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
+
+/// A cluster, a slow upstream (`delay`) and `instances` Corral instances whose waiters, if not
+/// woken by their notice, end in a 504 after `wait_timeout` (the lease outlives it), so a missed
+/// notice shows.
+async fn cluster_fleet(
+    delay: Duration,
+    wait_timeout: &str,
+    instances: usize,
+) -> (RedisCluster, Upstream, Vec<Instance>) {
+    let cluster = RedisCluster::start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(delay);
+    let routes = recommend_route(
+        &upstream.url(),
+        &format!(
+            r#"lock = {{ scope = "fleet", lease = "30s", wait_timeout = "{wait_timeout}", on_wait_timeout = "504" }}"#
+        ),
+    );
+    let cfg = cluster_config("", &cluster.urls(), &routes);
+    let fleet = start(instances, &cfg).await;
+    (cluster, upstream, fleet)
+}
+
+/// A fill of `path` led by instance 0 (the upstream holds it) and a request for it waiting at
+/// instance 1, subscribed on the master of the key's slot.
+struct Waiting {
+    leader: JoinHandle<Resp>,
+    waiter: JoinHandle<Resp>,
+    /// The fill lock's name, and the key's notice channel.
+    lock: String,
+    channel: String,
+    /// The master the waiter is subscribed on.
+    node: usize,
+}
+
+async fn a_waiter_behind_a_fill(
+    cluster: &RedisCluster,
+    fleet: &[Instance],
+    client: &Client,
+    path: &str,
+) -> Waiting {
+    let leader = client.spawn_get(url(&fleet[0], path));
+    let mut lock = Vec::new();
+    eventually("the fill lock is taken", SETTLE, async || {
+        lock = cluster.keys("corral:*:lock:*").await;
+        !lock.is_empty()
+    })
+    .await;
+    let lock = lock[0].clone();
+    let hex = lock
+        .rsplit_once(":lock:")
+        .map(|(_, tagged)| tagged.to_owned())
+        .expect("a lock name");
+    let channel = format!("corral:test:recommend:fill:{hex}");
+    let node = owner(cluster, &lock).await;
+    let waiter = client.spawn_get(url(&fleet[1], path));
+    eventually(
+        "the waiter subscribed on the slot's master",
+        SETTLE,
+        async || shard_subscribers(cluster, node, &channel).await == 1,
+    )
+    .await;
+    Waiting {
+        leader,
+        waiter,
+        lock,
+        channel,
+        node,
+    }
+}
+
+/// Both requests of a [`Waiting`] end: one upstream call, two 200s with the same body.
+async fn assert_one_fill_shared(waiting: Waiting, upstream: &Upstream) {
+    let leader = waiting.leader.await.expect("leader task");
+    let waiter = waiting.waiter.await.expect("waiter task");
+    assert_eq!(leader.status, 200, "{}", leader.text());
+    assert_eq!(waiter.status, 200, "{}", waiter.text());
+    assert_eq!(leader.body, waiter.body);
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the waiter did not call the upstream itself"
+    );
+}
 
 /// One `CLUSTER INFO` field of node `index`, 0 when absent.
 async fn cluster_stat(cluster: &RedisCluster, index: usize, field: &str) -> u64 {
@@ -42,16 +128,7 @@ async fn cluster_total(cluster: &RedisCluster, field: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_fill_notices_never_cross_the_cluster_bus() {
-    let cluster = RedisCluster::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(300));
-    // A waiter not woken by its notice could only end in a 504 (lease ≫ wait budget).
-    let routes = recommend_route(
-        &upstream.url(),
-        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#,
-    );
-    let cfg = cluster_config("", &cluster.urls(), &routes);
-    let fleet = start(3, &cfg).await;
+    let (cluster, upstream, fleet) = cluster_fleet(Duration::from_millis(300), "10s", 3).await;
     let client = Client::new();
     let classic_before = cluster_total(&cluster, "cluster_stats_messages_publish_sent").await;
     let sharded_before = cluster_total(&cluster, "cluster_stats_messages_publishshard_sent").await;
@@ -186,56 +263,20 @@ async fn move_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_waiter_follows_its_slot_to_another_master() {
-    let cluster = RedisCluster::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(3));
-    // A missed notice ends in a 504 (the lease outlives the wait budget); a fallback that
-    // bypasses would show as a second upstream call.
-    let routes = recommend_route(
-        &upstream.url(),
-        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "15s", on_wait_timeout = "504" }"#,
-    );
-    let cfg = cluster_config("", &cluster.urls(), &routes);
-    let fleet = start(2, &cfg).await;
+    let (cluster, upstream, fleet) = cluster_fleet(Duration::from_secs(3), "15s", 2).await;
     let client = Client::new();
-    let path = "/recommend?segment=moving";
 
-    // Step 1: instance 0 leads the fill (the upstream takes 3 s).
-    let leader = {
-        let (client, target) = (client.clone(), url(&fleet[0], path));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
-    let mut lock = Vec::new();
-    eventually("the fill lock is taken", SETTLE, async || {
-        lock = cluster.keys("corral:*:lock:*").await;
-        !lock.is_empty()
-    })
-    .await;
-    let lock = lock[0].clone();
-    let hex = lock
-        .rsplit_once(":lock:")
-        .map(|(_, tagged)| tagged.to_owned())
-        .expect("a lock name");
-    let channel = format!("corral:test:recommend:fill:{hex}");
-    let from = owner(&cluster, &lock).await;
+    // Step 1: instance 0 leads the fill (the upstream takes 3 s); instance 1 waits on the key,
+    // subscribed on the slot's master.
+    let waiting =
+        a_waiter_behind_a_fill(&cluster, &fleet, &client, "/recommend?segment=moving").await;
+    let (from, channel) = (waiting.node, waiting.channel.clone());
 
-    // Step 2: instance 1 waits on the key, subscribed on the slot's master.
-    let waiter = {
-        let (client, target) = (client.clone(), url(&fleet[1], path));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
-    eventually(
-        "the waiter subscribed on the slot's master",
-        SETTLE,
-        async || shard_subscribers(&cluster, from, &channel).await == 1,
-    )
-    .await;
-
-    // Step 3: the slot moves to another master, lock and all, while the fill runs.
+    // Step 2: the slot moves to another master, lock and all, while the fill runs.
     let to = (from + 1) % cluster.urls().len();
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
-        .arg(&lock)
+        .arg(&waiting.lock)
         .query_async(&mut cluster.node_conn(from).await)
         .await
         .expect("KEYSLOT");
@@ -247,18 +288,9 @@ async fn cluster_waiter_follows_its_slot_to_another_master() {
     )
     .await;
 
-    // Step 4: the fill ends; the waiter gets its notice on the new master: one upstream call,
+    // Step 3: the fill ends; the waiter gets its notice on the new master: one upstream call,
     // two 200s with the same body.
-    let leader = leader.await.expect("leader task");
-    let waiter = waiter.await.expect("waiter task");
-    assert_eq!(leader.status, 200, "{}", leader.text());
-    assert_eq!(waiter.status, 200, "{}", waiter.text());
-    assert_eq!(leader.body, waiter.body);
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the waiter did not call the upstream itself"
-    );
+    assert_one_fill_shared(waiting, &upstream).await;
     for instance in fleet {
         instance.shutdown().await;
     }
@@ -333,44 +365,13 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_waiter_survives_its_shard_connection_being_killed() {
-    let cluster = RedisCluster::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(2));
-    // A waiter left unsubscribed after the kill could only end in a 504.
-    let routes = recommend_route(
-        &upstream.url(),
-        r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "15s", on_wait_timeout = "504" }"#,
-    );
-    let cfg = cluster_config("", &cluster.urls(), &routes);
-    let fleet = start(2, &cfg).await;
+    let (cluster, upstream, fleet) = cluster_fleet(Duration::from_secs(2), "15s", 2).await;
     let client = Client::new();
-    let path = "/recommend?segment=killed";
 
     // Step 1: instance 0 leads the fill; instance 1 waits, subscribed on the slot's master.
-    let leader = {
-        let (client, target) = (client.clone(), url(&fleet[0], path));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
-    let mut lock = Vec::new();
-    eventually("the fill lock is taken", SETTLE, async || {
-        lock = cluster.keys("corral:*:lock:*").await;
-        !lock.is_empty()
-    })
-    .await;
-    let hex = lock[0]
-        .rsplit_once(":lock:")
-        .map(|(_, tagged)| tagged.to_owned())
-        .expect("a lock name");
-    let channel = format!("corral:test:recommend:fill:{hex}");
-    let node = owner(&cluster, &lock[0]).await;
-    let waiter = {
-        let (client, target) = (client.clone(), url(&fleet[1], path));
-        tokio::spawn(async move { client.get(&target, &[]).await })
-    };
-    eventually("the waiter subscribed", SETTLE, async || {
-        shard_subscribers(&cluster, node, &channel).await == 1
-    })
-    .await;
+    let waiting =
+        a_waiter_behind_a_fill(&cluster, &fleet, &client, "/recommend?segment=killed").await;
+    let (node, channel) = (waiting.node, waiting.channel.clone());
 
     // Step 2: that master drops every pub/sub connection while the fill runs.
     let killed: i64 = redis::cmd("CLIENT")
@@ -387,12 +388,7 @@ async fn cluster_waiter_survives_its_shard_connection_being_killed() {
     .await;
 
     // Step 3: one upstream call, both answered 200 with the same body.
-    let leader = leader.await.expect("leader task");
-    let waiter = waiter.await.expect("waiter task");
-    assert_eq!(leader.status, 200, "{}", leader.text());
-    assert_eq!(waiter.status, 200, "{}", waiter.text());
-    assert_eq!(leader.body, waiter.body);
-    assert_eq!(upstream.calls(), 1);
+    assert_one_fill_shared(waiting, &upstream).await;
     for instance in fleet {
         instance.shutdown().await;
     }

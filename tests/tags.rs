@@ -47,9 +47,9 @@ async fn a_tag_shaped_like_an_entry_key_never_touches_that_entry() {
 
     let hostile = client.get(&url(&fleet[0], "/tag/hostile"), &[]).await;
     assert_eq!(hostile.status, 200);
-    // Its entry and its one tag index.
+    // Its entry, its one tag index and the index of its path (`/tag/hostile`, below the route's).
     eventually("the hostile answer's tag is indexed", SETTLE, async || {
-        redis.keys("corral:test:*").await.len() == 2
+        redis.keys("corral:test:*").await.len() == 3
     })
     .await;
     assert_eq!(
@@ -89,8 +89,9 @@ async fn tags_per_answer_are_bounded_by_the_route() {
         capped.cache_status().as_deref(),
         Some("corral; fwd=miss; stored")
     );
+    // `[^ ]`: the upstream's tags, not the path prefixes Corral indexes (` path:/capped/x`).
     eventually("three tags are indexed", SETTLE, async || {
-        redis.keys("corral:test:#tags:*").await.len() == 3
+        redis.keys("corral:test:#tags:[^ ]*").await.len() == 3
     })
     .await;
 
@@ -101,8 +102,10 @@ async fn tags_per_answer_are_bounded_by_the_route() {
     );
     // Both answers carry the same tags, so the default route's 32 include the capped route's 3.
     eventually("32 tags are indexed", SETTLE, async || {
-        redis.keys("corral:test:#tags:*").await.len() == 32
+        redis.keys("corral:test:#tags:[^ ]*").await.len() == 32
     })
     .await;
-    assert_eq!(redis.keys("corral:test:*").await.len(), 32 + 2);
+    // Two entries, and one path-prefix index each (bounded by depth, not by `max_tags`).
+    assert_eq!(redis.keys("corral:test:#tags: path:*").await.len(), 2);
+    assert_eq!(redis.keys("corral:test:*").await.len(), 32 + 2 + 2);
 }

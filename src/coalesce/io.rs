@@ -10,7 +10,7 @@ use crate::entry::{Entry, now_ms};
 use crate::fill::FillRequest;
 use crate::fleet::Fleet;
 use crate::flight::Interest;
-use crate::l2::{KeyNames, L2Error, LockState, Lookup};
+use crate::l2::{KeyNames, L2Error, LockState, Lookup, Notice};
 use crate::lock::FillLock;
 use crate::notice::Subscription;
 use crate::wait::{Action, Event, Purpose, Settled, Trace, Wait};
@@ -21,6 +21,9 @@ pub(super) struct Outcome {
     pub settled: Settled,
     pub trace: Trace,
     pub held: Option<FillLock>,
+    /// The key's subscription, kept when the wait settled on tailing a relay (whose records ring
+    /// the channel); `None` otherwise.
+    pub sub: Option<Subscription>,
 }
 
 /// Waits for `req`'s key across the fleet until the state machine settles. `fallback`: a stale
@@ -56,13 +59,23 @@ pub(super) async fn wait(
             }
         };
         tracing::trace!(key = %names.entry, event = ?EventName(&event), "wait");
+        // Another instance's fill answers this flight: its requests link to that fill's span.
+        if let Event::Woken(crate::notice::Wake::Notice(Notice::Stored(_, Some(by)))) = &event {
+            crate::trace::attribute(by.clone());
+        }
         action = wait.on(event, Instant::now(), now_ms());
     };
-    // Nothing more to hear on the channel: `io.sub` unsubscribes as it drops.
+    // Nothing more to hear on the channel, unless the flight tails a relay: `io.sub`
+    // unsubscribes as it drops.
+    let sub = match settled {
+        Settled::Relay(_) => io.sub.take(),
+        _ => None,
+    };
     Outcome {
         settled,
         trace: wait.trace(),
         held: io.held,
+        sub,
     }
 }
 

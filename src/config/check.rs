@@ -32,6 +32,11 @@ use crate::redact::redact;
 
 mod redis;
 mod route;
+mod secret;
+mod telemetry;
+
+use secret::SecretSources;
+mod tls;
 
 /// The text being validated and its name, to turn spans into `path:line` errors.
 pub(super) struct Checker<'a> {
@@ -74,13 +79,18 @@ impl Checker<'_> {
             line: line_of(self.text, span.start),
             route,
             field,
-            reason: redact(err.message().trim_end()).into_owned(),
+            reason: redact(&with_suggestion(err.message().trim_end())).into_owned(),
         }
     }
 
     pub(super) fn config(&self, raw: RawConfig) -> Checked<Config> {
         let server = self.server(raw.server.as_ref().map(Spanned::get_ref))?;
         let redis = raw.redis.as_ref().map(|r| self.redis(r)).transpose()?;
+        let telemetry = raw
+            .telemetry
+            .as_ref()
+            .map(|t| self.telemetry(t))
+            .transpose()?;
         let l1 = raw.cache.and_then(|c| c.l1_max_bytes);
         let l1_max_bytes = match l1.map(|v| (v.get_ref().0, v.span())) {
             None => DEFAULT_L1_MAX_BYTES,
@@ -113,6 +123,7 @@ impl Checker<'_> {
             redis,
             cache,
             routes,
+            telemetry,
         })
     }
 
@@ -125,16 +136,41 @@ impl Checker<'_> {
         };
         let listen = addr(&raw.listen, "server.listen")?.unwrap_or(DEFAULT_LISTEN);
         let admin_listen = addr(&raw.admin_listen, "server.admin_listen")?;
-        if let Some(token) = raw.admin_token.as_ref().filter(|t| t.get_ref().is_empty()) {
-            let why = "must not be empty (omit it to disable the token)";
-            return self.fail(token.span(), (None, "server.admin_token"), why);
+        let inline_token = match &raw.admin_token {
+            None => None,
+            Some(token) => match token.get_ref() {
+                toml::Value::String(text) => Some(Spanned::new(token.span(), text.clone())),
+                _ => {
+                    let why = "the token must be a string (its value is not shown)";
+                    return self.fail(token.span(), (None, "server.admin_token"), why);
+                }
+            },
+        };
+        let admin_token = self.secret(SecretSources {
+            value: (inline_token.as_ref(), "server.admin_token"),
+            file: (raw.admin_token_file.as_ref(), "server.admin_token_file"),
+            env: (raw.admin_token_env.as_ref(), "server.admin_token_env"),
+        })?;
+        let open = raw.admin_open.unwrap_or(false);
+        if let (Some(admin), None, false) = (admin_listen, &admin_token, open)
+            && !admin.ip().is_loopback()
+        {
+            let span = raw.admin_listen.as_ref().map_or(0..0, Spanned::span);
+            let why = format!(
+                "{admin} is not a loopback address and no admin token is set: anyone who \
+                 reaches it could purge and reload. Set `admin_token_file` (or `admin_token`, \
+                 `admin_token_env`), or `admin_open = true` to accept that"
+            );
+            return self.fail(span, (None, "server.admin_listen"), why);
         }
         let at = (None, "server.default_upstream");
         let default_upstream = raw.default_upstream.as_ref();
+        let tls = raw.tls.as_ref().map(|t| self.listener_tls(t)).transpose()?;
         Ok(ServerConfig {
+            tls,
             listen,
             admin_listen,
-            admin_token: raw.admin_token.as_ref().map(|t| t.get_ref().clone()),
+            admin_token,
             default_upstream: default_upstream.map(|u| self.upstream(u, at)).transpose()?,
             shutdown_timeout: raw
                 .shutdown_timeout
@@ -211,18 +247,19 @@ impl Checker<'_> {
         text.parse().map_err(|_| self.error(v.span(), at, why))
     }
 
-    /// An upstream: an absolute `http://` URI with a host, optionally a base path, no query.
+    /// An upstream: an absolute `http://` or `https://` URI with a host, optionally a base path, no query.
     fn upstream(&self, v: &Spanned<String>, at: At<'_>) -> Checked<Uri> {
         let text = v.get_ref();
         let uri: Uri = text
             .parse()
             .map_err(|e| self.error(v.span(), at, format!("invalid URI {text:?} ({e})")))?;
         let problem = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(_)) if uri.query().is_none() => return Ok(uri),
-            (Some("http"), Some(_)) => "must not have a query",
-            (Some("https"), _) => "https upstreams are not supported yet; use http://",
-            (Some(_), _) => "unsupported scheme; use http://",
-            _ => "must be an absolute http:// URI with a host, e.g. \"http://127.0.0.1:5000\"",
+            (Some("http" | "https"), Some(_)) if uri.query().is_none() => return Ok(uri),
+            (Some("http" | "https"), Some(_)) => "must not have a query",
+            (Some(_), _) => "unsupported scheme; use http:// or https://",
+            _ => {
+                "must be an absolute http:// or https:// URI with a host, e.g. \"http://127.0.0.1:5000\""
+            }
         };
         self.fail(v.span(), at, format!("{text:?}: {problem}"))
     }
@@ -253,6 +290,30 @@ impl Checker<'_> {
     }
 }
 
+/// A serde message about an unknown field, with the known field closest to it suggested
+/// (`unknown field `tll`, expected one of … — did you mean `ttl`?`); any other message as it is.
+fn with_suggestion(message: &str) -> std::borrow::Cow<'_, str> {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.into();
+    };
+    let Some((unknown, known)) = rest.split_once('`') else {
+        return message.into();
+    };
+    // Close: at most one edit in three characters (a typo, a swapped pair), at least one.
+    let close = (unknown.chars().count() / 3).max(1);
+    let closest = known
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::damerau_levenshtein(unknown, name), name))
+        .filter(|(edits, _)| *edits <= close)
+        .min_by_key(|(edits, _)| *edits);
+    match closest {
+        Some((_, name)) => format!("{message} — did you mean `{name}`?").into(),
+        None => message.into(),
+    }
+}
+
 /// Non-empty, and only ASCII letters, digits, `_`, `-` and the characters in `extra`.
 fn is_name(s: &str, extra: &str) -> bool {
     !s.is_empty()
@@ -271,6 +332,15 @@ fn route_label(index: usize, name: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_field_gets_the_closest_known_one_suggested() {
+        let message = "unknown field `tll`, expected one of `name`, `ttl`, `stale_if_error`";
+        assert!(with_suggestion(message).ends_with("did you mean `ttl`?"));
+        let far = "unknown field `colour`, expected one of `name`, `ttl`";
+        assert_eq!(with_suggestion(far), far, "nothing close: no guess");
+        assert_eq!(with_suggestion("invalid type"), "invalid type");
+    }
 
     #[test]
     fn a_route_is_named_by_its_name_else_by_its_position() {

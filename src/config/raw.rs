@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub(super) server: Option<Spanned<RawServer>>,
     pub(super) redis: Option<Spanned<RawRedis>>,
     pub(super) cache: Option<RawCache>,
+    pub(super) telemetry: Option<Spanned<RawTelemetry>>,
     #[serde(default)]
     pub(super) route: Vec<Spanned<RawRoute>>,
 }
@@ -28,7 +29,11 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) admin_listen: Option<Spanned<String>>,
-    pub(super) admin_token: Option<Spanned<String>>,
+    /// Any value, checked to be a string afterwards: a type error from serde would quote it.
+    pub(super) admin_token: Option<Spanned<toml::Value>>,
+    pub(super) admin_token_file: Option<Spanned<String>>,
+    pub(super) admin_token_env: Option<Spanned<String>>,
+    pub(super) admin_open: Option<bool>,
     pub(super) default_upstream: Option<Spanned<String>>,
     pub(super) shutdown_timeout: Option<HumanDuration>,
     pub(super) shutdown_delay: Option<HumanDuration>,
@@ -41,6 +46,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
     pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +58,9 @@ pub(super) struct RawRedis {
     pub(super) namespace: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<HumanDuration>>,
     pub(super) lock_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) password_file: Option<Spanned<String>>,
+    pub(super) password_env: Option<Spanned<String>>,
+    pub(super) tls: Option<Spanned<RawRedisTls>>,
 }
 
 /// `sentinel = { nodes = [..], master = "..", username = "..", password = "..", db = 0 }` in
@@ -67,6 +76,15 @@ pub(super) struct RawSentinel {
     pub(super) db: Option<Spanned<i64>>,
 }
 
+/// `[telemetry]`: OTLP export of the request path's spans.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: Option<Spanned<String>>,
+    pub(super) service_name: Option<Spanned<String>>,
+    pub(super) sample_ratio: Option<Spanned<f64>>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCache {
@@ -79,7 +97,7 @@ pub(super) struct RawRoute {
     pub(super) name: Option<Spanned<String>>,
     pub(super) path_prefix: Option<Spanned<String>>,
     pub(super) methods: List<String>,
-    pub(super) upstream: Option<Spanned<String>>,
+    pub(super) upstream: Option<Spanned<RawUpstream>>,
     pub(super) cache: Option<bool>,
     pub(super) ttl: Option<HumanDuration>,
     pub(super) stale_while_revalidate: Option<HumanDuration>,
@@ -101,6 +119,78 @@ pub(super) struct RawRoute {
     pub(super) key: RawKey,
     #[serde(default)]
     pub(super) lock: RawLock,
+    pub(super) tls: Option<Spanned<RawUpstreamTls>>,
+    pub(super) response_headers: Option<RawHeaderRules>,
+}
+
+/// A route's `upstream`: one URL, or a list of endpoints serving the same thing.
+pub(super) enum RawUpstream {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawUpstream;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an upstream URL such as \"http://127.0.0.1:5000\", or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(RawUpstream::One(s.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element::<Spanned<String>>()? {
+                    all.push(one);
+                }
+                Ok(RawUpstream::Many(all))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `response_headers = { remove = [..], set = { name = "value" } }` in a route.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaderRules {
+    #[serde(default)]
+    pub(super) remove: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) set: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+/// A route's `tls = { .. }` (see `config/tls.rs`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Spanned<HumanDuration>>,
+}
+
+/// `[redis] tls = { .. }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedisTls {
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+}
+
+/// `[server] tls = { cert_file, key_file }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -146,17 +236,42 @@ pub(super) enum RawOnWaitTimeout {
     GatewayTimeout,
 }
 
-/// A humantime duration string: `50ms`, `5s`, `5m`.
-#[derive(Clone, Copy, Deserialize)]
-#[serde(try_from = "String")]
+/// A humantime duration string: `50ms`, `5s`, `5m`. A bare number is refused with the string
+/// to write instead (`ttl = 60` → write "60s"): seconds are a guess the file should not leave.
+#[derive(Clone, Copy)]
 pub(super) struct HumanDuration(pub(super) Duration);
 
-impl TryFrom<String> for HumanDuration {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        humantime::parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(|e| format!("invalid duration {s:?} ({e})"))
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"60s\", \"500ms\" or \"5m\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" (or \"{n}ms\", \"{n}m\")"
+                )))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" (or \"{n}ms\", \"{n}m\")"
+                )))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{}ms\" for {n} seconds",
+                    (n * 1000.0).round()
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                humantime::parse_duration(s)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?} ({e})")))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

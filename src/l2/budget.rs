@@ -17,12 +17,19 @@ pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 /// Connection settings shared by the command and the notice connections: each call is bounded
 /// by its own budget (see [`guarded`]); the connection itself gives up on an answer only after
 /// [`PATIENCE`], and reconnects in the background.
+///
+/// Two connection attempts per reconnect, 10 ms apart: every command waits for the manager's
+/// attempts, so a longer backoff there would make a refused connection (Redis down) cost each
+/// call hundreds of milliseconds instead of a few — and a call that runs out of its budget is a
+/// late answer to the breaker, not an outage, so it would never open. Sending again is decided
+/// per command, above (`l2/connection.rs`), and the circuit's probe reconnects.
 pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(PATIENCE.max(timeout)))
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(50))
 }
 
 /// Runs one Redis call within `budget`, through the breaker: refused at once while it is open,

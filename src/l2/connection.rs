@@ -18,7 +18,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::sentinel::SentinelConnection;
 use super::{L2Error, manager_config};
@@ -56,7 +56,7 @@ impl Connection {
         let connect_timeout = budget.max(Duration::from_millis(200));
         match &cfg.topology {
             RedisTopology::Standalone { url } => {
-                let client = Client::open(url.as_str())
+                let client = super::tls::client(url, cfg.tls.as_ref())
                     .map_err(|source| L2Error::Redis { op: "open", source })?;
                 let conn = ConnectionManager::new_lazy_with_config(client, manager_config(budget))
                     .map_err(|source| L2Error::Redis {
@@ -73,7 +73,11 @@ impl Connection {
                 nodes, master, auth, budget,
             )?)),
             RedisTopology::Cluster { nodes } => {
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str));
+                if let Some(tls) = &cfg.tls {
+                    builder = builder.certs(super::tls::certificates(tls));
+                }
+                let client = builder
                     .connection_timeout(connect_timeout)
                     .response_timeout(super::PATIENCE.max(budget))
                     .retries(CLUSTER_RETRIES)
@@ -173,16 +177,43 @@ fn masters_of(slots: &Value) -> Vec<ScanTarget> {
 
 /// The first pause before a command whose connection was lost is sent again (the manager is
 /// reconnecting meanwhile); it doubles up to [`MAX_RESEND_PAUSE`]: three more tries in 350 ms.
-const RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
-const MAX_RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const RESEND_PAUSE: Duration = Duration::from_millis(50);
+const MAX_RESEND_PAUSE: Duration = Duration::from_millis(200);
 
-/// Whether a command failed because its connection was gone (reset, closed, broken, or a
-/// reconnection refused while Redis was down, which the manager keeps answering with until the
-/// next attempt): the connection manager is reconnecting, and the command is worth sending again
-/// — while Redis is down a refusal costs nothing but the pause. Every script Corral runs gives the
-/// same answer when run twice with the same arguments.
-fn connection_lost(err: &redis::RedisError) -> bool {
-    err.is_connection_dropped()
+/// Whether a command that failed on the connection (not in Redis) is sent again, and after
+/// what pause. One per command.
+#[derive(Debug)]
+struct Resend {
+    pause: Duration,
+    refused: bool,
+}
+
+impl Resend {
+    fn new() -> Resend {
+        Resend {
+            pause: RESEND_PAUSE,
+            refused: false,
+        }
+    }
+
+    /// The pause before sending again after `err`, or `None`: `err` is the answer.
+    /// - Reset, closed or broken: the manager is reconnecting; send again after a pause that
+    ///   doubles (every script Corral runs gives the same answer when run twice).
+    /// - Refused: the manager hands out the refusal of its last attempt until a command asks for
+    ///   a new one, so a first refusal may be stale (Redis is back): send once more at once. A
+    ///   second refusal is Redis down, and is the answer: a refusal costs microseconds, and
+    ///   waiting on it would cost every miss its whole budget for as long as the outage lasts.
+    fn after(&mut self, err: &redis::RedisError) -> Option<Duration> {
+        if err.is_connection_refusal() {
+            return (!std::mem::replace(&mut self.refused, true)).then_some(Duration::ZERO);
+        }
+        if !err.is_connection_dropped() || self.pause > MAX_RESEND_PAUSE {
+            return None;
+        }
+        let pause = self.pause;
+        self.pause *= 2;
+        Some(pause)
+    }
 }
 
 impl ConnectionLike for Connection {
@@ -191,13 +222,13 @@ impl ConnectionLike for Connection {
             // A connection that died while idle (Redis restarted) fails the first command sent
             // on it, and with it every command pipelined behind: send it again on the new one.
             Connection::Standalone(conn) => Box::pin(async move {
-                let mut pause = RESEND_PAUSE;
+                let mut resend = Resend::new();
                 loop {
                     match conn.req_packed_command(cmd).await {
-                        Err(err) if connection_lost(&err) && pause <= MAX_RESEND_PAUSE => {
-                            tokio::time::sleep(pause).await;
-                            pause *= 2;
-                        }
+                        Err(err) => match resend.after(&err) {
+                            Some(pause) => tokio::time::sleep(pause).await,
+                            None => return Err(err),
+                        },
                         answered => return answered,
                     }
                 }
@@ -215,13 +246,13 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Standalone(conn) => Box::pin(async move {
-                let mut pause = RESEND_PAUSE;
+                let mut resend = Resend::new();
                 loop {
                     match conn.req_packed_commands(pipeline, offset, count).await {
-                        Err(err) if connection_lost(&err) && pause <= MAX_RESEND_PAUSE => {
-                            tokio::time::sleep(pause).await;
-                            pause *= 2;
-                        }
+                        Err(err) => match resend.after(&err) {
+                            Some(pause) => tokio::time::sleep(pause).await,
+                            None => return Err(err),
+                        },
                         answered => return answered,
                     }
                 }
@@ -247,6 +278,33 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn io(kind: std::io::ErrorKind) -> redis::RedisError {
+        redis::RedisError::from(std::io::Error::from(kind))
+    }
+
+    #[test]
+    fn a_refusal_is_sent_again_once_at_once_then_is_the_answer() {
+        let mut resend = Resend::new();
+        let refused = io(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(resend.after(&refused), Some(Duration::ZERO));
+        assert_eq!(resend.after(&refused), None);
+    }
+
+    #[test]
+    fn a_dropped_connection_is_sent_again_after_pauses_that_double() {
+        let mut resend = Resend::new();
+        let reset = io(std::io::ErrorKind::ConnectionReset);
+        let pauses: Vec<_> = std::iter::from_fn(|| resend.after(&reset)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(pauses, vec![ms(50), ms(100), ms(200)]);
+    }
+
+    #[test]
+    fn an_error_reply_is_the_answer() {
+        let reply = redis::RedisError::from((redis::ErrorKind::Parse, "bad"));
+        assert_eq!(Resend::new().after(&reply), None);
     }
 
     #[test]

@@ -218,6 +218,11 @@ impl L2 {
             .arg(with_entry)
             .arg(PURGED_LOCK)
             .arg(self.scripts.publish);
+        // The fill's span, when one is recorded: waiters elsewhere link to it.
+        match crate::trace::current_fill() {
+            Some(fill) => call.arg(&fill.encode()[..]),
+            None => call.arg(""),
+        };
         let n: i64 = self
             .within("store", budget, call.invoke_async(&mut conn))
             .await?;

@@ -6,9 +6,13 @@
 /// and publishes the notice — carrying the entry itself when ARGV[5] is 1, so waiters need no read
 /// — all in one round trip. A lock a purge marked is released with a `failed` notice and nothing
 /// is written. ARGV[7] is the publishing command: `SPUBLISH` in a cluster, else `PUBLISH`.
+/// ARGV[8] is the fill's trace reference or empty (see [`crate::trace::FillRef::encode`]): it goes
+/// between `stored:` and the entry, where a parser that does not know it finds no entry and reads
+/// L2 instead.
 pub(super) const STORE: &str = r"
 local notice = 'stored'
-if ARGV[5] == '1' then notice = 'stored:' .. ARGV[2] end
+if ARGV[5] == '1' then notice = 'stored:' .. ARGV[8] .. ARGV[2]
+elseif ARGV[8] ~= '' then notice = 'stored:' .. ARGV[8] end
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])

@@ -64,10 +64,15 @@ impl Sentinels {
         if let Some(username) = &auth.username {
             settings = settings.set_username(username);
         }
-        let node_info = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+        let mut node_info =
+            SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+        // Sentinels reached over TLS name a master reached over TLS too (system roots).
+        if nodes.iter().any(|url| url.starts_with("rediss://")) {
+            node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
+        }
         let client = SentinelClient::build(
             nodes.iter().map(String::as_str).collect(),
-            master.to_owned(),
+            master,
             Some(node_info),
             SentinelServerType::Master,
         )

@@ -1,132 +1,330 @@
 //! The reconciler: one task that makes the server's subscriptions match the channels that have
 //! local waiters (plus the invalidation channel), in order, in one batch each, and resyncs the
 //! waiters when a disconnection or a move to another node may have lost notices.
+//!
+//! It is one state machine — events in, actions out — driven by the thin I/O loop in
+//! `reconciler/io.rs`; the machine does no I/O, so every transition is a plain unit test
+//! (`reconciler/tests.rs`). A pass:
+//!
+//! ```text
+//!  Wait ─requests─▶ FollowMaster ─followed─┬─ no node yet ─▶ nack, Wait (retry)
+//!                                          └─▶ Unsubscribe ─▶ Subscribe ─▶ SyncSharded ─┬─ ok ─▶ ack, Wait
+//!                                                                                       ├─ circuit open ─▶ nack, Wait (retry)
+//!                                                                                       └─ failed ─▶ Fail ─▶ nack, Wait (retry)
+//! ```
+//! Each step is skipped when it has nothing to do, and a failed step skips the rest of the pass.
+//! A move to another node (following the sentinels, or after failures) leaves nothing subscribed
+//! there, and notices may have been lost on the way: every waiter resyncs.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 use super::Request;
-use super::invalidation::Invalidation;
-use super::topology::{NO_MASTER_YET, Topology};
-use super::waiters::{Waiters, lock, resync};
+use super::topology::NO_MASTER_YET;
 use crate::l2::L2Error;
 
-/// How often a failed (re)subscription is tried again.
-const RETRY: Duration = Duration::from_secs(1);
+mod io;
+#[cfg(test)]
+mod tests;
 
-/// The reconciling task's state.
+pub(super) use io::Driver;
+
+/// How often a failed (re)subscription is tried again.
+pub(super) const RETRY: Duration = Duration::from_secs(1);
+
+/// Where a [`Request::Sync`] is acknowledged.
+type Ack = oneshot::Sender<Result<(), String>>;
+
+/// What happened, as the I/O loop reports it.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// Requests arrived (all those pending, in order), or the retry timer fired
+    /// ([`Request::Retry`]).
+    Requests(Vec<Request>),
+    /// The topology was followed: `moved` to another node (nothing is subscribed there);
+    /// `connected` to a node at all; `waited_on`: the channels that have local waiters now.
+    Followed {
+        moved: bool,
+        connected: bool,
+        waited_on: HashSet<String>,
+    },
+    /// The classic UNSUBSCRIBE answered.
+    Unsubscribed(Result<(), L2Error>),
+    /// The classic SUBSCRIBE answered.
+    Subscribed(Result<(), L2Error>),
+    /// The sharded (un)subscriptions answered, each on its own: those `dropped` and `added`
+    /// succeeded; `result` is the last failure, if any.
+    ShardedSynced {
+        dropped: Vec<String>,
+        added: Vec<String>,
+        result: Result<(), L2Error>,
+    },
+    /// The topology took the failure: `moved` to the next node, if it did.
+    FailedOver { moved: bool },
+}
+
+/// What the I/O loop does, without waiting for an answer.
+#[derive(Debug)]
+pub(super) enum Effect {
+    /// Behind sentinels: have them asked again before the next pass.
+    Recheck,
+    /// The sentinels announced a new master: ask them now.
+    Switched,
+    /// Tell every waiter that notices may have been lost: confirm, then re-check L2.
+    Resync,
+    /// The server just confirmed the invalidation channel's SUBSCRIBE.
+    InvalidationSubscribed,
+    /// The node answered the whole pass.
+    Answered,
+    /// Answer the [`Request::Sync`]s of the pass.
+    Ack {
+        acks: Vec<Ack>,
+        result: Result<(), String>,
+    },
+}
+
+/// What the I/O loop waits for next: each answer comes back as one [`Event`].
+#[derive(Debug)]
+pub(super) enum Io {
+    /// Wait for requests; with `retry`, for at most [`RETRY`] (then [`Request::Retry`]).
+    Wait { retry: bool },
+    /// Follow the topology (behind sentinels, ask them when due) and read who waits:
+    /// [`Event::Followed`].
+    FollowMaster,
+    /// UNSUBSCRIBE these channels on the classic connection: [`Event::Unsubscribed`].
+    Unsubscribe(Vec<String>),
+    /// SUBSCRIBE these channels on the classic connection: [`Event::Subscribed`].
+    Subscribe(Vec<String>),
+    /// In a cluster, SUNSUBSCRIBE and SSUBSCRIBE these: [`Event::ShardedSynced`].
+    SyncSharded { drop: Vec<String>, add: Vec<String> },
+    /// Report the failure of the pass to the topology (and the log): [`Event::FailedOver`].
+    Fail(L2Error),
+}
+
+/// One step: effects to apply in order, then the one thing to wait for.
+#[derive(Debug)]
+pub(super) struct Step {
+    pub(super) effects: Vec<Effect>,
+    pub(super) then: Io,
+}
+
+/// The reconciler's state: what the server holds, and the pass under way.
+#[derive(Debug)]
 pub(super) struct Reconciler {
-    pub(super) topology: Topology,
-    pub(super) waiters: Waiters,
-    /// Subscribed whether or not anyone waits.
-    pub(super) invalidation: Invalidation,
+    /// Channels the server holds for this process, as far as it has confirmed.
+    subscribed: HashSet<String>,
+    /// The invalidation channel: wanted whether or not anyone waits, always classic.
+    invalidation: String,
+    /// In a cluster fill channels are subscribed sharded; only the invalidation channel is
+    /// classic.
+    sharded: bool,
+    /// The [`Request::Sync`]s the pass under way answers.
+    acks: Vec<Ack>,
+    /// The pass under way: the classic channels to drop, then to add; then the sharded ones.
+    to_drop: Vec<String>,
+    to_add: Vec<String>,
+    drop_sharded: Vec<String>,
+    add_sharded: Vec<String>,
+    /// Why the pass under way failed, for its acknowledgements.
+    failure: Option<String>,
 }
 
 impl Reconciler {
-    /// Drains requests and makes the server's subscriptions match the channels that have
-    /// waiters (plus the invalidation channel); retries every second while they do not match.
-    /// Ends when every handle of the hub is gone.
-    pub(super) async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
-        let mut subscribed: HashSet<String> = HashSet::new();
-        let mut behind = false;
-        loop {
-            let first = if behind {
-                tokio::select! {
-                    request = requests.recv() => request,
-                    () = tokio::time::sleep(RETRY) => Some(Request::Retry),
+    /// A reconciler for `invalidation`, the channel subscribed whatever waits; `sharded` in a
+    /// cluster.
+    pub(super) fn new(invalidation: String, sharded: bool) -> Reconciler {
+        Reconciler {
+            subscribed: HashSet::new(),
+            invalidation,
+            sharded,
+            acks: Vec::new(),
+            to_drop: Vec::new(),
+            to_add: Vec::new(),
+            drop_sharded: Vec::new(),
+            add_sharded: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// The first step: wait for the first request.
+    pub(super) fn start(&self) -> Step {
+        step(Vec::new(), Io::Wait { retry: false })
+    }
+
+    /// The next step after `event`.
+    pub(super) fn on(&mut self, event: Event) -> Step {
+        match event {
+            Event::Requests(requests) => self.requested(requests),
+            Event::Followed {
+                moved,
+                connected,
+                waited_on,
+            } => self.followed(moved, connected, waited_on),
+            Event::Unsubscribed(Ok(())) => {
+                for channel in std::mem::take(&mut self.to_drop) {
+                    self.subscribed.remove(&channel);
                 }
-            } else {
-                requests.recv().await
-            };
-            let Some(first) = first else {
-                return;
-            };
-            let mut acks = Vec::new();
-            let pending = std::iter::from_fn(|| requests.try_recv().ok());
-            for request in std::iter::once(first).chain(pending) {
-                match request {
-                    Request::Sync(ack) => acks.push(ack),
-                    Request::Reset => {
-                        subscribed.clear();
-                        self.topology.recheck();
-                    }
-                    Request::Retry => {}
-                    Request::Lost(channel) => {
-                        subscribed.remove(&channel);
-                    }
-                    Request::ResetSharded => {
-                        subscribed.retain(|c| *c == self.invalidation.channel);
-                    }
-                    Request::Switched => self.topology.switched(),
+                self.subscribe(Vec::new())
+            }
+            Event::Subscribed(Ok(())) => {
+                let added = std::mem::take(&mut self.to_add);
+                let mut effects = Vec::new();
+                if added.contains(&self.invalidation) {
+                    effects.push(Effect::InvalidationSubscribed);
                 }
+                self.subscribed.extend(added);
+                self.sync_sharded(effects)
             }
-            if self.topology.follow_master().await {
-                self.moved(&mut subscribed);
+            Event::Unsubscribed(Err(err)) | Event::Subscribed(Err(err)) => {
+                self.finish(Vec::new(), Err(err))
             }
-            let mut wanted: HashSet<String> = lock(&self.waiters).keys().cloned().collect();
-            wanted.insert(self.invalidation.channel.clone());
-            let to_drop: Vec<String> = subscribed.difference(&wanted).cloned().collect();
-            let to_add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
-            // In a cluster only the invalidation channel is classic; fill channels are sharded.
-            let classic = &self.invalidation.channel;
-            let (to_drop, drop_sharded) = self.topology.split(to_drop, classic);
-            let (to_add, add_sharded) = self.topology.split(to_add, classic);
-            if !self.topology.connected() {
-                for ack in acks {
-                    let _ = ack.send(Err(NO_MASTER_YET.to_owned()));
+            Event::ShardedSynced {
+                dropped,
+                added,
+                result,
+            } => {
+                for channel in &dropped {
+                    self.subscribed.remove(channel);
                 }
-                behind = true;
-                continue;
+                self.subscribed.extend(added);
+                self.finish(Vec::new(), result)
             }
-            let mut result = Ok(());
-            if !to_drop.is_empty() {
-                result = self.topology.unsubscribe(&to_drop).await;
-                if result.is_ok() {
-                    for channel in &to_drop {
-                        subscribed.remove(channel);
-                    }
+            Event::FailedOver { moved } => {
+                let mut effects = Vec::new();
+                if moved {
+                    effects.push(self.moved());
                 }
-            }
-            if !to_add.is_empty() && result.is_ok() {
-                result = self.topology.subscribe(&to_add).await;
-                if result.is_ok() {
-                    if to_add.contains(&self.invalidation.channel) {
-                        self.invalidation.subscribed();
-                    }
-                    subscribed.extend(to_add);
-                }
-            }
-            if result.is_ok() {
-                result = self
-                    .topology
-                    .sync_sharded(&mut subscribed, drop_sharded, add_sharded)
-                    .await;
-            }
-            behind = result.is_err();
-            match &result {
-                Ok(()) => self.topology.answered(),
-                // The circuit is open: nothing was asked of this node, so it is not to blame.
-                Err(L2Error::CircuitOpen { .. }) => {}
-                Err(err) => {
-                    let node = self.topology.node();
-                    tracing::warn!(%err, %node, "redis pub/sub (un)subscribe failed; retrying");
-                    if self.topology.failed() {
-                        self.moved(&mut subscribed);
-                    }
-                }
-            }
-            for ack in acks {
-                let _ = ack.send(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+                let reason = self.failure.take().unwrap_or_default();
+                effects.push(self.ack(Err(reason)));
+                step(effects, Io::Wait { retry: true })
             }
         }
     }
 
-    /// The hub moved to another node: nothing is subscribed there yet, and notices may have been
-    /// lost on the way, so every waiter resyncs.
-    fn moved(&self, subscribed: &mut HashSet<String>) {
-        resync(&self.waiters);
-        subscribed.clear();
+    /// The channels the server holds for this process, as far as it has confirmed.
+    #[cfg(test)]
+    pub(super) fn subscribed(&self) -> &HashSet<String> {
+        &self.subscribed
     }
+
+    /// A batch of requests: collect the acknowledgements, forget what the server no longer
+    /// holds, then follow the topology.
+    fn requested(&mut self, requests: Vec<Request>) -> Step {
+        let mut effects = Vec::new();
+        for request in requests {
+            match request {
+                Request::Sync(ack) => self.acks.push(ack),
+                Request::Reset => {
+                    self.subscribed.clear();
+                    effects.push(Effect::Recheck);
+                }
+                Request::Retry => {}
+                Request::Lost(channel) => {
+                    self.subscribed.remove(&channel);
+                }
+                Request::ResetSharded => {
+                    let invalidation = &self.invalidation;
+                    self.subscribed.retain(|c| c == invalidation);
+                }
+                Request::Switched => effects.push(Effect::Switched),
+            }
+        }
+        step(effects, Io::FollowMaster)
+    }
+
+    /// The topology is followed: compare what is wanted with what is subscribed, and start with
+    /// the unsubscriptions.
+    fn followed(&mut self, moved: bool, connected: bool, waited_on: HashSet<String>) -> Step {
+        let mut effects = Vec::new();
+        if moved {
+            effects.push(self.moved());
+        }
+        let mut wanted = waited_on;
+        wanted.insert(self.invalidation.clone());
+        let to_drop: Vec<String> = self.subscribed.difference(&wanted).cloned().collect();
+        let to_add: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
+        if !connected {
+            effects.push(self.ack(Err(NO_MASTER_YET.to_owned())));
+            return step(effects, Io::Wait { retry: true });
+        }
+        (self.to_drop, self.drop_sharded) = self.split(to_drop);
+        (self.to_add, self.add_sharded) = self.split(to_add);
+        if self.to_drop.is_empty() {
+            return self.subscribe(effects);
+        }
+        step(effects, Io::Unsubscribe(self.to_drop.clone()))
+    }
+
+    /// The classic unsubscriptions are done: the classic subscriptions, if any.
+    fn subscribe(&mut self, effects: Vec<Effect>) -> Step {
+        if self.to_add.is_empty() {
+            return self.sync_sharded(effects);
+        }
+        step(effects, Io::Subscribe(self.to_add.clone()))
+    }
+
+    /// The classic side is done: the sharded side, if there is anything to do there.
+    fn sync_sharded(&mut self, effects: Vec<Effect>) -> Step {
+        let drop = std::mem::take(&mut self.drop_sharded);
+        let add = std::mem::take(&mut self.add_sharded);
+        if drop.is_empty() && add.is_empty() {
+            return self.finish(effects, Ok(()));
+        }
+        step(effects, Io::SyncSharded { drop, add })
+    }
+
+    /// The pass ended with `result`: acknowledge it and wait — for at most [`RETRY`] after a
+    /// failure. A failure the node is to blame for goes to the topology first.
+    fn finish(&mut self, mut effects: Vec<Effect>, result: Result<(), L2Error>) -> Step {
+        self.to_drop.clear();
+        self.to_add.clear();
+        self.drop_sharded.clear();
+        self.add_sharded.clear();
+        match result {
+            Ok(()) => {
+                effects.push(Effect::Answered);
+                effects.push(self.ack(Ok(())));
+                step(effects, Io::Wait { retry: false })
+            }
+            // The circuit is open: nothing was asked of this node, so it is not to blame.
+            Err(err @ L2Error::CircuitOpen { .. }) => {
+                effects.push(self.ack(Err(err.to_string())));
+                step(effects, Io::Wait { retry: true })
+            }
+            Err(err) => {
+                self.failure = Some(err.to_string());
+                step(effects, Io::Fail(err))
+            }
+        }
+    }
+
+    /// The hub moved to another node: nothing is subscribed there yet, and notices may have
+    /// been lost on the way, so every waiter resyncs.
+    fn moved(&mut self) -> Effect {
+        self.subscribed.clear();
+        Effect::Resync
+    }
+
+    /// Answers every acknowledgement of the pass with `result`.
+    fn ack(&mut self, result: Result<(), String>) -> Effect {
+        Effect::Ack {
+            acks: std::mem::take(&mut self.acks),
+            result,
+        }
+    }
+
+    /// Splits channels into the classic ones and those subscribed sharded (in a cluster, every
+    /// one but the invalidation channel).
+    fn split(&self, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
+        if !self.sharded {
+            return (channels, Vec::new());
+        }
+        channels.into_iter().partition(|c| *c == self.invalidation)
+    }
+}
+
+fn step(effects: Vec<Effect>, then: Io) -> Step {
+    Step { effects, then }
 }

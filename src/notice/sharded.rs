@@ -1,7 +1,6 @@
 //! The sharded side of the hub in a Redis Cluster: fill channels are `SSUBSCRIBE`d through
 //! redis-rs's RESP3 cluster connection, one connection per master.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -9,18 +8,23 @@ use redis::ProtocolVersion;
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 
+use super::bounds::Bounds;
 use super::pushes::Pushes;
-use super::topology::Bounds;
 use crate::l2::{L2Error, PATIENCE};
 
 /// The sharded pub/sub side in a cluster: a RESP3 cluster connection (lazy: the cluster may be
 /// down now) whose pushes go to the hub.
 pub(super) fn sharded_connection(
     nodes: &[String],
+    tls: Option<&crate::config::RedisTls>,
     timeout: Duration,
     pushes: &Pushes,
 ) -> Result<ClusterConnection, L2Error> {
-    let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+    let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str));
+    if let Some(tls) = tls {
+        builder = builder.certs(crate::l2::tls::certificates(tls));
+    }
+    let client = builder
         .use_protocol(ProtocolVersion::RESP3)
         .push_sender(
             Pushes {
@@ -42,14 +46,14 @@ pub(super) fn sharded_connection(
 
 /// Makes the sharded subscriptions match: one (S)UNSUBSCRIBE / SSUBSCRIBE per channel, all at
 /// once — each goes to the master of its channel's slot, and channels of different slots cannot
-/// share one command. `subscribed` keeps the ones that succeeded.
+/// share one command. Returns the channels dropped and added (those that succeeded) and the last
+/// failure.
 pub(super) async fn sharded_sync(
     bounds: &Bounds,
     sharded: &ClusterConnection,
-    subscribed: &mut HashSet<String>,
     to_drop: Vec<String>,
     to_add: Vec<String>,
-) -> Result<(), L2Error> {
+) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
     let drops = to_drop.into_iter().map(|channel| {
         let mut conn = sharded.clone();
         async move {
@@ -59,9 +63,10 @@ pub(super) async fn sharded_sync(
         }
     });
     let mut result = Ok(());
+    let mut dropped = Vec::new();
     for (channel, done) in join_all(drops).await {
         match done {
-            Ok(()) => drop(subscribed.remove(&channel)),
+            Ok(()) => dropped.push(channel),
             Err(err) => result = Err(err),
         }
     }
@@ -73,11 +78,12 @@ pub(super) async fn sharded_sync(
             (channel, done)
         }
     });
+    let mut added = Vec::new();
     for (channel, done) in join_all(adds).await {
         match done {
-            Ok(()) => drop(subscribed.insert(channel)),
+            Ok(()) => added.push(channel),
             Err(err) => result = Err(err),
         }
     }
-    result
+    (dropped, added, result)
 }

@@ -6,56 +6,22 @@
 //! In a cluster the fill channels are subscribed sharded (see [`super::sharded`]) and only the
 //! invalidation channel is carried by the classic connection.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
-
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion};
 
+use super::bounds::Bounds;
 use super::pushes::Pushes;
 use super::sharded::{sharded_connection, sharded_sync};
-use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology};
 use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::switches::{self, SwitchWatch};
-use crate::l2::{L2Error, PATIENCE, guarded, manager_config, patiently};
-use crate::metrics::Metrics;
+use crate::l2::{L2Error, manager_config};
 use crate::redact::redact;
 
 /// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
 /// more than one): a node that answered before gets a second chance to reconnect.
 const SWITCH_AFTER: u32 = 2;
-
-/// How each (un)subscription is bounded: through the breaker, within the budget of a lock
-/// decision (a failed SUBSCRIBE makes a waiter fill on its own), counted in the metrics.
-pub(super) struct Bounds {
-    pub(super) breaker: Arc<Breaker>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) timeout: Duration,
-}
-
-impl Bounds {
-    /// A call whose failure costs little: within one budget.
-    pub(super) async fn guarded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        guarded(&self.breaker, &self.metrics, op, self.timeout, call).await
-    }
-
-    /// A subscription a waiter waits for: patiently while Redis keeps answering.
-    pub(super) async fn patiently<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, L2Error> {
-        let (breaker, metrics) = (&self.breaker, &self.metrics);
-        patiently(breaker, metrics, op, self.timeout, PATIENCE, call).await
-    }
-}
 
 /// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
 type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
@@ -77,6 +43,8 @@ enum Nodes {
 
 /// The hub's connections and the node they talk to.
 pub(super) struct Topology {
+    /// `[redis] tls`: the material of `rediss://` seed nodes.
+    tls: Option<crate::config::RedisTls>,
     /// `None` only behind sentinels, until they first named a master. In a cluster it carries
     /// only the invalidation channel (a broadcast one).
     conn: Option<ConnectionManager>,
@@ -115,7 +83,12 @@ impl Topology {
             })
         });
         let sharded = match &cfg.topology {
-            RedisTopology::Cluster { nodes } => Some(sharded_connection(nodes, timeout, pushes)?),
+            RedisTopology::Cluster { nodes } => Some(sharded_connection(
+                nodes,
+                cfg.tls.as_ref(),
+                timeout,
+                pushes,
+            )?),
             _ => None,
         };
         let (nodes, conn) = match &cfg.topology {
@@ -139,11 +112,12 @@ impl Topology {
                 let first = urls.first().ok_or_else(|| {
                     L2Error::Pubsub("no Redis node to subscribe on (empty seed list)".to_owned())
                 })?;
-                let conn = open(resp3_client(first)?)?;
+                let conn = open(resp3_client(first, cfg.tls.as_ref())?)?;
                 (Nodes::Seeds { urls, at: 0 }, Some(conn))
             }
         };
         Ok(Topology {
+            tls: cfg.tls.clone(),
             conn,
             sharded,
             nodes,
@@ -154,13 +128,9 @@ impl Topology {
         })
     }
 
-    /// Splits channels into those of the classic connection and those subscribed sharded (in a
-    /// cluster, every one but the invalidation channel, `classic`).
-    pub(super) fn split(&self, channels: Vec<String>, classic: &str) -> (Vec<String>, Vec<String>) {
-        if self.sharded.is_none() {
-            return (channels, Vec::new());
-        }
-        channels.into_iter().partition(|c| c == classic)
+    /// Whether fill channels are subscribed sharded: in a cluster.
+    pub(super) fn sharded(&self) -> bool {
+        self.sharded.is_some()
     }
 
     /// Whether there is a node to talk to: behind sentinels, not until they first named one.
@@ -184,17 +154,16 @@ impl Topology {
             .await
     }
 
-    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]); elsewhere
-    /// there are none.
+    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]): the channels
+    /// dropped and added, and the last failure; elsewhere there are none.
     pub(super) async fn sync_sharded(
         &self,
-        subscribed: &mut HashSet<String>,
         to_drop: Vec<String>,
         to_add: Vec<String>,
-    ) -> Result<(), L2Error> {
+    ) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
         match &self.sharded {
-            Some(sharded) => sharded_sync(&self.bounds, sharded, subscribed, to_drop, to_add).await,
-            None => Ok(()),
+            Some(sharded) => sharded_sync(&self.bounds, sharded, to_drop, to_add).await,
+            None => (Vec::new(), Vec::new(), Ok(())),
         }
     }
 
@@ -251,7 +220,9 @@ impl Topology {
             return false;
         }
         let next = (*at + 1) % urls.len();
-        let conn = match resp3_client(&urls[next]).and_then(|client| (self.open)(client)) {
+        let conn = match resp3_client(&urls[next], self.tls.as_ref())
+            .and_then(|client| (self.open)(client))
+        {
             Ok(conn) => conn,
             Err(err) => {
                 tracing::warn!(%err, node = %redact(&urls[next]), "cannot open a pub/sub connection");
@@ -331,7 +302,7 @@ fn no_master_yet() -> L2Error {
     L2Error::Pubsub(NO_MASTER_YET.to_owned())
 }
 
-fn resp3_client(url: &str) -> Result<Client, L2Error> {
+fn resp3_client(url: &str, tls: Option<&crate::config::RedisTls>) -> Result<Client, L2Error> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()
@@ -340,6 +311,6 @@ fn resp3_client(url: &str) -> Result<Client, L2Error> {
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    Client::open(info.set_redis_settings(settings))
+    crate::l2::tls::client_for(info.set_redis_settings(settings), tls)
         .map_err(|source| L2Error::Redis { op: "open", source })
 }

@@ -15,15 +15,69 @@ use http::{Method, Response, Uri};
 use super::Proxy;
 use crate::body::ProxyBody;
 use crate::key::CacheKey;
-use crate::purge::{Purge, PurgeError, PurgeRequest};
+use crate::purge::{MAX_PREFIX_DEPTH, Purge, PurgeError, PurgeRequest, prefix_tag};
 
 impl Proxy {
     /// Purges what `request` names: from Redis and, through the invalidation channel, from every
     /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
     /// mode, from L1.
     pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
-        let purge = self.resolve(request)?;
-        self.apply(purge).await
+        let purges = match &request.prefix {
+            Some(prefix) => self.resolve_prefix(prefix)?,
+            None => vec![self.resolve(request)?],
+        };
+        let mut purged = 0;
+        for purge in purges {
+            purged += self.apply(purge).await?;
+        }
+        tracing::info!(purge = %request.describe(), purged, "purged");
+        Ok(purged)
+    }
+
+    /// What a purge by `prefix` removes: every cached route whose `path_prefix` lies at or below
+    /// it, whole; and, for routes that hold it deeper down, the entries tagged with it (see
+    /// [`path_tags`](crate::purge::path_tags)) — one purge by tag, whichever routes they are on.
+    fn resolve_prefix(&self, prefix: &str) -> Result<Vec<Purge>, PurgeError> {
+        let malformed = |what: String| PurgeError::Malformed(format!("prefix {prefix:?}: {what}"));
+        if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+            return Err(malformed(
+                "must be a path starting with `/`, without a query".to_owned(),
+            ));
+        }
+        let path = crate::target::normalize_path(prefix).map_err(|e| malformed(e.to_string()))?;
+        let path = path.trim_end_matches('/');
+        let mut purges = Vec::new();
+        let mut tagged = false;
+        for route in self.router.all().filter(|r| r.cache) {
+            let base = route.path_prefix.trim_end_matches('/');
+            let within = |outer: &str, inner: &str| {
+                inner == outer
+                    || inner
+                        .strip_prefix(outer)
+                        .is_some_and(|r| r.starts_with('/'))
+            };
+            if within(path, base) {
+                purges.push(Purge::Route(route.name.clone()));
+            } else if within(base, path) && !tagged {
+                let depth = path[base.len()..]
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .count();
+                if depth > MAX_PREFIX_DEPTH {
+                    return Err(malformed(format!(
+                        "{depth} segments below route {:?}'s path_prefix, but entries are indexed \
+                         {MAX_PREFIX_DEPTH} deep: purge a shorter prefix",
+                        route.name
+                    )));
+                }
+                purges.push(Purge::Tag(prefix_tag(path)));
+                tagged = true;
+            }
+        }
+        if purges.is_empty() {
+            return Err(PurgeError::NoRoute(prefix.to_owned()));
+        }
+        Ok(purges)
     }
 
     /// Removes what `purge` names from Redis and every instance's L1.
@@ -42,7 +96,7 @@ impl Proxy {
             self.marks.remove(key);
         }
         self.metrics.purge(purge.kind(), purged);
-        tracing::info!(purge = %purge.payload(), purged, "purged");
+        tracing::debug!(purge = %purge.payload(), purged, "purged");
         Ok(purged)
     }
 

@@ -9,12 +9,14 @@ use http_body_util::Either;
 use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
 use http::request::Parts;
 
+use crate::body::ProxyBody;
 use crate::config::{LockScope, RouteConfig};
-use crate::entry::{Entry, Freshness, now_ms};
-use crate::fill::{Fill, FillRequest, Source};
+use crate::entry::{Answerable, Entry, Freshness, now_ms};
+use crate::fill::{Fill, FillError, FillRequest, Source};
 use crate::flight::Role;
 use crate::key::CacheKey;
 use crate::outcome::CacheOutcome;
+use crate::relay::End;
 use crate::vary;
 
 use super::Proxy;
@@ -60,36 +62,38 @@ impl Proxy {
 
     async fn lookup_key(&self, mut req: FillRequest) -> Looked {
         let now = now_ms();
-        let stale = match self.l1.get(&req.key, now).await {
-            Some(entry) if entry.times.freshness(now) == Freshness::Expired => {
+        let held = self.l1.get(&req.key, now).await;
+        let stale = match held.map(|entry| Answerable::of(entry, now)) {
+            Some(Answerable::Expired(entry)) => {
                 // Kept only for its validators: the fill revalidates it (RFC 9111 §4.3).
                 req.validators = self.fits(&entry, &req).then_some(entry);
                 None
             }
-            Some(entry) if !self.fits(&entry, &req) => {
+            Some(found) if !self.fits(found.entry(), &req) => {
+                let entry = found.entry();
                 return Looked::OtherVariant(
                     req,
                     entry.vary.fields().to_vec(),
                     entry.times.stored_at,
                 );
             }
-            Some(entry) => match entry.times.freshness(now) {
-                Freshness::Fresh => {
-                    if let Some(beta) = req.route.early_refresh
-                        && refresh_early(&entry, beta, now)
-                    {
-                        tracing::debug!(route = %req.route.name, "early refresh");
-                        self.coalescer.refresh_in_background(req, entry.clone());
-                    }
-                    return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
-                }
-                Freshness::StaleRevalidate => {
+            Some(Answerable::Now {
+                entry,
+                stale: false,
+            }) => {
+                if let Some(beta) = req.route.early_refresh
+                    && refresh_early(&entry, beta, now)
+                {
+                    tracing::debug!(route = %req.route.name, "early refresh");
                     self.coalescer.refresh_in_background(req, entry.clone());
-                    return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
                 }
-                Freshness::StaleIfError => Some(entry),
-                Freshness::Expired => None,
-            },
+                return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
+            }
+            Some(Answerable::Now { entry, stale: true }) => {
+                self.coalescer.refresh_in_background(req, entry.clone());
+                return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
+            }
+            Some(Answerable::Fallback(entry)) => Some(entry),
             None => None,
         };
         if self.marks.contains(&req.key) {
@@ -112,20 +116,28 @@ impl Proxy {
             let now = now_ms();
             if let Some(entry) = self.l1.get(&req.key, now).await
                 && self.fits(&entry, &req)
+                && let Answerable::Now { entry, stale } = Answerable::of(entry, now)
             {
-                match entry.times.freshness(now) {
-                    Freshness::Fresh => {
-                        return Looked::Answer(answer_at(&entry, CacheOutcome::Hit, now));
-                    }
-                    Freshness::StaleRevalidate => {
-                        return Looked::Answer(answer_at(&entry, CacheOutcome::Stale, now));
-                    }
-                    Freshness::StaleIfError | Freshness::Expired => {}
-                }
+                let outcome = if stale {
+                    CacheOutcome::Stale
+                } else {
+                    CacheOutcome::Hit
+                };
+                return Looked::Answer(answer_at(&entry, outcome, now));
             }
         }
-        match joined.result.clone().await {
-            Some(fill) => self.respond(joined.role, &fill, req, stale).await,
+        let leader = joined.role == Role::Leader;
+        let wait = crate::trace::wait_span(leader);
+        let landed = if wait.is_disabled() {
+            joined.result.clone().await
+        } else {
+            tracing::Instrument::instrument(joined.result.clone(), wait).await
+        };
+        match landed {
+            Some(landed) => {
+                crate::trace::link(landed.by.as_ref(), leader);
+                self.respond(joined.role, &landed.fill, req, stale).await
+            }
             None => Looked::Answer(match stale {
                 Some(entry) => answer(&entry, CacheOutcome::Stale),
                 None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
@@ -175,11 +187,56 @@ impl Proxy {
                 }
                 if *source == Source::Stale
                     && role == Role::Leader
-                    && entry.times.freshness(now_ms()) == Freshness::StaleRevalidate
+                    && let Answerable::Now { stale: true, .. } = Answerable::of(&**entry, now_ms())
                 {
                     self.coalescer.refresh_in_background(req, entry.clone());
                 }
                 answer(entry, outcome)
+            }
+            Fill::Streaming { head, .. } if !self.fits(head, &req) => {
+                return Looked::OtherVariant(
+                    req,
+                    head.vary.fields().to_vec(),
+                    head.times.stored_at,
+                );
+            }
+            Fill::Streaming {
+                head,
+                relay,
+                source,
+            } => {
+                let outcome = match (source, role) {
+                    (Source::Upstream { .. }, Role::Leader) => CacheOutcome::MissStored,
+                    _ => CacheOutcome::Coalesced,
+                };
+                if asks_for_part(&req.parts.headers) {
+                    // Preconditions and ranges are answered from a whole entry, never from part
+                    // of a body: wait for the stream to end.
+                    return Looked::Answer(match (relay.ended().await, relay.whole_body()) {
+                        (End::Complete, Some(body)) => {
+                            let mut entry = Entry::clone(head);
+                            entry.body = body;
+                            answer(&entry, outcome)
+                        }
+                        (End::Complete, None) => {
+                            self.fetch_alone(&req, CacheOutcome::MissNotStored).await
+                        }
+                        (End::Aborted(why), _) => {
+                            ProxyError::from(FillError::Cut(why)).into_answer(outcome)
+                        }
+                    });
+                }
+                match relay.reader() {
+                    Some(reader) => {
+                        let length = crate::fill::declared_length(&head.headers);
+                        let mut answer = answer(head, outcome);
+                        *answer.response.body_mut() =
+                            ProxyBody::Relay(Box::new(reader.with_length(length)));
+                        answer
+                    }
+                    // Past the store limit, byte 0 is gone: this request asks for itself.
+                    None => self.fetch_alone(&req, CacheOutcome::MissNotStored).await,
+                }
             }
             Fill::Private(buffered) if role == Role::Leader => private_answer(buffered),
             Fill::Streamed(slot) if role == Role::Leader => {
@@ -219,6 +276,22 @@ impl Proxy {
             .await;
         Answer::new(outcome, answer.response)
     }
+}
+
+/// Whether a request's answer depends on more than the whole entry: a precondition or a range,
+/// which Corral answers from a complete body only.
+fn asks_for_part(headers: &http::HeaderMap) -> bool {
+    use http::header;
+    [
+        header::RANGE,
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name))
 }
 
 /// How many keys one request may look at: its primary key, its variant's, and one more should

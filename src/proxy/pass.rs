@@ -20,6 +20,7 @@ use crate::config::RouteConfig;
 use crate::fill::FillError;
 use crate::metrics::UNROUTED;
 use crate::outcome::CacheOutcome;
+use crate::upstream::endpoints::judged;
 use crate::upstream::{UpstreamBody, rewrite};
 
 impl Proxy {
@@ -72,14 +73,22 @@ impl Proxy {
             Ok(slot) => slot,
             Err(err) => return ProxyError::from(FillError::from(err)).into_answer(outcome),
         };
+        // A route with several endpoints: the one picked gets the call (once: a client's
+        // request is not replayed elsewhere) and its result counts toward its health.
+        let endpoints = self.caps.endpoints(route);
+        let picked = endpoints.as_deref().and_then(|set| set.pick());
         let call = Call {
             metric: &route.name,
-            upstream,
+            upstream: picked.map_or(upstream, |(_, uri)| uri),
             limit: route.upstream_timeout,
             slot,
             fault,
         };
-        self.pass(call, parts, body, peer, outcome).await
+        let answer = self.pass(call, parts, body, peer, outcome).await;
+        if let (Some(set), Some((index, _))) = (&endpoints, picked) {
+            set.record(index, judged(Some(answer.response.status())));
+        }
+        answer
     }
 
     pub(super) async fn unrouted(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
@@ -109,12 +118,18 @@ impl Proxy {
         peer: SocketAddr,
         outcome: CacheOutcome,
     ) -> Answer {
-        let upstream_req = rewrite(parts, body, call.upstream, peer);
+        let mut upstream_req = rewrite(parts, body, call.upstream, peer);
+        crate::trace::sanitize(upstream_req.headers_mut());
+        crate::trace::inject(&tracing::Span::current(), upstream_req.headers_mut());
+        self.client.mark(&mut upstream_req, call.metric);
         let started = Instant::now();
         let sent = self
             .client
             .send(upstream_req, call.upstream, call.limit)
             .await;
+        if let Err(err @ crate::upstream::UpstreamError::Tls { .. }) = &sent {
+            tracing::warn!(route = call.metric, %err, "upstream TLS failed");
+        }
         let status = sent.as_ref().ok().map(|r| r.status().as_u16());
         self.metrics
             .upstream_call(call.metric, status, started.elapsed());

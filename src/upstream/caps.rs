@@ -1,11 +1,13 @@
 //! Per-route caps on concurrent upstream calls (`upstream_concurrency`), shared by fills and
-//! pass-through calls alike, so a route's upstream never sees more than its cap from this process.
+//! pass-through calls alike, so a route's upstream never sees more than its cap from this process;
+//! and the endpoints of routes that have several, with their health, shared the same way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::endpoints::EndpointSet;
 use crate::config::{Config, RouteConfig};
 
 /// A route's upstream had no free slot within `upstream_timeout`.
@@ -20,6 +22,8 @@ pub struct Overloaded {
 #[derive(Default)]
 pub struct Caps {
     slots: HashMap<String, (usize, Arc<Semaphore>)>,
+    /// The endpoints of each route that has more than one, with their health.
+    endpoints: HashMap<String, Arc<EndpointSet>>,
 }
 
 impl Caps {
@@ -44,7 +48,27 @@ impl Caps {
                 Some((r.name.clone(), (cap, sem)))
             })
             .collect();
-        Caps { slots }
+        // A route whose endpoints are unchanged keeps their health.
+        let endpoints = config
+            .routes
+            .iter()
+            .filter(|r| r.endpoints.len() > 1)
+            .map(|r| {
+                let kept = self
+                    .endpoints
+                    .get(&r.name)
+                    .filter(|set| set.uris() == r.endpoints.as_slice())
+                    .cloned();
+                let set = kept.unwrap_or_else(|| Arc::new(EndpointSet::new(r.endpoints.clone())));
+                (r.name.clone(), set)
+            })
+            .collect();
+        Caps { slots, endpoints }
+    }
+
+    /// The endpoints of `route`, when it has more than one.
+    pub fn endpoints(&self, route: &RouteConfig) -> Option<Arc<EndpointSet>> {
+        self.endpoints.get(&route.name).cloned()
     }
 
     /// A slot under the route's cap, waited for at most `upstream_timeout`. `Ok(None)`: the route

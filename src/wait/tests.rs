@@ -117,7 +117,7 @@ async fn a_held_lock_subscribes_then_peeks_then_waits_for_the_lease() {
 async fn the_notice_with_the_entry_settles_the_wait() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let notice = Notice::Stored(Some(Arc::new(fresh())));
+    let notice = Notice::Stored(Some(Arc::new(fresh())), None);
     let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
     assert!(matches!(
         next,
@@ -130,10 +130,24 @@ async fn the_notice_with_the_entry_settles_the_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_streaming_or_relayed_notice_settles_a_miss_on_reading_the_relay() {
+    let now = Instant::now();
+    for notice in [Notice::Streaming("f1".into()), Notice::Relayed("f1".into())] {
+        let mut w = waiting(now);
+        let next = w.on(Event::Woken(Wake::Notice(notice)), now, NOW);
+        assert!(matches!(next, Action::Done(Settled::Relay(id)) if &*id == "f1"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_notice_without_the_entry_reads_it() {
     let now = Instant::now();
     let mut w = waiting(now);
-    let next = w.on(Event::Woken(Wake::Notice(Notice::Stored(None))), now, NOW);
+    let next = w.on(
+        Event::Woken(Wake::Notice(Notice::Stored(None, None))),
+        now,
+        NOW,
+    );
     assert!(matches!(next, Action::Read));
     let read = Peek {
         entry: Some(fresh()),
@@ -382,102 +396,4 @@ async fn a_wait_nobody_wants_any_more_ends() {
     ));
 }
 
-mod refresh {
-    use super::*;
-
-    fn refresh(now: Instant, known: u64) -> Wait {
-        let stale = Arc::new(entry(200, known, 1, 600_000, 0));
-        Wait::new(
-            Purpose::Refresh { known },
-            Some(stale),
-            now + Duration::from_secs(10),
-            LEASE,
-            OnWaitTimeout::Bypass,
-        )
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refresh_reads_first_and_takes_a_newer_entry() {
-        let now = Instant::now();
-        let mut w = refresh(now, NOW - 100);
-        assert!(matches!(w.start(), Action::Read));
-        let newer = Peek {
-            entry: Some(fresh()),
-            ..Peek::default()
-        };
-        assert!(is_share(
-            &w.on(Event::Read(newer), now, NOW),
-            Source::Remote
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_entry_it_refreshes_does_not_settle_a_refresh() {
-        let now = Instant::now();
-        let known = NOW - 10;
-        let mut w = refresh(now, known);
-        let same = Peek {
-            entry: Some(entry(200, known, 60_000, 0, 0)),
-            ..Peek::default()
-        };
-        assert!(matches!(w.on(Event::Read(same), now, NOW), Action::TryLock));
-        assert!(matches!(
-            w.on(Event::Locked(true), now, NOW),
-            Action::Recheck
-        ));
-        let same = entry(200, known, 60_000, 0, 0);
-        assert!(matches!(
-            w.on(Event::Rechecked(Some(same)), now, NOW),
-            Action::Done(Settled::Fill { .. })
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refresh_that_loses_the_race_waits_like_a_miss_and_never_fetches_alone() {
-        let now = Instant::now();
-        let mut w = refresh(now, NOW - 100);
-        w.on(Event::Read(Peek::default()), now, NOW);
-        assert!(matches!(
-            w.on(Event::Locked(false), now, NOW),
-            Action::Subscribe
-        ));
-        w.on(Event::Subscribed, now, NOW);
-        w.on(Event::Peeked(held(LEASE)), now, NOW);
-        // A resync used to end a refresh with "fetch yourself": now it re-checks.
-        assert!(matches!(
-            w.on(Event::Woken(Wake::Resync), now, NOW),
-            Action::Confirm
-        ));
-        w.on(Event::Confirmed, now, NOW);
-        w.on(Event::Peeked(held(LEASE)), now, NOW);
-        // The holder failed: the entry being refreshed stands in.
-        let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
-        assert!(is_share(&next, Source::Stale));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refresh_past_its_deadline_keeps_the_stale_entry() {
-        let now = Instant::now();
-        let mut w = refresh(now, NOW - 100);
-        w.on(Event::Read(Peek::default()), now, NOW);
-        w.on(Event::Locked(false), now, NOW);
-        let next = w.on(Event::Lapsed, now + Duration::from_secs(10), NOW);
-        assert!(is_share(&next, Source::Stale));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_older_stored_notice_does_not_settle_a_refresh() {
-        let now = Instant::now();
-        let known = NOW - 10;
-        let mut w = refresh(now, known);
-        w.on(Event::Read(Peek::default()), now, NOW);
-        w.on(Event::Locked(false), now, NOW);
-        w.on(Event::Subscribed, now, NOW);
-        w.on(Event::Peeked(held(LEASE)), now, NOW);
-        let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))));
-        assert!(matches!(
-            w.on(Event::Woken(Wake::Notice(old)), now, NOW),
-            Action::TryLock
-        ));
-    }
-}
+mod refresh;

@@ -116,6 +116,17 @@ impl RedisCluster {
         keys
     }
 
+    /// How many of the masters hold at least one key matching `pattern`.
+    pub async fn masters_holding(&self, pattern: &str) -> usize {
+        let mut holding = 0;
+        for index in 0..self.nodes.len() {
+            if !self.node_keys(index, pattern).await.is_empty() {
+                holding += 1;
+            }
+        }
+        holding
+    }
+
     /// How many pub/sub clients node `index` has (`CLIENT LIST TYPE pubsub`).
     pub async fn pubsub_clients(&self, index: usize) -> usize {
         let list: String = ::redis::cmd("CLIENT")

@@ -25,14 +25,7 @@ pub fn cluster_table(nodes: &[String]) -> String {
 /// A full config whose `[server]` table holds `server_extra` and whose Redis is the cluster at
 /// `nodes`.
 pub fn cluster_config(server_extra: &str, nodes: &[String], routes: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
-        cluster_table(nodes)
-    );
-    match Config::parse(&text, Path::new("<test>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
+    parse(&full_text(server_extra, &cluster_table(nodes), routes))
 }
 
 /// A `[redis]` table for test sentinels given by their URLs, monitoring `master`, namespace `test`.
@@ -47,14 +40,11 @@ pub fn sentinel_table(nodes: &[String], master: &str) -> String {
 /// A full config whose `[server]` table holds `server_extra` and whose Redis is the master named
 /// `master` by the sentinels at `nodes`.
 pub fn sentinel_config(server_extra: &str, nodes: &[String], master: &str, routes: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
-        sentinel_table(nodes, master)
-    );
-    match Config::parse(&text, Path::new("<test>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
+    parse(&full_text(
+        server_extra,
+        &sentinel_table(nodes, master),
+        routes,
+    ))
 }
 
 /// The cached route most tests use: `/recommend`, GET and POST, keyed on the whole query.
@@ -90,20 +80,35 @@ pub fn url(instance: &Instance, path_and_query: &str) -> String {
 /// A full config like [`config`] whose `[server]` table also holds `server_extra`, e.g.
 /// `admin_listen = "127.0.0.1:0"` and `admin_token = "…"`.
 pub fn config_with_server(server_extra: &str, redis_url: Option<&str>, routes: &str) -> Config {
-    let text = config_text(server_extra, redis_url, routes);
-    match Config::parse(&text, Path::new("<test>")) {
-        Ok(config) => config,
-        Err(err) => panic!("test config does not validate: {err}\n{text}"),
-    }
+    parse(&config_text(server_extra, redis_url, routes))
 }
 
 /// The TOML of [`config_with_server`], e.g. for a [`super::CorralProcess`]: listener on port 0,
 /// `shutdown_timeout = "2s"`, `server_extra`, optional Redis, then the route tables.
 pub fn config_text(server_extra: &str, redis_url: Option<&str>, routes: &str) -> String {
+    let redis = redis_url.map(redis_table).unwrap_or_default();
+    full_text(server_extra, &redis, routes)
+}
+
+/// The one template of a test config: the `[server]` table (listener on port 0,
+/// `shutdown_timeout = "2s"`, `server_extra`), then `redis` (a `[redis]` table, or nothing), then
+/// the route tables.
+pub fn full_text(server_extra: &str, redis: &str, routes: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{}\n{routes}",
-        redis_url.map(redis_table).unwrap_or_default()
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n{server_extra}\n\n{redis}\n{routes}"
     )
+}
+
+/// A test config through the real config pipeline.
+///
+/// # Panics
+///
+/// If it does not validate (the message quotes it).
+pub fn parse(text: &str) -> Config {
+    match Config::parse(text, Path::new("<test>")) {
+        Ok(config) => config,
+        Err(err) => panic!("test config does not validate: {err}\n{text}"),
+    }
 }
 
 /// The admin URL of an instance for a path.
@@ -137,13 +142,14 @@ pub async fn spread(
 }
 
 /// Asserts that nothing was stored: no entry and no lock in Redis (uncacheable markers are
-/// allowed: they hold no response), and nothing in the instance's L1.
+/// allowed: they hold no response, and so are relay logs: they say how a stream ended and expire
+/// by themselves), and nothing in the instance's L1.
 pub async fn assert_nothing_stored(redis: &RedisServer, instance: &Instance) {
     let stored: Vec<String> = redis
         .keys("corral:*")
         .await
         .into_iter()
-        .filter(|k| !k.contains(":pass:"))
+        .filter(|k| !k.contains(":pass:") && !k.contains(":relay:"))
         .collect();
     assert_eq!(stored, Vec::<String>::new());
     assert_eq!(instance.proxy().l1().entry_count().await, 0);

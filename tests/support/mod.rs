@@ -10,6 +10,8 @@
 //!   `redis-cli --cluster create`, for the cluster-mode tests.
 //! - [`sentinel`]: [`RedisSentinel`], a master, its replica and three sentinels, for the
 //!   Sentinel tests (failover included).
+//! - [`topology`]: [`Topology`] (single, cluster, sentinel) and its running [`Deployment`], so a
+//!   test that holds on every topology is written once.
 //! - [`upstream`]: [`Upstream`], the slow backend (an in-process hyper server), scripted by
 //!   path prefix (status, headers, body, delay). It counts calls per key, so a test proves
 //!   stampede protection by asserting exactly one fill; the stampede bench counts its scenarios
@@ -43,6 +45,8 @@ pub mod process;
 pub mod redis;
 pub mod sentinel;
 pub mod signal;
+pub mod tls;
+pub mod topology;
 pub mod upstream;
 pub mod wait;
 
@@ -53,6 +57,8 @@ pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
+pub use self::tls::{Leaf, Pki};
+pub use self::topology::{Deployment, Topology};
 pub use self::upstream::{Reply, Upstream};
 pub use self::wait::eventually;
 

@@ -39,6 +39,16 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: TempDir,
+    /// Set in TLS mode ([`RedisServer::start_tls`]).
+    tls: Option<Tls>,
+}
+
+/// A TLS server's material: its arguments, and what the fixture's own connections present.
+#[derive(Clone)]
+struct Tls {
+    args: Vec<String>,
+    ca: PathBuf,
+    client: super::tls::Leaf,
 }
 
 /// How a spawn attempt ended.
@@ -62,6 +72,41 @@ impl RedisServer {
     /// If `redis-server` is not on `PATH`, if it does not come up within 5 s (the panic quotes the
     /// end of its log), or if three free ports in a row were taken before it could bind them.
     pub async fn start() -> RedisServer {
+        RedisServer::launch(None).await
+    }
+
+    /// Like [`RedisServer::start`], speaking TLS only (`--port 0 --tls-port P`) with a server
+    /// certificate for `127.0.0.1` issued by `pki`; with `clients_must_authenticate`, every
+    /// client must present a certificate `pki` issued. [`RedisServer::url`] is then
+    /// `rediss://127.0.0.1:P`, and the fixture's own connections trust `pki` (and present a
+    /// client certificate of it).
+    pub async fn start_tls(pki: &super::tls::Pki, clients_must_authenticate: bool) -> RedisServer {
+        let leaf = pki.server(&["127.0.0.1", "localhost"]);
+        let path = |p: &Path| p.display().to_string();
+        let auth = if clients_must_authenticate {
+            "yes"
+        } else {
+            "no"
+        };
+        let args = vec![
+            "--tls-cert-file".to_owned(),
+            path(&leaf.cert),
+            "--tls-key-file".to_owned(),
+            path(&leaf.key),
+            "--tls-ca-cert-file".to_owned(),
+            path(&pki.ca_file()),
+            "--tls-auth-clients".to_owned(),
+            auth.to_owned(),
+        ];
+        let tls = Tls {
+            args,
+            ca: pki.ca_file(),
+            client: pki.client("fixture"),
+        };
+        RedisServer::launch(Some(tls)).await
+    }
+
+    async fn launch(tls: Option<Tls>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("corral-redis-")
             .tempdir()
@@ -69,10 +114,16 @@ impl RedisServer {
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
             let log_start = log_len(dir.path());
-            let mut child = spawn(port, dir.path());
-            match wait_ready(&mut child, port, dir.path(), log_start).await {
+            let mut child = spawn(port, dir.path(), tls.as_ref());
+            let probe = client_for(port, tls.as_ref());
+            match wait_ready_with(&mut child, &probe, dir.path(), log_start).await {
                 Startup::Ready => {
-                    let server = RedisServer { child, port, dir };
+                    let server = RedisServer {
+                        child,
+                        port,
+                        dir,
+                        tls,
+                    };
                     server.reset_stats().await;
                     return server;
                 }
@@ -89,9 +140,14 @@ impl RedisServer {
         );
     }
 
-    /// The connection URL, `redis://127.0.0.1:<port>`.
+    /// The connection URL, `redis://127.0.0.1:<port>` (`rediss://` in TLS mode).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The port the server listens on; it survives [`RedisServer::restart`].
@@ -101,7 +157,7 @@ impl RedisServer {
 
     /// A client for this server. Opening one does not connect.
     pub fn client(&self) -> ::redis::Client {
-        ::redis::Client::open(self.url()).expect("a redis:// URL on loopback is valid")
+        client_for(self.port, self.tls.as_ref())
     }
 
     /// A new multiplexed connection to the server.
@@ -177,8 +233,9 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         let log_start = log_len(self.dir.path());
-        self.child = spawn(self.port, self.dir.path());
-        match wait_ready(&mut self.child, self.port, self.dir.path(), log_start).await {
+        self.child = spawn(self.port, self.dir.path(), self.tls.as_ref());
+        let probe = client_for(self.port, self.tls.as_ref());
+        match wait_ready_with(&mut self.child, &probe, self.dir.path(), log_start).await {
             Startup::Ready => {}
             Startup::PortTaken => {
                 reap(&mut self.child);
@@ -265,8 +322,36 @@ impl CommandStats {
     }
 }
 
-fn spawn(port: u16, dir: &Path) -> Child {
-    spawn_server(port, dir, &["--enable-debug-command", "local"])
+fn spawn(port: u16, dir: &Path, tls: Option<&Tls>) -> Child {
+    let debug = ["--enable-debug-command", "local"];
+    let Some(tls) = tls else {
+        return spawn_server(port, dir, &debug);
+    };
+    // `--port 0`: no plain port; TLS on the one chosen.
+    let port = port.to_string();
+    let mut args: Vec<&str> = debug.to_vec();
+    args.extend(["--tls-port", &port]);
+    args.extend(tls.args.iter().map(String::as_str));
+    spawn_server(0, dir, &args)
+}
+
+/// A client for the server on `port`: plain, or over TLS trusting its CA and presenting the
+/// fixture's client certificate.
+fn client_for(port: u16, tls: Option<&Tls>) -> ::redis::Client {
+    let Some(tls) = tls else {
+        return ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("a redis:// URL on loopback is valid");
+    };
+    let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    let certs = ::redis::TlsCertificates {
+        client_tls: Some(::redis::ClientTlsConfig {
+            client_cert: read(&tls.client.cert),
+            client_key: read(&tls.client.key),
+        }),
+        root_cert: Some(read(&tls.ca)),
+    };
+    ::redis::Client::build_with_tls(format!("rediss://127.0.0.1:{port}"), certs)
+        .expect("a rediss:// URL on loopback with test certificates is valid")
 }
 
 /// Starts a `redis-server` on `port` keeping nothing on disk, its files and log in `dir`, with
@@ -311,6 +396,16 @@ pub(crate) async fn wait_ready(
 ) -> Startup {
     let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .expect("a redis:// URL on loopback is valid");
+    wait_ready_with(child, &client, dir, log_start).await
+}
+
+/// [`wait_ready`] probing through `client` (a TLS one for a TLS server).
+pub(crate) async fn wait_ready_with(
+    child: &mut Child,
+    client: &::redis::Client,
+    dir: &Path,
+    log_start: u64,
+) -> Startup {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -320,7 +415,7 @@ pub(crate) async fn wait_ready(
                 Startup::Failed(format!("it exited with {status}"))
             };
         }
-        if let Ok(Some(pid)) = timeout(PROBE_TIMEOUT, server_pid(&client)).await
+        if let Ok(Some(pid)) = timeout(PROBE_TIMEOUT, server_pid(client)).await
             && pid == child.id()
         {
             return Startup::Ready;

@@ -39,6 +39,8 @@ const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dropping it stops accepting and closes every open connection.
 pub struct Upstream {
     addr: SocketAddr,
+    /// `https` when it serves TLS ([`Upstream::start_tls`]).
+    scheme: &'static str,
     state: Arc<State>,
     server: JoinHandle<()>,
 }
@@ -116,6 +118,8 @@ struct State {
     /// The highest `in_flight` seen since start or the last reset.
     max_in_flight: AtomicUsize,
     responder: Responder,
+    /// Connections accepted (over TLS: handshakes completed).
+    connections: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -134,6 +138,7 @@ struct KeyRecord {
     calls: u64,
     last_headers: HeaderMap,
     last_method: Method,
+    last_version: http::Version,
     /// When the first answer since start or the last reset was ready (after its delay).
     first_answer: Option<Instant>,
 }
@@ -158,6 +163,20 @@ impl Upstream {
     ///
     /// If `127.0.0.1:0` cannot be bound.
     pub async fn start_with(responder: Responder) -> Upstream {
+        Upstream::serve(responder, None).await
+    }
+
+    /// Like [`Upstream::start`], over TLS with `config` (HTTP/1.1 and HTTP/2, as its ALPN
+    /// offers; see [`super::tls::Pki`]). [`Upstream::url`] is then `https://127.0.0.1:<port>`.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Upstream {
+        Upstream::serve(
+            Arc::new(echo),
+            Some(tokio_rustls::TlsAcceptor::from(config)),
+        )
+        .await
+    }
+
+    async fn serve(responder: Responder, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the upstream to 127.0.0.1:0");
@@ -169,10 +188,13 @@ impl Upstream {
             in_flight: watch::Sender::new(0),
             max_in_flight: AtomicUsize::new(0),
             responder,
+            connections: AtomicUsize::new(0),
         });
-        let server = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = tokio::spawn(accept_loop(listener, Arc::clone(&state), tls));
         Upstream {
             addr,
+            scheme,
             state,
             server,
         }
@@ -182,9 +204,23 @@ impl Upstream {
         self.addr
     }
 
-    /// The base URL, `http://127.0.0.1:<port>`, without a trailing slash.
+    /// The base URL, `http://127.0.0.1:<port>` (`https://` over TLS), without a trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// Connections accepted since start; over TLS, handshakes completed.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The HTTP version of the last request received for a key.
+    pub fn last_version(&self, path_and_query: &str) -> Option<http::Version> {
+        self.state
+            .lock()
+            .keys
+            .get(path_and_query)
+            .map(|key| key.last_version)
     }
 
     /// Calls received since start or the last [`Upstream::reset_calls`].
@@ -405,7 +441,11 @@ impl Drop for InFlight {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Owning the connection tasks here means aborting this task aborts them too.
     let mut connections = JoinSet::new();
     loop {
@@ -415,6 +455,20 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 // Answers are small and the bench times them: do not hold them back (Nagle).
                 let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
+                if let Some(acceptor) = tls.clone() {
+                    connections.spawn(async move {
+                        // A failed handshake (the client refused our certificate) ends here.
+                        let Ok(stream) = acceptor.accept(stream).await else { return };
+                        state.connections.fetch_add(1, Ordering::SeqCst);
+                        let service = service_fn(move |req| answer(Arc::clone(&state), req));
+                        let builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    });
+                    continue;
+                }
+                state.connections.fetch_add(1, Ordering::SeqCst);
                 connections.spawn(async move {
                     let service = service_fn(move |req| answer(Arc::clone(&state), req));
                     // A client hanging up mid-request is not the upstream's failure.
@@ -441,6 +495,9 @@ async fn answer(
         .to_owned();
     // Counted in flight before the first await, so a call hyper drops is counted too.
     let (plan, _in_flight) = state.enter(&key, &parts.method, path, &parts.headers);
+    if let Some(record) = state.lock().keys.get_mut(&key) {
+        record.last_version = parts.version;
+    }
     let body = body
         .collect()
         .await

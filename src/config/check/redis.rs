@@ -3,12 +3,14 @@
 
 use toml::Spanned;
 
+use super::secret::{SecretSources, with_password};
 use super::{Checked, Checker, is_name};
 use crate::config::raw::{RawRedis, RawSentinel};
 use crate::config::{
     DEFAULT_LOCK_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, MasterAuth, RedisConfig,
     RedisTopology, Secret,
 };
+use crate::redact::redact;
 
 impl Checker<'_> {
     /// `[redis]`: exactly one of `url`, `cluster`, `sentinel`, then the namespace and budgets.
@@ -29,6 +31,11 @@ impl Checker<'_> {
         if let Some((other, span)) = given.next() {
             return self.fail(span, (None, other), format!("{one_of} (`{field}` is set)"));
         }
+        let password = self.secret(SecretSources {
+            value: (None, "redis.password"),
+            file: (raw.password_file.as_ref(), "redis.password_file"),
+            env: (raw.password_env.as_ref(), "redis.password_env"),
+        })?;
         let topology = match (&raw.url, &raw.cluster, &raw.sentinel) {
             (Some(url), _, _) => RedisTopology::Standalone {
                 url: self.redis_url(url, "redis.url")?,
@@ -42,6 +49,10 @@ impl Checker<'_> {
                 let why = format!("required: {one_of}");
                 return self.fail(span, (None, field), why);
             }
+        };
+        let topology = match password {
+            Some(password) => self.logging_in(topology, password, raw, span)?,
+            None => topology,
         };
         let namespace = match &raw.namespace {
             None => DEFAULT_NAMESPACE.to_owned(),
@@ -58,7 +69,24 @@ impl Checker<'_> {
         let timeout = self.positive(&raw.timeout, DEFAULT_REDIS_TIMEOUT, at)?;
         let at = (None, "redis.lock_timeout");
         let lock_timeout = self.positive(&raw.lock_timeout, DEFAULT_LOCK_TIMEOUT, at)?;
+        let rediss = match &topology {
+            RedisTopology::Sentinel { nodes, .. } | RedisTopology::Cluster { nodes } => nodes,
+            RedisTopology::Standalone { url } => std::slice::from_ref(url),
+        }
+        .iter()
+        .any(|url| url.starts_with("rediss://"));
+        if let (Some(tls), RedisTopology::Sentinel { .. }) = (&raw.tls, &topology) {
+            let why = "not supported behind sentinels yet: rediss:// sentinels and their master \
+                       are verified against the system's roots";
+            return self.fail(tls.span(), (None, "redis.tls"), why);
+        }
+        let tls = raw
+            .tls
+            .as_ref()
+            .map(|t| self.redis_tls(t, rediss))
+            .transpose()?;
         Ok(RedisConfig {
+            tls,
             topology,
             namespace,
             timeout,
@@ -66,11 +94,70 @@ impl Checker<'_> {
         })
     }
 
+    /// `topology` logging in with `password` (from `password_file` or `password_env`): in the
+    /// userinfo of every URL Corral connects to directly, or as the sentinels' master password.
+    /// A password given twice (here and in a URL or `sentinel.password`) is refused.
+    fn logging_in(
+        &self,
+        topology: RedisTopology,
+        password: String,
+        raw: &RawRedis,
+        span: std::ops::Range<usize>,
+    ) -> Checked<RedisTopology> {
+        let field = if raw.password_file.is_some() {
+            "redis.password_file"
+        } else {
+            "redis.password_env"
+        };
+        let given = raw.password_file.as_ref().or(raw.password_env.as_ref());
+        let span = given.map_or(span, Spanned::span);
+        let twice = |url: &str| {
+            format!(
+                "{} has a password already: give it in one place",
+                redact(url)
+            )
+        };
+        let url = |url: String| match with_password(&url, &password) {
+            Some(url) => Ok(url),
+            None => Err(self.error(span.clone(), (None, field), twice(&url))),
+        };
+        Ok(match topology {
+            RedisTopology::Standalone { url: u } => RedisTopology::Standalone { url: url(u)? },
+            RedisTopology::Cluster { nodes } => RedisTopology::Cluster {
+                nodes: nodes.into_iter().map(url).collect::<Result<_, _>>()?,
+            },
+            RedisTopology::Sentinel { auth, .. } if auth.password.is_some() => {
+                let why = "`sentinel.password` is set too: give the password in one place";
+                return self.fail(span, (None, field), why);
+            }
+            RedisTopology::Sentinel {
+                nodes,
+                master,
+                mut auth,
+            } => {
+                auth.password = Some(Secret::new(password));
+                RedisTopology::Sentinel {
+                    nodes,
+                    master,
+                    auth,
+                }
+            }
+        })
+    }
+
     /// A `redis://` or `rediss://` URL.
     fn redis_url(&self, url: &Spanned<String>, field: &str) -> Checked<String> {
         let text = url.get_ref();
         if text.starts_with("redis://") || text.starts_with("rediss://") {
-            return Ok(text.clone());
+            // What redis-rs will make of it at start, found now (its reason never quotes the
+            // URL; the message shows it with the password masked).
+            return match redis::IntoConnectionInfo::into_connection_info(text.as_str()) {
+                Ok(_) => Ok(text.clone()),
+                Err(err) => {
+                    let why = format!("{text:?} is not a Redis URL redis-rs can use ({err})");
+                    self.fail(url.span(), (None, field), why)
+                }
+            };
         }
         let why = format!("{text:?} must start with redis:// or rediss://");
         self.fail(url.span(), (None, field), why)

@@ -2,17 +2,21 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
 use super::{Checked, Checker, is_name};
-use crate::config::raw::{HumanDuration, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope};
+use crate::config::raw::{
+    HumanDuration, RawHeaderRules, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope,
+    RawUpstream,
+};
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
     DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, ForwardHeaders,
     KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
+use crate::header_rules::{HeaderRules, PROTECTED};
 
 impl Checker<'_> {
     /// The `index`-th `[[route]]` (named `#N` in messages until its name is checked); `redis`:
@@ -46,7 +50,32 @@ impl Checker<'_> {
             let why = format!("{:?} must start with '/'", path_prefix.get_ref());
             return self.fail(path_prefix.span(), at("path_prefix"), why);
         }
-        let upstream = self.upstream(&required(&raw.upstream, "upstream")?, at("upstream"))?;
+        let Some(given) = &raw.upstream else {
+            return Err(self.error(route.span(), at("upstream"), "required"));
+        };
+        let endpoints = match given.get_ref() {
+            RawUpstream::One(url) => {
+                vec![self.upstream(&Spanned::new(given.span(), url.clone()), at("upstream"))?]
+            }
+            RawUpstream::Many(urls) if urls.is_empty() => {
+                let why = "must not be empty: list the endpoints";
+                return self.fail(given.span(), at("upstream"), why);
+            }
+            RawUpstream::Many(urls) => {
+                let mut endpoints: Vec<http::Uri> = Vec::with_capacity(urls.len());
+                for url in urls {
+                    let uri = self.upstream(url, at("upstream"))?;
+                    if endpoints.contains(&uri) {
+                        let why = format!("{:?} is listed twice", url.get_ref());
+                        return self.fail(url.span(), at("upstream"), why);
+                    }
+                    endpoints.push(uri);
+                }
+                endpoints
+            }
+        };
+        // Non-empty: one URL, or a list checked not to be empty.
+        let upstream = endpoints[0].clone();
         let methods = self.list(&raw.methods, at("methods"), vec![Method::GET], &|m| {
             Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| format!("invalid HTTP method {m:?}"))
@@ -92,10 +121,16 @@ impl Checker<'_> {
         let timeout = &raw.upstream_timeout;
         let upstream_timeout =
             self.positive(timeout, DEFAULT_UPSTREAM_TIMEOUT, at("upstream_timeout"))?;
+        let tls = raw.tls.as_ref();
+        let tls = tls
+            .map(|t| self.upstream_tls(t, &name, &upstream))
+            .transpose()?;
         Ok(RouteConfig {
+            tls,
             path_prefix: path_prefix.into_inner(),
             methods,
             upstream,
+            endpoints,
             cache,
             ttl: duration(raw.ttl, DEFAULT_TTL),
             stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
@@ -133,8 +168,41 @@ impl Checker<'_> {
             allow_trace: raw.allow_trace.unwrap_or(false),
             key: self.key(&raw.key, &name)?,
             lock: self.lock(&raw.lock, &name, redis, cache)?,
+            response_headers: self.header_rules(raw.response_headers.as_ref(), &name)?,
             name,
         })
+    }
+
+    /// `response_headers = { remove = [..], set = { .. } }`: valid names and values, none of the
+    /// headers Corral keeps for itself ([`PROTECTED`]).
+    fn header_rules(&self, raw: Option<&RawHeaderRules>, route: &str) -> Checked<HeaderRules> {
+        let Some(raw) = raw else {
+            return Ok(HeaderRules::default());
+        };
+        let name = |h: &str| {
+            let name = HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|e| format!("invalid header name {h:?} ({e})"))?;
+            if PROTECTED.contains(&name.as_str()) {
+                return Err(format!(
+                    "{name} is Corral's to write; no rule may change it"
+                ));
+            }
+            Ok(name)
+        };
+        let at = (Some(route), "response_headers.remove");
+        let remove = self.each(&raw.remove, at, &|h: &String| name(h))?;
+        let mut set = Vec::with_capacity(raw.set.len());
+        for (key, value) in &raw.set {
+            let at = (Some(route), "response_headers.set");
+            let checked = name(key).and_then(|name| {
+                let text = value.get_ref();
+                HeaderValue::from_str(text)
+                    .map(|v| (name, v))
+                    .map_err(|_| format!("invalid value {text:?} for {key}"))
+            });
+            set.push(checked.map_err(|why| self.error(value.span(), at, why))?);
+        }
+        Ok(HeaderRules { remove, set })
     }
 
     fn key(&self, raw: &RawKey, route: &str) -> Checked<KeySpec> {

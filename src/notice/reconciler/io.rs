@@ -1,0 +1,114 @@
+//! The reconciler's I/O loop: it waits for requests, talks to the topology and applies what the
+//! machine ([`Reconciler`]) says, and nothing else.
+
+use tokio::sync::mpsc;
+
+use super::{Effect, Event, Io, RETRY, Reconciler};
+use crate::notice::Request;
+use crate::notice::invalidation::Invalidation;
+use crate::notice::topology::Topology;
+use crate::notice::waiters::{Waiters, lock, resync};
+
+/// The reconciling task: the machine and what it drives.
+pub(in crate::notice) struct Driver {
+    pub(in crate::notice) topology: Topology,
+    pub(in crate::notice) waiters: Waiters,
+    /// Subscribed whether or not anyone waits.
+    pub(in crate::notice) invalidation: Invalidation,
+}
+
+impl Driver {
+    /// Drains requests and makes the server's subscriptions match the channels that have
+    /// waiters (plus the invalidation channel); retries every second while they do not match.
+    /// Ends when every handle of the hub is gone.
+    pub(in crate::notice) async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let channel = self.invalidation.channel.clone();
+        // Failed rounds in a row, for warnings that back off.
+        let mut failures: u64 = 0;
+        let mut machine = Reconciler::new(channel, self.topology.sharded());
+        let mut step = machine.start();
+        loop {
+            for effect in step.effects {
+                if matches!(effect, Effect::Answered) && failures > 0 {
+                    tracing::info!(failures, "redis pub/sub subscribed again");
+                    failures = 0;
+                }
+                self.apply(effect);
+            }
+            let event = match step.then {
+                Io::Wait { retry } => match next_requests(&mut requests, retry).await {
+                    Some(batch) => Event::Requests(batch),
+                    None => return,
+                },
+                Io::FollowMaster => {
+                    let moved = self.topology.follow_master().await;
+                    Event::Followed {
+                        moved,
+                        connected: self.topology.connected(),
+                        waited_on: lock(&self.waiters).keys().cloned().collect(),
+                    }
+                }
+                Io::Unsubscribe(channels) => {
+                    Event::Unsubscribed(self.topology.unsubscribe(&channels).await)
+                }
+                Io::Subscribe(channels) => {
+                    Event::Subscribed(self.topology.subscribe(&channels).await)
+                }
+                Io::SyncSharded { drop, add } => {
+                    let (dropped, added, result) = self.topology.sync_sharded(drop, add).await;
+                    Event::ShardedSynced {
+                        dropped,
+                        added,
+                        result,
+                    }
+                }
+                Io::Fail(err) => {
+                    // Each failed round is retried after a second, but warned of only on the
+                    // 1st, 2nd, 4th, 8th… (then every 64th): an outage is a few lines.
+                    failures += 1;
+                    if failures.is_power_of_two() && failures <= 64 || failures.is_multiple_of(64) {
+                        let node = self.topology.node();
+                        tracing::warn!(%err, %node, failures, "redis pub/sub (un)subscribe failed; retrying every second");
+                    }
+                    Event::FailedOver {
+                        moved: self.topology.failed(),
+                    }
+                }
+            };
+            step = machine.on(event);
+        }
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Recheck => self.topology.recheck(),
+            Effect::Switched => self.topology.switched(),
+            Effect::Resync => resync(&self.waiters),
+            Effect::InvalidationSubscribed => self.invalidation.subscribed(),
+            Effect::Answered => self.topology.answered(),
+            Effect::Ack { acks, result } => {
+                for ack in acks {
+                    let _ = ack.send(result.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Every request pending once one arrives (or, with `retry`, once [`RETRY`] passed: a
+/// [`Request::Retry`]); `None` when every handle of the hub is gone.
+async fn next_requests(
+    requests: &mut mpsc::UnboundedReceiver<Request>,
+    retry: bool,
+) -> Option<Vec<Request>> {
+    let first = if retry {
+        tokio::select! {
+            request = requests.recv() => request,
+            () = tokio::time::sleep(RETRY) => Some(Request::Retry),
+        }
+    } else {
+        requests.recv().await
+    }?;
+    let pending = std::iter::from_fn(|| requests.try_recv().ok());
+    Some(std::iter::once(first).chain(pending).collect())
+}

@@ -1,0 +1,144 @@
+//! The TLS listener (issue 18): `[server] tls = { cert_file, key_file }` serves HTTP/1.1 and
+//! HTTP/2 chosen by ALPN, and a reload (what SIGHUP runs) that finds new files rotates the
+//! certificate: new connections get the new one while an open connection keeps serving.
+//!
+//! Connections are made by hand (tokio-rustls, then hyper's connection API) so the test knows
+//! which connection each request uses and which certificate each handshake presented.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::{Pki, Upstream};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A TLS connection to `addr` trusting `pki`, offering `alpn`: the stream, the certificate the
+/// server presented, and the protocol agreed.
+async fn connect(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    alpn: &[&[u8]],
+) -> (
+    TlsStream<TcpStream>,
+    CertificateDer<'static>,
+    Option<Vec<u8>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.ca_file()).expect("read the CA");
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(CertificateDer::from_pem_slice(&ca).expect("CA PEM"))
+        .expect("add the CA");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("an IP server name");
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with Corral");
+    let (_, session) = tls.get_ref();
+    let cert = session.peer_certificates().expect("a server certificate")[0].clone();
+    let agreed = session.alpn_protocol().map(<[u8]>::to_vec);
+    (tls, cert, agreed)
+}
+
+fn request(path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .uri(path)
+        .header("host", "corral.test")
+        .body(Empty::new())
+        .expect("a request")
+}
+
+/// Writes the config naming `cert` and `key` (copied to fixed paths in `dir`) to `dir/corral.toml`.
+fn write_config(dir: &Path, upstream: &str, leaf: &support::Leaf) -> std::path::PathBuf {
+    std::fs::copy(&leaf.cert, dir.join("listener.pem")).expect("copy the certificate");
+    std::fs::copy(&leaf.key, dir.join("listener.key")).expect("copy the key");
+    let path = dir.join("corral.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\
+         tls = {{ cert_file = \"listener.pem\", key_file = \"listener.key\" }}\n\n{}",
+        support::corral::recommend_route(upstream, "")
+    );
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+#[tokio::test]
+async fn http1_and_h2_by_alpn_and_a_reload_rotates_the_certificate_without_dropping_connections() {
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let first = pki.server(&["127.0.0.1"]);
+    let path = write_config(&pki.dir(), &upstream.url(), &first);
+    let config = corral::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let instance = corral::Instance::start(&config)
+        .await
+        .expect("start corral");
+    let addr = instance.addr();
+
+    // HTTP/1.1, by ALPN.
+    let (tls, cert_a, agreed) = connect(addr, &pki, &[b"http/1.1"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"http/1.1"[..]));
+    let (mut h1, conn) = http1::handshake(TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+    let resp = h1
+        .send_request(request("/recommend?a=1"))
+        .await
+        .expect("h1 answer");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+
+    // HTTP/2, by ALPN, on a connection kept open across the rotation.
+    let (tls, cert_h2, agreed) = connect(addr, &pki, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(cert_h2, cert_a);
+    let (mut h2, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .expect("h2");
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(request("/recommend?a=1"))
+        .await
+        .expect("h2 answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    resp.into_body().collect().await.expect("body");
+
+    // Rotation: new files at the same paths, then the reload SIGHUP runs.
+    let second = pki.server(&["127.0.0.1"]);
+    write_config(&pki.dir(), &upstream.url(), &second);
+    let reloaded = instance.control().reload().expect("the reload is accepted");
+    assert!(reloaded.restart_needed.is_empty(), "{reloaded:?}");
+
+    // A new connection gets the new certificate…
+    let (_, cert_b, _) = connect(addr, &pki, &[b"h2"]).await;
+    assert_ne!(cert_b, cert_a, "the new certificate");
+    assert_eq!(cert_b, second.material().0[0]);
+    // …and both open connections still serve.
+    let resp = h2
+        .send_request(request("/recommend?a=2"))
+        .await
+        .expect("h2 after rotation");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+    let resp = h1
+        .send_request(request("/recommend?a=3"))
+        .await
+        .expect("h1 after rotation");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+    assert_eq!(upstream.calls(), 3);
+    instance.shutdown().await;
+}
