@@ -281,7 +281,7 @@ async fn a_coalesced_burst_exports_one_fill_that_every_waiter_links_to() {
         let request = one(&spans, "corral-a", "request", trace);
         assert_eq!(
             text(&request.attributes, "outcome").as_deref(),
-            Some("coalesced")
+            Some("collapsed")
         );
         assert!(
             links_to(request, fill),
