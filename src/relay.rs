@@ -30,6 +30,10 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 
+/// How long a relay nobody has attached to yet waits for its first reader (the requesters it was
+/// handed to attach as their answers start).
+pub const ATTACH_GRACE: Duration = Duration::from_secs(1);
+
 /// A reader that read within this long counts as active: the writer may wait for it.
 pub const ACTIVE: Duration = Duration::from_millis(500);
 
@@ -68,6 +72,7 @@ pub struct Relay {
     room: Notify,
     /// Wakes those waiting for the end ([`Relay::ended`]).
     ended: Notify,
+    created: Instant,
     /// Readers cut for being too slow, over this relay's life.
     cut: AtomicU64,
     /// Where cuts are counted as they happen, too (a metric of the route).
@@ -114,6 +119,7 @@ impl Relay {
             }),
             room: Notify::new(),
             ended: Notify::new(),
+            created: Instant::now(),
             cut: AtomicU64::new(0),
             cut_counter: std::sync::OnceLock::new(),
         })
@@ -149,7 +155,11 @@ impl Relay {
                 if state.whole {
                     return Push::Kept;
                 }
-                if state.readers == 0 {
+                // Nobody reads it: those who were handed the relay have all gone, or nobody
+                // came for it in the time a requester needs to attach.
+                if state.readers == 0
+                    && (state.next_reader > 0 || self.created.elapsed() > ATTACH_GRACE)
+                {
                     return Push::Unread;
                 }
                 // Drop what the fastest active reader has read, down to the window.

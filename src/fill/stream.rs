@@ -29,6 +29,10 @@ pub(super) struct Streaming {
 /// ahead of the slowest before the slowest is cut.
 pub const RELAY_WINDOW: usize = 16 * 1024 * 1024;
 
+/// How long an answer past the store limit waits for readers that have all stopped reading
+/// before it is cut.
+const STALLED_READERS: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A body declared this small (`Content-Length`) is not relayed fleet-wide: it travels whole with
 /// the `stored` notice (the largest entry a notice carries).
 const RELAY_MIN_BYTES: u64 = 64 * 1024;
@@ -82,10 +86,12 @@ impl Filler {
             this.pump(req, claim, streaming, pumped, began).await;
         });
         tokio::spawn(tracing::Instrument::instrument(pump, span));
+        // A head that declares a body over the store limit is known not to be stored.
+        let storable = declared_length(&head.headers).is_none_or(|n| n <= route.max_entry_size);
         Fill::Streaming {
             head,
             relay,
-            source: Source::Upstream { stored: true },
+            source: Source::Upstream { stored: storable },
         }
     }
 
@@ -117,7 +123,14 @@ impl Filler {
         let mut claim = Some(claim);
         let declared = declared_length(&head.headers);
         let end = loop {
-            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            // While the answer may be stored (the lock held), the whole fill is bounded by
+            // `upstream_timeout`, as the lock's lease is; past the store limit nothing waits on
+            // it but its readers, and only a silent upstream is (each gap within the limit).
+            let bound = match claim {
+                Some(_) => deadline,
+                None => tokio::time::Instant::now() + route.upstream_timeout,
+            };
+            let frame = match tokio::time::timeout_at(bound, body.frame()).await {
                 Err(_) => {
                     break End::Aborted(
                         "the upstream did not finish within upstream_timeout".into(),
@@ -146,7 +159,13 @@ impl Filler {
                 let entry = Arc::new(head.clone());
                 self.store(&req, held, &entry, began).await;
             }
-            match tokio::time::timeout_at(deadline, relay.push(data)).await {
+            // Past the store limit the relay waits for its fastest reader for as long as one
+            // is attached, as a proxied download would.
+            let push_bound = match claim {
+                Some(_) => deadline,
+                None => tokio::time::Instant::now() + STALLED_READERS,
+            };
+            match tokio::time::timeout_at(push_bound, relay.push(data)).await {
                 Ok(Push::Kept) => {}
                 Ok(Push::Unread) => break End::Aborted("nobody reads it any more".into()),
                 Err(_) => {

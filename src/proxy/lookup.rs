@@ -206,7 +206,10 @@ impl Proxy {
                 source,
             } => {
                 let outcome = match (source, role) {
-                    (Source::Upstream { .. }, Role::Leader) => CacheOutcome::MissStored,
+                    (Source::Upstream { stored: true }, Role::Leader) => CacheOutcome::MissStored,
+                    (Source::Upstream { stored: false }, Role::Leader) => {
+                        CacheOutcome::MissNotStored
+                    }
                     _ => CacheOutcome::Coalesced,
                 };
                 if asks_for_part(&req.parts.headers) {

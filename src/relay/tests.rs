@@ -89,6 +89,23 @@ async fn an_oversized_body_nobody_reads_stops_the_writer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_relay_waits_a_moment_for_its_first_reader_before_it_counts_as_unread() {
+    let relay = Relay::new(2, 2);
+    let writer = relay.clone();
+    let pushed = tokio::spawn(async move { writer.push(Bytes::from_static(b"xxx")).await });
+    tokio::task::yield_now().await;
+    // The requester attaches a moment after the fill handed it the relay: nothing was lost.
+    let mut reader = relay.reader().expect("byte 0 is kept");
+    let frame = reader.frame().await.expect("a frame").expect("data");
+    assert_eq!(frame.into_data().ok().as_deref(), Some(&b"xxx"[..]));
+    assert_eq!(pushed.await.expect("writer"), Push::Kept);
+    // With nobody ever coming, the writer stops after the grace.
+    let lonely = Relay::new(2, 2);
+    lonely.push(Bytes::from_static(b"xxx")).await;
+    assert_eq!(lonely.push(Bytes::from_static(b"yyy")).await, Push::Unread);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_reader_that_stopped_reading_ahead_does_not_get_the_active_one_cut() {
     let relay = Relay::new(2, 8);
     let mut stalled = relay.reader().expect("byte 0 is kept");
