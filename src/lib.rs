@@ -15,9 +15,11 @@
 //!   [`answer`] — responses, and the one place errors become statuses; [`conditional`] — 304,
 //!   206 and HEAD answered from what Corral holds; [`outcome`] — `Cache-Status`.
 //! - [`coalesce`] — one fill per key, in the process ([`flight`]) and across the fleet (the
-//!   [`wait`] state machine and its I/O loop).
+//!   [`wait`] state machine and its I/O loop; tailing another instance's streaming fill).
 //! - [`fill`] — calling the upstream and ending the claim by what the answer allows
-//!   ([`verdict`], [`revalidate`], [`cache_control`], [`vary`]).
+//!   ([`verdict`], [`revalidate`], [`cache_control`], [`vary`]); a storable answer streams to
+//!   every requester through a [`relay`] (one writer, many readers, ending complete or aborted)
+//!   and to other instances through its relay log in Redis, and is stored once whole.
 //! - [`fleet`] — the process's Redis connections; [`lock`] — the fill lock and its lease keeper;
 //!   [`notice`] — the pub/sub hub that wakes waiters and carries purges; [`purge`] — what a purge
 //!   names.
@@ -38,7 +40,8 @@
 //! # Request path
 //! route → bypass? → key → L1 (fresh: answer; stale within `stale_while_revalidate`: answer and
 //! refresh once) → coalesce: a flight (one per key per process) → L2 → fill lock (or wait for the
-//! fill's notice) → fill: upstream → store L2, PUBLISH, release → L1 → answer with `Cache-Status`.
+//! fill's notice) → fill: upstream head → verdict → (a storable answer streams to every
+//! requester while it arrives) → store L2, PUBLISH, release → L1 → answer with `Cache-Status`.
 
 pub mod access;
 pub mod admin;

@@ -228,6 +228,35 @@ impl Reader {
     }
 }
 
+/// GETs `target` in a task of its own: the head comes back with the body still to read.
+fn spawn_reader(target: String) -> tokio::task::JoinHandle<Reader> {
+    tokio::spawn(async move { Reader::get(&target).await })
+}
+
+/// Sends events `from..=to`, each only once every reader has read the one before, then ends the
+/// body and checks that every reader got all of it, ending cleanly.
+async fn lockstep(writer: Writer, readers: &mut [Reader], from: usize, to: usize) {
+    for n in from..=to {
+        if n > from {
+            writer.event(n).await;
+        }
+        for reader in readers.iter_mut() {
+            reader
+                .read_to(events_len(n))
+                .await
+                .expect("the event arrives everywhere");
+        }
+    }
+    drop(writer);
+    for reader in readers.iter_mut() {
+        reader
+            .finish()
+            .await
+            .expect("a clean end once the upstream ended");
+        assert_eq!(reader.read, events(to), "every body whole and identical");
+    }
+}
+
 fn events_len(n: usize) -> usize {
     (1..=n).map(|i| event(i).len()).sum()
 }
@@ -243,17 +272,9 @@ async fn the_leader_and_its_waiters_read_every_event_before_the_next_is_sent() {
     let target = url(&fleet[0], "/recommend?segment=sse");
 
     // The leader's request reaches the upstream; five more join its flight.
-    let leader = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
-    let waiters: Vec<_> = (0..5)
-        .map(|_| {
-            let target = target.clone();
-            tokio::spawn(async move { Reader::get(&target).await })
-        })
-        .collect();
+    let waiters: Vec<_> = (0..5).map(|_| spawn_reader(target.clone())).collect();
     writer.event(1).await;
     let mut readers = vec![leader.await.expect("leader")];
     for waiter in waiters {
@@ -272,25 +293,7 @@ async fn the_leader_and_its_waiters_read_every_event_before_the_next_is_sent() {
         "waiters share the leader's fill"
     );
     // Each event reaches every reader before the upstream writes the next one.
-    for n in 1..=20 {
-        if n > 1 {
-            writer.event(n).await;
-        }
-        for reader in &mut readers {
-            reader
-                .read_to(events_len(n))
-                .await
-                .expect("the event arrives");
-        }
-    }
-    drop(writer);
-    for reader in &mut readers {
-        reader
-            .finish()
-            .await
-            .expect("a clean end once the upstream ended");
-        assert_eq!(reader.read, events(20), "every body whole and identical");
-    }
+    lockstep(writer, &mut readers, 1, 20).await;
     assert_eq!(
         upstream.calls(),
         1,
@@ -313,10 +316,7 @@ async fn a_late_joiner_reads_from_byte_zero_then_tails() {
     let mut upstream = StreamingUpstream::start().await;
     let fleet = start(1, &config(None, &recommend_route(&upstream.url, ""))).await;
     let target = url(&fleet[0], "/recommend?segment=late");
-    let leader = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
     for n in 1..=3 {
         writer.event(n).await;
@@ -347,15 +347,9 @@ async fn a_cut_stream_fails_every_reader_and_is_never_stored() {
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
     let fleet = start(1, &cfg).await;
     let target = url(&fleet[0], "/recommend?segment=cut");
-    let leader = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
-    let waiter = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let waiter = spawn_reader(target.clone());
     for n in 1..=5 {
         writer.event(n).await;
     }
@@ -373,10 +367,7 @@ async fn a_cut_stream_fails_every_reader_and_is_never_stored() {
     }
     support::corral::assert_nothing_stored(&redis, &fleet[0]).await;
     // The next request fills again.
-    let next = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let next = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
     writer.event(1).await;
     drop(writer);
@@ -391,21 +382,9 @@ async fn the_fill_runs_on_when_the_leaders_client_leaves_and_a_waiters_leaving_h
     let mut upstream = StreamingUpstream::start().await;
     let fleet = start(1, &config(None, &recommend_route(&upstream.url, ""))).await;
     let target = url(&fleet[0], "/recommend?segment=leave");
-    let leader = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
-    let (a, b) = (
-        tokio::spawn({
-            let target = target.clone();
-            async move { Reader::get(&target).await }
-        }),
-        tokio::spawn({
-            let target = target.clone();
-            async move { Reader::get(&target).await }
-        }),
-    );
+    let (a, b) = (spawn_reader(target.clone()), spawn_reader(target.clone()));
     writer.event(1).await;
     let (leader, mut a, b) = (
         leader.await.expect("leader"),
@@ -440,15 +419,9 @@ async fn a_body_over_the_store_limit_streams_to_every_reader_and_is_not_stored()
     let route = recommend_route(&upstream.url, "max_entry_size = \"64KiB\"");
     let fleet = start(1, &config(None, &route)).await;
     let target = url(&fleet[0], "/recommend?segment=big");
-    let leader = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
-    let waiter = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let waiter = spawn_reader(target.clone());
     let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
     assert!(writer.bytes(chunk.clone()).await);
     let mut readers = [leader.await.expect("leader"), waiter.await.expect("waiter")];
@@ -474,10 +447,7 @@ async fn a_body_over_the_store_limit_streams_to_every_reader_and_is_not_stored()
     assert_eq!(waiter.read.len(), chunks * 16 * 1024);
     assert_eq!(upstream.calls(), 1);
     // Not stored: the next request is a fresh fill.
-    let next = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let next = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
     assert!(writer.bytes(Bytes::from_static(b"again")).await);
     drop(writer);
@@ -507,17 +477,9 @@ async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
     let fleet = start(2, &cfg).await;
     let path = "/recommend?segment=remote";
-    let leader = tokio::spawn({
-        let target = url(&fleet[0], path);
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
-    let remote: Vec<_> = (0..3)
-        .map(|_| {
-            let target = url(&fleet[1], path);
-            tokio::spawn(async move { Reader::get(&target).await })
-        })
-        .collect();
+    let remote: Vec<_> = (0..3).map(|_| spawn_reader(url(&fleet[1], path))).collect();
     // The other instance waits on the key's channel before the upstream's head comes.
     support::eventually("the other instance waits for the fill", STEP, async || {
         waiting_instances(&redis, &cfg, path).await == 1
@@ -534,22 +496,7 @@ async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
             .all(|r| r.cache_status.contains("collapsed")),
         "remote waiters share the leader's fill"
     );
-    for n in 1..=10 {
-        if n > 1 {
-            writer.event(n).await;
-        }
-        for reader in &mut readers {
-            reader
-                .read_to(events_len(n))
-                .await
-                .expect("the event arrives everywhere");
-        }
-    }
-    drop(writer);
-    for reader in &mut readers {
-        reader.finish().await.expect("a clean end");
-        assert_eq!(reader.read, events(10));
-    }
+    lockstep(writer, &mut readers, 1, 10).await;
     assert_eq!(upstream.calls(), 1, "one call for the fleet");
 }
 
@@ -560,15 +507,9 @@ async fn a_cut_stream_ends_visibly_on_other_instances_too() {
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
     let fleet = start(2, &cfg).await;
     let path = "/recommend?segment=remote-cut";
-    let leader = tokio::spawn({
-        let target = url(&fleet[0], path);
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
-    let remote = tokio::spawn({
-        let target = url(&fleet[1], path);
-        async move { Reader::get(&target).await }
-    });
+    let remote = spawn_reader(url(&fleet[1], path));
     support::eventually("the other instance waits for the fill", STEP, async || {
         waiting_instances(&redis, &cfg, path).await == 1
     })
@@ -660,15 +601,9 @@ async fn redis_killed_mid_stream_cuts_remote_readers_visibly_and_local_ones_read
     let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url, ""));
     let fleet = start(2, &cfg).await;
     let path = "/recommend?segment=redis-dies";
-    let leader = tokio::spawn({
-        let target = url(&fleet[0], path);
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
-    let remote = tokio::spawn({
-        let target = url(&fleet[1], path);
-        async move { Reader::get(&target).await }
-    });
+    let remote = spawn_reader(url(&fleet[1], path));
     support::eventually("the other instance waits for the fill", STEP, async || {
         waiting_instances(&redis, &cfg, path).await == 1
     })
@@ -718,15 +653,9 @@ async fn the_leader_process_killed_mid_stream_cuts_remote_readers_and_the_next_r
     .await;
     let fleet = start(1, &cfg).await;
     let path = "/recommend?segment=leader-dies";
-    let leader = tokio::spawn({
-        let target = leader_process.url(path);
-        async move { Reader::get(&target).await }
-    });
+    let leader = spawn_reader(leader_process.url(path));
     let writer = upstream.next_call().await;
-    let remote = tokio::spawn({
-        let target = url(&fleet[0], path);
-        async move { Reader::get(&target).await }
-    });
+    let remote = spawn_reader(url(&fleet[0], path));
     support::eventually("the other instance waits for the fill", STEP, async || {
         waiting_instances(&redis, &cfg, path).await == 1
     })
@@ -748,10 +677,7 @@ async fn the_leader_process_killed_mid_stream_cuts_remote_readers_and_the_next_r
     drop(writer);
 
     // The lock lapses with its lease; the next request fills again.
-    let next = tokio::spawn({
-        let target = url(&fleet[0], path);
-        async move { Reader::get(&target).await }
-    });
+    let next = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
     writer.event(1).await;
     drop(writer);
@@ -767,15 +693,9 @@ async fn a_slow_reader_slows_nobody_and_is_cut_once_it_falls_behind_the_window()
     let route = recommend_route(&upstream.url, "max_entry_size = \"64KiB\"");
     let fleet = start(1, &config(None, &route)).await;
     let target = url(&fleet[0], "/recommend?segment=slow");
-    let fast = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let fast = spawn_reader(target.clone());
     let writer = upstream.next_call().await;
-    let slow = tokio::spawn({
-        let target = target.clone();
-        async move { Reader::get(&target).await }
-    });
+    let slow = spawn_reader(target.clone());
     let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
     assert!(writer.bytes(chunk.clone()).await);
     let (mut fast, mut slow) = (fast.await.expect("fast"), slow.await.expect("slow"));
