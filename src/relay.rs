@@ -11,10 +11,10 @@
 //! While the body fits the route's `max_entry_size` the relay keeps all of it: the fill stores
 //! it once complete, and a requester that joins late reads it from byte 0. Past that limit the
 //! body can no longer be stored and the relay keeps only a window (`window` bytes): memory grows
-//! with open relays, never with body size. The writer waits only for the *fastest active* reader
-//! (the furthest one among those that read within [`ACTIVE`]), so a slow reader never slows the
-//! fill or the others, and one that stopped reading (its client's socket full) does not count
-//! as fast however far it got first. A reader that falls behind the window is cut (counted); one
+//! with open relays, never with body size. The writer waits only for *active* readers (those
+//! that read within [`ACTIVE`]): readers that keep reading all get the whole body, and one that
+//! stopped reading (its client gone quiet, its socket full) holds nobody — the window passes it
+//! and it is cut (counted), however far it got first. One
 //! that joins once byte 0 is gone cannot read it ([`Relay::reader`] says `None`) and fetches for
 //! itself. With no reader left, an answer that cannot be stored is not worth reading on
 //! ([`Push::Unread`]).
@@ -51,7 +51,7 @@ pub enum End {
 pub enum RelayError {
     #[error("the upstream answer was cut short: {0}")]
     Aborted(Arc<str>),
-    #[error("this reader fell more than the relay's window behind the fastest one")]
+    #[error("this reader stopped reading and fell behind the relay's window")]
     TooSlow,
 }
 
@@ -68,7 +68,7 @@ pub enum Push {
 #[derive(Debug)]
 pub struct Relay {
     state: Mutex<State>,
-    /// Wakes a writer waiting for the fastest reader to make room.
+    /// Wakes a writer waiting for the active readers to make room.
     room: Notify,
     /// Wakes those waiting for the end ([`Relay::ended`]).
     ended: Notify,
@@ -130,7 +130,7 @@ impl Relay {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends a chunk and wakes the readers. Past the store limit, waits while the fastest
+    /// Appends a chunk and wakes the readers. Past the store limit, waits while an active
     /// reader has not read what would be dropped (cancel safe: the chunk is kept either way).
     pub async fn push(&self, chunk: Bytes) -> Push {
         if chunk.is_empty() {
@@ -162,9 +162,10 @@ impl Relay {
                 {
                     return Push::Unread;
                 }
-                // Drop what the fastest active reader has read, down to the window.
-                let fastest = state.fastest_active(Instant::now());
-                while state.kept_bytes > state.window && state.first < fastest {
+                // Drop, down to the window, what no active reader still needs: a reader that has
+                // stopped reading does not hold the fill, and is cut once the window passes it.
+                let needed = state.slowest_active(Instant::now()).unwrap_or(u64::MAX);
+                while state.kept_bytes > state.window && state.first < needed {
                     if let Some(front) = state.chunks.pop_front() {
                         state.kept_bytes -= front.len();
                         state.first += 1;
@@ -294,14 +295,13 @@ impl Relay {
 }
 
 impl State {
-    /// The next chunk of the furthest reader that read within [`ACTIVE`] of `now` (0: none).
-    fn fastest_active(&self, now: Instant) -> u64 {
+    /// The next chunk of the slowest reader that read within [`ACTIVE`] of `now`, if any.
+    fn slowest_active(&self, now: Instant) -> Option<u64> {
         self.positions
             .values()
             .filter(|(_, read)| now.saturating_duration_since(*read) <= ACTIVE)
             .map(|(next, _)| *next)
-            .max()
-            .unwrap_or(0)
+            .min()
     }
 }
 

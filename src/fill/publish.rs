@@ -31,9 +31,6 @@ pub(crate) async fn publish(
     ttl: Duration,
     keepalive: Duration,
 ) {
-    let Some(mut reader) = relay.reader() else {
-        return;
-    };
     let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
     let log = names.relay_log(&id);
     let relayed = Notice::Relayed(id.clone());
@@ -53,6 +50,17 @@ pub(crate) async fn publish(
             return;
         }
     }
+    // Attached only once some instance waits: a publisher that leaves at once must not count
+    // as a requester who came and went (see `Relay::push`).
+    let Some(mut reader) = relay.reader() else {
+        let _ = append(
+            &Record::Aborted("the fleet relay started too late".to_owned()),
+            false,
+            ttl,
+        )
+        .await;
+        return;
+    };
     let mut offset = 0u64;
     loop {
         let first = tokio::select! {

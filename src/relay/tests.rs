@@ -102,6 +102,7 @@ async fn a_relay_waits_a_moment_for_its_first_reader_before_it_counts_as_unread(
     // With nobody ever coming, the writer stops after the grace.
     let lonely = Relay::new(2, 2);
     lonely.push(Bytes::from_static(b"xxx")).await;
+    tokio::time::advance(ATTACH_GRACE * 2).await;
     assert_eq!(lonely.push(Bytes::from_static(b"yyy")).await, Push::Unread);
 }
 
