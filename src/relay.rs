@@ -164,7 +164,11 @@ impl Relay {
                 }
                 // Drop, down to the window, what no active reader still needs: a reader that has
                 // stopped reading does not hold the fill, and is cut once the window passes it.
-                let needed = state.slowest_active(Instant::now()).unwrap_or(u64::MAX);
+                // Before its first reader has come, nothing may go.
+                let needed = match state.next_reader {
+                    0 => 0,
+                    _ => state.slowest_active(Instant::now()).unwrap_or(u64::MAX),
+                };
                 while state.kept_bytes > state.window && state.first < needed {
                     if let Some(front) = state.chunks.pop_front() {
                         state.kept_bytes -= front.len();
