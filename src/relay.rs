@@ -217,11 +217,10 @@ impl Relay {
 
     /// The whole body, if the relay ended complete and kept all of it.
     pub fn whole_body(&self) -> Option<Bytes> {
-        let state = self.state();
-        if state.end != Some(End::Complete) || !state.whole || state.first != 0 {
+        if self.end() != Some(End::Complete) {
             return None;
         }
-        Some(concat(&state.chunks, state.kept_bytes))
+        self.kept_body()
     }
 
     /// All of the body pushed so far, if the relay still keeps all of it (under the store limit).
@@ -270,11 +269,6 @@ impl Relay {
     /// Readers that attached over the relay's life.
     pub fn readers_attached(&self) -> u64 {
         self.state().next_reader
-    }
-
-    /// Readers attached now.
-    pub fn readers(&self) -> usize {
-        self.state().readers
     }
 
     /// A reader from byte 0, or `None` when byte 0 is no longer kept (a body past the store

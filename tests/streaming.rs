@@ -470,6 +470,15 @@ async fn waiting_instances(redis: &RedisServer, cfg: &corral::Config, path: &str
     counts.first().map_or(0, |(_, n)| *n)
 }
 
+/// Returns once one other instance waits on the fill of `path` (subscribed to its channel), so
+/// it hears the fill's announcement.
+async fn other_instance_waits(redis: &RedisServer, cfg: &corral::Config, path: &str) {
+    support::eventually("the other instance waits for the fill", STEP, async || {
+        waiting_instances(redis, cfg, path).await == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     let redis = RedisServer::start().await;
@@ -481,10 +490,7 @@ async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     let writer = upstream.next_call().await;
     let remote: Vec<_> = (0..3).map(|_| spawn_reader(url(&fleet[1], path))).collect();
     // The other instance waits on the key's channel before the upstream's head comes.
-    support::eventually("the other instance waits for the fill", STEP, async || {
-        waiting_instances(&redis, &cfg, path).await == 1
-    })
-    .await;
+    other_instance_waits(&redis, &cfg, path).await;
     writer.event(1).await;
     let mut readers = vec![leader.await.expect("leader")];
     for waiter in remote {
@@ -510,10 +516,7 @@ async fn a_cut_stream_ends_visibly_on_other_instances_too() {
     let leader = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
     let remote = spawn_reader(url(&fleet[1], path));
-    support::eventually("the other instance waits for the fill", STEP, async || {
-        waiting_instances(&redis, &cfg, path).await == 1
-    })
-    .await;
+    other_instance_waits(&redis, &cfg, path).await;
     for n in 1..=3 {
         writer.event(n).await;
     }
@@ -604,10 +607,7 @@ async fn redis_killed_mid_stream_cuts_remote_readers_visibly_and_local_ones_read
     let leader = spawn_reader(url(&fleet[0], path));
     let writer = upstream.next_call().await;
     let remote = spawn_reader(url(&fleet[1], path));
-    support::eventually("the other instance waits for the fill", STEP, async || {
-        waiting_instances(&redis, &cfg, path).await == 1
-    })
-    .await;
+    other_instance_waits(&redis, &cfg, path).await;
     writer.event(1).await;
     let (mut leader, mut remote) = (leader.await.expect("leader"), remote.await.expect("remote"));
     leader.read_to(events_len(1)).await.expect("first event");
@@ -656,10 +656,7 @@ async fn the_leader_process_killed_mid_stream_cuts_remote_readers_and_the_next_r
     let leader = spawn_reader(leader_process.url(path));
     let writer = upstream.next_call().await;
     let remote = spawn_reader(url(&fleet[0], path));
-    support::eventually("the other instance waits for the fill", STEP, async || {
-        waiting_instances(&redis, &cfg, path).await == 1
-    })
-    .await;
+    other_instance_waits(&redis, &cfg, path).await;
     writer.event(1).await;
     let mut remote = remote.await.expect("remote");
     remote
