@@ -18,10 +18,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 use crate::relay::RelayReader;
+
+/// What an answer's body keeps until it ends or is dropped: its route's upstream slot (see
+/// `crate::budget::Slot`), so a cap bounds open upstream streams, not only response heads.
+pub struct Guard(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl Guard {
+    pub fn new(held: impl Send + Sync + 'static) -> Guard {
+        Guard(Box::new(held))
+    }
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guard")
+    }
+}
 
 /// An answer's body.
 #[derive(Debug)]
@@ -32,13 +47,13 @@ pub enum ProxyBody {
     Prefixed {
         prefix: Option<Bytes>,
         rest: Incoming,
-        slot: Option<OwnedSemaphorePermit>,
+        slot: Option<Guard>,
     },
-    /// A streamed body holding a slot of its route's `upstream_concurrency` until it ends or is
+    /// A streamed body holding its route's upstream slot (`upstream_concurrency`, `fleet_concurrency`) until it ends or is
     /// dropped: the cap bounds open upstream streams, not only response heads.
     Held {
         rest: Incoming,
-        slot: Option<OwnedSemaphorePermit>,
+        slot: Option<Guard>,
     },
     /// A fill's body read while it arrives, shared with the flight's other requesters (see
     /// [`crate::relay`]); it fails — never ends cleanly — when the fill was cut short.
@@ -57,11 +72,7 @@ impl ProxyBody {
 
     /// The part of an answer already read, then the rest of its stream, holding `slot` (when the
     /// route has a cap) as long as it streams.
-    pub fn prefixed(
-        prefix: Bytes,
-        rest: Incoming,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> ProxyBody {
+    pub fn prefixed(prefix: Bytes, rest: Incoming, slot: Option<Guard>) -> ProxyBody {
         ProxyBody::Prefixed {
             prefix: Some(prefix),
             rest,
@@ -70,7 +81,7 @@ impl ProxyBody {
     }
 
     /// A streamed body, holding `slot` (when the route has a cap) as long as it streams.
-    pub fn held(rest: Incoming, slot: Option<OwnedSemaphorePermit>) -> ProxyBody {
+    pub fn held(rest: Incoming, slot: Option<Guard>) -> ProxyBody {
         match slot {
             None => ProxyBody::Stream(rest),
             slot => ProxyBody::Held { rest, slot },

@@ -26,6 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::caps::Caps;
 use crate::config::LockScope;
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Source};
@@ -35,7 +36,6 @@ use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, Peek};
 use crate::lock::FillLock;
 use crate::metrics::{LockOutcome, Metrics};
-use crate::upstream::Caps;
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
 mod io;
@@ -99,6 +99,7 @@ impl Coalescer {
             req.route.lock.max_waiters,
             move |interest, hold| {
                 fill_req.hold = Some(hold);
+                fill_req.weight = interest.weight();
                 let flight = async move { this.miss(fill_req, interest).await };
                 Landed::from_flight(flight, parent)
             },
@@ -117,9 +118,10 @@ impl Coalescer {
         let this = self.clone();
         let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
         let parent = tracing::Span::current();
-        let _ = self.flights.join(key, max_waiters, move |_, hold| {
+        let _ = self.flights.join(key, max_waiters, move |interest, hold| {
             let mut req = req;
             req.hold = Some(hold);
+            req.weight = interest.weight();
             let flight = async move { this.refresh(req, stale).await };
             Landed::from_flight(flight, parent)
         });

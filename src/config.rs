@@ -260,6 +260,10 @@ pub struct RouteConfig {
     /// Most concurrent upstream calls this route makes from one process; more wait for a slot
     /// (within `upstream_timeout`, then 503). Default `None` (no cap).
     pub upstream_concurrency: Option<usize>,
+    /// Most concurrent upstream calls the whole fleet makes to this route's upstream
+    /// (`fleet_concurrency`), counted in Redis under the budget's name (`fleet_budget`, shared by
+    /// routes that name the same model; default the route's name). Default `None` (no budget).
+    pub fleet_budget: Option<FleetBudget>,
     /// Most surrogate keys (`Surrogate-Key` / `Cache-Tag`) indexed per answer; the rest are dropped
     /// with a log line, so one answer cannot create thousands of Redis keys. `0` indexes none.
     /// Default 32.
@@ -326,6 +330,16 @@ pub struct KeySpec {
     pub json: Vec<String>,
 }
 
+/// A fleet-wide budget on upstream calls (see [`crate::budget`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetBudget {
+    /// The budget's name: routes that give the same one share its slots.
+    pub name: String,
+    /// Most calls in flight fleet-wide.
+    pub limit: usize,
+}
+
+/// How a route holds its fill locks.
 #[derive(Debug, Clone)]
 pub struct LockSpec {
     /// Default: `Fleet` when `[redis]` is present, else `Instance`. Never `Fleet` without `[redis]`

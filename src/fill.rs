@@ -22,6 +22,7 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use crate::body::ProxyBody;
+use crate::caps::{Caps, Overloaded};
 use crate::config::RouteConfig;
 use crate::entry::{Entry, error_entry};
 use crate::flight::Hold;
@@ -32,9 +33,7 @@ use crate::lock::FillLock;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{
-    Buffered, Caps, Fetched, Headed, Overloaded, UpstreamClient, UpstreamError, endpoints,
-};
+use crate::upstream::{Buffered, Fetched, Headed, UpstreamClient, UpstreamError, endpoints};
 use crate::verdict::{Verdict, judge};
 
 mod claim;
@@ -61,6 +60,8 @@ pub struct FillRequest {
     /// The flight this request started, kept joinable while its answer streams (see
     /// [`crate::flight::Hold`]); `None` outside a flight.
     pub hold: Option<Hold>,
+    /// How many requests the fill would answer: its place in a fleet budget's queue.
+    pub weight: crate::budget::Weight,
 }
 
 /// Where a shared entry came from.
@@ -277,10 +278,18 @@ impl Filler {
                 let answer = Arc::new(error_entry(err.status(), err.kind()));
                 claim.give_up(req, Notice::Failed(Some(answer))).await;
                 match fallback {
-                    Some(stale) => Fill::Shared {
-                        entry: stale,
-                        source: Source::Stale,
-                    },
+                    Some(stale) => {
+                        if let FillError::Overloaded(Overloaded {
+                            budget: Some(_), ..
+                        }) = &err
+                        {
+                            self.metrics.budget_stale_answer(&route.name);
+                        }
+                        Fill::Shared {
+                            entry: stale,
+                            source: Source::Stale,
+                        }
+                    }
                     None => Fill::Failed(err),
                 }
             }
@@ -325,7 +334,7 @@ impl Filler {
         stale: Option<&Entry>,
     ) -> Result<Called, FillError> {
         let route = &req.route;
-        let slot = self.caps.slot(route).await?;
+        let slot = self.caps.slot(route, &req.weight).await?;
         if let Some(lock) = lock {
             lock.calling();
         }
@@ -431,7 +440,7 @@ impl Filler {
             } => Called::Judged(
                 Verdict::Oversized(Response::from_parts(
                     parts,
-                    ProxyBody::prefixed(prefix, rest, slot),
+                    ProxyBody::prefixed(prefix, rest, slot.into_guard()),
                 )),
                 Answered::Whole,
             ),

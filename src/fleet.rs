@@ -43,6 +43,15 @@ impl Fleet {
         })
     }
 
+    /// What the fleet-wide budgets count with: the keeper's thread and connection, the hub.
+    pub fn budgets(&self) -> crate::budget::Redis {
+        crate::budget::Redis {
+            keeper: self.keeper.clone(),
+            notices: self.notices.clone(),
+            l2: self.l2.clone(),
+        }
+    }
+
     /// Whether any of the process's Redis connections is considered down.
     pub fn degraded(&self) -> bool {
         self.l2.degraded() || self.keeper.degraded() || self.notices.degraded()

@@ -66,6 +66,13 @@ impl Interest {
         interest
     }
 
+    /// How many requests want the flight's result now (at least 1): the weight its upstream call
+    /// queues with under a fleet budget (see [`crate::budget`]).
+    pub fn weight(&self) -> Arc<dyn Fn() -> usize + Send + Sync> {
+        let interest = self.clone();
+        Arc::new(move || interest.0.live.load(Ordering::Acquire).max(1))
+    }
+
     fn join(&self) -> InterestGuard {
         self.0.live.fetch_add(1, Ordering::AcqRel);
         InterestGuard(self.clone())

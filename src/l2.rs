@@ -42,6 +42,7 @@ pub(crate) use fill_lock::PURGED_LOCK;
 pub use fill_lock::{LockState, Lookup, StoreOutcome, Terms};
 pub use relay_log::{Record, WINDOW_RECORDS};
 use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
+pub use slots::{SEEN_FOR, SlotNames, SlotState, SlotTerms};
 
 use crate::breaker::Breaker;
 use crate::config::{RedisConfig, RedisTopology, RouteConfig};
@@ -56,6 +57,7 @@ mod purge;
 mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
+mod slots;
 pub(crate) mod switches;
 pub(crate) mod tls;
 
@@ -114,6 +116,9 @@ pub enum Notice {
     /// The streaming fill (by id) wrote more to its relay log: its tailers read on, and a waiter
     /// that missed the `streaming` notice starts tailing.
     Relayed(Arc<str>),
+    /// A fleet budget's slot was handed to the waiting call with this token (published on the
+    /// budget's channel, never on a key's; see `l2/slots.rs`).
+    Granted(Arc<str>),
 }
 
 /// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
@@ -128,6 +133,7 @@ impl Notice {
             Notice::Uncacheable => "uncacheable",
             Notice::Streaming(_) => "streaming",
             Notice::Relayed(_) => "relayed",
+            Notice::Granted(_) => "granted",
         }
     }
 
@@ -142,6 +148,7 @@ impl Notice {
             Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
             Notice::Streaming(id) => Bytes::from(format!("streaming:{id}")),
             Notice::Relayed(id) => Bytes::from(format!("relayed:{id}")),
+            Notice::Granted(token) => Bytes::from(format!("granted:{token}")),
             Notice::Failed(None) => Bytes::from_static(b"failed"),
             Notice::Failed(Some(entry)) => {
                 let encoded = entry.encode();
@@ -170,6 +177,11 @@ impl Notice {
             return std::str::from_utf8(id)
                 .ok()
                 .map(|id| Notice::Streaming(id.into()));
+        }
+        if let Some(token) = payload.strip_prefix(b"granted:") {
+            return std::str::from_utf8(token)
+                .ok()
+                .map(|token| Notice::Granted(token.into()));
         }
         match payload {
             b"stored" => Some(Notice::Stored(None, None)),

@@ -156,6 +156,26 @@ impl LeaseKeeper {
         self.on_keeper(call).await
     }
 
+    /// Runs `call` with the keeper's own connection on its thread (a fleet budget's slot is
+    /// taken there as a lock is, so its lease starts the moment Redis answers). If the caller
+    /// goes away first, the call still ends there.
+    pub async fn with_own<T, F>(&self, call: impl FnOnce(L2) -> F) -> Result<T, L2Error>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, L2Error>> + Send + 'static,
+    {
+        self.on_keeper(call(self.l2.clone())).await
+    }
+
+    /// Runs `task` with the keeper's own connection on its thread until it ends or the handle
+    /// is aborted: what keeps a budget's slot leased however busy the request workers are.
+    pub fn keep<F>(&self, task: impl FnOnce(L2) -> F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(task(self.l2.clone()))
+    }
+
     /// Runs `call` on the keeper's runtime. If the caller goes away first, the call still ends
     /// there, and a lock it took is released by its drop.
     async fn on_keeper<T: Send + 'static>(

@@ -22,7 +22,10 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
+use buckets::{answer_histogram, latency_histogram};
 
+mod budgets;
+mod buckets;
 mod sharded;
 mod streams;
 
@@ -154,21 +157,11 @@ pub struct Metrics {
     notices_received: Counter,
     upstream_tls_handshakes: Family<UpstreamLabel, Counter>,
     streams: streams::StreamMetrics,
+    budgets: budgets::BudgetMetrics,
 }
 
 /// The answer-time histograms of one route, indexed by outcome like [`RequestCounters`].
 type AnswerHistograms = Arc<[Option<Histogram>; CacheOutcome::ALL.len()]>;
-
-/// Buckets for Corral's own answers: a hit takes microseconds, a fill the upstream's time.
-fn answer_histogram() -> Histogram {
-    // 50 µs … ~26 s.
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
-}
-
-fn latency_histogram() -> Histogram {
-    // 1 ms … ~65 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
-}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -261,6 +254,7 @@ impl Metrics {
             notices_received.clone(),
         );
         let streams = streams::StreamMetrics::register(&mut registry);
+        let budgets = budgets::BudgetMetrics::register(&mut registry);
         let upstream_tls_handshakes = Family::<UpstreamLabel, Counter>::default();
         registry.register(
             "upstream_tls_handshakes",
@@ -292,6 +286,7 @@ impl Metrics {
             purged_entries,
             notices_received,
             streams,
+            budgets,
         };
         metrics.route_counters(UNROUTED, |outcome| outcome == CacheOutcome::UriMiss);
         metrics

@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use crate::access::AccessLine;
 use crate::answer::{Answer, CACHE_STATUS, ProxyError};
 use crate::body::ProxyBody;
+use crate::budget::Budgets;
 use crate::cache_control::CORRAL_CACHE_CONTROL;
+use crate::caps::Caps;
 use crate::coalesce::Coalescer;
 use crate::conditional::Conditions;
 use crate::config::{Config, RouteConfig};
@@ -30,7 +32,7 @@ use crate::l2::L2Error;
 use crate::metrics::{Metrics, RequestCounters, UNROUTED};
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, cache_method, check_cacheable};
-use crate::upstream::{Caps, UpstreamClient};
+use crate::upstream::UpstreamClient;
 
 mod invalidate;
 mod lookup;
@@ -91,7 +93,8 @@ impl Proxy {
         let idle = config.server.upstream_idle_timeout;
         let client = UpstreamClient::with_handshakes(idle, metrics.upstream_tls_handshakes());
         client.renew(config);
-        let caps = Arc::new(Caps::new(config));
+        let budgets = Budgets::new(config, fleet.as_ref().map(Fleet::budgets), &metrics);
+        let caps = Arc::new(Caps::new(config, budgets));
         let filler = Filler::new(
             l1.clone(),
             marks.clone(),
@@ -432,6 +435,7 @@ impl Proxy {
             peer,
             validators: None,
             hold: None,
+            weight: crate::budget::one(),
         };
         conditions.apply(self.lookup(req).await)
     }

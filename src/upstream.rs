@@ -12,12 +12,10 @@ use http::uri::Uri;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-mod caps;
 pub mod endpoints;
 mod pool;
 mod request;
 pub mod tls;
-pub use caps::{Caps, Overloaded};
 pub use request::{fill_request, fill_request_to, fill_would_forward, rewrite, strip_hop_by_hop};
 pub use tls::{TlsFailure, TlsRoute};
 

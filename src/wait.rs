@@ -272,11 +272,18 @@ impl Wait {
             // meanwhile and waits on for the stored one.
             Notice::Streaming(id) | Notice::Relayed(id) => match self.purpose {
                 Purpose::Miss => Action::Done(Settled::Relay(id)),
-                Purpose::Refresh { .. } => match self.until {
-                    Some(until) => Action::Wait { until },
-                    None => Action::Peek,
-                },
+                Purpose::Refresh { .. } => self.wait_on(),
             },
+            // A budget's grant: never sent on a key's channel.
+            Notice::Granted(_) => self.wait_on(),
+        }
+    }
+
+    /// Waits on as before (until the deadline it had, else after a read of the key).
+    fn wait_on(&self) -> Action {
+        match self.until {
+            Some(until) => Action::Wait { until },
+            None => Action::Peek,
         }
     }
 

@@ -552,3 +552,71 @@ fn a_duration_without_a_unit_says_what_to_write() {
     assert_points_at(&message, 6, "ttl");
     assert!(message.contains(r#"write "60s""#), "{message}");
 }
+
+#[test]
+fn a_fleet_budget_is_the_route_name_unless_named_and_shared_by_routes_that_name_it() {
+    let text = r#"
+[[route]]
+name = "a"
+path_prefix = "/a"
+upstream = "http://127.0.0.1:5000"
+fleet_concurrency = 20
+fleet_budget = "model"
+
+[[route]]
+name = "b"
+path_prefix = "/b"
+upstream = "http://127.0.0.1:5000"
+fleet_concurrency = 20
+fleet_budget = "model"
+
+[[route]]
+name = "c"
+path_prefix = "/c"
+upstream = "http://127.0.0.1:5000"
+fleet_concurrency = 3
+"#;
+    let config = Config::parse(text, Path::new("ok.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let budgets: Vec<_> = config
+        .routes
+        .iter()
+        .map(|r| r.fleet_budget.as_ref().map(|b| (b.name.as_str(), b.limit)))
+        .collect();
+    assert_eq!(
+        budgets,
+        [Some(("model", 20)), Some(("model", 20)), Some(("c", 3))]
+    );
+}
+
+#[test]
+fn routes_sharing_a_budget_with_different_limits_are_refused() {
+    let text = r#"
+[[route]]
+name = "a"
+path_prefix = "/a"
+upstream = "http://127.0.0.1:5000"
+fleet_concurrency = 20
+fleet_budget = "model"
+
+[[route]]
+name = "b"
+path_prefix = "/b"
+upstream = "http://127.0.0.1:5000"
+fleet_concurrency = 10
+fleet_budget = "model"
+"#;
+    let message = refusal(text);
+    assert_points_at(&message, 10, "fleet_concurrency");
+    assert!(
+        message.contains("\"a\"") && message.contains("20"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_budget_name_without_a_limit_and_a_zero_limit_are_refused() {
+    let message = refusal(&format!("{ROUTE}fleet_budget = \"model\"\n"));
+    assert_points_at(&message, 6, "fleet_budget");
+    let message = refusal(&format!("{ROUTE}fleet_concurrency = 0\n"));
+    assert_points_at(&message, 6, "fleet_concurrency");
+}

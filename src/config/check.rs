@@ -109,6 +109,24 @@ impl Checker<'_> {
                 let why = format!("duplicate route name (first defined on line {first})");
                 return self.fail(span, at, why);
             }
+            if let Some(budget) = &checked.fleet_budget
+                && let Some(other) = routes.iter().find(|r| {
+                    r.fleet_budget
+                        .as_ref()
+                        .is_some_and(|b| b.name == budget.name && b.limit != budget.limit)
+                })
+            {
+                let at = (Some(checked.name.as_str()), "fleet_concurrency");
+                let why = format!(
+                    "budget {:?} is {} on route {:?} but {} here; routes sharing a budget must \
+                     give the same `fleet_concurrency`",
+                    budget.name,
+                    other.fleet_budget.as_ref().map_or(0, |b| b.limit),
+                    other.name,
+                    budget.limit
+                );
+                return self.fail(span, at, why);
+            }
             routes.push(checked);
         }
         if routes.is_empty() && server.default_upstream.is_none() {

@@ -110,6 +110,8 @@ pub(super) struct RawRoute {
     pub(super) early_refresh: Option<Spanned<RawEarlyRefresh>>,
     pub(super) uncacheable_ttl: Option<HumanDuration>,
     pub(super) upstream_concurrency: Option<Spanned<i64>>,
+    pub(super) fleet_concurrency: Option<Spanned<i64>>,
+    pub(super) fleet_budget: Option<Spanned<String>>,
     pub(super) forward_headers: List<String>,
     #[serde(default)]
     pub(super) credential_headers: Vec<Spanned<String>>,

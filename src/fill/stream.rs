@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::BodyExt;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Claim, Fill, FillRequest, Filler, Source, publish};
 use crate::entry::Entry;
@@ -19,7 +18,7 @@ pub(super) struct Streaming {
     pub(super) head: Entry,
     pub(super) body: hyper::body::Incoming,
     /// The route's upstream slot, held until the body has ended.
-    pub(super) slot: Option<OwnedSemaphorePermit>,
+    pub(super) slot: crate::budget::Slot,
     /// When the call began, and when it must have ended (`upstream_timeout`).
     pub(super) started: Instant,
     pub(super) deadline: tokio::time::Instant,

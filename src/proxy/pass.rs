@@ -69,7 +69,7 @@ impl Proxy {
         fault: Option<Arc<OnceLock<BodyFault>>>,
     ) -> Answer {
         let outcome = CacheOutcome::Bypass;
-        let slot = match self.caps.slot(route).await {
+        let slot = match self.caps.slot(route, &crate::budget::one()).await {
             Ok(slot) => slot,
             Err(err) => return ProxyError::from(FillError::from(err)).into_answer(outcome),
         };
@@ -102,7 +102,7 @@ impl Proxy {
             metric: UNROUTED,
             upstream,
             limit: *limit,
-            slot: None,
+            slot: crate::budget::Slot::default(),
             fault: Some(fault),
         };
         self.pass(call, &parts, Either::Right(body), peer, outcome)
@@ -134,7 +134,10 @@ impl Proxy {
         self.metrics
             .upstream_call(call.metric, status, started.elapsed());
         match sent {
-            Ok(resp) => Answer::new(outcome, resp.map(|b| ProxyBody::held(b, call.slot))),
+            Ok(resp) => Answer::new(
+                outcome,
+                resp.map(|b| ProxyBody::held(b, call.slot.into_guard())),
+            ),
             // The client's body failed (malformed, too slow): its fault, whatever the upstream
             // client made of it.
             Err(err) => match call.fault.as_deref().and_then(OnceLock::get) {
@@ -154,7 +157,7 @@ struct Call<'a> {
     /// The wait for the response head.
     limit: std::time::Duration,
     /// The route's upstream slot, held by the answer's body.
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: crate::budget::Slot,
     fault: Option<Arc<OnceLock<BodyFault>>>,
 }
 

@@ -13,8 +13,8 @@ use crate::config::raw::{
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, ForwardHeaders,
-    KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
+    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, FleetBudget,
+    ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
 use crate::header_rules::{HeaderRules, PROTECTED};
 
@@ -158,6 +158,7 @@ impl Checker<'_> {
                 None => None,
                 some => Some(self.count(some, 1, at("upstream_concurrency"))?),
             },
+            fleet_budget: self.fleet_budget(raw, &name)?,
             max_tags: match raw.max_tags.as_ref().map(|n| (*n.get_ref(), n.span())) {
                 None => DEFAULT_MAX_TAGS,
                 Some((n, span)) => usize::try_from(n).map_err(|_| {
@@ -171,6 +172,30 @@ impl Checker<'_> {
             response_headers: self.header_rules(raw.response_headers.as_ref(), &name)?,
             name,
         })
+    }
+
+    /// `fleet_concurrency` and the budget it counts in (`fleet_budget`, else the route's name).
+    fn fleet_budget(&self, raw: &RawRoute, route: &str) -> Checked<Option<FleetBudget>> {
+        let at = |field| (Some(route), field);
+        let name = match &raw.fleet_budget {
+            Some(name) if name.get_ref().trim().is_empty() => {
+                return self.fail(name.span(), at("fleet_budget"), "must not be empty");
+            }
+            Some(name) => name.get_ref().clone(),
+            None => route.to_owned(),
+        };
+        match (&raw.fleet_concurrency, &raw.fleet_budget) {
+            (None, None) => Ok(None),
+            (None, Some(named)) => {
+                let why = "names a budget but the route has no `fleet_concurrency`; \
+                           add `fleet_concurrency = N` (the same N on every route of the budget)";
+                self.fail(named.span(), at("fleet_budget"), why)
+            }
+            (some, _) => Ok(Some(FleetBudget {
+                name,
+                limit: self.count(some, 1, at("fleet_concurrency"))?,
+            })),
+        }
     }
 
     /// `response_headers = { remove = [..], set = { .. } }`: valid names and values, none of the
