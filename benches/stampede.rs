@@ -48,6 +48,9 @@
 //!    `INFO commandstats`), script calls per key and Redis CPU per 1000 fills (`INFO cpu`).
 //! 8. Cold start (issue 8): a fresh 3-instance Corral fleet, its first burst at once: 1 key x 3,
 //!    then 300 keys x 3.
+//! 9. The budget (issue 20): row 7's burst on the route without a budget and on one with
+//!    `fleet_concurrency = 20`: the backend's peak of calls in flight, backend calls, p50/p99.
+//!    `STAMPEDE_ONLY=budget` runs this row alone.
 //!
 //! Every Corral row runs the default config (`benches/stampede/corral.toml` sets no timeout
 //! and no lock option; only the access log is off).
@@ -221,6 +224,7 @@ async fn run() -> Result<(), BoxError> {
     }
 
     let mut fleet = Vec::with_capacity(3);
+    let budget_only = std::env::var("STAMPEDE_ONLY").as_deref() == Ok("budget");
     for i in 0..3 {
         let settings = CorralSettings {
             name: &format!("corral{i}"),
@@ -240,6 +244,19 @@ async fn run() -> Result<(), BoxError> {
             .join(", "),
         corral_bin.display()
     ));
+
+    if budget_only {
+        let targets: Vec<SocketAddr> = fleet.iter().map(|c| c.addr).collect();
+        step(&format!(
+            "9 budget: {} keys x {}",
+            sizes.spread_keys,
+            spread::PER_KEY
+        ));
+        for line in spread::budget_rows(&backend, &targets, sizes.spread_keys).await {
+            println!("  {line}");
+        }
+        return Ok(());
+    }
 
     let mut notes: Vec<String> = Vec::new();
     let body = backend::body();
@@ -400,6 +417,9 @@ async fn run() -> Result<(), BoxError> {
         ));
     }
     drop(fresh);
+    step("9 budget: the same many-keys burst with and without a fleet budget");
+    let targets: Vec<SocketAddr> = fleet.iter().map(|c| c.addr).collect();
+    spread_lines.extend(spread::budget_rows(&backend, &targets, sizes.spread_keys).await);
 
     // Stop everything before the tempdir goes: peers first, then Corral, then Redis.
     drop(varnish);
@@ -424,7 +444,7 @@ async fn run() -> Result<(), BoxError> {
     );
     println!();
     println!(
-        "Rows 7-8 (issue 8, default config, backend {} ms):",
+        "Rows 7-9 (issues 8 and 20, default config, backend {} ms):",
         spread::BACKEND_MS
     );
     for line in &spread_lines {

@@ -24,8 +24,8 @@ use crate::config::{LockScope, RouteConfig};
 use crate::outcome::CacheOutcome;
 use buckets::{answer_histogram, latency_histogram};
 
-mod budgets;
 mod buckets;
+mod budgets;
 mod sharded;
 mod streams;
 

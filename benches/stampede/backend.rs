@@ -50,7 +50,18 @@ pub async fn start() -> Upstream {
 /// Scripts `scenario`: its calls take `delay` and end as `outcome`. Returns its path,
 /// `/recommend/<scenario>/`, to which the caller appends `?k=<key>`.
 pub fn scenario(upstream: &Upstream, scenario: &str, delay: Duration, outcome: Outcome) -> String {
-    let path = format!("/recommend/{scenario}/");
+    scenario_under(upstream, "/recommend", scenario, delay, outcome)
+}
+
+/// [`scenario`] under another route's path prefix (`/model`: the route with a fleet budget).
+pub fn scenario_under(
+    upstream: &Upstream,
+    prefix: &str,
+    scenario: &str,
+    delay: Duration,
+    outcome: Outcome,
+) -> String {
+    let path = format!("{prefix}/{scenario}/");
     let reply = match outcome {
         Outcome::Ok => ok(delay),
         Outcome::Fail => Reply::status(500)

@@ -27,6 +27,8 @@ pub struct Spread {
     pub p50: Duration,
     pub p99: Duration,
     pub redis: Option<RedisCost>,
+    /// The backend's peak of calls in flight during the burst.
+    pub peak: usize,
 }
 
 /// What the burst cost Redis, from `INFO commandstats` and `INFO cpu` around it.
@@ -49,8 +51,21 @@ pub async fn burst(
     keys: usize,
     redis: Option<&RedisServer>,
 ) -> Result<Spread, BoxError> {
-    let path = backend::scenario(
+    burst_under(backend, targets, "/recommend", scenario, keys, redis).await
+}
+
+/// [`burst`] on the route under `prefix`.
+pub async fn burst_under(
+    backend: &Upstream,
+    targets: &[SocketAddr],
+    prefix: &str,
+    scenario: &str,
+    keys: usize,
+    redis: Option<&RedisServer>,
+) -> Result<Spread, BoxError> {
+    let path = backend::scenario_under(
         backend,
+        prefix,
         scenario,
         Duration::from_millis(BACKEND_MS),
         Outcome::Ok,
@@ -62,6 +77,7 @@ pub async fn burst(
         }
         None => None,
     };
+    backend.reset_calls();
     let pool = load::pool();
     let requests = (0..keys)
         .flat_map(|k| (0..PER_KEY).map(move |j| (k, j)))
@@ -120,6 +136,7 @@ pub async fn burst(
         p50: at(0.5),
         p99: at(0.99),
         redis,
+        peak: backend.max_in_flight(),
     })
 }
 
@@ -147,12 +164,31 @@ pub fn summary(s: &Spread) -> String {
         None => String::new(),
     };
     format!(
-        "{} keys x {PER_KEY}: {} backend calls, {} ok, {} failed, p50 {:.0} ms, p99 {:.0} ms{redis}",
+        "{} keys x {PER_KEY}: {} backend calls (peak {} at once), {} ok, {} failed, p50 {:.0} ms, p99 {:.0} ms{redis}",
         s.keys,
         s.calls,
+        s.peak,
         s.ok,
         s.failed,
         s.p50.as_secs_f64() * 1000.0,
         s.p99.as_secs_f64() * 1000.0
     )
+}
+
+/// Row 9 (issue 20): the same burst of `keys` cold keys on the route without a budget and on the
+/// route with `fleet_concurrency = 20` (`/model`): the backend's peak of calls in flight, and
+/// what queueing for the budget costs the burst's p50/p99.
+pub async fn budget_rows(backend: &Upstream, targets: &[SocketAddr], keys: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (label, prefix, scenario) in [
+        ("no budget", "/recommend", "budget-off"),
+        ("fleet_concurrency = 20", "/model", "budget-on"),
+    ] {
+        let line = match burst_under(backend, targets, prefix, scenario, keys, None).await {
+            Ok(s) => summary(&s),
+            Err(e) => format!("error: {e}"),
+        };
+        lines.push(format!("9 corral, {label}: {line}"));
+    }
+    lines
 }

@@ -38,7 +38,14 @@ pub(super) async fn wait(
     interest: &Interest,
 ) -> Outcome {
     let route = &req.route;
-    let deadline = Instant::now() + route.lock.wait_timeout;
+    // Under a fleet budget the fill may first queue for a slot (within `upstream_timeout`): its
+    // waiters wait with it rather than fall through to the upstream themselves. A leader that
+    // dies meanwhile still lets its lock lapse, and they compete then.
+    let queue = match route.fleet_budget {
+        Some(_) => route.upstream_timeout,
+        None => std::time::Duration::ZERO,
+    };
+    let deadline = Instant::now() + route.lock.wait_timeout + queue;
     let policy = route.lock.on_wait_timeout;
     let mut wait = Wait::new(purpose, fallback, deadline, route.lock.lease, policy);
     let mut io = Io {
