@@ -102,6 +102,7 @@ pub(super) struct RawRoute {
     pub(super) ttl: Option<HumanDuration>,
     pub(super) stale_while_revalidate: Option<HumanDuration>,
     pub(super) stale_if_error: Option<HumanDuration>,
+    pub(super) ttl_jitter: Option<Spanned<f64>>,
     pub(super) cache_statuses: List<i64>,
     pub(super) max_body: Option<HumanSize>,
     pub(super) max_entry_size: Option<HumanSize>,

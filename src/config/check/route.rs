@@ -13,8 +13,8 @@ use crate::config::raw::{
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, ForwardHeaders,
-    KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
+    DEFAULT_TTL_JITTER, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
+    ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
 use crate::header_rules::{HeaderRules, PROTECTED};
 
@@ -135,6 +135,17 @@ impl Checker<'_> {
             ttl: duration(raw.ttl, DEFAULT_TTL),
             stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
             stale_if_error: duration(raw.stale_if_error, Duration::ZERO),
+            ttl_jitter: match &raw.ttl_jitter {
+                None => DEFAULT_TTL_JITTER,
+                Some(j) if (0.0..1.0).contains(j.get_ref()) => *j.get_ref(),
+                Some(j) => {
+                    let why = format!(
+                        "must be a fraction of the lifetime in [0, 1) (0.1 is the default), not {}",
+                        j.get_ref()
+                    );
+                    return self.fail(j.span(), at("ttl_jitter"), why);
+                }
+            },
             cache_statuses,
             heuristic_statuses,
             forward_headers,
