@@ -56,6 +56,7 @@ mod purge;
 mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
+mod soft;
 pub(crate) mod switches;
 pub(crate) mod tls;
 
