@@ -571,5 +571,11 @@ fn ttl_jitter_is_a_fraction_below_one() {
         let message = refusal(&format!("{ROUTE}ttl_jitter = {not_a_number}\n"));
         assert_points_at(&message, 6, "ttl_jitter");
         assert!(message.contains("route \"ok\""), "{message}");
+        assert!(
+            message.ends_with(&format!(
+                "in [0, 1) (0.1 is the default), not {not_a_number}"
+            )),
+            "{message}"
+        );
     }
 }

@@ -137,13 +137,23 @@ impl Checker<'_> {
             stale_if_error: duration(raw.stale_if_error, Duration::ZERO),
             ttl_jitter: match &raw.ttl_jitter {
                 None => DEFAULT_TTL_JITTER,
-                Some(j) if (0.0..1.0).contains(j.get_ref()) => *j.get_ref(),
-                Some(j) => {
-                    let why = format!(
-                        "must be a fraction of the lifetime in [0, 1) (0.1 is the default), not {}",
-                        j.get_ref()
-                    );
-                    return self.fail(j.span(), at("ttl_jitter"), why);
+                Some(given) => {
+                    let jitter = match given.get_ref() {
+                        toml::Value::Float(f) => Some(*f),
+                        toml::Value::Integer(i) => Some(*i as f64),
+                        _ => None,
+                    };
+                    match jitter {
+                        Some(j) if (0.0..1.0).contains(&j) => j,
+                        _ => {
+                            let why = format!(
+                                "must be a fraction of the lifetime in [0, 1) (0.1 is the \
+                                 default), not {}",
+                                given.get_ref()
+                            );
+                            return self.fail(given.span(), at("ttl_jitter"), why);
+                        }
+                    }
                 }
             },
             cache_statuses,
