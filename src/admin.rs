@@ -186,6 +186,10 @@ async fn purge(control: &Control, req: Request<Incoming>) -> Response<Full<Bytes
         }
     };
     match control.proxy().purge(&request).await {
+        // A soft purge removes nothing: it says how many entries it marked stale.
+        Ok(marked) if request.soft => {
+            json(StatusCode::OK, &serde_json::json!({ "marked": marked }))
+        }
         Ok(purged) => json(StatusCode::OK, &serde_json::json!({ "purged": purged })),
         Err(err @ crate::purge::PurgeError::Redis(_)) => {
             tracing::warn!(%err, "purge failed");

@@ -227,6 +227,12 @@ pub struct RouteConfig {
     pub stale_while_revalidate: Duration,
     /// Default 0s.
     pub stale_if_error: Duration,
+    /// The fraction of its lifetime by which Corral may shorten what it decides itself: the
+    /// heuristic `ttl` / `error_ttl` and the stale windows it adds from this route's config, each
+    /// by a uniform random fraction in `[0, ttl_jitter)`, so entries filled together do not expire
+    /// together. Freshness the upstream gives (`s-maxage`, `max-age`, `Expires`) and its own
+    /// stale windows are kept exact. In `[0, 1)`; default 0.1.
+    pub ttl_jitter: f64,
     /// Statuses that may be stored when the answer carries explicit freshness (`s-maxage`,
     /// `max-age`, `Expires`), each in `100..=599`, never empty. Default: those RFC 9110 §15.1
     /// calls heuristically cacheable, [`DEFAULT_CACHE_STATUSES`].
@@ -487,6 +493,7 @@ const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_WAITERS: usize = 10_000;
 const DEFAULT_MAX_TAGS: usize = 32;
+const DEFAULT_TTL_JITTER: f64 = 0.1;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 

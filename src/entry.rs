@@ -25,7 +25,7 @@ use crate::vary::VaryRecord;
 mod lifetime;
 mod wire;
 pub use lifetime::{Answerable, Freshness, Lifetime, now_ms};
-pub use wire::DecodeError;
+pub use wire::{DecodeError, LIFETIME_AT, LIFETIME_LEN};
 
 /// How long an entry with a validator (`ETag` or `Last-Modified`) stays in L1 past its last usable
 /// moment, served to nobody: a miss on its key then asks the upstream conditionally, and a `304`
@@ -56,6 +56,18 @@ impl Entry {
     pub fn has_validator(&self) -> bool {
         self.headers.contains_key(http::header::ETAG)
             || self.headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// This entry after a soft purge at `at` (see [`Lifetime::marked_stale`]), or `None` when
+    /// the purge leaves it alone. Whether it may be served stale is its own directives' say, as
+    /// when it was stored ([`crate::cache_control::Directives::forbids_stale`]).
+    pub fn marked_stale(&self, at: u64) -> Option<Entry> {
+        let (directives, _) = crate::cache_control::Directives::for_corral(&self.headers);
+        let times = self.times.marked_stale(at, directives.forbids_stale())?;
+        Some(Entry {
+            times,
+            ..self.clone()
+        })
     }
 
     /// Until when L1 keeps the entry: its last usable moment, plus [`KEPT_FOR_REVALIDATION`] when

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
+use moka::ops::compute::Op;
 
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
-use crate::purge::{Fence, Purge};
+use crate::purge::{Fence, Mode, Purge, PurgeOrder};
 
 /// The in-process tier. Cloning shares the same cache.
 #[derive(Clone)]
@@ -60,6 +61,55 @@ impl L1 {
             let route = Arc::from(route);
             self.cache.insert(key, Cached { route, entry }).await;
         }
+    }
+
+    /// Applies a purge order: drops what it names ([`L1::purge`]) or marks it stale
+    /// ([`L1::mark_stale`]); returns how many entries it removed or marked.
+    pub async fn apply(&self, order: &PurgeOrder) -> u64 {
+        match order.mode {
+            Mode::Delete => self.purge(&order.purge).await,
+            Mode::MarkStale { at } => self.mark_stale(&order.purge, at).await,
+        }
+    }
+
+    /// Marks what `purge` names stale as of `at` (see [`Entry::marked_stale`]): each entry that
+    /// was fresh then is replaced by its marked copy. The swap reads the entry held at that
+    /// moment, so one a fill stored since `at` is left alone. Not recorded in the [`Fence`]: a
+    /// fill under way may still store, as a refresh would. Returns how many entries were marked.
+    pub async fn mark_stale(&self, purge: &Purge, at: u64) -> u64 {
+        let keys: Vec<CacheKey> = match purge {
+            Purge::Key { key, .. } => vec![*key],
+            _ => self
+                .cache
+                .iter()
+                .filter(|(key, cached)| purge.covers(&cached.route, key, &cached.entry.tags))
+                .map(|(key, _)| *key)
+                .collect(),
+        };
+        let mut marked = 0;
+        for key in keys {
+            let swap = self.cache.entry(key).and_compute_with(|held| {
+                let replaced = held.and_then(|held| {
+                    let cached = held.into_value();
+                    let marked = cached.entry.marked_stale(at)?;
+                    Some(Cached {
+                        route: cached.route,
+                        entry: Arc::new(marked),
+                    })
+                });
+                let op = match replaced {
+                    Some(cached) if purge.covers(&cached.route, &key, &cached.entry.tags) => {
+                        Op::Put(cached)
+                    }
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            });
+            if matches!(swap.await, moka::ops::compute::CompResult::ReplacedWith(_)) {
+                marked += 1;
+            }
+        }
+        marked
     }
 
     /// Drops what `purge` names (and records it in the [`Fence`] when fills must heed it); returns

@@ -58,6 +58,7 @@ mod relay_log;
 mod scripts;
 pub(crate) mod sentinel;
 mod slots;
+mod soft;
 pub(crate) mod switches;
 pub(crate) mod tls;
 

@@ -26,6 +26,7 @@ use buckets::{answer_histogram, latency_histogram};
 
 mod buckets;
 mod budgets;
+mod purges;
 mod sharded;
 mod streams;
 
@@ -152,8 +153,7 @@ pub struct Metrics {
     circuit_open: Gauge,
     l1_entries: Gauge,
     l1_bytes: Gauge,
-    purges: Family<KindLabel, Counter>,
-    purged_entries: Counter,
+    purges: purges::PurgeMetrics,
     notices_received: Counter,
     upstream_tls_handshakes: Family<UpstreamLabel, Counter>,
     streams: streams::StreamMetrics,
@@ -235,18 +235,7 @@ impl Metrics {
             "Bytes held by the in-process cache, as its weigher counts them",
             l1_bytes.clone(),
         );
-        let purges = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "purges",
-            "Purge requests, by kind (url, route, tag)",
-            purges.clone(),
-        );
-        let purged_entries = Counter::default();
-        registry.register(
-            "purged_entries",
-            "Entries removed from Redis by purges",
-            purged_entries.clone(),
-        );
+        let purges = purges::PurgeMetrics::register(&mut registry);
         let notices_received = Counter::default();
         registry.register(
             "notices_received",
@@ -283,7 +272,6 @@ impl Metrics {
             l1_entries,
             l1_bytes,
             purges,
-            purged_entries,
             notices_received,
             streams,
             budgets,
@@ -449,11 +437,6 @@ impl Metrics {
 
     pub fn redis_error(&self, op: &'static str) {
         self.redis_errors.get_or_create(&OpLabel { op }).inc();
-    }
-
-    pub fn purge(&self, kind: &'static str, entries: u64) {
-        self.purges.get_or_create(&KindLabel { kind }).inc();
-        self.purged_entries.inc_by(entries);
     }
 
     /// One fill notice delivered by pub/sub (whether or not a request here still waited on it).

@@ -5,14 +5,24 @@
 //! (itself included) drops the matching L1 entries when it arrives. An instance whose pub/sub
 //! connection dropped may have missed invalidations, so it drops its whole L1 when it has
 //! re-subscribed (entries are then re-read from Redis on demand).
+//!
+//! A soft purge (`"soft": true`, [`Mode::MarkStale`]) marks the entries it covers stale instead of
+//! removing them — in Redis in place, then in every L1 by the same channel: the next request
+//! answers the stale entry and starts the one refresh of its key the fleet makes (the
+//! stale-while-revalidate path), so a purge of a large tag is not a burst of cold misses. See
+//! [`crate::entry::Lifetime::marked_stale`] for how long a marked entry stays servable.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
 
 use crate::key::CacheKey;
 
-/// The body of `POST /purge`: exactly one of `url`, `route`, `tag`, `prefix`, `prefix`. For `url`, `method`
+mod fence;
+mod order;
+pub use fence::Fence;
+pub use order::{Mode, PurgeOrder};
+
+/// The body of `POST /purge`: exactly one of `url`, `route`, `tag`, `prefix`, and optionally
+/// `soft` (a boolean, default false: mark stale instead of removing). For `url`, `method`
 /// (default GET), `headers` and `body` (a JSON value, or a string sent as is) complete the request
 /// whose key is purged, for routes keyed on them. `prefix` names a path: every entry whose path
 /// is it or lies below it (on a `/` boundary, as a route's `path_prefix` matches) is purged.
@@ -25,6 +35,8 @@ pub struct PurgeRequest {
     pub route: Option<String>,
     pub tag: Option<String>,
     pub prefix: Option<String>,
+    /// Mark the entries stale instead of removing them.
+    pub soft: bool,
 }
 
 /// Why a purge could not be done.
@@ -42,7 +54,7 @@ pub enum PurgeError {
 }
 
 /// The fields `POST /purge` accepts, as the error messages list them.
-const PURGE_FIELDS: &str = "`url`, `method`, `headers`, `body`, `route`, `tag`, `prefix`";
+const PURGE_FIELDS: &str = "`url`, `method`, `headers`, `body`, `route`, `tag`, `prefix`, `soft`";
 
 impl PurgeRequest {
     /// Reads a `POST /purge` body. Every refusal is worded for the operator who sent it (what is
@@ -76,6 +88,7 @@ impl PurgeRequest {
             route: None,
             tag: None,
             prefix: None,
+            soft: false,
         };
         for (name, value) in fields {
             let text = || match &value {
@@ -94,6 +107,18 @@ impl PurgeRequest {
                 "prefix" => request.prefix = text()?,
                 "body" => request.body = Some(value),
                 "headers" => request.headers = headers(&value)?,
+                "soft" => {
+                    request.soft = match value {
+                        serde_json::Value::Bool(soft) => soft,
+                        serde_json::Value::Null => false,
+                        other => {
+                            return Err(malformed(format!(
+                                "`soft` must be true or false, not a JSON {}",
+                                json_kind(&other)
+                            )));
+                        }
+                    }
+                }
                 _ => {
                     return Err(malformed(format!(
                         "unknown field `{name}` (known: {PURGE_FIELDS})"
@@ -120,8 +145,18 @@ impl PurgeRequest {
         Ok(request)
     }
 
-    /// What the purge names, for its log line: `url GET /a?b`, `route r`, `tag t`, `prefix /p/`.
+    /// What the purge names, for its log line: `url GET /a?b`, `route r`, `tag t`, `prefix /p/`,
+    /// led by `soft ` for a soft purge.
     pub fn describe(&self) -> String {
+        let what = self.target();
+        if self.soft {
+            format!("soft {what}")
+        } else {
+            what
+        }
+    }
+
+    fn target(&self) -> String {
         match (&self.url, &self.route, &self.tag, &self.prefix) {
             (Some(url), ..) => {
                 let method = self.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
@@ -292,52 +327,6 @@ impl Purge {
     }
 }
 
-/// Most purges a [`Fence`] remembers; a fill older than all of them is refused its store.
-const FENCE_MEMORY: usize = 256;
-
-/// The purges this process applied lately, numbered, so that a fill which began before one of
-/// them does not store the answer it removed — the purge wins the race. A fill takes a
-/// [`Fence::mark`] when its request arrives and asks [`Fence::purged_since`] before storing.
-/// Fleet-wide the same holds through Redis: a key purge marks the key's fill lock, and the store
-/// under it is refused (see `StoreOutcome::Purged`).
-#[derive(Debug, Default)]
-pub struct Fence {
-    /// The number the next purge gets.
-    next: AtomicU64,
-    recent: Mutex<VecDeque<(u64, Purge)>>,
-}
-
-impl Fence {
-    /// The fence's position now: purges recorded from here on are "since" this mark.
-    pub fn mark(&self) -> u64 {
-        self.next.load(Ordering::Acquire)
-    }
-
-    pub fn record(&self, purge: &Purge) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = self.next.fetch_add(1, Ordering::AcqRel);
-        if recent.len() == FENCE_MEMORY {
-            recent.pop_front();
-        }
-        recent.push_back((seq, purge.clone()));
-    }
-
-    /// Whether a purge recorded since `mark` covers an entry of `route` under `key` with
-    /// `tags`. When more purges came since than the fence remembers, it answers yes.
-    pub fn purged_since(&self, mark: u64, route: &str, key: &CacheKey, tags: &[String]) -> bool {
-        if self.mark() == mark {
-            return false;
-        }
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.front().is_none_or(|(oldest, _)| *oldest > mark) {
-            return true;
-        }
-        recent
-            .iter()
-            .any(|(seq, purge)| *seq >= mark && purge.covers(route, key, tags))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,51 +396,73 @@ mod tests {
             Purge::All,
         ];
         for purge in purges {
-            assert_eq!(Purge::parse(purge.payload().as_bytes()), Some(purge));
+            assert_eq!(
+                Purge::parse(purge.payload().as_bytes()),
+                Some(purge.clone())
+            );
+            let hard = PurgeOrder::delete(purge.clone());
+            assert_eq!(
+                hard.payload(),
+                purge.payload(),
+                "understood by older instances"
+            );
+            assert_eq!(PurgeOrder::parse(hard.payload().as_bytes()), Some(hard));
+            if purge == Purge::All {
+                continue;
+            }
+            let soft = PurgeOrder {
+                purge,
+                mode: Mode::MarkStale {
+                    at: 1_700_000_000_123,
+                },
+            };
+            assert!(soft.payload().starts_with("soft 1700000000123 "));
+            assert_eq!(PurgeOrder::parse(soft.payload().as_bytes()), Some(soft));
         }
         assert_eq!(Purge::parse(b"tag "), None);
         assert_eq!(Purge::parse(b"key recommend nothex"), None);
+        for bad in [
+            "soft 12 all",
+            "soft x tag t",
+            "soft 12",
+            "soft 12 tag ",
+            "soft tag t",
+        ] {
+            assert_eq!(PurgeOrder::parse(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]
-    fn the_fence_tells_a_fill_whether_a_purge_since_its_start_covers_it() {
-        let key = |b: &[u8]| {
-            let mut h = crate::key::KeyHasher::new();
-            h.field(b);
-            h.finish()
-        };
-        let fence = Fence::default();
-        let mark = fence.mark();
-        let tags = vec!["article-7".to_owned()];
-        assert!(!fence.purged_since(mark, "r", &key(b"a"), &tags));
-        fence.record(&Purge::Key {
-            route: "r".into(),
-            key: key(b"b"),
-        });
-        assert!(
-            !fence.purged_since(mark, "r", &key(b"a"), &tags),
-            "another key"
-        );
-        fence.record(&Purge::Tag("article-7".into()));
-        assert!(fence.purged_since(mark, "r", &key(b"a"), &tags), "its tag");
-        let later = fence.mark();
-        assert!(
-            !fence.purged_since(later, "r", &key(b"a"), &tags),
-            "before it began"
-        );
-        fence.record(&Purge::Route("other".into()));
-        assert!(!fence.purged_since(later, "r", &key(b"a"), &tags));
-        fence.record(&Purge::Route("r".into()));
-        assert!(
-            fence.purged_since(later, "r", &key(b"a"), &tags),
-            "its route"
-        );
-        for _ in 0..FENCE_MEMORY {
-            fence.record(&Purge::Route("other".into()));
+    fn soft_is_a_boolean_that_goes_with_any_target() {
+        for (body, soft) in [
+            (r#"{"tag": "t"}"#, false),
+            (r#"{"tag": "t", "soft": true}"#, true),
+            (r#"{"url": "/a", "soft": true}"#, true),
+            (r#"{"route": "r", "soft": false}"#, false),
+            (r#"{"prefix": "/p", "soft": null}"#, false),
+        ] {
+            let parsed = PurgeRequest::parse(body.as_bytes());
+            assert_eq!(parsed.map(|r| r.soft).ok(), Some(soft), "{body}");
         }
-        assert!(
-            fence.purged_since(mark, "r", &key(b"zz"), &[]),
-            "older than the fence remembers: refused"
+        let soft = PurgeRequest::parse(br#"{"tag": "t", "soft": true}"#);
+        assert_eq!(
+            soft.map(|r| r.describe()).ok().as_deref(),
+            Some("soft tag t")
         );
+        for (body, kind) in [
+            (r#"{"tag": "t", "soft": "yes"}"#, "string"),
+            (r#"{"tag": "t", "soft": 1}"#, "number"),
+            (r#"{"tag": "t", "soft": [true]}"#, "array"),
+        ] {
+            let err = PurgeRequest::parse(body.as_bytes())
+                .map(|_| ())
+                .unwrap_err();
+            let want = format!("purge body: `soft` must be true or false, not a JSON {kind}");
+            assert_eq!(err.to_string(), want, "{body}");
+        }
+        let alone = PurgeRequest::parse(br#"{"soft": true}"#)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(alone.to_string().contains("give exactly one of"), "{alone}");
     }
 }

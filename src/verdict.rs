@@ -6,9 +6,11 @@
 //! Freshness is `s-maxage`, else `max-age`, else `Expires`, else (heuristic, for the route's
 //! `heuristic_statuses`) the route's `ttl` (`error_ttl` for an error status), minus the
 //! upstream's `Age`; the stale windows come from `stale-while-revalidate=N` / `stale-if-error=N`,
-//! else the route's, unless `must-revalidate`/`proxy-revalidate` forbid stale answers. An answer
-//! with `Set-Cookie`, `private`, `no-store`, `no-cache` or `Vary: *`, and a 206 or 304, is never
-//! shared.
+//! else the route's. What comes from the route is shortened by its `ttl_jitter` (one uniform
+//! draw per answer), so entries filled together do not expire together; what comes from the
+//! upstream is kept exact. `must-revalidate`/`proxy-revalidate` close the stale windows. An
+//! answer with `Set-Cookie`, `private`, `no-store`, `no-cache` or `Vary: *`, and a 206 or 304,
+//! is never shared.
 
 use std::time::Duration;
 
@@ -95,6 +97,9 @@ pub(crate) fn lifetime(
     } else {
         explicit_lifetime(&directives, headers, now)
     };
+    // What Corral decides itself is shortened by one draw of the route's jitter; what the
+    // upstream says is kept exact.
+    let jitter = Jitter::draw(route.ttl_jitter);
     let (lifetime, storable_status) = match explicit {
         Some(ms) => (ms, route.cache_statuses.contains(&status)),
         None => {
@@ -103,7 +108,8 @@ pub(crate) fn lifetime(
             } else {
                 route.ttl
             };
-            (millis(ttl), route.heuristic_statuses.contains(&status))
+            let heuristic = jitter.shorten(millis(ttl));
+            (heuristic, route.heuristic_statuses.contains(&status))
         }
     };
     let age = upstream_age_secs(headers).unwrap_or(0);
@@ -112,13 +118,14 @@ pub(crate) fn lifetime(
         (0, 0)
     } else {
         let secs = |s: u64| s.saturating_mul(1000);
+        let own = |d: Duration| jitter.shorten(millis(d));
         (
             directives
                 .stale_while_revalidate
-                .map_or(millis(route.stale_while_revalidate), secs),
+                .map_or_else(|| own(route.stale_while_revalidate), secs),
             directives
                 .stale_if_error
-                .map_or(millis(route.stale_if_error), secs),
+                .map_or_else(|| own(route.stale_if_error), secs),
         )
     };
     let fresh_until = now.saturating_add(fresh);
@@ -280,10 +287,121 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The fraction by which one fill shortens the lifetimes Corral decides itself (route `ttl`,
+/// `error_ttl` and the route's stale windows): uniform in `[0, ttl_jitter)`, drawn once per
+/// answer, so that entries filled in one burst expire spread over `[ttl·(1 − j), ttl]`.
+#[derive(Debug, Clone, Copy)]
+struct Jitter(f64);
+
+impl Jitter {
+    fn draw(ttl_jitter: f64) -> Jitter {
+        Jitter(rand::random::<f64>() * ttl_jitter)
+    }
+
+    /// `ms` shortened by the drawn fraction (never below zero, never above `ms`).
+    fn shorten(self, ms: u64) -> u64 {
+        // The fraction is in [0, 1): the cut is at most `ms`, and a float cast saturates.
+        let cut = (ms as f64 * self.0) as u64;
+        ms.saturating_sub(cut)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// A route of `ttl = "10s"` with `extra` lines.
+    fn route_with(extra: &str) -> RouteConfig {
+        let text = format!(
+            "[[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n\
+             ttl = \"10s\"\n{extra}\n"
+        );
+        match crate::Config::parse(&text, std::path::Path::new("<test>")) {
+            Ok(mut config) => config.routes.remove(0),
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn heuristic_lifetimes_and_the_routes_stale_windows_spread_within_the_jitter() {
+        let route = route_with(
+            "ttl_jitter = 0.5\nstale_while_revalidate = \"4s\"\nstale_if_error = \"8s\"",
+        );
+        let now = 1_000_000;
+        let mut fresh = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let (times, storable) = lifetime(&route, StatusCode::OK, &HeaderMap::new(), now);
+            assert!(storable);
+            let ttl = times.fresh_until - now;
+            assert!((5_000..=10_000).contains(&ttl), "ttl {ttl}");
+            let swr = times.swr_until - times.fresh_until;
+            assert!((2_000..=4_000).contains(&swr), "swr {swr}");
+            let sie = times.sie_until - times.fresh_until;
+            assert!((4_000..=8_000).contains(&sie), "sie {sie}");
+            fresh.insert(ttl);
+        }
+        // 1000 draws over 5000 possible milliseconds: spread, not a handful of values.
+        assert!(fresh.len() > 500, "only {} distinct lifetimes", fresh.len());
+        let (low, high) = (fresh.first(), fresh.last());
+        assert!(
+            low.zip(high).is_some_and(|(l, h)| h - l > 2_500),
+            "{low:?}..{high:?}"
+        );
+    }
+
+    #[test]
+    fn the_upstreams_freshness_and_stale_windows_are_kept_exact() {
+        let route = route_with("ttl_jitter = 0.9\nstale_while_revalidate = \"4s\"");
+        let now = 1_000_000;
+        let answers = [
+            ("cache-control", "max-age=60", 60_000, Some(4_000)),
+            (
+                "cache-control",
+                "s-maxage=30, max-age=60",
+                30_000,
+                Some(4_000),
+            ),
+            (
+                "cache-control",
+                "max-age=60, stale-while-revalidate=7",
+                60_000,
+                Some(7_000),
+            ),
+            (
+                "cache-control",
+                "max-age=60, must-revalidate",
+                60_000,
+                Some(0),
+            ),
+            (
+                "expires",
+                "Thu, 01 Jan 1970 00:17:40 GMT",
+                60_000,
+                Some(4_000),
+            ),
+        ];
+        for (name, value, ttl, swr) in answers {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            for _ in 0..100 {
+                let (times, _) = lifetime(&route, StatusCode::OK, &headers, now);
+                assert_eq!(times.fresh_until - now, ttl, "{value}");
+                let own = times.swr_until - times.fresh_until;
+                // The route's window (no directive) is jittered; the upstream's is not.
+                match swr {
+                    Some(4_000) => assert!((400..=4_000).contains(&own), "{value}: {own}"),
+                    Some(exact) => assert_eq!(own, exact, "{value}"),
+                    None => {}
+                }
+            }
+        }
+        let none = route_with("ttl_jitter = 0");
+        for _ in 0..100 {
+            let (times, _) = lifetime(&none, StatusCode::OK, &HeaderMap::new(), now);
+            assert_eq!(times.fresh_until - now, 10_000, "no jitter: exact");
+        }
+    }
 
     #[test]
     fn dates_are_read_leniently_only_where_nothing_is_lost() {

@@ -122,6 +122,7 @@ fn defaults_fill_a_minimal_route() {
     assert!(route.cache);
     assert_eq!(route.ttl, Duration::from_secs(60));
     assert_eq!(route.stale_while_revalidate, Duration::ZERO);
+    assert_eq!(route.ttl_jitter, 0.1, "expiries spread by default");
     assert_eq!(
         route.cache_statuses,
         [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501],
@@ -619,4 +620,28 @@ fn a_budget_name_without_a_limit_and_a_zero_limit_are_refused() {
     assert_points_at(&message, 6, "fleet_budget");
     let message = refusal(&format!("{ROUTE}fleet_concurrency = 0\n"));
     assert_points_at(&message, 6, "fleet_concurrency");
+
+fn ttl_jitter_is_a_fraction_below_one() {
+    for (given, want) in [("0", 0.0), ("0.0", 0.0), ("0.5", 0.5), ("0.99", 0.99)] {
+        let text = format!("{ROUTE}ttl_jitter = {given}\n");
+        let config = Config::parse(&text, Path::new("ok.toml")).expect("a valid jitter");
+        assert_eq!(config.routes[0].ttl_jitter, want, "{given}");
+    }
+    for bad in ["-0.1", "1", "1.0", "2.5", "nan", "inf"] {
+        let message = refusal(&format!("{ROUTE}ttl_jitter = {bad}\n"));
+        assert_points_at(&message, 6, "ttl_jitter");
+        assert!(message.contains("route \"ok\""), "{message}");
+        assert!(message.contains("in [0, 1)"), "{message}");
+    }
+    for not_a_number in ["\"0.1\"", "true", "[0.1]"] {
+        let message = refusal(&format!("{ROUTE}ttl_jitter = {not_a_number}\n"));
+        assert_points_at(&message, 6, "ttl_jitter");
+        assert!(message.contains("route \"ok\""), "{message}");
+        assert!(
+            message.ends_with(&format!(
+                "in [0, 1) (0.1 is the default), not {not_a_number}"
+            )),
+            "{message}"
+        );
+    }
 }

@@ -377,3 +377,61 @@ async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
         "a 304 renews; nothing is fetched again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_filled_together_get_spread_lifetimes_and_the_upstreams_max_age_stays_exact() {
+    const KEYS: usize = 50;
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend/exact",
+        Reply::status(200).header("cache-control", "max-age=60"),
+    );
+    let route = recommend_route(&upstream.url(), "ttl = \"10s\"\nttl_jitter = 0.5");
+    let cfg = config(Some(&redis.url()), &route);
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    // One burst of fills: half with Corral's own ttl, half with the upstream's max-age.
+    let paths: Vec<String> = (0..KEYS)
+        .map(|i| format!("/recommend?item={i}"))
+        .chain((0..KEYS).map(|i| format!("/recommend/exact?item={i}")))
+        .collect();
+    let targets: Vec<String> = paths.iter().map(|p| url(&fleet[0], p)).collect();
+    let answers = join_all(targets.iter().map(|t| client.get(t, &[]))).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(upstream.calls(), 2 * KEYS as u64);
+
+    // What each stored entry was given, read from Redis: its freshness lifetime, exactly.
+    let mut heuristic = Vec::new();
+    for path in &paths[..KEYS] {
+        heuristic.push(stored_lifetime(&redis, &cfg, path).await);
+    }
+    for path in &paths[KEYS..] {
+        let exact = stored_lifetime(&redis, &cfg, path).await;
+        assert_eq!(exact, 60_000, "{path}: max-age kept exact");
+    }
+    assert!(
+        heuristic.iter().all(|ms| (5_000..=10_000).contains(ms)),
+        "within [ttl·(1 − j), ttl]: {heuristic:?}"
+    );
+    let distinct: HashSet<u64> = heuristic.iter().copied().collect();
+    assert!(distinct.len() > KEYS / 2, "spread: {heuristic:?}");
+    let (low, high) = (heuristic.iter().min(), heuristic.iter().max());
+    assert!(
+        low.zip(high).is_some_and(|(l, h)| h - l >= 1_000),
+        "spread over more than a second of the 5 s window: {heuristic:?}"
+    );
+}
+
+/// The freshness lifetime (ms) of the entry stored in Redis for a GET of `path`, as it was given.
+async fn stored_lifetime(redis: &RedisServer, cfg: &corral::Config, path: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg(support::corral::entry_name(cfg, path))
+        .query_async(&mut conn)
+        .await
+        .expect("the entry is stored");
+    let entry = corral::entry::Entry::decode(raw.into()).expect("an entry");
+    entry.times.fresh_until - entry.times.stored_at
+}

@@ -102,6 +102,8 @@ pub(super) struct RawRoute {
     pub(super) ttl: Option<HumanDuration>,
     pub(super) stale_while_revalidate: Option<HumanDuration>,
     pub(super) stale_if_error: Option<HumanDuration>,
+    /// Any value, checked to be a number afterwards, so a wrong type is refused in our words.
+    pub(super) ttl_jitter: Option<Spanned<toml::Value>>,
     pub(super) cache_statuses: List<i64>,
     pub(super) max_body: Option<HumanSize>,
     pub(super) max_entry_size: Option<HumanSize>,

@@ -105,6 +105,33 @@ impl Lifetime {
     pub fn age_secs(&self, now: u64) -> u64 {
         now.saturating_sub(self.stored_at) / 1000
     }
+
+    /// This lifetime after a soft purge at `at` (Unix ms), or `None` when the purge leaves it
+    /// alone: stored at or after `at` (a fill that landed since), or no longer fresh at `at`
+    /// (already due for a refresh, or expired).
+    ///
+    /// A marked entry is stale from `at` on and may be served stale — while one refresh runs —
+    /// until the later of its former `fresh_until` and its former `stale-while-revalidate`
+    /// deadline: never for longer than it would have been served without the purge, so its
+    /// time to live (in L1 and L2) never grows. Its `stale-if-error` deadline is kept. When
+    /// `stale_forbidden` (`must-revalidate`, `proxy-revalidate`), it is expired at `at` instead:
+    /// the next request fills it, conditionally when it has validators.
+    pub fn marked_stale(&self, at: u64, stale_forbidden: bool) -> Option<Lifetime> {
+        if self.stored_at >= at || self.fresh_until <= at {
+            return None;
+        }
+        let swr_until = if stale_forbidden {
+            at
+        } else {
+            self.swr_until.max(self.fresh_until)
+        };
+        Some(Lifetime {
+            stored_at: self.stored_at,
+            fresh_until: at,
+            swr_until,
+            sie_until: if stale_forbidden { at } else { self.sie_until },
+        })
+    }
 }
 
 /// The current wall-clock time in Unix milliseconds.
@@ -156,5 +183,46 @@ mod tests {
     #[test]
     fn an_expired_entry_answers_nothing() {
         assert_eq!(TIMES.freshness(30).answer(()), Answerable::Expired(()));
+    }
+
+    #[test]
+    fn a_soft_purge_makes_a_fresh_entry_stale_for_no_longer_than_it_had_left() {
+        let marked = TIMES.marked_stale(4, false);
+        let want = Lifetime {
+            stored_at: 0,
+            fresh_until: 4,
+            swr_until: 20,
+            sie_until: 30,
+        };
+        assert_eq!(marked, Some(want));
+        assert_eq!(want.freshness(4), Freshness::StaleRevalidate);
+        assert_eq!(want.stale_until(), TIMES.stale_until(), "lives no longer");
+
+        // Without a stale-while-revalidate window: stale until it would have stopped being fresh.
+        let bare = Lifetime {
+            swr_until: 10,
+            sie_until: 10,
+            ..TIMES
+        };
+        let marked = bare.marked_stale(4, false);
+        assert_eq!(marked.map(|t| (t.fresh_until, t.swr_until)), Some((4, 10)));
+        assert_eq!(
+            marked.map(|t| t.freshness(9)),
+            Some(Freshness::StaleRevalidate)
+        );
+        assert_eq!(marked.map(|t| t.freshness(10)), Some(Freshness::Expired));
+    }
+
+    #[test]
+    fn a_soft_purge_expires_what_must_not_be_served_stale_and_leaves_the_rest_alone() {
+        let marked = TIMES.marked_stale(4, true);
+        assert_eq!(marked.map(|t| t.freshness(4)), Some(Freshness::Expired));
+        assert_eq!(TIMES.marked_stale(10, false), None, "already stale");
+        assert_eq!(TIMES.marked_stale(0, false), None, "stored at the purge");
+        let later = Lifetime {
+            stored_at: 5,
+            ..TIMES
+        };
+        assert_eq!(later.marked_stale(4, false), None, "stored after the purge");
     }
 }

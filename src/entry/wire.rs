@@ -16,6 +16,30 @@ const MIN_HEADER_BYTES: usize = 2 + 1 + 4;
 /// The fewest bytes one encoded tag takes: its length.
 const MIN_TAG_BYTES: usize = 2;
 
+/// Where an encoded entry's [`Lifetime`] lies (`stored_at`, `fresh_until`, `swr_until`,
+/// `sie_until`), in every version: bytes `LIFETIME_AT..LIFETIME_AT + LIFETIME_LEN`. A soft purge
+/// rewrites those bytes in Redis, in place, if they are still what it read (see `l2/soft.rs`).
+pub const LIFETIME_AT: usize = 4;
+/// How many bytes an encoded [`Lifetime`] takes ([`Lifetime::to_wire`]).
+pub const LIFETIME_LEN: usize = 32;
+
+impl Lifetime {
+    /// The lifetime as it is encoded in an entry, at [`LIFETIME_AT`].
+    pub fn to_wire(&self) -> [u8; LIFETIME_LEN] {
+        let mut out = [0; LIFETIME_LEN];
+        let times = [
+            self.stored_at,
+            self.fresh_until,
+            self.swr_until,
+            self.sie_until,
+        ];
+        for (slot, time) in out.chunks_exact_mut(8).zip(times) {
+            slot.copy_from_slice(&time.to_le_bytes());
+        }
+        out
+    }
+}
+
 /// Why a stored value could not be decoded. Such a value is a miss.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -213,6 +237,18 @@ mod tests {
     fn encode_decode_round_trips() {
         let e = sample();
         assert_eq!(Entry::decode(e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn the_lifetime_lies_where_a_soft_purge_rewrites_it() {
+        let mut e = sample();
+        let encoded = e.encode();
+        let at = LIFETIME_AT..LIFETIME_AT + LIFETIME_LEN;
+        assert_eq!(&encoded[at.clone()], &e.times.to_wire());
+        e.times.fresh_until = 9;
+        let mut rewritten = encoded.to_vec();
+        rewritten[at].copy_from_slice(&e.times.to_wire());
+        assert_eq!(Entry::decode(rewritten.into()), Ok(e));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Purges and the tag index in Redis: what `POST /purge` deletes, and the sets that let a purge by
-//! tag find its entries. Deletion is followed by one PUBLISH on the invalidation channel, which
-//! every instance applies to its L1 (see [`crate::purge`]).
+//! Purges and the tag index in Redis: what `POST /purge` deletes (or marks stale, `l2/soft.rs`),
+//! and the sets that let a purge by tag find its entries. Either is followed by one PUBLISH on the
+//! invalidation channel, which every instance applies to its L1 (see [`crate::purge`]).
 //!
 //! That PUBLISH is classic (broadcast) in every topology. In a cluster redis-rs routes it to the
 //! master of the channel's slot; when that master is down, its connection is not usable and
@@ -13,7 +13,7 @@ use futures_util::future::try_join_all;
 use super::connection::ScanTarget;
 use super::{KeyNames, L2, L2Error, PURGED_LOCK, invalidation_channel, millis};
 use crate::entry::{Entry, now_ms};
-use crate::purge::Purge;
+use crate::purge::{Mode, Purge, PurgeOrder};
 
 impl L2 {
     /// Indexes a stored entry under its tags, each index living as long as its longest entry.
@@ -49,9 +49,29 @@ impl L2 {
         }
     }
 
-    /// Removes what `purge` names from Redis and tells every instance to drop it from L1.
-    /// Returns how many entries were deleted from Redis.
-    pub async fn purge(&self, purge: &Purge) -> Result<u64, L2Error> {
+    /// Removes what `order` names from Redis, or marks it stale there, then tells every
+    /// instance to do the same in its L1. Returns how many entries were deleted or marked.
+    pub async fn purge(&self, order: &PurgeOrder) -> Result<u64, L2Error> {
+        let purge = &order.purge;
+        let done = match order.mode {
+            Mode::Delete => self.delete_covered(purge).await?,
+            Mode::MarkStale { at } => self.mark_stale(purge, at).await?,
+        };
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                "purge PUBLISH",
+                redis::cmd("PUBLISH")
+                    .arg(self.invalidation_channel())
+                    .arg(order.payload())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(done)
+    }
+
+    /// Deletes what `purge` names from Redis; returns how many entries were deleted.
+    async fn delete_covered(&self, purge: &Purge) -> Result<u64, L2Error> {
         let mut conn = self.conn.clone();
         let deleted = match purge {
             Purge::Key { route, key } => {
@@ -108,15 +128,6 @@ impl L2 {
             }
             Purge::All => 0,
         };
-        let _: i64 = self
-            .bounded(
-                "purge PUBLISH",
-                redis::cmd("PUBLISH")
-                    .arg(self.invalidation_channel())
-                    .arg(purge.payload())
-                    .query_async(&mut conn),
-            )
-            .await?;
         Ok(deleted)
     }
 

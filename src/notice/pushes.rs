@@ -11,7 +11,7 @@ use super::waiters::{Waiters, lock, resync};
 use super::{Request, Wake};
 use crate::l2::Notice;
 use crate::metrics::Metrics;
-use crate::purge::Purge;
+use crate::purge::PurgeOrder;
 
 /// Where the pushes of a pub/sub connection go: the waiters, the purge applier, and the
 /// reconciler (told of a dropped connection or a lost sharded subscription).
@@ -21,7 +21,7 @@ pub(super) struct Pushes {
     pub(super) invalidations: String,
     /// Weak: the connections (inside the reconciling task) must not keep that task alive.
     pub(super) resets: mpsc::WeakUnboundedSender<Request>,
-    pub(super) purges: mpsc::UnboundedSender<Purge>,
+    pub(super) purges: mpsc::UnboundedSender<PurgeOrder>,
     /// Whether these are the sharded connection's pushes (a drop there loses no purge).
     pub(super) sharded: bool,
     /// Counts the fill notices delivered (`corral_notices_received_total`).
@@ -80,7 +80,7 @@ enum Delivered {
     /// The connection dropped: the server holds no subscriptions any more.
     Disconnected,
     /// A purge arrived on the invalidation channel.
-    Purge(Purge),
+    Purge(PurgeOrder),
     /// The server dropped a sharded subscription someone still waits on: its slot moved to
     /// another master. The reconciler must subscribe it again, then its waiters resync.
     Lost(String),
@@ -98,7 +98,7 @@ fn deliver(waiters: &Waiters, invalidations: &str, push: PushInfo) -> Delivered 
                 return Delivered::Nothing;
             };
             if channel == invalidations.as_bytes() {
-                return match Purge::parse(payload) {
+                return match PurgeOrder::parse(payload) {
                     Some(purge) => Delivered::Purge(purge),
                     None => Delivered::Nothing,
                 };

@@ -14,21 +14,30 @@ use http::{Method, Response, Uri};
 
 use super::Proxy;
 use crate::body::ProxyBody;
+use crate::entry::now_ms;
 use crate::key::CacheKey;
-use crate::purge::{MAX_PREFIX_DEPTH, Purge, PurgeError, PurgeRequest, prefix_tag};
+use crate::purge::{
+    MAX_PREFIX_DEPTH, Mode, Purge, PurgeError, PurgeOrder, PurgeRequest, prefix_tag,
+};
 
 impl Proxy {
     /// Purges what `request` names: from Redis and, through the invalidation channel, from every
-    /// instance's L1 (this one at once). Returns the entries removed from Redis — or, in embedded
-    /// mode, from L1.
+    /// instance's L1 (this one at once) — or, for a soft purge, marks it stale there. Returns the
+    /// entries removed from (or marked in) Redis — or, in embedded mode, L1.
     pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
         let purges = match &request.prefix {
             Some(prefix) => self.resolve_prefix(prefix)?,
             None => vec![self.resolve(request)?],
         };
+        // One moment for the whole request: what was stored before it is marked.
+        let mode = if request.soft {
+            Mode::MarkStale { at: now_ms() }
+        } else {
+            Mode::Delete
+        };
         let mut purged = 0;
         for purge in purges {
-            purged += self.apply(purge).await?;
+            purged += self.apply(PurgeOrder { purge, mode }).await?;
         }
         tracing::info!(purge = %request.describe(), purged, "purged");
         Ok(purged)
@@ -80,23 +89,24 @@ impl Proxy {
         Ok(purges)
     }
 
-    /// Removes what `purge` names from Redis and every instance's L1.
-    async fn apply(&self, purge: Purge) -> Result<u64, PurgeError> {
+    /// Removes what `order` names from Redis and every instance's L1, or marks it stale.
+    async fn apply(&self, order: PurgeOrder) -> Result<u64, PurgeError> {
         let l1 = &self.l1;
         let purged = match self.fleet() {
             Some(fleet) => {
-                let n = fleet.l2.purge(&purge).await;
+                let n = fleet.l2.purge(&order).await;
                 let n = n.map_err(|err| PurgeError::Redis(Box::new(err)))?;
-                l1.purge(&purge).await;
+                l1.apply(&order).await;
                 n
             }
-            None => l1.purge(&purge).await,
+            None => l1.apply(&order).await,
         };
-        if let Purge::Key { key, .. } = &purge {
+        let purge = &order.purge;
+        if let (Purge::Key { key, .. }, Mode::Delete) = (purge, order.mode) {
             self.marks.remove(key);
         }
-        self.metrics.purge(purge.kind(), purged);
-        tracing::debug!(purge = %purge.payload(), purged, "purged");
+        self.metrics.purge(purge.kind(), order.mode, purged);
+        tracing::debug!(purge = %order.payload(), purged, "purged");
         Ok(purged)
     }
 
@@ -178,7 +188,7 @@ impl Proxy {
                 route: route.name.clone(),
                 key,
             };
-            if let Err(err) = self.apply(purge).await {
+            if let Err(err) = self.apply(PurgeOrder::delete(purge)).await {
                 tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
             }
         }

@@ -13,7 +13,8 @@ use crate::config::raw::{
 use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
-    DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT, FleetBudget,
+    DEFAULT_TTL_JITTER, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
+    FleetBudget,
     ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
 use crate::header_rules::{HeaderRules, PROTECTED};
@@ -135,6 +136,27 @@ impl Checker<'_> {
             ttl: duration(raw.ttl, DEFAULT_TTL),
             stale_while_revalidate: duration(raw.stale_while_revalidate, Duration::ZERO),
             stale_if_error: duration(raw.stale_if_error, Duration::ZERO),
+            ttl_jitter: match &raw.ttl_jitter {
+                None => DEFAULT_TTL_JITTER,
+                Some(given) => {
+                    let jitter = match given.get_ref() {
+                        toml::Value::Float(f) => Some(*f),
+                        toml::Value::Integer(i) => Some(*i as f64),
+                        _ => None,
+                    };
+                    match jitter {
+                        Some(j) if (0.0..1.0).contains(&j) => j,
+                        _ => {
+                            let why = format!(
+                                "must be a fraction of the lifetime in [0, 1) (0.1 is the \
+                                 default), not {}",
+                                given.get_ref()
+                            );
+                            return self.fail(given.span(), at("ttl_jitter"), why);
+                        }
+                    }
+                }
+            },
             cache_statuses,
             heuristic_statuses,
             forward_headers,
