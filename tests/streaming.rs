@@ -543,6 +543,18 @@ async fn a_remote_tail_reads_on_every_ring_not_on_its_quiet_timer() {
         "one log read per ring: {xreads} XREADs for 10 data records and the end"
     );
     assert_eq!(upstream.calls(), 1, "one call for the fleet");
+    assert_tails(&fleet[1], "complete").await;
+}
+
+/// The instance's metrics count one tail of another instance's fill, ended as `outcome` says
+/// (counted before its readers see the end).
+async fn assert_tails(instance: &corral::Instance, outcome: &str) {
+    let metrics = instance.proxy().render_metrics().await;
+    let line = format!("corral_relay_tails_total{{route=\"recommend\",outcome=\"{outcome}\"}} 1");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line} expected in:\n{metrics}"
+    );
 }
 
 /// An instance that starts waiting after the fill was announced missed the `streaming` notice;
@@ -612,6 +624,7 @@ async fn a_cut_stream_ends_visibly_on_other_instances_too() {
         );
     }
     support::corral::assert_nothing_stored(&redis, &fleet[1]).await;
+    assert_tails(&fleet[1], "aborted").await;
 }
 
 #[tokio::test]
