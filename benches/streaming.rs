@@ -9,9 +9,10 @@
 //! # Rows
 //! 1. SSE: an upstream that sends its head 200 ms after the call, then 20 events 100 ms apart
 //!    (`Cache-Control: public, max-age=60`). One leader and 5 waiters on instance A, 5 waiters on
-//!    instance B. For each class: when its clients got the first event and the last byte,
-//!    counted from the moment the upstream wrote that event (so the figure is the relay's own
-//!    delay, not the upstream's). Varnish (one instance, 1 + 10 requests) beside it.
+//!    instance B. For each class: when its clients got the first event, the last one, and the
+//!    latest of all (each client's worst), counted from the moment the upstream wrote that event
+//!    (so the figure is the relay's own delay, not the upstream's). Varnish (one instance,
+//!    1 + 10 requests) beside it.
 //! 2. Redis work of one streamed fill (row 1's): commands by name (`INFO commandstats`, scripts'
 //!    inner commands included) and bytes Redis received (`INFO stats`).
 //! 3. A large answer (`STREAM_BIG_MIB`, 1024 by default, over `max_entry_size`) to 10 concurrent
@@ -226,21 +227,59 @@ async fn client(addr: SocketAddr, path: String) -> Result<Seen, BoxError> {
         .map_err(|_| BoxError::from("a client got no whole answer in time"))?
 }
 
-/// First-event and last-event delays of a class of clients against the upstream's writes.
-fn delays(seen: &[Seen], writes: &[Instant]) -> (Vec<f64>, Vec<f64>, usize) {
-    let (mut first, mut last, mut whole) = (Vec::new(), Vec::new(), 0);
-    for s in seen {
-        if s.clean && s.arrivals.len() == EVENTS && writes.len() == EVENTS {
-            whole += 1;
-            first.push(ms(s.arrivals[0].saturating_duration_since(writes[0])));
-            last.push(ms(
-                s.arrivals[EVENTS - 1].saturating_duration_since(writes[EVENTS - 1])
-            ));
+/// Delays of a class of clients against the upstream's writes.
+struct Delays {
+    /// Of the first event, one per client whose body was whole, sorted.
+    first: Vec<f64>,
+    /// Of the last event.
+    last: Vec<f64>,
+    /// Of each client's latest event, whichever it was (the first and last alone hide a tail
+    /// that reads in bursts).
+    worst: Vec<f64>,
+    whole: usize,
+}
+
+impl Delays {
+    fn of(seen: &[Seen], writes: &[Instant]) -> Delays {
+        let mut d = Delays {
+            first: Vec::new(),
+            last: Vec::new(),
+            worst: Vec::new(),
+            whole: 0,
+        };
+        for s in seen {
+            if s.clean && s.arrivals.len() == EVENTS && writes.len() == EVENTS {
+                d.whole += 1;
+                let each: Vec<f64> = s
+                    .arrivals
+                    .iter()
+                    .zip(writes)
+                    .map(|(got, wrote)| ms(got.saturating_duration_since(*wrote)))
+                    .collect();
+                d.first.push(each[0]);
+                d.last.push(each[EVENTS - 1]);
+                d.worst.push(each.iter().copied().fold(0.0, f64::max));
+            }
         }
+        for v in [&mut d.first, &mut d.last, &mut d.worst] {
+            v.sort_by(f64::total_cmp);
+        }
+        d
     }
-    first.sort_by(f64::total_cmp);
-    last.sort_by(f64::total_cmp);
-    (first, last, whole)
+
+    /// One table row for `who`, of `requests` clients.
+    fn row(&self, who: &str, requests: usize) -> String {
+        format!(
+            "| {who} | {requests} | {} | {} / {} | {} / {} | {} / {} |",
+            self.whole,
+            p(&self.first, 0.5),
+            p(&self.first, 1.0),
+            p(&self.last, 0.5),
+            p(&self.last, 1.0),
+            p(&self.worst, 0.5),
+            p(&self.worst, 1.0)
+        )
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -332,24 +371,16 @@ async fn run() -> Result<(), BoxError> {
         HEAD_DELAY.as_millis()
     );
     println!(
-        "| who | requests | whole | first event, ms after the upstream wrote it (p50 / max) | last event, ms after (p50 / max) |"
+        "| who | requests | whole | first event, ms after the upstream wrote it (p50 / max) | last event, ms after (p50 / max) | latest event of each, ms after (p50 / max) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let rows = [
         ("Corral leader (A)", std::slice::from_ref(&leader)),
         ("Corral waiters on A", classes[0].as_slice()),
         ("Corral waiters on B (remote)", classes[1].as_slice()),
     ];
     for (who, seen) in rows {
-        let (first, last, whole) = delays(seen, &w);
-        println!(
-            "| {who} | {} | {whole} | {} / {} | {} / {} |",
-            seen.len(),
-            p(&first, 0.5),
-            p(&first, 1.0),
-            p(&last, 0.5),
-            p(&last, 1.0)
-        );
+        println!("{}", Delays::of(seen, &w).row(who, seen.len()));
     }
     println!("upstream calls for the 11 requests: {}", calls_after - call);
 
@@ -368,15 +399,7 @@ async fn run() -> Result<(), BoxError> {
                     ("Varnish leader", std::slice::from_ref(&leader)),
                     ("Varnish waiters", classes[0].as_slice()),
                 ] {
-                    let (first, last, whole) = delays(seen, &w);
-                    println!(
-                        "| {who} | {} | {whole} | {} / {} | {} / {} |",
-                        seen.len(),
-                        p(&first, 0.5),
-                        p(&first, 1.0),
-                        p(&last, 0.5),
-                        p(&last, 1.0)
-                    );
+                    println!("{}", Delays::of(seen, &w).row(who, seen.len()));
                 }
                 let calls = writes.lock().map(|w| w.calls).unwrap_or(0);
                 println!(

@@ -223,7 +223,7 @@ impl Coalescer {
             let waited = io::wait(fleet, names, req, purpose, fallback.clone(), interest).await;
             self.count_lock(req, waited.trace, started);
             if let (Settled::Relay(id), Some(sub)) = (&waited.settled, waited.sub) {
-                match tail::tail(fleet, names, id, sub, req).await {
+                match tail::tail(fleet, &self.metrics, names, id, sub, req).await {
                     Some(fill) => return fill,
                     // The log could not be read: wait again (for the stored entry).
                     None => continue,

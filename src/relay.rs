@@ -46,6 +46,16 @@ pub enum End {
     Aborted(Arc<str>),
 }
 
+impl End {
+    /// The end's name, the `outcome` label of the stream metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::Aborted(_) => "aborted",
+        }
+    }
+}
+
 /// Why a reader's body failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RelayError {

@@ -506,6 +506,97 @@ async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     assert_eq!(upstream.calls(), 1, "one call for the fleet");
 }
 
+/// A lease so long that a remote tail's quiet-period read (`lease / 2`) cannot come while a
+/// test runs: whatever the other instance reads, it reads because the channel rang.
+const NO_QUIET_READS: &str = "lock = { lease = \"60s\", wait_timeout = \"60s\" }";
+
+/// Every record the leader appends rings the key's channel (`relayed:<id>`), and the instance
+/// that tails the log reads on each ring. Its quiet-period read is out of reach here (see
+/// [`NO_QUIET_READS`]), so each event reaching the remote readers before the upstream sends
+/// the next, and their clean end, can only come from the rings; and the tailing instance reads
+/// the log about once per record, not once in a while. (The rings after the announcement used
+/// to be dropped unread by the hub: the tail read only on its timer and on `stored`.)
+#[tokio::test]
+async fn a_remote_tail_reads_on_every_ring_not_on_its_quiet_timer() {
+    let redis = RedisServer::start().await;
+    let mut upstream = StreamingUpstream::start().await;
+    let cfg = config(
+        Some(&redis.url()),
+        &recommend_route(&upstream.url, NO_QUIET_READS),
+    );
+    let fleet = start(2, &cfg).await;
+    let path = "/recommend?segment=rings";
+    let leader = spawn_reader(url(&fleet[0], path));
+    let writer = upstream.next_call().await;
+    let remote: Vec<_> = (0..2).map(|_| spawn_reader(url(&fleet[1], path))).collect();
+    other_instance_waits(&redis, &cfg, path).await;
+    let before = redis.commandstats().await.calls("xread");
+    writer.event(1).await;
+    let mut readers = vec![leader.await.expect("leader")];
+    for waiter in remote {
+        readers.push(waiter.await.expect("remote waiter"));
+    }
+    lockstep(writer, &mut readers, 1, 10).await;
+    let xreads = redis.commandstats().await.calls("xread") - before;
+    assert!(
+        xreads >= 10,
+        "one log read per ring: {xreads} XREADs for 10 data records and the end"
+    );
+    assert_eq!(upstream.calls(), 1, "one call for the fleet");
+    assert_tails(&fleet[1], "complete").await;
+}
+
+/// The instance's metrics count one tail of another instance's fill, ended as `outcome` says
+/// (counted before its readers see the end).
+async fn assert_tails(instance: &corral::Instance, outcome: &str) {
+    let metrics = instance.proxy().render_metrics().await;
+    let line = format!("corral_relay_tails_total{{route=\"recommend\",outcome=\"{outcome}\"}} 1");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line} expected in:\n{metrics}"
+    );
+}
+
+/// An instance that starts waiting after the fill was announced missed the `streaming` notice;
+/// the next `relayed` ring (the log is written, since another instance heard the announcement)
+/// tells it of the fill, and it tails the log from byte 0 while the body still arrives instead
+/// of waiting for the stored answer.
+#[tokio::test]
+async fn an_instance_that_waits_after_the_announcement_tails_from_the_next_ring() {
+    let redis = RedisServer::start().await;
+    let mut upstream = StreamingUpstream::start().await;
+    let cfg = config(
+        Some(&redis.url()),
+        &recommend_route(&upstream.url, NO_QUIET_READS),
+    );
+    let fleet = start(3, &cfg).await;
+    let path = "/recommend?segment=late-instance";
+    let leader = spawn_reader(url(&fleet[0], path));
+    let writer = upstream.next_call().await;
+    let early = spawn_reader(url(&fleet[1], path));
+    other_instance_waits(&redis, &cfg, path).await;
+    writer.event(1).await;
+    let mut readers = vec![leader.await.expect("leader"), early.await.expect("early")];
+    for reader in &mut readers {
+        reader.read_to(events_len(1)).await.expect("first event");
+    }
+    // The third instance starts waiting once the fill was announced.
+    let late = spawn_reader(url(&fleet[2], path));
+    support::eventually("the third instance waits for the fill", STEP, async || {
+        waiting_instances(&redis, &cfg, path).await == 2
+    })
+    .await;
+    writer.event(2).await;
+    readers.push(late.await.expect("late instance"));
+    assert!(
+        readers[2].cache_status.contains("collapsed"),
+        "{}",
+        readers[2].cache_status
+    );
+    lockstep(writer, &mut readers, 2, 6).await;
+    assert_eq!(upstream.calls(), 1, "one call for the fleet");
+}
+
 #[tokio::test]
 async fn a_cut_stream_ends_visibly_on_other_instances_too() {
     let redis = RedisServer::start().await;
@@ -533,6 +624,7 @@ async fn a_cut_stream_ends_visibly_on_other_instances_too() {
         );
     }
     support::corral::assert_nothing_stored(&redis, &fleet[1]).await;
+    assert_tails(&fleet[1], "aborted").await;
 }
 
 #[tokio::test]

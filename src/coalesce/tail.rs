@@ -23,13 +23,17 @@ use crate::fill::{Fill, FillRequest, RELAY_WINDOW, Source};
 use crate::fleet::Fleet;
 use crate::flight::Hold;
 use crate::l2::{KeyNames, L2, Record};
+use crate::metrics::Metrics;
 use crate::notice::Subscription;
 use crate::relay::{End, Push, Relay};
 
 /// Starts tailing the relay log of fill `id` of `names`, rung on `sub`: `None` when its head
-/// cannot be read (then the flight waits as before, for the stored entry).
+/// cannot be read (then the flight waits as before, for the stored entry). How the tail ends is
+/// counted in `metrics` (`corral_relay_tails_total`), and so are its readers cut for falling
+/// behind (`corral_stream_readers_cut_total`), as for a local fill.
 pub(super) async fn tail(
     fleet: &Fleet,
+    metrics: &Arc<Metrics>,
     names: &Arc<KeyNames>,
     id: &str,
     sub: Subscription,
@@ -51,8 +55,11 @@ pub(super) async fn tail(
     };
     let head = Arc::new(Entry::decode(head).ok()?);
     let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
+    relay.count_cuts_in(metrics.stream_cuts(&route.name));
     let tailing = Tailing {
         l2: fleet.l2.clone(),
+        metrics: metrics.clone(),
+        route: route.name.clone(),
         sub,
         log,
         after: last.unwrap_or_else(|| "0".to_owned()),
@@ -74,6 +81,9 @@ pub(super) async fn tail(
 
 struct Tailing {
     l2: L2,
+    metrics: Arc<Metrics>,
+    /// The route's name, for the metrics.
+    route: String,
     sub: Subscription,
     log: String,
     after: String,
@@ -90,6 +100,7 @@ impl Tailing {
     /// Follows the log to its end, keeping the flight joinable (`hold`) meanwhile.
     async fn run(mut self, first: Vec<Record>, hold: Option<Hold>) {
         let end = self.follow(first).await;
+        self.metrics.tail_ended(&self.route, &end);
         if let End::Aborted(why) = &end {
             tracing::warn!(log = %self.log, %why, "the fleet relay was cut: readers here aborted");
             // Land the flight before its readers learn of the abort, so that the request that

@@ -12,6 +12,7 @@ pub(super) struct StreamMetrics {
     bytes: Family<RouteLabel, Counter>,
     readers_cut: Family<RouteLabel, Counter>,
     bytes_saved: Family<RouteLabel, Counter>,
+    tails: Family<RouteOutcome, Counter>,
 }
 
 impl StreamMetrics {
@@ -21,6 +22,7 @@ impl StreamMetrics {
             bytes: Family::default(),
             readers_cut: Family::default(),
             bytes_saved: Family::default(),
+            tails: Family::default(),
         };
         registry.register(
             "streamed_fills",
@@ -42,6 +44,11 @@ impl StreamMetrics {
             "Upstream bytes that collapsing saved: bytes of streamed fills times the requesters beyond the first that read them, by route",
             streams.bytes_saved.clone(),
         );
+        registry.register(
+            "relay_tails",
+            "Another instance's streamed fills read here from their relay log, by route and how the tail ended (`outcome`: complete, or aborted: every reader here cut)",
+            streams.tails.clone(),
+        );
         streams
     }
 }
@@ -60,10 +67,7 @@ impl Metrics {
     /// A streamed fill ended: `end` says how, having relayed `bytes` to `readers` requesters, of
     /// (readers cut are counted as they are cut: [`Metrics::stream_cuts`]).
     pub fn stream_ended(&self, route: &str, end: &crate::relay::End, bytes: u64, readers: u64) {
-        let outcome = match end {
-            crate::relay::End::Complete => "complete",
-            crate::relay::End::Aborted(_) => "aborted",
-        };
+        let outcome = end.as_str();
         let s = &self.streams;
         let route = route.to_owned();
         s.ended
@@ -77,5 +81,18 @@ impl Metrics {
         s.bytes_saved
             .get_or_create(&label)
             .inc_by(bytes.saturating_mul(readers.saturating_sub(1)));
+    }
+
+    /// This instance's tail of another instance's streamed fill ended as `end` says; on
+    /// `aborted` every reader of it here was cut (whatever the cause: the log said so, a gap,
+    /// the leader or Redis silent, `upstream_timeout`).
+    pub fn tail_ended(&self, route: &str, end: &crate::relay::End) {
+        self.streams
+            .tails
+            .get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome: end.as_str(),
+            })
+            .inc();
     }
 }

@@ -119,3 +119,18 @@ fn only_possible_series_are_created_before_their_first_event() {
         "{page}"
     );
 }
+
+#[test]
+fn a_remote_tail_is_counted_by_how_it_ended() {
+    let metrics = Metrics::new();
+    metrics.tail_ended("r", &crate::relay::End::Complete);
+    metrics.tail_ended("r", &crate::relay::End::Aborted("gap".into()));
+    metrics.tail_ended("r", &crate::relay::End::Aborted("leader silent".into()));
+    let page = metrics.render(0, 0, false);
+    for line in [
+        "corral_relay_tails_total{route=\"r\",outcome=\"complete\"} 1",
+        "corral_relay_tails_total{route=\"r\",outcome=\"aborted\"} 2",
+    ] {
+        assert!(page.lines().any(|l| l == line), "{line} in:\n{page}");
+    }
+}

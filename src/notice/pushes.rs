@@ -196,6 +196,30 @@ mod tests {
     }
 
     #[test]
+    fn every_ring_of_a_relay_log_reaches_the_waiters() {
+        // The head rings `streaming`, every later record `relayed`: a tail reads on each.
+        let channel = "corral:t:r:fill:{ab}";
+        let (waiters, mailbox) = waiting_on(channel);
+        for notice in [Notice::Streaming("f1".into()), Notice::Relayed("f1".into())] {
+            let payload = String::from_utf8_lossy(&notice.payload()).into_owned();
+            let ring = push(PushKind::Message, vec![bulk(channel), bulk(&payload)]);
+            assert!(matches!(deliver(&waiters, "inv", ring), Delivered::Notice));
+            assert_eq!(mailbox.take(), Some(Wake::Notice(notice)));
+        }
+    }
+
+    #[test]
+    fn a_budget_grant_reaches_the_calls_queued_on_its_channel() {
+        let channel = "corral:t:budget:{model}";
+        let (waiters, mailbox) = waiting_on(channel);
+        let granted = Notice::Granted("a1b2".into());
+        let payload = String::from_utf8_lossy(&granted.payload()).into_owned();
+        let ring = push(PushKind::Message, vec![bulk(channel), bulk(&payload)]);
+        assert!(matches!(deliver(&waiters, "inv", ring), Delivered::Notice));
+        assert_eq!(mailbox.take(), Some(Wake::Notice(granted)));
+    }
+
+    #[test]
     fn a_dropped_sharded_subscription_is_lost_only_while_someone_waits() {
         let channel = "corral:t:r:fill:{ab}";
         let (waiters, mailbox) = waiting_on(channel);
