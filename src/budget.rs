@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -38,7 +38,7 @@ mod slot;
 
 use gate::{Gate, Pass};
 pub use slot::{BudgetSlot, NoSlot, Slot};
-use slot::{Held, Place};
+use slot::{Grant, Held, Place};
 
 /// The boost one more waiting request gives a queued call.
 pub const BOOST_PER_REQUEST: Duration = Duration::from_millis(100);
@@ -147,7 +147,7 @@ pub struct Budget {
     /// Whether the last decision was made alone (for the log's transitions).
     alone: AtomicBool,
     /// Queued calls of this process, woken by their grant.
-    waiting: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    waiting: Mutex<HashMap<Arc<str>, Arc<Grant>>>,
     /// The subscription to the budget's channel, made on the first queued call.
     listening: OnceCell<JoinHandle<()>>,
     metrics: Arc<Metrics>,
@@ -264,7 +264,15 @@ impl Budget {
             // weight of now) and catches a grant that was lost.
             let recheck = Instant::now() + self.lease;
             tokio::select! {
-                () = place.notify.notified() => {}
+                () = place.grant.wake.notified() => {
+                    // The script that freed a slot put this call's token in it before it
+                    // published the grant: the slot is held, no need to ask.
+                    if place.grant.given.load(Ordering::Acquire) {
+                        self.metrics.budget_waited(name, queued_at.elapsed());
+                        place.granted();
+                        return Ok(self.held(redis, names, token));
+                    }
+                }
                 () = tokio::time::sleep_until(recheck.min(deadline)) => {}
             }
             if Instant::now() >= deadline {
@@ -368,12 +376,13 @@ impl Budget {
                             .unwrap_or_else(PoisonError::into_inner);
                         match wake {
                             Wake::Notice(Notice::Granted(token)) => {
-                                if let Some(notify) = waiting.get(&token) {
-                                    notify.notify_one();
+                                if let Some(grant) = waiting.get(&token) {
+                                    grant.given.store(true, Ordering::Release);
+                                    grant.wake.notify_one();
                                 }
                             }
                             Wake::Notice(_) => {}
-                            Wake::Resync => waiting.values().for_each(|n| n.notify_one()),
+                            Wake::Resync => waiting.values().for_each(|g| g.wake.notify_one()),
                         }
                     }
                 }))

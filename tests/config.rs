@@ -620,7 +620,9 @@ fn a_budget_name_without_a_limit_and_a_zero_limit_are_refused() {
     assert_points_at(&message, 6, "fleet_budget");
     let message = refusal(&format!("{ROUTE}fleet_concurrency = 0\n"));
     assert_points_at(&message, 6, "fleet_concurrency");
+}
 
+#[test]
 fn ttl_jitter_is_a_fraction_below_one() {
     for (given, want) in [("0", 0.0), ("0.0", 0.0), ("0.5", 0.5), ("0.99", 0.99)] {
         let text = format!("{ROUTE}ttl_jitter = {given}\n");

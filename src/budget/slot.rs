@@ -1,5 +1,6 @@
 //! What a call holds of its budget: a slot while it runs, a place while it asks and queues.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, PoisonError};
 
 use tokio::sync::Notify;
@@ -57,28 +58,36 @@ impl Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoSlot;
 
+/// How a queued call learns of its grant: `given` once the grant named it (a lost connection
+/// only wakes it, to ask again).
+#[derive(Default)]
+pub(super) struct Grant {
+    pub(super) given: AtomicBool,
+    pub(super) wake: Notify,
+}
+
 /// A call's place while it asks and queues: registered for its grant, and — unless it was
 /// granted and handed over — taken out of the queue (or its slot given back) when dropped.
 pub(super) struct Place<'a> {
     budget: &'a Arc<Budget>,
     token: Arc<str>,
-    pub(super) notify: Arc<Notify>,
+    pub(super) grant: Arc<Grant>,
     pub(super) queued: bool,
     granted: bool,
 }
 
 impl<'a> Place<'a> {
     pub(super) fn new(budget: &'a Arc<Budget>, token: Arc<str>) -> Place<'a> {
-        let notify = Arc::new(Notify::new());
+        let grant = Arc::new(Grant::default());
         budget
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(token.clone(), notify.clone());
+            .insert(token.clone(), grant.clone());
         Place {
             budget,
             token,
-            notify,
+            grant,
             queued: false,
             granted: false,
         }

@@ -14,8 +14,7 @@ use crate::config::{
     DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
     DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
     DEFAULT_TTL_JITTER, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
-    FleetBudget,
-    ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
+    FleetBudget, ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
 use crate::header_rules::{HeaderRules, PROTECTED};
 
