@@ -54,8 +54,28 @@ pub fn boost(weight: usize) -> Duration {
     BOOST_PER_REQUEST.saturating_mul(extra).min(MAX_BOOST)
 }
 
-/// How many requests a call would answer, read again while it queues.
-pub type Weight = Arc<dyn Fn() -> usize + Send + Sync>;
+/// How many requests a call would answer, read again while it queues: those waiting on it in this
+/// process (`local`), and — when the call fills a key whose waiters elsewhere listen on `channel`
+/// — one for each other instance subscribed there (pub/sub knows instances, not their requests).
+#[derive(Clone)]
+pub struct Weight {
+    local: Arc<dyn Fn() -> usize + Send + Sync>,
+    channel: Option<String>,
+}
+
+impl Weight {
+    pub fn new(local: Arc<dyn Fn() -> usize + Send + Sync>, channel: Option<String>) -> Weight {
+        Weight { local, channel }
+    }
+
+    /// The weight of a call that answers one request (a pass-through call).
+    pub fn one() -> Weight {
+        Weight {
+            local: Arc::new(|| 1),
+            channel: None,
+        }
+    }
+}
 
 /// The Redis side of a budget: the connections, and the budget's keys.
 #[derive(Clone)]
@@ -63,11 +83,6 @@ pub struct Redis {
     pub keeper: Arc<LeaseKeeper>,
     pub notices: Notices,
     pub l2: L2,
-}
-
-/// The weight of a call that answers one request (a pass-through call).
-pub fn one() -> Weight {
-    Arc::new(|| 1)
 }
 
 /// The budgets of a configuration, by name.
@@ -222,24 +237,32 @@ impl Budget {
         let mut arrived = None;
         loop {
             let terms = self.terms(&token);
-            let (keys, boost) = (names.clone(), boost(weight()));
-            let asked_boost = boost;
+            let keys = names.clone();
+            // A renewal also counts the instances waiting on the key elsewhere.
+            let channel = weight.channel.clone().filter(|_| place.queued);
+            let local = (weight.local)();
             let asked = redis
                 .keeper
                 .with_own(move |l2| async move {
+                    let remote = match &channel {
+                        Some(channel) => l2.listeners(channel, terms.4).await.unwrap_or(0),
+                        None => 0,
+                    };
+                    let weight = local + usize::try_from(remote).unwrap_or(0);
                     let terms = slot_terms(&terms);
-                    l2.take_slot(&keys, terms, boost, arrived).await
+                    let state = l2.take_slot(&keys, terms, boost(weight), arrived).await;
+                    state.map(|state| (state, weight))
                 })
                 .await;
-            let state = match asked {
-                Ok(state) => state,
+            let (state, asked_weight) = match asked {
+                Ok(asked) => asked,
                 Err(err) => {
                     self.going_alone(&err);
                     drop(place);
                     return self.alone(deadline, true).await;
                 }
             };
-            tracing::debug!(budget = %self.spec.name, granted = state.granted, in_flight = state.in_flight, queued = state.queued, boost_ms = asked_boost.as_millis(), "budget slot asked");
+            tracing::debug!(budget = %self.spec.name, granted = state.granted, in_flight = state.in_flight, queued = state.queued, weight = asked_weight, "budget slot asked");
             arrived = Some(state.arrived);
             self.back_in_fleet();
             self.seen.store(state.instances.max(1), Ordering::Relaxed);

@@ -99,7 +99,7 @@ impl Coalescer {
             req.route.lock.max_waiters,
             move |interest, hold| {
                 fill_req.hold = Some(hold);
-                fill_req.weight = interest.weight();
+                fill_req.weight = this.weight(&fill_req, &interest);
                 let flight = async move { this.miss(fill_req, interest).await };
                 Landed::from_flight(flight, parent)
             },
@@ -121,10 +121,21 @@ impl Coalescer {
         let _ = self.flights.join(key, max_waiters, move |interest, hold| {
             let mut req = req;
             req.hold = Some(hold);
-            req.weight = interest.weight();
+            req.weight = this.weight(&req, &interest);
             let flight = async move { this.refresh(req, stale).await };
             Landed::from_flight(flight, parent)
         });
+    }
+
+    /// How many requests `req`'s fill answers: the flight's here, and the instances waiting on
+    /// its key elsewhere (see [`crate::budget::Weight`]).
+    fn weight(&self, req: &FillRequest, interest: &Interest) -> crate::budget::Weight {
+        let channel = self
+            .fleet
+            .as_ref()
+            .filter(|_| req.route.fleet_budget.is_some())
+            .map(|fleet| fleet.l2.names(&req.route.name, &req.key).channel);
+        crate::budget::Weight::new(interest.weight(), channel)
     }
 
     /// Runs one flight of a miss to its end. While it only waits for another instance's fill,

@@ -435,7 +435,7 @@ impl Proxy {
             peer,
             validators: None,
             hold: None,
-            weight: crate::budget::one(),
+            weight: crate::budget::Weight::one(),
         };
         conditions.apply(self.lookup(req).await)
     }

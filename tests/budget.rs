@@ -11,11 +11,8 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::future::join_all;
-use support::corral::{
-    admin_url, config, config_text, config_with_server, recommend_route, start, url,
-};
+use support::corral::{config, config_text, recommend_route, start, url};
 use support::{Client, CorralProcess, RedisServer, Reply, Upstream, eventually};
 
 /// The keys of budget `name` in the tests' namespace.
@@ -286,93 +283,66 @@ async fn with_redis_gone_each_instance_keeps_to_its_share() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_soft_tag_purge_of_two_thousand_entries_refreshes_them_within_the_budget_answering_stale()
-{
-    const KEYS: usize = 2000;
+async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     upstream.script(
-        "/recommend",
-        Reply::status(200).header("surrogate-key", "catalogue"),
-    );
-    let routes = recommend_route(&upstream.url(), "ttl = \"10m\"\nfleet_concurrency = 10");
-    let cfg = config_with_server(
-        "admin_listen = \"127.0.0.1:0\"",
-        Some(&redis.url()),
-        &routes,
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let paths: Vec<String> = (0..KEYS).map(|k| format!("/recommend?item={k}")).collect();
-    // 200 requests at a time per instance: a client's realistic fan-in, not 2000 connects at once.
-    let ask_all = async |instance: usize| {
-        futures_util::stream::iter(paths.iter().map(|p| {
-            let target = url(&fleet[instance], p);
-            let client = client.clone();
-            async move { client.get(&target, &[]).await }
-        }))
-        .buffered(200)
-        .collect::<Vec<_>>()
-        .await
-    };
-    for answer in ask_all(0).await {
-        assert_eq!(answer.status, 200);
-    }
-    assert_eq!(upstream.calls(), KEYS as u64);
-
-    // Refreshes take a while at the upstream, so the test sees what is answered meanwhile.
-    upstream.script(
-        "/recommend",
+        "/recommend/busy",
         Reply::status(200)
-            .header("surrogate-key", "catalogue")
-            .delay(Duration::from_millis(50)),
+            .body("busy")
+            .delay(Duration::from_secs(8)),
     );
-    upstream.reset_calls();
-    let purge = client
-        .post(
-            &admin_url(&fleet[0], "/purge"),
-            &[],
-            r#"{"tag": "catalogue", "soft": true}"#.to_owned(),
-        )
-        .await;
-    assert_eq!(purge.status, 200, "{}", purge.text());
-    assert_eq!(purge.json()["marked"].as_u64(), Some(KEYS as u64));
+    let routes = recommend_route(&upstream.url(), "fleet_concurrency = 1");
+    let fleet = start(3, &config(Some(&redis.url()), &routes)).await;
+    let client = Client::new();
+    let queue = budget_key("recommend", "queue");
+    let scores = async || -> Vec<f64> {
+        let mut conn = redis.conn().await;
+        let flat: Result<Vec<String>, _> = redis::cmd("ZRANGE")
+            .arg(&queue)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await;
+        let flat = flat.unwrap_or_else(|e| panic!("ZRANGE {queue}: {e}"));
+        flat.chunks(2)
+            .filter_map(|pair| pair.get(1)?.parse().ok())
+            .collect()
+    };
 
-    // Every key asked on both instances at once: each answered at once, stale, while the fleet
-    // refreshes each key once — never more than the budget at the upstream.
-    let (first, second) = tokio::join!(ask_all(0), ask_all(1));
-    for answer in first.iter().chain(&second) {
-        assert_eq!(answer.status, 200);
-        let status = answer.cache_status().unwrap_or_default();
-        assert!(status.contains("stale"), "answered stale: {status}");
-    }
-    // A refresh that found no slot within `upstream_timeout` (on a machine busier than this
-    // test's) leaves its entry stale for the next request to refresh: ask again until all fresh.
+    // The one slot is busy; `shared` queues from instance 0 with its one request.
+    let busy = client.spawn_get(url(&fleet[0], "/recommend/busy"));
+    upstream.wait_in_flight(1).await;
+    let leader = client.spawn_get(url(&fleet[0], "/recommend/shared"));
+    let mut first = None;
+    eventually("`shared` queued", Duration::from_secs(10), async || {
+        first = scores().await.first().copied();
+        first.is_some()
+    })
+    .await;
+    let first = first.unwrap_or_default();
+
+    // Requests for the same key on the two other instances wait for its fill there: at its next
+    // renewal the call counts them (one per instance) and moves 200 ms ahead of its arrival.
+    let waiters: Vec<_> = (0..10)
+        .map(|i| client.spawn_get(url(&fleet[1 + i % 2], "/recommend/shared")))
+        .collect();
     eventually(
-        "every key refreshed",
-        Duration::from_secs(180),
-        async || {
-            if upstream.calls() >= KEYS as u64 {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let answers = ask_all(0).await;
-            let stale = answers.iter().any(|a| {
-                a.cache_status()
-                    .is_some_and(|status| status.contains("stale"))
-            });
-            !stale && upstream.calls() >= KEYS as u64
-        },
+        "the queued call weighed with the instances waiting elsewhere",
+        Duration::from_secs(10),
+        async || matches!(scores().await[..], [now] if first - now >= 200.0),
     )
     .await;
+
+    for answer in join_all(waiters).await {
+        assert_eq!(answer.map(|a| a.status).unwrap_or(0), 200);
+    }
+    assert_eq!(leader.await.map(|a| a.status).unwrap_or(0), 200);
+    assert_eq!(busy.await.map(|a| a.status).unwrap_or(0), 200);
     assert_eq!(
-        upstream.calls(),
-        KEYS as u64,
-        "one refresh per key, fleet-wide"
-    );
-    assert!(
-        upstream.max_in_flight() <= 10,
-        "{} refreshes in flight at once",
-        upstream.max_in_flight()
+        upstream.calls_for("/recommend/shared"),
+        1,
+        "one call for the key"
     );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use corral::key::CacheKey;
 use corral::{Config, Instance};
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use support::corral::{admin_url, config_with_server, entry_name, recommend_route, start, url};
 use support::{Client, RedisServer, Reply, Upstream, eventually};
@@ -408,4 +409,96 @@ async fn a_fill_under_way_when_a_soft_purge_comes_still_stores() {
         assert_eq!(again.text(), filled.text());
     }
     assert_eq!(upstream.calls_for(path), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_tag_purge_of_two_thousand_entries_refreshes_them_within_the_budget_answering_stale()
+{
+    const KEYS: usize = 2000;
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/recommend",
+        Reply::status(200).header("surrogate-key", "catalogue"),
+    );
+    let routes = recommend_route(&upstream.url(), "ttl = \"10m\"\nfleet_concurrency = 10");
+    let cfg = config_with_server(
+        "admin_listen = \"127.0.0.1:0\"",
+        Some(&redis.url()),
+        &routes,
+    );
+    let fleet = start(2, &cfg).await;
+    let client = Client::new();
+    let paths: Vec<String> = (0..KEYS).map(|k| format!("/recommend?item={k}")).collect();
+    // 200 requests at a time per instance: a client's realistic fan-in, not 2000 connects at once.
+    let ask_all = async |instance: usize| {
+        futures_util::stream::iter(paths.iter().map(|p| {
+            let target = url(&fleet[instance], p);
+            let client = client.clone();
+            async move { client.get(&target, &[]).await }
+        }))
+        .buffered(200)
+        .collect::<Vec<_>>()
+        .await
+    };
+    for answer in ask_all(0).await {
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(upstream.calls(), KEYS as u64);
+
+    // Refreshes take a while at the upstream, so the test sees what is answered meanwhile.
+    upstream.script(
+        "/recommend",
+        Reply::status(200)
+            .header("surrogate-key", "catalogue")
+            .delay(Duration::from_millis(50)),
+    );
+    upstream.reset_calls();
+    let purge = client
+        .post(
+            &admin_url(&fleet[0], "/purge"),
+            &[],
+            r#"{"tag": "catalogue", "soft": true}"#.to_owned(),
+        )
+        .await;
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    assert_eq!(purge.json()["marked"].as_u64(), Some(KEYS as u64));
+
+    // Every key asked on both instances at once: each answered at once, stale, while the fleet
+    // refreshes each key once — never more than the budget at the upstream.
+    let (first, second) = tokio::join!(ask_all(0), ask_all(1));
+    for answer in first.iter().chain(&second) {
+        assert_eq!(answer.status, 200);
+        let status = answer.cache_status().unwrap_or_default();
+        assert!(status.contains("stale"), "answered stale: {status}");
+    }
+    // A refresh that found no slot within `upstream_timeout` (on a machine busier than this
+    // test's) leaves its entry stale for the next request to refresh: ask again until all fresh.
+    eventually(
+        "every key refreshed",
+        Duration::from_secs(180),
+        async || {
+            if upstream.calls() >= KEYS as u64 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let answers = ask_all(0).await;
+            let stale = answers.iter().any(|a| {
+                a.cache_status()
+                    .is_some_and(|status| status.contains("stale"))
+            });
+            !stale && upstream.calls() >= KEYS as u64
+        },
+    )
+    .await;
+    assert_eq!(
+        upstream.calls(),
+        KEYS as u64,
+        "one refresh per key, fleet-wide"
+    );
+    assert!(
+        upstream.max_in_flight() <= 10,
+        "{} refreshes in flight at once",
+        upstream.max_in_flight()
+    );
 }

@@ -190,7 +190,7 @@ impl L2 {
         let mut call = scripts().take.key(&names.held);
         call.key(&names.queue).key(&names.queued).key(&names.seen);
         self.slot_args(&mut call, names, terms);
-        call.arg(millis(boost))
+        call.arg(u64::try_from(boost.as_millis()).unwrap_or(u64::MAX))
             .arg(terms.instance)
             .arg(millis(SEEN_FOR))
             .arg(arrived.map(|a| a.to_string()).unwrap_or_default());
@@ -266,6 +266,22 @@ impl L2 {
             .within("budget extend", terms.budget, call.invoke_async(&mut conn))
             .await?;
         Ok(held == 1)
+    }
+
+    /// How many instances other than the caller listen on a key's fill channel: those waiting
+    /// for its fill. Known to one Redis server (and behind sentinels); a cluster's sharded
+    /// channels are counted by node, so there it answers 0.
+    pub async fn listeners(&self, channel: &str, budget: Duration) -> Result<u64, L2Error> {
+        if self.scripts.publish != "PUBLISH" {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg("NUMSUB").arg(channel);
+        let (_, count): (String, u64) = self
+            .within("PUBSUB NUMSUB", budget, cmd.query_async(&mut conn))
+            .await?;
+        Ok(count)
     }
 
     fn slot_args(

@@ -69,7 +69,7 @@ impl Proxy {
         fault: Option<Arc<OnceLock<BodyFault>>>,
     ) -> Answer {
         let outcome = CacheOutcome::Bypass;
-        let slot = match self.caps.slot(route, &crate::budget::one()).await {
+        let slot = match self.caps.slot(route, &crate::budget::Weight::one()).await {
             Ok(slot) => slot,
             Err(err) => return ProxyError::from(FillError::from(err)).into_answer(outcome),
         };
