@@ -77,7 +77,8 @@ impl Weight {
     }
 }
 
-/// The Redis side of a budget: the connections, and the budget's keys.
+/// What a budget counts with in Redis: the lease keeper (its thread and connection), the pub/sub
+/// hub, and the command connection (for the scripts' publishing command and the key names).
 #[derive(Clone)]
 pub struct Redis {
     pub keeper: Arc<LeaseKeeper>,
