@@ -26,8 +26,9 @@
 //! - [`l1`] / [`l2`] — the in-process and the Redis tier; [`entry`] — a stored response, its
 //!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
 //! - [`upstream`] — the pooled client and header hygiene; [`caps`] and [`budget`] — what an
-//!   upstream call waits for: the per-route cap, and a slot of the route's fleet-wide budget; [`route`] and
-//!   [`target`] — which route a request belongs to, by one normalized path; [`config`] — the TOML
+//!   upstream call waits for: the per-route cap, and a slot of the route's fleet-wide budget;
+//!   [`route`] and [`target`] — which route a request belongs to, by one normalized path;
+//!   [`config`] — the TOML
 //!   file: raw structs, then validated types; [`metrics`], [`breaker`], [`body`], [`redact`];
 //!   [`trace`] — W3C trace context and the request path's spans; [`telemetry`] — their OTLP
 //!   export, when configured; [`header_rules`] — what a route adds to or removes from its

@@ -115,10 +115,25 @@ fn assert_at_most_one_call_per_instance(
 /// Waits until every instance is out of degraded mode, then asserts a new burst makes one call
 /// per key again.
 async fn assert_recovered(upstream: &Upstream, client: &Client, fleet: &[Instance], keys: usize) {
+    // Out of degraded mode, and the pub/sub hub subscribed again: a hub whose reconnection is
+    // still retrying can close its circuit on a probe and open it again on its next failed
+    // SUBSCRIBE, and a burst sent in between fills per instance.
     eventually(
-        "every instance sees redis again",
+        "every instance sees redis again, its pub/sub hub subscribed",
         Duration::from_secs(15),
-        async || fleet.iter().all(|i| !i.proxy().degraded()),
+        async || {
+            for instance in fleet {
+                let proxy = instance.proxy();
+                let subscribed = match proxy.fleet() {
+                    Some(f) => f.notices.ready().await.is_ok(),
+                    None => false,
+                };
+                if !subscribed || proxy.degraded() {
+                    return false;
+                }
+            }
+            true
+        },
     )
     .await;
     upstream.reset_calls();
