@@ -266,9 +266,8 @@ pub struct RouteConfig {
     /// Most concurrent upstream calls this route makes from one process; more wait for a slot
     /// (within `upstream_timeout`, then 503). Default `None` (no cap).
     pub upstream_concurrency: Option<usize>,
-    /// Most concurrent upstream calls the whole fleet makes to this route's upstream
-    /// (`fleet_concurrency`), counted in Redis under the budget's name (`fleet_budget`, shared by
-    /// routes that name the same model; default the route's name). Default `None` (no budget).
+    /// `fleet_concurrency` under `fleet_budget` (routes naming one share it; default the route's
+    /// name): most upstream calls in flight fleet-wide, counted in Redis. Default `None`.
     pub fleet_budget: Option<FleetBudget>,
     /// Most surrogate keys (`Surrogate-Key` / `Cache-Tag`) indexed per answer; the rest are dropped
     /// with a log line, so one answer cannot create thousands of Redis keys. `0` indexes none.
