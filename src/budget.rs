@@ -246,11 +246,11 @@ impl Budget {
                 .keeper
                 .with_own(move |l2| async move {
                     let remote = match &channel {
-                        Some(channel) => l2.listeners(channel, terms.4).await.unwrap_or(0),
+                        Some(channel) => l2.listeners(channel, terms.budget).await.unwrap_or(0),
                         None => 0,
                     };
                     let weight = local + usize::try_from(remote).unwrap_or(0);
-                    let terms = slot_terms(&terms);
+                    let terms = terms.borrowed();
                     let state = l2.take_slot(&keys, terms, boost(weight), arrived).await;
                     state.map(|state| (state, weight))
                 })
@@ -339,13 +339,13 @@ impl Budget {
 
     /// The owned parts of a slot call's [`SlotTerms`], to send to the keeper's thread.
     fn terms(&self, token: &Arc<str>) -> OwnedTerms {
-        (
-            token.clone(),
-            self.instance.clone(),
-            self.spec.limit,
-            self.lease,
-            self.call_budget,
-        )
+        OwnedTerms {
+            token: token.clone(),
+            instance: self.instance.clone(),
+            limit: self.spec.limit,
+            lease: self.lease,
+            budget: self.call_budget,
+        }
     }
 
     /// A granted slot, renewed every third of its lease from the keeper's thread.
@@ -353,12 +353,12 @@ impl Budget {
         let (names, terms) = (names.clone(), self.terms(&token));
         let budget_name = self.spec.name.clone();
         let renewal = redis.keeper.keep(move |l2| async move {
-            let every = (terms.3 / 3).max(Duration::from_millis(10));
+            let every = (terms.lease / 3).max(Duration::from_millis(10));
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let slot = slot_terms(&terms);
+                let slot = terms.borrowed();
                 match l2.extend_slot(&names, slot).await {
                     Ok(true) => {}
                     Ok(false) => {
@@ -425,7 +425,7 @@ impl Budget {
         let (names, terms) = (names.clone(), self.terms(&token));
         let (metrics, name) = (self.metrics.clone(), self.spec.name.clone());
         redis.keeper.keep(move |l2| async move {
-            let slot = slot_terms(&terms);
+            let slot = terms.borrowed();
             match l2.free_slot(&names, slot).await {
                 Ok((_, reclaimed)) => metrics.budget_reclaimed(&name, reclaimed),
                 Err(err) => {
@@ -436,16 +436,24 @@ impl Budget {
     }
 }
 
-/// What [`SlotTerms`] borrows, owned: token, instance, limit, lease, call budget.
-type OwnedTerms = (Arc<str>, Arc<str>, usize, Duration, Duration);
+/// What [`SlotTerms`] borrows, owned, to send to the keeper's thread.
+struct OwnedTerms {
+    token: Arc<str>,
+    instance: Arc<str>,
+    limit: usize,
+    lease: Duration,
+    budget: Duration,
+}
 
-fn slot_terms(terms: &OwnedTerms) -> SlotTerms<'_> {
-    SlotTerms {
-        token: &terms.0,
-        instance: &terms.1,
-        limit: terms.2,
-        lease: terms.3,
-        budget: terms.4,
+impl OwnedTerms {
+    fn borrowed(&self) -> SlotTerms<'_> {
+        SlotTerms {
+            token: &self.token,
+            instance: &self.instance,
+            limit: self.limit,
+            lease: self.lease,
+            budget: self.budget,
+        }
     }
 }
 

@@ -20,6 +20,33 @@ fn budget_key(name: &str, part: &str) -> String {
     format!("corral:test:budget:{{{name}}}:{part}")
 }
 
+/// The scores of the budget `recommend`'s queue, lowest (served first) first.
+async fn queue_scores(redis: &RedisServer) -> Vec<f64> {
+    let queue = budget_key("recommend", "queue");
+    let mut conn = redis.conn().await;
+    let flat: Result<Vec<String>, _> = redis::cmd("ZRANGE")
+        .arg(&queue)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await;
+    let flat = flat.unwrap_or_else(|e| panic!("ZRANGE {queue}: {e}"));
+    flat.chunks(2)
+        .filter_map(|pair| pair.get(1)?.parse().ok())
+        .collect()
+}
+
+/// Slots of the budget `recommend` held now.
+async fn held_slots(redis: &RedisServer) -> u64 {
+    let mut conn = redis.conn().await;
+    redis::cmd("ZCARD")
+        .arg(budget_key("recommend", "held"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(u64::MAX)
+}
+
 /// A metric's value on a page of metrics (0 when absent).
 fn metric(page: &str, line_start: &str) -> f64 {
     page.lines()
@@ -71,25 +98,12 @@ async fn a_thousand_cold_keys_over_three_instances_never_exceed_the_fleet_budget
         "{} upstream calls in flight at once",
         upstream.max_in_flight()
     );
-    // Nothing is left held or queued once the burst is over.
-    let mut conn = redis.conn().await;
-    let held: u64 = redis::cmd("ZCARD")
-        .arg(budget_key("recommend", "held"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or(u64::MAX);
+    // Every slot is given back once the burst is over.
+    let held = held_slots(&redis).await;
     eventually(
         "every slot given back",
         Duration::from_secs(10),
-        async || {
-            let mut conn = redis.conn().await;
-            let held: u64 = redis::cmd("ZCARD")
-                .arg(budget_key("recommend", "held"))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(u64::MAX);
-            held == 0
-        },
+        async || held_slots(&redis).await == 0,
     )
     .await;
     assert!(held <= 20);
@@ -147,24 +161,9 @@ async fn the_call_that_answers_the_most_requests_gets_the_next_slot() {
     let busy = client.spawn_get(at("/recommend/busy"));
     upstream.wait_in_flight(1).await;
     let few = client.spawn_get(at("/recommend/few"));
-    let queue = budget_key("recommend", "queue");
     // The queue's tokens and scores, lowest (served first) first.
-    let scores = async || -> Vec<f64> {
-        let mut conn = redis.conn().await;
-        let flat: Result<Vec<String>, _> = redis::cmd("ZRANGE")
-            .arg(&queue)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await;
-        let flat = flat.unwrap_or_else(|e| panic!("ZRANGE {queue}: {e}"));
-        flat.chunks(2)
-            .filter_map(|pair| pair.get(1)?.parse().ok())
-            .collect()
-    };
     eventually("`few` queued", Duration::from_secs(10), async || {
-        scores().await.len() == 1
+        queue_scores(&redis).await.len() == 1
     })
     .await;
     let many: Vec<_> = (0..20)
@@ -175,7 +174,7 @@ async fn the_call_that_answers_the_most_requests_gets_the_next_slot() {
     eventually(
         "`many` queued ahead of `few`",
         Duration::from_secs(10),
-        async || matches!(scores().await[..], [many, few] if few - many > 1000.0),
+        async || matches!(queue_scores(&redis).await[..], [many, few] if few - many > 1000.0),
     )
     .await;
 
@@ -295,21 +294,6 @@ async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
     let routes = recommend_route(&upstream.url(), "fleet_concurrency = 1");
     let fleet = start(3, &config(Some(&redis.url()), &routes)).await;
     let client = Client::new();
-    let queue = budget_key("recommend", "queue");
-    let scores = async || -> Vec<f64> {
-        let mut conn = redis.conn().await;
-        let flat: Result<Vec<String>, _> = redis::cmd("ZRANGE")
-            .arg(&queue)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await;
-        let flat = flat.unwrap_or_else(|e| panic!("ZRANGE {queue}: {e}"));
-        flat.chunks(2)
-            .filter_map(|pair| pair.get(1)?.parse().ok())
-            .collect()
-    };
 
     // The one slot is busy; `shared` queues from instance 0 with its one request.
     let busy = client.spawn_get(url(&fleet[0], "/recommend/busy"));
@@ -317,7 +301,7 @@ async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
     let leader = client.spawn_get(url(&fleet[0], "/recommend/shared"));
     let mut first = None;
     eventually("`shared` queued", Duration::from_secs(10), async || {
-        first = scores().await.first().copied();
+        first = queue_scores(&redis).await.first().copied();
         first.is_some()
     })
     .await;
@@ -331,7 +315,7 @@ async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
     eventually(
         "the queued call weighed with the instances waiting elsewhere",
         Duration::from_secs(10),
-        async || matches!(scores().await[..], [now] if first - now >= 200.0),
+        async || matches!(queue_scores(&redis).await[..], [now] if first - now >= 200.0),
     )
     .await;
 

@@ -554,30 +554,24 @@ fn a_duration_without_a_unit_says_what_to_write() {
     assert!(message.contains(r#"write "60s""#), "{message}");
 }
 
+/// A route table `name` (on `/name`) with `fleet_concurrency = limit`, in `budget` when given.
+fn budget_route(name: &str, limit: usize, budget: Option<&str>) -> String {
+    let named = budget.map_or(String::new(), |b| format!("fleet_budget = \"{b}\"\n"));
+    format!(
+        "[[route]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\n\
+         upstream = \"http://127.0.0.1:5000\"\nfleet_concurrency = {limit}\n{named}"
+    )
+}
+
 #[test]
 fn a_fleet_budget_is_the_route_name_unless_named_and_shared_by_routes_that_name_it() {
-    let text = r#"
-[[route]]
-name = "a"
-path_prefix = "/a"
-upstream = "http://127.0.0.1:5000"
-fleet_concurrency = 20
-fleet_budget = "model"
-
-[[route]]
-name = "b"
-path_prefix = "/b"
-upstream = "http://127.0.0.1:5000"
-fleet_concurrency = 20
-fleet_budget = "model"
-
-[[route]]
-name = "c"
-path_prefix = "/c"
-upstream = "http://127.0.0.1:5000"
-fleet_concurrency = 3
-"#;
-    let config = Config::parse(text, Path::new("ok.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let text = [
+        budget_route("a", 20, Some("model")),
+        budget_route("b", 20, Some("model")),
+        budget_route("c", 3, None),
+    ]
+    .join("\n");
+    let config = Config::parse(&text, Path::new("ok.toml")).unwrap_or_else(|e| panic!("{e}"));
     let budgets: Vec<_> = config
         .routes
         .iter()
@@ -591,22 +585,14 @@ fleet_concurrency = 3
 
 #[test]
 fn routes_sharing_a_budget_with_different_limits_are_refused() {
-    let text = r#"
-[[route]]
-name = "a"
-path_prefix = "/a"
-upstream = "http://127.0.0.1:5000"
-fleet_concurrency = 20
-fleet_budget = "model"
-
-[[route]]
-name = "b"
-path_prefix = "/b"
-upstream = "http://127.0.0.1:5000"
-fleet_concurrency = 10
-fleet_budget = "model"
-"#;
-    let message = refusal(text);
+    // A blank first line, then route `a` (lines 2-7), a blank, route `b` (its name on line 10).
+    let text = [
+        String::new(),
+        budget_route("a", 20, Some("model")),
+        budget_route("b", 10, Some("model")),
+    ]
+    .join("\n");
+    let message = refusal(&text);
     assert_points_at(&message, 10, "fleet_concurrency");
     assert!(
         message.contains("\"a\"") && message.contains("20"),

@@ -454,15 +454,9 @@ async fn a_soft_tag_purge_of_two_thousand_entries_refreshes_them_within_the_budg
             .delay(Duration::from_millis(50)),
     );
     upstream.reset_calls();
-    let purge = client
-        .post(
-            &admin_url(&fleet[0], "/purge"),
-            &[],
-            r#"{"tag": "catalogue", "soft": true}"#.to_owned(),
-        )
-        .await;
-    assert_eq!(purge.status, 200, "{}", purge.text());
-    assert_eq!(purge.json()["marked"].as_u64(), Some(KEYS as u64));
+    let (status, marked) = purge(&client, &fleet[0], r#"{"tag": "catalogue", "soft": true}"#).await;
+    assert_eq!(status, 200, "{marked}");
+    assert_eq!(marked["marked"].as_u64(), Some(KEYS as u64));
 
     // Every key asked on both instances at once: each answered at once, stale, while the fleet
     // refreshes each key once — never more than the budget at the upstream.
