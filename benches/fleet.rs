@@ -418,7 +418,7 @@ fn per_sentinel(sentinels: &[f64]) -> String {
 fn waiting_here(fleet: &[Instance]) -> (usize, usize) {
     fleet.iter().fold((0, 0), |(flights, waiting), instance| {
         let proxy = instance.proxy();
-        let subscribed = proxy.fleet().map_or(0, |f| f.notices.waiting_channels());
+        let subscribed = proxy.fleet().map_or(0, |f| f.waiting_channels());
         (flights + proxy.fills_in_progress(), waiting + subscribed)
     })
 }

@@ -1,5 +1,5 @@
 //! Fleet-wide budgets on upstream calls (`fleet_concurrency`): the whole fleet never has more
-//! than the limit of calls in flight to one upstream, counted in Redis (`l2/slots.rs`).
+//! than the limit of calls in flight to one upstream, counted in Redis (`fleet/slots.rs`).
 //!
 //! A call asks for a slot. A free slot is taken at once; else the call queues, and the queue is
 //! served by how many requests each call would answer (its weight, read again at every renewal),
@@ -28,10 +28,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{Config, FleetBudget, RouteConfig};
-use crate::l2::{L2, L2Error, Notice, SlotNames, SlotTerms};
-use crate::lock::LeaseKeeper;
+use crate::fleet::{Fleet, Notice, SlotNames, SlotTerms, Wake};
+use crate::l2::L2Error;
 use crate::metrics::Metrics;
-use crate::notice::{Notices, Wake};
 
 mod gate;
 mod slot;
@@ -77,25 +76,16 @@ impl Weight {
     }
 }
 
-/// What a budget counts with in Redis: the lease keeper (its thread and connection), the pub/sub
-/// hub, and the command connection (for the scripts' publishing command and the key names).
-#[derive(Clone)]
-pub struct Redis {
-    pub keeper: Arc<LeaseKeeper>,
-    pub notices: Notices,
-    pub l2: L2,
-}
-
 /// The budgets of a configuration, by name.
 #[derive(Clone, Default)]
 pub struct Budgets {
     by_name: HashMap<String, Arc<Budget>>,
-    redis: Option<Redis>,
+    redis: Option<Fleet>,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl Budgets {
-    pub fn new(config: &Config, redis: Option<Redis>, metrics: &Arc<Metrics>) -> Budgets {
+    pub fn new(config: &Config, redis: Option<Fleet>, metrics: &Arc<Metrics>) -> Budgets {
         let empty = Budgets {
             by_name: HashMap::new(),
             redis,
@@ -116,7 +106,7 @@ impl Budgets {
                 continue;
             }
             // A budget's slots are leased as the fill locks of its first route are.
-            let terms = self.redis.as_ref().map(|r| r.l2.terms(route));
+            let terms = self.redis.as_ref().map(|fleet| fleet.terms(route));
             let (lease, call_budget) = terms.map_or((route.lock.lease, route.lock.lease), |t| {
                 (t.lease, t.budget)
             });
@@ -150,7 +140,7 @@ impl Budgets {
 /// One budget, as this process holds it.
 pub struct Budget {
     spec: FleetBudget,
-    redis: Option<(Redis, SlotNames)>,
+    redis: Option<(Fleet, SlotNames)>,
     /// The lease of a slot or a place in the queue, and each Redis call's budget.
     lease: Duration,
     call_budget: Duration,
@@ -172,12 +162,12 @@ pub struct Budget {
 impl Budget {
     fn new(
         spec: &FleetBudget,
-        redis: Option<Redis>,
+        redis: Option<Fleet>,
         (lease, call_budget): (Duration, Duration),
         metrics: &Arc<Metrics>,
     ) -> Budget {
         let redis = redis.map(|r| {
-            let names = r.l2.slot_names(&spec.name);
+            let names = r.slot_names(&spec.name);
             (r, names)
         });
         let id: [u8; 8] = rand::random();
@@ -221,7 +211,7 @@ impl Budget {
         let Some((redis, names)) = &self.redis else {
             return self.alone(deadline, false).await;
         };
-        if redis.keeper.degraded() {
+        if redis.slots_degraded() {
             self.going_alone(&"its circuit is open");
             return self.alone(deadline, true).await;
         }
@@ -243,15 +233,14 @@ impl Budget {
             let channel = weight.channel.clone().filter(|_| place.queued);
             let local = (weight.local)();
             let asked = redis
-                .keeper
-                .with_own(move |l2| async move {
+                .with_slots(move |slots| async move {
                     let remote = match &channel {
-                        Some(channel) => l2.listeners(channel, terms.budget).await.unwrap_or(0),
+                        Some(channel) => slots.listeners(channel, terms.budget).await.unwrap_or(0),
                         None => 0,
                     };
                     let weight = local + usize::try_from(remote).unwrap_or(0);
                     let terms = terms.borrowed();
-                    let state = l2.take_slot(&keys, terms, boost(weight), arrived).await;
+                    let state = slots.take_slot(&keys, terms, boost(weight), arrived).await;
                     state.map(|state| (state, weight))
                 })
                 .await;
@@ -349,17 +338,17 @@ impl Budget {
     }
 
     /// A granted slot, renewed every third of its lease from the keeper's thread.
-    fn held(self: &Arc<Self>, redis: &Redis, names: &SlotNames, token: Arc<str>) -> BudgetSlot {
+    fn held(self: &Arc<Self>, redis: &Fleet, names: &SlotNames, token: Arc<str>) -> BudgetSlot {
         let (names, terms) = (names.clone(), self.terms(&token));
         let budget_name = self.spec.name.clone();
-        let renewal = redis.keeper.keep(move |l2| async move {
+        let renewal = redis.keep_slots(move |slots| async move {
             let every = (terms.lease / 3).max(Duration::from_millis(10));
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let slot = terms.borrowed();
-                match l2.extend_slot(&names, slot).await {
+                match slots.extend_slot(&names, slot).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(budget = %budget_name, "budget slot lost before its call ended (its lease ran out); the fleet may briefly exceed the budget");
@@ -382,11 +371,11 @@ impl Budget {
 
     /// Subscribes the budget's channel once: grants wake the queued call they name; a lost
     /// connection wakes them all to ask again.
-    async fn listen(self: &Arc<Self>, redis: &Redis, names: &SlotNames) {
+    async fn listen(self: &Arc<Self>, redis: &Fleet, names: &SlotNames) {
         let subscribed = self
             .listening
             .get_or_try_init(|| async {
-                let mut subscription = redis.notices.subscribe(&names.channel).await?;
+                let mut subscription = redis.subscribe(&names.channel).await?;
                 let budget = Arc::downgrade(self);
                 Ok::<_, L2Error>(tokio::spawn(async move {
                     loop {
@@ -424,9 +413,9 @@ impl Budget {
         };
         let (names, terms) = (names.clone(), self.terms(&token));
         let (metrics, name) = (self.metrics.clone(), self.spec.name.clone());
-        redis.keeper.keep(move |l2| async move {
+        redis.keep_slots(move |slots| async move {
             let slot = terms.borrowed();
-            match l2.free_slot(&names, slot).await {
+            match slots.free_slot(&names, slot).await {
                 Ok((_, reclaimed)) => metrics.budget_reclaimed(&name, reclaimed),
                 Err(err) => {
                     tracing::warn!(budget = %name, %err, "could not give a budget slot back; it lapses with its lease");

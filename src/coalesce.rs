@@ -30,11 +30,11 @@ use crate::caps::Caps;
 use crate::config::LockScope;
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Source};
+use crate::fleet::FillLock;
 use crate::fleet::Fleet;
 use crate::flight::{Crowded, Flights, Interest, Joined};
 use crate::l1::{L1, PassMarks};
 use crate::l2::{KeyNames, Peek};
-use crate::lock::FillLock;
 use crate::metrics::{LockOutcome, Metrics};
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
@@ -134,7 +134,7 @@ impl Coalescer {
             .fleet
             .as_ref()
             .filter(|_| req.route.fleet_budget.is_some())
-            .map(|fleet| fleet.l2.names(&req.route.name, &req.key).channel);
+            .map(|fleet| fleet.names(&req.route.name, &req.key).channel);
         crate::budget::Weight::new(interest.weight(), channel)
     }
 
@@ -153,13 +153,13 @@ impl Coalescer {
         let Some(fleet) = &self.fleet else {
             return self.filler.fill(&req, Claim::Instance(None), None).await;
         };
-        let names = Arc::new(fleet.l2.names(&req.route.name, &req.key));
+        let names = Arc::new(fleet.names(&req.route.name, &req.key));
         if req.route.lock.scope == LockScope::Fleet {
             return self
                 .wait(&req, fleet, &names, Purpose::Miss, None, &interest)
                 .await;
         }
-        let fallback = match fleet.l2.get(&names, fleet.l2.read_budget()).await {
+        let fallback = match fleet.read(&names, fleet.read_budget()).await {
             Ok(peek) => match self.read(&req, peek).await {
                 Ok(fill) => return fill,
                 Err(fallback) => fallback,
@@ -169,7 +169,7 @@ impl Coalescer {
                 return self.filler.fill(&req, Claim::Instance(None), None).await;
             }
         };
-        let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
+        let claim = Claim::Instance(Some((fleet.clone(), names.clone())));
         self.filler.fill(&req, claim, fallback).await
     }
 
@@ -186,9 +186,9 @@ impl Coalescer {
                 .await;
         };
         let route = &req.route;
-        let names = Arc::new(fleet.l2.names(&route.name, &req.key));
+        let names = Arc::new(fleet.names(&route.name, &req.key));
         if route.lock.scope != LockScope::Fleet {
-            let claim = Claim::Instance(Some((fleet.l2.clone(), names.clone())));
+            let claim = Claim::Instance(Some((fleet.clone(), names.clone())));
             return self.filler.fill(&req, claim, Some(stale)).await;
         }
         let known = stale.times.stored_at;
@@ -240,28 +240,21 @@ impl Coalescer {
                     None => continue,
                 }
             }
-            return self.settle(req, waited.settled, waited.held).await;
+            return self.settle(req, waited.settled).await;
         }
         // Relay logs announced and unreadable, again and again: ask for yourselves.
         Fill::FetchYourself
     }
 
     /// Acts on how the wait settled.
-    async fn settle(&self, req: &FillRequest, settled: Settled, held: Option<FillLock>) -> Fill {
+    async fn settle(&self, req: &FillRequest, settled: Settled<FillLock>) -> Fill {
         let route = &req.route;
         match settled {
-            Settled::Fill { fallback } => {
-                let claim = match held {
-                    Some(held) => Claim::Fleet(held),
-                    // The machine settles on Fill only once the lock is ours.
-                    None => Claim::Instance(None),
-                };
-                self.filler.fill(req, claim, fallback).await
+            Settled::Fill { permit, fallback } => {
+                self.filler.fill(req, Claim::Fleet(permit), fallback).await
             }
-            Settled::Release { entry } => {
-                if let Some(held) = held {
-                    quiet_release(req, held).await;
-                }
+            Settled::Release { permit, entry } => {
+                quiet_release(req, permit).await;
                 self.keep(req, entry, Source::L2).await
             }
             Settled::Share {

@@ -1,11 +1,12 @@
-//! L2: the Redis tier shared by the fleet — entries, fill locks and fill notices.
+//! L2: the Redis tier shared by the fleet — its connections, entries (get, put, peek) and purges.
 //!
 //! Every call is bounded by `[redis] timeout`; a call that fails or times out is an [`L2Error`] the
 //! caller degrades on (L1 and in-process coalescing go on), never a failed request. The connection
 //! (`l2/connection.rs`) is a `ConnectionManager` for one server, one that follows the master named
 //! by Redis Sentinel (`l2/sentinel.rs`), or a cluster connection for a Redis Cluster; all reconnect
-//! by themselves. The fill lock's commands are in `l2/fill_lock.rs`, the Lua scripts they run in
-//! `l2/scripts.rs`.
+//! by themselves. The fleet protocol — the fill lock, its notices, the relay logs and the budgets'
+//! slots — is [`crate::fleet`]'s: it runs its scripts through [`L2::invoke`] and [`L2::owed`], so
+//! every call it makes is bounded and counted as the reads here are.
 //!
 //! Redis names for one key (the `{hex}` braces are a Cluster hash tag, so an entry, its lock and
 //! its marker live in one slot and one script may touch all of them):
@@ -34,30 +35,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::Script;
+use redis::{FromRedisValue, Script, ScriptInvocation};
 
 pub(crate) use budget::{PATIENCE, guarded, manager_config, patiently};
 use connection::Connection;
-pub(crate) use fill_lock::PURGED_LOCK;
-pub use fill_lock::{LockState, Lookup, StoreOutcome, Terms};
-pub use relay_log::{Record, WINDOW_RECORDS};
-use scripts::{EXTEND, LOOKUP, RELEASE, STORE, TAKE};
-pub use slots::{SEEN_FOR, SlotNames, SlotState, SlotTerms};
 
 use crate::breaker::Breaker;
-use crate::config::{RedisConfig, RedisTopology, RouteConfig};
+use crate::config::{RedisConfig, RedisTopology};
 use crate::entry::{Entry, now_ms};
 use crate::key::CacheKey;
 use crate::metrics::Metrics;
 
 mod budget;
 mod connection;
-mod fill_lock;
 mod purge;
-mod relay_log;
-mod scripts;
 pub(crate) mod sentinel;
-mod slots;
 mod soft;
 pub(crate) mod switches;
 pub(crate) mod tls;
@@ -75,6 +67,10 @@ pub enum L2Error {
     Timeout { op: &'static str, budget: Duration },
     #[error("redis pub/sub: {0}")]
     Pubsub(String),
+    /// The lease keeper's thread (see `fleet/keeper.rs`) could not run a call: a fault of this
+    /// process, not evidence that Redis is down.
+    #[error("the lease keeper: {0}")]
+    Keeper(String),
     #[error("redis {op}: not called, the circuit is open (redis is considered down)")]
     CircuitOpen { op: &'static str },
 }
@@ -98,110 +94,30 @@ impl KeyNames {
     }
 }
 
-/// What a fill notice says. Published on the key's channel by the leader.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Notice {
-    /// The entry is in L2; it comes with the notice unless it was too large to publish. Then the
-    /// fill's span, when the filler records spans (see [`crate::trace::FillRef`]).
-    Stored(Option<Arc<Entry>>, Option<crate::trace::FillRef>),
-    /// The fill failed and stored nothing. Carries the answer the leader got (an upstream error,
-    /// or a 502/504 standing for a call that got none) so waiters share it instead of calling
-    /// the upstream one after another; `None` when it was too large to publish.
-    Failed(Option<Arc<Entry>>),
-    /// The answer may not be shared: every waiter fetches for itself.
-    Uncacheable,
-    /// The leader is relaying a storable answer while it arrives: waiters may read its relay
-    /// log, named by the fill's id (see `l2/relay_log.rs`); `stored` follows once it has arrived
-    /// whole.
-    Streaming(Arc<str>),
-    /// The streaming fill (by id) wrote more to its relay log: its tailers read on, and a waiter
-    /// that missed the `streaming` notice starts tailing.
-    Relayed(Arc<str>),
-    /// A fleet budget's slot was handed to the waiting call with this token (published on the
-    /// budget's channel, never on a key's; see `l2/slots.rs`).
-    Granted(Arc<str>),
+/// The value a purge leaves in a key's fill lock (keeping its TTL): the fill that holds the lock
+/// began before the purge, so its store is refused — as a delete invalidates a memcache lease.
+pub(crate) const PURGED_LOCK: &str = "purged";
+
+/// A fill lock as a read of it sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockState {
+    /// Nobody holds it.
+    #[default]
+    Free,
+    /// Held, with this much of its lease left.
+    Held(Duration),
+    /// Held by a key with no TTL (written by hand, or by a foreign client): held for all we
+    /// know, and it will not lapse by itself.
+    Unbounded,
 }
 
-/// Largest failed answer carried in a notice; a larger one is left out (waiters then compete).
-const MAX_NOTICE_ENTRY: usize = 64 * 1024;
-
-impl Notice {
-    /// The notice's name, for logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Notice::Stored(..) => "stored",
-            Notice::Failed(_) => "failed",
-            Notice::Uncacheable => "uncacheable",
-            Notice::Streaming(_) => "streaming",
-            Notice::Relayed(_) => "relayed",
-            Notice::Granted(_) => "granted",
-        }
-    }
-
-    pub fn payload(&self) -> Bytes {
-        match self {
-            Notice::Stored(_, None) => Bytes::from_static(b"stored"),
-            Notice::Stored(_, Some(by)) => {
-                let mut payload = b"stored:".to_vec();
-                payload.extend_from_slice(&by.encode());
-                Bytes::from(payload)
-            }
-            Notice::Uncacheable => Bytes::from_static(b"uncacheable"),
-            Notice::Streaming(id) => Bytes::from(format!("streaming:{id}")),
-            Notice::Relayed(id) => Bytes::from(format!("relayed:{id}")),
-            Notice::Granted(token) => Bytes::from(format!("granted:{token}")),
-            Notice::Failed(None) => Bytes::from_static(b"failed"),
-            Notice::Failed(Some(entry)) => {
-                let encoded = entry.encode();
-                if encoded.len() > MAX_NOTICE_ENTRY {
-                    return Bytes::from_static(b"failed");
-                }
-                let mut payload = Vec::with_capacity(7 + encoded.len());
-                payload.extend_from_slice(b"failed:");
-                payload.extend_from_slice(&encoded);
-                Bytes::from(payload)
-            }
-        }
-    }
-
-    pub fn parse(payload: &[u8]) -> Option<Notice> {
-        if let Some(rest) = payload.strip_prefix(b"stored:") {
-            // `stored:[trace reference][entry]`, each part optional.
-            let (by, entry) = crate::trace::FillRef::split(rest);
-            let entry = (!entry.is_empty())
-                .then(|| Entry::decode(Bytes::copy_from_slice(entry)).ok())
-                .flatten()
-                .map(Arc::new);
-            return Some(Notice::Stored(entry, by));
-        }
-        if let Some(id) = payload.strip_prefix(b"streaming:") {
-            return std::str::from_utf8(id)
-                .ok()
-                .map(|id| Notice::Streaming(id.into()));
-        }
-        if let Some(token) = payload.strip_prefix(b"granted:") {
-            return std::str::from_utf8(token)
-                .ok()
-                .map(|token| Notice::Granted(token.into()));
-        }
-        // Every record of a relay log after its head rings with this one: a notice that did not
-        // parse would be dropped by the hub, and the tails would read on their quiet timer only.
-        if let Some(id) = payload.strip_prefix(b"relayed:") {
-            return std::str::from_utf8(id)
-                .ok()
-                .map(|id| Notice::Relayed(id.into()));
-        }
-        match payload {
-            b"stored" => Some(Notice::Stored(None, None)),
-            b"uncacheable" => Some(Notice::Uncacheable),
-            b"failed" => Some(Notice::Failed(None)),
-            _ => {
-                let entry = payload.strip_prefix(b"failed:")?;
-                let entry = Entry::decode(Bytes::copy_from_slice(entry))
-                    .ok()
-                    .map(Arc::new);
-                Some(Notice::Failed(entry))
-            }
+impl LockState {
+    fn from_pttl(pttl: i64) -> LockState {
+        match pttl {
+            -1 => LockState::Unbounded,
+            ms => u64::try_from(ms)
+                .map(|ms| LockState::Held(Duration::from_millis(ms)))
+                .unwrap_or(LockState::Free),
         }
     }
 }
@@ -227,22 +143,12 @@ pub struct L2 {
     /// Whether a probe is reviving the connection (see [`L2::revive`]).
     reviving: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
-    scripts: Arc<Scripts>,
+    /// How fill notices are published: [`publish_command`].
+    publish: &'static str,
 }
 
 /// How often a connection whose circuit is open is probed.
 const REVIVE_EVERY: Duration = Duration::from_millis(250);
-
-struct Scripts {
-    lookup: Script,
-    take: Script,
-    store: Script,
-    release: Script,
-    extend: Script,
-    relay_append: Script,
-    /// How fill notices are published: [`publish_command`].
-    publish: &'static str,
-}
 
 impl L2 {
     /// Prepares the connection without waiting for Redis: Corral starts (degraded) while Redis is
@@ -260,38 +166,87 @@ impl L2 {
             breaker,
             reviving: Arc::default(),
             metrics,
-            scripts: Arc::new(Scripts {
-                lookup: Script::new(LOOKUP),
-                take: Script::new(TAKE),
-                store: Script::new(STORE),
-                release: Script::new(RELEASE),
-                extend: Script::new(EXTEND),
-                relay_append: Script::new(relay_log::APPEND),
-                publish: publish_command(&cfg.topology),
-            }),
+            publish: publish_command(&cfg.topology),
         })
     }
 
-    /// Connects and loads the scripts (on every master of a cluster), so that the first burst
+    /// Connects and loads `scripts` (on every master of a cluster), so that the first burst
     /// after a start pays for neither inside a call's budget. Bounded by `budget`; a failure is
     /// logged and leaves the connection to be made on first use.
-    pub async fn warm_up(&self, budget: Duration) -> Result<(), L2Error> {
+    pub async fn warm_up(&self, budget: Duration, scripts: &[&Script]) -> Result<(), L2Error> {
         let mut conn = self.conn.clone();
-        let scripts = &self.scripts;
         let load = async {
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            for script in [
-                &scripts.lookup,
-                &scripts.take,
-                &scripts.store,
-                &scripts.release,
-                &scripts.extend,
-            ] {
+            for script in scripts {
                 script.load_async(&mut conn).await?;
             }
             Ok(())
         };
         self.within("warm up", budget, load).await
+    }
+
+    /// Runs a script within `budget` (see [`Self::within`]): how the fleet protocol's decisions
+    /// reach Redis.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        budget: Duration,
+        call: &ScriptInvocation<'_>,
+    ) -> Result<T, L2Error> {
+        let mut conn = self.conn.clone();
+        self.within(op, budget, call.invoke_async(&mut conn)).await
+    }
+
+    /// Runs a script that is owed to others — a release the fleet's waiters wait for, a budget's
+    /// slot given back — within `budget`, even while the circuit is open: a caller that stopped
+    /// getting answers still owes it, or the others sit out a lease.
+    pub async fn owed<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        budget: Duration,
+        call: &ScriptInvocation<'_>,
+    ) -> Result<T, L2Error> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(budget, call.invoke_async(&mut conn)).await {
+            Ok(Ok(answer)) => {
+                self.breaker.success();
+                Ok(answer)
+            }
+            Ok(Err(source)) => {
+                self.metrics.redis_error(op);
+                Err(L2Error::Redis { op, source })
+            }
+            Err(_) => {
+                self.metrics.redis_error(op);
+                Err(L2Error::Timeout { op, budget })
+            }
+        }
+    }
+
+    /// Runs one command within `budget`.
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        budget: Duration,
+        cmd: &redis::Cmd,
+    ) -> Result<T, L2Error> {
+        let mut conn = self.conn.clone();
+        self.within(op, budget, cmd.query_async(&mut conn)).await
+    }
+
+    /// The namespace every Redis name of this fleet starts with.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The command that publishes fill notices here: `SPUBLISH` in a cluster, else `PUBLISH`.
+    pub fn publish_command(&self) -> &'static str {
+        self.publish
+    }
+
+    /// The budget of every lock decision (`[redis] lock_timeout`), unless a route sets its own.
+    pub fn lock_budget(&self) -> Duration {
+        self.lock_timeout
     }
 
     pub fn names(&self, route: &str, key: &CacheKey) -> KeyNames {
@@ -303,16 +258,6 @@ impl L2 {
             channel: format!("corral:{ns}:{route}:fill:{{{hex}}}"),
             pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
             relay: format!("corral:{ns}:{route}:relay:{{{hex}}}"),
-        }
-    }
-
-    /// How `route` holds its fill locks: its lease, the budget of its lock decisions (see
-    /// [`crate::config::LockSpec::redis_budget`]) and its upstream timeout.
-    pub fn terms(&self, route: &RouteConfig) -> Terms {
-        Terms {
-            lease: route.lock.lease,
-            budget: route.lock.redis_budget(self.lock_timeout),
-            max_hold: route.upstream_timeout,
         }
     }
 
@@ -457,7 +402,7 @@ pub(crate) fn invalidation_channel(namespace: &str) -> String {
     format!("corral:{namespace}:invalidate")
 }
 
-fn decode(name: &str, raw: Bytes) -> Option<Entry> {
+pub(crate) fn decode(name: &str, raw: Bytes) -> Option<Entry> {
     match Entry::decode(raw) {
         Ok(entry) => Some(entry),
         Err(err) => {
@@ -467,6 +412,6 @@ fn decode(name: &str, raw: Bytes) -> Option<Entry> {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

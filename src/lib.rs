@@ -6,8 +6,8 @@
 //! Redis pub/sub.
 //!
 //! # Layout
-//! The modules, top down; each uses only modules below it (`proxy → coalesce → fill →
-//! lock/notice → l2 → entry`).
+//! The modules, top down; each uses only modules below it (`proxy → coalesce → fill → fleet →
+//! l2 → entry`).
 //! - [`server`] — the listeners, graceful shutdown; [`admin`] — metrics, health, purge, reload;
 //!   [`control`] — the live proxy and config they share, and reloads; [`conn`] — the limits of
 //!   every client connection (head, idle, count).
@@ -15,15 +15,18 @@
 //!   [`answer`] — responses, and the one place errors become statuses; [`conditional`] — 304,
 //!   206 and HEAD answered from what Corral holds; [`outcome`] — `Cache-Status`.
 //! - [`coalesce`] — one fill per key, in the process ([`flight`]) and across the fleet (the
-//!   [`wait`] state machine and its I/O loop; tailing another instance's streaming fill).
+//!   [`wait`] state machine and its I/O loop, which runs against the fleet's verbs; tailing
+//!   another instance's streaming fill).
 //! - [`fill`] — calling the upstream and ending the claim by what the answer allows
 //!   ([`verdict`], [`revalidate`], [`cache_control`], [`vary`]); a storable answer streams to
 //!   every requester through a [`relay`] (one writer, many readers, ending complete or aborted)
 //!   and to other instances through its relay log in Redis, and is stored once whole.
-//! - [`fleet`] — the process's Redis connections; [`lock`] — the fill lock and its lease keeper;
-//!   [`notice`] — the pub/sub hub that wakes waiters and carries purges; [`purge`] — what a purge
-//!   names.
-//! - [`l1`] / [`l2`] — the in-process and the Redis tier; [`entry`] — a stored response, its
+//! - [`fleet`] — the fleet protocol in one home: [`fleet::Fleet`] and its verbs per key (look,
+//!   take the lock, read, subscribe, relay), the fill lock as a permit ([`fleet::FillLock`]) and
+//!   its lease keeper, the notices (one type, one wire format) and their pub/sub hub, the Lua
+//!   scripts, the relay logs and the budgets' slots; [`purge`] — what a purge names.
+//! - [`l1`] / [`l2`] — the in-process and the Redis tier (connections, entries, purges, every
+//!   call bounded); [`entry`] — a stored response, its
 //!   freshness, its wire format; [`key`] — the blake3 cache key of a request.
 //! - [`upstream`] — the pooled client and header hygiene; [`caps`] and [`budget`] — what an
 //!   upstream call waits for: the per-route cap, and a slot of the route's fleet-wide budget;
@@ -66,9 +69,7 @@ pub mod header_rules;
 pub mod key;
 pub mod l1;
 pub mod l2;
-pub mod lock;
 pub mod metrics;
-pub mod notice;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;

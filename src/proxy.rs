@@ -93,7 +93,7 @@ impl Proxy {
         let idle = config.server.upstream_idle_timeout;
         let client = UpstreamClient::with_handshakes(idle, metrics.upstream_tls_handshakes());
         client.renew(config);
-        let budgets = Budgets::new(config, fleet.as_ref().map(Fleet::budgets), &metrics);
+        let budgets = Budgets::new(config, fleet.clone(), &metrics);
         let caps = Arc::new(Caps::new(config, budgets));
         let filler = Filler::new(
             l1.clone(),

@@ -21,7 +21,7 @@
 //! A request answered by a fill it did not run — a follower in this process, or any request of
 //! an instance that waited for another instance's fill — carries a span link to that `fill`
 //! span. In the process the link comes with the flight's result ([`attributed`]); across the
-//! fleet, in the fill notice (see [`crate::l2::Notice`] and [`FillRef::encode`]).
+//! fleet, in the fill notice (see [`crate::fleet::Notice`] and [`FillRef::encode`]).
 
 use std::cell::RefCell;
 use std::future::Future;

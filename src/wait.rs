@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  Miss:    Lookup ──entry──▶ Done(share) / compete      Refresh: Read ──newer──▶ Done(share)
-//!             ├─locked──▶ Done(fill)                                  └─else──▶ compete
+//!             ├─locked──▶ Done(fill, with the permit)                                  └─else──▶ compete
 //!             └─held────▶ Subscribe ─▶ Peek ─┬─ settled ─▶ Done
 //!  compete: TryLock ─┬─ got it ─▶ Recheck ─▶ Done(fill | release+share)
 //!                    └─ held ───▶ (Subscribe ─▶) Peek ─┤
@@ -23,6 +23,7 @@
 //! answer, shared; without one, compete again) and `uncacheable` each settle the wait, and the
 //! subscription delivers them in order, so a resync that follows one can never hide it.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +32,8 @@ use tokio::time::Instant;
 use crate::config::OnWaitTimeout;
 use crate::entry::{Answerable, Entry, Freshness};
 use crate::fill::Source;
-use crate::l2::{LockState, Lookup, Notice, Peek};
-use crate::notice::Wake;
+use crate::fleet::{Lookup, Notice, Wake};
+use crate::l2::{LockState, Peek};
 
 /// Slack added to a lock's remaining lease before competing again, so the lock has surely lapsed.
 pub const LAPSE_MARGIN: Duration = Duration::from_millis(5);
@@ -47,17 +48,19 @@ pub enum Purpose {
     Refresh { known: u64 },
 }
 
-/// What the I/O loop does next.
+/// What the I/O loop does next. `P` is the permit a taken lock is (the machine hands it on, never
+/// holds it: the flight that holds it is the one that fills).
 #[derive(Debug)]
-pub enum Action {
+pub enum Action<P> {
     /// Run the lookup script: the entry, or the uncacheable marker, or the lock taken if free.
     Lookup,
     /// Read the entry and the marker.
     Read,
     /// Try to take the fill lock (`SET NX PX`).
     TryLock,
-    /// The lock was just taken: read the entry again (a fill may have landed since the last look).
-    Recheck,
+    /// The lock was just taken: read the entry again (a fill may have landed since the last look),
+    /// and report it with the permit ([`Event::Rechecked`]).
+    Recheck(P),
     /// Subscribe to the key's channel (before the re-check that closes the race with its notice).
     Subscribe,
     /// Read entry, marker and the lock's remaining lease.
@@ -67,17 +70,22 @@ pub enum Action {
     /// Wait for a wake on the channel until `until`, then report [`Event::Lapsed`].
     Wait { until: Instant },
     /// The wait is over.
-    Done(Settled),
+    Done(Settled<P>),
 }
 
-/// How a wait ended: what the flight does with it.
+/// How a wait ended: what the flight does with it. Only the endings that took the lock carry
+/// its permit; any other ending has none to release.
 #[derive(Debug)]
-pub enum Settled {
-    /// The flight holds the lock: call the upstream (`fallback`: a stale entry to stand in if it
-    /// fails).
-    Fill { fallback: Option<Arc<Entry>> },
-    /// The flight took the lock, but a fresh entry had landed: release the lock quietly, share it.
-    Release { entry: Arc<Entry> },
+pub enum Settled<P> {
+    /// The flight holds the lock (`permit`): call the upstream (`fallback`: a stale entry to
+    /// stand in if it fails).
+    Fill {
+        permit: P,
+        fallback: Option<Arc<Entry>>,
+    },
+    /// The flight took the lock (`permit`), but a fresh entry had landed: release the lock
+    /// quietly, share the entry.
+    Release { permit: P, entry: Arc<Entry> },
     /// Share this entry; `keep` copies it into L1 (a stored entry, not a shared failure).
     Share {
         entry: Arc<Entry>,
@@ -108,12 +116,13 @@ pub enum Alone {
 
 /// What happened, as the I/O loop reports it.
 #[derive(Debug)]
-pub enum Event {
-    Looked(Lookup),
+pub enum Event<P> {
+    Looked(Lookup<P>),
     Read(Peek),
-    /// `true`: the lock is ours.
-    Locked(bool),
-    Rechecked(Option<Entry>),
+    /// `Some`: the lock is ours.
+    Locked(Option<P>),
+    /// The re-read that [`Action::Recheck`] asked for, with the permit it carried.
+    Rechecked(P, Option<Entry>),
     Subscribed,
     Peeked(Peek),
     Confirmed,
@@ -134,9 +143,9 @@ pub struct Trace {
     pub timed_out: bool,
 }
 
-/// One flight's wait for a key.
+/// One flight's wait for a key, whose lock is taken as a permit `P`.
 #[derive(Debug)]
-pub struct Wait {
+pub struct Wait<P> {
     purpose: Purpose,
     fallback: Option<Arc<Entry>>,
     deadline: Instant,
@@ -146,9 +155,10 @@ pub struct Wait {
     /// When the current wait lapses (the last [`Action::Wait`]).
     until: Option<Instant>,
     trace: Trace,
+    permit: PhantomData<fn() -> P>,
 }
 
-impl Wait {
+impl<P> Wait<P> {
     /// A wait that gives up at `deadline`; `fallback` is a stale entry that may stand in for a
     /// failed fill (a refresh always has the entry it refreshes).
     pub fn new(
@@ -157,7 +167,7 @@ impl Wait {
         deadline: Instant,
         lease: Duration,
         policy: OnWaitTimeout,
-    ) -> Wait {
+    ) -> Wait<P> {
         Wait {
             purpose,
             fallback,
@@ -167,12 +177,13 @@ impl Wait {
             subscribed: false,
             until: None,
             trace: Trace::default(),
+            permit: PhantomData,
         }
     }
 
     /// The first action: a miss looks (and locks) in one round trip; a refresh first reads, since
     /// the entry it refreshes would always answer the lookup.
-    pub fn start(&self) -> Action {
+    pub fn start(&self) -> Action<P> {
         match self.purpose {
             Purpose::Miss => Action::Lookup,
             Purpose::Refresh { .. } => Action::Read,
@@ -185,30 +196,31 @@ impl Wait {
 
     /// The next action after `event`, which happened at `now` (`wall`: the same moment in ms
     /// since the epoch, for entry freshness).
-    pub fn on(&mut self, event: Event, now: Instant, wall: u64) -> Action {
+    pub fn on(&mut self, event: Event<P>, now: Instant, wall: u64) -> Action<P> {
         match event {
             Event::Looked(Lookup::Entry(entry)) => self
                 .consider(entry, wall, Source::L2)
                 .unwrap_or_else(|| self.compete(now)),
             Event::Looked(Lookup::Garbled) => self.compete(now),
             Event::Looked(Lookup::Uncacheable) => Action::Done(Settled::Uncacheable),
-            Event::Looked(Lookup::Locked) => {
+            Event::Looked(Lookup::Locked(permit)) => {
                 self.trace.acquired = true;
-                self.fill()
+                self.fill(permit)
             }
             Event::Looked(Lookup::Held) => self.await_holder(),
             Event::Read(peek) => self.settle(peek, wall).unwrap_or_else(|| self.compete(now)),
-            Event::Locked(true) => {
+            Event::Locked(Some(permit)) => {
                 self.trace.acquired = true;
-                Action::Recheck
+                Action::Recheck(permit)
             }
-            Event::Locked(false) => self.await_holder(),
-            Event::Rechecked(Some(entry)) if self.newer_and_fresh(&entry, wall) => {
+            Event::Locked(None) => self.await_holder(),
+            Event::Rechecked(permit, Some(entry)) if self.newer_and_fresh(&entry, wall) => {
                 Action::Done(Settled::Release {
+                    permit,
                     entry: Arc::new(entry),
                 })
             }
-            Event::Rechecked(_) => self.fill(),
+            Event::Rechecked(permit, _) => self.fill(permit),
             Event::Subscribed => {
                 self.subscribed = true;
                 Action::Peek
@@ -237,7 +249,7 @@ impl Wait {
         }
     }
 
-    fn noticed(&mut self, notice: Notice, now: Instant) -> Action {
+    fn noticed(&mut self, notice: Notice, now: Instant) -> Action<P> {
         match notice {
             Notice::Stored(Some(entry), _) => match self.purpose {
                 Purpose::Refresh { known } if entry.times.stored_at <= known => self.compete(now),
@@ -280,7 +292,7 @@ impl Wait {
     }
 
     /// Waits on as before (until the deadline it had, else after a read of the key).
-    fn wait_on(&self) -> Action {
+    fn wait_on(&self) -> Action<P> {
         match self.until {
             Some(until) => Action::Wait { until },
             None => Action::Peek,
@@ -288,7 +300,7 @@ impl Wait {
     }
 
     /// What a read of the key settles, if anything.
-    fn settle(&mut self, peek: Peek, wall: u64) -> Option<Action> {
+    fn settle(&mut self, peek: Peek, wall: u64) -> Option<Action<P>> {
         if peek.uncacheable {
             return Some(Action::Done(Settled::Uncacheable));
         }
@@ -296,7 +308,7 @@ impl Wait {
     }
 
     /// Whether `entry` settles the wait; a stale-if-error entry is kept as the fallback.
-    fn consider(&mut self, entry: Entry, wall: u64, fresh: Source) -> Option<Action> {
+    fn consider(&mut self, entry: Entry, wall: u64, fresh: Source) -> Option<Action<P>> {
         let freshness = entry.times.freshness(wall);
         let share = |entry, source| {
             Some(Action::Done(Settled::Share {
@@ -331,14 +343,15 @@ impl Wait {
         newer && entry.times.freshness(wall) == Freshness::Fresh
     }
 
-    fn fill(&mut self) -> Action {
+    fn fill(&mut self, permit: P) -> Action<P> {
         Action::Done(Settled::Fill {
+            permit,
             fallback: self.fallback.take(),
         })
     }
 
     /// Try for the lock again — unless the deadline has passed.
-    fn compete(&mut self, now: Instant) -> Action {
+    fn compete(&mut self, now: Instant) -> Action<P> {
         if now < self.deadline {
             return Action::TryLock;
         }
@@ -360,7 +373,7 @@ impl Wait {
     }
 
     /// Someone else holds the lock: subscribe (once), then look.
-    fn await_holder(&mut self) -> Action {
+    fn await_holder(&mut self) -> Action<P> {
         self.trace.waited = true;
         if self.subscribed {
             Action::Peek
@@ -369,7 +382,7 @@ impl Wait {
         }
     }
 
-    fn wait_until(&mut self, lapse: Instant) -> Action {
+    fn wait_until(&mut self, lapse: Instant) -> Action<P> {
         let until = lapse.min(self.deadline);
         self.until = Some(until);
         Action::Wait { until }

@@ -125,7 +125,7 @@ async fn assert_recovered(upstream: &Upstream, client: &Client, fleet: &[Instanc
             for instance in fleet {
                 let proxy = instance.proxy();
                 let subscribed = match proxy.fleet() {
-                    Some(f) => f.notices.ready().await.is_ok(),
+                    Some(f) => f.hub_ready().await.is_ok(),
                     None => false,
                 };
                 if !subscribed || proxy.degraded() {

@@ -160,8 +160,7 @@ async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_abandoned_lock_is_released_with_a_failed_notice() {
-    use corral::breaker::Breaker;
-    use corral::l2::L2;
+    use corral::fleet::Fleet;
     use std::sync::Arc;
 
     let redis = RedisServer::start().await;
@@ -171,27 +170,21 @@ async fn an_abandoned_lock_is_released_with_a_failed_notice() {
     );
     let redis_cfg = cfg.redis.clone().expect("redis table");
     let metrics = Arc::new(corral::metrics::Metrics::new());
-    let l2 = L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics.clone()).expect("l2");
+    let l1 = corral::l1::L1::new(1 << 20);
+    let fleet = Fleet::connect(&redis_cfg, &metrics, &l1).expect("fleet");
     let mut hasher = corral::key::KeyHasher::new();
     hasher.field(b"abandoned");
-    let names = Arc::new(l2.names("recommend", &hasher.finish()));
+    let names = Arc::new(fleet.names("recommend", &hasher.finish()));
 
     let mut pubsub = redis.client().get_async_pubsub().await.expect("pubsub");
     pubsub.subscribe(&names.channel).await.expect("subscribe");
-    let terms = corral::lock::Terms {
+    let terms = corral::fleet::Terms {
         lease: Duration::from_secs(30),
         budget: Duration::from_secs(1),
         max_hold: Duration::from_secs(30),
     };
-    let keeper = {
-        let (redis_cfg, metrics) = (redis_cfg.clone(), metrics.clone());
-        corral::lock::LeaseKeeper::start(move || {
-            L2::connect(&redis_cfg, Arc::new(Breaker::default()), metrics)
-        })
-        .expect("lease keeper")
-    };
-    let held = keeper
-        .try_lock(&l2, &names, terms)
+    let held = fleet
+        .try_lock(&names, terms)
         .await
         .expect("redis")
         .expect("free lock");
@@ -451,12 +444,7 @@ async fn a_waiter_whose_client_hung_up_stops_waiting() {
     let leader = client.spawn_get(url(&fleet[0], path));
     upstream.wait_in_flight(1).await;
     let waiter = client.spawn_get(url(&fleet[1], path));
-    let notices = fleet[1]
-        .proxy()
-        .fleet()
-        .expect("fleet mode")
-        .notices
-        .clone();
+    let notices = fleet[1].proxy().fleet().expect("fleet mode").clone();
     eventually("instance 1 waits on the fill", SETTLE, async || {
         notices.waiting_channels() == 1
     })

@@ -36,7 +36,7 @@ async fn a_waiting_instance_receives_one_notice_per_fill_however_many_requests_w
             fleet[1]
                 .proxy()
                 .fleet()
-                .is_some_and(|f| f.notices.waiting_channels() == 1)
+                .is_some_and(|f| f.waiting_channels() == 1)
         },
     )
     .await;

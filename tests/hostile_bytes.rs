@@ -10,8 +10,8 @@ use bytes::Bytes;
 use corral::Config;
 use corral::config::KeySpec;
 use corral::entry::Entry;
+use corral::fleet::Notice;
 use corral::key::CacheKey;
-use corral::l2::Notice;
 use http::{HeaderMap, Method, Uri};
 use proptest::prelude::*;
 

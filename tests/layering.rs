@@ -1,5 +1,5 @@
-//! The library's modules depend on each other one way: `proxy → coalesce → fill → lock/notice →
-//! l2 → entry`, with no cycle anywhere. Reads `src/` as text, so a change that makes two modules
+//! The library's modules depend on each other one way: `proxy → coalesce → fill → fleet → l2 →
+//! entry`, with no cycle anywhere. Reads `src/` as text, so a change that makes two modules
 //! call each other fails here, not in a reader's head.
 //!
 //! A dependency is a `crate::<module>` path outside comments and test modules. Inside a folder
@@ -117,9 +117,9 @@ fn names_after<'a>(code: &'a str, prefix: &'a str) -> impl Iterator<Item = Strin
     })
 }
 
-/// For each folder of `src/` (`src/notice`), the files in it (`notice/sharded.rs` is `sharded`)
+/// For each folder of `src/` (`src/fleet/hub`), the files in it (`fleet/hub/sharded.rs` is `sharded`)
 /// and which of their siblings each names: through `super::<sibling>` or
-/// `crate::<folder path>::<sibling>`. The folder's own module file (`notice.rs`) is not a node:
+/// `crate::<folder path>::<sibling>`. The folder's own module file (`fleet/hub.rs`) is not a node:
 /// it declares the siblings and whatever they share.
 fn folder_dependencies() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -176,8 +176,11 @@ fn no_file_in_a_folder_depends_on_a_sibling_that_depends_on_it() {
     let folders = folder_dependencies();
     assert!(
         folders
-            .get("notice")
-            .is_some_and(|files| files.contains_key("topology")),
+            .get("fleet::hub")
+            .is_some_and(|files| files.contains_key("topology"))
+            && folders
+                .get("fleet")
+                .is_some_and(|files| files.contains_key("lock")),
         "{folders:?}"
     );
     let cycles: Vec<String> = folders
@@ -233,32 +236,30 @@ fn no_module_depends_on_a_module_that_depends_on_it() {
 }
 
 #[test]
-fn the_request_path_runs_down_proxy_coalesce_fill_lock_l2_entry() {
+fn the_request_path_runs_down_proxy_coalesce_fill_fleet_l2_entry() {
     let graph = dependencies();
     let uses = |a: &str, b: &str| graph.get(a).is_some_and(|d| d.contains(b));
     // Each step uses the next…
     for (a, b) in [
         ("proxy", "coalesce"),
         ("coalesce", "fill"),
-        ("coalesce", "notice"),
-        ("fill", "lock"),
-        ("lock", "l2"),
+        ("coalesce", "fleet"),
+        ("fill", "fleet"),
+        ("fleet", "l2"),
         ("l2", "entry"),
     ] {
         assert!(uses(a, b), "{a} should use {b}: {:?}", graph.get(a));
     }
     // …and nothing below names anything above it.
-    let path = ["proxy", "coalesce", "fill", "lock", "l2", "entry"];
+    let path = ["proxy", "coalesce", "fill", "fleet", "l2", "entry"];
     for (i, lower) in path.iter().enumerate() {
         for upper in &path[..i] {
             assert!(!uses(lower, upper), "{lower} reaches back up into {upper}");
         }
     }
-    for upper in ["proxy", "coalesce", "fill"] {
-        assert!(
-            !uses("notice", upper),
-            "notice reaches back up into {upper}"
-        );
+    // The fleet protocol has one home: nothing below it speaks it.
+    for lower in ["l2", "entry", "l1", "key"] {
+        assert!(!uses(lower, "fleet"), "{lower} reaches up into fleet");
     }
 }
 

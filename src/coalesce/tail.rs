@@ -1,5 +1,5 @@
 //! Reading another instance's streaming fill while it arrives: the relay log it writes (see
-//! `l2/relay_log.rs`) is read into a [`Relay`] of this process, which this flight's requesters
+//! `fleet/relay_log.rs`) is read into a [`Relay`] of this process, which this flight's requesters
 //! read as if the fill were local.
 //!
 //! The flight keeps its subscription to the key's channel: every record the leader appends rings
@@ -20,11 +20,11 @@ use tokio::time::Instant;
 
 use crate::entry::Entry;
 use crate::fill::{Fill, FillRequest, RELAY_WINDOW, Source};
-use crate::fleet::Fleet;
+use crate::fleet::Subscription;
+use crate::fleet::{Fleet, Record, RelayLog};
 use crate::flight::Hold;
-use crate::l2::{KeyNames, L2, Record};
+use crate::l2::KeyNames;
 use crate::metrics::Metrics;
-use crate::notice::Subscription;
 use crate::relay::{End, Push, Relay};
 
 /// Starts tailing the relay log of fill `id` of `names`, rung on `sub`: `None` when its head
@@ -40,8 +40,8 @@ pub(super) async fn tail(
     req: &FillRequest,
 ) -> Option<Fill> {
     let route = &req.route;
-    let log = names.relay_log(id);
-    let (records, last) = match fleet.l2.relay_read(&log, "0").await {
+    let log = fleet.relay_log(names, id);
+    let (records, last) = match log.read("0").await {
         Ok(read) => read,
         Err(err) => {
             tracing::warn!(route = %route.name, %err, "cannot read the fleet relay; waiting for the stored answer");
@@ -57,7 +57,6 @@ pub(super) async fn tail(
     let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
     relay.count_cuts_in(metrics.stream_cuts(&route.name));
     let tailing = Tailing {
-        l2: fleet.l2.clone(),
         metrics: metrics.clone(),
         route: route.name.clone(),
         sub,
@@ -80,12 +79,11 @@ pub(super) async fn tail(
 }
 
 struct Tailing {
-    l2: L2,
     metrics: Arc<Metrics>,
     /// The route's name, for the metrics.
     route: String,
     sub: Subscription,
-    log: String,
+    log: RelayLog,
     after: String,
     relay: Arc<Relay>,
     /// The body offset the next data record must start at.
@@ -102,7 +100,7 @@ impl Tailing {
         let end = self.follow(first).await;
         self.metrics.tail_ended(&self.route, &end);
         if let End::Aborted(why) = &end {
-            tracing::warn!(log = %self.log, %why, "the fleet relay was cut: readers here aborted");
+            tracing::warn!(log = %self.log.name(), %why, "the fleet relay was cut: readers here aborted");
             // Land the flight before its readers learn of the abort, so that the request that
             // comes next fills again instead of joining this one.
             drop(hold);
@@ -126,7 +124,7 @@ impl Tailing {
                     return End::Aborted("the fill did not end within upstream_timeout".into());
                 }
             };
-            match self.l2.relay_read(&self.log, &self.after).await {
+            match self.log.read(&self.after).await {
                 Ok((records, last)) => {
                     if let Some(last) = last {
                         self.after = last;

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use super::FillRequest;
 use crate::entry::Entry;
-use crate::l2::{KeyNames, L2, Notice, StoreOutcome};
-use crate::lock::FillLock;
+use crate::fleet::{FillLock, Fleet, Notice, StoreOutcome};
+use crate::l2::KeyNames;
 
 /// How this flight may fill: under the fleet lock, or for this instance alone (writing L2
 /// plainly when there is one to write).
 pub(crate) enum Claim {
     Fleet(FillLock),
-    Instance(Option<(L2, Arc<KeyNames>)>),
+    Instance(Option<(Fleet, Arc<KeyNames>)>),
 }
 
 impl Claim {
@@ -23,26 +23,19 @@ impl Claim {
     pub(super) async fn store(self, req: &FillRequest, entry: &Entry) -> bool {
         let route = &req.route.name;
         match self {
-            Claim::Fleet(held) => {
-                let (l2, names) = (held.l2().clone(), held.names().clone());
-                match held.store(entry).await {
-                    Ok(StoreOutcome::Purged) => {
-                        tracing::info!(%route, "a purge came while this fill ran: not stored");
-                        return false;
-                    }
-                    Ok(outcome) => {
-                        tracing::debug!(%route, ?outcome, "filled");
-                        if outcome != StoreOutcome::Superseded {
-                            l2.index_tags(&names, entry).await;
-                        }
-                    }
-                    Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
+            Claim::Fleet(held) => match held.store(entry).await {
+                Ok(StoreOutcome::Purged) => {
+                    tracing::info!(%route, "a purge came while this fill ran: not stored");
+                    return false;
                 }
-            }
-            Claim::Instance(Some((l2, names))) => match l2.put(&names, entry).await {
-                Ok(()) => l2.index_tags(&names, entry).await,
+                Ok(outcome) => tracing::debug!(%route, ?outcome, "filled"),
                 Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
             },
+            Claim::Instance(Some((fleet, names))) => {
+                if let Err(err) = fleet.put(&names, entry).await {
+                    tracing::warn!(%route, %err, "could not store the fill in redis");
+                }
+            }
             Claim::Instance(None) => {}
         }
         true

@@ -1,5 +1,5 @@
 //! Publishing a streaming fill's body to its relay log, so that waiters on other instances read
-//! it while it arrives (see `l2/relay_log.rs` for the log, [`crate::relay`] for the local side).
+//! it while it arrives (see `fleet/relay_log.rs` for the log, [`crate::relay`] for the local side).
 //!
 //! The publisher is one more reader of the fill's relay: it writes what it finds there in
 //! batches (everything already arrived, up to [`MAX_BATCH`]), so Redis work grows with bytes and
@@ -15,38 +15,35 @@ use futures_util::FutureExt;
 use http_body_util::BodyExt;
 
 use crate::entry::Entry;
-use crate::l2::{KeyNames, L2, Notice, Record};
+use crate::fleet::{Notice, Record, RelayLog};
 use crate::relay::{Relay, RelayError};
 
 /// Largest batch of body bytes in one record.
 pub const MAX_BATCH: usize = 256 * 1024;
 
-/// Relays `relay` (whose head is `head`) to the log of `names`. `ttl`: how long the log outlives
-/// its last write; `keepalive`: how often a silent upstream is reported alive.
+/// Relays `relay` (whose head is `head`) to `log`, the relay log of fill `id`. `ttl`: how long
+/// the log outlives its last write; `keepalive`: how often a silent upstream is reported alive.
 pub(crate) async fn publish(
-    l2: L2,
-    names: Arc<KeyNames>,
+    id: Arc<str>,
+    log: RelayLog,
     head: Arc<Entry>,
     relay: Arc<Relay>,
     ttl: Duration,
     keepalive: Duration,
 ) {
-    let id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
-    let log = names.relay_log(&id);
     let relayed = Notice::Relayed(id.clone());
     let append = async |record: &Record, window: bool, ttl: Duration| {
         let notice = match record {
             Record::Head(_) => Notice::Streaming(id.clone()),
             _ => relayed.clone(),
         };
-        l2.relay_append(&log, &names.channel, record, ttl, window, &notice)
-            .await
+        log.append(record, ttl, window, &notice).await
     };
     match append(&Record::Head(head.encode()), false, ttl).await {
         Ok(0) => return,
         Ok(_) => {}
         Err(err) => {
-            tracing::warn!(%log, %err, "could not start the fleet relay; waiters elsewhere get the answer once stored");
+            tracing::warn!(log = %log.name(), %err, "could not start the fleet relay; waiters elsewhere get the answer once stored");
             return;
         }
     }
@@ -99,7 +96,7 @@ pub(crate) async fn publish(
             let len = bytes.len() as u64;
             let record = Record::Data { offset, bytes };
             if let Err(err) = append(&record, relay.oversized(), ttl).await {
-                tracing::warn!(%log, %err, "the fleet relay stopped: waiters elsewhere see it cut");
+                tracing::warn!(log = %log.name(), %err, "the fleet relay stopped: waiters elsewhere see it cut");
                 return;
             }
             offset += len;

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 
 use super::{Claim, Fill, FillRequest, Filler, Source, publish};
 use crate::entry::Entry;
-use crate::l2::Notice;
+use crate::fleet::Notice;
 use crate::relay::{End, Push, Relay};
 
 /// A storable answer's head, and what its body needs to stream to its end.
@@ -68,11 +68,11 @@ impl Filler {
         if let Claim::Fleet(held) = &claim
             && !small
         {
-            let (l2, names) = (held.l2().clone(), held.names().clone());
+            let (id, log) = held.relay_log();
             let ttl = route.upstream_timeout + route.lock.lease;
             let keepalive = route.lock.lease / 2;
             let (head, relay) = (head.clone(), relay.clone());
-            tokio::spawn(publish::publish(l2, names, head, relay, ttl, keepalive));
+            tokio::spawn(publish::publish(id, log, head, relay, ttl, keepalive));
         }
         let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
         // The pump stays in the fill's span, and its `stored` notice names the fill as the flight

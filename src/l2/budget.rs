@@ -116,6 +116,8 @@ impl L2Error {
             L2Error::Redis { .. } => None,
             L2Error::Pubsub(_) => Some(Fault::Outage),
             L2Error::CircuitOpen { .. } => None,
+            // A fault of this process's own thread, not news of Redis.
+            L2Error::Keeper(_) => None,
         }
     }
 }

@@ -94,7 +94,7 @@ impl Proxy {
         let l1 = &self.l1;
         let purged = match self.fleet() {
             Some(fleet) => {
-                let n = fleet.l2.purge(&order).await;
+                let n = fleet.purge(&order).await;
                 let n = n.map_err(|err| PurgeError::Redis(Box::new(err)))?;
                 l1.apply(&order).await;
                 n

@@ -120,7 +120,7 @@ fn a_fill_reference_round_trips_and_foreign_bytes_are_left_alone() {
 
 #[test]
 fn a_stored_notice_carries_the_reference_where_an_older_parser_finds_no_entry() {
-    use crate::l2::Notice;
+    use crate::fleet::Notice;
     use std::sync::Arc;
     let fill = FillRef {
         context: SpanContext::new(

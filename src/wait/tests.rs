@@ -2,8 +2,13 @@
 
 use super::*;
 use crate::entry::Lifetime;
+use crate::fleet::{Lookup, Notice, Wake};
 use bytes::Bytes;
 use http::StatusCode;
+
+/// The permit of these tests: a number, so a test can tell which permit was handed over.
+#[derive(Debug, PartialEq)]
+struct Permit(u32);
 
 const LEASE: Duration = Duration::from_secs(2);
 /// Wall-clock "now" of the tests, in ms since the epoch.
@@ -36,7 +41,7 @@ fn stale_if_error() -> Entry {
     entry(200, NOW - 120_000, 60_000, 0, 600_000)
 }
 
-fn miss(now: Instant) -> Wait {
+fn miss(now: Instant) -> Wait<Permit> {
     Wait::new(
         Purpose::Miss,
         None,
@@ -47,7 +52,7 @@ fn miss(now: Instant) -> Wait {
 }
 
 /// A miss that found the lock held, subscribed, peeked, and now waits for the holder's notice.
-fn waiting(now: Instant) -> Wait {
+fn waiting(now: Instant) -> Wait<Permit> {
     let mut w = miss(now);
     w.on(Event::Looked(Lookup::Held), now, NOW);
     w.on(Event::Subscribed, now, NOW);
@@ -65,7 +70,7 @@ fn held(left: Duration) -> Peek {
     }
 }
 
-fn is_share(action: &Action, want: Source) -> bool {
+fn is_share(action: &Action<Permit>, want: Source) -> bool {
     matches!(action, Action::Done(Settled::Share { source, .. }) if *source == want)
 }
 
@@ -74,10 +79,13 @@ async fn a_miss_that_takes_the_lock_fills_at_once() {
     let now = Instant::now();
     let mut w = miss(now);
     assert!(matches!(w.start(), Action::Lookup));
-    let next = w.on(Event::Looked(Lookup::Locked), now, NOW);
+    let next = w.on(Event::Looked(Lookup::Locked(Permit(1))), now, NOW);
     assert!(matches!(
         next,
-        Action::Done(Settled::Fill { fallback: None })
+        Action::Done(Settled::Fill {
+            permit: Permit(1),
+            fallback: None
+        })
     ));
     assert_eq!(
         w.trace(),
@@ -186,7 +194,7 @@ async fn a_failed_fill_is_covered_by_a_stale_if_error_entry() {
         Action::TryLock
     ));
     assert!(matches!(
-        w.on(Event::Locked(false), now, NOW),
+        w.on(Event::Locked(None), now, NOW),
         Action::Subscribe
     ));
     w.on(Event::Subscribed, now, NOW);
@@ -202,7 +210,7 @@ async fn a_failed_notice_with_nothing_to_share_competes_again() {
     let next = w.on(Event::Woken(Wake::Notice(Notice::Failed(None))), now, NOW);
     assert!(matches!(next, Action::TryLock));
     // Already subscribed: losing the race again goes straight to a peek.
-    assert!(matches!(w.on(Event::Locked(false), now, NOW), Action::Peek));
+    assert!(matches!(w.on(Event::Locked(None), now, NOW), Action::Peek));
 }
 
 #[tokio::test(start_paused = true)]
@@ -241,11 +249,11 @@ async fn a_lapsed_lease_competes_and_the_winner_rechecks_before_filling() {
     let later = Instant::now();
     assert!(matches!(w.on(Event::Lapsed, later, NOW), Action::TryLock));
     assert!(matches!(
-        w.on(Event::Locked(true), later, NOW),
-        Action::Recheck
+        w.on(Event::Locked(Some(Permit(1))), later, NOW),
+        Action::Recheck(Permit(1))
     ));
     assert!(matches!(
-        w.on(Event::Rechecked(None), later, NOW),
+        w.on(Event::Rechecked(Permit(1), None), later, NOW),
         Action::Done(Settled::Fill { .. })
     ));
     assert_eq!(
@@ -263,8 +271,8 @@ async fn a_winner_that_finds_a_fresh_entry_under_the_lock_releases_it() {
     let now = Instant::now();
     let mut w = miss(now);
     w.on(Event::Looked(Lookup::Garbled), now, NOW);
-    w.on(Event::Locked(true), now, NOW);
-    let next = w.on(Event::Rechecked(Some(fresh())), now, NOW);
+    w.on(Event::Locked(Some(Permit(1))), now, NOW);
+    let next = w.on(Event::Rechecked(Permit(1), Some(fresh())), now, NOW);
     assert!(matches!(next, Action::Done(Settled::Release { .. })));
 }
 
@@ -300,7 +308,7 @@ async fn a_lock_without_ttl_counts_as_held_for_a_lease() {
 async fn the_wait_never_runs_past_the_deadline() {
     let now = Instant::now();
     let deadline = now + Duration::from_millis(300);
-    let mut w = Wait::new(
+    let mut w: Wait<Permit> = Wait::new(
         Purpose::Miss,
         None,
         deadline,
@@ -397,3 +405,24 @@ async fn a_wait_nobody_wants_any_more_ends() {
 }
 
 mod refresh;
+
+#[tokio::test(start_paused = true)]
+async fn the_permit_a_fill_is_handed_is_the_one_its_lock_gave() {
+    let now = Instant::now();
+    let mut w = waiting(now);
+    tokio::time::advance(LEASE + LAPSE_MARGIN).await;
+    let later = Instant::now();
+    w.on(Event::Lapsed, later, NOW);
+    let Action::Recheck(permit) = w.on(Event::Locked(Some(Permit(7))), later, NOW) else {
+        panic!("a lock taken is rechecked under");
+    };
+    assert_eq!(permit, Permit(7));
+    let settled = w.on(Event::Rechecked(permit, None), later, NOW);
+    assert!(matches!(
+        settled,
+        Action::Done(Settled::Fill {
+            permit: Permit(7),
+            ..
+        })
+    ));
+}

@@ -2,7 +2,7 @@
 
 use super::*;
 
-fn refresh(now: Instant, known: u64) -> Wait {
+fn refresh(now: Instant, known: u64) -> Wait<Permit> {
     let stale = Arc::new(entry(200, known, 1, 600_000, 0));
     Wait::new(
         Purpose::Refresh { known },
@@ -60,12 +60,12 @@ async fn the_entry_it_refreshes_does_not_settle_a_refresh() {
     };
     assert!(matches!(w.on(Event::Read(same), now, NOW), Action::TryLock));
     assert!(matches!(
-        w.on(Event::Locked(true), now, NOW),
-        Action::Recheck
+        w.on(Event::Locked(Some(Permit(1))), now, NOW),
+        Action::Recheck(Permit(1))
     ));
     let same = entry(200, known, 60_000, 0, 0);
     assert!(matches!(
-        w.on(Event::Rechecked(Some(same)), now, NOW),
+        w.on(Event::Rechecked(Permit(1), Some(same)), now, NOW),
         Action::Done(Settled::Fill { .. })
     ));
 }
@@ -76,7 +76,7 @@ async fn a_refresh_that_loses_the_race_waits_like_a_miss_and_never_fetches_alone
     let mut w = refresh(now, NOW - 100);
     w.on(Event::Read(Peek::default()), now, NOW);
     assert!(matches!(
-        w.on(Event::Locked(false), now, NOW),
+        w.on(Event::Locked(None), now, NOW),
         Action::Subscribe
     ));
     w.on(Event::Subscribed, now, NOW);
@@ -98,7 +98,7 @@ async fn a_refresh_past_its_deadline_keeps_the_stale_entry() {
     let now = Instant::now();
     let mut w = refresh(now, NOW - 100);
     w.on(Event::Read(Peek::default()), now, NOW);
-    w.on(Event::Locked(false), now, NOW);
+    w.on(Event::Locked(None), now, NOW);
     let next = w.on(Event::Lapsed, now + Duration::from_secs(10), NOW);
     assert!(is_share(&next, Source::Stale));
 }
@@ -109,7 +109,7 @@ async fn an_older_stored_notice_does_not_settle_a_refresh() {
     let known = NOW - 10;
     let mut w = refresh(now, known);
     w.on(Event::Read(Peek::default()), now, NOW);
-    w.on(Event::Locked(false), now, NOW);
+    w.on(Event::Locked(None), now, NOW);
     w.on(Event::Subscribed, now, NOW);
     w.on(Event::Peeked(held(LEASE)), now, NOW);
     let old = Notice::Stored(Some(Arc::new(entry(200, known, 60_000, 0, 0))), None);

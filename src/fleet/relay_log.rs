@@ -23,7 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::Value;
 
-use super::{L2, L2Error, Notice};
+use super::notice::Notice;
+use crate::l2::{L2, L2Error};
 
 /// Records a log keeps once its body has outgrown the store limit (each one batch).
 pub const WINDOW_RECORDS: usize = 64;
@@ -31,7 +32,7 @@ pub const WINDOW_RECORDS: usize = 64;
 /// Appends one record, renews the TTL and publishes `ARGV[6]` on channel `ARGV[5]` (with the
 /// command `ARGV[7]`): the answer is how many subscribers heard it. For the head (`ARGV[8]` is 1),
 /// none means nobody will read the log: it is deleted at once.
-pub(super) const APPEND: &str = r"
+const APPEND: &str = r"
 if tonumber(ARGV[4]) > 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[1], ARGV[2])
 else
@@ -97,53 +98,72 @@ impl Record {
     }
 }
 
-impl L2 {
-    /// Appends `record` to the relay log `log`, kept `ttl` from now (`window`: trimmed to the
-    /// last [`WINDOW_RECORDS`]), and rings `channel` with `notice` (the head's `streaming`,
-    /// else `relayed`): returns how many subscribers heard it.
-    pub async fn relay_append(
+/// One streaming fill's relay log, and the key channel its records ring.
+#[derive(Clone)]
+pub struct RelayLog {
+    l2: L2,
+    name: String,
+    channel: String,
+}
+
+impl RelayLog {
+    pub(super) fn new(l2: L2, name: String, channel: String) -> RelayLog {
+        RelayLog { l2, name, channel }
+    }
+
+    /// The log's Redis name, for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Appends `record`, kept `ttl` from now (`window`: trimmed to the last [`WINDOW_RECORDS`]),
+    /// and rings the channel with `notice` (the head's `streaming`, else `relayed`): returns how
+    /// many subscribers heard it.
+    pub async fn append(
         &self,
-        log: &str,
-        channel: &str,
         record: &Record,
         ttl: Duration,
         window: bool,
         notice: &Notice,
     ) -> Result<i64, L2Error> {
-        let mut conn = self.conn.clone();
         let (field, value) = record.field();
-        let mut call = self.scripts.relay_append.key(log);
+        let mut call = script().key(&self.name);
         call.arg(field)
             .arg(value.as_ref())
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
             .arg(if window { WINDOW_RECORDS } else { 0 })
-            .arg(channel)
+            .arg(&self.channel)
             .arg(notice.payload().as_ref())
-            .arg(self.scripts.publish)
+            .arg(self.l2.publish_command())
             .arg(if matches!(record, Record::Head(_)) {
                 "1"
             } else {
                 "0"
             });
-        self.within("relay", self.timeout, call.invoke_async(&mut conn))
-            .await
+        self.l2.invoke("relay", self.l2.read_budget(), &call).await
     }
 
-    /// The records of `log` after the id `after` (`0` for the first), at most a few hundred, and
-    /// the id of the last one. Does not block.
-    pub async fn relay_read(
-        &self,
-        log: &str,
-        after: &str,
-    ) -> Result<(Vec<Record>, Option<String>), L2Error> {
-        let mut conn = self.conn.clone();
+    /// The records after the id `after` (`0` for the first), at most a few hundred, and the id
+    /// of the last one. Does not block.
+    pub async fn read(&self, after: &str) -> Result<(Vec<Record>, Option<String>), L2Error> {
         let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(256).arg("STREAMS").arg(log).arg(after);
+        cmd.arg("COUNT")
+            .arg(256)
+            .arg("STREAMS")
+            .arg(&self.name)
+            .arg(after);
         let reply: Value = self
-            .within("relay read", self.timeout, cmd.query_async(&mut conn))
+            .l2
+            .query("relay read", self.l2.read_budget(), &cmd)
             .await?;
         Ok(records(reply))
     }
+}
+
+/// The append script, made once per process.
+fn script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(APPEND))
 }
 
 /// The records of an `XREAD` reply for one stream, and the last id.

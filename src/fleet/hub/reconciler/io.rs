@@ -4,24 +4,27 @@
 use tokio::sync::mpsc;
 
 use super::{Effect, Event, Io, RETRY, Reconciler};
-use crate::notice::Request;
-use crate::notice::invalidation::Invalidation;
-use crate::notice::topology::Topology;
-use crate::notice::waiters::{Waiters, lock, resync};
+use crate::fleet::hub::Request;
+use crate::fleet::hub::invalidation::Invalidation;
+use crate::fleet::hub::topology::Topology;
+use crate::fleet::hub::waiters::{Waiters, lock, resync};
 
 /// The reconciling task: the machine and what it drives.
-pub(in crate::notice) struct Driver {
-    pub(in crate::notice) topology: Topology,
-    pub(in crate::notice) waiters: Waiters,
+pub(in crate::fleet::hub) struct Driver {
+    pub(in crate::fleet::hub) topology: Topology,
+    pub(in crate::fleet::hub) waiters: Waiters,
     /// Subscribed whether or not anyone waits.
-    pub(in crate::notice) invalidation: Invalidation,
+    pub(in crate::fleet::hub) invalidation: Invalidation,
 }
 
 impl Driver {
     /// Drains requests and makes the server's subscriptions match the channels that have
     /// waiters (plus the invalidation channel); retries every second while they do not match.
     /// Ends when every handle of the hub is gone.
-    pub(in crate::notice) async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+    pub(in crate::fleet::hub) async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+    ) {
         let channel = self.invalidation.channel.clone();
         // Failed rounds in a row, for warnings that back off.
         let mut failures: u64 = 0;

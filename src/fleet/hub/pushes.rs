@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::waiters::{Waiters, lock, resync};
 use super::{Request, Wake};
-use crate::l2::Notice;
+use crate::fleet::notice::Notice;
 use crate::metrics::Metrics;
 use crate::purge::PurgeOrder;
 

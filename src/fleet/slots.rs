@@ -14,14 +14,15 @@
 //!   when Redis cannot be reached.
 //!
 //! A freed slot is handed to the queue's head in the same script that frees it, and the grant is
-//! published on the budget's channel (`granted:<token>`): the waiting instance learns it without
-//! asking.
+//! published on the budget's channel ([`GRANTED`] and the token, ARGV[6]): the waiting instance
+//! learns it without asking.
 
 use std::time::Duration;
 
 use redis::Script;
 
-use super::{L2, L2Error, millis};
+use super::notice::GRANTED;
+use crate::l2::{L2, L2Error, millis};
 
 /// The keys and channel of one budget.
 #[derive(Debug, Clone)]
@@ -56,7 +57,7 @@ pub const SEEN_FOR: Duration = Duration::from_secs(30);
 
 /// Time, reclaiming, and handing freed slots to the queue's head: shared by every script.
 /// KEYS: held, queue, queued. ARGV[1] token, ARGV[2] limit, ARGV[3] lease ms,
-/// ARGV[4] channel, ARGV[5] publishing command. Leaves `now`, `reclaimed` and `free` defined.
+/// ARGV[4] channel, ARGV[5] publishing command, ARGV[6] the grant's prefix. Leaves `now`, `reclaimed` and `free` defined.
 macro_rules! prelude {
     () => {
         r"
@@ -74,7 +75,7 @@ local function hand_over(free)
     if #head == 0 then break end
     redis.call('ZREM', KEYS[3], head[1])
     redis.call('ZADD', KEYS[1], now + lease, head[1])
-    if head[1] ~= ARGV[1] then redis.call(ARGV[5], ARGV[4], 'granted:' .. head[1]) end
+    if head[1] ~= ARGV[1] then redis.call(ARGV[5], ARGV[4], ARGV[6] .. head[1]) end
     free = free - 1
   end
   return free
@@ -86,26 +87,26 @@ end
     };
 }
 
-/// Asks for a slot, or renews a place in the queue. ARGV[6] is the caller's boost in ms (see
-/// [`crate::budget::boost`]), ARGV[7] its instance, ARGV[8] how long it counts as seen, ARGV[9]
+/// Asks for a slot, or renews a place in the queue. ARGV[7] is the caller's boost in ms (see
+/// [`crate::budget::boost`]), ARGV[8] its instance, ARGV[9] how long it counts as seen, ARGV[10]
 /// its first arrival (empty on its first ask); KEYS[4] is `seen`. Returns {granted, reclaimed,
 /// in flight, queued, instances, arrival}.
 const TAKE: &str = concat!(
     prelude!(),
     r"
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[8]), ARGV[7])
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[9]), ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local free = hand_over(tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1]))
 local granted = 0
-local arrived = tonumber(ARGV[9]) or now
+local arrived = tonumber(ARGV[10]) or now
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or free > 0 then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
   granted = 1
 else
-  redis.call('ZADD', KEYS[2], arrived - tonumber(ARGV[6]), ARGV[1])
+  redis.call('ZADD', KEYS[2], arrived - tonumber(ARGV[7]), ARGV[1])
   redis.call('ZADD', KEYS[3], now + lease * 3, ARGV[1])
 end
-keep(lease * 12 + tonumber(ARGV[8]))
+keep(lease * 12 + tonumber(ARGV[9]))
 return {granted, reclaimed, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[4]), arrived}
 "
@@ -165,10 +166,10 @@ pub struct SlotTerms<'a> {
     pub budget: Duration,
 }
 
-impl L2 {
-    /// The keys of budget `name`.
-    pub fn slot_names(&self, name: &str) -> SlotNames {
-        let base = format!("corral:{}:budget:{{{name}}}", self.namespace);
+impl SlotNames {
+    /// The keys of budget `name` in `namespace`.
+    pub fn new(namespace: &str, name: &str) -> SlotNames {
+        let base = format!("corral:{namespace}:budget:{{{name}}}");
         SlotNames {
             held: format!("{base}:held"),
             queue: format!("{base}:queue"),
@@ -176,6 +177,18 @@ impl L2 {
             seen: format!("{base}:seen"),
             channel: base,
         }
+    }
+}
+
+/// The budgets' calls, on the connection of the thread that runs them (the lease keeper's, see
+/// [`crate::fleet::Fleet::with_slots`]).
+pub struct Slots {
+    l2: L2,
+}
+
+impl Slots {
+    pub(super) fn on(l2: L2) -> Slots {
+        Slots { l2 }
     }
 
     /// Takes a slot if one is free and nobody queues before us; else queues (or renews our place
@@ -194,7 +207,6 @@ impl L2 {
             .arg(terms.instance)
             .arg(millis(SEEN_FOR))
             .arg(arrived.map(|a| a.to_string()).unwrap_or_default());
-        let mut conn = self.conn.clone();
         let (granted, reclaimed, in_flight, queued, instances, arrived): (
             u8,
             u64,
@@ -202,9 +214,7 @@ impl L2 {
             u64,
             u64,
             u64,
-        ) = self
-            .within("budget take", terms.budget, call.invoke_async(&mut conn))
-            .await?;
+        ) = self.l2.invoke("budget take", terms.budget, &call).await?;
         Ok(SlotState {
             granted: granted == 1,
             reclaimed,
@@ -227,24 +237,7 @@ impl L2 {
         let mut call = scripts().free.key(&names.held);
         call.key(&names.queue).key(&names.queued);
         self.slot_args(&mut call, names, terms);
-        let mut conn = self.conn.clone();
-        let op = "budget free";
-        let budget = terms.budget;
-        let (held, reclaimed): (u8, u64) =
-            match tokio::time::timeout(budget, call.invoke_async(&mut conn)).await {
-                Ok(Ok(answer)) => {
-                    self.breaker.success();
-                    answer
-                }
-                Ok(Err(source)) => {
-                    self.metrics.redis_error(op);
-                    return Err(L2Error::Redis { op, source });
-                }
-                Err(_) => {
-                    self.metrics.redis_error(op);
-                    return Err(L2Error::Timeout { op, budget });
-                }
-            };
+        let (held, reclaimed): (u8, u64) = self.l2.owed("budget free", terms.budget, &call).await?;
         Ok((held == 1, reclaimed))
     }
 
@@ -261,10 +254,7 @@ impl L2 {
             .arg(millis(terms.lease))
             .arg(terms.instance)
             .arg(millis(SEEN_FOR));
-        let mut conn = self.conn.clone();
-        let held: u8 = self
-            .within("budget extend", terms.budget, call.invoke_async(&mut conn))
-            .await?;
+        let held: u8 = self.l2.invoke("budget extend", terms.budget, &call).await?;
         Ok(held == 1)
     }
 
@@ -272,15 +262,12 @@ impl L2 {
     /// for its fill. Known to one Redis server (and behind sentinels); a cluster's sharded
     /// channels are counted by node, so there it answers 0.
     pub async fn listeners(&self, channel: &str, budget: Duration) -> Result<u64, L2Error> {
-        if self.scripts.publish != "PUBLISH" {
+        if self.l2.publish_command() != "PUBLISH" {
             return Ok(0);
         }
-        let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("PUBSUB");
         cmd.arg("NUMSUB").arg(channel);
-        let (_, count): (String, u64) = self
-            .within("PUBSUB NUMSUB", budget, cmd.query_async(&mut conn))
-            .await?;
+        let (_, count): (String, u64) = self.l2.query("PUBSUB NUMSUB", budget, &cmd).await?;
         Ok(count)
     }
 
@@ -294,7 +281,8 @@ impl L2 {
             .arg(terms.limit)
             .arg(millis(terms.lease))
             .arg(&names.channel)
-            .arg(self.scripts.publish);
+            .arg(self.l2.publish_command())
+            .arg(GRANTED);
     }
 }
 

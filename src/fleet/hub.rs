@@ -71,10 +71,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::notice::Notice;
 use crate::breaker::Breaker;
 use crate::config::RedisConfig;
 use crate::l1::L1;
-use crate::l2::{L2Error, Notice, PATIENCE};
+use crate::l2::{L2Error, PATIENCE};
 use crate::metrics::Metrics;
 
 use bounds::Bounds;
