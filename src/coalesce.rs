@@ -26,16 +26,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::caps::Caps;
 use crate::config::LockScope;
 use crate::entry::{Entry, Freshness, now_ms};
 use crate::fill::{Claim, Fill, FillError, FillRequest, Filler, Source};
 use crate::fleet::FillLock;
 use crate::fleet::Fleet;
 use crate::flight::{Crowded, Flights, Interest, Joined};
-use crate::l1::{L1, PassMarks};
+use crate::handles::Handles;
 use crate::l2::{KeyNames, Peek};
-use crate::metrics::{LockOutcome, Metrics};
+use crate::metrics::LockOutcome;
 use crate::wait::{Alone, Purpose, Settled, Trace};
 
 mod io;
@@ -43,42 +42,28 @@ mod tail;
 
 /// The flights of one process, and how each decides who fills its key.
 pub struct Coalescer {
-    l1: L1,
-    marks: PassMarks,
-    fleet: Option<Fleet>,
+    handles: Arc<Handles>,
     filler: Filler,
     flights: Arc<Flights<Landed>>,
-    metrics: Arc<Metrics>,
 }
 
 impl Coalescer {
-    pub fn new(
-        l1: L1,
-        marks: PassMarks,
-        fleet: Option<Fleet>,
-        filler: Filler,
-        metrics: Arc<Metrics>,
-    ) -> Coalescer {
+    pub fn new(handles: Arc<Handles>, filler: Filler) -> Coalescer {
+        let waiters = handles.metrics().waiters_histogram();
         Coalescer {
-            l1,
-            marks,
-            fleet,
+            handles,
             filler,
-            flights: Arc::new(Flights::new(Some(metrics.waiters_histogram()))),
-            metrics,
+            flights: Arc::new(Flights::new(Some(waiters))),
         }
     }
 
-    /// The same flights under a reloaded configuration's route caps: flights in progress carry on
-    /// with the caps they started with.
-    pub fn renewed(&self, caps: Arc<Caps>) -> Coalescer {
+    /// The same flights under a reloaded configuration's filler (its route caps): flights in
+    /// progress carry on with the caps they started with.
+    pub fn renewed(&self, filler: Filler) -> Coalescer {
         Coalescer {
-            l1: self.l1.clone(),
-            marks: self.marks.clone(),
-            fleet: self.fleet.clone(),
-            filler: self.filler.with_caps(caps),
+            handles: self.handles.clone(),
+            filler,
             flights: self.flights.clone(),
-            metrics: self.metrics.clone(),
         }
     }
 
@@ -131,8 +116,8 @@ impl Coalescer {
     /// its key elsewhere (see [`crate::budget::Weight`]).
     fn weight(&self, req: &FillRequest, interest: &Interest) -> crate::budget::Weight {
         let channel = self
-            .fleet
-            .as_ref()
+            .handles
+            .fleet()
             .filter(|_| req.route.fleet_budget.is_some())
             .map(|fleet| fleet.names(&req.route.name, &req.key).channel);
         crate::budget::Weight::new(interest.weight(), channel)
@@ -142,7 +127,7 @@ impl Coalescer {
     /// it stops once `interest` says every requester has gone.
     async fn miss(&self, req: FillRequest, interest: Interest) -> Fill {
         // A fill may have landed between this request's L1 miss and its flight's start.
-        if let Some(entry) = self.l1.get(&req.key, now_ms()).await
+        if let Some(entry) = self.handles.l1().get(&req.key, now_ms()).await
             && entry.times.freshness(now_ms()) == Freshness::Fresh
         {
             return Fill::Shared {
@@ -150,7 +135,7 @@ impl Coalescer {
                 source: Source::L1,
             };
         }
-        let Some(fleet) = &self.fleet else {
+        let Some(fleet) = self.handles.fleet() else {
             return self.filler.fill(&req, Claim::Instance(None), None).await;
         };
         let names = Arc::new(fleet.names(&req.route.name, &req.key));
@@ -179,7 +164,7 @@ impl Coalescer {
     /// [`crate::wait`]), and if that fill fails, `stale` stands in — nobody here calls the
     /// upstream on its own.
     async fn refresh(&self, req: FillRequest, stale: Arc<Entry>) -> Fill {
-        let Some(fleet) = &self.fleet else {
+        let Some(fleet) = self.handles.fleet() else {
             return self
                 .filler
                 .fill(&req, Claim::Instance(None), Some(stale))
@@ -203,7 +188,9 @@ impl Coalescer {
     /// flight's result, or `Err` with the stale entry (if any) to fall back on while filling.
     async fn read(&self, req: &FillRequest, peek: Peek) -> Result<Fill, Option<Arc<Entry>>> {
         if peek.uncacheable {
-            self.marks.insert(req.key, req.route.uncacheable_ttl);
+            self.handles
+                .marks()
+                .insert(req.key, req.route.uncacheable_ttl);
             return Ok(Fill::FetchYourself);
         }
         let Some(entry) = peek.entry else {
@@ -234,7 +221,7 @@ impl Coalescer {
             let waited = io::wait(fleet, names, req, purpose, fallback.clone(), interest).await;
             self.count_lock(req, waited.trace, started);
             if let (Settled::Relay(id), Some(sub)) = (&waited.settled, waited.sub) {
-                match tail::tail(fleet, &self.metrics, names, id, sub, req).await {
+                match tail::tail(fleet, self.handles.metrics(), names, id, sub, req).await {
                     Some(fill) => return fill,
                     // The log could not be read: wait again (for the stored entry).
                     None => continue,
@@ -264,7 +251,7 @@ impl Coalescer {
             } => self.keep(req, entry, source).await,
             Settled::Share { entry, source, .. } => Fill::Shared { entry, source },
             Settled::Uncacheable => {
-                self.marks.insert(req.key, route.uncacheable_ttl);
+                self.handles.marks().insert(req.key, route.uncacheable_ttl);
                 Fill::FetchYourself
             }
             Settled::Alone { fallback, why } => {
@@ -285,7 +272,8 @@ impl Coalescer {
 
     /// An entry read from L2 or handed over by a notice: copied into L1 for its remaining life.
     async fn keep(&self, req: &FillRequest, entry: Arc<Entry>, source: Source) -> Fill {
-        self.l1
+        self.handles
+            .l1()
             .insert(req.key, &req.route.name, entry.clone())
             .await;
         Fill::Shared { entry, source }
@@ -311,7 +299,9 @@ impl Coalescer {
             Trace { .. } => return,
         };
         let waited = trace.waited.then(|| started.elapsed());
-        self.metrics.lock(&req.route.name, outcome, waited);
+        self.handles
+            .metrics()
+            .lock(&req.route.name, outcome, waited);
     }
 }
 

@@ -27,12 +27,11 @@ use crate::config::RouteConfig;
 use crate::entry::{Entry, error_entry};
 use crate::fleet::{FillLock, Notice};
 use crate::flight::Hold;
+use crate::handles::Handles;
 use crate::key::CacheKey;
-use crate::l1::{L1, PassMarks};
-use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::revalidate::{is_not_modified, make_conditional, renewed};
-use crate::upstream::{Buffered, Fetched, Headed, UpstreamClient, UpstreamError, endpoints};
+use crate::upstream::{Buffered, Fetched, Headed, UpstreamError, endpoints};
 use crate::verdict::{Verdict, judge};
 
 mod claim;
@@ -158,40 +157,17 @@ impl FillError {
     }
 }
 
-/// What a fill needs: the upstream (client and per-route caps), the tiers it writes (L1, and the
-/// marks of keys that cannot be shared) and the metrics. Cloning shares them all.
+/// What a fill needs: the process's handles (the upstream client, L1 and the marks of keys that
+/// cannot be shared, the metrics) and the configuration's per-route caps. Cloning shares them.
 #[derive(Clone)]
 pub struct Filler {
-    l1: L1,
-    marks: PassMarks,
-    client: UpstreamClient,
+    handles: Arc<Handles>,
     caps: Arc<Caps>,
-    metrics: Arc<Metrics>,
 }
 
 impl Filler {
-    pub fn new(
-        l1: L1,
-        marks: PassMarks,
-        client: UpstreamClient,
-        caps: Arc<Caps>,
-        metrics: Arc<Metrics>,
-    ) -> Filler {
-        Filler {
-            l1,
-            marks,
-            client,
-            caps,
-            metrics,
-        }
-    }
-
-    /// The same filler under other per-route caps (a reloaded configuration's).
-    pub fn with_caps(&self, caps: Arc<Caps>) -> Filler {
-        Filler {
-            caps,
-            ..self.clone()
-        }
+    pub fn new(handles: Arc<Handles>, caps: Arc<Caps>) -> Filler {
+        Filler { handles, caps }
     }
 
     /// Calls the upstream and ends the claim according to what it answered; `fallback` is a
@@ -225,7 +201,7 @@ impl Filler {
             Claim::Instance(_) => None,
         };
         // A purge applied after this point covers what the upstream is about to answer.
-        let began = self.l1.fence().mark();
+        let began = self.handles.l1().fence().mark();
         let validators = fallback.as_deref().or(req.validators.as_deref());
         let called = match self.call_upstream(req, lock, validators).await {
             Ok(Called::Streaming(mut streaming)) => {
@@ -264,13 +240,13 @@ impl Filler {
             }
             Ok((Verdict::Private(answer), _)) => {
                 claim.give_up(req, Notice::Uncacheable).await;
-                self.marks.insert(req.key, route.uncacheable_ttl);
+                self.handles.marks().insert(req.key, route.uncacheable_ttl);
                 Fill::Private(Arc::new(answer))
             }
             Ok((Verdict::Oversized(streaming), _)) => {
                 tracing::info!(route = %route.name, limit = route.max_entry_size, "answer larger than max_entry_size: streamed, not stored");
                 claim.give_up(req, Notice::Uncacheable).await;
-                self.marks.insert(req.key, route.uncacheable_ttl);
+                self.handles.marks().insert(req.key, route.uncacheable_ttl);
                 Fill::Streamed(Arc::new(Mutex::new(Some(streaming))))
             }
             Err(err) => {
@@ -282,7 +258,7 @@ impl Filler {
                             budget: Some(_), ..
                         }) = &err
                         {
-                            self.metrics.budget_stale_answer(&route.name);
+                            self.handles.metrics().budget_stale_answer(&route.name);
                         }
                         Fill::Shared {
                             entry: stale,
@@ -300,7 +276,8 @@ impl Filler {
     async fn store(&self, req: &FillRequest, claim: Claim, entry: &Arc<Entry>, began: u64) -> bool {
         let route = &req.route;
         if self
-            .l1
+            .handles
+            .l1()
             .fence()
             .purged_since(began, &route.name, &req.key, &entry.tags)
         {
@@ -312,7 +289,10 @@ impl Filler {
         if stored {
             let (path, status) = (req.parts.uri.path(), entry.status.as_u16());
             tracing::info!(route = %route.name, path, status, fill_ms = entry.fill_ms, bytes = entry.body.len(), "fill stored");
-            self.l1.insert(req.key, &route.name, entry.clone()).await;
+            self.handles
+                .l1()
+                .insert(req.key, &route.name, entry.clone())
+                .await;
         }
         stored
     }
@@ -356,7 +336,8 @@ impl Filler {
             let started = Instant::now();
             let deadline = tokio::time::Instant::now() + route.upstream_timeout;
             let headed = self
-                .client
+                .handles
+                .client()
                 .fetch_head(upstream_req, upstream, route.upstream_timeout)
                 .await;
             let fetched = match headed {
@@ -367,7 +348,7 @@ impl Filler {
                         && let Verdict::Store(head) = judge(route, headed.head(), fill_ms)
                     {
                         let status = headed.parts.status;
-                        self.metrics.upstream_call(
+                        self.handles.metrics().upstream_call(
                             &route.name,
                             Some(status.as_u16()),
                             started.elapsed(),
@@ -395,7 +376,9 @@ impl Filler {
                 Err(_) => None,
             };
             let code = status.map(|s| s.as_u16());
-            self.metrics.upstream_call(&route.name, code, took);
+            self.handles
+                .metrics()
+                .upstream_call(&route.name, code, took);
             if let Some(code) = code {
                 span.record("upstream.status", code);
             }

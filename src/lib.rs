@@ -65,6 +65,7 @@ pub mod entry;
 pub mod fill;
 pub mod fleet;
 pub mod flight;
+pub mod handles;
 pub mod header_rules;
 pub mod key;
 pub mod l1;

@@ -26,13 +26,13 @@ use crate::conditional::Conditions;
 use crate::config::{Config, RouteConfig};
 use crate::fill::{FillRequest, Filler};
 use crate::fleet::Fleet;
+use crate::handles::Handles;
 use crate::key::CacheKey;
-use crate::l1::{L1, PassMarks};
+use crate::l1::L1;
 use crate::l2::L2Error;
 use crate::metrics::{Metrics, RequestCounters, UNROUTED};
 use crate::outcome::CacheOutcome;
 use crate::route::{Router, cache_method, check_cacheable};
-use crate::upstream::UpstreamClient;
 
 mod invalidate;
 mod lookup;
@@ -53,21 +53,17 @@ pub enum Readiness {
 }
 
 /// One Corral process's request handling. Shared by every connection.
+///
+/// Its [`Handles`] are the process's and outlive reloads; every other field is what one
+/// configuration says, built by [`Proxy::configured`] at start and on each reload.
 pub struct Proxy {
-    /// When this process's proxy was first built (kept across reloads).
-    started: Instant,
+    handles: Arc<Handles>,
     router: Router,
     /// The default upstream and the wait for its response heads.
     default_upstream: Option<(Uri, std::time::Duration)>,
-    l1: L1,
-    /// Keys whose last answer could not be shared: their requests skip coalescing for a while.
-    marks: PassMarks,
-    fleet: Option<Fleet>,
-    /// The pooled client and the per-route caps, for pass-through calls (fills have theirs).
-    client: UpstreamClient,
+    /// The per-route caps, for pass-through calls (fills have theirs, in the filler).
     caps: Arc<Caps>,
     coalescer: Arc<Coalescer>,
-    metrics: Arc<Metrics>,
     /// The request counters of each route, in the router's order, and of unrouted requests.
     requests: Vec<RequestCounters>,
     unrouted_requests: RequestCounters,
@@ -80,39 +76,53 @@ impl Proxy {
     /// Builds the proxy for a validated config. Redis is connected lazily: Corral starts while
     /// Redis is down and serves degraded until it comes up.
     pub fn new(config: &Config) -> Result<Proxy, L2Error> {
-        let metrics = Arc::new(Metrics::new());
+        Ok(Proxy::configured(
+            Arc::new(Handles::open(config)?),
+            config,
+            None,
+        ))
+    }
+
+    /// The metrics of this process.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.handles.metrics()
+    }
+
+    /// The Redis side, when there is one.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.handles.fleet()
+    }
+
+    /// The same proxy with a new configuration's routes and limits. The caches, the Redis
+    /// connections, the flights in progress and the metrics carry over, so a reload drops neither
+    /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
+    pub fn reloaded(&self, config: &Config) -> Proxy {
+        Proxy::configured(self.handles.clone(), config, Some(self))
+    }
+
+    /// What `config` says, over the process's `handles`; `before`: the proxy it replaces, whose
+    /// budgets (calls in flight, queues) and flights carry over.
+    fn configured(handles: Arc<Handles>, config: &Config, before: Option<&Proxy>) -> Proxy {
+        let metrics = handles.metrics();
         for route in &config.routes {
             metrics.register_route(route);
         }
-        let l1 = L1::new(config.cache.l1_max_bytes);
-        let fleet = match &config.redis {
-            Some(redis) => Some(Fleet::connect(redis, &metrics, &l1)?),
-            None => None,
+        handles.client().renew(config);
+        let caps = Arc::new(match before {
+            Some(before) => before.caps.renewed(config),
+            None => Caps::new(
+                config,
+                Budgets::new(config, handles.fleet().cloned(), metrics),
+            ),
+        });
+        let filler = Filler::new(handles.clone(), caps.clone());
+        let coalescer = match before {
+            Some(before) => before.coalescer.renewed(filler),
+            None => Coalescer::new(handles.clone(), filler),
         };
-        let marks = PassMarks::new();
-        let idle = config.server.upstream_idle_timeout;
-        let client = UpstreamClient::with_handshakes(idle, metrics.upstream_tls_handshakes());
-        client.renew(config);
-        let budgets = Budgets::new(config, fleet.clone(), &metrics);
-        let caps = Arc::new(Caps::new(config, budgets));
-        let filler = Filler::new(
-            l1.clone(),
-            marks.clone(),
-            client.clone(),
-            caps.clone(),
-            metrics.clone(),
-        );
-        let coalescer = Coalescer::new(
-            l1.clone(),
-            marks.clone(),
-            fleet.clone(),
-            filler,
-            metrics.clone(),
-        );
         let router = Router::new(&config.routes);
-        Ok(Proxy {
-            started: Instant::now(),
-            requests: request_counters(&router, &metrics),
+        Proxy {
+            requests: request_counters(&router, metrics),
             unrouted_requests: metrics.route_requests(UNROUTED),
             router,
             default_upstream: config
@@ -120,57 +130,11 @@ impl Proxy {
                 .default_upstream
                 .clone()
                 .map(|u| (u, config.server.default_upstream_timeout)),
-            l1,
-            marks,
-            fleet,
-            client,
             caps,
             coalescer: Arc::new(coalescer),
-            metrics,
             body_read_timeout: config.server.body_read_timeout,
             access_log: config.server.access_log,
-        })
-    }
-
-    /// The metrics of this process.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// The Redis side, when there is one.
-    pub fn fleet(&self) -> Option<&Fleet> {
-        self.fleet.as_ref()
-    }
-
-    /// The same proxy with a new configuration's routes and limits. The caches, the Redis
-    /// connections, the flights in progress and the metrics carry over, so a reload drops neither
-    /// cached entries nor fills; changes to `[redis]` and `[cache]` need a restart.
-    pub fn reloaded(&self, config: &Config) -> Proxy {
-        for route in &config.routes {
-            self.metrics.register_route(route);
-        }
-        let caps = Arc::new(self.caps.renewed(config));
-        self.client.renew(config);
-        let router = Router::new(&config.routes);
-        Proxy {
-            started: self.started,
-            requests: request_counters(&router, &self.metrics),
-            unrouted_requests: self.unrouted_requests.clone(),
-            router,
-            default_upstream: config
-                .server
-                .default_upstream
-                .clone()
-                .map(|u| (u, config.server.default_upstream_timeout)),
-            l1: self.l1.clone(),
-            marks: self.marks.clone(),
-            fleet: self.fleet.clone(),
-            client: self.client.clone(),
-            coalescer: Arc::new(self.coalescer.renewed(caps.clone())),
-            caps,
-            metrics: self.metrics.clone(),
-            body_read_timeout: config.server.body_read_timeout,
-            access_log: config.server.access_log,
+            handles,
         }
     }
 
@@ -181,25 +145,27 @@ impl Proxy {
 
     /// The metrics page, with live gauges filled in.
     pub async fn render_metrics(&self) -> String {
-        let l1 = &self.l1;
+        let l1 = &self.handles.l1();
         let (entries, bytes) = (l1.entry_count().await, l1.weighted_size().await);
-        self.metrics.render(entries, bytes, self.degraded())
+        self.handles
+            .metrics()
+            .render(entries, bytes, self.degraded())
     }
 
     /// The in-process cache, for inspection.
     pub fn l1(&self) -> &L1 {
-        &self.l1
+        self.handles.l1()
     }
 
     /// Whether Redis is configured but considered down (the process serves degraded).
     pub fn degraded(&self) -> bool {
-        self.fleet.as_ref().is_some_and(Fleet::degraded)
+        self.handles.fleet().is_some_and(Fleet::degraded)
     }
 
     /// Connects to Redis, loads the scripts and subscribes the invalidation channel, within
     /// `budget` (see [`Fleet::warm_up`]).
     pub async fn warm_up(&self, budget: std::time::Duration) {
-        if let Some(fleet) = &self.fleet {
+        if let Some(fleet) = self.handles.fleet() {
             fleet.warm_up(budget).await;
         }
     }
@@ -211,7 +177,7 @@ impl Proxy {
             return Readiness::Ready;
         };
         if !fleet.has_answered() {
-            return if self.started.elapsed() < STARTUP_GRACE {
+            return if self.handles.started().elapsed() < STARTUP_GRACE {
                 Readiness::Starting
             } else {
                 Readiness::Degraded
@@ -290,7 +256,9 @@ impl Proxy {
         } = answer;
         let took = started.elapsed();
         counters.inc(outcome);
-        self.metrics.answer_time(route_name, outcome, took);
+        self.handles
+            .metrics()
+            .answer_time(route_name, outcome, took);
         let status = response.status().as_u16();
         crate::trace::finish(span, route_name, outcome.as_str(), status);
         let headers = response.headers_mut();

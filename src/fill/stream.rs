@@ -60,7 +60,7 @@ impl Filler {
     ) -> Fill {
         let route = &req.route;
         let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
-        relay.count_cuts_in(self.metrics.stream_cuts(&route.name));
+        relay.count_cuts_in(self.handles.metrics().stream_cuts(&route.name));
         let head = Arc::new(streaming.head.clone());
         // Waiters elsewhere read it through the key's relay log — unless its head declares a body
         // small enough to travel with the `stored` notice, which then serves them at once.
@@ -203,7 +203,7 @@ impl Filler {
             }
         }
         relay.finish(end.clone());
-        self.metrics.stream_ended(
+        self.handles.metrics().stream_ended(
             &route.name,
             &end,
             relay.total_bytes(),

@@ -91,7 +91,7 @@ impl Proxy {
 
     /// Removes what `order` names from Redis and every instance's L1, or marks it stale.
     async fn apply(&self, order: PurgeOrder) -> Result<u64, PurgeError> {
-        let l1 = &self.l1;
+        let l1 = &self.handles.l1();
         let purged = match self.fleet() {
             Some(fleet) => {
                 let n = fleet.purge(&order).await;
@@ -103,9 +103,11 @@ impl Proxy {
         };
         let purge = &order.purge;
         if let (Purge::Key { key, .. }, Mode::Delete) = (purge, order.mode) {
-            self.marks.remove(key);
+            self.handles.marks().remove(key);
         }
-        self.metrics.purge(purge.kind(), order.mode, purged);
+        self.handles
+            .metrics()
+            .purge(purge.kind(), order.mode, purged);
         tracing::debug!(purge = %order.payload(), purged, "purged");
         Ok(purged)
     }

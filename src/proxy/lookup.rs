@@ -35,7 +35,7 @@ impl Proxy {
             return None;
         }
         let now = now_ms();
-        let entry = self.l1.get(key, now).await?;
+        let entry = self.handles.l1().get(key, now).await?;
         let fresh = entry.times.freshness(now) == Freshness::Fresh;
         (fresh && vary::matches(&entry.vary, route, &parts.headers))
             .then(|| answer_at(&entry, CacheOutcome::Hit, now))
@@ -62,7 +62,7 @@ impl Proxy {
 
     async fn lookup_key(&self, mut req: FillRequest) -> Looked {
         let now = now_ms();
-        let held = self.l1.get(&req.key, now).await;
+        let held = self.handles.l1().get(&req.key, now).await;
         let stale = match held.map(|entry| Answerable::of(entry, now)) {
             Some(Answerable::Expired(entry)) => {
                 // Kept only for its validators: the fill revalidates it (RFC 9111 §4.3).
@@ -96,7 +96,7 @@ impl Proxy {
             Some(Answerable::Fallback(entry)) => Some(entry),
             None => None,
         };
-        if self.marks.contains(&req.key) {
+        if self.handles.marks().contains(&req.key) {
             return Looked::Answer(self.fetch_alone(&req, CacheOutcome::Bypass).await);
         }
         if req.route.lock.scope == LockScope::None {
@@ -114,7 +114,7 @@ impl Proxy {
         // an entry landed in L1: it answers from that entry rather than waiting for the refresh.
         if joined.role == Role::Follower {
             let now = now_ms();
-            if let Some(entry) = self.l1.get(&req.key, now).await
+            if let Some(entry) = self.handles.l1().get(&req.key, now).await
                 && self.fits(&entry, &req)
                 && let Answerable::Now { entry, stale } = Answerable::of(entry, now)
             {

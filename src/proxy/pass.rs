@@ -121,17 +121,19 @@ impl Proxy {
         let mut upstream_req = rewrite(parts, body, call.upstream, peer);
         crate::trace::sanitize(upstream_req.headers_mut());
         crate::trace::inject(&tracing::Span::current(), upstream_req.headers_mut());
-        self.client.mark(&mut upstream_req, call.metric);
+        self.handles.client().mark(&mut upstream_req, call.metric);
         let started = Instant::now();
         let sent = self
-            .client
+            .handles
+            .client()
             .send(upstream_req, call.upstream, call.limit)
             .await;
         if let Err(err @ crate::upstream::UpstreamError::Tls { .. }) = &sent {
             tracing::warn!(route = call.metric, %err, "upstream TLS failed");
         }
         let status = sent.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics
+        self.handles
+            .metrics()
             .upstream_call(call.metric, status, started.elapsed());
         match sent {
             Ok(resp) => Answer::new(
