@@ -35,7 +35,7 @@ use crate::flight::{Crowded, Flights, Interest, Joined};
 use crate::handles::Handles;
 use crate::l2::{KeyNames, Peek};
 use crate::metrics::LockOutcome;
-use crate::wait::{Alone, Purpose, Settled, Trace};
+use crate::wait::{Purpose, Settled, Trace};
 
 mod io;
 mod tail;
@@ -254,11 +254,12 @@ impl Coalescer {
                 self.handles.marks().insert(req.key, route.uncacheable_ttl);
                 Fill::FetchYourself
             }
-            Settled::Alone { fallback, why } => {
-                if why == Alone::WaitTimedOut {
-                    tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; filling for this instance");
-                }
+            Settled::Alone { fallback } => {
                 self.filler.fill(req, Claim::Instance(None), fallback).await
+            }
+            Settled::Bypass => {
+                tracing::warn!(route = %route.name, waited = ?route.lock.wait_timeout, "gave up waiting for another instance's fill; filling for this instance");
+                self.filler.fill(req, Claim::Instance(None), None).await
             }
             // Every requester hung up while we waited: nobody to answer. (`Relay` is handled
             // by the wait itself.)

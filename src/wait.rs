@@ -96,22 +96,16 @@ pub enum Settled<P> {
     Uncacheable,
     /// The holder is relaying its answer while it arrives: read its relay log (this fill's id).
     Relay(Arc<str>),
-    /// Fill for this instance alone: Redis failed, or the wait timed out with `bypass`.
-    Alone {
-        fallback: Option<Arc<Entry>>,
-        why: Alone,
-    },
+    /// Redis failed: fill for this instance alone (`fallback`: a stale entry to stand in if the
+    /// fill fails).
+    Alone { fallback: Option<Arc<Entry>> },
+    /// The wait timed out and the route says `bypass`: one call for this instance's waiters. (A
+    /// stale entry, had there been one, would have been shared instead.)
+    Bypass,
     /// The wait timed out and the route answers 504.
     TimedOut,
     /// Every requester went away while the flight waited.
     Abandoned,
-}
-
-/// Why a flight fills for its instance alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alone {
-    RedisFailed,
-    WaitTimedOut,
 }
 
 /// What happened, as the I/O loop reports it.
@@ -244,7 +238,6 @@ impl<P> Wait<P> {
             Event::Abandoned => Action::Done(Settled::Abandoned),
             Event::RedisFailed => Action::Done(Settled::Alone {
                 fallback: self.fallback.take(),
-                why: Alone::RedisFailed,
             }),
         }
     }
@@ -363,10 +356,7 @@ impl<P> Wait<P> {
                 keep: false,
             },
             // One call for this instance's waiters, not one per waiter.
-            (None, OnWaitTimeout::Bypass) => Settled::Alone {
-                fallback: None,
-                why: Alone::WaitTimedOut,
-            },
+            (None, OnWaitTimeout::Bypass) => Settled::Bypass,
             (None, OnWaitTimeout::GatewayTimeout) => Settled::TimedOut,
         };
         Action::Done(settled)
