@@ -11,7 +11,7 @@
 //! call.
 //!
 //! Slots and places in the queue are leased and renewed from the lease keeper's thread (see
-//! [`crate::lock`]), so a dead instance's slots come back within a lease, and a saturated one
+//! [`crate::fleet`]), so a dead instance's slots come back within a lease, and a saturated one
 //! keeps its own. A call waits at most `upstream_timeout` for a slot.
 //!
 //! With Redis unreachable, each instance counts alone against its share: the limit divided by the

@@ -137,7 +137,7 @@ pub enum RedisTopology {
     Cluster { nodes: Vec<String> },
     /// Redis Sentinel: the sentinels' URLs (`redis://` or `rediss://`, at least one, no
     /// duplicates) and the name of the master they monitor. Corral talks to the master they name
-    /// and follows it through a failover (see [`crate::l2`] and [`crate::notice`]), logging in
+    /// and follows it through a failover (see [`crate::l2`] and [`crate::fleet`]), logging in
     /// to it with `auth`.
     Sentinel {
         nodes: Vec<String>,
@@ -188,7 +188,7 @@ impl fmt::Display for Secret {
 impl RedisTopology {
     /// The URLs of Redis servers Corral may connect to directly: the one server, or every seed
     /// node in file order; none behind sentinels (the master is whichever they name). The
-    /// pub/sub hub uses them: it needs one node, any node (see [`crate::notice`]).
+    /// pub/sub hub uses them: it needs one node, any node (see [`crate::fleet`]).
     pub fn seeds(&self) -> &[String] {
         match self {
             RedisTopology::Standalone { url } => std::slice::from_ref(url),

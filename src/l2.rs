@@ -82,7 +82,7 @@ pub struct KeyNames {
     pub lock: String,
     pub channel: String,
     pub pass: String,
-    /// The prefix of the relay logs of streaming fills (see `l2/relay_log.rs`).
+    /// The prefix of the relay logs of streaming fills (see `fleet/relay_log.rs`).
     pub relay: String,
 }
 
@@ -185,7 +185,7 @@ impl L2 {
         self.within("warm up", budget, load).await
     }
 
-    /// Runs a script within `budget` (see [`Self::within`]): how the fleet protocol's decisions
+    /// Runs a script within `budget` (patient while Redis shows signs of life, as every lock decision is): how the fleet protocol's decisions
     /// reach Redis.
     pub async fn invoke<T: FromRedisValue>(
         &self,

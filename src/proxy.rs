@@ -55,7 +55,7 @@ pub enum Readiness {
 /// One Corral process's request handling. Shared by every connection.
 ///
 /// Its [`Handles`] are the process's and outlive reloads; every other field is what one
-/// configuration says, built by [`Proxy::configured`] at start and on each reload.
+/// configuration says, built by `Proxy::configured` at start and on each reload.
 pub struct Proxy {
     handles: Arc<Handles>,
     router: Router,

@@ -2,21 +2,22 @@
 //! cluster, one per master for the sharded notices plus one for purges).
 //!
 //! # Layout
-//! - `notice.rs` — the hub ([`Notices`]), a waiter's [`Subscription`], what wakes it ([`Wake`])
+//! - `fleet/hub.rs` — the hub ([`Notices`]), a waiter's [`Subscription`], what wakes it ([`Wake`])
 //!   and what the reconciling task is asked (`Request`).
-//! - `notice/waiters.rs` — local fan-out: the waiters by channel, each with a mailbox of wakes.
-//! - `notice/reconciler.rs` — the one task that makes the server's subscriptions match the wanted
+//! - `hub/waiters.rs` — local fan-out: the waiters by channel, each with a mailbox of wakes.
+//! - `hub/reconciler.rs` — the one task that makes the server's subscriptions match the wanted
 //!   ones, and resyncs the waiters when notices may have been lost.
-//! - `notice/topology.rs` — which node the hub subscribes on and how each call there is bounded;
+//! - `hub/topology.rs` — which node the hub subscribes on and how each call there is bounded;
 //!   following it (the next seed node, the master the sentinels name).
-//!   `notice/sharded.rs` — in a cluster, the sharded subscriptions of fill channels;
-//!   `notice/bounds.rs` — how every call the hub makes is bounded (breaker, budget, metrics).
-//! - `notice/pushes.rs` — what arrives on a connection: notices, purges, lost subscriptions.
-//! - `notice/invalidation.rs` — applying purges to L1, and dropping L1 after a disconnection.
+//!   `hub/sharded.rs` — in a cluster, the sharded subscriptions of fill channels;
+//!   `hub/bounds.rs` — how every call the hub makes is bounded (breaker, budget, metrics).
+//! - `hub/pushes.rs` — what arrives on a connection: notices, purges, lost subscriptions.
+//! - `hub/invalidation.rs` — applying purges to L1, and dropping L1 after a disconnection.
 //!
 //! Dependencies run one way: hub → reconciler → topology → sharded → pushes → waiters, topology
-//! and sharded → bounds, the reconciler → invalidation (`tests/layering.rs` checks it); below them only [`crate::l2`] (connections, budgets, the notice
-//! format), [`crate::l1`] and [`crate::purge`]. Nothing here calls the fill or the proxy.
+//! and sharded → bounds, the reconciler → invalidation (`tests/layering.rs` checks it); below
+//! them only the notice format (`fleet/notice.rs`), [`crate::l2`] (connections, budgets),
+//! [`crate::l1`] and [`crate::purge`]. Nothing here calls the fill or the proxy.
 //!
 //! # Waking a waiter
 //! A waiter calls [`Notices::subscribe`] for its key's channel and gets a [`Subscription`] once Redis

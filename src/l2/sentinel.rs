@@ -16,7 +16,7 @@
 //! already under way finish (or fail) on the old one. The failing command itself is not retried:
 //! it may have run, and the caller degrades on the error as it does for any Redis fault.
 //!
-//! The pub/sub hub ([`crate::notice`]) has its own RESP3 connection and asks its own
+//! The pub/sub hub ([`crate::fleet`]) has its own RESP3 connection and asks its own
 //! [`Sentinels`] the same question.
 
 use std::sync::Arc;
