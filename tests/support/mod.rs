@@ -26,6 +26,8 @@
 //!   client, started together: the setup of most fleet-wide tests.
 //! - [`process`]: [`CorralProcess`], a real `corral run` process, for faults an in-process
 //!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
+//! - [`streaming`]: an upstream whose body the test writes event by event, readers that read
+//!   frame by frame, and [`streaming::StreamingFleet`], for the streaming-fill tests.
 //! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
 //! - [`port`]: [`free_port`], for processes that must be told their port.
 //!
@@ -48,6 +50,7 @@ pub mod process;
 pub mod redis;
 pub mod sentinel;
 pub mod signal;
+pub mod streaming;
 pub mod tls;
 pub mod topology;
 pub mod upstream;

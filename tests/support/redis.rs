@@ -198,6 +198,19 @@ impl RedisServer {
         scan_keys(&mut conn, pattern, &self.url()).await
     }
 
+    /// Subscribers of `channel` (`PUBSUB NUMSUB`); 0 when the server does not answer, so a test
+    /// may poll it while the server is stopped.
+    pub async fn subscribers(&self, channel: &str) -> usize {
+        let mut conn = self.conn().await;
+        let counts: Vec<(String, usize)> = ::redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+
     /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
     /// Does nothing if it is already dead.
     pub fn kill(&mut self) {
