@@ -12,30 +12,6 @@ use support::{Client, CorralProcess, RedisServer, Reply, Upstream, eventually};
 /// How long a fault's aftermath (subscriptions, the circuit, a reconnect) gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
 
-/// Subscribers of the fill channels in Redis (one per waiting instance).
-async fn fill_subscribers(redis: &RedisServer) -> i64 {
-    let mut conn = redis.conn().await;
-    let channels: Vec<String> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("corral:*:fill:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let mut total = 0;
-    for channel in channels {
-        let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if let Some(redis::Value::Int(n)) = counts.get(1) {
-            total += n;
-        }
-    }
-    total
-}
-
 fn process_config(redis: &RedisServer, upstream: &Upstream, extra: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
@@ -93,7 +69,7 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
         .map(|i| client.spawn_get(url(&others[i % 2], path)))
         .collect();
     eventually("both instances wait on the fill", SETTLE, async || {
-        fill_subscribers(&redis).await == 2
+        redis.fill_subscribers().await == 2
     })
     .await;
 
@@ -225,7 +201,7 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
     eventually(
         "the second instance waits on the fill",
         SETTLE,
-        async || fill_subscribers(&redis).await == 1,
+        async || redis.fill_subscribers().await == 1,
     )
     .await;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use corral::Config;
 use support::corral::{
-    entry_name, full_text, parse, recommend_route, sentinel_config, spread, start, url,
+    entry_name, full_text, parse, recommend_route, sentinel_table, spread, start, url,
 };
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
@@ -21,6 +21,36 @@ const NOTICE_OR_504: &str =
 const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
+
+/// `n` instances of the `/recommend` route (its waiters woken by the fill notice or 504) on the
+/// Redis `table` names behind `deployment`'s sentinels, once every hub is subscribed on the first
+/// master.
+struct BehindSentinels {
+    upstream: Upstream,
+    cfg: Config,
+    fleet: Vec<corral::Instance>,
+    client: Client,
+    /// The first master's port.
+    old: u16,
+}
+
+impl BehindSentinels {
+    async fn start(deployment: &RedisSentinel, table: &str, n: usize) -> BehindSentinels {
+        let upstream = Upstream::start().await;
+        let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+        let cfg = parse(&full_text("", table, &routes));
+        let fleet = start(n, &cfg).await;
+        let old = deployment.first_master_port();
+        deployment.hubs_subscribed(old, n).await;
+        BehindSentinels {
+            upstream,
+            cfg,
+            fleet,
+            client: Client::new(),
+            old,
+        }
+    }
+}
 
 /// A fleet of two instances behind `deployment`'s sentinels, both hubs subscribed on the first
 /// master, and a first key (`filled`) filled into it.
@@ -35,18 +65,14 @@ struct Before {
 }
 
 async fn before_a_failover(deployment: &RedisSentinel) -> Before {
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
+    let table = sentinel_table(&deployment.sentinel_urls(), MASTER_NAME);
+    let BehindSentinels {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        old,
+    } = BehindSentinels::start(deployment, &table, 2).await;
     let filled = "/recommend?segment=before";
     assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
     assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
@@ -72,7 +98,11 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
         .map(|_| format!("redis://127.0.0.1:{}", support::free_port()))
         .collect();
     let routes = recommend_route(&upstream.url(), "");
-    let cfg = sentinel_config("", &nowhere, MASTER_NAME, &routes);
+    let cfg = parse(&full_text(
+        "",
+        &sentinel_table(&nowhere, MASTER_NAME),
+        &routes,
+    ));
 
     // Corral starts (nothing is asked of the sentinels yet) and serves, degraded, from the
     // upstream and L1.
@@ -187,12 +217,8 @@ async fn assert_fleet_follows(
         )
         .await;
     }
-    eventually(
-        "both hubs subscribed on the new master",
-        SETTLE,
-        async || deployment.pubsub_clients(new).await == 2,
-    )
-    .await;
+    // Both hubs subscribe on the new master.
+    deployment.hubs_subscribed(new, 2).await;
 
     upstream.reset_calls();
     upstream.set_delay(Duration::from_millis(300));
@@ -217,8 +243,6 @@ const PASSWORD: &str = "corral-test-pw";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_switch_master_event_moves_corral_before_any_request() {
     let mut deployment = RedisSentinel::start_with_password("corral", PASSWORD).await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
     let nodes: Vec<String> = deployment
         .sentinel_urls()
         .iter()
@@ -230,19 +254,16 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
          password = \"{PASSWORD}\", db = 3 }}\n",
         nodes.join(", ")
     );
-    let cfg = parse(&full_text("", &redis, &routes));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
 
-    // Step 1: Corral logs in as `corral` (the master refuses anyone without the password) and
-    // stores into database 3.
-    eventually(
-        "the hub subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 1,
-    )
-    .await;
+    // Step 1: Corral logs in as `corral` (the master refuses anyone without the password), its
+    // hub subscribes on the first master, and it stores into database 3.
+    let BehindSentinels {
+        cfg,
+        fleet,
+        client,
+        old,
+        upstream: _upstream,
+    } = BehindSentinels::start(&deployment, &redis, 1).await;
     let before = "/recommend?segment=before";
     assert_eq!(client.get(&url(&fleet[0], before), &[]).await.status, 200);
     let stored = deployment
@@ -256,12 +277,8 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
     // drops — only the sentinels' +switch-master can tell Corral. No request is sent.
     deployment.pause_server(old);
     let new = deployment.wait_failover(old, FAILOVER).await;
-    eventually(
-        "the hub moved to the new master on the event alone",
-        SETTLE,
-        async || deployment.pubsub_clients(new).await == 1,
-    )
-    .await;
+    // The hub moves to the new master on the event alone.
+    deployment.hubs_subscribed(new, 1).await;
 
     // Step 3: the first request after the failover is stored into the new master at once: the
     // command connection moved on the event too, before any call to the old master failed.

@@ -211,6 +211,23 @@ impl RedisServer {
         counts.first().map_or(0, |(_, n)| *n)
     }
 
+    /// Subscribers of Corral's fill channels, every key's together (`PUBSUB CHANNELS
+    /// corral:*:fill:*`, then `NUMSUB` of each): one per instance waiting on a key's fill. What
+    /// the server does not answer counts 0.
+    pub async fn fill_subscribers(&self) -> usize {
+        let channels: Vec<String> = ::redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("corral:*:fill:*")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap_or_default();
+        let mut total = 0;
+        for channel in channels {
+            total += self.subscribers(&channel).await;
+        }
+        total
+    }
+
     /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
     /// Does nothing if it is already dead.
     pub fn kill(&mut self) {

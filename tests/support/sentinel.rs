@@ -375,6 +375,18 @@ impl RedisSentinel {
             .count()
     }
 
+    /// Returns once `hubs` Corral pub/sub hubs are subscribed on the data server at `port`
+    /// ([`RedisSentinel::pubsub_clients`]); panics after 15 s, the bound a hub gets to find a
+    /// master or to follow one.
+    pub async fn hubs_subscribed(&self, port: u16, hubs: usize) {
+        super::eventually(
+            &format!("{hubs} hub(s) subscribed on the server at {port}"),
+            Duration::from_secs(15),
+            async || self.pubsub_clients(port).await == hubs,
+        )
+        .await;
+    }
+
     /// Every process's log, for a failure message.
     pub fn logs(&self) -> String {
         let mut out = String::new();
