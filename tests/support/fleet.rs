@@ -15,9 +15,9 @@ pub const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 /// `n` instances of one config sharing one Redis and one upstream.
 ///
-/// It derefs to its instances, so `fleet[0]`, `fleet.len()` and `fleet.iter()` read as they did
-/// on a `Vec<Instance>`. The fields drop in the order a test's locals did: the client and the
-/// instances first, the upstream and Redis last.
+/// It derefs to its instances, so `fleet[0]`, `fleet.len()`, `fleet.iter()` and
+/// `for instance in &fleet` read as they did on a `Vec<Instance>`. The fields drop in the order a
+/// test's locals did: the client and the instances first, the upstream and Redis last.
 pub struct Fleet {
     /// The client every request of the test goes through.
     pub client: Client,
@@ -73,6 +73,15 @@ impl Fleet {
         let target = admin_url(&self.instances[on], "/purge");
         let answer = self.client.post(&target, &[], body.to_owned()).await;
         (answer.status, answer.json())
+    }
+}
+
+impl<'a> IntoIterator for &'a Fleet {
+    type Item = &'a Instance;
+    type IntoIter = std::slice::Iter<'a, Instance>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.instances.iter()
     }
 }
 

@@ -200,6 +200,12 @@ impl Upstream {
         }
     }
 
+    /// Stops serving, as when the upstream is gone: the listener and every connection close.
+    pub fn stop(&self) {
+        // The accept task owns every connection task (a JoinSet), so this closes them all.
+        self.server.abort();
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -364,8 +370,7 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        // The accept task owns every connection task (a JoinSet), so this closes them all.
-        self.server.abort();
+        self.stop();
     }
 }
 
