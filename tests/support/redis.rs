@@ -505,9 +505,56 @@ pub(crate) fn log_tail(dir: &Path) -> String {
     tail
 }
 
+/// One `redis-server` process of a fixture that runs several (a cluster's nodes, the sentinel
+/// deployment's servers and sentinels) and its port; killed and reaped on Drop.
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        reap(&mut self.child);
+    }
+}
+
+/// Spawns `spawn(port, dir)` on a port from `pick` until one is not taken, up to `attempts`
+/// times, and waits until the process answers.
+///
+/// # Panics
+///
+/// If the process does not come up (quoting its log), or every port was taken.
+pub(crate) async fn start_node(
+    dir: &Path,
+    attempts: usize,
+    pick: impl Fn() -> u16,
+    spawn: impl Fn(u16, &Path) -> Child,
+) -> Node {
+    fs::create_dir_all(dir).expect("create a node folder");
+    for _ in 0..attempts {
+        let port = pick();
+        let log_start = log_len(dir);
+        let mut child = spawn(port, dir);
+        // "Address already in use" counts as taken: try another port.
+        match wait_ready(&mut child, port, dir, log_start).await {
+            Startup::Ready => return Node { child, port },
+            Startup::PortTaken => reap(&mut child),
+            Startup::Failed(why) => {
+                reap(&mut child);
+                panic!("{}", startup_failure(port, dir, &why));
+            }
+        }
+    }
+    panic!(
+        "{}: {attempts} free ports in a row were taken before a node could bind them",
+        dir.display()
+    );
+}
+
 pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
     format!(
-        "redis-server on 127.0.0.1:{port} did not come up: {why}\n{}",
+        "redis-server on 127.0.0.1:{port} (in {}) did not come up: {why}\n{}",
+        dir.display(),
         log_tail(dir)
     )
 }
