@@ -200,14 +200,7 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
     .await;
 
     // Drop every pub/sub connection while the fill runs.
-    let mut conn = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    let killed = redis.kill_pubsub_clients().await;
     assert!(killed >= 1, "a pub/sub connection was killed");
 
     // Waiters neither hang nor sleep out the 30 s lease (that would end in 504s at 10 s).

@@ -1051,14 +1051,7 @@ async fn an_instance_drops_its_l1_after_its_pubsub_connection_reconnects() {
 
     // Step 2: every pub/sub connection drops. Purges published until each instance has
     // re-subscribed are lost to it, so it must not keep serving what it held.
-    let mut conn = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    let killed = redis.kill_pubsub_clients().await;
     assert!(
         killed >= 2,
         "both instances' pub/sub connections were killed"

@@ -11,6 +11,7 @@ use std::time::Duration;
 use corral::Instance;
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
+use support::redis::kill_pubsub_clients;
 use support::{Client, RedisCluster, Resp, Upstream, eventually};
 use tokio::task::JoinHandle;
 
@@ -374,13 +375,8 @@ async fn cluster_waiter_survives_its_shard_connection_being_killed() {
     let (node, channel) = (waiting.node, waiting.channel.clone());
 
     // Step 2: that master drops every pub/sub connection while the fill runs.
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut cluster.node_conn(node).await)
-        .await
-        .expect("CLIENT KILL");
+    let mut conn = cluster.node_conn(node).await;
+    let killed = kill_pubsub_clients(&mut conn, &format!("cluster node {node}")).await;
     assert!(killed >= 1, "no pub/sub connection was killed");
     eventually("the waiter subscribed again", SETTLE, async || {
         shard_subscribers(&cluster, node, &channel).await == 1

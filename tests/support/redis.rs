@@ -228,6 +228,11 @@ impl RedisServer {
         total
     }
 
+    /// Drops every pub/sub connection to the server (`CLIENT KILL TYPE pubsub`); how many.
+    pub async fn kill_pubsub_clients(&self) -> i64 {
+        kill_pubsub_clients(&mut self.conn().await, &self.url()).await
+    }
+
     /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
     /// Does nothing if it is already dead.
     pub fn kill(&mut self) {
@@ -557,6 +562,18 @@ pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
         dir.display(),
         log_tail(dir)
     )
+}
+
+/// Drops every pub/sub connection to the server behind `conn` (`CLIENT KILL TYPE pubsub`); how
+/// many. `server` names it in a failure.
+pub async fn kill_pubsub_clients(conn: &mut MultiplexedConnection, server: &str) -> i64 {
+    ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("CLIENT KILL TYPE pubsub on {server}: {e}"))
 }
 
 /// Every key matching `pattern` on the server behind `conn`, sorted and deduplicated (`SCAN`,

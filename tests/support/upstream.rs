@@ -95,6 +95,13 @@ impl Reply {
         self
     }
 
+    /// Adds every response header of `headers`, in order.
+    pub fn headers(self, headers: &[(&str, &str)]) -> Reply {
+        headers
+            .iter()
+            .fold(self, |reply, (name, value)| reply.header(name, value))
+    }
+
     /// Replaces the JSON echo with a fixed body.
     pub fn body(mut self, body: impl Into<Bytes>) -> Reply {
         self.body = Some(body.into());
