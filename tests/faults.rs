@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::client::assert_all_stale;
 use support::corral::{config, recommend_route, redis_table, spread, start, url};
 use support::{CorralProcess, Fleet, RedisServer, Reply, Upstream, eventually};
 
@@ -382,14 +383,7 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
         Reply::status(200).delay(Duration::from_secs(3)),
     );
     let answers = spread(client, &fleet, "/recommend?k=fallback", 40).await;
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, first.body);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-    }
+    assert_all_stale(&answers, &first.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

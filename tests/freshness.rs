@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use support::client::assert_all_stale;
 use support::corral::{spread, url};
 use support::{Fleet, RedisServer, Reply, eventually};
 
@@ -40,14 +41,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
 
     // Step 3: 600 requests over the three instances are all answered from the stale entry.
     let answers = spread(client, &fleet, path, 600).await;
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-        assert_eq!(answer.body, first.body, "the stale body, without waiting");
-    }
+    assert_all_stale(&answers, &first.body);
 
     // Step 4: exactly one refresh reached the upstream; every instance then serves its result.
     eventually("the refresh reached the upstream", SETTLE, async || {
@@ -89,14 +83,7 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
     let answers = spread(client, &fleet, path, 300).await;
 
     // Step 2: everyone got the stale entry; the failure was shared, not retried per waiter.
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, first.body);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-    }
+    assert_all_stale(&answers, &first.body);
     let failing_calls = upstream.calls() - 1;
     assert!(
         (1..=2).contains(&failing_calls),

@@ -352,6 +352,24 @@ async fn l1_entries(client: &Client, admin: &str) -> f64 {
         .expect("corral_l1_entries is on the page")
 }
 
+/// Asks every instance of `fleet` for `path` at once after a purge of it: asserts that each
+/// answer is a 200 that is not the `purged` body, and that exactly one of them stored it again.
+/// The answers.
+async fn refilled_once(
+    client: &Client,
+    fleet: &[Instance],
+    path: &str,
+    purged: &Bytes,
+) -> Vec<Resp> {
+    let answers = spread(client, fleet, path, fleet.len()).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_ne!(&answer.body, purged, "{path}: the purged entry was served");
+    }
+    assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
+    answers
+}
+
 /// Waits until the `corral_l1_entries` gauge of every instance in `fleet` reads `entries`, e.g.
 /// after a purge, whose invalidation reaches the other instances through Redis.
 async fn every_l1_holds(client: &Client, fleet: &[Instance], entries: f64, what: &str) {
@@ -534,14 +552,11 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
 
     // Step 4: the next request on each instance gets a new body; the three share one refill.
     upstream.set_delay(Duration::from_millis(300));
-    let answers = spread(client, &fleet, path, fleet.len()).await;
+    let answers = refilled_once(client, &fleet, path, &first.body).await;
     assert_eq!(upstream.calls(), 2, "one refill for the fleet");
     for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_ne!(answer.body, first.body, "the purged entry was served");
         assert_eq!(answer.json()["call"], 2);
     }
-    assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
     assert_eq!(
         count_status(&answers, "corral; fwd=miss; collapsed")
             + count_status(&answers, "corral; hit"),
@@ -610,16 +625,10 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     // Step 3: on every instance a and b are refilled (one upstream call each for the fleet), while
     // c is still the original entry.
     for path in &paths[..2] {
-        let answers = spread(client, &fleet, path, fleet.len()).await;
+        let answers = refilled_once(client, &fleet, path, &bodies[path]).await;
         for answer in &answers {
-            assert_eq!(answer.status, 200);
-            assert_ne!(
-                answer.body, bodies[path],
-                "{path}: the purged entry was served"
-            );
             assert_eq!(answer.body, answers[0].body, "{path}: one refill");
         }
-        assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
         assert_eq!(upstream.calls_for(path), 2, "{path}");
         bodies.insert(path, answers[0].body.clone());
     }
@@ -645,15 +654,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     .await;
     upstream.reset_calls();
     for path in paths {
-        let answers = spread(client, &fleet, path, fleet.len()).await;
-        for answer in &answers {
-            assert_eq!(answer.status, 200);
-            assert_ne!(
-                answer.body, bodies[path],
-                "{path}: the purged entry was served"
-            );
-        }
-        assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
+        refilled_once(client, &fleet, path, &bodies[path]).await;
         assert_eq!(upstream.calls_for(path), 1, "{path}");
     }
     assert!(redis.keys("corral:*:lock:*").await.is_empty());
