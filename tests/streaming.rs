@@ -20,12 +20,7 @@ async fn the_leader_and_its_waiters_read_every_event_before_the_next_is_sent() {
     let path = "/recommend?segment=sse";
 
     // The leader's request reaches the upstream; five more join its flight.
-    let leader = fleet.reader(0, path);
-    let writer = fleet.upstream.next_call().await;
-    let waiters: Vec<_> = (0..5).map(|_| fleet.reader(0, path)).collect();
-    writer.event(1).await;
-    let mut readers = vec![leader.await.expect("leader")];
-    readers.extend(heads(waiters).await);
+    let (writer, mut readers) = fleet.flight(path, 0, 5).await;
     assert!(readers.iter().all(|r| r.status == 200));
     assert!(
         readers[0].cache_status.contains("fwd=miss"),
@@ -85,13 +80,10 @@ async fn a_late_joiner_reads_from_byte_zero_then_tails() {
 async fn a_cut_stream_fails_every_reader_and_is_never_stored() {
     let fleet = StreamingFleet::on_redis(1, "").await;
     let path = "/recommend?segment=cut";
-    let leader = fleet.reader(0, path);
-    let writer = fleet.upstream.next_call().await;
-    let waiter = fleet.reader(0, path);
-    for n in 1..=5 {
+    let (writer, mut readers) = fleet.flight(path, 0, 1).await;
+    for n in 2..=5 {
         writer.event(n).await;
     }
-    let mut readers = heads(vec![leader, waiter]).await;
     read_everywhere(&mut readers, 5).await;
     writer.cut().await;
     assert_cut(&mut readers).await;

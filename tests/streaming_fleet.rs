@@ -13,14 +13,8 @@ use support::streaming::{
 async fn waiters_on_another_instance_read_each_event_while_it_arrives() {
     let fleet = StreamingFleet::on_redis(2, "").await;
     let path = "/recommend?segment=remote";
-    let leader = fleet.reader(0, path);
-    let writer = fleet.upstream.next_call().await;
-    let remote: Vec<_> = (0..3).map(|_| fleet.reader(1, path)).collect();
     // The other instance waits on the key's channel before the upstream's head comes.
-    fleet.other_instance_waits(path).await;
-    writer.event(1).await;
-    let mut readers = vec![leader.await.expect("leader")];
-    readers.extend(heads(remote).await);
+    let (writer, mut readers) = fleet.flight(path, 1, 3).await;
     assert!(
         readers[1..]
             .iter()
@@ -71,12 +65,7 @@ async fn a_remote_tail_reads_on_every_ring_not_on_its_quiet_timer() {
 async fn an_instance_that_waits_after_the_announcement_tails_from_the_next_ring() {
     let fleet = StreamingFleet::on_redis(3, NO_QUIET_READS).await;
     let path = "/recommend?segment=late-instance";
-    let leader = fleet.reader(0, path);
-    let writer = fleet.upstream.next_call().await;
-    let early = fleet.reader(1, path);
-    fleet.other_instance_waits(path).await;
-    writer.event(1).await;
-    let mut readers = heads(vec![leader, early]).await;
+    let (writer, mut readers) = fleet.flight(path, 1, 1).await;
     read_everywhere(&mut readers, 1).await;
     // The third instance starts waiting once the fill was announced.
     let late = fleet.reader(2, path);
@@ -96,14 +85,10 @@ async fn an_instance_that_waits_after_the_announcement_tails_from_the_next_ring(
 async fn a_cut_stream_ends_visibly_on_other_instances_too() {
     let fleet = StreamingFleet::on_redis(2, "").await;
     let path = "/recommend?segment=remote-cut";
-    let leader = fleet.reader(0, path);
-    let writer = fleet.upstream.next_call().await;
-    let remote = fleet.reader(1, path);
-    fleet.other_instance_waits(path).await;
-    for n in 1..=3 {
+    let (writer, mut readers) = fleet.flight(path, 1, 1).await;
+    for n in 2..=3 {
         writer.event(n).await;
     }
-    let mut readers = heads(vec![leader, remote]).await;
     read_everywhere(&mut readers, 3).await;
     writer.cut().await;
     assert_cut(&mut readers).await;

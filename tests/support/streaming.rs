@@ -383,6 +383,22 @@ impl StreamingFleet {
         spawn_reader(self.url(on, path))
     }
 
+    /// A flight for `path`: the leader's request on instance 0 reaches the upstream, `waiters`
+    /// more join it from instance `on` (from another instance: once that one waits on the key's
+    /// channel), and the upstream sends its head with event 1. The upstream's writer, and the
+    /// readers (the leader first) with their heads.
+    pub async fn flight(&self, path: &str, on: usize, waiters: usize) -> (Writer, Vec<Reader>) {
+        let leader = self.reader(0, path);
+        let writer = self.upstream.next_call().await;
+        let mut readers = vec![leader];
+        readers.extend((0..waiters).map(|_| self.reader(on, path)));
+        if on != 0 {
+            self.other_instance_waits(path).await;
+        }
+        writer.event(1).await;
+        (writer, heads(readers).await)
+    }
+
     /// Returns once `n` other instances wait on the fill of `path` (subscribed to its channel),
     /// so they hear the fill's announcement.
     pub async fn instances_wait(&self, path: &str, n: usize) {
