@@ -19,10 +19,9 @@ use support::corral::{
     admin_url, config, config_text, config_with_server, recommend_route, redis_table, spread,
     start, url,
 };
+use support::fleet::ADMIN;
 use support::{Client, CorralProcess, Fleet, RedisServer, Reply, Resp, Upstream, eventually};
 
-/// The `[server]` line that opens an admin listener on a free port.
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// The admin token of the authorization test.
 const TOKEN: &str = "s3cret";
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use corral::Config;
 use support::corral::{
-    entry_name, full_text, parse, recommend_route, sentinel_table, spread, start, url,
+    entry_name, full_text, parse, recommend_route, sentinel_config, sentinel_table, spread, start,
+    url,
 };
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
@@ -79,11 +80,7 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
         .map(|_| format!("redis://127.0.0.1:{}", support::free_port()))
         .collect();
     let routes = recommend_route(&upstream.url(), "");
-    let cfg = parse(&full_text(
-        "",
-        &sentinel_table(&nowhere, MASTER_NAME),
-        &routes,
-    ));
+    let cfg = sentinel_config("", &nowhere, MASTER_NAME, &routes);
 
     // Corral starts (nothing is asked of the sentinels yet) and serves, degraded, from the
     // upstream and L1.

@@ -11,14 +11,13 @@ use std::time::Duration;
 use corral::Instance;
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
+use support::fleet::ADMIN;
 use support::redis::kill_pubsub_clients;
 use support::{Client, RedisCluster, Resp, Upstream, eventually};
 use tokio::task::JoinHandle;
 
 /// How long a subscription or a slot move gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
-
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 /// A cluster, a slow upstream (`delay`) and `instances` Corral instances whose waiters, if not
 /// woken by their notice, end in a 504 after `wait_timeout` (the lease outlives it), so a missed
