@@ -12,10 +12,9 @@ use corral::{Config, Instance};
 use http::Method;
 use support::client::request;
 use support::corral::{admin_url, config_text, config_with_server, recommend_route, start, url};
+use support::fleet::ADMIN;
 use support::{Client, CorralProcess, Upstream, eventually};
 
-/// The `[server]` line that opens an admin listener on a free port.
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// How long a state change (readiness after SIGTERM) gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
 

@@ -7,9 +7,8 @@ mod support;
 use std::time::Duration;
 
 use support::corral::{admin_url, config_with_server, start, url};
+use support::fleet::ADMIN;
 use support::{Client, Reply, Upstream};
-
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_rules_apply_to_every_answer_and_surrogate_keys_never_leave() {

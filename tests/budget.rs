@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::corral::{config, config_text, recommend_route, start, url};
-use support::{Client, CorralProcess, RedisServer, Reply, Upstream, eventually};
+use support::{Client, CorralProcess, Fleet, RedisServer, Reply, Resp, Upstream, eventually};
+use tokio::task::JoinHandle;
 
 /// The keys of budget `name` in the tests' namespace.
 fn budget_key(name: &str, part: &str) -> String {
@@ -47,6 +48,43 @@ async fn held_slots(redis: &RedisServer) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// `n` instances whose budget has one slot, held by a call to `/recommend/busy` that the upstream
+/// answers after 8 s: every other call queues behind it.
+struct BusySlot {
+    fleet: Fleet,
+    busy: JoinHandle<Resp>,
+}
+
+impl BusySlot {
+    async fn start(n: usize) -> BusySlot {
+        let fleet = Fleet::start(n, "", "fleet_concurrency = 1").await;
+        fleet.upstream.script(
+            "/recommend/busy",
+            Reply::status(200)
+                .body("busy")
+                .delay(Duration::from_secs(8)),
+        );
+        let busy = fleet.client.spawn_get(fleet.url(0, "/recommend/busy"));
+        fleet.upstream.wait_in_flight(1).await;
+        BusySlot { fleet, busy }
+    }
+
+    /// `GET path` of instance `on`, in a task of its own.
+    fn spawn_get(&self, on: usize, path: &str) -> JoinHandle<Resp> {
+        self.fleet.client.spawn_get(self.fleet.url(on, path))
+    }
+
+    /// The queue's scores, lowest (served first) first.
+    async fn queue(&self) -> Vec<f64> {
+        queue_scores(&self.fleet.redis).await
+    }
+
+    /// Asserts that the busy call was answered too.
+    async fn busy_answered(self) {
+        assert_eq!(self.busy.await.map(|a| a.status).unwrap_or(0), 200);
+    }
+}
+
 /// A metric's value on a page of metrics (0 when absent).
 fn metric(page: &str, line_start: &str) -> f64 {
     page.lines()
@@ -58,15 +96,11 @@ fn metric(page: &str, line_start: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cold_keys_over_three_instances_never_exceed_the_fleet_budget() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(100));
     // At the defaults: a fill may queue for its slot within `upstream_timeout`, and its waiters
     // (on every instance) wait with it.
-    let extra = "fleet_concurrency = 20";
-    let routes = recommend_route(&upstream.url(), extra);
-    let fleet = start(3, &config(Some(&redis.url()), &routes)).await;
-    let client = Client::new();
+    let fleet = Fleet::start(3, "", "fleet_concurrency = 20").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
+    upstream.set_delay(Duration::from_millis(100));
 
     // Every key asked on every instance at once: 3000 requests, 1000 keys.
     let requests = (0..1000).flat_map(|key| {
@@ -99,11 +133,11 @@ async fn a_thousand_cold_keys_over_three_instances_never_exceed_the_fleet_budget
         upstream.max_in_flight()
     );
     // Every slot is given back once the burst is over.
-    let held = held_slots(&redis).await;
+    let held = held_slots(redis).await;
     eventually(
         "every slot given back",
         Duration::from_secs(10),
-        async || held_slots(&redis).await == 0,
+        async || held_slots(redis).await == 0,
     )
     .await;
     assert!(held <= 20);
@@ -144,37 +178,22 @@ async fn pass_through_calls_count_in_the_fleet_budget_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_call_that_answers_the_most_requests_gets_the_next_slot() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.script(
-        "/recommend/busy",
-        Reply::status(200)
-            .body("busy")
-            .delay(Duration::from_secs(8)),
-    );
-    let routes = recommend_route(&upstream.url(), "fleet_concurrency = 1");
-    let fleet = start(1, &config(Some(&redis.url()), &routes)).await;
-    let client = Client::new();
-    let at = |path: &str| url(&fleet[0], path);
-
     // The one slot is busy; then one request queues for `few`, and after it twenty for `many`.
-    let busy = client.spawn_get(at("/recommend/busy"));
-    upstream.wait_in_flight(1).await;
-    let few = client.spawn_get(at("/recommend/few"));
-    // The queue's tokens and scores, lowest (served first) first.
+    let slot = BusySlot::start(1).await;
+    let few = slot.spawn_get(0, "/recommend/few");
     eventually("`few` queued", Duration::from_secs(10), async || {
-        queue_scores(&redis).await.len() == 1
+        slot.queue().await.len() == 1
     })
     .await;
     let many: Vec<_> = (0..20)
-        .map(|_| client.spawn_get(at("/recommend/many")))
+        .map(|_| slot.spawn_get(0, "/recommend/many"))
         .collect();
     // `many` renews its place with its weight (20 requests) every lease (2 s here, while `busy`
     // holds the slot for 8): it leads `few` by more than the second of boost those are worth.
     eventually(
         "`many` queued ahead of `few`",
         Duration::from_secs(10),
-        async || matches!(queue_scores(&redis).await[..], [many, few] if few - many > 1000.0),
+        async || matches!(slot.queue().await[..], [many, few] if few - many > 1000.0),
     )
     .await;
 
@@ -182,7 +201,7 @@ async fn the_call_that_answers_the_most_requests_gets_the_next_slot() {
         assert_eq!(answer.map(|a| a.status).unwrap_or(0), 200);
     }
     assert_eq!(few.await.map(|a| a.status).unwrap_or(0), 200);
-    assert_eq!(busy.await.map(|a| a.status).unwrap_or(0), 200);
+    let upstream = &slot.fleet.upstream;
     let (many_at, few_at) = (
         upstream.first_answer("/recommend/many"),
         upstream.first_answer("/recommend/few"),
@@ -192,6 +211,7 @@ async fn the_call_that_answers_the_most_requests_gets_the_next_slot() {
         "`many` (20 requests) was called before `few` (1): {many_at:?} vs {few_at:?}"
     );
     assert_eq!(upstream.calls_for("/recommend/many"), 1);
+    slot.busy_answered().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,27 +259,26 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_gone_each_instance_keeps_to_its_share() {
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(200));
-    let routes = recommend_route(&upstream.url(), "fleet_concurrency = 4");
-    let fleet = start(2, &config(Some(&redis.url()), &routes)).await;
-    let client = Client::new();
+    let mut fleet = Fleet::start(2, "", "fleet_concurrency = 4").await;
+    fleet.upstream.set_delay(Duration::from_millis(200));
 
     // Both instances use the budget while Redis is up: each learns there are two.
     // (Twice round, so the first has seen the second.)
     for round in 0..2 {
-        for (i, instance) in fleet.iter().enumerate() {
-            let target = url(instance, &format!("/recommend?item=warm{round}-{i}"));
-            assert_eq!(client.get(&target, &[]).await.status, 200);
+        for i in 0..fleet.len() {
+            let answer = fleet
+                .get(i, &format!("/recommend?item=warm{round}-{i}"))
+                .await;
+            assert_eq!(answer.status, 200);
         }
     }
-    redis.kill();
+    fleet.redis.kill();
+    let upstream = &fleet.upstream;
     upstream.reset_calls();
 
     let answers = join_all((0..40).map(|i| {
-        let target = url(&fleet[i % 2], &format!("/recommend?item=cold{i}"));
-        let client = client.clone();
+        let target = fleet.url(i % 2, &format!("/recommend?item=cold{i}"));
+        let client = fleet.client.clone();
         async move { client.get(&target, &[]).await.status }
     }))
     .await;
@@ -271,7 +290,7 @@ async fn with_redis_gone_each_instance_keeps_to_its_share() {
         "two instances with a share of 2 each: {} in flight",
         upstream.max_in_flight()
     );
-    for instance in &fleet {
+    for instance in fleet.iter() {
         let page = instance.proxy().render_metrics().await;
         assert_eq!(
             metric(&page, "corral_budget_fallback{budget=\"recommend\"}"),
@@ -283,25 +302,12 @@ async fn with_redis_gone_each_instance_keeps_to_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.script(
-        "/recommend/busy",
-        Reply::status(200)
-            .body("busy")
-            .delay(Duration::from_secs(8)),
-    );
-    let routes = recommend_route(&upstream.url(), "fleet_concurrency = 1");
-    let fleet = start(3, &config(Some(&redis.url()), &routes)).await;
-    let client = Client::new();
-
     // The one slot is busy; `shared` queues from instance 0 with its one request.
-    let busy = client.spawn_get(url(&fleet[0], "/recommend/busy"));
-    upstream.wait_in_flight(1).await;
-    let leader = client.spawn_get(url(&fleet[0], "/recommend/shared"));
+    let slot = BusySlot::start(3).await;
+    let leader = slot.spawn_get(0, "/recommend/shared");
     let mut first = None;
     eventually("`shared` queued", Duration::from_secs(10), async || {
-        first = queue_scores(&redis).await.first().copied();
+        first = slot.queue().await.first().copied();
         first.is_some()
     })
     .await;
@@ -310,12 +316,12 @@ async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
     // Requests for the same key on the two other instances wait for its fill there: at its next
     // renewal the call counts them (one per instance) and moves 200 ms ahead of its arrival.
     let waiters: Vec<_> = (0..10)
-        .map(|i| client.spawn_get(url(&fleet[1 + i % 2], "/recommend/shared")))
+        .map(|i| slot.spawn_get(1 + i % 2, "/recommend/shared"))
         .collect();
     eventually(
         "the queued call weighed with the instances waiting elsewhere",
         Duration::from_secs(10),
-        async || matches!(queue_scores(&redis).await[..], [now] if first - now >= 200.0),
+        async || matches!(slot.queue().await[..], [now] if first - now >= 200.0),
     )
     .await;
 
@@ -323,10 +329,10 @@ async fn instances_waiting_on_a_queued_fill_elsewhere_move_it_up_the_queue() {
         assert_eq!(answer.map(|a| a.status).unwrap_or(0), 200);
     }
     assert_eq!(leader.await.map(|a| a.status).unwrap_or(0), 200);
-    assert_eq!(busy.await.map(|a| a.status).unwrap_or(0), 200);
     assert_eq!(
-        upstream.calls_for("/recommend/shared"),
+        slot.fleet.upstream.calls_for("/recommend/shared"),
         1,
         "one call for the key"
     );
+    slot.busy_answered().await;
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use corral::{Config, Instance};
 use futures_util::future::join_all;
 use support::corral::{full_text, parse, start, url};
-use support::{Client, RedisCluster, RedisServer, Upstream, eventually};
+use support::sentinel::MASTER_NAME;
+use support::{Client, Deployment, RedisServer, Topology, Upstream, eventually};
 
 /// Three instances, as the issue measured.
 const INSTANCES: usize = 3;
@@ -25,6 +26,22 @@ const BACKEND: Duration = Duration::from_millis(250);
 /// instances, the upstream and the client in one process); two at once would measure the test
 /// process's own contention, not Corral's.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The `[redis]` line that names `deployment` and sets nothing else.
+fn topology_line(deployment: &Deployment) -> String {
+    let list = |urls: Vec<String>| {
+        let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        quoted.join(", ")
+    };
+    match deployment {
+        Deployment::Single(redis) => format!("url = \"{}\"", redis.url()),
+        Deployment::Cluster(cluster) => format!("cluster = [{}]", list(cluster.urls())),
+        Deployment::Sentinel(sentinel) => format!(
+            "sentinel = {{ nodes = [{}], master = \"{MASTER_NAME}\" }}",
+            list(sentinel.sentinel_urls())
+        ),
+    }
+}
 
 /// A config with every default: `redis` is the `[redis]` table's topology line.
 fn default_config(redis: &str, upstream: &str) -> Config {
@@ -141,22 +158,22 @@ async fn assert_recovered(upstream: &Upstream, client: &Client, fleet: &[Instanc
     assert_one_call_per_key(upstream, &statuses, "recovered", keys);
 }
 
-/// A fleet started a moment before its first burst of `keys` cold keys, on one Redis.
-async fn cold_burst_on_one_redis(keys: usize) {
+/// A fleet started a moment before its first burst of `keys` cold keys, on `topology`.
+async fn cold_burst(topology: Topology, keys: usize) {
     let _turn = ONE_AT_A_TIME.lock().await;
     support::logs();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let (redis, upstream, fleet) = fleet_on_one_redis().await;
+    let deployment = topology.start().await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(BACKEND);
+    let cfg = default_config(&topology_line(&deployment), &upstream.url());
+    let fleet = start(INSTANCES, &cfg).await;
     let client = Client::new();
 
     let statuses = burst(&client, &fleet, "cold", keys).await;
 
     assert_one_call_per_key(&upstream, &statuses, "cold", keys);
     assert!(
-        redis.keys("corral:*:lock:*").await.is_empty(),
+        deployment.keys("corral:*:lock:*").await.is_empty(),
         "no lock is left behind"
     );
     for instance in &fleet {
@@ -164,83 +181,75 @@ async fn cold_burst_on_one_redis(keys: usize) {
     }
 }
 
+/// A burst of 300 keys over a fleet on one Redis, during which `fault` strikes Redis once the
+/// first fills are in the upstream: every request is answered, with at most one upstream call
+/// per instance per key. Then `recover` brings Redis back, and once the instances see it a new
+/// burst makes one call per key.
+async fn a_fault_mid_burst(
+    round: &str,
+    fault: impl AsyncFnOnce(&mut RedisServer),
+    recover: impl AsyncFnOnce(&mut RedisServer),
+) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    support::logs();
+    let (mut redis, upstream, fleet) = fleet_on_one_redis().await;
+    let client = Client::new();
+    let keys = 300;
+
+    let strike = async {
+        upstream.wait_in_flight(1).await;
+        fault(&mut redis).await;
+    };
+    let statuses = burst_while(&client, &fleet, round, keys, strike).await;
+    assert_at_most_one_call_per_instance(&upstream, &statuses, round, keys);
+
+    recover(&mut redis).await;
+    assert_recovered(&upstream, &client, &fleet, keys).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_hot_key_on_a_fleet_started_a_moment_before_makes_one_call() {
-    cold_burst_on_one_redis(1).await;
+    cold_burst(Topology::Single, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_300_cold_keys_makes_300_calls() {
-    cold_burst_on_one_redis(300).await;
+    cold_burst(Topology::Single, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_1000_cold_keys_makes_1000_calls() {
-    cold_burst_on_one_redis(1000).await;
+    cold_burst(Topology::Single, 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_1000_cold_keys_on_a_redis_cluster_makes_1000_calls() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    support::logs();
-    let cluster = RedisCluster::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(BACKEND);
-    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let topology = format!("cluster = [{}]", nodes.join(", "));
-    let fleet = start(INSTANCES, &default_config(&topology, &upstream.url())).await;
-    let client = Client::new();
-
-    let statuses = burst(&client, &fleet, "cluster", 1000).await;
-
-    assert_one_call_per_key(&upstream, &statuses, "cluster", 1000);
-    assert!(cluster.keys("corral:*:lock:*").await.is_empty());
+    cold_burst(Topology::Cluster, 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stalled_mid_burst_costs_at_most_one_call_per_instance_and_then_recovers() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    support::logs();
-    let (mut redis, upstream, fleet) = fleet_on_one_redis().await;
-    let client = Client::new();
-    let keys = 300;
-
-    // Step 1: a burst is under way (fills are in the upstream) when Redis freezes for 2 s.
-    let fault = async {
-        upstream.wait_in_flight(1).await;
-        redis.stop();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        redis.cont();
-    };
-    let statuses = burst_while(&client, &fleet, "stall", keys, fault).await;
-
-    // Step 2: every request was answered, with at most one upstream call per instance per key.
-    assert_at_most_one_call_per_instance(&upstream, &statuses, "stall", keys);
-
-    // Step 3: Redis is back; once the instances see it, a new burst makes one call per key.
-    assert_recovered(&upstream, &client, &fleet, keys).await;
+    // Redis freezes for 2 s while the burst's fills are in the upstream, then thaws by itself.
+    a_fault_mid_burst(
+        "stall",
+        async |redis| {
+            redis.stop();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            redis.cont();
+        },
+        async |_| {},
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_burst_fails_open_and_the_fleet_reconnects_by_itself() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    support::logs();
-    let (mut redis, upstream, fleet) = fleet_on_one_redis().await;
-    let client = Client::new();
-    let keys = 300;
-
-    // Step 1: Redis dies while the burst's fills are in the upstream.
-    let fault = async {
-        upstream.wait_in_flight(1).await;
-        redis.kill();
-    };
-    let statuses = burst_while(&client, &fleet, "killed", keys, fault).await;
-
-    // Step 2: every request answered, at most one upstream call per instance per key.
-    assert_at_most_one_call_per_instance(&upstream, &statuses, "killed", keys);
-
-    // Step 3: Redis comes back empty on the same port; the fleet reconnects by itself and a new
-    // burst makes one call per key again.
-    redis.restart().await;
-    assert_recovered(&upstream, &client, &fleet, keys).await;
+    // Redis dies while the burst's fills are in the upstream, and comes back empty on the same
+    // port: the fleet reconnects by itself.
+    a_fault_mid_burst(
+        "killed",
+        async |redis| redis.kill(),
+        async |redis| redis.restart().await,
+    )
+    .await;
 }

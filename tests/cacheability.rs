@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::corral::{assert_nothing_stored, config, recommend_route, start, url};
-use support::{Client, RedisServer, Reply, Upstream};
+use support::{Client, Fleet, RedisServer, Reply, Upstream};
 
 /// Sends `n` concurrent requests and returns their bodies.
 async fn burst(client: &Client, target: &str, headers: &[(&str, &str)], n: usize) -> Vec<String> {
@@ -23,8 +23,8 @@ async fn burst(client: &Client, target: &str, headers: &[(&str, &str)], n: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personal_responses_reach_their_requester_only() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(1, "", "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     let delay = Duration::from_millis(100);
     upstream.script(
         "/recommend/cookie",
@@ -42,16 +42,13 @@ async fn personal_responses_reach_their_requester_only() {
             .header("cache-control", "no-store")
             .delay(delay),
     );
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
 
     for path in [
         "/recommend/cookie",
         "/recommend/private",
         "/recommend/nostore",
     ] {
-        let bodies = burst(&client, &url(&fleet[0], path), &[], 5).await;
+        let bodies = burst(client, &url(&fleet[0], path), &[], 5).await;
         assert_eq!(
             upstream.calls_for(path),
             5,
@@ -64,20 +61,17 @@ async fn personal_responses_reach_their_requester_only() {
             "{path}: every requester got its own answer"
         );
     }
-    assert_nothing_stored(&redis, &fleet[0]).await;
+    assert_nothing_stored(redis, &fleet[0]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_with_credentials_bypass_unless_the_route_keys_on_them() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(1, "", "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
 
     let target = url(&fleet[0], "/recommend?segment=a");
     for credentials in [("authorization", "Bearer alice"), ("cookie", "session=bob")] {
-        let bodies = burst(&client, &target, &[credentials], 3).await;
+        let bodies = burst(client, &target, &[credentials], 3).await;
         assert_eq!(bodies.iter().collect::<HashSet<_>>().len(), 3);
     }
     assert_eq!(upstream.calls(), 6);
@@ -85,7 +79,7 @@ async fn requests_with_credentials_bypass_unless_the_route_keys_on_them() {
         .get(&target, &[("authorization", "Bearer alice")])
         .await;
     assert_eq!(answer.cache_status().as_deref(), Some("corral; fwd=bypass"));
-    assert_nothing_stored(&redis, &fleet[0]).await;
+    assert_nothing_stored(redis, &fleet[0]).await;
 
     // A route that keys on Authorization may cache per credential.
     let keyed = recommend_route(&upstream.url(), r#"key = { headers = ["authorization"] }"#);
@@ -140,14 +134,10 @@ async fn uncached_routes_and_methods_pass_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_the_route_does_not_cache_are_not_stored() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(1, "", "cache_statuses = [200, 410]").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     upstream.script("/recommend/missing", Reply::status(404));
     upstream.script("/recommend/gone", Reply::status(410));
-    let routes = recommend_route(&upstream.url(), "cache_statuses = [200, 410]");
-    let cfg = config(Some(&redis.url()), &routes);
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
 
     for _ in 0..2 {
         let answer = client.get(&url(&fleet[0], "/recommend/missing"), &[]).await;

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
+use support::fleet::ADMIN;
 use support::{Client, RedisCluster, Reply, Upstream, eventually};
-
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 /// How long an invalidation or a subscription gets to reach another instance.
 const SETTLE: Duration = Duration::from_secs(15);

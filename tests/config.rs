@@ -36,6 +36,16 @@ fn assert_points_at(message: &str, line: usize, field: &str) {
     );
 }
 
+/// Asserts `text` is refused at `line`, naming `field`, with a message that says `says`; the
+/// message, for what else a test checks in it.
+#[track_caller]
+fn assert_refused(text: &str, line: usize, field: &str, says: &str) -> String {
+    let message = refusal(text);
+    assert_points_at(&message, line, field);
+    assert!(message.contains(says), "{message}");
+    message
+}
+
 const ROUTE: &str = r#"
 [[route]]
 name = "ok"
@@ -188,10 +198,7 @@ fn a_default_upstream_alone_is_enough() {
 
 #[test]
 fn unknown_field_is_refused() {
-    let message = refusal(&format!("{ROUTE}tll = \"60s\"\n"));
-
-    assert_points_at(&message, 6, "tll");
-    assert!(message.contains("route \"ok\""), "{message}");
+    let message = assert_refused(&format!("{ROUTE}tll = \"60s\"\n"), 6, "tll", "route \"ok\"");
     assert!(message.contains("unknown field"), "{message}");
 }
 
@@ -211,10 +218,12 @@ fn unknown_top_level_table_is_refused() {
 
 #[test]
 fn bad_duration_is_refused() {
-    let message = refusal(&format!("{ROUTE}ttl = \"5 parsecs\"\n"));
-
-    assert_points_at(&message, 6, "ttl");
-    assert!(message.contains("route \"ok\""), "{message}");
+    let message = assert_refused(
+        &format!("{ROUTE}ttl = \"5 parsecs\"\n"),
+        6,
+        "ttl",
+        "route \"ok\"",
+    );
     assert!(
         message.contains("invalid duration \"5 parsecs\""),
         "{message}"
@@ -223,10 +232,12 @@ fn bad_duration_is_refused() {
 
 #[test]
 fn bad_size_is_refused() {
-    let message = refusal("[cache]\nl1_max_bytes = \"lots\"\n");
-
-    assert_points_at(&message, 2, "cache.l1_max_bytes");
-    assert!(message.contains("invalid size"), "{message}");
+    assert_refused(
+        "[cache]\nl1_max_bytes = \"lots\"\n",
+        2,
+        "cache.l1_max_bytes",
+        "invalid size",
+    );
 }
 
 /// bytesize saturates at `u64::MAX` rather than failing: an overflowing size must be an error
@@ -248,10 +259,7 @@ fn overflowing_sizes_are_refused() {
 
 #[test]
 fn duplicate_route_name_is_refused() {
-    let message = refusal(&format!("{ROUTE}{ROUTE}"));
-
-    assert_points_at(&message, 8, "name");
-    assert!(message.contains("duplicate"), "{message}");
+    let message = assert_refused(&format!("{ROUTE}{ROUTE}"), 8, "name", "duplicate");
     assert!(
         message.contains("line 3"),
         "names the first definition: {message}"
@@ -260,10 +268,12 @@ fn duplicate_route_name_is_refused() {
 
 #[test]
 fn fleet_lock_without_redis_is_refused() {
-    let message = refusal(&format!("{ROUTE}\n[route.lock]\nscope = \"fleet\"\n"));
-
-    assert_points_at(&message, 8, "lock.scope");
-    assert!(message.contains("needs a [redis] table"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[route.lock]\nscope = \"fleet\"\n"),
+        8,
+        "lock.scope",
+        "needs a [redis] table",
+    );
 }
 
 #[test]
@@ -302,10 +312,7 @@ fn relative_default_upstream_is_refused() {
 #[test]
 fn bad_header_name_is_refused() {
     let text = format!("{ROUTE}\n[route.key]\nheaders = [\n  \"x-ok\",\n  \"x user\",\n]\n");
-    let message = refusal(&text);
-
-    assert_points_at(&message, 10, "key.headers");
-    assert!(message.contains("\"x user\""), "{message}");
+    assert_refused(&text, 10, "key.headers", "\"x user\"");
 }
 
 #[test]
@@ -328,33 +335,36 @@ fn redis_cluster_seed_nodes_are_accepted_in_file_order() {
 #[test]
 fn a_bad_redis_cluster_is_refused_at_its_line() {
     // Empty list: the list's own line.
-    let message = refusal(&format!("{ROUTE}\n[redis]\ncluster = []\n"));
-    assert_points_at(&message, 8, "redis.cluster");
-    assert!(message.contains("must not be empty"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\ncluster = []\n"),
+        8,
+        "redis.cluster",
+        "must not be empty",
+    );
 
     // A node that is not a Redis URL: that element's line.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\ncluster = [\n  \"redis://a:7000\",\n  \"a:7001\",\n]\n"
-    ));
-    assert_points_at(&message, 10, "redis.cluster");
-    assert!(
-        message.contains("\"a:7001\" must start with redis://"),
-        "{message}"
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\ncluster = [\n  \"redis://a:7000\",\n  \"a:7001\",\n]\n"),
+        10,
+        "redis.cluster",
+        "\"a:7001\" must start with redis://",
     );
 
     // The same node twice.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\ncluster = [\"redis://a:7000\", \"redis://a:7000\"]\n"
-    ));
-    assert_points_at(&message, 8, "redis.cluster");
-    assert!(message.contains("listed twice"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\ncluster = [\"redis://a:7000\", \"redis://a:7000\"]\n"),
+        8,
+        "redis.cluster",
+        "listed twice",
+    );
 
     // Both a URL and a cluster.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\ncluster = [\"redis://a:7000\"]\n"
-    ));
-    assert_points_at(&message, 9, "redis.cluster");
-    assert!(message.contains("give exactly one of"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\ncluster = [\"redis://a:7000\"]\n"),
+        9,
+        "redis.cluster",
+        "give exactly one of",
+    );
 }
 
 #[test]
@@ -410,9 +420,12 @@ fn bad_sentinel_credentials_are_refused_at_their_line_without_quoting_the_passwo
     };
     let message = refusal(&table("db = -1"));
     assert_points_at(&message, 10, "redis.sentinel.db");
-    let message = refusal(&table("username = \"corral\""));
-    assert_points_at(&message, 10, "redis.sentinel.username");
-    assert!(message.contains("needs a `password`"), "{message}");
+    assert_refused(
+        &table("username = \"corral\""),
+        10,
+        "redis.sentinel.username",
+        "needs a `password`",
+    );
     let message = refusal(&table("password = \"\""));
     assert_points_at(&message, 10, "redis.sentinel.password");
     let message = refusal(&table("password = 42"));
@@ -423,27 +436,29 @@ fn bad_sentinel_credentials_are_refused_at_their_line_without_quoting_the_passwo
 #[test]
 fn a_bad_redis_sentinel_is_refused_at_its_line() {
     // No master name: the table's line.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://a:26379\"] }}\n"
-    ));
-    assert_points_at(&message, 8, "redis.sentinel.master");
-    assert!(message.contains("required"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\nsentinel = {{ nodes = [\"redis://a:26379\"] }}\n"),
+        8,
+        "redis.sentinel.master",
+        "required",
+    );
 
     // No sentinels at all.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\nsentinel = {{ master = \"m\", nodes = [] }}\n"
-    ));
-    assert_points_at(&message, 8, "redis.sentinel.nodes");
-    assert!(message.contains("must not be empty"), "{message}");
+    assert_refused(
+        &format!("{ROUTE}\n[redis]\nsentinel = {{ master = \"m\", nodes = [] }}\n"),
+        8,
+        "redis.sentinel.nodes",
+        "must not be empty",
+    );
 
     // A sentinel that is not a Redis URL, written as a table over several lines.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\n  \"redis://a:26379\",\n  \"a:26380\",\n]\n"
-    ));
-    assert_points_at(&message, 11, "redis.sentinel.nodes");
-    assert!(
-        message.contains("\"a:26380\" must start with redis://"),
-        "{message}"
+    assert_refused(
+        &format!(
+            "{ROUTE}\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\n  \"redis://a:26379\",\n  \"a:26380\",\n]\n"
+        ),
+        11,
+        "redis.sentinel.nodes",
+        "\"a:26380\" must start with redis://",
     );
 
     // A misspelt key: refused by name, not ignored.
@@ -460,11 +475,14 @@ fn a_bad_redis_sentinel_is_refused_at_its_line() {
     assert_points_at(&message, 8, "redis.sentinel.master");
 
     // Both a URL and sentinels.
-    let message = refusal(&format!(
-        "{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\nsentinel = {{ nodes = [\"redis://a:26379\"], master = \"m\" }}\n"
-    ));
-    assert_points_at(&message, 9, "redis.sentinel");
-    assert!(message.contains("give exactly one of"), "{message}");
+    assert_refused(
+        &format!(
+            "{ROUTE}\n[redis]\nurl = \"redis://a:6379\"\nsentinel = {{ nodes = [\"redis://a:26379\"], master = \"m\" }}\n"
+        ),
+        9,
+        "redis.sentinel",
+        "give exactly one of",
+    );
 }
 
 #[test]
@@ -500,10 +518,12 @@ fn other_rules_name_their_field() {
 
 #[test]
 fn missing_required_field_points_at_the_route() {
-    let message = refusal("[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n");
-
-    assert_points_at(&message, 1, "upstream");
-    assert!(message.contains("route \"r\""), "{message}");
+    let message = assert_refused(
+        "[[route]]\nname = \"r\"\npath_prefix = \"/r\"\n",
+        1,
+        "upstream",
+        "route \"r\"",
+    );
     assert!(message.contains("required"), "{message}");
 }
 
@@ -548,10 +568,7 @@ fn an_unknown_field_suggests_the_closest_known_one() {
 
 #[test]
 fn a_duration_without_a_unit_says_what_to_write() {
-    let message = refusal(&format!("{ROUTE}ttl = 60\n"));
-
-    assert_points_at(&message, 6, "ttl");
-    assert!(message.contains(r#"write "60s""#), "{message}");
+    assert_refused(&format!("{ROUTE}ttl = 60\n"), 6, "ttl", r#"write "60s""#);
 }
 
 /// A route table `name` (on `/name`) with `fleet_concurrency = limit`, in `budget` when given.
@@ -592,12 +609,8 @@ fn routes_sharing_a_budget_with_different_limits_are_refused() {
         budget_route("b", 10, Some("model")),
     ]
     .join("\n");
-    let message = refusal(&text);
-    assert_points_at(&message, 10, "fleet_concurrency");
-    assert!(
-        message.contains("\"a\"") && message.contains("20"),
-        "{message}"
-    );
+    let message = assert_refused(&text, 10, "fleet_concurrency", "\"a\"");
+    assert!(message.contains("20"), "{message}");
 }
 
 #[test]
@@ -616,15 +629,21 @@ fn ttl_jitter_is_a_fraction_below_one() {
         assert_eq!(config.routes[0].ttl_jitter, want, "{given}");
     }
     for bad in ["-0.1", "1", "1.0", "2.5", "nan", "inf"] {
-        let message = refusal(&format!("{ROUTE}ttl_jitter = {bad}\n"));
-        assert_points_at(&message, 6, "ttl_jitter");
-        assert!(message.contains("route \"ok\""), "{message}");
+        let message = assert_refused(
+            &format!("{ROUTE}ttl_jitter = {bad}\n"),
+            6,
+            "ttl_jitter",
+            "route \"ok\"",
+        );
         assert!(message.contains("in [0, 1)"), "{message}");
     }
     for not_a_number in ["\"0.1\"", "true", "[0.1]"] {
-        let message = refusal(&format!("{ROUTE}ttl_jitter = {not_a_number}\n"));
-        assert_points_at(&message, 6, "ttl_jitter");
-        assert!(message.contains("route \"ok\""), "{message}");
+        let message = assert_refused(
+            &format!("{ROUTE}ttl_jitter = {not_a_number}\n"),
+            6,
+            "ttl_jitter",
+            "route \"ok\"",
+        );
         assert!(
             message.ends_with(&format!(
                 "in [0, 1) (0.1 is the default), not {not_a_number}"

@@ -7,9 +7,8 @@ mod support;
 use std::path::Path;
 
 use support::corral::{admin_url, config_with_server, start, url};
+use support::fleet::ADMIN;
 use support::{Client, Reply, Upstream};
-
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 fn route(name: &str, prefix: &str, endpoints: &[String], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();

@@ -6,35 +6,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::client::assert_all_stale;
 use support::corral::{config, recommend_route, redis_table, spread, start, url};
-use support::{Client, CorralProcess, RedisServer, Reply, Upstream, eventually};
+use support::{CorralProcess, Fleet, RedisServer, Reply, Upstream, eventually};
 
 /// How long a fault's aftermath (subscriptions, the circuit, a reconnect) gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
-
-/// Subscribers of the fill channels in Redis (one per waiting instance).
-async fn fill_subscribers(redis: &RedisServer) -> i64 {
-    let mut conn = redis.conn().await;
-    let channels: Vec<String> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("corral:*:fill:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let mut total = 0;
-    for channel in channels {
-        let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if let Some(redis::Value::Int(n)) = counts.get(1) {
-            total += n;
-        }
-    }
-    total
-}
 
 fn process_config(redis: &RedisServer, upstream: &Upstream, extra: &str) -> String {
     format!(
@@ -46,29 +23,26 @@ fn process_config(redis: &RedisServer, upstream: &Upstream, extra: &str) -> Stri
 
 /// One Redis, an upstream answering after `delay`, and two instances whose `/recommend` route
 /// has `extra` (its lock settings).
-async fn two_on_one_redis(
-    delay: Duration,
-    extra: &str,
-) -> (RedisServer, Upstream, Vec<corral::Instance>) {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(delay);
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), extra));
-    let fleet = start(2, &cfg).await;
-    (redis, upstream, fleet)
+async fn two_on_one_redis(delay: Duration, extra: &str) -> Fleet {
+    let fleet = Fleet::start(2, "", extra).await;
+    fleet.upstream.set_delay(delay);
+    fleet
+}
+
+/// [`two_on_one_redis`], and a leader: a `corral run` process on the same Redis and upstream with
+/// the same route, for the faults only a process can take (SIGKILL, SIGSTOP).
+async fn a_leader_process_and_two(delay: Duration, extra: &str) -> (CorralProcess, Fleet) {
+    let fleet = two_on_one_redis(delay, extra).await;
+    let leader = CorralProcess::start(&process_config(&fleet.redis, &fleet.upstream, extra)).await;
+    (leader, fleet)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_take_over_when_the_leader_process_is_killed() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_secs(1));
     // The default lease (2s): takeover must be fast without tuning.
     let lock = r#"lock = { wait_timeout = "20s", on_wait_timeout = "504" }"#;
-    let mut leader = CorralProcess::start(&process_config(&redis, &upstream, lock)).await;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let others = start(2, &cfg).await;
-    let client = Client::new();
+    let (mut leader, others) = a_leader_process_and_two(Duration::from_secs(1), lock).await;
+    let (client, upstream, redis) = (&others.client, &others.upstream, &others.redis);
     let path = "/recommend?segment=a";
 
     // Step 1: the leader process takes the lock and calls the upstream.
@@ -93,7 +67,7 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
         .map(|i| client.spawn_get(url(&others[i % 2], path)))
         .collect();
     eventually("both instances wait on the fill", SETTLE, async || {
-        fill_subscribers(&redis).await == 2
+        redis.fill_subscribers().await == 2
     })
     .await;
 
@@ -121,19 +95,16 @@ async fn waiters_take_over_when_the_leader_process_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    // A waiter left to sleep out the 30 s lease would hit the 10 s wait timeout and answer 504.
+    let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
+    let fleet = Fleet::start(3, "", lock).await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     upstream.script(
         "/recommend",
         Reply::status(500).delay(Duration::from_millis(300)),
     );
-    // A waiter left to sleep out the 30 s lease would hit the 10 s wait timeout and answer 504.
-    let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(3, &cfg).await;
-    let client = Client::new();
 
-    let answers = spread(&client, &fleet, "/recommend?segment=a", 300).await;
+    let answers = spread(client, &fleet, "/recommend?segment=a", 300).await;
     for answer in &answers {
         assert_eq!(answer.status, 500, "the leader's error, shared");
     }
@@ -154,7 +125,7 @@ async fn a_failed_fill_is_shared_by_every_waiter_without_waiting_for_the_lease()
     drop(refused);
     let cfg = config(Some(&redis.url()), &recommend_route(&dead_url, lock));
     let fleet = start(2, &cfg).await;
-    let answers = spread(&client, &fleet, "/recommend?segment=b", 50).await;
+    let answers = spread(client, &fleet, "/recommend?segment=b", 50).await;
     assert!(answers.iter().all(|a| a.status == 502));
 }
 
@@ -206,8 +177,8 @@ async fn an_abandoned_lock_is_released_with_a_failed_notice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
     let lock = r#"lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
-    let (redis, upstream, fleet) = two_on_one_redis(Duration::from_secs(1), lock).await;
-    let client = Client::new();
+    let fleet = two_on_one_redis(Duration::from_secs(1), lock).await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     let path = "/recommend?segment=a";
 
     let leader = client.spawn_get(url(&fleet[0], path));
@@ -218,19 +189,12 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
     eventually(
         "the second instance waits on the fill",
         SETTLE,
-        async || fill_subscribers(&redis).await == 1,
+        async || redis.fill_subscribers().await == 1,
     )
     .await;
 
     // Drop every pub/sub connection while the fill runs.
-    let mut conn = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    let killed = redis.kill_pubsub_clients().await;
     assert!(killed >= 1, "a pub/sub connection was killed");
 
     // Waiters neither hang nor sleep out the 30 s lease (that would end in 504s at 10 s).
@@ -246,13 +210,13 @@ async fn waiters_recover_when_their_pubsub_connection_is_killed_mid_fill() {
 async fn the_watchdog_keeps_a_slow_fill_single() {
     // The upstream takes more than three leases.
     let lock = r#"lock = { lease = "300ms", wait_timeout = "10s" }"#;
-    let (_redis, upstream, fleet) = two_on_one_redis(Duration::from_millis(1000), lock).await;
-    let client = Client::new();
+    let fleet = two_on_one_redis(Duration::from_millis(1000), lock).await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     let path = "/recommend?segment=a";
 
     let leader = client.spawn_get(url(&fleet[0], path));
     upstream.wait_in_flight(1).await;
-    let answers = spread(&client, &fleet[1..], path, 50).await;
+    let answers = spread(client, &fleet[1..], path, 50).await;
     assert_eq!(leader.await.expect("leader").status, 200);
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(
@@ -264,14 +228,9 @@ async fn the_watchdog_keeps_a_slow_fill_single() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(500));
     let lock = r#"lock = { lease = "500ms", wait_timeout = "20s" }"#;
-    let mut leader = CorralProcess::start(&process_config(&redis, &upstream, lock)).await;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let (mut leader, fleet) = a_leader_process_and_two(Duration::from_millis(500), lock).await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     let path = "/recommend?segment=a";
 
     // Step 1: the leader process starts the fill (call 1), then freezes past its lease.
@@ -303,22 +262,18 @@ async fn a_paused_leader_cannot_overwrite_the_newer_fill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_returns() {
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.set_delay(Duration::from_millis(200));
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let mut fleet = two_on_one_redis(Duration::from_millis(200), "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     client
         .get(&url(&fleet[0], "/recommend?k=cached"), &[])
         .await;
 
     // Step 1: Redis dies.
-    redis.kill();
+    fleet.redis.kill();
 
     // Step 2: zero client errors; at most one upstream call per instance per key.
     upstream.reset_calls();
-    let answers = spread(&client, &fleet, "/recommend?k=new", 100).await;
+    let answers = spread(client, &fleet, "/recommend?k=new", 100).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=new") <= 2);
     let hit = client
@@ -343,7 +298,7 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
     .await;
 
     // Step 3: Redis comes back (empty); Corral reconnects by itself and stores again.
-    redis.restart().await;
+    fleet.redis.restart().await;
     let mut n = 0;
     eventually("corral writes to redis again", SETTLE, async || {
         n += 1;
@@ -351,7 +306,11 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
             .get(&url(&fleet[1], &format!("/recommend?k=after{n}")), &[])
             .await;
         assert_eq!(answer.status, 200);
-        !redis.keys("corral:test:recommend:{*").await.is_empty()
+        !fleet
+            .redis
+            .keys("corral:test:recommend:{*")
+            .await
+            .is_empty()
     })
     .await;
     // Every connection (command, lease keeper, pub/sub) is probed back by itself.
@@ -363,21 +322,18 @@ async fn corral_keeps_serving_while_redis_is_killed_and_reconnects_when_it_retur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_redis_costs_at_most_its_timeout_per_call() {
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let mut fleet = Fleet::start(2, "", "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
 
     // SIGSTOP: connections stay open, nothing answers.
-    redis.stop();
-    let answers = spread(&client, &fleet, "/recommend?k=stalled", 40).await;
+    fleet.redis.stop();
+    let answers = spread(client, &fleet, "/recommend?k=stalled", 40).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=stalled") <= 2);
-    redis.cont();
+    fleet.redis.cont();
 
     // CLIENT PAUSE: the same from Redis's side.
-    let mut conn = redis.conn().await;
+    let mut conn = fleet.redis.conn().await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(1500)
@@ -385,23 +341,20 @@ async fn a_stalled_redis_costs_at_most_its_timeout_per_call() {
         .query_async(&mut conn)
         .await
         .expect("CLIENT PAUSE");
-    let answers = spread(&client, &fleet, "/recommend?k=paused", 40).await;
+    let answers = spread(client, &fleet, "/recommend?k=paused", 40).await;
     assert!(answers.iter().all(|a| a.status == 200));
     assert!(upstream.calls_for("/recommend?k=paused") <= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_timeout_releases_the_lock_and_answers_504_or_stale() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
     let lock = r#"upstream_timeout = "300ms"
 lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), lock));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(2, "", lock).await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
 
     upstream.set_delay(Duration::from_secs(3));
-    let answers = spread(&client, &fleet, "/recommend?k=slow", 40).await;
+    let answers = spread(client, &fleet, "/recommend?k=slow", 40).await;
     assert!(
         answers.iter().all(|a| a.status == 504),
         "the leader's timeout, shared"
@@ -422,22 +375,15 @@ lock = { lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
         "/recommend",
         Reply::status(200).delay(Duration::from_secs(3)),
     );
-    let answers = spread(&client, &fleet, "/recommend?k=fallback", 40).await;
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, first.body);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-    }
+    let answers = spread(client, &fleet, "/recommend?k=fallback", 40).await;
+    assert_all_stale(&answers, &first.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiter_whose_client_hung_up_stops_waiting() {
     let lock = r#"lock = { lease = "30s", wait_timeout = "20s" }"#;
-    let (_redis, upstream, fleet) = two_on_one_redis(Duration::from_secs(3), lock).await;
-    let client = Client::new();
+    let fleet = two_on_one_redis(Duration::from_secs(3), lock).await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     let path = "/recommend?segment=hung-up";
 
     // Step 1: instance 0 leads a slow fill; one request on instance 1 waits for it.

@@ -8,17 +8,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use support::corral::{config, recommend_route, spread, start, url};
-use support::{Client, RedisServer, Upstream, eventually};
+use support::{Client, Fleet, RedisServer, Upstream, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_instance_receives_one_notice_per_fill_however_many_requests_wait() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, "", "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     // Long enough for the waiters below to subscribe while the fill is parked upstream.
     upstream.set_delay(Duration::from_secs(2));
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let notices = |i: usize| fleet[i].proxy().metrics().notices_received();
 
     // Step 1: instance 0 takes the fill, which the upstream holds.

@@ -7,24 +7,22 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use support::corral::{config, recommend_route, spread, start, url};
-use support::{Client, RedisServer, Reply, Upstream, eventually};
+use support::client::assert_all_stale;
+use support::corral::{spread, url};
+use support::{Fleet, RedisServer, Reply, eventually};
 
 /// How long a background refresh gets to land and reach every instance.
 const SETTLE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fleet() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(3, "", "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     // Step 1: an entry that is stale from the start but may be served for 30 s while refreshed.
     upstream.script(
         "/recommend",
         Reply::status(200).header("cache-control", "max-age=0, stale-while-revalidate=30"),
     );
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(3, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=a";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(
@@ -42,15 +40,8 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
     );
 
     // Step 3: 600 requests over the three instances are all answered from the stale entry.
-    let answers = spread(&client, &fleet, path, 600).await;
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-        assert_eq!(answer.body, first.body, "the stale body, without waiting");
-    }
+    let answers = spread(client, &fleet, path, 600).await;
+    assert_all_stale(&answers, &first.body);
 
     // Step 4: exactly one refresh reached the upstream; every instance then serves its result.
     eventually("the refresh reached the upstream", SETTLE, async || {
@@ -74,15 +65,12 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once_across_the_fl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(3, "", "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     upstream.script(
         "/recommend",
         Reply::status(200).header("cache-control", "max-age=0, stale-if-error=60"),
     );
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(3, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=a";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(first.status, 200);
@@ -92,17 +80,10 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
         "/recommend",
         Reply::status(500).delay(Duration::from_millis(300)),
     );
-    let answers = spread(&client, &fleet, path, 300).await;
+    let answers = spread(client, &fleet, path, 300).await;
 
     // Step 2: everyone got the stale entry; the failure was shared, not retried per waiter.
-    for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, first.body);
-        assert_eq!(
-            answer.cache_status().as_deref(),
-            Some("corral; hit; detail=stale")
-        );
-    }
+    assert_all_stale(&answers, &first.body);
     let failing_calls = upstream.calls() - 1;
     assert!(
         (1..=2).contains(&failing_calls),
@@ -110,8 +91,8 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
     );
 
     // Step 3: an upstream that is gone altogether is a failure too.
-    drop(upstream);
-    let answers = spread(&client, &fleet, path, 30).await;
+    upstream.stop();
+    let answers = spread(client, &fleet, path, 30).await;
     for answer in &answers {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, first.body);
@@ -121,16 +102,9 @@ async fn stale_if_error_serves_every_waiter_the_stale_entry_when_the_fill_fails(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, "", "ttl = \"1s\"\nearly_refresh = { beta = 2.0 }").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     upstream.set_delay(Duration::from_millis(100));
-    let routes = recommend_route(
-        &upstream.url(),
-        "ttl = \"1s\"\nearly_refresh = { beta = 2.0 }",
-    );
-    let cfg = config(Some(&redis.url()), &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=a";
     client.get(&url(&fleet[0], path), &[]).await;
 
@@ -176,17 +150,10 @@ async fn early_refresh_keeps_a_busy_key_fresh_without_anyone_waiting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_cached_only_when_listed_and_then_briefly() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(1, "", "cache_statuses = [200, 404]\nerror_ttl = \"1s\"").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     upstream.script("/recommend/missing", Reply::status(404));
     upstream.script("/recommend/broken", Reply::status(503));
-    let routes = recommend_route(
-        &upstream.url(),
-        "cache_statuses = [200, 404]\nerror_ttl = \"1s\"",
-    );
-    let cfg = config(Some(&redis.url()), &routes);
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
 
     for _ in 0..3 {
         assert_eq!(
@@ -234,8 +201,8 @@ async fn errors_are_cached_only_when_listed_and_then_briefly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fleet_wide() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, "", "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     // Step 1: an entry with a validator, stale at once, served stale while refreshed.
     upstream.script(
         "/recommend",
@@ -243,9 +210,6 @@ async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fle
             .header("cache-control", "max-age=0, stale-while-revalidate=30")
             .header("etag", "\"v1\""),
     );
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=revalidated";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(first.status, 200);
@@ -301,8 +265,8 @@ async fn a_refresh_revalidates_with_the_entrys_validator_and_a_304_renews_it_fle
 /// body transfer; the other instance then answers from the renewed entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, "", "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     // Step 1: an entry with a validator that lives one second and may never be served stale.
     upstream.script(
         "/recommend",
@@ -311,9 +275,6 @@ async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
             .header("etag", "\"v1\"")
             .body("first body"),
     );
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=expired";
     let first = client.get(&url(&fleet[0], path), &[]).await;
     assert_eq!(first.status, 200);
@@ -381,16 +342,12 @@ async fn an_expired_entry_with_a_validator_is_revalidated_by_the_next_miss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn entries_filled_together_get_spread_lifetimes_and_the_upstreams_max_age_stays_exact() {
     const KEYS: usize = 50;
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(1, "", "ttl = \"10s\"\nttl_jitter = 0.5").await;
+    let (client, upstream, redis, cfg) = (&fleet.client, &fleet.upstream, &fleet.redis, &fleet.cfg);
     upstream.script(
         "/recommend/exact",
         Reply::status(200).header("cache-control", "max-age=60"),
     );
-    let route = recommend_route(&upstream.url(), "ttl = \"10s\"\nttl_jitter = 0.5");
-    let cfg = config(Some(&redis.url()), &route);
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
 
     // One burst of fills: half with Corral's own ttl, half with the upstream's max-age.
     let paths: Vec<String> = (0..KEYS)
@@ -405,10 +362,10 @@ async fn entries_filled_together_get_spread_lifetimes_and_the_upstreams_max_age_
     // What each stored entry was given, read from Redis: its freshness lifetime, exactly.
     let mut heuristic = Vec::new();
     for path in &paths[..KEYS] {
-        heuristic.push(stored_lifetime(&redis, &cfg, path).await);
+        heuristic.push(stored_lifetime(redis, cfg, path).await);
     }
     for path in &paths[KEYS..] {
-        let exact = stored_lifetime(&redis, &cfg, path).await;
+        let exact = stored_lifetime(redis, cfg, path).await;
         assert_eq!(exact, 60_000, "{path}: max-age kept exact");
     }
     assert!(

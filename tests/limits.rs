@@ -17,7 +17,7 @@ use futures_util::future::join_all;
 use support::corral::{
     assert_nothing_stored, config, config_with_server, recommend_route, spread, start, url,
 };
-use support::{Client, RedisServer, Reply, Upstream};
+use support::{Client, Fleet, Reply, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -348,8 +348,8 @@ async fn upstream_concurrency_caps_pass_through_routes_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_over_max_entry_size_stream_to_every_requester_once_and_are_never_stored() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(1, "", "max_entry_size = \"1KiB\"").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     // 64 KiB that no off-by-one or truncation could reproduce.
     let big: Bytes = (0..64 * 1024).map(|i: u32| (i % 251) as u8).collect();
     upstream.script(
@@ -358,15 +358,12 @@ async fn answers_over_max_entry_size_stream_to_every_requester_once_and_are_neve
             .body(big.clone())
             .delay(Duration::from_millis(300)),
     );
-    let routes = recommend_route(&upstream.url(), "max_entry_size = \"1KiB\"");
-    let fleet = start(1, &config(Some(&redis.url()), &routes)).await;
-    let client = Client::new();
     let path = "/recommend/big";
     let target = url(&fleet[0], path);
 
     // Step 1: ten identical requests at once; every one gets the whole 64 KiB, streamed from
     // one upstream call: too large to store is no reason to call the upstream ten times.
-    let answers = spread(&client, &fleet, path, 10).await;
+    let answers = spread(client, &fleet, path, 10).await;
     for answer in &answers {
         assert_eq!(answer.status, 200, "{}", answer.text());
         assert_eq!(answer.body.len(), big.len());
@@ -384,7 +381,7 @@ async fn answers_over_max_entry_size_stream_to_every_requester_once_and_are_neve
     assert_eq!(upstream.calls_for("/recommend/big"), 1);
 
     // Step 2: nothing stored, in Redis or in L1, and no uncacheable marker either.
-    assert_nothing_stored(&redis, &fleet[0]).await;
+    assert_nothing_stored(redis, &fleet[0]).await;
     assert!(redis.keys("corral:*:pass:*").await.is_empty());
 
     // Step 3: a later request is a fresh fill, still whole.

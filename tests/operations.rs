@@ -19,10 +19,9 @@ use support::corral::{
     admin_url, config, config_text, config_with_server, recommend_route, redis_table, spread,
     start, url,
 };
-use support::{Client, CorralProcess, RedisServer, Reply, Resp, Upstream, eventually};
+use support::fleet::ADMIN;
+use support::{Client, CorralProcess, Fleet, RedisServer, Reply, Resp, Upstream, eventually};
 
-/// The `[server]` line that opens an admin listener on a free port.
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// The admin token of the authorization test.
 const TOKEN: &str = "s3cret";
 
@@ -352,6 +351,24 @@ async fn l1_entries(client: &Client, admin: &str) -> f64 {
         .expect("corral_l1_entries is on the page")
 }
 
+/// Asks every instance of `fleet` for `path` at once after a purge of it: asserts that each
+/// answer is a 200 that is not the `purged` body, and that exactly one of them stored it again.
+/// The answers.
+async fn refilled_once(
+    client: &Client,
+    fleet: &[Instance],
+    path: &str,
+    purged: &Bytes,
+) -> Vec<Resp> {
+    let answers = spread(client, fleet, path, fleet.len()).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_ne!(&answer.body, purged, "{path}: the purged entry was served");
+    }
+    assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
+    answers
+}
+
 /// Waits until the `corral_l1_entries` gauge of every instance in `fleet` reads `entries`, e.g.
 /// after a purge, whose invalidation reaches the other instances through Redis.
 async fn every_l1_holds(client: &Client, fleet: &[Instance], entries: f64, what: &str) {
@@ -493,15 +510,8 @@ async fn the_metrics_page_parses_and_counts_what_the_clients_saw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), ""),
-    );
-    let fleet = start(3, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(3, ADMIN, "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     let path = "/recommend?segment=a";
 
     // Step 1: one fill, then every instance holds the entry in its L1.
@@ -516,20 +526,20 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
             assert_eq!(answer.cache_status().as_deref(), Some("corral; hit"));
             assert_eq!(answer.body, first.body);
         }
-        assert_eq!(l1_entries(&client, &admin_url(instance, "")).await, 1.0);
+        assert_eq!(l1_entries(client, &admin_url(instance, "")).await, 1.0);
     }
     assert_eq!(upstream.calls(), 1);
 
     // Step 2: purge the URL through the second instance's admin listener.
     let purged = purge(
-        &client,
+        client,
         &admin_url(&fleet[1], ""),
         r#"{"url": "/recommend?segment=a"}"#,
     )
     .await;
     assert_eq!(purged, 1);
     assert!(redis.keys("corral:test:recommend:{*").await.is_empty());
-    let page = metrics_page(&client, &admin_url(&fleet[1], "")).await;
+    let page = metrics_page(client, &admin_url(&fleet[1], "")).await;
     assert_eq!(
         page.value("corral_purges_total", &[("kind", "url")]),
         Some(1.0)
@@ -537,24 +547,15 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
     assert_eq!(page.value("corral_purged_entries_total", &[]), Some(1.0));
 
     // Step 3: the invalidation reaches every instance's L1.
-    every_l1_holds(
-        &client,
-        &fleet,
-        0.0,
-        "the instance dropped the purged entry",
-    )
-    .await;
+    every_l1_holds(client, &fleet, 0.0, "the instance dropped the purged entry").await;
 
     // Step 4: the next request on each instance gets a new body; the three share one refill.
     upstream.set_delay(Duration::from_millis(300));
-    let answers = spread(&client, &fleet, path, fleet.len()).await;
+    let answers = refilled_once(client, &fleet, path, &first.body).await;
     assert_eq!(upstream.calls(), 2, "one refill for the fleet");
     for answer in &answers {
-        assert_eq!(answer.status, 200);
-        assert_ne!(answer.body, first.body, "the purged entry was served");
         assert_eq!(answer.json()["call"], 2);
     }
-    assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
     assert_eq!(
         count_status(&answers, "corral; fwd=miss; collapsed")
             + count_status(&answers, "corral; hit"),
@@ -565,8 +566,8 @@ async fn a_purge_by_url_through_one_instance_reaches_every_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_drops_all() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(3, ADMIN, "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
     for tagged in ["/recommend/a", "/recommend/b"] {
         upstream.script(
             tagged,
@@ -577,14 +578,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
         "/recommend/c",
         Reply::status(200).header("cache-tag", "other"),
     );
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), ""),
-    );
-    let fleet = start(3, &cfg).await;
     let admins: Vec<String> = fleet.iter().map(|i| admin_url(i, "")).collect();
-    let client = Client::new();
     let paths = ["/recommend/a", "/recommend/b", "/recommend/c"];
 
     // Step 1: fill the three keys through the first instance; every instance then holds them.
@@ -605,22 +599,22 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
                 assert_eq!(answer.body, bodies[path]);
             }
         }
-        assert_eq!(l1_entries(&client, admin).await, 3.0);
+        assert_eq!(l1_entries(client, admin).await, 3.0);
     }
     assert_eq!(upstream.calls(), 3);
 
     // Step 2: purge the tag through the third instance: a and b carry it, c does not.
     assert_eq!(
-        purge(&client, &admins[2], r#"{"tag": "article-7"}"#).await,
+        purge(client, &admins[2], r#"{"tag": "article-7"}"#).await,
         2
     );
-    let page = metrics_page(&client, &admins[2]).await;
+    let page = metrics_page(client, &admins[2]).await;
     assert_eq!(
         page.value("corral_purges_total", &[("kind", "tag")]),
         Some(1.0)
     );
     every_l1_holds(
-        &client,
+        client,
         &fleet,
         1.0,
         "the instance dropped the tagged entries",
@@ -630,16 +624,10 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     // Step 3: on every instance a and b are refilled (one upstream call each for the fleet), while
     // c is still the original entry.
     for path in &paths[..2] {
-        let answers = spread(&client, &fleet, path, fleet.len()).await;
+        let answers = refilled_once(client, &fleet, path, &bodies[path]).await;
         for answer in &answers {
-            assert_eq!(answer.status, 200);
-            assert_ne!(
-                answer.body, bodies[path],
-                "{path}: the purged entry was served"
-            );
             assert_eq!(answer.body, answers[0].body, "{path}: one refill");
         }
-        assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
         assert_eq!(upstream.calls_for(path), 2, "{path}");
         bodies.insert(path, answers[0].body.clone());
     }
@@ -652,12 +640,12 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
 
     // Step 4: purge the whole route through the first instance: every key is gone everywhere.
     assert_eq!(
-        purge(&client, &admins[0], r#"{"route": "recommend"}"#).await,
+        purge(client, &admins[0], r#"{"route": "recommend"}"#).await,
         3
     );
     assert!(redis.keys("corral:test:recommend:{*").await.is_empty());
     every_l1_holds(
-        &client,
+        client,
         &fleet,
         0.0,
         "the instance dropped the route's entries",
@@ -665,15 +653,7 @@ async fn a_purge_by_tag_drops_the_tagged_entries_everywhere_and_a_route_purge_dr
     .await;
     upstream.reset_calls();
     for path in paths {
-        let answers = spread(&client, &fleet, path, fleet.len()).await;
-        for answer in &answers {
-            assert_eq!(answer.status, 200);
-            assert_ne!(
-                answer.body, bodies[path],
-                "{path}: the purged entry was served"
-            );
-        }
-        assert_eq!(count_status(&answers, "corral; fwd=miss; stored"), 1);
+        refilled_once(client, &fleet, path, &bodies[path]).await;
         assert_eq!(upstream.calls_for(path), 1, "{path}");
     }
     assert!(redis.keys("corral:*:lock:*").await.is_empty());
@@ -1058,11 +1038,8 @@ async fn sigterm_during_a_fill_finishes_the_fill_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_instance_drops_its_l1_after_its_pubsub_connection_reconnects() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(2, "", "").await;
+    let (client, upstream, redis) = (&fleet.client, &fleet.upstream, &fleet.redis);
 
     // Step 1: both instances hold the entry in L1.
     for instance in &fleet {
@@ -1074,14 +1051,7 @@ async fn an_instance_drops_its_l1_after_its_pubsub_connection_reconnects() {
 
     // Step 2: every pub/sub connection drops. Purges published until each instance has
     // re-subscribed are lost to it, so it must not keep serving what it held.
-    let mut conn = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT KILL");
+    let killed = redis.kill_pubsub_clients().await;
     assert!(
         killed >= 2,
         "both instances' pub/sub connections were killed"

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use corral::Instance;
 use support::corral::{admin_url, config_with_server, start, url};
+use support::fleet::ADMIN;
 use support::{Client, RedisServer, Upstream, eventually};
 
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// How long an invalidation gets to reach the other instances.
 const SETTLE: Duration = Duration::from_secs(15);
 

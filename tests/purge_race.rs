@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use corral::purge::PurgeRequest;
 use support::corral::{config, recommend_route, start, url};
-use support::{Client, RedisServer, Reply, Upstream};
+use support::{Client, Fleet, Reply, Upstream};
 
 /// The upstream call number an answer carries (the test upstream numbers every call).
 fn call_number(body: &serde_json::Value) -> u64 {
@@ -16,12 +16,9 @@ fn call_number(body: &serde_json::Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_purged_while_its_fill_runs_is_not_stored_and_waiters_fill_again() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, "", "").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     let path = "/recommend?segment=purged";
-    let cfg = config(Some(&redis.url()), &recommend_route(&upstream.url(), ""));
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
 
     // Step 1: fills are slow; instance 0 leads one, instance 1 waits on it.
     upstream.script(

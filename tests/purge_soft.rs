@@ -7,55 +7,27 @@ mod support;
 
 use std::time::Duration;
 
-use corral::key::CacheKey;
-use corral::{Config, Instance};
+use corral::Instance;
 use futures_util::StreamExt;
-use futures_util::future::join_all;
-use support::corral::{admin_url, config_with_server, entry_name, recommend_route, start, url};
-use support::{Client, RedisServer, Reply, Upstream, eventually};
+use support::corral::{cache_key, entry_name, spread};
+use support::fleet::ADMIN;
+use support::{Fleet, Reply, eventually};
 
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 /// How long an invalidation or a refresh gets to reach every instance.
 const SETTLE: Duration = Duration::from_secs(15);
 /// How long a refresh takes at the upstream while the test checks what is answered meanwhile:
 /// far longer than the requests the test sends in that time.
 const SLOW_REFRESH: Duration = Duration::from_secs(3);
 
-/// `POST /purge` with `body` on an instance: the status and the answer's JSON.
-async fn purge(client: &Client, instance: &Instance, body: &str) -> (u16, serde_json::Value) {
-    let answer = client
-        .post(&admin_url(instance, "/purge"), &[], body.to_owned())
-        .await;
-    (answer.status, answer.json())
-}
-
-/// The L1 key of a GET of `path` on the config's first route.
-fn key_of(cfg: &Config, path: &str) -> CacheKey {
-    let uri: http::Uri = path.parse().expect("a valid path");
-    let route = &cfg.routes[0];
-    let headers = http::HeaderMap::new();
-    CacheKey::derive(
-        &route.name,
-        &route.key,
-        &http::Method::GET,
-        &uri,
-        &headers,
-        b"",
-    )
-    .expect("a GET without a JSON key derives")
-}
-
 /// Whether `instance`'s L1 holds `path`'s entry, no longer fresh.
-async fn held_stale(instance: &Instance, cfg: &Config, path: &str) -> bool {
+async fn held_stale(fleet: &Fleet, instance: &Instance, path: &str) -> bool {
     let now = corral::entry::now_ms();
-    let held = instance.proxy().l1().get(&key_of(cfg, path), now).await;
+    let held = instance
+        .proxy()
+        .l1()
+        .get(&cache_key(&fleet.cfg, path), now)
+        .await;
     held.is_some_and(|entry| entry.times.fresh_until <= now)
-}
-
-/// `GET`s every path of `paths` of `instance` at once; the answers in order.
-async fn ask_all(client: &Client, instance: &Instance, paths: &[String]) -> Vec<support::Resp> {
-    let targets: Vec<String> = paths.iter().map(|p| url(instance, p)).collect();
-    join_all(targets.iter().map(|t| client.get(t, &[]))).await
 }
 
 /// The upstream call number an answer carries (the test upstream numbers every call).
@@ -66,27 +38,20 @@ fn call_number(body: &serde_json::Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_fleet_wide() {
     const KEYS: usize = 200;
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, ADMIN, "ttl = \"10m\"").await;
+    let upstream = &fleet.upstream;
     upstream.script(
         "/recommend",
         Reply::status(200).header("surrogate-key", "catalogue"),
     );
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), "ttl = \"10m\""),
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let paths: Vec<String> = (0..KEYS).map(|i| format!("/recommend?item={i}")).collect();
 
     // Step 1: every key is filled once, and held by both instances.
     let mut old = Vec::with_capacity(KEYS);
     for path in &paths {
-        let first = client.get(&url(&fleet[0], path), &[]).await;
+        let first = fleet.get(0, path).await;
         assert_eq!(first.status, 200, "{path}");
-        let second = client.get(&url(&fleet[1], path), &[]).await;
+        let second = fleet.get(1, path).await;
         assert_eq!(second.text(), first.text(), "{path}");
         old.push(call_number(&first.json()));
     }
@@ -99,16 +64,18 @@ async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_f
             .header("surrogate-key", "catalogue")
             .delay(SLOW_REFRESH),
     );
-    let (status, answer) = purge(&client, &fleet[1], r#"{"tag": "catalogue", "soft": true}"#).await;
+    let (status, answer) = fleet
+        .purge(1, r#"{"tag": "catalogue", "soft": true}"#)
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["marked"].as_u64(), Some(KEYS as u64), "{answer}");
-    for instance in &fleet {
+    for instance in fleet.iter() {
         eventually(
             "every L1 holds the entries marked stale",
             SETTLE,
             async || {
                 for path in &paths {
-                    if !held_stale(instance, &cfg, path).await {
+                    if !held_stale(&fleet, instance, path).await {
                         return false;
                     }
                 }
@@ -121,7 +88,7 @@ async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_f
 
     // Step 3: every key, asked of the first instance, answers the old entry at once, stale; each
     // starts its key's one refresh.
-    let asked = ask_all(&client, &fleet[0], &paths).await;
+    let asked = fleet.get_all(0, &paths).await;
     for ((answer, path), old) in asked.iter().zip(&paths).zip(&old) {
         assert_eq!(answer.status, 200, "{path}");
         assert_eq!(
@@ -135,7 +102,7 @@ async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_f
 
     // Step 4: while those refreshes run, the second instance answers stale too, and calls nobody
     // (its refreshes wait for the first instance's, under the fleet fill lock).
-    let asked = ask_all(&client, &fleet[1], &paths).await;
+    let asked = fleet.get_all(1, &paths).await;
     for ((answer, path), old) in asked.iter().zip(&paths).zip(&old) {
         assert_eq!(
             answer.cache_status().as_deref(),
@@ -150,13 +117,13 @@ async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_f
         upstream.calls() == 2 * KEYS as u64 && upstream.in_flight() == 0
     })
     .await;
-    for instance in &fleet {
+    for on in 0..fleet.len() {
         eventually(
             "the instance answers the refreshed entries",
             SETTLE,
             async || {
                 for (path, old) in paths.iter().zip(&old) {
-                    let answer = client.get(&url(instance, path), &[]).await;
+                    let answer = fleet.get(on, path).await;
                     let fresh = answer.cache_status().as_deref() == Some("corral; hit");
                     if !fresh || call_number(&answer.json()) <= *old {
                         return false;
@@ -181,90 +148,66 @@ async fn a_soft_tag_purge_serves_every_entry_stale_and_refreshes_each_key_once_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_soft_url_purge_marks_one_entry_which_refreshes_once() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), "ttl = \"10m\""),
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(2, ADMIN, "ttl = \"10m\"").await;
+    let upstream = &fleet.upstream;
     let (path, other) = ("/recommend?segment=a", "/recommend?segment=b");
 
-    let first = client.get(&url(&fleet[0], path), &[]).await;
-    client.get(&url(&fleet[0], other), &[]).await;
+    let first = fleet.get(0, path).await;
+    fleet.get(0, other).await;
     assert_eq!(upstream.calls(), 2);
 
     // The key's entry is marked in Redis (the second instance never held it in L1).
-    let (status, answer) = purge(
-        &client,
-        &fleet[0],
-        &format!(r#"{{"url": "{path}", "soft": true}}"#),
-    )
-    .await;
+    let (status, answer) = fleet
+        .purge(0, &format!(r#"{{"url": "{path}", "soft": true}}"#))
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["marked"].as_u64(), Some(1), "{answer}");
-    let mut conn = redis.conn().await;
+    let mut conn = fleet.redis.conn().await;
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(entry_name(&cfg, path))
+        .arg(entry_name(&fleet.cfg, path))
         .query_async(&mut conn)
         .await
         .expect("PTTL");
     assert!(pttl > 0, "the entry is kept, with its TTL: {pttl}");
 
-    let stale = client.get(&url(&fleet[1], path), &[]).await;
+    let stale = fleet.get(1, path).await;
     assert_eq!(
         stale.cache_status().as_deref(),
         Some("corral; hit; detail=stale")
     );
     assert_eq!(stale.text(), first.text(), "the old body");
     eventually("the refresh lands", SETTLE, async || {
-        let again = client.get(&url(&fleet[1], path), &[]).await;
+        let again = fleet.get(1, path).await;
         call_number(&again.json()) > call_number(&first.json())
     })
     .await;
     assert_eq!(upstream.calls_for(path), 2, "one refresh");
-    let untouched = client.get(&url(&fleet[1], other), &[]).await;
+    let untouched = fleet.get(1, other).await;
     assert_eq!(untouched.cache_status().as_deref(), Some("corral; hit"));
     assert_eq!(upstream.calls_for(other), 1, "another key is not marked");
 
     // A soft purge of a key nothing holds marks nothing.
-    let (_, again) = purge(
-        &client,
-        &fleet[0],
-        r#"{"url": "/recommend?segment=zz", "soft": true}"#,
-    )
-    .await;
+    let (_, again) = fleet
+        .purge(0, r#"{"url": "/recommend?segment=zz", "soft": true}"#)
+        .await;
     assert_eq!(again["marked"].as_u64(), Some(0), "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_soft_purge_never_serves_stale_what_must_revalidate() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    upstream.script(
+    let fleet = Fleet::start(2, ADMIN, "stale_while_revalidate = \"10m\"").await;
+    fleet.upstream.script(
         "/recommend",
         Reply::status(200).header("cache-control", "max-age=600, must-revalidate"),
     );
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), "stale_while_revalidate = \"10m\""),
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let path = "/recommend?segment=strict";
-    let first = client.get(&url(&fleet[0], path), &[]).await;
-    let held = client.get(&url(&fleet[1], path), &[]).await;
+    let first = fleet.get(0, path).await;
+    let held = fleet.get(1, path).await;
     assert_eq!(held.cache_status().as_deref(), Some("corral; hit"));
 
-    let (status, answer) = purge(
-        &client,
-        &fleet[0],
-        &format!(r#"{{"url": "{path}", "soft": true}}"#),
-    )
-    .await;
+    let (status, answer) = fleet
+        .purge(0, &format!(r#"{{"url": "{path}", "soft": true}}"#))
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["marked"].as_u64(), Some(1), "{answer}");
     eventually(
@@ -273,15 +216,14 @@ async fn a_soft_purge_never_serves_stale_what_must_revalidate() {
         async || {
             let now = corral::entry::now_ms();
             let proxy = fleet[1].proxy();
-            let held = proxy.l1().get(&key_of(&cfg, path), now).await;
+            let held = proxy.l1().get(&cache_key(&fleet.cfg, path), now).await;
             held.is_none_or(|entry| entry.times.fresh_until <= now)
         },
     )
     .await;
 
     // Both instances fill it again rather than answer it stale: one upstream call between them.
-    let targets: Vec<String> = fleet.iter().map(|i| url(i, path)).collect();
-    let answers = join_all(targets.iter().map(|t| client.get(t, &[]))).await;
+    let answers = spread(&fleet.client, &fleet, path, fleet.len()).await;
     for answer in &answers {
         let status = answer.cache_status().unwrap_or_default();
         assert!(!status.contains("stale"), "served stale: {status}");
@@ -290,27 +232,19 @@ async fn a_soft_purge_never_serves_stale_what_must_revalidate() {
             "{status}: the old body"
         );
     }
-    assert_eq!(upstream.calls_for(path), 2);
+    assert_eq!(fleet.upstream.calls_for(path), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soft_value_that_is_not_a_boolean_is_refused_naming_the_field() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), ""),
-    );
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
-    let (status, answer) = purge(&client, &fleet[0], r#"{"tag": "t", "soft": "yes"}"#).await;
+    let fleet = Fleet::start(1, ADMIN, "").await;
+    let (status, answer) = fleet.purge(0, r#"{"tag": "t", "soft": "yes"}"#).await;
     assert_eq!(status, 400);
     assert_eq!(
         answer["error"].as_str(),
         Some("purge body: `soft` must be true or false, not a JSON string")
     );
-    let (status, answer) = purge(&client, &fleet[0], r#"{"tag": "t", "soft": false}"#).await;
+    let (status, answer) = fleet.purge(0, r#"{"tag": "t", "soft": false}"#).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer["purged"].as_u64(),
@@ -321,28 +255,18 @@ async fn a_soft_value_that_is_not_a_boolean_is_refused_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_soft_route_purge_marks_every_entry_of_the_route() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), "ttl = \"10m\""),
-    );
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(1, ADMIN, "ttl = \"10m\"").await;
+    let upstream = &fleet.upstream;
     let paths: Vec<String> = (0..5).map(|i| format!("/recommend?item={i}")).collect();
-    ask_all(&client, &fleet[0], &paths).await;
+    fleet.get_all(0, &paths).await;
     assert_eq!(upstream.calls(), 5);
 
-    let (status, answer) = purge(
-        &client,
-        &fleet[0],
-        r#"{"route": "recommend", "soft": true}"#,
-    )
-    .await;
+    let (status, answer) = fleet
+        .purge(0, r#"{"route": "recommend", "soft": true}"#)
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["marked"].as_u64(), Some(5), "{answer}");
-    for answer in ask_all(&client, &fleet[0], &paths).await {
+    for answer in fleet.get_all(0, &paths).await {
         assert_eq!(
             answer.cache_status().as_deref(),
             Some("corral; hit; detail=stale")
@@ -354,46 +278,33 @@ async fn a_soft_route_purge_marks_every_entry_of_the_route() {
     .await;
     // Once refreshed, the entries are fresh again: a second soft purge marks them again.
     eventually("the refreshed entries are held", SETTLE, async || {
-        let answers = ask_all(&client, &fleet[0], &paths).await;
+        let answers = fleet.get_all(0, &paths).await;
         answers
             .iter()
             .all(|a| a.cache_status().as_deref() == Some("corral; hit"))
     })
     .await;
-    let (_, again) = purge(
-        &client,
-        &fleet[0],
-        r#"{"route": "recommend", "soft": true}"#,
-    )
-    .await;
+    let (_, again) = fleet
+        .purge(0, r#"{"route": "recommend", "soft": true}"#)
+        .await;
     assert_eq!(again["marked"].as_u64(), Some(5), "{again}");
     assert_eq!(upstream.calls(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fill_under_way_when_a_soft_purge_comes_still_stores() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let cfg = config_with_server(
-        ADMIN,
-        Some(&redis.url()),
-        &recommend_route(&upstream.url(), ""),
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
+    let fleet = Fleet::start(2, ADMIN, "").await;
+    let upstream = &fleet.upstream;
     let path = "/recommend?segment=racing";
 
     // A slow fill is in the upstream when the key is soft-purged (a hard purge would refuse its
     // store: tests/purge_race.rs).
     upstream.script("/recommend", Reply::status(200).delay(SLOW_REFRESH));
-    let leader = client.spawn_get(url(&fleet[0], path));
+    let leader = fleet.client.spawn_get(fleet.url(0, path));
     upstream.wait_in_flight(1).await;
-    let (status, answer) = purge(
-        &client,
-        &fleet[1],
-        &format!(r#"{{"url": "{path}", "soft": true}}"#),
-    )
-    .await;
+    let (status, answer) = fleet
+        .purge(1, &format!(r#"{{"url": "{path}", "soft": true}}"#))
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["marked"].as_u64(), Some(0), "nothing stored yet");
 
@@ -403,8 +314,8 @@ async fn a_fill_under_way_when_a_soft_purge_comes_still_stores() {
         Some("corral; fwd=miss; stored"),
         "a soft purge only wants entries refreshed: the fill stores"
     );
-    for instance in &fleet {
-        let again = client.get(&url(instance, path), &[]).await;
+    for on in 0..fleet.len() {
+        let again = fleet.get(on, path).await;
         assert_eq!(again.cache_status().as_deref(), Some("corral; hit"));
         assert_eq!(again.text(), filled.text());
     }
@@ -415,25 +326,17 @@ async fn a_fill_under_way_when_a_soft_purge_comes_still_stores() {
 async fn a_soft_tag_purge_of_two_thousand_entries_refreshes_them_within_the_budget_answering_stale()
 {
     const KEYS: usize = 2000;
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
+    let fleet = Fleet::start(2, ADMIN, "ttl = \"10m\"\nfleet_concurrency = 10").await;
+    let (client, upstream) = (&fleet.client, &fleet.upstream);
     upstream.script(
         "/recommend",
         Reply::status(200).header("surrogate-key", "catalogue"),
     );
-    let routes = recommend_route(&upstream.url(), "ttl = \"10m\"\nfleet_concurrency = 10");
-    let cfg = config_with_server(
-        "admin_listen = \"127.0.0.1:0\"",
-        Some(&redis.url()),
-        &routes,
-    );
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
     let paths: Vec<String> = (0..KEYS).map(|k| format!("/recommend?item={k}")).collect();
     // 200 requests at a time per instance: a client's realistic fan-in, not 2000 connects at once.
     let ask_all = async |instance: usize| {
         futures_util::stream::iter(paths.iter().map(|p| {
-            let target = url(&fleet[instance], p);
+            let target = fleet.url(instance, p);
             let client = client.clone();
             async move { client.get(&target, &[]).await }
         }))
@@ -454,7 +357,9 @@ async fn a_soft_tag_purge_of_two_thousand_entries_refreshes_them_within_the_budg
             .delay(Duration::from_millis(50)),
     );
     upstream.reset_calls();
-    let (status, marked) = purge(&client, &fleet[0], r#"{"tag": "catalogue", "soft": true}"#).await;
+    let (status, marked) = fleet
+        .purge(0, r#"{"tag": "catalogue", "soft": true}"#)
+        .await;
     assert_eq!(status, 200, "{marked}");
     assert_eq!(marked["marked"].as_u64(), Some(KEYS as u64));
 

@@ -97,11 +97,7 @@ async fn freshness_follows_age_expires_and_revalidation_directives() {
         ),
     ];
     for (path, headers, second) in &cases {
-        let mut reply = Reply::status(200);
-        for (name, value) in headers {
-            reply = reply.header(name, value);
-        }
-        upstream.script(path, reply);
+        upstream.script(path, Reply::status(200).headers(headers));
         let target = url(&fleet[0], path);
         client.get(&target, &[]).await;
         let again = client.get(&target, &[]).await;
@@ -292,11 +288,7 @@ async fn targeted_cache_control_fields() {
         ),
     ];
     for (path, headers, second) in &cases {
-        let mut reply = Reply::status(200);
-        for (name, value) in headers {
-            reply = reply.header(name, value);
-        }
-        upstream.script(path, reply);
+        upstream.script(path, Reply::status(200).headers(headers));
         let target = url(&fleet[0], path);
         let first = client.get(&target, &[]).await;
         let again = client.get(&target, &[]).await;

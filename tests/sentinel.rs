@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use corral::Config;
 use support::corral::{
-    entry_name, full_text, parse, recommend_route, sentinel_config, spread, start, url,
+    entry_name, full_text, parse, recommend_route, sentinel_config, sentinel_table, spread, start,
+    url,
 };
 use support::sentinel::MASTER_NAME;
 use support::{Client, RedisSentinel, Resp, Upstream, eventually};
@@ -22,42 +23,49 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Bound on a failover: sentinels see the master down after 1 s, then elect and promote.
 const FAILOVER: Duration = Duration::from_secs(30);
 
-/// A fleet of two instances behind `deployment`'s sentinels, both hubs subscribed on the first
-/// master, and a first key (`filled`) filled into it.
-struct Before {
+/// `n` instances of the `/recommend` route (its waiters woken by the fill notice or 504) on the
+/// Redis `table` names behind `deployment`'s sentinels, once every hub is subscribed on the first
+/// master.
+struct BehindSentinels {
     upstream: Upstream,
     cfg: Config,
     fleet: Vec<corral::Instance>,
     client: Client,
     /// The first master's port.
     old: u16,
-    filled: &'static str,
 }
 
-async fn before_a_failover(deployment: &RedisSentinel) -> Before {
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
-    let cfg = sentinel_config("", &deployment.sentinel_urls(), MASTER_NAME, &routes);
-    let fleet = start(2, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
-    eventually(
-        "both hubs subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 2,
-    )
-    .await;
-    let filled = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], filled), &[]).await.status, 200);
-    assert!(deployment.exists(old, &entry_name(&cfg, filled)).await);
-    Before {
-        upstream,
-        cfg,
-        fleet,
-        client,
-        old,
-        filled,
+impl BehindSentinels {
+    async fn start(deployment: &RedisSentinel, table: &str, n: usize) -> BehindSentinels {
+        let upstream = Upstream::start().await;
+        let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+        let cfg = parse(&full_text("", table, &routes));
+        let fleet = start(n, &cfg).await;
+        let old = deployment.first_master_port();
+        deployment.hubs_subscribed(old, n).await;
+        BehindSentinels {
+            upstream,
+            cfg,
+            fleet,
+            client: Client::new(),
+            old,
+        }
     }
+}
+
+/// The key filled into the first master before a failover.
+const FILLED: &str = "/recommend?segment=before";
+
+/// Two instances behind `deployment`'s sentinels, both hubs subscribed on the first master, and
+/// a first key ([`FILLED`]) filled into it.
+async fn before_a_failover(deployment: &RedisSentinel) -> BehindSentinels {
+    let table = sentinel_table(&deployment.sentinel_urls(), MASTER_NAME);
+    let behind = BehindSentinels::start(deployment, &table, 2).await;
+    let answer = behind.client.get(&url(&behind.fleet[0], FILLED), &[]).await;
+    assert_eq!(answer.status, 200);
+    let name = entry_name(&behind.cfg, FILLED);
+    assert!(deployment.exists(behind.old, &name).await);
+    behind
 }
 
 fn statuses(answers: &[Resp]) -> Vec<u16> {
@@ -91,14 +99,8 @@ async fn sentinel_corral_starts_and_answers_while_the_sentinels_are_down() {
 async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     let mut deployment = RedisSentinel::start().await;
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    let Before {
-        upstream,
-        cfg,
-        fleet,
-        client,
-        old,
-        filled,
-    } = before_a_failover(&deployment).await;
+    let behind = before_a_failover(&deployment).await;
+    let (client, old) = (&behind.client, behind.old);
 
     // Step 2: SIGKILL the master. Until a sentinel reports the promoted replica, keep asking
     // both instances for the filled key and for keys never seen: every answer is a 200
@@ -108,9 +110,9 @@ async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     let mut during = Vec::new();
     let mut n = 0;
     let new = loop {
-        for instance in &fleet {
+        for instance in &behind.fleet {
             n += 1;
-            for path in [filled.to_owned(), format!("/recommend?segment=during-{n}")] {
+            for path in [FILLED.to_owned(), format!("/recommend?segment=during-{n}")] {
                 during.push(client.get(&url(instance, &path), &[]).await.status);
             }
         }
@@ -127,21 +129,15 @@ async fn sentinel_failover_is_followed_and_stampedes_still_make_one_call() {
     assert!(during.iter().all(|s| *s == 200), "{during:?}");
 
     // Steps 3 and 4.
-    assert_fleet_follows(&deployment, &fleet, &cfg, &upstream, new).await;
+    assert_fleet_follows(&deployment, &behind, new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
     let deployment = RedisSentinel::start().await;
     // Step 1: both hubs subscribe on the master; a first key is filled into it.
-    let Before {
-        upstream,
-        cfg,
-        fleet,
-        client,
-        old,
-        filled,
-    } = before_a_failover(&deployment).await;
+    let behind = before_a_failover(&deployment).await;
+    let (client, old) = (&behind.client, behind.old);
 
     // Step 2: a failover that leaves the old master up. The sentinels demote it to a replica of
     // the promoted one some seconds later; from then on a write there answers READONLY, which
@@ -149,8 +145,8 @@ async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
     deployment.force_failover().await;
     let new = deployment.wait_failover(old, FAILOVER).await;
     deployment.wait_demoted(old, FAILOVER).await;
-    for instance in &fleet {
-        assert_eq!(client.get(&url(instance, filled), &[]).await.status, 200);
+    for instance in &behind.fleet {
+        assert_eq!(client.get(&url(instance, FILLED), &[]).await.status, 200);
         let fresh = client
             .get(&url(instance, "/recommend?segment=demoted"), &[])
             .await;
@@ -158,20 +154,20 @@ async fn sentinel_forced_failover_moves_off_the_old_master_still_up() {
     }
 
     // Steps 3 and 4.
-    assert_fleet_follows(&deployment, &fleet, &cfg, &upstream, new).await;
+    assert_fleet_follows(&deployment, &behind, new).await;
 }
 
 /// After a failover to the master on `new`: each instance comes to store into it and both hubs
 /// to subscribe there (step 3); then a stampede on a new key over both instances makes one
 /// upstream call, all 200 — the fill lock and the fill notice work on the new master (step 4).
-async fn assert_fleet_follows(
-    deployment: &RedisSentinel,
-    fleet: &[corral::Instance],
-    cfg: &Config,
-    upstream: &Upstream,
-    new: u16,
-) {
-    let client = Client::new();
+async fn assert_fleet_follows(deployment: &RedisSentinel, behind: &BehindSentinels, new: u16) {
+    let BehindSentinels {
+        upstream,
+        cfg,
+        fleet,
+        client,
+        ..
+    } = behind;
     for (i, instance) in fleet.iter().enumerate() {
         let mut attempt = 0;
         eventually(
@@ -187,17 +183,13 @@ async fn assert_fleet_follows(
         )
         .await;
     }
-    eventually(
-        "both hubs subscribed on the new master",
-        SETTLE,
-        async || deployment.pubsub_clients(new).await == 2,
-    )
-    .await;
+    // Both hubs subscribe on the new master.
+    deployment.hubs_subscribed(new, 2).await;
 
     upstream.reset_calls();
     upstream.set_delay(Duration::from_millis(300));
     let path = "/recommend?segment=after";
-    let answers = spread(&client, fleet, path, 200).await;
+    let answers = spread(client, fleet, path, 200).await;
     assert!(
         answers.iter().all(|r| r.status == 200),
         "{:?}",
@@ -217,8 +209,6 @@ const PASSWORD: &str = "corral-test-pw";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_switch_master_event_moves_corral_before_any_request() {
     let mut deployment = RedisSentinel::start_with_password("corral", PASSWORD).await;
-    let upstream = Upstream::start().await;
-    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
     let nodes: Vec<String> = deployment
         .sentinel_urls()
         .iter()
@@ -230,21 +220,13 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
          password = \"{PASSWORD}\", db = 3 }}\n",
         nodes.join(", ")
     );
-    let cfg = parse(&full_text("", &redis, &routes));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
-    let old = deployment.first_master_port();
 
-    // Step 1: Corral logs in as `corral` (the master refuses anyone without the password) and
-    // stores into database 3.
-    eventually(
-        "the hub subscribed on the first master",
-        SETTLE,
-        async || deployment.pubsub_clients(old).await == 1,
-    )
-    .await;
-    let before = "/recommend?segment=before";
-    assert_eq!(client.get(&url(&fleet[0], before), &[]).await.status, 200);
+    // Step 1: Corral logs in as `corral` (the master refuses anyone without the password), its
+    // hub subscribes on the first master, and it stores into database 3.
+    let behind = BehindSentinels::start(&deployment, &redis, 1).await;
+    let (client, old) = (&behind.client, behind.old);
+    let before = url(&behind.fleet[0], "/recommend?segment=before");
+    assert_eq!(client.get(&before, &[]).await.status, 200);
     let stored = deployment
         .keys_in_db(old, 3, "corral:test:recommend:{*")
         .await;
@@ -256,22 +238,18 @@ async fn sentinel_switch_master_event_moves_corral_before_any_request() {
     // drops — only the sentinels' +switch-master can tell Corral. No request is sent.
     deployment.pause_server(old);
     let new = deployment.wait_failover(old, FAILOVER).await;
-    eventually(
-        "the hub moved to the new master on the event alone",
-        SETTLE,
-        async || deployment.pubsub_clients(new).await == 1,
-    )
-    .await;
+    // The hub moves to the new master on the event alone.
+    deployment.hubs_subscribed(new, 1).await;
 
     // Step 3: the first request after the failover is stored into the new master at once: the
     // command connection moved on the event too, before any call to the old master failed.
     let after = "/recommend?segment=after";
-    let answer = client.get(&url(&fleet[0], after), &[]).await;
+    let answer = client.get(&url(&behind.fleet[0], after), &[]).await;
     assert_eq!(answer.status, 200);
-    let name = entry_name(&cfg, after);
+    let name = entry_name(&behind.cfg, after);
     let in_new = deployment.keys_in_db(new, 3, &name).await;
     assert_eq!(in_new, vec![name], "the entry went to the new master");
-    for instance in fleet {
+    for instance in behind.fleet {
         instance.shutdown().await;
     }
 }

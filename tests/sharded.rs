@@ -11,13 +11,13 @@ use std::time::Duration;
 use corral::Instance;
 use futures_util::future::join_all;
 use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
+use support::fleet::ADMIN;
+use support::redis::kill_pubsub_clients;
 use support::{Client, RedisCluster, Resp, Upstream, eventually};
 use tokio::task::JoinHandle;
 
 /// How long a subscription or a slot move gets to show.
 const SETTLE: Duration = Duration::from_secs(15);
-
-const ADMIN: &str = "admin_listen = \"127.0.0.1:0\"";
 
 /// A cluster, a slow upstream (`delay`) and `instances` Corral instances whose waiters, if not
 /// woken by their notice, end in a 504 after `wait_timeout` (the lease outlives it), so a missed
@@ -374,13 +374,8 @@ async fn cluster_waiter_survives_its_shard_connection_being_killed() {
     let (node, channel) = (waiting.node, waiting.channel.clone());
 
     // Step 2: that master drops every pub/sub connection while the fill runs.
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut cluster.node_conn(node).await)
-        .await
-        .expect("CLIENT KILL");
+    let mut conn = cluster.node_conn(node).await;
+    let killed = kill_pubsub_clients(&mut conn, &format!("cluster node {node}")).await;
     assert!(killed >= 1, "no pub/sub connection was killed");
     eventually("the waiter subscribed again", SETTLE, async || {
         shard_subscribers(&cluster, node, &channel).await == 1

@@ -372,30 +372,6 @@ async fn without_telemetry_the_trace_context_is_forwarded_as_sent_and_an_invalid
     assert_eq!(sent["tracestate"], "vendor=1");
 }
 
-/// Subscribers of the fill channels in Redis (one per waiting instance).
-async fn fill_subscribers(redis: &RedisServer) -> i64 {
-    let mut conn = redis.conn().await;
-    let channels: Vec<String> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("corral:*:fill:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let mut total = 0;
-    for channel in channels {
-        let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if let Some(redis::Value::Int(n)) = counts.get(1) {
-            total += n;
-        }
-    }
-    total
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
     let collector = Collector::start().await;
@@ -423,7 +399,7 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
         .map(|t| get_traced(&client, b.url(path), t))
         .collect();
     eventually("B waits on the fill", Duration::from_secs(10), async || {
-        fill_subscribers(&redis).await == 1
+        redis.fill_subscribers().await == 1
     })
     .await;
     assert_eq!(leader.await.expect("leader task").status, 200);

@@ -66,6 +66,19 @@ impl Resp {
     }
 }
 
+/// Asserts that every answer is `body` served stale: `200`, `Cache-Status: corral; hit;
+/// detail=stale`.
+pub fn assert_all_stale(answers: &[Resp], body: &[u8]) {
+    for answer in answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.cache_status().as_deref(),
+            Some("corral; hit; detail=stale")
+        );
+        assert_eq!(answer.body, body, "the stale body");
+    }
+}
+
 impl Client {
     pub fn new() -> Client {
         let inner = HyperClient::builder(TokioExecutor::new())

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::port::free_port;
-use super::redis::{Startup, log_len, wait_ready};
+use super::redis::{Node, start_node};
 use super::signal::reap;
 
 /// Masters in the cluster (no replicas): enough to spread slots over several nodes.
@@ -40,11 +40,6 @@ pub struct RedisCluster {
     dir: TempDir,
 }
 
-struct Node {
-    child: Child,
-    port: u16,
-}
-
 impl RedisCluster {
     /// Starts three masters, creates the cluster and waits until every node reports
     /// `cluster_state:ok`.
@@ -64,7 +59,13 @@ impl RedisCluster {
             dir,
         };
         for index in 0..MASTERS {
-            let node = start_node(&cluster.dir.path().join(format!("node-{index}"))).await;
+            let node = start_node(
+                &cluster.dir.path().join(format!("node-{index}")),
+                PORT_ATTEMPTS,
+                free_port_pair,
+                spawn,
+            )
+            .await;
             cluster.nodes.push(node);
         }
         cluster.create();
@@ -222,37 +223,6 @@ impl RedisCluster {
             }
         }
     }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            reap(&mut node.child);
-        }
-    }
-}
-
-/// Spawns one cluster-enabled node in `dir` on a free port pair and waits until it answers.
-async fn start_node(dir: &Path) -> Node {
-    fs::create_dir_all(dir).expect("create a cluster node's folder");
-    for _ in 0..PORT_ATTEMPTS {
-        let port = free_port_pair();
-        let log_start = log_len(dir);
-        let mut child = spawn(port, dir);
-        // "Address already in use" (port or bus port) counts as taken: try another pair.
-        match wait_ready(&mut child, port, dir, log_start).await {
-            Startup::Ready => return Node { child, port },
-            Startup::PortTaken => reap(&mut child),
-            Startup::Failed(why) => {
-                reap(&mut child);
-                panic!(
-                    "cluster node on 127.0.0.1:{port} did not come up: {why}\n{}",
-                    log_tail(dir)
-                );
-            }
-        }
-    }
-    panic!("cluster node: {PORT_ATTEMPTS} free port pairs in a row were taken");
 }
 
 /// A free port (see [`free_port`]) whose bus port (+10000) is free too.

@@ -155,12 +155,11 @@ pub async fn assert_nothing_stored(redis: &RedisServer, instance: &Instance) {
     assert_eq!(instance.proxy().l1().entry_count().await, 0);
 }
 
-/// The Redis name of the entry a GET of `path` fills on the config's first route, in the `test`
-/// namespace the test configs use.
-pub fn entry_name(cfg: &Config, path: &str) -> String {
+/// The cache key of a GET of `path` on the config's first route.
+pub fn cache_key(cfg: &Config, path: &str) -> corral::key::CacheKey {
     let uri: http::Uri = path.parse().expect("a valid path");
     let route = &cfg.routes[0];
-    let key = corral::key::CacheKey::derive(
+    corral::key::CacheKey::derive(
         &route.name,
         &route.key,
         &http::Method::GET,
@@ -168,6 +167,16 @@ pub fn entry_name(cfg: &Config, path: &str) -> String {
         &http::HeaderMap::new(),
         b"",
     )
-    .expect("a GET without a JSON key derives");
-    format!("corral:test:{}:{{{}}}", route.name, key.hex())
+    .expect("a GET without a JSON key derives")
+}
+
+/// The Redis name of the entry a GET of `path` fills on the config's first route, in the `test`
+/// namespace the test configs use.
+pub fn entry_name(cfg: &Config, path: &str) -> String {
+    let route = &cfg.routes[0];
+    format!(
+        "corral:test:{}:{{{}}}",
+        route.name,
+        cache_key(cfg, path).hex()
+    )
 }

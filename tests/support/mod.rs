@@ -22,8 +22,12 @@
 //!   broken proxy fails a test instead of hanging it.
 //! - [`corral`]: in-process Corral instances from TOML configs, [`corral::spread`] to send a burst
 //!   over a fleet, and [`corral::assert_nothing_stored`].
+//! - [`fleet`]: [`Fleet`], a Redis, the upstream, `n` instances of the `/recommend` route and a
+//!   client, started together: the setup of most fleet-wide tests.
 //! - [`process`]: [`CorralProcess`], a real `corral run` process, for faults an in-process
 //!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
+//! - [`streaming`]: an upstream whose body the test writes event by event, readers that read
+//!   frame by frame, and [`streaming::StreamingFleet`], for the streaming-fill tests.
 //! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
 //! - [`port`]: [`free_port`], for processes that must be told their port.
 //!
@@ -39,12 +43,14 @@
 pub mod client;
 pub mod cluster;
 pub mod corral;
+pub mod fleet;
 pub mod origin;
 pub mod port;
 pub mod process;
 pub mod redis;
 pub mod sentinel;
 pub mod signal;
+pub mod streaming;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
@@ -52,6 +58,7 @@ pub mod wait;
 
 pub use self::client::{Client, Resp};
 pub use self::cluster::RedisCluster;
+pub use self::fleet::Fleet;
 pub use self::origin::Origin;
 pub use self::port::free_port;
 pub use self::process::CorralProcess;

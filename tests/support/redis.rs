@@ -198,6 +198,41 @@ impl RedisServer {
         scan_keys(&mut conn, pattern, &self.url()).await
     }
 
+    /// Subscribers of `channel` (`PUBSUB NUMSUB`); 0 when the server does not answer, so a test
+    /// may poll it while the server is stopped.
+    pub async fn subscribers(&self, channel: &str) -> usize {
+        let mut conn = self.conn().await;
+        let counts: Vec<(String, usize)> = ::redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+
+    /// Subscribers of Corral's fill channels, every key's together (`PUBSUB CHANNELS
+    /// corral:*:fill:*`, then `NUMSUB` of each): one per instance waiting on a key's fill. What
+    /// the server does not answer counts 0.
+    pub async fn fill_subscribers(&self) -> usize {
+        let channels: Vec<String> = ::redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("corral:*:fill:*")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap_or_default();
+        let mut total = 0;
+        for channel in channels {
+            total += self.subscribers(&channel).await;
+        }
+        total
+    }
+
+    /// Drops every pub/sub connection to the server (`CLIENT KILL TYPE pubsub`); how many.
+    pub async fn kill_pubsub_clients(&self) -> i64 {
+        kill_pubsub_clients(&mut self.conn().await, &self.url()).await
+    }
+
     /// Kills the server with SIGKILL and reaps it. Connections see a reset; new ones are refused.
     /// Does nothing if it is already dead.
     pub fn kill(&mut self) {
@@ -475,11 +510,70 @@ pub(crate) fn log_tail(dir: &Path) -> String {
     tail
 }
 
+/// One `redis-server` process of a fixture that runs several (a cluster's nodes, the sentinel
+/// deployment's servers and sentinels) and its port; killed and reaped on Drop.
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        reap(&mut self.child);
+    }
+}
+
+/// Spawns `spawn(port, dir)` on a port from `pick` until one is not taken, up to `attempts`
+/// times, and waits until the process answers.
+///
+/// # Panics
+///
+/// If the process does not come up (quoting its log), or every port was taken.
+pub(crate) async fn start_node(
+    dir: &Path,
+    attempts: usize,
+    pick: impl Fn() -> u16,
+    spawn: impl Fn(u16, &Path) -> Child,
+) -> Node {
+    fs::create_dir_all(dir).expect("create a node folder");
+    for _ in 0..attempts {
+        let port = pick();
+        let log_start = log_len(dir);
+        let mut child = spawn(port, dir);
+        // "Address already in use" counts as taken: try another port.
+        match wait_ready(&mut child, port, dir, log_start).await {
+            Startup::Ready => return Node { child, port },
+            Startup::PortTaken => reap(&mut child),
+            Startup::Failed(why) => {
+                reap(&mut child);
+                panic!("{}", startup_failure(port, dir, &why));
+            }
+        }
+    }
+    panic!(
+        "{}: {attempts} free ports in a row were taken before a node could bind them",
+        dir.display()
+    );
+}
+
 pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
     format!(
-        "redis-server on 127.0.0.1:{port} did not come up: {why}\n{}",
+        "redis-server on 127.0.0.1:{port} (in {}) did not come up: {why}\n{}",
+        dir.display(),
         log_tail(dir)
     )
+}
+
+/// Drops every pub/sub connection to the server behind `conn` (`CLIENT KILL TYPE pubsub`); how
+/// many. `server` names it in a failure.
+pub async fn kill_pubsub_clients(conn: &mut MultiplexedConnection, server: &str) -> i64 {
+    ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("CLIENT KILL TYPE pubsub on {server}: {e}"))
 }
 
 /// Every key matching `pattern` on the server behind `conn`, sorted and deduplicated (`SCAN`,

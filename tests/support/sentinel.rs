@@ -20,7 +20,7 @@ use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::port::free_port;
-use super::redis::{Startup, log_len, scan_keys, spawn_server, startup_failure, wait_ready};
+use super::redis::{Node, scan_keys, spawn_server, start_node};
 use super::signal::reap;
 
 /// The master name the sentinels monitor.
@@ -48,17 +48,6 @@ pub struct RedisSentinel {
     dir: TempDir,
 }
 
-struct Node {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        reap(&mut self.child);
-    }
-}
-
 impl RedisSentinel {
     /// Starts the master, the replica and the sentinels, and waits until the replica is in sync
     /// and every sentinel knows the master, the replica and the other sentinels.
@@ -72,14 +61,20 @@ impl RedisSentinel {
             .prefix("corral-sentinel-")
             .tempdir()
             .expect("create a tempdir for the sentinel deployment");
-        let master = start_node(&dir.path().join("server-0"), |port, dir| {
-            spawn_server(port, dir, &[])
-        })
+        let master = start_node(
+            &dir.path().join("server-0"),
+            PORT_ATTEMPTS,
+            free_port,
+            |port, dir| spawn_server(port, dir, &[]),
+        )
         .await;
         let master_port = master.port.to_string();
-        let replica = start_node(&dir.path().join("server-1"), |port, dir| {
-            spawn_server(port, dir, &["--replicaof", "127.0.0.1", &master_port])
-        })
+        let replica = start_node(
+            &dir.path().join("server-1"),
+            PORT_ATTEMPTS,
+            free_port,
+            |port, dir| spawn_server(port, dir, &["--replicaof", "127.0.0.1", &master_port]),
+        )
         .await;
         let mut deployment = RedisSentinel {
             servers: vec![master, replica],
@@ -89,7 +84,7 @@ impl RedisSentinel {
         for index in 0..SENTINELS {
             let node_dir = deployment.dir.path().join(format!("sentinel-{index}"));
             let master_port = deployment.servers[0].port;
-            let node = start_node(&node_dir, |port, dir| {
+            let node = start_node(&node_dir, PORT_ATTEMPTS, free_port, |port, dir| {
                 spawn_sentinel(port, dir, master_port)
             })
             .await;
@@ -375,6 +370,18 @@ impl RedisSentinel {
             .count()
     }
 
+    /// Returns once `hubs` Corral pub/sub hubs are subscribed on the data server at `port`
+    /// ([`RedisSentinel::pubsub_clients`]); panics after 15 s, the bound a hub gets to find a
+    /// master or to follow one.
+    pub async fn hubs_subscribed(&self, port: u16, hubs: usize) {
+        super::eventually(
+            &format!("{hubs} hub(s) subscribed on the server at {port}"),
+            Duration::from_secs(15),
+            async || self.pubsub_clients(port).await == hubs,
+        )
+        .await;
+    }
+
     /// Every process's log, for a failure message.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -484,26 +491,6 @@ async fn conn(port: u16) -> ::redis::RedisResult<MultiplexedConnection> {
     ::redis::Client::open(url)?
         .get_multiplexed_async_connection()
         .await
-}
-
-/// Spawns with `spawn(port, dir)` on a free port until one is not taken, and waits until the
-/// process answers.
-async fn start_node(dir: &Path, spawn: impl Fn(u16, &Path) -> Child) -> Node {
-    fs::create_dir_all(dir).expect("create a node folder");
-    for _ in 0..PORT_ATTEMPTS {
-        let port = free_port();
-        let log_start = log_len(dir);
-        let mut child = spawn(port, dir);
-        match wait_ready(&mut child, port, dir, log_start).await {
-            Startup::Ready => return Node { child, port },
-            Startup::PortTaken => reap(&mut child),
-            Startup::Failed(why) => {
-                reap(&mut child);
-                panic!("{}", startup_failure(port, dir, &why));
-            }
-        }
-    }
-    panic!("{PORT_ATTEMPTS} free ports in a row were taken before a node could bind them");
 }
 
 /// Starts `redis-server <conf> --sentinel` on `port`, monitoring the master on `master`.

@@ -2,13 +2,11 @@
 //! [`Topology::start`] brings up its Redis ([`Deployment`]), which gives the `[redis]` table and
 //! what a test asks of the keys wherever they live.
 
-use std::time::Duration;
-
 use corral::Config;
 
 use super::corral::{cluster_table, full_text, parse, redis_table, sentinel_table};
 use super::sentinel::MASTER_NAME;
-use super::{RedisCluster, RedisSentinel, RedisServer, eventually};
+use super::{RedisCluster, RedisSentinel, RedisServer};
 
 /// A Redis topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,13 +71,9 @@ impl Deployment {
     /// once, as the tests on one server and on a cluster always did.
     pub async fn hubs_subscribed(&self, hubs: usize) {
         if let Deployment::Sentinel(sentinel) = self {
-            let master = sentinel.first_master_port();
-            eventually(
-                "every hub subscribed on the master",
-                Duration::from_secs(15),
-                async || sentinel.pubsub_clients(master).await == hubs,
-            )
-            .await;
+            sentinel
+                .hubs_subscribed(sentinel.first_master_port(), hubs)
+                .await;
         }
     }
 }

@@ -95,6 +95,13 @@ impl Reply {
         self
     }
 
+    /// Adds every response header of `headers`, in order.
+    pub fn headers(self, headers: &[(&str, &str)]) -> Reply {
+        headers
+            .iter()
+            .fold(self, |reply, (name, value)| reply.header(name, value))
+    }
+
     /// Replaces the JSON echo with a fixed body.
     pub fn body(mut self, body: impl Into<Bytes>) -> Reply {
         self.body = Some(body.into());
@@ -198,6 +205,12 @@ impl Upstream {
             state,
             server,
         }
+    }
+
+    /// Stops serving, as when the upstream is gone: the listener and every connection close.
+    pub fn stop(&self) {
+        // The accept task owns every connection task (a JoinSet), so this closes them all.
+        self.server.abort();
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -364,8 +377,7 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        // The accept task owns every connection task (a JoinSet), so this closes them all.
-        self.server.abort();
+        self.stop();
     }
 }
 
