@@ -342,13 +342,18 @@ fn client_for(port: u16, tls: Option<&Tls>) -> ::redis::Client {
         return ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .expect("a redis:// URL on loopback is valid");
     };
+    tls_client(port, &tls.ca, &tls.client)
+}
+
+/// A client for the TLS server on `port`, trusting the CA in `ca` and presenting `client`.
+pub(crate) fn tls_client(port: u16, ca: &Path, client: &super::tls::Leaf) -> ::redis::Client {
     let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     let certs = ::redis::TlsCertificates {
         client_tls: Some(::redis::ClientTlsConfig {
-            client_cert: read(&tls.client.cert),
-            client_key: read(&tls.client.key),
+            client_cert: read(&client.cert),
+            client_key: read(&client.key),
         }),
-        root_cert: Some(read(&tls.ca)),
+        root_cert: Some(read(ca)),
     };
     ::redis::Client::build_with_tls(format!("rediss://127.0.0.1:{port}"), certs)
         .expect("a rediss:// URL on loopback with test certificates is valid")
