@@ -9,7 +9,9 @@
 //!   fills) rather than hanging;
 //! - behind sentinels that speak TLS only (and a master and replica that do too), with a private
 //!   CA and client certificates everywhere: a stampede makes one upstream call, Corral listens to
-//!   the sentinels' `+switch-master` over TLS, and follows a failover on that event alone.
+//!   the sentinels' `+switch-master` over TLS, and follows a failover on that event alone;
+//! - on a Redis Cluster whose nodes speak TLS only (client port and cluster bus), requiring
+//!   client certificates: a stampede makes one upstream call.
 
 mod support;
 
@@ -17,10 +19,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use support::corral::{
-    full_text, parse, recommend_route, redis_table, sentinel_table, spread, start, url,
+    cluster_table, full_text, parse, recommend_route, redis_table, sentinel_table, spread, start,
+    url,
 };
 use support::sentinel::MASTER_NAME;
-use support::{Client, NodeTls, Pki, RedisSentinel, RedisServer, Upstream, eventually};
+use support::{
+    Client, NodeTls, Pki, RedisCluster, RedisSentinel, RedisServer, Upstream, eventually,
+};
 
 /// A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
 const NOTICE_OR_504: &str =
@@ -226,6 +231,47 @@ async fn a_stampede_behind_tls_sentinels_makes_one_upstream_call() {
     );
     assert_eq!(upstream.calls(), 1, "one call after the failover too");
     for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stampede_on_a_tls_cluster_makes_one_upstream_call() {
+    let pki = Pki::new();
+    let tls = NodeTls::new(&pki);
+    let cluster = RedisCluster::start_tls(&tls).await;
+    let nodes = cluster.urls();
+    assert!(nodes.iter().all(|u| u.starts_with("rediss://")));
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let redis = format!("{}{}", cluster_table(&nodes), tls.corral_table());
+    let cfg = parse(&full_text("", &redis, &routes));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=cluster-tls";
+    let answers = spread(&client, &fleet, path, 300).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies.len(), 1, "every request got the same body");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    assert_eq!(
+        cluster.keys("corral:test:recommend:*").await.len(),
+        1,
+        "the entry is stored in the cluster, over TLS"
+    );
+    for instance in fleet {
+        assert!(
+            !instance.proxy().degraded(),
+            "the cluster is reachable over TLS"
+        );
         instance.shutdown().await;
     }
 }

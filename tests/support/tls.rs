@@ -213,6 +213,34 @@ impl NodeTls {
             .collect()
     }
 
+    /// The `redis-cli` arguments that connect as the fixture.
+    pub fn cli_args(&self) -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "--tls".to_owned(),
+            "--cacert".to_owned(),
+            path(&self.ca),
+            "--cert".to_owned(),
+            path(&self.fixture.cert),
+            "--key".to_owned(),
+            path(&self.fixture.key),
+        ]
+    }
+
+    /// The fixture's material for a redis-rs client (a cluster client, say).
+    pub fn certificates(&self) -> ::redis::TlsCertificates {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        };
+        ::redis::TlsCertificates {
+            client_tls: Some(::redis::ClientTlsConfig {
+                client_cert: read(&self.fixture.cert),
+                client_key: read(&self.fixture.key),
+            }),
+            root_cert: Some(read(&self.ca)),
+        }
+    }
+
     /// A client for the process on `port`, presenting the fixture's certificate.
     pub fn client(&self, port: u16) -> ::redis::Client {
         super::redis::tls_client(port, &self.ca, &self.fixture)
