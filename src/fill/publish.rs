@@ -17,16 +17,18 @@ use http_body_util::BodyExt;
 use crate::entry::Entry;
 use crate::l2::{KeyNames, L2, Notice, Record};
 use crate::relay::{Relay, RelayError};
+use crate::trace::FillRef;
 
 /// Largest batch of body bytes in one record.
 pub const MAX_BATCH: usize = 256 * 1024;
 
-/// Relays `relay` (whose head is `head`) to the log of `names`. `ttl`: how long the log outlives
-/// its last write; `keepalive`: how often a silent upstream is reported alive.
+/// Relays `relay` (whose head is `head`, filled under the span `by` when one is recorded) to the
+/// log of `names`. `ttl`: how long the log outlives its last write; `keepalive`: how often a
+/// silent upstream is reported alive.
 pub(crate) async fn publish(
     l2: L2,
     names: Arc<KeyNames>,
-    head: Arc<Entry>,
+    (head, by): (Arc<Entry>, Option<FillRef>),
     relay: Arc<Relay>,
     ttl: Duration,
     keepalive: Duration,
@@ -42,7 +44,7 @@ pub(crate) async fn publish(
         l2.relay_append(&log, &names.channel, record, ttl, window, &notice)
             .await
     };
-    match append(&Record::Head(head.encode()), false, ttl).await {
+    match append(&Record::head(&head, by.as_ref()), false, ttl).await {
         Ok(0) => return,
         Ok(_) => {}
         Err(err) => {
