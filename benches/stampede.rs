@@ -53,9 +53,9 @@
 //!    `STAMPEDE_ONLY=budget` runs this row alone.
 //!
 //! 10. TLS (issue 18): the miss, L2-hit and L1-hit latency of a Corral with an HTTPS upstream,
-//!    with `rediss://` (client certificate required), with both, beside plaintext (see
-//!    [`tls_row`]). `STAMPEDE_ONLY=tls` runs this row alone, and only then (it starts its own
-//!    processes); `STAMPEDE_TLS_REQUESTS` (300) keys per cell.
+//!     with `rediss://` (client certificate required), with both, beside plaintext (see
+//!     [`tls_row`]). `STAMPEDE_ONLY=tls` runs this row alone, and only then (it starts its own
+//!     processes); `STAMPEDE_TLS_REQUESTS` (300) keys per cell.
 //!
 //! Every Corral row runs the default config (`benches/stampede/corral.toml` sets no timeout
 //! and no lock option; only the access log is off).
