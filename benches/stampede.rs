@@ -52,6 +52,11 @@
 //!    `fleet_concurrency = 20`: the backend's peak of calls in flight, backend calls, p50/p99.
 //!    `STAMPEDE_ONLY=budget` runs this row alone.
 //!
+//! 10. TLS (issue 18): the miss, L2-hit and L1-hit latency of a Corral with an HTTPS upstream,
+//!     with `rediss://` (client certificate required), with both, beside plaintext (see
+//!     [`tls_row`]). `STAMPEDE_ONLY=tls` runs this row alone, and only then (it starts its own
+//!     processes); `STAMPEDE_TLS_REQUESTS` (300) keys per cell.
+//!
 //! Every Corral row runs the default config (`benches/stampede/corral.toml` sets no timeout
 //! and no lock option; only the access log is off).
 //!
@@ -81,6 +86,8 @@ mod procs;
 mod spread;
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "stampede/tls_row.rs"]
+mod tls_row;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -221,6 +228,9 @@ async fn run() -> Result<(), BoxError> {
 
     if std::env::var("STAMPEDE_ONLY").as_deref() == Ok("hits") {
         return hit_table::run(&corral_bin, dir.path(), &redis, &namespace, &backend).await;
+    }
+    if std::env::var("STAMPEDE_ONLY").as_deref() == Ok("tls") {
+        return tls_row::run(&corral_bin, dir.path(), &namespace, &backend).await;
     }
 
     let mut fleet = Vec::with_capacity(3);

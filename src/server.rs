@@ -204,6 +204,11 @@ async fn serve(
         });
         tls::Acceptor::new(first, live)
     });
+    // What the forwarding headers say: the listener's kind, fixed for its life.
+    let scheme = match tls {
+        Some(_) => crate::upstream::ClientScheme::Https,
+        None => crate::upstream::ClientScheme::Http,
+    };
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -229,7 +234,8 @@ async fn serve(
         let live = ConnectionProxy::new(&control);
         let activity = Activity::new();
         let requests = activity.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(scheme);
             let proxy = live.current(&control);
             let in_flight = requests.begin();
             async move {

@@ -353,6 +353,13 @@ fn validate_never_echoes_a_secret() {
             format!("[server]\ntls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}\n{route}"),
         ),
         (
+            "sentinels with two logins under redis.tls",
+            format!(
+                "[redis]\nsentinel = {{ nodes = [\"rediss://:{PASSWORD}@h:1\", \"rediss://:other-{PASSWORD}@h:2\"], master = \"m\" }}\ntls = {{ ca_file = \"{}\" }}\n{route}",
+                pki.ca_file().display()
+            ),
+        ),
+        (
             "redis's client key",
             format!("[redis]\nurl = \"rediss://127.0.0.1:1\"\ntls = {{ {identity} }}\n{route}"),
         ),

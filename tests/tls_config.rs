@@ -56,6 +56,26 @@ fn every_tls_table_is_accepted_with_its_files() {
     assert!(!format!("{tls:?}").contains("PRIVATE KEY"));
 }
 
+/// redis-rs' sentinel builder gives every sentinel one login and the same certificates: TLS
+/// sentinels that share a login are accepted, with the master's own credentials beside them.
+#[test]
+fn tls_sentinels_sharing_one_login_are_accepted() {
+    let pki = Pki::new();
+    let text = format!(
+        "[redis]\nsentinel = {{ nodes = [\"rediss://app:pw@10.0.0.1:26379\", \"rediss://app:pw@10.0.0.2:26379\"], master = \"m\", password = \"master-pw\" }}\n\
+         tls = {{ ca_file = \"{}\" }}\n{}",
+        pki.ca_file().display(),
+        route("https://h:1", "")
+    );
+    let config = Config::parse(&text, Path::new("tls.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let redis = config.redis.expect("redis");
+    assert!(redis.tls.is_some());
+    assert!(matches!(
+        redis.topology,
+        corral::config::RedisTopology::Sentinel { .. }
+    ));
+}
+
 #[test]
 fn relative_paths_are_read_beside_the_config_file() {
     let pki = Pki::new();
@@ -154,11 +174,19 @@ fn each_fault_names_its_field() {
         ),
         (
             format!(
-                "[redis]\nsentinel = {{ nodes = [\"rediss://h:1\"], master = \"m\" }}\ntls = {{ ca_file = \"{ca}\" }}\n{}",
+                "[redis]\nsentinel = {{ nodes = [\"rediss://h:1\", \"redis://h:2\"], master = \"m\" }}\ntls = {{ ca_file = \"{ca}\" }}\n{}",
                 route("https://h:1", "")
             ),
-            "field `redis.tls`",
-            "sentinels",
+            "field `redis.sentinel.nodes`",
+            "\"redis://h:2\" must be rediss://",
+        ),
+        (
+            format!(
+                "[redis]\nsentinel = {{ nodes = [\"rediss://app:one@h:1\", \"rediss://app:two@h:2\"], master = \"m\" }}\ntls = {{ ca_file = \"{ca}\" }}\n{}",
+                route("https://h:1", "")
+            ),
+            "field `redis.sentinel.nodes`",
+            "logs in differently",
         ),
         (
             format!(

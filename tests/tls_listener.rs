@@ -62,14 +62,24 @@ fn request(path: &str) -> Request<Empty<Bytes>> {
         .expect("a request")
 }
 
-/// Writes the config naming `cert` and `key` (copied to fixed paths in `dir`) to `dir/corral.toml`.
+/// Writes the config naming `cert` and `key` (copied to fixed paths in `dir`) to `dir/corral.toml`,
+/// with the `/recommend` route and `more_routes`.
 fn write_config(dir: &Path, upstream: &str, leaf: &support::Leaf) -> std::path::PathBuf {
+    write_config_with(dir, upstream, leaf, "")
+}
+
+fn write_config_with(
+    dir: &Path,
+    upstream: &str,
+    leaf: &support::Leaf,
+    more_routes: &str,
+) -> std::path::PathBuf {
     std::fs::copy(&leaf.cert, dir.join("listener.pem")).expect("copy the certificate");
     std::fs::copy(&leaf.key, dir.join("listener.key")).expect("copy the key");
     let path = dir.join("corral.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"2s\"\n\
-         tls = {{ cert_file = \"listener.pem\", key_file = \"listener.key\" }}\n\n{}",
+         tls = {{ cert_file = \"listener.pem\", key_file = \"listener.key\" }}\n\n{}{more_routes}",
         support::corral::recommend_route(upstream, "")
     );
     std::fs::write(&path, text).expect("write the config");
@@ -140,5 +150,48 @@ async fn http1_and_h2_by_alpn_and_a_reload_rotates_the_certificate_without_dropp
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.expect("body");
     assert_eq!(upstream.calls(), 3);
+    instance.shutdown().await;
+}
+
+/// Behind the TLS listener, the upstream is told the client spoke HTTPS: on a shared fill
+/// (`X-Forwarded-Proto` and `Forwarded: proto=`, Corral's own) and on a pass-through (appended
+/// to the forwarding chain).
+#[tokio::test]
+async fn the_upstream_is_told_https_on_fills_and_pass_throughs() {
+    let pki = Pki::new();
+    let upstream = Upstream::start().await;
+    let leaf = pki.server(&["127.0.0.1"]);
+    let pass = format!(
+        "[[route]]\nname = \"pass\"\npath_prefix = \"/pass\"\nupstream = \"{}\"\ncache = false\n",
+        upstream.url()
+    );
+    let path = write_config_with(&pki.dir(), &upstream.url(), &leaf, &pass);
+    let config = corral::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let instance = corral::Instance::start(&config)
+        .await
+        .expect("start corral");
+    let (tls, _, _) = connect(instance.addr(), &pki, &[b"http/1.1"]).await;
+    let (mut h1, conn) = http1::handshake(TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+    for path in ["/recommend?p=1", "/pass?p=1"] {
+        let resp = h1.send_request(request(path)).await.expect("an answer");
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.into_body().collect().await.expect("body");
+    }
+
+    let fill = upstream
+        .last_headers("/recommend?p=1")
+        .expect("the fill reached the upstream");
+    assert_eq!(fill["x-forwarded-proto"], "https", "fill: {fill:?}");
+    assert_eq!(fill["forwarded"], "proto=https", "fill: {fill:?}");
+    let passed = upstream
+        .last_headers("/pass?p=1")
+        .expect("the pass-through reached the upstream");
+    assert_eq!(passed["x-forwarded-proto"], "https", "pass: {passed:?}");
+    let forwarded = passed["forwarded"].to_str().expect("ASCII");
+    assert!(
+        forwarded.starts_with("for=127.0.0.1;proto=https;"),
+        "pass: {forwarded}"
+    );
     instance.shutdown().await;
 }

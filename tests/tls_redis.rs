@@ -6,15 +6,30 @@
 //! - a stampede of 300 requests over 3 instances, through an HTTPS upstream and `rediss://`,
 //!   makes exactly one upstream call;
 //! - without the client certificate the server refuses Corral, which serves degraded (its own
-//!   fills) rather than hanging.
+//!   fills) rather than hanging;
+//! - behind sentinels that speak TLS only (and a master and replica that do too), with a private
+//!   CA and client certificates everywhere: a stampede makes one upstream call, Corral listens to
+//!   the sentinels' `+switch-master` over TLS, and follows a failover on that event alone;
+//! - on a Redis Cluster whose nodes speak TLS only (client port and cluster bus), requiring
+//!   client certificates: a stampede makes one upstream call.
 
 mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::corral::{recommend_route, redis_table, spread, start, url};
-use support::{Client, Pki, RedisServer, Upstream};
+use support::corral::{
+    cluster_table, full_text, parse, recommend_route, redis_table, sentinel_table, spread, start,
+    url,
+};
+use support::sentinel::MASTER_NAME;
+use support::{
+    Client, NodeTls, Pki, RedisCluster, RedisSentinel, RedisServer, Upstream, eventually,
+};
+
+/// A waiter not woken by the fill notice could only finish with a 504 (lease ≫ wait budget).
+const NOTICE_OR_504: &str =
+    r#"lock = { scope = "fleet", lease = "30s", wait_timeout = "10s", on_wait_timeout = "504" }"#;
 
 /// A full config with `[redis]` at `redis` over TLS, trusting `pki` and presenting `client`.
 fn tls_config(
@@ -133,6 +148,130 @@ async fn a_server_that_requires_a_client_certificate_refuses_corral_without_one(
         "nothing reached Redis"
     );
     for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stampede_behind_tls_sentinels_makes_one_upstream_call() {
+    let pki = Pki::new();
+    let tls = NodeTls::new(&pki);
+    let mut deployment = RedisSentinel::start_tls(&tls).await;
+    let sentinels = deployment.sentinel_urls();
+    assert!(sentinels.iter().all(|u| u.starts_with("rediss://")));
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let redis = format!(
+        "{}{}",
+        sentinel_table(&sentinels, MASTER_NAME),
+        tls.corral_table()
+    );
+    let cfg = parse(&full_text("", &redis, &routes));
+    let fleet = start(3, &cfg).await;
+    let old = deployment.first_master_port();
+
+    // Step 1: every hub found the master through the sentinels and subscribed on it, and every
+    // `+switch-master` listener (three per instance: the command connection's, the lease
+    // keeper's and the hub's) is subscribed on a sentinel — all over TLS, each presenting
+    // Corral's client certificate.
+    eventually(
+        "every hub subscribed on the master over TLS",
+        Duration::from_secs(15),
+        async || deployment.pubsub_clients(old).await == 3,
+    )
+    .await;
+    eventually(
+        "every +switch-master listener subscribed on a sentinel over TLS",
+        Duration::from_secs(15),
+        async || {
+            deployment
+                .sentinel_subscribers()
+                .await
+                .iter()
+                .sum::<usize>()
+                == 9
+        },
+    )
+    .await;
+
+    // Step 2: a stampede over the three instances makes one upstream call.
+    let client = Client::new();
+    let answers = spread(&client, &fleet, "/recommend?segment=sentinel-tls", 300).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies.len(), 1, "every request got the same body");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    for instance in &fleet {
+        assert!(!instance.proxy().degraded(), "Redis is reachable over TLS");
+    }
+
+    // Step 3: the master stops answering but closes nothing; only the sentinels' event (heard
+    // over TLS) can move the hubs to the promoted replica, which they reach over TLS too.
+    deployment.pause_server(old);
+    let new = deployment.wait_failover(old, Duration::from_secs(30)).await;
+    eventually(
+        "every hub moved to the new master on the event",
+        Duration::from_secs(15),
+        async || deployment.pubsub_clients(new).await == 3,
+    )
+    .await;
+    upstream.reset_calls();
+    let answers = spread(&client, &fleet, "/recommend?segment=after", 300).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    assert_eq!(upstream.calls(), 1, "one call after the failover too");
+    for instance in fleet {
+        instance.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stampede_on_a_tls_cluster_makes_one_upstream_call() {
+    let pki = Pki::new();
+    let tls = NodeTls::new(&pki);
+    let cluster = RedisCluster::start_tls(&tls).await;
+    let nodes = cluster.urls();
+    assert!(nodes.iter().all(|u| u.starts_with("rediss://")));
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let routes = recommend_route(&upstream.url(), NOTICE_OR_504);
+    let redis = format!("{}{}", cluster_table(&nodes), tls.corral_table());
+    let cfg = parse(&full_text("", &redis, &routes));
+    let fleet = start(3, &cfg).await;
+    let client = Client::new();
+    let path = "/recommend?segment=cluster-tls";
+    let answers = spread(&client, &fleet, path, 300).await;
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies.len(), 1, "every request got the same body");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
+    assert_eq!(
+        cluster.keys("corral:test:recommend:*").await.len(),
+        1,
+        "the entry is stored in the cluster, over TLS"
+    );
+    for instance in fleet {
+        assert!(
+            !instance.proxy().degraded(),
+            "the cluster is reachable over TLS"
+        );
         instance.shutdown().await;
     }
 }

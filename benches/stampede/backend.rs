@@ -47,6 +47,13 @@ pub async fn start() -> Upstream {
     upstream
 }
 
+/// [`start`] over TLS with `config` (row 10: an HTTPS upstream).
+pub async fn start_tls(config: std::sync::Arc<rustls::ServerConfig>) -> Upstream {
+    let upstream = Upstream::start_tls(config).await;
+    upstream.script("/", ok(Duration::ZERO));
+    upstream
+}
+
 /// Scripts `scenario`: its calls take `delay` and end as `outcome`. Returns its path,
 /// `/recommend/<scenario>/`, to which the caller appends `?k=<key>`.
 pub fn scenario(upstream: &Upstream, scenario: &str, delay: Duration, outcome: Outcome) -> String {

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::entry::Entry;
 use crate::fill::{Fill, FillRequest, RELAY_WINDOW, Source};
 use crate::fleet::Subscription;
 use crate::fleet::{Fleet, Record, RelayLog};
@@ -53,7 +52,12 @@ pub(super) async fn tail(
         // Gone (expired, or trimmed past its head): nothing to read from byte 0.
         return None;
     };
-    let head = Arc::new(Entry::decode(head).ok()?);
+    let (head, by) = Record::read_head(&head).ok()?;
+    // This flight is answered by that fill: its requests link to its span (see `crate::trace`).
+    if let Some(by) = by {
+        crate::trace::attribute(by);
+    }
+    let head = Arc::new(head);
     let relay = Relay::new(route.max_entry_size, RELAY_WINDOW);
     relay.count_cuts_in(metrics.stream_cuts(&route.name));
     let tailing = Tailing {

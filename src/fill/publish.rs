@@ -17,16 +17,18 @@ use http_body_util::BodyExt;
 use crate::entry::Entry;
 use crate::fleet::{Notice, Record, RelayLog};
 use crate::relay::{Relay, RelayError};
+use crate::trace::FillRef;
 
 /// Largest batch of body bytes in one record.
 pub const MAX_BATCH: usize = 256 * 1024;
 
-/// Relays `relay` (whose head is `head`) to `log`, the relay log of fill `id`. `ttl`: how long
-/// the log outlives its last write; `keepalive`: how often a silent upstream is reported alive.
+/// Relays `relay` (whose head is `head`, filled under the span `by` when one is recorded) to
+/// `log`, the relay log of fill `id`. `ttl`: how long the log outlives its last write;
+/// `keepalive`: how often a silent upstream is reported alive.
 pub(crate) async fn publish(
     id: Arc<str>,
     log: RelayLog,
-    head: Arc<Entry>,
+    (head, by): (Arc<Entry>, Option<FillRef>),
     relay: Arc<Relay>,
     ttl: Duration,
     keepalive: Duration,
@@ -39,7 +41,7 @@ pub(crate) async fn publish(
         };
         log.append(record, ttl, window, &notice).await
     };
-    match append(&Record::Head(head.encode()), false, ttl).await {
+    match append(&Record::head(&head, by.as_ref()), false, ttl).await {
         Ok(0) => return,
         Ok(_) => {}
         Err(err) => {

@@ -65,19 +65,22 @@ impl Filler {
         // Waiters elsewhere read it through the key's relay log — unless its head declares a body
         // small enough to travel with the `stored` notice, which then serves them at once.
         let small = declared_length(&head.headers).is_some_and(|n| n <= RELAY_MIN_BYTES);
+        // The fill's span (when recorded): named in the log's head for remote tails to link to,
+        // and kept by the pump for its `stored` notice (see `crate::trace`).
+        let by = crate::trace::current_fill();
         if let Claim::Fleet(held) = &claim
             && !small
         {
             let (id, log) = held.relay_log();
             let ttl = route.upstream_timeout + route.lock.lease;
             let keepalive = route.lock.lease / 2;
-            let (head, relay) = (head.clone(), relay.clone());
-            tokio::spawn(publish::publish(id, log, head, relay, ttl, keepalive));
+            let (head, relay, by) = (head.clone(), relay.clone(), by.clone());
+            tokio::spawn(publish::publish(id, log, (head, by), relay, ttl, keepalive));
         }
         let (this, req, pumped) = (self.clone(), req.clone(), relay.clone());
         // The pump stays in the fill's span, and its `stored` notice names the fill as the flight
         // would have (see `crate::trace`).
-        let (span, by) = (tracing::Span::current(), crate::trace::current_fill());
+        let span = tracing::Span::current();
         let pump = crate::trace::attributed(async move {
             if let Some(by) = by {
                 crate::trace::attribute(by);

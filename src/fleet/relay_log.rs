@@ -4,7 +4,9 @@
 //! The leader writes a Redis Stream `…:relay:{<hex>}:<fill id>` (hash-tagged like the key, so a
 //! cluster keeps it on the key's master; one per fill, so a fill that follows another never
 //! writes into a log still being read): first a head record (`h`: the entry without its body, in
-//! the entry wire format), then body records (`d`: one batch of chunks each, with its offset),
+//! the entry wire format, led by the fill's trace reference when its span is recorded — the
+//! notice's `<reference>`, whose marker byte no entry starts with, so a head without one reads as
+//! before; see [`Record::head`]), then body records (`d`: one batch of chunks each, with its offset),
 //! keep-alives (`k`) while the upstream is silent, and one end record (`e`: `complete`, or
 //! `aborted:<why>`). Each record is appended by one script that also renews the log's TTL and
 //! rings the key's channel: `streaming:<id>` with the head, `relayed:<id>` with every later
@@ -61,6 +63,26 @@ pub enum Record {
 }
 
 impl Record {
+    /// The head record of a fill: `head` without its body, led by `by`'s trace reference (so that
+    /// remote tails link to the fill's span).
+    pub fn head(head: &crate::entry::Entry, by: Option<&crate::trace::FillRef>) -> Record {
+        let entry = head.encode();
+        Record::Head(match by {
+            Some(by) => Bytes::from([&by.encode()[..], &entry[..]].concat()),
+            None => entry,
+        })
+    }
+
+    /// A head record's entry and, when it names one, the fill's trace reference.
+    pub fn read_head(
+        value: &Bytes,
+    ) -> Result<(crate::entry::Entry, Option<crate::trace::FillRef>), crate::entry::DecodeError>
+    {
+        let (by, rest) = crate::trace::FillRef::split(value);
+        let entry = value.slice(value.len() - rest.len()..);
+        Ok((crate::entry::Entry::decode(entry)?, by))
+    }
+
     fn field(&self) -> (&'static str, Bytes) {
         match self {
             Record::Head(head) => ("h", head.clone()),
@@ -244,6 +266,34 @@ mod tests {
         ] {
             let (field, value) = record.field();
             assert_eq!(Record::parse(field.as_bytes(), value), Some(record));
+        }
+    }
+
+    /// A head carries the fill's trace reference when there is one; a head without it (an
+    /// older writer's, or export off) reads as before.
+    #[test]
+    fn a_head_reads_with_or_without_the_fills_reference() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let entry = crate::entry::error_entry(http::StatusCode::OK, "test");
+        let by = crate::trace::FillRef {
+            context: SpanContext::new(
+                TraceId::from_bytes([5; 16]),
+                SpanId::from_bytes([6; 8]),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::NONE,
+            ),
+            remote: true,
+        };
+        for with in [Some(&by), None] {
+            let Record::Head(value) = Record::head(&entry, with) else {
+                panic!("a head record");
+            };
+            let Ok((read, read_by)) = Record::read_head(&value) else {
+                panic!("the head decodes");
+            };
+            assert_eq!(read.encode(), entry.encode());
+            assert_eq!(read_by.as_ref(), with);
         }
     }
 

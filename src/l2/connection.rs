@@ -70,7 +70,11 @@ impl Connection {
                 master,
                 auth,
             } => Ok(Connection::Sentinel(SentinelConnection::open(
-                nodes, master, auth, budget,
+                nodes,
+                master,
+                auth,
+                cfg.tls.as_ref(),
+                budget,
             )?)),
             RedisTopology::Cluster { nodes } => {
                 let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str));

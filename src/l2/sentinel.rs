@@ -24,13 +24,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Client, Cmd, Pipeline, ProtocolVersion, RedisError, RedisResult, Value};
+use redis::sentinel::{
+    SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
+};
+use redis::{
+    Client, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisError, RedisResult, Value,
+};
 use tokio::time::Instant;
 
 use super::switches::{self, SwitchWatch};
 use super::{L2Error, manager_config};
-use crate::config::MasterAuth;
+use crate::config::{MasterAuth, RedisTls};
 
 /// Shortest time between two questions to the sentinels.
 pub(crate) const ASK_INTERVAL: Duration = Duration::from_millis(200);
@@ -47,35 +51,21 @@ pub(crate) struct Sentinels {
 
 impl Sentinels {
     /// Prepares the sentinel client without connecting. Connections to the master it finds speak
-    /// `protocol` (the pub/sub hub needs RESP3). Fails only on URLs redis-rs cannot use.
+    /// `protocol` (the pub/sub hub needs RESP3). With `tls` (`[redis] tls`, whose check made
+    /// every sentinel `rediss://` with one login), the sentinels and the master are reached with
+    /// its CA and client certificate. Fails only on URLs redis-rs cannot use.
     pub(crate) fn new(
         nodes: &[String],
         master: &str,
         auth: &MasterAuth,
+        tls: Option<&RedisTls>,
         timeout: Duration,
         protocol: ProtocolVersion,
     ) -> Result<Sentinels, L2Error> {
-        let mut settings = redis::RedisConnectionInfo::default()
-            .set_protocol(protocol)
-            .set_db(auth.db);
-        if let Some(password) = &auth.password {
-            settings = settings.set_password(password.expose());
+        let client = match tls {
+            Some(tls) => with_tls(nodes, master, auth, tls, protocol),
+            None => plain(nodes, master, auth, protocol),
         }
-        if let Some(username) = &auth.username {
-            settings = settings.set_username(username);
-        }
-        let mut node_info =
-            SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
-        // Sentinels reached over TLS name a master reached over TLS too (system roots).
-        if nodes.iter().any(|url| url.starts_with("rediss://")) {
-            node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
-        }
-        let client = SentinelClient::build(
-            nodes.iter().map(String::as_str).collect(),
-            master,
-            Some(node_info),
-            SentinelServerType::Master,
-        )
         .map_err(|source| L2Error::Redis {
             op: "open sentinel",
             source,
@@ -118,6 +108,77 @@ impl Sentinels {
             ))),
         }
     }
+}
+
+/// The sentinel client without `[redis] tls`: each sentinel URL as it is (its own login), the
+/// master over TLS (system roots) when the sentinels are `rediss://`.
+fn plain(
+    nodes: &[String],
+    master: &str,
+    auth: &MasterAuth,
+    protocol: ProtocolVersion,
+) -> RedisResult<SentinelClient> {
+    let mut settings = redis::RedisConnectionInfo::default()
+        .set_protocol(protocol)
+        .set_db(auth.db);
+    if let Some(password) = &auth.password {
+        settings = settings.set_password(password.expose());
+    }
+    if let Some(username) = &auth.username {
+        settings = settings.set_username(username);
+    }
+    let mut node_info = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+    // Sentinels reached over TLS name a master reached over TLS too (system roots).
+    if nodes.iter().any(|url| url.starts_with("rediss://")) {
+        node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
+    }
+    SentinelClient::build(
+        nodes.iter().map(String::as_str).collect(),
+        master,
+        Some(node_info),
+        SentinelServerType::Master,
+    )
+}
+
+/// The sentinel client with `[redis] tls`: the sentinels and the master they name trust its CA
+/// and are shown its client certificate. redis-rs' builder logs in to every sentinel with one
+/// username and password, the first URL's (the config check made them all the same).
+fn with_tls(
+    nodes: &[String],
+    master: &str,
+    auth: &MasterAuth,
+    tls: &RedisTls,
+    protocol: ProtocolVersion,
+) -> RedisResult<SentinelClient> {
+    let certificates = super::tls::certificates(tls);
+    let mut addrs = Vec::with_capacity(nodes.len());
+    let mut login = None;
+    for url in nodes {
+        let info = url.as_str().into_connection_info()?;
+        addrs.push(info.addr().clone());
+        login.get_or_insert_with(|| info.redis_settings().clone());
+    }
+    let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
+        .set_client_to_sentinel_certificates(certificates.clone())
+        .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+        .set_client_to_redis_certificates(certificates)
+        .set_client_to_redis_protocol(protocol)
+        .set_client_to_redis_db(auth.db);
+    if let Some(login) = login {
+        if let Some(username) = login.username() {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = login.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(password) = &auth.password {
+        builder = builder.set_client_to_redis_password(password.expose());
+    }
+    if let Some(username) = &auth.username {
+        builder = builder.set_client_to_redis_username(username);
+    }
+    builder.build()
 }
 
 /// `host:port` of the server a client connects to: what tells two masters apart.
@@ -172,9 +233,10 @@ impl SentinelConnection {
         nodes: &[String],
         master: &str,
         auth: &MasterAuth,
+        tls: Option<&RedisTls>,
         timeout: Duration,
     ) -> Result<Arc<SentinelConnection>, L2Error> {
-        let sentinels = Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP2)?;
+        let sentinels = Sentinels::new(nodes, master, auth, tls, timeout, ProtocolVersion::RESP2)?;
         Ok(Arc::new_cyclic(
             |this: &std::sync::Weak<SentinelConnection>| {
                 let this = this.clone();
@@ -188,7 +250,7 @@ impl SentinelConnection {
                     sentinels: tokio::sync::Mutex::new(sentinels),
                     timeout,
                     db: auth.db,
-                    _switches: switches::watch(nodes, master, timeout, on_switch),
+                    _switches: switches::watch(nodes, master, tls, timeout, on_switch),
                 }
             },
         ))
@@ -358,7 +420,8 @@ mod tests {
         let url = format!("redis://:hunter2-s3cret@{addr}");
         let timeout = Duration::from_millis(200);
         let auth = MasterAuth::default();
-        let Ok(mut sentinels) = Sentinels::new(&[url], "m", &auth, timeout, ProtocolVersion::RESP3)
+        let Ok(mut sentinels) =
+            Sentinels::new(&[url], "m", &auth, None, timeout, ProtocolVersion::RESP3)
         else {
             panic!("a usable sentinel URL");
         };

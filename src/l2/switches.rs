@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
+use crate::config::RedisTls;
 use crate::redact::redact;
 
 /// The channel sentinels announce a new master on.
@@ -27,22 +28,24 @@ pub(crate) struct SwitchWatch {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts listening to `nodes` (the sentinels' URLs) for switches of `master`; `on_switch` runs
-/// on the listening task for each one. `None` outside a tokio runtime (nothing to listen on):
+/// Starts listening to `nodes` (the sentinels' URLs) for switches of `master`, over TLS with
+/// `tls`'s material for `rediss://` sentinels; `on_switch` runs on the listening task for each
+/// one. `None` outside a tokio runtime (nothing to listen on):
 /// the owner then follows a failover only after a failed call.
 pub(crate) fn watch(
     nodes: &[String],
     master: &str,
+    tls: Option<&RedisTls>,
     timeout: Duration,
     on_switch: impl Fn() + Send + 'static,
 ) -> Option<SwitchWatch> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let (stop, stopped) = oneshot::channel();
-    let (nodes, master) = (nodes.to_vec(), master.to_owned());
+    let (nodes, master, tls) = (nodes.to_vec(), master.to_owned(), tls.cloned());
     runtime.spawn(async move {
         tokio::select! {
             _ = stopped => {}
-            () = listen(nodes, master, timeout, on_switch) => {}
+            () = listen(nodes, master, tls, timeout, on_switch) => {}
         }
     });
     Some(SwitchWatch { _stop: stop })
@@ -52,6 +55,7 @@ pub(crate) fn watch(
 async fn listen(
     nodes: Vec<String>,
     master: String,
+    tls: Option<RedisTls>,
     timeout: Duration,
     on_switch: impl Fn() + Send + 'static,
 ) {
@@ -63,7 +67,7 @@ async fn listen(
     for url in nodes.iter().cycle() {
         let node = redact(url).into_owned();
         let subscribed = async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = super::tls::client(url, tls.as_ref())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(SWITCH_MASTER).await?;
             Ok::<_, redis::RedisError>(pubsub)

@@ -8,6 +8,37 @@ use http::Request;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 
+/// The scheme a client spoke to Corral in: what `X-Forwarded-Proto` and `Forwarded: proto=` tell
+/// the upstream. It is the listener's kind, fixed at start; the listener puts it in each request's
+/// extensions, and a request without one (built in-process) is taken as plain `http`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl ClientScheme {
+    /// The scheme `parts` arrived over.
+    pub fn of(parts: &http::request::Parts) -> ClientScheme {
+        parts.extensions.get().copied().unwrap_or_default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Http => "http",
+            ClientScheme::Https => "https",
+        }
+    }
+
+    fn forwarded(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            ClientScheme::Http => "proto=http",
+            ClientScheme::Https => "proto=https",
+        })
+    }
+}
+
 /// Rewrites a client request for `upstream`: target URI, `Host`, forwarding headers, no hop-by-hop.
 pub fn rewrite<B>(
     parts: &http::request::Parts,
@@ -28,7 +59,8 @@ pub fn rewrite<B>(
     {
         headers.insert(header::HOST, host);
     }
-    append_forwarded(&mut headers, peer, original_host.as_ref());
+    let scheme = ClientScheme::of(parts);
+    append_forwarded(&mut headers, peer, original_host.as_ref(), scheme);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = target_uri(upstream, &parts.uri);
@@ -45,9 +77,9 @@ pub fn rewrite<B>(
 /// - never conditional headers (`If-*`) nor `Range`: a fill is unconditional and whole, so the
 ///   upstream cannot answer 304 or 206 for everyone; never hop-by-hop fields;
 /// - the leader's `traceparent` and `tracestate` when well formed (see [`crate::trace`]);
-/// - `Host` is the upstream's authority; `X-Forwarded-Proto` / `Forwarded: proto=http` are
-///   Corral's own. A client's `X-Forwarded-*` and `Forwarded` are dropped, and nothing of the
-///   requester (address, `Host`) is added: it is not in the key.
+/// - `Host` is the upstream's authority; `X-Forwarded-Proto` / `Forwarded: proto=` are Corral's
+///   own, with the leader's [`ClientScheme`]. A client's `X-Forwarded-*` and `Forwarded` are
+///   dropped, and nothing of the requester (address, `Host`) is added: it is not in the key.
 ///
 /// Bypassed requests use [`rewrite`] instead, which stays transparent.
 pub fn fill_request<B>(
@@ -79,8 +111,9 @@ pub fn fill_request_to<B>(
     {
         headers.insert(header::HOST, host);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
+    let scheme = ClientScheme::of(parts);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    headers.insert(header::FORWARDED, scheme.forwarded());
     let mut req = Request::new(body);
     if route.tls.is_some() {
         req.extensions_mut()
@@ -132,7 +165,12 @@ fn target_uri(upstream: &Uri, original: &Uri) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| upstream.clone())
 }
 
-fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+fn append_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+    scheme: ClientScheme,
+) {
     let ip = peer.ip().to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
@@ -145,7 +183,7 @@ fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&Hea
         SocketAddr::V4(_) => ip,
         SocketAddr::V6(_) => format!("\"[{ip}]\""),
     };
-    let mut element = format!("for={node};proto=http");
+    let mut element = format!("for={node};proto={}", scheme.as_str());
     if let Some(host) = host.and_then(|h| h.to_str().ok()) {
         element.push_str(&format!(";host=\"{host}\""));
         if let Ok(v) = HeaderValue::from_str(host) {
@@ -159,7 +197,7 @@ fn append_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&Hea
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert(header::FORWARDED, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -4,6 +4,11 @@
 //! Each node keeps nothing on disk (`--save ""`, no AOF) and writes its `nodes.conf` and log into
 //! its own folder of a private tempdir, removed with the fixture. A node also needs its cluster bus
 //! port (its port + 10000) free, so ports are picked with both free and below 55536.
+//!
+//! [`RedisCluster::start_tls`] starts nodes that speak TLS only, on the client port and on the
+//! cluster bus, each requiring a client certificate. `redis-cli --cluster create` is bounded (it
+//! is killed after 30 s, and the panic quotes every node's log), so a cluster that cannot form
+//! fails a test instead of hanging it.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -18,6 +23,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::port::free_port;
 use super::redis::{Node, start_node};
 use super::signal::reap;
+use super::tls::NodeTls;
 
 /// Masters in the cluster (no replicas): enough to spread slots over several nodes.
 const MASTERS: usize = 3;
@@ -27,6 +33,8 @@ const CLUSTER_OK_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 /// Bound on one readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Bound on `redis-cli --cluster create`: past it the command is killed and the test fails.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A node's cluster bus listens on its port plus this.
 const BUS_OFFSET: u16 = 10_000;
 /// Spawn attempts per node: a free port may be taken by another test before the node binds it.
@@ -38,6 +46,8 @@ const PORT_ATTEMPTS: usize = 5;
 pub struct RedisCluster {
     nodes: Vec<Node>,
     dir: TempDir,
+    /// Set when the nodes speak TLS only ([`RedisCluster::start_tls`]).
+    tls: Option<NodeTls>,
 }
 
 impl RedisCluster {
@@ -50,6 +60,18 @@ impl RedisCluster {
     /// if `redis-cli --cluster create` fails (its output is quoted), or if the cluster is not ok on
     /// every node within 20 s.
     pub async fn start() -> RedisCluster {
+        RedisCluster::launch(None).await
+    }
+
+    /// [`RedisCluster::start`] with nodes that speak TLS only: `--port 0 --tls-port P`, the
+    /// cluster bus over TLS (`tls-cluster yes`, on P + 10000), every client required to present
+    /// a certificate. `tls`'s node certificate is each node's, as server and as client (the bus
+    /// is both); [`RedisCluster::urls`] are then `rediss://`.
+    pub async fn start_tls(tls: &NodeTls) -> RedisCluster {
+        RedisCluster::launch(Some(tls.clone())).await
+    }
+
+    async fn launch(tls: Option<NodeTls>) -> RedisCluster {
         let dir = tempfile::Builder::new()
             .prefix("corral-cluster-")
             .tempdir()
@@ -57,35 +79,48 @@ impl RedisCluster {
         let mut cluster = RedisCluster {
             nodes: Vec::with_capacity(MASTERS),
             dir,
+            tls,
         };
         for index in 0..MASTERS {
+            let dir = cluster.dir.path().join(format!("node-{index}"));
+            let tls = cluster.tls.as_ref();
             let node = start_node(
-                &cluster.dir.path().join(format!("node-{index}")),
+                &dir,
                 PORT_ATTEMPTS,
                 free_port_pair,
-                spawn,
+                |port, dir| spawn(port, dir, tls),
+                |port| node_client(port, tls),
             )
             .await;
             cluster.nodes.push(node);
         }
-        cluster.create();
+        cluster.create().await;
         cluster.wait_ok().await;
         cluster
     }
 
-    /// The seed node URLs, `redis://127.0.0.1:<port>`, one per master.
+    /// The seed node URLs, `redis://127.0.0.1:<port>` (`rediss://` with TLS), one per master.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{scheme}://127.0.0.1:{}", n.port))
             .collect()
+    }
+
+    /// A client for node `index` (over TLS with the fixture's certificate, in TLS mode).
+    fn client(&self, index: usize) -> ::redis::Client {
+        node_client(self.nodes[index].port, self.tls.as_ref())
     }
 
     /// A plain (non-cluster) connection to node `index`, for per-node inspection.
     pub async fn node_conn(&self, index: usize) -> MultiplexedConnection {
         let url = &self.urls()[index];
-        ::redis::Client::open(url.as_str())
-            .expect("a redis:// URL on loopback is valid")
+        self.client(index)
             .get_multiplexed_async_connection()
             .await
             .unwrap_or_else(|e| panic!("connect to cluster node {url}: {e}"))
@@ -93,7 +128,12 @@ impl RedisCluster {
 
     /// A cluster connection (slot-aware), for writing keys the way Corral does.
     pub async fn cluster_conn(&self) -> ::redis::cluster_async::ClusterConnection {
-        ::redis::cluster::ClusterClient::new(self.urls())
+        let mut builder = ::redis::cluster::ClusterClient::builder(self.urls());
+        if let Some(tls) = &self.tls {
+            builder = builder.certs(tls.certificates());
+        }
+        builder
+            .build()
             .expect("seed URLs on loopback are valid")
             .get_async_connection()
             .await
@@ -162,20 +202,33 @@ impl RedisCluster {
             .collect()
     }
 
-    /// `redis-cli --cluster create … --cluster-replicas 0 --cluster-yes`.
-    fn create(&self) {
+    /// `redis-cli --cluster create … --cluster-replicas 0 --cluster-yes` (with `--tls` and the
+    /// fixture's certificate in TLS mode), killed if it has not ended within [`CREATE_TIMEOUT`].
+    /// Its output goes to files (a pipe nobody reads could fill and stall it).
+    async fn create(&self) {
         let addrs: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let output = Command::new("redis-cli")
+        let (out, err) = (
+            self.dir.path().join("create.out"),
+            self.dir.path().join("create.err"),
+        );
+        let file = |p: &Path| fs::File::create(p).expect("create redis-cli's output file");
+        let mut command = Command::new("redis-cli");
+        if let Some(tls) = &self.tls {
+            command.args(tls.cli_args());
+        }
+        let mut child = command
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
-            .output()
+            .stdout(file(&out))
+            .stderr(file(&err))
+            .spawn()
             .unwrap_or_else(|e| match e.kind() {
                 ErrorKind::NotFound => panic!(
                     "redis-cli not found on PATH: install it (Debian: apt-get install \
@@ -183,21 +236,42 @@ impl RedisCluster {
                 ),
                 _ => panic!("run redis-cli --cluster create: {e}"),
             });
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create {addrs:?} failed ({}):\n{}\n{}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr),
-            self.logs()
-        );
+        let deadline = Instant::now() + CREATE_TIMEOUT;
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                reap(&mut child);
+                break None;
+            }
+            sleep(POLL).await;
+        };
+        let said = || {
+            let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+            format!("{}\n{}", read(&out), read(&err))
+        };
+        match status {
+            Some(status) if status.success() => {}
+            Some(status) => panic!(
+                "redis-cli --cluster create {addrs:?} failed ({status}):\n{}\n{}",
+                said(),
+                self.logs()
+            ),
+            None => panic!(
+                "redis-cli --cluster create {addrs:?} did not end within {CREATE_TIMEOUT:?} \
+                 (killed):\n{}\n{}",
+                said(),
+                self.logs()
+            ),
+        }
     }
 
     /// Polls `CLUSTER INFO` on every node until each says `cluster_state:ok`.
     async fn wait_ok(&self) {
         let deadline = Instant::now() + CLUSTER_OK_TIMEOUT;
         for (index, url) in self.urls().iter().enumerate() {
-            let client = ::redis::Client::open(url.as_str()).expect("valid URL");
+            let client = self.client(index);
             loop {
                 let probe = async {
                     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -225,6 +299,15 @@ impl RedisCluster {
     }
 }
 
+/// A client for the node on `port`: plain, or over TLS presenting the fixture's certificate.
+fn node_client(port: u16, tls: Option<&NodeTls>) -> ::redis::Client {
+    match tls {
+        Some(tls) => tls.client(port),
+        None => ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("a redis:// URL on loopback is valid"),
+    }
+}
+
 /// A free port (see [`free_port`]) whose bus port (+10000) is free too.
 fn free_port_pair() -> u16 {
     for _ in 0..200 {
@@ -239,22 +322,33 @@ fn free_port_pair() -> u16 {
     panic!("found no free loopback port whose port + {BUS_OFFSET} is free too");
 }
 
-fn spawn(port: u16, dir: &Path) -> Child {
+fn spawn(port: u16, dir: &Path, tls: Option<&NodeTls>) -> Child {
     let nodes_conf = dir.join("nodes.conf");
     let nodes_conf = nodes_conf.to_string_lossy();
-    super::redis::spawn_server(
-        port,
-        dir,
-        &[
-            "--cluster-enabled",
-            "yes",
-            // A test may kill a master: the others keep serving their own slots.
-            "--cluster-require-full-coverage",
-            "no",
-            "--cluster-config-file",
-            &nodes_conf,
-        ],
-    )
+    let mut args: Vec<String> = [
+        "--cluster-enabled",
+        "yes",
+        // A test may kill a master: the others keep serving their own slots.
+        "--cluster-require-full-coverage",
+        "no",
+        "--cluster-config-file",
+        &nodes_conf,
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let port = match tls {
+        None => port,
+        Some(tls) => {
+            // TLS only: no plain port; the bus (tls-port + 10000) speaks TLS too.
+            args.extend(["--tls-port".to_owned(), port.to_string()]);
+            args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+            args.extend(tls.args());
+            0
+        }
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    super::redis::spawn_server(port, dir, &args)
 }
 
 /// A node's log tail, headed by its directory (a cluster has several).

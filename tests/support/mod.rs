@@ -64,7 +64,7 @@ pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
-pub use self::tls::{Leaf, Pki};
+pub use self::tls::{Leaf, NodeTls, Pki};
 pub use self::topology::{Deployment, Topology};
 pub use self::upstream::{Reply, Upstream};
 pub use self::wait::eventually;

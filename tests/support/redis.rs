@@ -377,13 +377,18 @@ fn client_for(port: u16, tls: Option<&Tls>) -> ::redis::Client {
         return ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .expect("a redis:// URL on loopback is valid");
     };
+    tls_client(port, &tls.ca, &tls.client)
+}
+
+/// A client for the TLS server on `port`, trusting the CA in `ca` and presenting `client`.
+pub(crate) fn tls_client(port: u16, ca: &Path, client: &super::tls::Leaf) -> ::redis::Client {
     let read = |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     let certs = ::redis::TlsCertificates {
         client_tls: Some(::redis::ClientTlsConfig {
-            client_cert: read(&tls.client.cert),
-            client_key: read(&tls.client.key),
+            client_cert: read(&client.cert),
+            client_key: read(&client.key),
         }),
-        root_cert: Some(read(&tls.ca)),
+        root_cert: Some(read(ca)),
     };
     ::redis::Client::build_with_tls(format!("rediss://127.0.0.1:{port}"), certs)
         .expect("a rediss:// URL on loopback with test certificates is valid")
@@ -524,7 +529,7 @@ impl Drop for Node {
 }
 
 /// Spawns `spawn(port, dir)` on a port from `pick` until one is not taken, up to `attempts`
-/// times, and waits until the process answers.
+/// times, and waits until the process answers `probe(port)` (a TLS client for a TLS node).
 ///
 /// # Panics
 ///
@@ -534,6 +539,7 @@ pub(crate) async fn start_node(
     attempts: usize,
     pick: impl Fn() -> u16,
     spawn: impl Fn(u16, &Path) -> Child,
+    probe: impl Fn(u16) -> ::redis::Client,
 ) -> Node {
     fs::create_dir_all(dir).expect("create a node folder");
     for _ in 0..attempts {
@@ -541,7 +547,7 @@ pub(crate) async fn start_node(
         let log_start = log_len(dir);
         let mut child = spawn(port, dir);
         // "Address already in use" counts as taken: try another port.
-        match wait_ready(&mut child, port, dir, log_start).await {
+        match wait_ready_with(&mut child, &probe(port), dir, log_start).await {
             Startup::Ready => return Node { child, port },
             Startup::PortTaken => reap(&mut child),
             Startup::Failed(why) => {

@@ -22,6 +22,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::port::free_port;
 use super::redis::{Node, scan_keys, spawn_server, start_node};
 use super::signal::reap;
+use super::tls::NodeTls;
 
 /// The master name the sentinels monitor.
 pub const MASTER_NAME: &str = "mymaster";
@@ -46,6 +47,8 @@ pub struct RedisSentinel {
     servers: Vec<Node>,
     sentinels: Vec<Node>,
     dir: TempDir,
+    /// Set when every process speaks TLS only ([`RedisSentinel::start_tls`]).
+    tls: Option<NodeTls>,
 }
 
 impl RedisSentinel {
@@ -57,35 +60,44 @@ impl RedisSentinel {
     /// If `redis-server` is not on `PATH`, a process does not come up within 5 s (its log is
     /// quoted), or the deployment has not settled within 30 s.
     pub async fn start() -> RedisSentinel {
+        RedisSentinel::launch(None).await
+    }
+
+    /// [`RedisSentinel::start`] with every process speaking TLS only (`--port 0`, `tls-port`),
+    /// replication and the sentinels' links included (`tls-replication yes`), each requiring a
+    /// client certificate: `tls`'s node certificate is every process's, as server and as client.
+    /// [`RedisSentinel::sentinel_urls`] are then `rediss://`, and the fixture's probes present
+    /// `tls.fixture`.
+    pub async fn start_tls(tls: &NodeTls) -> RedisSentinel {
+        RedisSentinel::launch(Some(tls.clone())).await
+    }
+
+    async fn launch(tls: Option<NodeTls>) -> RedisSentinel {
         let dir = tempfile::Builder::new()
             .prefix("corral-sentinel-")
             .tempdir()
             .expect("create a tempdir for the sentinel deployment");
-        let master = start_node(
-            &dir.path().join("server-0"),
-            PORT_ATTEMPTS,
-            free_port,
-            |port, dir| spawn_server(port, dir, &[]),
-        )
+        let t = tls.as_ref();
+        let master = start_tls_aware(&dir.path().join("server-0"), t, |port, dir| {
+            spawn_data(port, dir, t, &[])
+        })
         .await;
         let master_port = master.port.to_string();
-        let replica = start_node(
-            &dir.path().join("server-1"),
-            PORT_ATTEMPTS,
-            free_port,
-            |port, dir| spawn_server(port, dir, &["--replicaof", "127.0.0.1", &master_port]),
-        )
+        let replica = start_tls_aware(&dir.path().join("server-1"), t, |port, dir| {
+            spawn_data(port, dir, t, &["--replicaof", "127.0.0.1", &master_port])
+        })
         .await;
         let mut deployment = RedisSentinel {
             servers: vec![master, replica],
             sentinels: Vec::with_capacity(SENTINELS),
             dir,
+            tls: tls.clone(),
         };
         for index in 0..SENTINELS {
             let node_dir = deployment.dir.path().join(format!("sentinel-{index}"));
             let master_port = deployment.servers[0].port;
-            let node = start_node(&node_dir, PORT_ATTEMPTS, free_port, |port, dir| {
-                spawn_sentinel(port, dir, master_port)
+            let node = start_tls_aware(&node_dir, t, |port, dir| {
+                spawn_sentinel(port, dir, master_port, t)
             })
             .await;
             deployment.sentinels.push(node);
@@ -189,12 +201,27 @@ impl RedisSentinel {
         scan_keys(&mut conn, pattern, &format!("127.0.0.1:{port} db {db}")).await
     }
 
-    /// The sentinels' URLs, `redis://127.0.0.1:<port>`.
+    /// The sentinels' URLs, `redis://127.0.0.1:<port>` (`rediss://` in TLS mode).
     pub fn sentinel_urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.sentinels
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{scheme}://127.0.0.1:{}", n.port))
             .collect()
+    }
+
+    /// Pub/sub clients connected to each sentinel: Corral's `+switch-master` listeners (the
+    /// sentinels subscribe on the data servers, not on each other).
+    pub async fn sentinel_subscribers(&self) -> Vec<usize> {
+        let mut counts = Vec::with_capacity(self.sentinels.len());
+        for sentinel in &self.sentinels {
+            counts.push(pubsub_count(sentinel.port, |_| true).await);
+        }
+        counts
     }
 
     /// A connection to the master the deployment started with, for a bench's probes.
@@ -355,19 +382,7 @@ impl RedisSentinel {
     /// Pub/sub clients on the data server at `port`, not counting the sentinels' own (named
     /// `sentinel-…`): the Corral hubs subscribed there.
     pub async fn pubsub_clients(&self, port: u16) -> usize {
-        let Ok(Ok(mut conn)) = timeout(PROBE_TIMEOUT, conn(port)).await else {
-            return 0;
-        };
-        let list: String = ::redis::cmd("CLIENT")
-            .arg("LIST")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        list.lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains("name=sentinel-"))
-            .count()
+        pubsub_count(port, |l| !l.contains("name=sentinel-")).await
     }
 
     /// Returns once `hubs` Corral pub/sub hubs are subscribed on the data server at `port`
@@ -421,6 +436,23 @@ impl RedisSentinel {
             sleep(POLL).await;
         }
     }
+}
+
+/// Pub/sub clients of the process on `port` whose `CLIENT LIST` line passes `counts`.
+async fn pubsub_count(port: u16, counts: impl Fn(&str) -> bool) -> usize {
+    let Ok(Ok(mut conn)) = timeout(PROBE_TIMEOUT, conn(port)).await else {
+        return 0;
+    };
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    list.lines()
+        .filter(|l| !l.trim().is_empty() && counts(l))
+        .count()
 }
 
 /// Whether the sentinel on `port` reports `master`, one replica and the other sentinels.
@@ -483,7 +515,27 @@ fn password_of(port: u16) -> Option<String> {
     passwords.as_ref().and_then(|map| map.get(&port).cloned())
 }
 
+/// The TLS material of the processes that speak TLS only, by port (as [`PASSWORDS`]).
+static TLS_PORTS: Mutex<Option<HashMap<u16, NodeTls>>> = Mutex::new(None);
+
+fn tls_of(port: u16) -> Option<NodeTls> {
+    let ports = TLS_PORTS.lock().unwrap_or_else(|p| p.into_inner());
+    ports.as_ref().and_then(|map| map.get(&port).cloned())
+}
+
+/// A client for the process on `port`: over TLS if it speaks TLS only, else plain.
+fn client(port: u16) -> ::redis::Client {
+    match tls_of(port) {
+        Some(tls) => tls.client(port),
+        None => ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("a redis:// URL on loopback is valid"),
+    }
+}
+
 async fn conn(port: u16) -> ::redis::RedisResult<MultiplexedConnection> {
+    if tls_of(port).is_some() {
+        return client(port).get_multiplexed_async_connection().await;
+    }
     let url = match password_of(port) {
         Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
         None => format!("redis://127.0.0.1:{port}"),
@@ -493,11 +545,54 @@ async fn conn(port: u16) -> ::redis::RedisResult<MultiplexedConnection> {
         .await
 }
 
-/// Starts `redis-server <conf> --sentinel` on `port`, monitoring the master on `master`.
-fn spawn_sentinel(port: u16, dir: &Path, master: u16) -> Child {
+/// Spawns with `spawn(port, dir)` on a free port until one is not taken, and waits until the
+/// process answers (over TLS with `tls`: the port is noted first, so [`client`] speaks TLS to it).
+async fn start_tls_aware(
+    dir: &Path,
+    tls: Option<&NodeTls>,
+    spawn: impl Fn(u16, &Path) -> Child,
+) -> Node {
+    let spawn = |port: u16, dir: &Path| {
+        if let Some(tls) = tls {
+            TLS_PORTS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(port, tls.clone());
+        }
+        spawn(port, dir)
+    };
+    start_node(dir, PORT_ATTEMPTS, free_port, spawn, client).await
+}
+
+/// Starts a data server on `port`, TLS only with `tls` (`--port 0 --tls-port <port>`).
+fn spawn_data(port: u16, dir: &Path, tls: Option<&NodeTls>, extra: &[&str]) -> Child {
+    let Some(tls) = tls else {
+        return spawn_server(port, dir, extra);
+    };
+    let mut args = vec!["--tls-port".to_owned(), port.to_string()];
+    args.extend(tls.args());
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_server(0, dir, &args)
+}
+
+/// Starts `redis-server <conf> --sentinel` on `port`, monitoring the master on `master`; TLS
+/// only with `tls`, to clients and to the servers (and the other sentinels).
+fn spawn_sentinel(port: u16, dir: &Path, master: u16, tls: Option<&NodeTls>) -> Child {
     let conf = dir.join("sentinel.conf");
+    let listen = match tls {
+        None => format!("port {port}\n"),
+        Some(tls) => {
+            let mut lines = format!("port 0\ntls-port {port}\n");
+            for (name, value) in tls.settings() {
+                lines.push_str(&format!("{name} {value}\n"));
+            }
+            lines
+        }
+    };
     let text = format!(
-        "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+        "{listen}bind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
          sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 1\n\
          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
          sentinel failover-timeout {MASTER_NAME} 3000\n",

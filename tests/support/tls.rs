@@ -82,27 +82,38 @@ impl Pki {
 
     /// A server certificate for `names` (DNS names or IP addresses), valid now.
     pub fn server(&self, names: &[&str]) -> Leaf {
-        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth, false)
+        self.issue(names, &[ExtendedKeyUsagePurpose::ServerAuth], false)
     }
 
     /// A server certificate for `names` that expired in 2020.
     pub fn expired_server(&self, names: &[&str]) -> Leaf {
-        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth, true)
+        self.issue(names, &[ExtendedKeyUsagePurpose::ServerAuth], true)
     }
 
     /// A client certificate (for mTLS) named `name`.
     pub fn client(&self, name: &str) -> Leaf {
-        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth, false)
+        self.issue(&[name], &[ExtendedKeyUsagePurpose::ClientAuth], false)
     }
 
-    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose, expired: bool) -> Leaf {
+    /// A certificate for a Redis node that is a server and a client at once: replicas, sentinels
+    /// and cluster nodes connect to each other with it (`tls-replication`, `tls-cluster`), so
+    /// it carries both `serverAuth` and `clientAuth`.
+    pub fn node(&self, names: &[&str]) -> Leaf {
+        let usages = [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(names, &usages, false)
+    }
+
+    fn issue(&self, names: &[&str], usages: &[ExtendedKeyUsagePurpose], expired: bool) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("valid SANs");
         params.distinguished_name.push(
             DnType::CommonName,
             names.first().cloned().unwrap_or_default(),
         );
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages.to_vec();
         if expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);
@@ -155,4 +166,94 @@ impl Pki {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// What a deployment of Redis processes that speak TLS only (client port, replication, the
+/// sentinels' links, a cluster's bus) is given: one node certificate for `127.0.0.1` (server and
+/// client at once, see [`Pki::node`]), the CA, a client certificate for the fixture's own probes
+/// and one for Corral. Every client must present a certificate (`tls-auth-clients yes`).
+#[derive(Clone)]
+pub struct NodeTls {
+    pub node: Leaf,
+    pub ca: PathBuf,
+    pub fixture: Leaf,
+    pub corral: Leaf,
+}
+
+impl NodeTls {
+    /// Material issued by `pki`.
+    pub fn new(pki: &Pki) -> NodeTls {
+        NodeTls {
+            node: pki.node(&["127.0.0.1", "localhost"]),
+            ca: pki.ca_file(),
+            fixture: pki.client("fixture"),
+            corral: pki.client("corral"),
+        }
+    }
+
+    /// The settings every process gets, as `(name, value)`: for `--name value` arguments or the
+    /// lines of a config file. Replication and the sentinels' links to the servers go over TLS
+    /// (`tls-replication`); `tls-port` is the caller's.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            ("tls-cert-file", path(&self.node.cert)),
+            ("tls-key-file", path(&self.node.key)),
+            ("tls-ca-cert-file", path(&self.ca)),
+            ("tls-auth-clients", "yes".to_owned()),
+            ("tls-replication", "yes".to_owned()),
+        ]
+    }
+
+    /// [`NodeTls::settings`] as `redis-server` arguments.
+    pub fn args(&self) -> Vec<String> {
+        self.settings()
+            .into_iter()
+            .flat_map(|(name, value)| [format!("--{name}"), value])
+            .collect()
+    }
+
+    /// The `redis-cli` arguments that connect as the fixture.
+    pub fn cli_args(&self) -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "--tls".to_owned(),
+            "--cacert".to_owned(),
+            path(&self.ca),
+            "--cert".to_owned(),
+            path(&self.fixture.cert),
+            "--key".to_owned(),
+            path(&self.fixture.key),
+        ]
+    }
+
+    /// The fixture's material for a redis-rs client (a cluster client, say).
+    pub fn certificates(&self) -> ::redis::TlsCertificates {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        };
+        ::redis::TlsCertificates {
+            client_tls: Some(::redis::ClientTlsConfig {
+                client_cert: read(&self.fixture.cert),
+                client_key: read(&self.fixture.key),
+            }),
+            root_cert: Some(read(&self.ca)),
+        }
+    }
+
+    /// A client for the process on `port`, presenting the fixture's certificate.
+    pub fn client(&self, port: u16) -> ::redis::Client {
+        super::redis::tls_client(port, &self.ca, &self.fixture)
+    }
+
+    /// The `tls = { .. }` line of a Corral `[redis]` table: trusting the CA, presenting Corral's
+    /// own client certificate.
+    pub fn corral_table(&self) -> String {
+        format!(
+            "tls = {{ ca_file = \"{}\", client_cert_file = \"{}\", client_key_file = \"{}\" }}\n",
+            self.ca.display(),
+            self.corral.cert.display(),
+            self.corral.key.display()
+        )
+    }
 }

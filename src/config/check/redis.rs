@@ -75,10 +75,8 @@ impl Checker<'_> {
         }
         .iter()
         .any(|url| url.starts_with("rediss://"));
-        if let (Some(tls), RedisTopology::Sentinel { .. }) = (&raw.tls, &topology) {
-            let why = "not supported behind sentinels yet: rediss:// sentinels and their master \
-                       are verified against the system's roots";
-            return self.fail(tls.span(), (None, "redis.tls"), why);
+        if let (Some(_), Some(sentinel)) = (&raw.tls, &raw.sentinel) {
+            self.sentinels_over_tls(sentinel.get_ref())?;
         }
         let tls = raw
             .tls
@@ -192,6 +190,52 @@ impl Checker<'_> {
             master,
             auth,
         })
+    }
+
+    /// With `[redis] tls`, the sentinels are reached through redis-rs' sentinel builder, which
+    /// gives every sentinel the same certificates and one login: each must be `rediss://`, and
+    /// all must log in alike (a message names the URL with its password masked, never the
+    /// password). Called once [`Checker::sentinel`] accepted the nodes.
+    fn sentinels_over_tls(&self, raw: &RawSentinel) -> Checked<()> {
+        let field = (None, "redis.sentinel.nodes");
+        let Some(list) = &raw.nodes else {
+            return Ok(());
+        };
+        let mut first: Option<(&str, Option<String>, Option<String>)> = None;
+        for node in list.get_ref() {
+            let url = node.get_ref().as_str();
+            if !url.starts_with("rediss://") {
+                let why = format!(
+                    "{:?} must be rediss:// with `redis.tls`: every sentinel is reached over TLS \
+                     with its material",
+                    redact(url)
+                );
+                return self.fail(node.span(), field, why);
+            }
+            let login = match redis::IntoConnectionInfo::into_connection_info(url) {
+                Ok(info) => {
+                    let settings = info.redis_settings();
+                    let user = settings.username().map(str::to_owned);
+                    (user, settings.password().map(str::to_owned))
+                }
+                Err(_) => (None, None), // refused by `redis_url` before this check
+            };
+            match &first {
+                None => first = Some((url, login.0, login.1)),
+                Some((seen, user, password)) if (user, password) != (&login.0, &login.1) => {
+                    let why = format!(
+                        "{:?} logs in differently from {:?}: with `redis.tls` every sentinel gets \
+                         one username and password (redis-rs' sentinel client); give them all \
+                         the same login (passwords are not shown)",
+                        redact(url),
+                        redact(seen)
+                    );
+                    return self.fail(node.span(), field, why);
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// `username`, `password` and `db` of `sentinel = { .. }`: how to log in to the master. A

@@ -97,13 +97,14 @@ impl Topology {
                 master,
                 auth,
             } => {
+                let tls = cfg.tls.as_ref();
                 let sentinels =
-                    Sentinels::new(nodes, master, auth, timeout, ProtocolVersion::RESP3)?;
+                    Sentinels::new(nodes, master, auth, tls, timeout, ProtocolVersion::RESP3)?;
                 let nodes = Nodes::Sentinel {
                     sentinels: Box::new(sentinels),
                     at: None,
                     recheck: false,
-                    _switches: switches::watch(nodes, master, timeout, on_switch),
+                    _switches: switches::watch(nodes, master, tls, timeout, on_switch),
                 };
                 (nodes, None)
             }
