@@ -24,6 +24,8 @@
 //!   over a fleet, and [`corral::assert_nothing_stored`].
 //! - [`process`]: [`CorralProcess`], a real `corral run` process, for faults an in-process
 //!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
+//! - [`tap`]: [`Tap`], a relay in front of a Redis that counts each connection's round trips,
+//!   commands and bytes at the wire, for the tests that pin what a miss costs in Redis.
 //! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
 //! - [`port`]: [`free_port`], for processes that must be told their port.
 //!
@@ -45,6 +47,7 @@ pub mod process;
 pub mod redis;
 pub mod sentinel;
 pub mod signal;
+pub mod tap;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
@@ -57,6 +60,7 @@ pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
+pub use self::tap::{Tap, Turn};
 pub use self::tls::{Leaf, Pki};
 pub use self::topology::{Deployment, Topology};
 pub use self::upstream::{Reply, Upstream};
