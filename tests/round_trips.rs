@@ -19,9 +19,6 @@ const LEADER_BEFORE_CALL: usize = 2;
 /// The goal: the leader's round trips after its upstream call answered (the store, which also
 /// releases the lock, publishes the notice and indexes the tags).
 const LEADER_AFTER_CALL: usize = 1;
-/// What the leader pays after its call until the store indexes the tags itself (the next
-/// step of issue 19): the store script, then the tag indexes' pipelines.
-const LEADER_AFTER_CALL_TODAY: usize = 2;
 /// The goal: a waiter's round trips from its request to its answer.
 const WAITER: usize = 3;
 /// The goal: a waiter's round trips after the notice reached it (it carries the entry).
@@ -180,7 +177,7 @@ async fn a_miss_takes_the_leader_few_round_trips_around_its_call_and_a_waiter_th
         listed(&during)
     );
     assert!(
-        after.len() <= LEADER_AFTER_CALL.max(LEADER_AFTER_CALL_TODAY),
+        after.len() <= LEADER_AFTER_CALL,
         "the leader's round trips after its upstream call:\n{}",
         listed(&after)
     );

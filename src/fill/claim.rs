@@ -23,26 +23,20 @@ impl Claim {
     pub(super) async fn store(self, req: &FillRequest, entry: &Entry) -> bool {
         let route = &req.route.name;
         match self {
-            Claim::Fleet(held) => {
-                let (l2, names) = (held.l2().clone(), held.names().clone());
-                match held.store(entry).await {
-                    Ok(StoreOutcome::Purged) => {
-                        tracing::info!(%route, "a purge came while this fill ran: not stored");
-                        return false;
-                    }
-                    Ok(outcome) => {
-                        tracing::debug!(%route, ?outcome, "filled");
-                        if outcome != StoreOutcome::Superseded {
-                            l2.index_tags(&names, entry).await;
-                        }
-                    }
-                    Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
+            // Both writes index the entry's tags in the same round trip.
+            Claim::Fleet(held) => match held.store(entry).await {
+                Ok(StoreOutcome::Purged) => {
+                    tracing::info!(%route, "a purge came while this fill ran: not stored");
+                    return false;
                 }
-            }
-            Claim::Instance(Some((l2, names))) => match l2.put(&names, entry).await {
-                Ok(()) => l2.index_tags(&names, entry).await,
+                Ok(outcome) => tracing::debug!(%route, ?outcome, "filled"),
                 Err(err) => tracing::warn!(%route, %err, "could not store the fill in redis"),
             },
+            Claim::Instance(Some((l2, names))) => {
+                if let Err(err) = l2.put(&names, entry).await {
+                    tracing::warn!(%route, %err, "could not store the fill in redis");
+                }
+            }
             Claim::Instance(None) => {}
         }
         true

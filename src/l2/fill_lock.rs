@@ -191,7 +191,11 @@ impl L2 {
         Ok(n == 1)
     }
 
-    /// Token-checked write of a filled entry; see [`StoreOutcome`].
+    /// Token-checked write of a filled entry; see [`StoreOutcome`]. Indexes its tags too, in the
+    /// same round trip: inside the script outside a cluster (only when the entry is written); in
+    /// a cluster, where the indexes live in other slots, by pipelines sent beside the script
+    /// (a store that is then refused leaves index members behind: a purge by that tag deletes
+    /// the key's next entry too, at most one extra miss).
     pub async fn store(
         &self,
         names: &KeyNames,
@@ -210,8 +214,14 @@ impl L2 {
             "0"
         };
         let mut call = self.scripts.store.key(&names.entry);
-        call.key(&names.lock)
-            .arg(token)
+        call.key(&names.lock);
+        let apart = self.conn.spans_slots();
+        if !apart {
+            for tag in &entry.tags {
+                call.key(self.tag_index(tag));
+            }
+        }
+        call.arg(token)
             .arg(encoded.as_ref())
             .arg(millis(ttl))
             .arg(&names.channel)
@@ -223,9 +233,12 @@ impl L2 {
             Some(fill) => call.arg(&fill.encode()[..]),
             None => call.arg(""),
         };
-        let n: i64 = self
-            .within("store", budget, call.invoke_async(&mut conn))
-            .await?;
+        let store = self.within("store", budget, call.invoke_async(&mut conn));
+        let n: i64 = if apart {
+            tokio::join!(store, self.index_tags(names, entry)).0?
+        } else {
+            store.await?
+        };
         Ok(match n {
             1 => StoreOutcome::Stored,
             2 => StoreOutcome::StoredUnlocked,

@@ -1,5 +1,6 @@
 //! The Lua scripts of L2: each runs a key's decision (look, take, store, release, extend) in one
-//! round trip, touching only that key's entry, lock and marker (one Cluster slot).
+//! round trip, touching only that key's entry, lock and marker (one Cluster slot) — and, outside
+//! a cluster, the store also the entry's tag indexes.
 
 /// Writes the entry only while the caller still holds the lock (or nobody holds it and no entry
 /// exists), so a leader that lost its lock can never overwrite a newer fill; then releases the lock
@@ -9,13 +10,25 @@
 /// ARGV[8] is the fill's trace reference or empty (see [`crate::trace::FillRef::encode`]): it goes
 /// between `stored:` and the entry, where a parser that does not know it finds no entry and reads
 /// L2 instead.
+///
+/// KEYS[3..] are the entry's tag indexes (none in a cluster, where they live in other slots):
+/// each gets the entry's name, and lives at least as long as the entry, exactly when the entry is
+/// written — so a stored entry is never unindexed, and a refused store indexes nothing.
 pub(super) const STORE: &str = r"
 local notice = 'stored'
 if ARGV[5] == '1' then notice = 'stored:' .. ARGV[8] .. ARGV[2]
 elseif ARGV[8] ~= '' then notice = 'stored:' .. ARGV[8] end
+local function index()
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], KEYS[1])
+    redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
+    redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
+  end
+end
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  index()
   redis.call('DEL', KEYS[2])
   redis.call(ARGV[7], ARGV[4], notice)
   return 1
@@ -25,6 +38,7 @@ elseif holder == ARGV[6] then
   return 3
 elseif not holder then
   if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
+    index()
     redis.call(ARGV[7], ARGV[4], notice)
     return 2
   end
