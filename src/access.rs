@@ -294,7 +294,7 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
             }
             if let Some(client) = &line.client {
                 buf.extend_from_slice(b" client=");
-                buf.extend_from_slice(client.to_string().as_bytes());
+                socket_addr(buf, client);
             }
             if let Some(id) = &line.request_id {
                 buf.extend_from_slice(b" request_id=\"");
@@ -330,8 +330,10 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
                 json_string(buf, query);
             }
             if let Some(client) = &line.client {
-                buf.extend_from_slice(b",\"client\":");
-                json_string(buf, &client.to_string());
+                // An address has nothing a JSON string must escape.
+                buf.extend_from_slice(b",\"client\":\"");
+                socket_addr(buf, client);
+                buf.push(b'"');
             }
             if let Some(id) = &line.request_id {
                 buf.extend_from_slice(b",\"request_id\":");
@@ -353,6 +355,26 @@ fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
             buf.extend_from_slice(b"},\"target\":\"");
             buf.extend_from_slice(ACCESS_LOG.as_bytes());
             buf.extend_from_slice(b"\"}\n");
+        }
+    }
+}
+
+/// A client's address as `Display` writes it (`1.2.3.4:5`, `[::1]:5`); an IPv4 one without
+/// `core::fmt` (measured: formatting it was a third of the writer's cost per line).
+fn socket_addr(buf: &mut Vec<u8>, addr: &std::net::SocketAddr) {
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                decimal(buf, u64::from(octet));
+            }
+            buf.push(b':');
+            decimal(buf, u64::from(v4.port()));
+        }
+        std::net::SocketAddr::V6(_) => {
+            let _ = write!(buf, "{addr}");
         }
     }
 }

@@ -52,6 +52,11 @@ impl Conditions {
     /// Applies the conditions to an answer Corral holds whole (a cached, shared or buffered
     /// one); a streamed answer is the upstream's and passes as it is (HEAD aside).
     pub fn apply(&self, answer: Answer) -> Answer {
+        // The common request asks nothing of its answer: it passes untouched, without a look at
+        // its validators (a date to parse) or a reference taken on its body.
+        if self.asks_nothing() {
+            return answer;
+        }
         let Answer {
             outcome,
             mut response,
@@ -90,6 +95,17 @@ impl Conditions {
             ttl,
             fwd_status: fwd_status.or(changed.then_some(original)),
         }
+    }
+
+    /// Whether nothing here can change an answer: no condition, no range (`If-Range` alone is
+    /// void), not a HEAD.
+    fn asks_nothing(&self) -> bool {
+        !self.head
+            && self.if_match.is_none()
+            && self.if_unmodified_since.is_none()
+            && self.if_none_match.is_none()
+            && self.if_modified_since.is_none()
+            && self.range.is_none()
     }
 
     fn evaluate(&self, response: Response<ProxyBody>, body: Bytes) -> Response<ProxyBody> {

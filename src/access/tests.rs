@@ -133,3 +133,18 @@ fn numbers_are_written_whole() {
         "0 7 10 404 18446744073709551615 000005"
     );
 }
+
+#[test]
+fn client_addresses_are_written_as_display_writes_them() {
+    for addr in [
+        "127.0.0.1:40000",
+        "0.0.0.0:1",
+        "255.255.255.255:65535",
+        "[::1]:8080",
+    ] {
+        let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+        let mut buf = Vec::new();
+        socket_addr(&mut buf, &addr);
+        assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
+    }
+}
