@@ -79,22 +79,24 @@ impl AccessLine {
         self
     }
 
+    /// `path` is taken as it is and `route` appended to it: a path given as a `String` with room
+    /// for the route costs no allocation here.
     pub fn new(
         method: Method,
-        path: &str,
+        path: impl Into<String>,
         route: &str,
         status: u16,
         outcome: CacheOutcome,
         micros: u64,
     ) -> AccessLine {
-        let mut text = String::with_capacity(path.len() + route.len());
-        text.push_str(path);
+        let mut text = path.into();
+        let path_len = text.len();
         text.push_str(route);
         AccessLine {
             at: SystemTime::now(),
             method,
             text,
-            path_len: path.len(),
+            path_len,
             status,
             outcome,
             micros,
@@ -112,6 +114,15 @@ impl AccessLine {
     fn route(&self) -> &str {
         &self.text[self.path_len..]
     }
+}
+
+/// A request's path, owned with room after it for its route's name, which [`AccessLine::new`]
+/// appends without allocating again.
+pub fn path_with_room(path: &str) -> String {
+    const ROUTE_NAME_ROOM: usize = 32;
+    let mut owned = String::with_capacity(path.len() + ROUTE_NAME_ROOM);
+    owned.push_str(path);
+    owned
 }
 
 /// What became of a line handed to [`AccessLog::send`].

@@ -309,7 +309,7 @@ impl Proxy {
             let bytes = http_body::Body::size_hint(response.body()).exact();
             let line = AccessLine::new(
                 logged.method,
-                &logged.path,
+                logged.path,
                 route_name,
                 status,
                 outcome,
@@ -333,7 +333,7 @@ impl Proxy {
         (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)).then(|| Logged {
             info,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            path: crate::access::path_with_room(req.uri().path()),
             query: req.uri().query().map(str::to_owned),
             request_id: req
                 .headers()
