@@ -442,19 +442,33 @@ fn timestamp(buf: &mut Vec<u8>, at: SystemTime) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = since.as_secs();
-    let (days, of_day) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil(days);
-    padded(buf, year, 4);
-    buf.push(b'-');
-    padded(buf, month, 2);
-    buf.push(b'-');
-    padded(buf, day, 2);
-    buf.push(b'T');
-    padded(buf, of_day / 3600, 2);
-    buf.push(b':');
-    padded(buf, of_day / 60 % 60, 2);
-    buf.push(b':');
-    padded(buf, of_day % 60, 2);
+    // The writer formats thousands of lines within one second: their date and time up to the
+    // second are written once (`YYYY-MM-DDTHH:MM:SS`, 19 bytes) and copied after.
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    let (cached, text) = SECOND.get();
+    if cached == secs {
+        buf.extend_from_slice(&text);
+    } else {
+        let start = buf.len();
+        let (days, of_day) = (secs / 86_400, secs % 86_400);
+        let (year, month, day) = civil(days);
+        padded(buf, year, 4);
+        buf.push(b'-');
+        padded(buf, month, 2);
+        buf.push(b'-');
+        padded(buf, day, 2);
+        buf.push(b'T');
+        padded(buf, of_day / 3600, 2);
+        buf.push(b':');
+        padded(buf, of_day / 60 % 60, 2);
+        buf.push(b':');
+        padded(buf, of_day % 60, 2);
+        if let Ok(text) = <[u8; 19]>::try_from(&buf[start..]) {
+            SECOND.set((secs, text));
+        }
+    }
     buf.push(b'.');
     padded(buf, u64::from(since.subsec_micros()), 6);
     buf.push(b'Z');
