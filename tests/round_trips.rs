@@ -186,8 +186,9 @@ async fn a_miss_takes_the_leader_few_round_trips_around_its_call_and_a_waiter_th
         "the waiter's round trips before the notice:\n{}",
         listed(&waited)
     );
-    assert!(
-        after_notice.len() <= WAITER_AFTER_NOTICE,
+    assert_eq!(
+        after_notice.len(),
+        WAITER_AFTER_NOTICE,
         "the waiter's round trips after the notice:\n{}",
         listed(&after_notice)
     );
