@@ -4,6 +4,12 @@
 //! upstream call). The `proxy/*_access_line` rows run with an access-log writer thread installed
 //! (writing to a sink), as `corral run` does; the others with the line off.
 //!
+//!
+//! The `proxy/l1_hit_get_http1*` rows run [`Proxy::handle`] itself, as `corral run` serves it:
+//! behind hyper's HTTP/1 server on an in-memory pipe, one keep-alive connection, the request's
+//! bytes written and the whole answer read back by the bench (so hyper's head parsing and
+//! answer encoding are in, sockets and the kernel are not).
+//!
 //! `cargo bench --bench hot_path` measures; `cargo bench --bench hot_path -- --test` runs each once.
 //! `HOT_PATH_HITS=N cargo bench --bench hot_path` answers N GET hits (access line on) and exits,
 //! without criterion: run it under `valgrind --tool=callgrind` twice with two counts, and the
@@ -197,7 +203,7 @@ async fn warm(proxy: &Proxy, config: &Config, parts: &Parts, body: &Bytes, entry
 /// warmed in L1.
 struct Hits {
     rt: tokio::runtime::Runtime,
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     peer: SocketAddr,
     requests: Vec<(&'static str, Parts, Bytes)>,
 }
@@ -213,7 +219,7 @@ impl Hits {
             Config::parse(CONFIG, Path::new("<bench>")).expect("the bench config is valid");
         let proxy = {
             let _in_runtime = rt.enter();
-            Proxy::new(&config).expect("embedded mode needs no Redis")
+            Arc::new(Proxy::new(&config).expect("embedded mode needs no Redis"))
         };
         let peer: SocketAddr = "127.0.0.1:40000".parse().expect("a socket address");
         let entry = Arc::new(sample_entry());
@@ -270,6 +276,7 @@ fn access_line_on() {
 
 fn l1_hit(c: &mut Criterion) {
     let hits = Hits::new();
+    let mut wire = hits.rt.block_on(Wire::open(&hits));
     let mut group = c.benchmark_group("proxy");
     for line in ["", "_access_line"] {
         if !line.is_empty() {
@@ -284,8 +291,94 @@ fn l1_hit(c: &mut Criterion) {
                 )
             });
         }
+        group.bench_function(format!("l1_hit_get_http1{line}"), |b| {
+            b.iter_custom(|n| {
+                hits.rt.block_on(async {
+                    let started = std::time::Instant::now();
+                    for _ in 0..n {
+                        wire.hit().await;
+                    }
+                    started.elapsed()
+                })
+            })
+        });
     }
     group.finish();
+}
+
+/// One keep-alive HTTP/1 connection to [`Proxy::handle`] behind hyper's server, over an
+/// in-memory pipe; the bench is its client.
+struct Wire {
+    client: tokio::io::DuplexStream,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+}
+
+impl Wire {
+    async fn open(hits: &Hits) -> Wire {
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let (proxy, peer) = (hits.proxy.clone(), hits.peer);
+        let service = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service),
+        );
+        let (_, parts, _) = &hits.requests[0];
+        let mut request = format!("GET {QUERY_URI} HTTP/1.1\r\n").into_bytes();
+        for (name, value) in &parts.headers {
+            request.extend_from_slice(name.as_str().as_bytes());
+            request.extend_from_slice(b": ");
+            request.extend_from_slice(value.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        let mut wire = Wire {
+            client,
+            request,
+            answer: Vec::with_capacity(8192),
+        };
+        let head = wire.hit().await;
+        assert!(
+            head.contains("cache-status: corral; hit; ttl="),
+            "the warmed entry must answer over HTTP/1; got {head}"
+        );
+        wire
+    }
+
+    /// Sends the request and reads its whole answer; returns the answer's head.
+    async fn hit(&mut self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.client
+            .write_all(&self.request)
+            .await
+            .expect("the pipe is open");
+        self.answer.clear();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = self
+                .client
+                .read(&mut chunk)
+                .await
+                .expect("the pipe is open");
+            assert!(n > 0, "the server closed the connection");
+            self.answer.extend_from_slice(&chunk[..n]);
+            let Some(end) = self.answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&self.answer[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a hit declares its length");
+            if self.answer.len() >= end + 4 + length {
+                return head;
+            }
+        }
+    }
 }
 
 fn config() -> Criterion {

@@ -45,7 +45,10 @@
 //! 7. Many keys at once (issue 8): `STAMPEDE_SPREAD_KEYS` (1000) distinct cold keys x 3
 //!    requests spread over the 3 instances, all at once, backend 250 ms: backend calls, p50/p99,
 //!    and for Corral Redis commands per key (the scripts' inner commands included, from
-//!    `INFO commandstats`), script calls per key and Redis CPU per 1000 fills (`INFO cpu`).
+//!    `INFO commandstats`), script calls per key, reads Redis processed per key (its round
+//!    trips as Redis sees them: requests that arrive together on a connection share a read),
+//!    bytes into and out of Redis per key (`INFO stats`) and Redis CPU per 1000 fills
+//!    (`INFO cpu`). Row 8 prints the same.
 //! 8. Cold start (issue 8): a fresh 3-instance Corral fleet, its first burst at once: 1 key x 3,
 //!    then 300 keys x 3.
 //! 9. The budget (issue 20): row 7's burst on the route without a budget and on one with
@@ -68,6 +71,12 @@
 //! with and without its access line, nginx with and without its access log, and the ceiling, in
 //! interleaved rounds; `STAMPEDE_ONLY=hits STAMPEDE_HIT_ROUNDS=1 STAMPEDE_HIT_SECONDS=1` checks it.
 //!
+//! 11. A waiter's release (issue 19): 1 key x 1000 requests, then 1000 keys x 3, over the 3
+//!     instances, backend 1 s: p50/p95/max of each waiter's answer time after its key's leader's
+//!     answer, beside the floor (the same burst again from L1: each answer after its key's
+//!     first); the goal is p95 within the floor's + 5 ms. `STAMPEDE_ONLY=release` runs this row
+//!     alone (see [`release`]).
+//!
 //! For quick runs while developing: `STAMPEDE_BURST` (1000), `STAMPEDE_FAIL_BURST` (200),
 //! `STAMPEDE_HIT_SECONDS` (10), `STAMPEDE_L2_KEYS` (2000). `STAMPEDE_KEEP=1` keeps the run's
 //! directory (configs and every process's log). `STAMPEDE_PEERS=nginx` (comma-separated; empty:
@@ -82,6 +91,8 @@ mod hit_table;
 mod load;
 #[path = "stampede/procs.rs"]
 mod procs;
+#[path = "stampede/release.rs"]
+mod release;
 #[path = "stampede/spread.rs"]
 mod spread;
 #[path = "../tests/support/mod.rs"]
@@ -255,6 +266,18 @@ async fn run() -> Result<(), BoxError> {
         corral_bin.display()
     ));
 
+    if std::env::var("STAMPEDE_ONLY").as_deref() == Ok("release") {
+        let targets: Vec<SocketAddr> = fleet.iter().map(|c| c.addr).collect();
+        step(&format!(
+            "11 release: load average {} at the start",
+            load_at_start
+        ));
+        for line in release::rows(&backend, &targets).await {
+            println!("  {line}");
+        }
+        println!("  load average at the end: {}", procs::loadavg());
+        return Ok(());
+    }
     if budget_only {
         let targets: Vec<SocketAddr> = fleet.iter().map(|c| c.addr).collect();
         step(&format!(

@@ -41,8 +41,8 @@ impl Answer {
     pub fn cache_status(&self) -> HeaderValue {
         // Corral's own 5xx (or one a failed fill shared): no upstream answer stands behind it.
         // (Corral's 4xx refusals of a request never carried a `fwd-status`.)
-        if let Some(kind) = self.response.headers().get(ERROR_KIND)
-            && self.response.status().is_server_error()
+        if self.response.status().is_server_error()
+            && let Some(kind) = self.response.headers().get(ERROR_KIND)
         {
             return self
                 .outcome

@@ -213,12 +213,10 @@ impl Fleet {
         self.hub.waiting_channels()
     }
 
-    /// Writes a fill that holds no lock (a route whose lock scope is `instance`), and indexes its
-    /// tags.
+    /// Writes a fill that holds no lock (a route whose lock scope is `instance`), its tags
+    /// indexed in the same round trip.
     pub async fn put(&self, names: &KeyNames, entry: &Entry) -> Result<(), L2Error> {
-        self.l2.put(names, entry).await?;
-        self.l2.index_tags(names, entry).await;
-        Ok(())
+        self.l2.put(names, entry).await
     }
 
     /// The relay log of streaming fill `id` of a key.

@@ -24,7 +24,11 @@ pub const PROTECTED: [&str; 5] = [
 ];
 
 /// Headers meant for the cache alone, removed from every answer: the upstream's surrogate keys.
-const CACHE_ONLY: [&str; 2] = ["surrogate-key", "cache-tag"];
+/// Names made once: removing by a `&str` parses it first, on every answer.
+const CACHE_ONLY: [HeaderName; 2] = [
+    HeaderName::from_static("surrogate-key"),
+    HeaderName::from_static("cache-tag"),
+];
 
 /// A route's response header rules. Empty by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -27,7 +27,8 @@
 //! key's slot, so the notice is delivered by that shard alone and never crosses the cluster bus,
 //! where a classic PUBLISH would be copied to every node. Only purges, which every instance must
 //! hear, stay on a classic (broadcast) channel. What spans slots is written for it: a tag index is a key of its own (its own slot),
-//! so tags are indexed one pipeline per tag; a purge by tag `DEL`s entries from many slots, which
+//! so tags are indexed one pipeline per tag, sent beside the entry's store (outside a cluster the
+//! store indexes them itself, in its script); a purge by tag `DEL`s entries from many slots, which
 //! redis-rs splits by slot; a purge by route `SCAN`s every master in turn.
 
 use std::future::Future;
@@ -234,6 +235,12 @@ impl L2 {
         self.within(op, budget, cmd.query_async(&mut conn)).await
     }
 
+    /// Whether keys of different hash slots live apart (a cluster): then one script cannot name
+    /// an entry and its tag indexes together.
+    pub fn spans_slots(&self) -> bool {
+        self.conn.spans_slots()
+    }
+
     /// The namespace every Redis name of this fleet starts with.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -303,22 +310,28 @@ impl L2 {
         })
     }
 
-    /// Plain write with no lock, for routes whose lock scope is `instance`.
+    /// Plain write with no lock, for routes whose lock scope is `instance`, with its tag indexes
+    /// in the same round trip (beside it in a cluster, as the fleet's store does).
     pub async fn put(&self, names: &KeyNames, entry: &Entry) -> Result<(), L2Error> {
         let Some(ttl) = entry.times.remaining(now_ms()) else {
             return Ok(());
         };
         let mut conn = self.conn.clone();
-        self.bounded(
-            "SET",
-            redis::cmd("SET")
-                .arg(&names.entry)
-                .arg(entry.encode().as_ref())
-                .arg("PX")
-                .arg(millis(ttl))
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&names.entry)
+            .arg(entry.encode().as_ref())
+            .arg("PX")
+            .arg(millis(ttl))
+            .ignore();
+        if self.conn.spans_slots() {
+            let set = self.bounded("SET", pipe.query_async::<()>(&mut conn));
+            return tokio::join!(set, self.index_tags(names, entry)).0;
+        }
+        for tag in &entry.tags {
+            self.index_in(&mut pipe, names, tag, ttl);
+        }
+        self.bounded("SET", pipe.query_async::<()>(&mut conn)).await
     }
 
     /// Whether Redis is considered down (the circuit is open).

@@ -109,3 +109,84 @@ async fn tags_per_answer_are_bounded_by_the_route() {
     assert_eq!(redis.keys("corral:test:#tags: path:*").await.len(), 2);
     assert_eq!(redis.keys("corral:test:*").await.len(), 32 + 2 + 2);
 }
+
+/// The store indexes an entry's tags exactly when it writes the entry: a store refused because a
+/// purge of the key came while the fill ran leaves no index behind (outside a cluster, where one
+/// script writes both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refused_by_a_purge_indexes_no_tag() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/fenced",
+        Reply::status(200)
+            .header("surrogate-key", "fenced-tag")
+            .delay(Duration::from_millis(800)),
+    );
+    let cfg = config(Some(&redis.url()), &route("fenced", &upstream, ""));
+    let entry = entry_name(&cfg, "/fenced/x");
+    let lock = entry.replacen(":{", ":lock:{", 1);
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    let answer = client.spawn_get(url(&fleet[0], "/fenced/x"));
+    upstream.wait_in_flight(1).await;
+    // What a purge of the key on another instance leaves in the lock of a fill under way.
+    let mut conn = redis.conn().await;
+    let fenced: Option<String> = redis::cmd("SET")
+        .arg(&lock)
+        .arg("purged")
+        .arg("XX")
+        .arg("KEEPTTL")
+        .query_async(&mut conn)
+        .await
+        .expect("SET answers");
+    assert_eq!(fenced.as_deref(), Some("OK"), "the fill holds its lock");
+
+    let answer = answer.await.expect("the request's task");
+    assert_eq!(answer.status, 200);
+    // The store ran before the answer's last bytes were sent.
+    assert_eq!(redis.keys(&entry).await, Vec::<String>::new());
+    assert_eq!(
+        redis.keys("corral:test:#tags:*").await,
+        Vec::<String>::new()
+    );
+}
+
+/// A route whose lock scope is `instance` writes its entry plainly, and its tag indexes in the
+/// same pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_scoped_fill_indexes_its_tags_with_its_entry() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    upstream.script(
+        "/alone",
+        Reply::status(200).header("surrogate-key", "alone-tag"),
+    );
+    let cfg = config(
+        Some(&redis.url()),
+        &route("alone", &upstream, "lock = { scope = \"instance\" }"),
+    );
+    let entry = entry_name(&cfg, "/alone/x");
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    let answer = client.get(&url(&fleet[0], "/alone/x"), &[]).await;
+    assert_eq!(answer.status, 200);
+    eventually("the entry is stored", SETTLE, async || {
+        redis.keys(&entry).await.len() == 1
+    })
+    .await;
+    let mut conn = redis.conn().await;
+    for index in [
+        "corral:test:#tags:alone-tag",
+        "corral:test:#tags: path:/alone/x",
+    ] {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(index)
+            .query_async(&mut conn)
+            .await
+            .expect("SMEMBERS answers");
+        assert_eq!(members, vec![entry.clone()], "{index}");
+    }
+}

@@ -40,6 +40,12 @@ pub struct RedisCost {
     pub scripts_per_key: f64,
     /// Redis CPU (user + sys) per 1000 fills, in ms.
     pub cpu_ms_per_1000: f64,
+    /// Reads Redis processed per key (`total_reads_processed`): the round trips as Redis sees
+    /// them — requests that reach it together on one connection share a read.
+    pub reads_per_key: f64,
+    /// Bytes into and out of Redis per key (`total_net_input_bytes`, `total_net_output_bytes`).
+    pub bytes_in_per_key: f64,
+    pub bytes_out_per_key: f64,
 }
 
 /// Sends `keys` x [`PER_KEY`] GETs all at once over `targets`; counts the backend's calls for
@@ -73,7 +79,8 @@ pub async fn burst_under(
     let before = match redis {
         Some(redis) => {
             redis.reset_stats().await;
-            Some(cpu_seconds(&mut redis.conn().await).await?)
+            let mut conn = redis.conn().await;
+            Some((cpu_seconds(&mut conn).await?, net_stats(&mut conn).await?))
         }
         None => None,
     };
@@ -118,12 +125,17 @@ pub async fn burst_under(
                 .filter(|(name, _)| name.starts_with("eval"))
                 .map(|(_, calls)| calls)
                 .sum();
-            let cpu = cpu_seconds(&mut redis.conn().await).await? - before;
+            let mut conn = redis.conn().await;
+            let cpu = cpu_seconds(&mut conn).await? - before.0;
+            let net = net_stats(&mut conn).await?;
             let per_key = |n: u64| n as f64 / keys.max(1) as f64;
             Some(RedisCost {
                 commands_per_key: per_key(data),
                 scripts_per_key: per_key(scripts),
                 cpu_ms_per_1000: cpu * 1000.0 * 1000.0 / keys.max(1) as f64,
+                reads_per_key: per_key(net[0].saturating_sub(before.1[0])),
+                bytes_in_per_key: per_key(net[1].saturating_sub(before.1[1])),
+                bytes_out_per_key: per_key(net[2].saturating_sub(before.1[2])),
             })
         }
         _ => None,
@@ -154,12 +166,36 @@ async fn cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> Result<f64
         .sum())
 }
 
+/// Redis's reads processed and bytes in and out so far (`INFO stats`).
+async fn net_stats(conn: &mut redis::aio::MultiplexedConnection) -> Result<[u64; 3], BoxError> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
+    let mut stats = [0; 3];
+    for line in info.lines() {
+        let Some((name, value)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let slot = match name {
+            "total_reads_processed" => 0,
+            "total_net_input_bytes" => 1,
+            "total_net_output_bytes" => 2,
+            _ => continue,
+        };
+        stats[slot] = value.parse().unwrap_or(0);
+    }
+    Ok(stats)
+}
+
 /// One line of the report for a spread burst.
 pub fn summary(s: &Spread) -> String {
     let redis = match &s.redis {
         Some(r) => format!(
-            "; Redis: {:.1} commands/key (scripts' inner commands included), {:.2} script calls/key, {:.0} ms CPU per 1000 fills",
-            r.commands_per_key, r.scripts_per_key, r.cpu_ms_per_1000
+            "; Redis: {:.1} commands/key (scripts' inner commands included), {:.2} script calls/key, {:.1} reads/key (round trips as Redis sees them), {:.0} B in and {:.0} B out per key, {:.0} ms CPU per 1000 fills",
+            r.commands_per_key,
+            r.scripts_per_key,
+            r.reads_per_key,
+            r.bytes_in_per_key,
+            r.bytes_out_per_key,
+            r.cpu_ms_per_1000
         ),
         None => String::new(),
     };

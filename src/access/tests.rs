@@ -133,3 +133,38 @@ fn numbers_are_written_whole() {
         "0 7 10 404 18446744073709551615 000005"
     );
 }
+
+#[test]
+fn client_addresses_are_written_as_display_writes_them() {
+    for addr in [
+        "127.0.0.1:40000",
+        "0.0.0.0:1",
+        "255.255.255.255:65535",
+        "[::1]:8080",
+    ] {
+        let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+        let mut buf = Vec::new();
+        socket_addr(&mut buf, &addr);
+        assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
+    }
+}
+
+#[test]
+fn timestamps_in_one_second_and_the_next_are_each_right() {
+    let base = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_323_045_678_901);
+    let mut buf = Vec::new();
+    for at in [
+        base,
+        base + Duration::from_micros(100),
+        base + Duration::from_secs(1),
+        base + Duration::from_secs(86_400),
+    ] {
+        timestamp(&mut buf, at);
+        buf.push(b' ');
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&buf),
+        "2026-01-02T03:04:05.678901Z 2026-01-02T03:04:05.679001Z 2026-01-02T03:04:06.678901Z \
+         2026-01-03T03:04:05.678901Z "
+    );
+}

@@ -202,8 +202,8 @@ impl FillLock {
             .send_replace(Instant::now() + self.terms.max_hold);
     }
 
-    /// Stores the entry under the lock, releases it and wakes the waiters; then indexes its
-    /// tags, when it was written.
+    /// Stores the entry under the lock (its tags indexed in the same round trip), releases it and
+    /// wakes the waiters.
     pub async fn store(mut self, entry: &Entry) -> Result<StoreOutcome, L2Error> {
         self.watchdog.finishing();
         self.done = true;
@@ -211,13 +211,9 @@ impl FillLock {
         let (l2, names, token) = (&self.l2, &self.names, &self.token);
         let outcome = scripts::store(l2, names, token, entry, by.as_ref(), self.terms.budget).await;
         self.watchdog.stop();
-        match outcome {
-            Ok(StoreOutcome::Stored | StoreOutcome::StoredUnlocked) => {
-                self.l2.index_tags(&self.names, entry).await;
-            }
-            Ok(_) => {}
+        if outcome.is_err() {
             // The store may not have run: do not leave the waiters for the lease.
-            Err(_) => self.release_in_background(Notice::Failed(None)),
+            self.release_in_background(Notice::Failed(None));
         }
         outcome
     }

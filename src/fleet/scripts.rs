@@ -23,12 +23,24 @@ use crate::trace::FillRef;
 /// followed by the entry itself when ARGV[5] is 1, so waiters need no read — all in one round
 /// trip. A lock a purge marked (ARGV[6]) is released with the notice ARGV[9] (`failed`) and
 /// nothing is written. ARGV[7] is the publishing command: `SPUBLISH` in a cluster, else `PUBLISH`.
+///
+/// KEYS[3..] are the entry's tag indexes (none in a cluster, where they live in other slots):
+/// each gets the entry's name, and lives at least as long as the entry, exactly when the entry is
+/// written — so a stored entry is never unindexed, and a refused store indexes nothing.
 const STORE: &str = r"
 local notice = ARGV[8]
 if ARGV[5] == '1' then notice = notice .. ARGV[2] end
+local function index()
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], KEYS[1])
+    redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
+    redis.call('PEXPIRE', KEYS[i], ARGV[3], 'GT')
+  end
+end
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  index()
   redis.call('DEL', KEYS[2])
   redis.call(ARGV[7], ARGV[4], notice)
   return 1
@@ -38,6 +50,7 @@ elseif holder == ARGV[6] then
   return 3
 elseif not holder then
   if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
+    index()
     redis.call(ARGV[7], ARGV[4], notice)
     return 2
   end
@@ -214,7 +227,11 @@ pub(super) async fn release(
 }
 
 /// Token-checked write of a filled entry; see [`StoreOutcome`]. `by`: the fill's span, when one
-/// is recorded (waiters elsewhere link to it).
+/// is recorded (waiters elsewhere link to it). Indexes its tags too, in the same round trip:
+/// inside the script outside a cluster (only when the entry is written); in a cluster, where the
+/// indexes live in other slots, by pipelines sent beside the script (a store that is then refused
+/// leaves index members behind: a purge by that tag deletes the key's next entry too, at most one
+/// extra miss).
 pub(super) async fn store(
     l2: &L2,
     names: &KeyNames,
@@ -229,8 +246,14 @@ pub(super) async fn store(
     let encoded = entry.encode();
     let with_entry = encoded.len() <= MAX_NOTICE_ENTRY;
     let mut call = scripts().store.key(&names.entry);
-    call.key(&names.lock)
-        .arg(token)
+    call.key(&names.lock);
+    let apart = l2.spans_slots();
+    if !apart {
+        for tag in &entry.tags {
+            call.key(l2.tag_index(tag));
+        }
+    }
+    call.arg(token)
         .arg(encoded.as_ref())
         .arg(millis(ttl))
         .arg(&names.channel)
@@ -239,7 +262,12 @@ pub(super) async fn store(
         .arg(l2.publish_command())
         .arg(Notice::stored_prefix(by, with_entry).as_ref())
         .arg(Notice::Failed(None).payload().as_ref());
-    let n: i64 = l2.invoke("store", budget, &call).await?;
+    let store = l2.invoke("store", budget, &call);
+    let n: i64 = if apart {
+        tokio::join!(store, l2.index_tags(names, entry)).0?
+    } else {
+        store.await?
+    };
     Ok(match n {
         1 => StoreOutcome::Stored,
         2 => StoreOutcome::StoredUnlocked,

@@ -98,6 +98,12 @@ impl Connection {
         }
     }
 
+    /// Whether keys of different hash slots live apart (a cluster): then one script or pipeline
+    /// cannot name an entry and its tag indexes together.
+    pub(crate) fn spans_slots(&self) -> bool {
+        matches!(self, Connection::Cluster(_))
+    }
+
     /// Where a `SCAN` over every key must run: the server, or each master of the cluster (from
     /// `CLUSTER SLOTS`, the same map redis-rs routes by, so the addresses match its connections).
     pub(crate) async fn scan_targets(&mut self) -> RedisResult<Vec<ScanTarget>> {

@@ -17,7 +17,8 @@ use crate::purge::{Mode, Purge, PurgeOrder};
 
 impl L2 {
     /// Indexes a stored entry under its tags, each index living as long as its longest entry.
-    /// Best effort: a failure is logged, and only purge-by-tag misses that entry.
+    /// Best effort: a failure is logged, and only purge-by-tag misses that entry. Used where the
+    /// indexes cannot go with the entry's own write (a cluster; see `fleet/scripts.rs` and [`L2::put`]).
     ///
     /// One pipeline per tag, sent together: each index is a key of its own, and in a cluster a
     /// pipeline must stay within one slot.
@@ -26,17 +27,8 @@ impl L2 {
             return;
         };
         let pipes = entry.tags.iter().map(|tag| {
-            let index = self.tag_index(tag);
             let mut pipe = redis::pipe();
-            pipe.cmd("SADD").arg(&index).arg(&names.entry).ignore();
-            // A new set has no TTL: NX gives it one; GT only ever lengthens it.
-            for flag in ["NX", "GT"] {
-                pipe.cmd("PEXPIRE")
-                    .arg(&index)
-                    .arg(millis(ttl))
-                    .arg(flag)
-                    .ignore();
-            }
+            self.index_in(&mut pipe, names, tag, ttl);
             let mut conn = self.conn.clone();
             async move { pipe.query_async::<()>(&mut conn).await }
         });
@@ -46,6 +38,26 @@ impl L2 {
         }
         if let Err(err) = self.bounded("tag index", try_join_all(pipes)).await {
             tracing::warn!(key = %names.entry, %err, "could not index the entry's tags");
+        }
+    }
+
+    /// Adds to `pipe` the commands that index the entry of `names` under `tag` for `ttl`.
+    pub(super) fn index_in(
+        &self,
+        pipe: &mut redis::Pipeline,
+        names: &KeyNames,
+        tag: &str,
+        ttl: std::time::Duration,
+    ) {
+        let index = self.tag_index(tag);
+        pipe.cmd("SADD").arg(&index).arg(&names.entry).ignore();
+        // A new set has no TTL: NX gives it one; GT only ever lengthens it.
+        for flag in ["NX", "GT"] {
+            pipe.cmd("PEXPIRE")
+                .arg(&index)
+                .arg(millis(ttl))
+                .arg(flag)
+                .ignore();
         }
     }
 

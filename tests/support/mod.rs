@@ -28,6 +28,8 @@
 //!   instance cannot take (SIGKILL, SIGSTOP, SIGTERM); [`signal`] sends those to both fixtures.
 //! - [`streaming`]: an upstream whose body the test writes event by event, readers that read
 //!   frame by frame, and [`streaming::StreamingFleet`], for the streaming-fill tests.
+//! - [`tap`]: [`Tap`], a relay in front of a Redis that counts each connection's round trips,
+//!   commands and bytes at the wire, for the tests that pin what a miss costs in Redis.
 //! - [`wait`]: [`eventually`], polling for what a test cannot be told about, within a bound.
 //! - [`port`]: [`free_port`], for processes that must be told their port.
 //!
@@ -51,6 +53,7 @@ pub mod redis;
 pub mod sentinel;
 pub mod signal;
 pub mod streaming;
+pub mod tap;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
@@ -64,6 +67,7 @@ pub use self::port::free_port;
 pub use self::process::CorralProcess;
 pub use self::redis::{CommandStats, RedisServer};
 pub use self::sentinel::RedisSentinel;
+pub use self::tap::{Tap, Turn};
 pub use self::tls::{Leaf, NodeTls, Pki};
 pub use self::topology::{Deployment, Topology};
 pub use self::upstream::{Reply, Upstream};
