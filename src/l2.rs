@@ -186,8 +186,8 @@ impl L2 {
         self.within("warm up", budget, load).await
     }
 
-    /// Runs a script within `budget` (patient while Redis shows signs of life, as every lock decision is): how the fleet protocol's decisions
-    /// reach Redis.
+    /// Runs a script within `budget`, patient while Redis shows signs of life as every lock
+    /// decision is: how the fleet protocol's decisions reach Redis.
     pub async fn invoke<T: FromRedisValue>(
         &self,
         op: &'static str,

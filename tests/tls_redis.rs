@@ -113,17 +113,7 @@ async fn a_stampede_through_https_and_rediss_makes_one_upstream_call() {
     let fleet = start(3, &cfg).await;
     let client = Client::new();
     let answers = spread(&client, &fleet, "/recommend?segment=tls", 300).await;
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the fleet called the upstream more than once"
-    );
-    assert!(
-        answers.iter().all(|r| r.status == 200),
-        "every request answered 200"
-    );
-    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
-    assert_eq!(bodies.len(), 1, "every request got the same body");
+    one_call_answered_everyone(&answers, &upstream);
     let stats = redis.commandstats().await;
     assert_eq!(stats.calls("publish"), 1, "{stats:?}");
     for instance in fleet {
@@ -198,17 +188,7 @@ async fn a_stampede_behind_tls_sentinels_makes_one_upstream_call() {
     // Step 2: a stampede over the three instances makes one upstream call.
     let client = Client::new();
     let answers = spread(&client, &fleet, "/recommend?segment=sentinel-tls", 300).await;
-    assert!(
-        answers.iter().all(|r| r.status == 200),
-        "every request answered 200"
-    );
-    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
-    assert_eq!(bodies.len(), 1, "every request got the same body");
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the fleet called the upstream more than once"
-    );
+    one_call_answered_everyone(&answers, &upstream);
     for instance in &fleet {
         assert!(!instance.proxy().degraded(), "Redis is reachable over TLS");
     }
@@ -251,17 +231,7 @@ async fn a_stampede_on_a_tls_cluster_makes_one_upstream_call() {
     let client = Client::new();
     let path = "/recommend?segment=cluster-tls";
     let answers = spread(&client, &fleet, path, 300).await;
-    assert!(
-        answers.iter().all(|r| r.status == 200),
-        "every request answered 200"
-    );
-    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
-    assert_eq!(bodies.len(), 1, "every request got the same body");
-    assert_eq!(
-        upstream.calls(),
-        1,
-        "the fleet called the upstream more than once"
-    );
+    one_call_answered_everyone(&answers, &upstream);
     assert_eq!(
         cluster.keys("corral:test:recommend:*").await.len(),
         1,
@@ -274,4 +244,19 @@ async fn a_stampede_on_a_tls_cluster_makes_one_upstream_call() {
         );
         instance.shutdown().await;
     }
+}
+
+/// Every answer of a stampede is a 200 with the same body, from one upstream call.
+fn one_call_answered_everyone(answers: &[support::Resp], upstream: &Upstream) {
+    assert!(
+        answers.iter().all(|r| r.status == 200),
+        "every request answered 200"
+    );
+    let bodies: HashSet<_> = answers.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(bodies.len(), 1, "every request got the same body");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "the fleet called the upstream more than once"
+    );
 }

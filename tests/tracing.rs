@@ -414,21 +414,11 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
     // Step 3: B's requests link to A's fill span.
     shut_down(&mut a).await;
     shut_down(&mut b).await;
-    let spans = collector.spans();
-    let fill = one(&spans, "corral-a", "fill", &leader_trace);
-    for trace in &waiter_traces {
-        let request = one(&spans, "corral-b", "request", trace);
-        assert!(
-            links_to(request, fill),
-            "B's request {trace} links to A's fill: {request:#?}"
-        );
-    }
-    // B ran no fill of its own.
-    assert!(
-        !spans
-            .iter()
-            .any(|r| r.service == "corral-b" && r.span.name == "fill"),
-        "B did not fill"
+    b_links_to_a_fill(
+        &collector.spans(),
+        &leader_trace,
+        &waiter_traces,
+        "the notice",
     );
 }
 
@@ -540,20 +530,11 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
     // Step 4: B's requests link to A's fill span, learnt from the log's head.
     shut_down(&mut a).await;
     shut_down(&mut b).await;
-    let spans = collector.spans();
-    let fill = one(&spans, "corral-a", "fill", &leader_trace);
-    for trace in &waiter_traces {
-        let request = one(&spans, "corral-b", "request", trace);
-        assert!(
-            links_to(request, fill),
-            "B's request {trace} links to A's fill through the relay log: {request:#?}"
-        );
-    }
-    assert!(
-        !spans
-            .iter()
-            .any(|r| r.service == "corral-b" && r.span.name == "fill"),
-        "B did not fill"
+    b_links_to_a_fill(
+        &collector.spans(),
+        &leader_trace,
+        &waiter_traces,
+        "the relay log",
     );
 }
 
@@ -623,4 +604,23 @@ fn a_bad_telemetry_table_names_its_line_and_field() {
     let off = corral::Config::parse(route, std::path::Path::new("corral.toml"))
         .unwrap_or_else(|err| panic!("{err}"));
     assert!(off.telemetry.is_none(), "off by default");
+}
+
+/// Each of B's requests (by trace) links to A's one fill span (of the leader's trace), learnt
+/// through `how`, and B ran no fill of its own.
+fn b_links_to_a_fill(spans: &[Received], leader_trace: &str, waiter_traces: &[String], how: &str) {
+    let fill = one(spans, "corral-a", "fill", leader_trace);
+    for trace in waiter_traces {
+        let request = one(spans, "corral-b", "request", trace);
+        assert!(
+            links_to(request, fill),
+            "B's request {trace} links to A's fill through {how}: {request:#?}"
+        );
+    }
+    assert!(
+        !spans
+            .iter()
+            .any(|r| r.service == "corral-b" && r.span.name == "fill"),
+        "B did not fill"
+    );
 }
