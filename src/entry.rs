@@ -40,6 +40,11 @@ pub struct Entry {
     /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`). `Age`, when present, is
     /// the upstream's: the entry's age when it was stored.
     pub headers: HeaderMap,
+    /// Whether `headers` hold a field that never reaches a client (`Corral-Cache-Control`,
+    /// `Surrogate-Key`, `Cache-Tag`): they stay stored, since revalidation, soft purges and tags
+    /// read them, and an answer removes them only when this says they are there. Made with the
+    /// headers ([`crate::header_rules::holds_corral_only`]); `true` is always safe.
+    pub corral_only: bool,
     pub body: Bytes,
     pub times: Lifetime,
     /// How long the fill took (upstream call), kept for early-refresh decisions.
@@ -158,6 +163,7 @@ pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
     let now = now_ms();
     Entry {
         status,
+        corral_only: crate::header_rules::holds_corral_only(&headers),
         headers,
         body: Bytes::from(generic_body(status)),
         times: Lifetime {
@@ -222,6 +228,7 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("2"));
         Entry {
             status: StatusCode::OK,
+            corral_only: false,
             headers,
             body: Bytes::from_static(b"{\"ad\":42}"),
             times: Lifetime {

@@ -63,6 +63,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     let vary = crate::vary::recorded(&answer.headers, &answer.sent);
     let entry = Entry {
         status: answer.status,
+        corral_only: crate::header_rules::holds_corral_only(&headers),
         headers,
         body: answer.body,
         times,

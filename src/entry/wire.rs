@@ -180,6 +180,7 @@ impl Entry {
         let body = raw.slice(r.pos..);
         Ok(Entry {
             status,
+            corral_only: crate::header_rules::holds_corral_only(&headers),
             headers,
             body,
             times,
