@@ -33,6 +33,12 @@ pub use wire::{DecodeError, LIFETIME_AT, LIFETIME_LEN};
 /// no more memory than the budget allows; an entry nobody asks for is evicted first.
 pub const KEPT_FOR_REVALIDATION: Duration = Duration::from_secs(600);
 
+/// Header fields an answer from an entry adds to the stored ones: `Age` and `Cache-Status`. A
+/// stored header map's table is made with room for them, so that a hit's copy (which keeps the
+/// table's size) takes them without growing: a grow rehashes every field, ~0.5k instructions a
+/// hit.
+pub const ANSWER_FIELDS: usize = 2;
+
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -85,6 +91,12 @@ impl Entry {
         } else {
             end
         }
+    }
+
+    /// Whether L1 still keeps the entry at `now`: [`Entry::kept_until`] is later, asked without
+    /// looking for a validator while the entry is still usable.
+    pub fn kept_at(&self, now: u64) -> bool {
+        self.times.stale_until() > now || self.kept_until() > now
     }
 
     /// Time L1 still keeps the entry from `now` (see [`Entry::kept_until`]), or `None`.
