@@ -100,6 +100,7 @@ fn sample_entry() -> Entry {
     let day = 24 * 3600 * 1000;
     Entry {
         status: StatusCode::OK,
+        corral_only: false,
         headers,
         body: Bytes::from(vec![b'x'; 2048]),
         times: Lifetime {

@@ -390,8 +390,15 @@ fn socket_addr(buf: &mut Vec<u8>, addr: &std::net::SocketAddr) {
     }
 }
 
-/// `n` in decimal.
+/// `n` in decimal; up to three digits by a fixed-size copy (a run-time length calls `memcpy`).
 fn decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let digit = |n: u64| b'0' + (n % 10) as u8;
+    match n {
+        0..=9 => return buf.push(digit(n)),
+        10..=99 => return buf.extend_from_slice(&[digit(n / 10), digit(n)]),
+        100..=999 => return buf.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]),
+        _ => {}
+    }
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -25,6 +26,10 @@ pub struct Answer {
     /// The status the upstream gave, when Corral answered with another (a 304 or 206 it made
     /// itself); `None`: the response's own.
     pub fwd_status: Option<StatusCode>,
+    /// Whether the response may hold a field that never reaches a client (`Corral-Cache-Control`,
+    /// `Surrogate-Key`, `Cache-Tag`), which the way out then removes: `true` unless the answer
+    /// comes from an entry known to hold none ([`Entry::corral_only`]).
+    pub corral_only: bool,
 }
 
 impl Answer {
@@ -34,6 +39,7 @@ impl Answer {
             response,
             ttl: None,
             fwd_status: None,
+            corral_only: true,
         }
     }
 
@@ -214,13 +220,64 @@ pub fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);
     if outcome.is_hit() {
-        headers.insert(header::AGE, HeaderValue::from(entry.age_secs(now)));
+        headers.insert(header::AGE, age_value(entry.age_secs(now)));
     }
     let mut answer = Answer::new(outcome, resp);
     if outcome.is_hit() {
         answer.ttl = Some(entry.ttl_secs(now));
     }
+    answer.corral_only = entry.corral_only;
     answer
+}
+
+/// Ages below this many seconds are served from [`AGE_DIGITS`].
+const AGES: usize = 10_000;
+
+/// The decimal digits of every age below [`AGES`], one after the other (`0…910111213…`): an
+/// `Age` value is a static slice of it, where formatting one would allocate on every hit.
+static AGE_DIGITS: [u8; AGE_DIGITS_LEN] = age_digits();
+const AGE_DIGITS_LEN: usize = 10 + 90 * 2 + 900 * 3 + 9_000 * 4;
+
+const fn age_digits() -> [u8; AGE_DIGITS_LEN] {
+    let mut out = [0u8; AGE_DIGITS_LEN];
+    let (mut n, mut at) = (0, 0);
+    while n < AGES {
+        let (start, len) = age_slot(n);
+        let (mut i, mut rest) = (len, n);
+        while i > 0 {
+            i -= 1;
+            out[start + i] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        at += len;
+        n += 1;
+    }
+    assert!(at == AGE_DIGITS_LEN);
+    out
+}
+
+/// Where `n`'s digits start in [`AGE_DIGITS`], and how many there are (`n` below [`AGES`]).
+const fn age_slot(n: usize) -> (usize, usize) {
+    match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + 2 * (n - 10), 2),
+        100..=999 => (190 + 3 * (n - 100), 3),
+        _ => (2_890 + 4 * (n - 1_000), 4),
+    }
+}
+
+/// An `Age` value: a slice of [`AGE_DIGITS`] for the common ages, no allocation.
+fn age_value(secs: u64) -> HeaderValue {
+    if let Ok(n) = usize::try_from(secs)
+        && n < AGES
+    {
+        let (start, len) = age_slot(n);
+        let digits = Bytes::from_static(&AGE_DIGITS[start..start + len]);
+        if let Ok(value) = HeaderValue::from_maybe_shared(digits) {
+            return value;
+        }
+    }
+    HeaderValue::from(secs)
 }
 
 /// An answer meant for one requester only.
@@ -244,5 +301,13 @@ mod tests {
         // The next second opens a new budget, and its first line says how many were dropped.
         assert_eq!(budget.allow(101), Some(7));
         assert_eq!(budget.allow(101), Some(0));
+    }
+
+    #[test]
+    fn an_age_reads_as_its_number_whether_from_the_table_or_formatted() {
+        let edges = [AGES as u64, AGES as u64 + 1, 99_999, u64::MAX];
+        for secs in (0..AGES as u64).chain(edges) {
+            assert_eq!(age_value(secs), HeaderValue::from(secs), "{secs}");
+        }
     }
 }

@@ -83,6 +83,7 @@ impl Conditions {
             mut response,
             ttl,
             fwd_status,
+            corral_only,
         } = answer;
         let original = response.status();
         let body = match response.body_mut() {
@@ -115,6 +116,8 @@ impl Conditions {
             response,
             ttl,
             fwd_status: fwd_status.or(changed.then_some(original)),
+            // What it makes of the response only removes fields, or keeps a few validators.
+            corral_only,
         }
     }
 

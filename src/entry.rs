@@ -33,6 +33,12 @@ pub use wire::{DecodeError, LIFETIME_AT, LIFETIME_LEN};
 /// no more memory than the budget allows; an entry nobody asks for is evicted first.
 pub const KEPT_FOR_REVALIDATION: Duration = Duration::from_secs(600);
 
+/// Header fields an answer from an entry adds to the stored ones: `Age` and `Cache-Status`. A
+/// stored header map's table is made with room for them, so that a hit's copy (which keeps the
+/// table's size) takes them without growing: a grow rehashes every field, ~0.5k instructions a
+/// hit.
+pub const ANSWER_FIELDS: usize = 2;
+
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -40,6 +46,11 @@ pub struct Entry {
     /// End-to-end headers worth keeping (no hop-by-hop, no `Set-Cookie`). `Age`, when present, is
     /// the upstream's: the entry's age when it was stored.
     pub headers: HeaderMap,
+    /// Whether `headers` hold a field that never reaches a client (`Corral-Cache-Control`,
+    /// `Surrogate-Key`, `Cache-Tag`): they stay stored, since revalidation, soft purges and tags
+    /// read them, and an answer removes them only when this says they are there. Made with the
+    /// headers ([`crate::header_rules::holds_corral_only`]); `true` is always safe.
+    pub corral_only: bool,
     pub body: Bytes,
     pub times: Lifetime,
     /// How long the fill took (upstream call), kept for early-refresh decisions.
@@ -80,6 +91,12 @@ impl Entry {
         } else {
             end
         }
+    }
+
+    /// Whether L1 still keeps the entry at `now`: [`Entry::kept_until`] is later, asked without
+    /// looking for a validator while the entry is still usable.
+    pub fn kept_at(&self, now: u64) -> bool {
+        self.times.stale_until() > now || self.kept_until() > now
     }
 
     /// Time L1 still keeps the entry from `now` (see [`Entry::kept_until`]), or `None`.
@@ -158,6 +175,7 @@ pub fn error_entry(status: StatusCode, kind: &'static str) -> Entry {
     let now = now_ms();
     Entry {
         status,
+        corral_only: crate::header_rules::holds_corral_only(&headers),
         headers,
         body: Bytes::from(generic_body(status)),
         times: Lifetime {
@@ -222,6 +240,7 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("2"));
         Entry {
             status: StatusCode::OK,
+            corral_only: false,
             headers,
             body: Bytes::from_static(b"{\"ad\":42}"),
             times: Lifetime {

@@ -14,6 +14,8 @@
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
+use crate::cache_control::CORRAL_CACHE_CONTROL;
+
 /// Headers no rule may remove or set: they frame the message, or are Corral's account of it.
 pub const PROTECTED: [&str; 5] = [
     "content-length",
@@ -62,6 +64,21 @@ pub fn strip_cache_only(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `headers` hold a field that never reaches a client: Corral's own
+/// `Corral-Cache-Control` or a cache-only one. Entries keep them (revalidation, soft purges and
+/// tags read them), so an entry records this once and answers from it skip
+/// [`strip_corral_only`] when it is `false`.
+pub fn holds_corral_only(headers: &HeaderMap) -> bool {
+    headers.contains_key(CORRAL_CACHE_CONTROL) || CACHE_ONLY.iter().any(|n| headers.contains_key(n))
+}
+
+/// Removes every field that never reaches a client: `Corral-Cache-Control` and the cache-only
+/// ones ([`strip_cache_only`]).
+pub fn strip_corral_only(headers: &mut HeaderMap) {
+    headers.remove(CORRAL_CACHE_CONTROL);
+    strip_cache_only(headers);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +112,19 @@ mod tests {
         headers.insert("etag", HeaderValue::from_static("\"x\""));
         strip_cache_only(&mut headers);
         assert_eq!(headers.len(), 1);
+    }
+
+    #[test]
+    fn corral_only_fields_are_found_and_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert("etag", HeaderValue::from_static("\"x\""));
+        assert!(!holds_corral_only(&headers));
+        for name in ["corral-cache-control", "surrogate-key", "cache-tag"] {
+            let mut with = headers.clone();
+            with.insert(name, HeaderValue::from_static("max-age=1"));
+            assert!(holds_corral_only(&with), "{name}");
+            strip_corral_only(&mut with);
+            assert_eq!(with, headers, "{name}");
+        }
     }
 }

@@ -51,7 +51,7 @@ impl L1 {
     pub async fn get(&self, key: &CacheKey, now: u64) -> Option<Arc<Entry>> {
         let cached = self.cache.get(key).await?;
         // moka's expiry has its own clock granularity; the entry's own wall-clock bound decides.
-        (cached.entry.kept_until() > now).then_some(cached.entry)
+        cached.entry.kept_at(now).then_some(cached.entry)
     }
 
     /// Stores an entry of `route` for as long as it is kept ([`Entry::kept_until`]); an entry

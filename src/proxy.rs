@@ -19,7 +19,6 @@ use crate::access::AccessLine;
 use crate::answer::{Answer, CACHE_STATUS, ProxyError};
 use crate::body::ProxyBody;
 use crate::budget::Budgets;
-use crate::cache_control::CORRAL_CACHE_CONTROL;
 use crate::caps::Caps;
 use crate::coalesce::Coalescer;
 use crate::conditional::Conditions;
@@ -253,6 +252,7 @@ impl Proxy {
         let Answer {
             outcome,
             mut response,
+            corral_only,
             ..
         } = answer;
         let took = started.elapsed();
@@ -262,9 +262,11 @@ impl Proxy {
         let headers = response.headers_mut();
         headers.insert(CACHE_STATUS, cache_status);
         // Corral's own directives and the upstream's purge tags never leave Corral, whatever
-        // path the answer took; then the route's own rules.
-        headers.remove(CORRAL_CACHE_CONTROL);
-        crate::header_rules::strip_cache_only(headers);
+        // path the answer took (an answer from an entry that holds none skips the look); then
+        // the route's own rules.
+        if corral_only {
+            crate::header_rules::strip_corral_only(headers);
+        }
         if let Some(i) = route {
             self.router.routes()[i].response_headers.apply(headers);
         }

@@ -85,14 +85,16 @@ pub(crate) fn renewed(
     }
     let now = now_ms();
     let (times, storable) = lifetime(route, stale.status, &merged, now);
+    let headers = compact(&merged);
     let entry = Entry {
         status: stale.status,
+        corral_only: crate::header_rules::holds_corral_only(&headers),
         // The upstream's tags as it sends them now; the path's, as the path, stay.
         tags: surrogate_keys(&merged, route)
             .into_iter()
             .chain(stale.tags.iter().filter(|t| is_path_tag(t)).cloned())
             .collect(),
-        headers: compact(&merged),
+        headers,
         body: stale.body.clone(),
         times,
         fill_ms,
@@ -140,6 +142,7 @@ mod tests {
         }
         Entry {
             status: StatusCode::OK,
+            corral_only: crate::header_rules::holds_corral_only(&headers),
             headers,
             body: Bytes::from_static(b"stored body"),
             times: Lifetime {

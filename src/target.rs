@@ -38,8 +38,14 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<(), TargetError> {
         req.headers_mut().insert(header::HOST, host);
     }
     let raw = req.uri().path();
-    // Most paths are already normal: no percent-encoding, no dot segment, no backslash.
-    if !raw.contains(['%', '\\']) && !raw.contains("/.") {
+    // Most paths are already normal: no percent-encoding, no dot segment, no backslash. One
+    // pass over the bytes (a substring search sets up a searcher first, ~0.4k instructions).
+    let bytes = raw.as_bytes();
+    let plain = bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b != b'%' && b != b'\\' && !(b == b'.' && i > 0 && bytes[i - 1] == b'/'));
+    if plain {
         return Ok(());
     }
     let path = normalize_path(raw)?;

@@ -20,7 +20,7 @@ use http::{Response, StatusCode};
 use crate::body::ProxyBody;
 use crate::cache_control::Directives;
 use crate::config::RouteConfig;
-use crate::entry::{Entry, Lifetime, now_ms, upstream_age_secs};
+use crate::entry::{ANSWER_FIELDS, Entry, Lifetime, now_ms, upstream_age_secs};
 use crate::upstream::Buffered;
 
 /// What the upstream's answer allows.
@@ -63,6 +63,7 @@ pub(crate) fn judge(route: &RouteConfig, answer: Buffered, fill_ms: u32) -> Verd
     let vary = crate::vary::recorded(&answer.headers, &answer.sent);
     let entry = Entry {
         status: answer.status,
+        corral_only: crate::header_rules::holds_corral_only(&headers),
         headers,
         body: answer.body,
         times,
@@ -231,13 +232,15 @@ fn vary_star(headers: &HeaderMap) -> bool {
 /// (measured: ~11 KiB of memory per 2 KiB entry, far past the L1 byte budget). The upstream's `Age`
 /// is kept (it is the entry's age when stored); Corral-only fields are not.
 pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
-    let mut kept = HeaderMap::with_capacity(headers.len());
+    let mut kept = HeaderMap::with_capacity(headers.len() + ANSWER_FIELDS);
     for (name, value) in headers {
         let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         owned.set_sensitive(value.is_sensitive());
         kept.append(name.clone(), owned);
     }
-    kept
+    // A copy keeps the table's room for an answer's fields (`ANSWER_FIELDS`) and holds the
+    // fields in a list of their own size: what is stored costs no spare buckets.
+    kept.clone()
 }
 
 /// Longest tag indexed; longer ones are dropped (each would be a Redis key of that length).

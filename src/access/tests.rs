@@ -132,6 +132,11 @@ fn numbers_are_written_whole() {
         String::from_utf8_lossy(&buf),
         "0 7 10 404 18446744073709551615 000005"
     );
+    for n in (0..100_000).chain([u64::MAX - 1, u64::MAX]) {
+        buf.clear();
+        decimal(&mut buf, n);
+        assert_eq!(buf, n.to_string().as_bytes(), "{n}");
+    }
 }
 
 #[test]

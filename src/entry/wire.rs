@@ -133,8 +133,10 @@ impl Entry {
         if n_headers > r.remaining() / MIN_HEADER_BYTES {
             return Err(DecodeError::Garbled);
         }
-        let mut headers =
-            HeaderMap::try_with_capacity(n_headers).map_err(|_| DecodeError::Garbled)?;
+        // Room in the table for an answer's own fields (see `ANSWER_FIELDS`).
+        let mut headers = HeaderMap::try_with_capacity(n_headers + super::ANSWER_FIELDS)
+            .or_else(|_| HeaderMap::try_with_capacity(n_headers))
+            .map_err(|_| DecodeError::Garbled)?;
         for _ in 0..n_headers {
             let name_len = usize::from(r.u16()?);
             let name =
@@ -180,7 +182,9 @@ impl Entry {
         let body = raw.slice(r.pos..);
         Ok(Entry {
             status,
-            headers,
+            corral_only: crate::header_rules::holds_corral_only(&headers),
+            // A copy: the table keeps its room, the fields' list is of their own size.
+            headers: headers.clone(),
             body,
             times,
             fill_ms,

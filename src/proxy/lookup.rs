@@ -329,6 +329,7 @@ mod tests {
         Entry {
             status: StatusCode::OK,
             headers: http::HeaderMap::new(),
+            corral_only: false,
             body: Bytes::new(),
             times: Lifetime {
                 stored_at: 0,

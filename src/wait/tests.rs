@@ -19,6 +19,7 @@ fn entry(status: u16, stored_at: u64, fresh_for: u64, swr: u64, sie: u64) -> Ent
     Entry {
         status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
         headers: http::HeaderMap::new(),
+        corral_only: false,
         body: Bytes::from_static(b"body"),
         times: Lifetime {
             stored_at,
