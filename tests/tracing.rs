@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use support::corral::{config_text, recommend_route};
+use support::streaming::StreamingUpstream;
 use support::{Client, CorralProcess, RedisServer, Resp, Upstream, eventually};
 
 /// How long a process gets to flush its spans and exit after SIGTERM.
@@ -422,59 +423,14 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
     );
 }
 
-/// One answer of [`streaming_upstream`], written by the test: its head goes out when `head` is
-/// sent (or dropped), then each chunk sent on `body`, and the body ends when `body` is dropped.
-struct StreamedAnswer {
-    head: tokio::sync::oneshot::Sender<()>,
-    body: tokio::sync::mpsc::Sender<Bytes>,
-}
-
-/// An upstream whose every answer is a cacheable `text/event-stream` the test writes (see
-/// [`StreamedAnswer`]): its URL, and the answers as the calls come.
-async fn streaming_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<StreamedAnswer>) {
-    use tokio::sync::{mpsc, oneshot};
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (to_test, answers) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let to_test = to_test.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |_req: Request<Incoming>| {
-                    let (body, chunks) = mpsc::channel::<Bytes>(4);
-                    let (head, headed) = oneshot::channel();
-                    let _ = to_test.send(StreamedAnswer { head, body });
-                    let frames = futures_util::stream::unfold(chunks, |mut chunks| async move {
-                        let chunk = chunks.recv().await?;
-                        Some((Ok::<_, Infallible>(hyper::body::Frame::data(chunk)), chunks))
-                    });
-                    let resp = Response::builder()
-                        .header("content-type", "text/event-stream")
-                        .header("cache-control", "public, max-age=60")
-                        .body(http_body_util::StreamBody::new(frames))
-                        .expect("a valid response");
-                    async move {
-                        let _ = headed.await;
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (format!("http://{addr}"), answers)
-}
-
 /// A streamed fill reaches the other instance through its relay log, not its `stored` notice:
 /// the log's head names the fill, and B's requests link to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
     let collector = Collector::start().await;
     let redis = RedisServer::start().await;
-    let (upstream, mut answers) = streaming_upstream().await;
-    let route = recommend_route(&upstream, "");
+    let upstream = StreamingUpstream::start().await;
+    let route = recommend_route(&upstream.url, "");
     let base = config_text("", Some(&redis.url()), &route);
     let mut a = CorralProcess::start(&(base.clone() + &telemetry(&collector, "corral-a"))).await;
     let mut b = CorralProcess::start(&(base + &telemetry(&collector, "corral-b"))).await;
@@ -484,11 +440,7 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
 
     // Step 1: A's request takes the fill lock and calls the upstream, which holds its head.
     let leader = get_traced(&client, a.url(path), &leader_trace);
-    let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
-        .await
-        .ok()
-        .flatten()
-        .expect("the upstream is called");
+    let answer = upstream.next_call().await;
 
     // Step 2: three requests on B wait for A's fill.
     let waiter_traces: Vec<String> = (210..213).map(trace_id).collect();
@@ -503,10 +455,8 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
 
     // Step 3: the head and a first event go out; A relays them, and B tails the log (it reads
     // it) while the body is still open — so B's answer comes from the relay, not the store.
-    let StreamedAnswer { head, body } = answer;
-    let _ = head.send(());
     let first = Bytes::from_static(b"data: one\n\n");
-    body.send(first).await.expect("corral reads the body");
+    assert!(answer.bytes(first).await, "corral reads the body");
     eventually(
         "B tails the relay log",
         Duration::from_secs(10),
@@ -514,8 +464,8 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
     )
     .await;
     let last = Bytes::from_static(b"data: two\n\n");
-    body.send(last).await.expect("corral reads the body");
-    drop(body);
+    assert!(answer.bytes(last).await, "corral reads the body");
+    drop(answer);
 
     assert_eq!(leader.await.expect("leader task").status, 200);
     for waiter in waiters {
@@ -525,7 +475,7 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
         let status = answer.cache_status().unwrap_or_default();
         assert!(status.ends_with("collapsed"), "a waiter on B: {status}");
     }
-    assert!(answers.try_recv().is_err(), "one fill for the fleet");
+    assert_eq!(upstream.calls(), 1, "one fill for the fleet");
 
     // Step 4: B's requests link to A's fill span, learnt from the log's head.
     shut_down(&mut a).await;
