@@ -307,7 +307,7 @@ fn l1_hit(c: &mut Criterion) {
     group.finish();
 }
 
-/// One keep-alive HTTP/1 connection to [`Proxy::handle`] behind hyper's server, over an
+/// One keep-alive HTTP/1 connection to [`Proxy::begin`] behind hyper's server, over an
 /// in-memory pipe; the bench is its client.
 struct Wire {
     client: tokio::io::DuplexStream,
@@ -319,9 +319,15 @@ impl Wire {
     async fn open(hits: &Hits) -> Wire {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let (proxy, peer) = (hits.proxy.clone(), hits.peer);
+        // As `corral run` serves: a hit is answered in the call ([`Proxy::begin`]).
         let service = hyper::service::service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+            let begun = proxy.begin(req, peer).map_err(|rest| (proxy.clone(), rest));
+            async move {
+                Ok::<_, std::convert::Infallible>(match begun {
+                    Ok(resp) => resp,
+                    Err((proxy, rest)) => Box::pin(proxy.resume(rest)).await,
+                })
+            }
         });
         tokio::spawn(
             hyper::server::conn::http1::Builder::new()

@@ -1,7 +1,9 @@
 //! L1: the in-process cache (moka), bounded by bytes; each entry lives until its own `stale_until`,
 //! or a while longer when it has a validator, to be revalidated ([`Entry::kept_until`]).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
@@ -52,6 +54,18 @@ impl L1 {
         let cached = self.cache.get(key).await?;
         // moka's expiry has its own clock granularity; the entry's own wall-clock bound decides.
         cached.entry.kept_at(now).then_some(cached.entry)
+    }
+
+    /// [`L1::get`] when it answers without waiting, as it nearly always does (moka's lookup
+    /// waits only when it takes its turn at the cache's upkeep and that yields): for the hit
+    /// path, which then needs no future of its own. `None` also when it would wait; the caller
+    /// then looks again with [`L1::get`]. moka's lookups are safe to drop part-way.
+    pub fn get_now(&self, key: &CacheKey, now: u64) -> Option<Arc<Entry>> {
+        let get = std::pin::pin!(self.get(key, now));
+        match get.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(found) => found,
+            Poll::Pending => None,
+        }
     }
 
     /// Stores an entry of `route` for as long as it is kept ([`Entry::kept_until`]); an entry

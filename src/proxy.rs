@@ -9,10 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header;
 use http::request::Parts;
 use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::access::AccessLine;
@@ -21,21 +19,22 @@ use crate::body::ProxyBody;
 use crate::budget::Budgets;
 use crate::caps::Caps;
 use crate::coalesce::Coalescer;
-use crate::conditional::Conditions;
-use crate::config::{Config, RouteConfig};
-use crate::fill::{FillRequest, Filler};
+use crate::config::Config;
+use crate::fill::Filler;
 use crate::fleet::Fleet;
 use crate::handles::Handles;
-use crate::key::CacheKey;
 use crate::l1::L1;
 use crate::l2::L2Error;
 use crate::metrics::{Metrics, RequestCounters, UNROUTED};
 use crate::outcome::CacheOutcome;
-use crate::route::{Router, cache_method, check_cacheable};
+use crate::route::{Router, check_cacheable};
 
 mod invalidate;
 mod lookup;
 mod pass;
+mod steps;
+
+use steps::{Next, Work};
 
 /// How long `/readyz` answers "starting" while Redis has not answered yet, before it reports the
 /// process as degraded instead.
@@ -191,33 +190,36 @@ impl Proxy {
 
     /// Answers one request. Never fails: every error becomes an answer.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let span = crate::trace::request_span(req.method(), req.headers());
-        if span.is_disabled() {
-            return self.serve(req, peer, &span).await;
+        match self.begin(req, peer) {
+            Ok(response) => response,
+            Err(rest) => Box::pin(self.resume(rest)).await,
         }
-        let serve = self.serve(req, peer, &span);
-        tracing::Instrument::instrument(serve, span.clone()).await
     }
 
-    /// [`Proxy::handle`] within the request's span (a disabled one when nothing records it).
-    async fn serve(
+    /// What can be done for a request without waiting: for the common request, a fresh hit in
+    /// L1, its whole answer; else what is left, for [`Proxy::resume`]. hyper moves the future a
+    /// service gives it, so a hit answered here costs it the move of a response, not of a
+    /// request's state machine (measured with callgrind: the moves of that state were a tenth of
+    /// a hit's instructions).
+    pub fn begin(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        span: &tracing::Span,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Box<Rest>> {
         let started = Instant::now();
+        let span = crate::trace::request_span(req.method(), req.headers());
+        let entered = span.enter();
         if let Err(err) = crate::target::normalize(&mut req) {
             let answer = ProxyError::from(err).into_answer(CacheOutcome::Bypass);
             let cache_status = answer.cache_status();
             let mut response = answer.response;
             response.headers_mut().insert(CACHE_STATUS, cache_status);
-            return response;
+            return Ok(response);
         }
         let logged = self.access_line_of(&req);
         let found = self.router.route_index(req.uri().path(), req.method());
         let route = found.map(|i| &self.router.routes()[i]);
-        let answer = match route {
+        let next = match route {
             // TRACE echoes the request, credentials included, to whoever can read the answer:
             // refused before any upstream call unless the route allows it.
             _ if req.method() == Method::TRACE && !route.is_some_and(|r| r.allow_trace) => {
@@ -226,13 +228,44 @@ impl Proxy {
                     Some(_) => CacheOutcome::Bypass,
                     None => CacheOutcome::UriMiss,
                 };
-                err.into_answer(outcome)
+                Next::Answer(err.into_answer(outcome))
             }
-            // Boxed, as every path but the hit is: see `handle_cacheable`.
-            None => Box::pin(self.unrouted(req, peer)).await,
-            Some(route) => self.routed(route, req, peer).await,
+            None => Next::Later(Work::Unrouted(req)),
+            Some(route) => self.routed(route, req, peer),
         };
-        self.finish(answer, found, (started, peer, span), logged)
+        match next {
+            Next::Answer(answer) => Ok(self.finish(answer, found, (started, peer, &span), logged)),
+            Next::Later(work) => {
+                drop(entered);
+                Err(Box::new(Rest {
+                    work,
+                    found,
+                    started,
+                    peer,
+                    span,
+                    logged,
+                }))
+            }
+        }
+    }
+
+    /// The rest of a request [`Proxy::begin`] could not answer at once: what waits (the body, L2,
+    /// a fill, the upstream), then the answer's way out, as for a hit.
+    pub async fn resume(&self, rest: Box<Rest>) -> Response<ProxyBody> {
+        let Rest {
+            work,
+            found,
+            started,
+            peer,
+            span,
+            logged,
+        } = *rest;
+        let answer = if span.is_disabled() {
+            self.work(work, peer).await
+        } else {
+            tracing::Instrument::instrument(self.work(work, peer), span.clone()).await
+        };
+        self.finish(answer, found, (started, peer, &span), logged)
     }
 
     /// What every answer gets on its way out: `Cache-Status`, the request metric, the access
@@ -311,31 +344,6 @@ impl Proxy {
         })
     }
 
-    async fn routed(
-        &self,
-        route: &Arc<RouteConfig>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Answer {
-        if let Err(why) = check_cacheable(route, req.method(), req.headers()) {
-            tracing::debug!(route = %route.name, ?why, "bypassing the cache");
-            return Box::pin(self.bypass(route, req, peer)).await;
-        }
-        let (parts, body) = req.into_parts();
-        // Most cacheable requests have no body: no timer for them.
-        let body = if http_body::Body::is_end_stream(&body) {
-            Bytes::new()
-        } else {
-            let limit = self.body_read_timeout;
-            let read = tokio::time::timeout(limit, read_body(&parts.headers, body, route.max_body));
-            match read.await.unwrap_or(Err(ProxyError::BodyTimeout(limit))) {
-                Ok(body) => body,
-                Err(err) => return err.into_answer(CacheOutcome::Bypass),
-            }
-        };
-        self.handle_cacheable(route, parts, body, peer).await
-    }
-
     /// [`Proxy::handle`] for a request whose body is already read: the same path (target,
     /// route, key, L1, flight, `Cache-Status`, metrics, access line), for benchmarks of the hit
     /// path without sockets. A request that is not cacheable on its route gets a 404 here instead
@@ -357,7 +365,10 @@ impl Proxy {
         let found = self.router.route_index(parts.uri.path(), &parts.method);
         let answer = match found.map(|i| &self.router.routes()[i]) {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
-                self.handle_cacheable(route, parts, body, peer).await
+                match self.cacheable(route, parts, body, peer) {
+                    Ok(answer) => answer,
+                    Err(lookup) => self.looked_up(*lookup).await,
+                }
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
         };
@@ -368,49 +379,16 @@ impl Proxy {
             logged,
         )
     }
+}
 
-    /// Keys, looks up and answers a cacheable request; its conditionals, `Range` and HEAD are
-    /// then answered by Corral from what it holds (see [`Conditions`]). A HEAD is keyed, looked up
-    /// and filled as a GET, so it shares GET's entries and flights.
-    async fn handle_cacheable(
-        &self,
-        route: &Arc<RouteConfig>,
-        mut parts: Parts,
-        body: Bytes,
-        peer: SocketAddr,
-    ) -> Answer {
-        let conditions = Conditions::of(&parts.method, &parts.headers);
-        parts.method = cache_method(&parts.method).clone();
-        let key = match CacheKey::derive(
-            &route.name,
-            &route.key,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            &body,
-        ) {
-            Ok(key) => key,
-            Err(err) => return ProxyError::from(err).into_answer(CacheOutcome::Bypass),
-        };
-        if let Some(hit) = self.fresh_hit(route, &key, &parts).await {
-            return conditions.apply(hit);
-        }
-        let req = FillRequest {
-            route: route.clone(),
-            key,
-            parts,
-            body,
-            peer,
-            validators: None,
-            hold: None,
-            weight: crate::budget::Weight::one(),
-        };
-        // The lookup's future holds a fill's (tens of KiB): boxed, it is allocated by a miss
-        // alone, and every request's future (which hyper moves when it calls the service) stays
-        // the size of a hit's. Measured with callgrind: the copy of the whole future was most of
-        // a hit's instructions.
-        conditions.apply(Box::pin(self.lookup(req)).await)
-    }
+/// What is left of a request [`Proxy::begin`] could not answer at once, for [`Proxy::resume`].
+pub struct Rest {
+    work: Work,
+    found: Option<usize>,
+    started: Instant,
+    peer: SocketAddr,
+    span: tracing::Span,
+    logged: Option<Logged>,
 }
 
 pub use crate::access::ACCESS_LOG;
@@ -434,28 +412,4 @@ struct Logged {
 fn request_counters(router: &Router, metrics: &Metrics) -> Vec<RequestCounters> {
     let routes = router.routes().iter();
     routes.map(|r| metrics.route_requests(&r.name)).collect()
-}
-
-/// Reads a request body of at most `limit` bytes; a declared length over the limit is refused
-/// before anything is read.
-async fn read_body(
-    headers: &http::HeaderMap,
-    body: Incoming,
-    limit: u64,
-) -> Result<Bytes, ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, cap).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Err(err) => Err(ProxyError::BodyUnreadable(err.to_string())),
-    }
 }

@@ -236,14 +236,20 @@ async fn serve(
         let requests = activity.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(scheme);
-            let proxy = live.current(&control);
             let in_flight = requests.begin();
+            // HTTP/1 heads are counted by hyper; an HTTP/2 header block only here.
+            let begun = if req.headers().len() > max_headers {
+                Ok(too_many_headers())
+            } else {
+                // A fresh hit is answered here, in hyper's call: the future hyper keeps and
+                // moves is then only the response's (see `Proxy::begin`).
+                let proxy = live.current(&control);
+                proxy.begin(req, peer).map_err(|rest| (proxy, rest))
+            };
             async move {
-                // HTTP/1 heads are counted by hyper; an HTTP/2 header block only here.
-                let resp = if req.headers().len() > max_headers {
-                    too_many_headers()
-                } else {
-                    proxy.handle(req, peer).await
+                let resp = match begun {
+                    Ok(resp) => resp,
+                    Err((proxy, rest)) => Box::pin(proxy.resume(rest)).await,
                 };
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }

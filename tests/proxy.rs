@@ -284,6 +284,70 @@ async fn a_requests_future_is_the_size_of_a_hit_not_of_a_fill() {
     assert!(size <= MAX_REQUEST_FUTURE, "{size} bytes");
 }
 
+/// A fresh hit is answered in hyper's call to the service (`Proxy::begin`), so the future hyper
+/// keeps and moves for it is a response's; a miss, a revalidation or a request with a body is left
+/// to `Proxy::resume`. Served here by hyper on loopback, the service counting which it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_hit_is_answered_in_the_call_and_a_miss_is_resumed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let upstream = Upstream::start().await;
+    let fleet = start(1, &config(None, &recommend_route(&upstream.url(), ""))).await;
+    let proxy = fleet[0].proxy();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let resumed = Arc::new(AtomicUsize::new(0));
+    let (seen, counted) = (answered.clone(), resumed.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let (proxy, seen, counted) = (proxy.clone(), seen.clone(), counted.clone());
+            let service = hyper::service::service_fn(move |req| {
+                let path = req.uri().to_string();
+                let begun = proxy.begin(req, peer).map_err(|rest| (proxy.clone(), rest));
+                match &begun {
+                    Ok(_) => seen.lock().expect("not poisoned").push(path),
+                    Err(_) => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                async move {
+                    Ok::<_, std::convert::Infallible>(match begun {
+                        Ok(resp) => resp,
+                        Err((proxy, rest)) => proxy.resume(rest).await,
+                    })
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+        }
+    });
+    let client = Client::new();
+    let at = |path: &str| format!("http://{addr}{path}");
+    let miss = client.get(&at("/recommend?segment=a"), &[]).await;
+    assert_eq!(miss.status, 200);
+    let hit = client.get(&at("/recommend?segment=a"), &[]).await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(hit.cache_status().as_deref(), Some("corral; hit"));
+    let other = client.get(&at("/recommend?segment=b"), &[]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(
+        *answered.lock().expect("not poisoned"),
+        ["/recommend?segment=a"],
+        "only the hit is answered in the call"
+    );
+    assert_eq!(
+        resumed.load(Ordering::SeqCst),
+        2,
+        "the two misses are resumed"
+    );
+    assert_eq!(upstream.calls_for("/recommend?segment=a"), 1);
+}
+
 /// Bytes a request's future may weigh (measured in a debug build: 2.6 KiB; with the miss path
 /// unboxed, 11 KiB).
 const MAX_REQUEST_FUTURE: usize = 8 * 1024;

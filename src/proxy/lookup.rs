@@ -25,7 +25,7 @@ impl Proxy {
     /// The answer to a request from a fresh L1 entry of the variant it asks for, when there is
     /// one and nothing else is due (no early refresh): the common hit, answered without building
     /// the request a fill would need. Anything else is left to [`Proxy::lookup`].
-    pub(super) async fn fresh_hit(
+    pub(super) fn fresh_hit(
         &self,
         route: &RouteConfig,
         key: &CacheKey,
@@ -35,7 +35,7 @@ impl Proxy {
             return None;
         }
         let now = now_ms();
-        let entry = self.handles.l1().get(key, now).await?;
+        let entry = self.handles.l1().get_now(key, now)?;
         let fresh = entry.times.freshness(now) == Freshness::Fresh;
         (fresh && vary::matches(&entry.vary, route, &parts.headers))
             .then(|| answer_at(&entry, CacheOutcome::Hit, now))

@@ -13,7 +13,8 @@ use http::{Method, Request, Uri, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::{Proxy, read_body};
+use super::Proxy;
+use super::steps::read_body;
 use crate::answer::{Answer, ProxyError};
 use crate::body::{BodyFault, ClientBody, ProxyBody};
 use crate::config::RouteConfig;
