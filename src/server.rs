@@ -235,7 +235,11 @@ async fn serve(
         let activity = Activity::new();
         let requests = activity.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(scheme);
+            // Absent means plain `http`: a plain listener's requests skip the extension map (an
+            // allocation and a hash table per request).
+            if scheme == crate::upstream::ClientScheme::Https {
+                req.extensions_mut().insert(scheme);
+            }
             let in_flight = requests.begin();
             // HTTP/1 heads are counted by hyper; an HTTP/2 header block only here.
             let begun = if req.headers().len() > max_headers {

@@ -215,6 +215,53 @@ async fn a_request_head_that_never_ends_is_cut_off_after_header_read_timeout() {
     assert_eq!(upstream.calls(), 0);
 }
 
+/// A slowloris on a keep-alive connection: after one answered request, the next head arrives a
+/// byte at a time, each byte well within `header_read_timeout`, and never ends. The limit runs
+/// from the end of the last request, not from the last byte, so the connection is closed.
+#[tokio::test]
+async fn a_head_trickling_in_after_a_keep_alive_request_is_cut_off_too() {
+    let upstream = Upstream::start().await;
+    let cfg = config_with_server(
+        "header_read_timeout = \"300ms\"",
+        None,
+        &recommend_route(&upstream.url(), ""),
+    );
+    let fleet = start(1, &cfg).await;
+
+    // Step 1: one whole request, answered, on a connection kept alive.
+    let mut stream = connect(&fleet[0]).await;
+    write(&mut stream, b"GET /recommend HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    expect_status(&mut stream, 200).await;
+
+    // Step 2: the next head, one byte every 50 ms for up to 20 s; it never ends.
+    let (mut read, mut write) = stream.into_split();
+    let trickle = async {
+        let head = b"GET /recommend HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'a'; 400].iter());
+        for byte in head {
+            if write.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let closed = async {
+        let mut buf = [0_u8; 4096];
+        while let Ok(n) = read.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    // Step 3: the server closes the connection before the client has sent its whole trickle.
+    tokio::select! {
+        () = closed => {}
+        () = trickle => panic!("the connection was still open after 20 s of a head that never ends"),
+    }
+    assert_eq!(upstream.calls(), 1);
+}
+
 /// One instance whose JSON-keyed route takes request bodies of at most 1 KiB.
 async fn max_body_instance(upstream: &Upstream) -> Vec<corral::Instance> {
     let routes = recommend_route(
