@@ -17,6 +17,7 @@ use std::fmt;
 use http::{HeaderMap, Method, Uri};
 use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use crate::config::KeySpec;
 
@@ -185,7 +186,8 @@ impl Default for KeyHasher {
 }
 
 fn hash_query(h: &mut KeyHasher, spec: &KeySpec, query: &str) {
-    let mut params: Vec<(_, _)> = form_urlencoded::parse(query.as_bytes())
+    // On the stack for the usual handful of parameters: no allocation per request.
+    let mut params: SmallVec<[(_, _); 8]> = form_urlencoded::parse(query.as_bytes())
         .filter(|(name, _)| match &spec.query {
             None => true,
             Some(wanted) => wanted.iter().any(|w| w == name),
