@@ -1,9 +1,12 @@
 //! The access line: one per request, written off the request path.
 //!
-//! A request hands its line to a bounded queue ([`AccessLog::send`], never waiting); one writer
-//! thread formats the lines and writes them in batches, one `write` per batch rather than one per
-//! line, every few milliseconds (so a request never has to wake it). When the queue is full (stderr is a pipe nobody reads, a disk stalls) the line is dropped
-//! and counted in `corral_access_lines_dropped_total`: a slow log never slows a request.
+//! A request formats its line into its thread's own bounded buffer ([`AccessLog::send`], never
+//! waiting); one writer thread takes each thread's lines every few milliseconds and writes them,
+//! one `write` per thread's batch (so a request never has to wake it, and no queue is shared by
+//! every thread). When a thread's buffer is full (stderr is a pipe nobody reads, a disk stalls)
+//! the line is dropped and counted in `corral_access_lines_dropped_total`: a slow log never slows
+//! a request. Lines of one thread keep their order; lines of different threads interleave by
+//! batch, so two lines a few milliseconds apart may appear out of their timestamps' order.
 //!
 //! The `corral` binary installs the process's writer ([`install`]) in the format it logs in; the
 //! lines look like the `tracing` lines around them (text or JSON, target [`ACCESS_LOG`], level
@@ -11,9 +14,11 @@
 //! an installed writer (the library embedded, in-process tests) a line is a plain `tracing` event,
 //! written by whatever subscriber is set. [`flush`] writes what is queued before the process exits.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::Method;
@@ -25,15 +30,12 @@ use crate::outcome::CacheOutcome;
 /// (`corral::access=off`).
 pub const ACCESS_LOG: &str = "corral::access";
 
-/// Lines the queue holds before new ones are dropped: about 2 MiB of lines, a few tenths of a
-/// second of a saturated instance.
-pub const QUEUE_LINES: usize = 8192;
+/// Bytes of formatted lines each thread holds for the writer before new ones are dropped: a few
+/// thousand lines, a few tenths of a second of a saturated thread.
+pub const THREAD_BYTES: usize = 512 * 1024;
 
 /// How long the writer lets lines gather after a write: how late a line can appear.
 const GATHER: Duration = Duration::from_millis(5);
-
-/// Bytes of formatted lines written with one `write`.
-const BATCH_BYTES: usize = 64 * 1024;
 
 /// How the lines look: as the `tracing` subscriber's own lines in the same format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +131,7 @@ pub fn path_with_room(path: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
     Queued,
-    /// The queue was full (or the writer gone): the line is dropped and counted.
+    /// This thread's lines were full (the writer is behind or blocked): dropped and counted.
     Dropped,
 }
 
@@ -138,57 +140,126 @@ pub enum Sent {
 pub enum Flushed {
     /// Every line queued before the call is written.
     Written,
-    /// The writer did not get through the queue in time (its output is blocked).
+    /// The writer did not get through the lines in time (its output is blocked).
     TimedOut,
 }
 
-enum Message {
-    Line(AccessLine),
+/// What the writer is told.
+enum Control {
+    /// Lines arrived while it slept.
+    Wake,
     /// Write everything before this, then say so.
     Flush(SyncSender<()>),
 }
 
-/// The queue to one writer thread. Dropping it lets the thread write what is queued and end.
-pub struct AccessLog {
-    queue: SyncSender<Message>,
+/// The lines one thread formatted, waiting for the writer. A thread appends under the lock, which
+/// the writer takes only to swap the buffer for an empty one, never while it writes: a request
+/// never waits for the output, and its line costs no allocation, no wake-up and no cache line
+/// shared with the other threads (a queue shared by every thread was one).
+struct Shard {
+    lines: Mutex<ShardLines>,
+}
+
+struct ShardLines {
+    text: Vec<u8>,
+    /// The writer sleeps until told: the next line here tells it.
+    wake_writer: bool,
+}
+
+/// What the writer and the threads share.
+struct Shared {
+    /// Tells the threads' shards of this log apart from another's (tests start several).
+    id: u64,
+    format: LineFormat,
+    capacity: usize,
+    shards: Mutex<Vec<Arc<Shard>>>,
     dropped: Counter,
 }
 
+thread_local! {
+    /// This thread's shard of each log it has written to.
+    static SHARDS: RefCell<Vec<(u64, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One writer thread and the threads' shards of lines. Dropping it lets the thread write what
+/// is held and end.
+pub struct AccessLog {
+    shared: Arc<Shared>,
+    control: SyncSender<Control>,
+}
+
 impl AccessLog {
-    /// Starts the writer thread: lines in `format`, to `out`, at most `capacity` queued; lines
-    /// that find the queue full are counted in `dropped`.
+    /// Starts the writer thread: lines in `format`, to `out`, at most `capacity` bytes of them
+    /// held per thread; lines that find their thread's full are counted in `dropped`.
     pub fn start(
         format: LineFormat,
         out: Box<dyn Write + Send>,
         capacity: usize,
         dropped: Counter,
     ) -> std::io::Result<AccessLog> {
-        let (queue, lines) = sync_channel(capacity);
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let shared = Arc::new(Shared {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            format,
+            capacity,
+            shards: Mutex::default(),
+            dropped,
+        });
+        let (control, told) = sync_channel(64);
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("corral-access".into())
-            .spawn(move || write_lines(&lines, format, out))?;
-        Ok(AccessLog { queue, dropped })
+            .spawn(move || write_lines(&writer, &told, out))?;
+        Ok(AccessLog { shared, control })
     }
 
-    /// Queues a line; never waits. A full queue drops it (and counts it).
+    /// Formats a line into this thread's shard; never waits (the lock is the thread's own but
+    /// for the writer's swap). A full shard drops it (and counts it).
     pub fn send(&self, line: AccessLine) -> Sent {
-        match self.queue.try_send(Message::Line(line)) {
-            Ok(()) => Sent::Queued,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-                Sent::Dropped
+        let shared = &self.shared;
+        let (sent, wake) = SHARDS.with_borrow_mut(|shards| {
+            let shard = match shards.iter().find(|(id, _)| *id == shared.id) {
+                Some((_, shard)) => shard,
+                None => {
+                    let shard = Arc::new(Shard {
+                        lines: Mutex::new(ShardLines {
+                            text: Vec::new(),
+                            wake_writer: true,
+                        }),
+                    });
+                    lock(&shared.shards).push(shard.clone());
+                    shards.push((shared.id, shard));
+                    &shards[shards.len() - 1].1
+                }
+            };
+            let mut lines = lock(&shard.lines);
+            if lines.text.len() >= shared.capacity {
+                return (Sent::Dropped, false);
             }
+            format::format_line(&mut lines.text, shared.format, &line);
+            (Sent::Queued, std::mem::take(&mut lines.wake_writer))
+        });
+        match sent {
+            Sent::Dropped => {
+                shared.dropped.inc();
+            }
+            Sent::Queued if wake => {
+                // Full only when the writer has wake-ups enough already.
+                let _ = self.control.try_send(Control::Wake);
+            }
+            Sent::Queued => {}
         }
+        sent
     }
 
     /// Waits, at most `limit`, until every line queued so far is written.
     pub fn flush(&self, limit: Duration) -> Flushed {
         let (done, written) = sync_channel(1);
         let deadline = std::time::Instant::now() + limit;
-        // The queue may be full: retry until the writer makes room or time runs out.
-        let mut message = Message::Flush(done);
+        // The writer's channel may be full: retry until it makes room or time runs out.
+        let mut message = Control::Flush(done);
         loop {
-            match self.queue.try_send(message) {
+            match self.control.try_send(message) {
                 Ok(()) => break,
                 Err(TrySendError::Disconnected(_)) => return Flushed::TimedOut,
                 Err(TrySendError::Full(back)) => {
@@ -208,35 +279,69 @@ impl AccessLog {
     }
 }
 
-/// The writer thread: takes what is queued, formats it into one buffer, writes the buffer. Ends
-/// when the [`AccessLog`] is dropped. A failed write loses that batch (there is nowhere left to
-/// report it), never the thread.
-fn write_lines(lines: &Receiver<Message>, format: LineFormat, mut out: Box<dyn Write + Send>) {
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
+/// A lock whose holder cannot have left its data half-written (appends and swaps of a buffer):
+/// a poisoned one is used as it is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The writer thread: every few milliseconds while lines arrive, swaps each thread's lines for
+/// an empty buffer and writes them, one `write` per thread's batch; with none, it sleeps until
+/// a line wakes it. Ends when the [`AccessLog`] is dropped, after writing what is held. A failed
+/// write loses that batch (there is nowhere left to report it), never the thread.
+fn write_lines(shared: &Shared, told: &Receiver<Control>, mut out: Box<dyn Write + Send>) {
+    let mut batch = Vec::new();
     let mut flushes = Vec::new();
-    while let Ok(first) = lines.recv() {
-        let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                Message::Line(line) => format_line(&mut batch, format, &line),
-                Message::Flush(done) => flushes.push(done),
+    let mut wrote = true;
+    loop {
+        let heard = if wrote {
+            told.recv_timeout(GATHER)
+                .map_err(|e| e == RecvTimeoutError::Disconnected)
+        } else {
+            told.recv().map_err(|_| true)
+        };
+        let ended = match heard {
+            Ok(Control::Flush(done)) => {
+                flushes.push(done);
+                false
             }
-            if batch.len() >= BATCH_BYTES {
-                break;
+            Ok(Control::Wake) | Err(false) => false,
+            Err(true) => true,
+        };
+        let shards: Vec<Arc<Shard>> = lock(&shared.shards).clone();
+        wrote = false;
+        for shard in &shards {
+            {
+                let mut lines = lock(&shard.lines);
+                lines.wake_writer = false;
+                if lines.text.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut lines.text, &mut batch);
             }
-            next = lines.try_recv().ok();
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            wrote = true;
         }
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
-        let full = batch.len() >= BATCH_BYTES;
-        batch.clear();
         for done in flushes.drain(..) {
             let _ = done.try_send(());
         }
-        // Let lines gather rather than wake for each: while this thread sleeps here (not parked
-        // on the queue), a request queueing a line has nobody to wake, so it makes no syscall.
-        if !full {
-            std::thread::sleep(GATHER);
+        if ended {
+            return;
         }
+        if !wrote {
+            // Going to sleep: the next line of any thread wakes the writer. A line that came
+            // since the pass above is written now instead.
+            for shard in &shards {
+                let mut lines = lock(&shard.lines);
+                lines.wake_writer = true;
+                wrote |= !lines.text.is_empty();
+            }
+        }
+        drop(shards);
+        // A thread that ended leaves its shard to the writer alone: forgotten once written.
+        lock(&shared.shards)
+            .retain(|shard| Arc::strong_count(shard) > 1 || !lock(&shard.lines).text.is_empty());
     }
 }
 
@@ -251,7 +356,7 @@ static INSTALLED: OnceLock<AccessLog> = OnceLock::new();
 /// Makes `format` lines to `out` (stderr, for `corral run`) the process's access log (once;
 /// later calls change nothing).
 pub fn install(format: LineFormat, out: Box<dyn Write + Send>) -> std::io::Result<()> {
-    let log = AccessLog::start(format, out, QUEUE_LINES, dropped_counter().clone())?;
+    let log = AccessLog::start(format, out, THREAD_BYTES, dropped_counter().clone())?;
     let _ = INSTALLED.set(log);
     Ok(())
 }
@@ -286,215 +391,6 @@ pub fn record_debug(line: AccessLine) {
     tracing::debug!(target: ACCESS_LOG, %method, %path, %route, status, outcome, micros, "request");
 }
 
-/// Formats one line into `buf`, without `core::fmt` (measured: its machinery was most of the
-/// writer's cost per line).
-fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine) {
-    match format {
-        LineFormat::Text => {
-            timestamp(buf, line.at);
-            buf.extend_from_slice(b"  INFO ");
-            buf.extend_from_slice(ACCESS_LOG.as_bytes());
-            buf.extend_from_slice(b": request method=");
-            buf.extend_from_slice(line.method.as_str().as_bytes());
-            buf.extend_from_slice(b" path=");
-            buf.extend_from_slice(line.path().as_bytes());
-            if let Some(query) = &line.query {
-                buf.extend_from_slice(b" query=\"");
-                buf.extend_from_slice(query.as_bytes());
-                buf.push(b'"');
-            }
-            if let Some(client) = &line.client {
-                buf.extend_from_slice(b" client=");
-                socket_addr(buf, client);
-            }
-            if let Some(id) = &line.request_id {
-                buf.extend_from_slice(b" request_id=\"");
-                buf.extend_from_slice(id.as_bytes());
-                buf.push(b'"');
-            }
-            buf.extend_from_slice(b" route=");
-            buf.extend_from_slice(line.route().as_bytes());
-            buf.extend_from_slice(b" status=");
-            decimal(buf, u64::from(line.status));
-            buf.extend_from_slice(b" outcome=\"");
-            buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.push(b'"');
-            if let Some(bytes) = line.bytes {
-                buf.extend_from_slice(b" bytes=");
-                decimal(buf, bytes);
-            }
-            buf.extend_from_slice(b" micros=");
-            decimal(buf, line.micros);
-            buf.push(b'\n');
-        }
-        LineFormat::Json => {
-            buf.extend_from_slice(b"{\"timestamp\":\"");
-            timestamp(buf, line.at);
-            buf.extend_from_slice(
-                b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":",
-            );
-            json_string(buf, line.method.as_str());
-            buf.extend_from_slice(b",\"path\":");
-            json_string(buf, line.path());
-            if let Some(query) = &line.query {
-                buf.extend_from_slice(b",\"query\":");
-                json_string(buf, query);
-            }
-            if let Some(client) = &line.client {
-                // An address has nothing a JSON string must escape.
-                buf.extend_from_slice(b",\"client\":\"");
-                socket_addr(buf, client);
-                buf.push(b'"');
-            }
-            if let Some(id) = &line.request_id {
-                buf.extend_from_slice(b",\"request_id\":");
-                json_string(buf, id);
-            }
-            buf.extend_from_slice(b",\"route\":");
-            json_string(buf, line.route());
-            buf.extend_from_slice(b",\"status\":");
-            decimal(buf, u64::from(line.status));
-            buf.extend_from_slice(b",\"outcome\":\"");
-            buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.push(b'"');
-            if let Some(bytes) = line.bytes {
-                buf.extend_from_slice(b",\"bytes\":");
-                decimal(buf, bytes);
-            }
-            buf.extend_from_slice(b",\"micros\":");
-            decimal(buf, line.micros);
-            buf.extend_from_slice(b"},\"target\":\"");
-            buf.extend_from_slice(ACCESS_LOG.as_bytes());
-            buf.extend_from_slice(b"\"}\n");
-        }
-    }
-}
-
-/// A client's address as `Display` writes it (`1.2.3.4:5`, `[::1]:5`); an IPv4 one without
-/// `core::fmt` (measured: formatting it was a third of the writer's cost per line).
-fn socket_addr(buf: &mut Vec<u8>, addr: &std::net::SocketAddr) {
-    match addr {
-        std::net::SocketAddr::V4(v4) => {
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf.push(b'.');
-                }
-                decimal(buf, u64::from(octet));
-            }
-            buf.push(b':');
-            decimal(buf, u64::from(v4.port()));
-        }
-        std::net::SocketAddr::V6(_) => {
-            let _ = write!(buf, "{addr}");
-        }
-    }
-}
-
-/// `n` in decimal; up to three digits by a fixed-size copy (a run-time length calls `memcpy`).
-fn decimal(buf: &mut Vec<u8>, mut n: u64) {
-    let digit = |n: u64| b'0' + (n % 10) as u8;
-    match n {
-        0..=9 => return buf.push(digit(n)),
-        10..=99 => return buf.extend_from_slice(&[digit(n / 10), digit(n)]),
-        100..=999 => return buf.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]),
-        _ => {}
-    }
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
-}
-
-/// `n` in decimal, zero-padded to `width` digits (`n` has no more).
-fn padded(buf: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut rest = n;
-    for at in (0..width).rev() {
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    buf.extend_from_slice(&digits[..width]);
-}
-
-/// A JSON string literal: quotes, backslashes and control characters escaped.
-fn json_string(buf: &mut Vec<u8>, s: &str) {
-    buf.push(b'"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.extend_from_slice(b"\\\""),
-            '\\' => buf.extend_from_slice(b"\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut utf8 = [0; 4];
-                buf.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
-            }
-        }
-    }
-    buf.push(b'"');
-}
-
-/// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it:
-/// `2026-01-02T03:04:05.678901Z`.
-fn timestamp(buf: &mut Vec<u8>, at: SystemTime) {
-    let since = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    // The writer formats thousands of lines within one second: their date and time up to the
-    // second are written once (`YYYY-MM-DDTHH:MM:SS`, 19 bytes) and copied after.
-    thread_local! {
-        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
-    }
-    let (cached, text) = SECOND.get();
-    if cached == secs {
-        buf.extend_from_slice(&text);
-    } else {
-        let start = buf.len();
-        let (days, of_day) = (secs / 86_400, secs % 86_400);
-        let (year, month, day) = civil(days);
-        padded(buf, year, 4);
-        buf.push(b'-');
-        padded(buf, month, 2);
-        buf.push(b'-');
-        padded(buf, day, 2);
-        buf.push(b'T');
-        padded(buf, of_day / 3600, 2);
-        buf.push(b':');
-        padded(buf, of_day / 60 % 60, 2);
-        buf.push(b':');
-        padded(buf, of_day % 60, 2);
-        if let Ok(text) = <[u8; 19]>::try_from(&buf[start..]) {
-            SECOND.set((secs, text));
-        }
-    }
-    buf.push(b'.');
-    padded(buf, u64::from(since.subsec_micros()), 6);
-    buf.push(b'Z');
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, for days ≥ 0).
-fn civil(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
+mod format;
 #[cfg(test)]
 mod tests;

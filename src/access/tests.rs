@@ -1,6 +1,7 @@
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
+use super::format::{civil, decimal, format_line, padded, socket_addr, timestamp};
 use super::*;
 
 /// An output that says when a write starts and blocks until told to go on: a stderr nobody reads.
@@ -29,8 +30,15 @@ fn line(path: &str) -> AccessLine {
     AccessLine::new(Method::GET, path, "recommend", 200, CacheOutcome::Hit, 12)
 }
 
+/// Bytes of `lines` lines like [`line`]'s with a one-digit path.
+fn bytes_of(lines: usize) -> usize {
+    let mut text = Vec::new();
+    format_line(&mut text, LineFormat::Text, &line("/1"));
+    text.len() * lines
+}
+
 #[test]
-fn a_full_queue_drops_and_counts_lines_and_never_blocks_the_sender() {
+fn a_full_thread_buffer_drops_and_counts_lines_and_never_blocks_the_sender() {
     let (started, write_started) = channel();
     let (go, wait) = channel();
     let written = Arc::new(Mutex::new(Vec::new()));
@@ -40,13 +48,18 @@ fn a_full_queue_drops_and_counts_lines_and_never_blocks_the_sender() {
         written: written.clone(),
     };
     let dropped = Counter::default();
-    let log = AccessLog::start(LineFormat::Text, Box::new(out), 2, dropped.clone())
-        .expect("the writer thread starts");
+    let log = AccessLog::start(
+        LineFormat::Text,
+        Box::new(out),
+        bytes_of(2),
+        dropped.clone(),
+    )
+    .expect("the writer thread starts");
 
     // The writer takes the first line and blocks writing it.
     assert_eq!(log.send(line("/1")), Sent::Queued);
     write_started.recv().expect("the writer writes");
-    // Two more fill the queue; the next five find it full. None of these calls waits.
+    // Two more fill this thread's buffer; the next five find it full. None of these calls waits.
     let sent: Vec<Sent> = (2..=8).map(|i| log.send(line(&format!("/{i}")))).collect();
     assert_eq!(sent[..2], [Sent::Queued, Sent::Queued]);
     assert!(sent[2..].iter().all(|s| *s == Sent::Dropped), "{sent:?}");
@@ -75,8 +88,13 @@ fn a_flush_behind_a_blocked_writer_gives_up_at_its_limit() {
         go: wait,
         written: Arc::default(),
     };
-    let log = AccessLog::start(LineFormat::Text, Box::new(out), 1, Counter::default())
-        .expect("the writer thread starts");
+    let log = AccessLog::start(
+        LineFormat::Text,
+        Box::new(out),
+        bytes_of(1),
+        Counter::default(),
+    )
+    .expect("the writer thread starts");
     assert_eq!(log.send(line("/1")), Sent::Queued);
     write_started.recv().expect("the writer writes");
     assert_eq!(log.flush(Duration::from_millis(20)), Flushed::TimedOut);
@@ -172,4 +190,108 @@ fn timestamps_in_one_second_and_the_next_are_each_right() {
         "2026-01-02T03:04:05.678901Z 2026-01-02T03:04:05.679001Z 2026-01-02T03:04:06.678901Z \
          2026-01-03T03:04:05.678901Z "
     );
+}
+
+/// An output that keeps what is written, for the test to read.
+#[derive(Clone, Default)]
+struct Kept(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Kept {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Kept {
+    fn paths(&self) -> Vec<String> {
+        let text = String::from_utf8(lock(&self.0).clone()).expect("utf-8");
+        text.lines()
+            .filter_map(|l| l.split(" path=").nth(1))
+            .filter_map(|rest| rest.split(' ').next())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[test]
+fn every_threads_lines_are_written_in_its_order_and_an_ended_threads_buffer_is_let_go() {
+    let out = Kept::default();
+    let log = Arc::new(
+        AccessLog::start(
+            LineFormat::Text,
+            Box::new(out.clone()),
+            THREAD_BYTES,
+            Counter::default(),
+        )
+        .expect("the writer thread starts"),
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for n in 0..100 {
+                    assert_eq!(log.send(line(&format!("/{t}/{n}"))), Sent::Queued);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("the thread ends");
+    }
+    assert_eq!(log.flush(Duration::from_secs(10)), Flushed::Written);
+    let paths = out.paths();
+    assert_eq!(paths.len(), 400);
+    for t in 0..4 {
+        let own: Vec<&String> = paths
+            .iter()
+            .filter(|p| p.starts_with(&format!("/{t}/")))
+            .collect();
+        let expected: Vec<String> = (0..100).map(|n| format!("/{t}/{n}")).collect();
+        assert_eq!(
+            own,
+            expected.iter().collect::<Vec<_>>(),
+            "thread {t}'s lines in order"
+        );
+    }
+    // The four threads ended and their lines are written: the writer lets their buffers go.
+    for _ in 0..500 {
+        if lock(&log.shared.shards).is_empty() {
+            return;
+        }
+        let _ = log.flush(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "{} buffers of ended threads are still held",
+        lock(&log.shared.shards).len()
+    );
+}
+
+#[test]
+fn a_line_after_a_quiet_spell_wakes_the_writer() {
+    let out = Kept::default();
+    let log = AccessLog::start(
+        LineFormat::Text,
+        Box::new(out.clone()),
+        THREAD_BYTES,
+        Counter::default(),
+    )
+    .expect("the writer thread starts");
+    for round in 0..3 {
+        // Quiet: the writer has nothing to write and sleeps until a line comes.
+        std::thread::sleep(GATHER * 4);
+        let path = format!("/{round}");
+        assert_eq!(log.send(line(&path)), Sent::Queued);
+        let mut waited = 0;
+        while !out.paths().contains(&path) {
+            assert!(waited < 1000, "line {round} was never written");
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+    }
 }
