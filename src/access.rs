@@ -145,7 +145,7 @@ pub enum Flushed {
 }
 
 /// What the writer is told.
-enum Control {
+enum Signal {
     /// Lines arrived while it slept.
     Wake,
     /// Write everything before this, then say so.
@@ -185,7 +185,7 @@ thread_local! {
 /// is held and end.
 pub struct AccessLog {
     shared: Arc<Shared>,
-    control: SyncSender<Control>,
+    control: SyncSender<Signal>,
 }
 
 impl AccessLog {
@@ -245,7 +245,7 @@ impl AccessLog {
             }
             Sent::Queued if wake => {
                 // Full only when the writer has wake-ups enough already.
-                let _ = self.control.try_send(Control::Wake);
+                let _ = self.control.try_send(Signal::Wake);
             }
             Sent::Queued => {}
         }
@@ -257,7 +257,7 @@ impl AccessLog {
         let (done, written) = sync_channel(1);
         let deadline = std::time::Instant::now() + limit;
         // The writer's channel may be full: retry until it makes room or time runs out.
-        let mut message = Control::Flush(done);
+        let mut message = Signal::Flush(done);
         loop {
             match self.control.try_send(message) {
                 Ok(()) => break,
@@ -289,7 +289,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// an empty buffer and writes them, one `write` per thread's batch; with none, it sleeps until
 /// a line wakes it. Ends when the [`AccessLog`] is dropped, after writing what is held. A failed
 /// write loses that batch (there is nowhere left to report it), never the thread.
-fn write_lines(shared: &Shared, told: &Receiver<Control>, mut out: Box<dyn Write + Send>) {
+fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
     let mut flushes = Vec::new();
     let mut wrote = true;
@@ -301,11 +301,11 @@ fn write_lines(shared: &Shared, told: &Receiver<Control>, mut out: Box<dyn Write
             told.recv().map_err(|_| true)
         };
         let ended = match heard {
-            Ok(Control::Flush(done)) => {
+            Ok(Signal::Flush(done)) => {
                 flushes.push(done);
                 false
             }
-            Ok(Control::Wake) | Err(false) => false,
+            Ok(Signal::Wake) | Err(false) => false,
             Err(true) => true,
         };
         let shards: Vec<Arc<Shard>> = lock(&shared.shards).clone();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Method, header};
+use http::{HeaderMap, HeaderName, Method, header};
 
 use crate::config::RouteConfig;
 
@@ -105,11 +105,17 @@ pub fn check_cacheable(
     if !route.methods.contains(cache_method(method)) {
         return Err(Bypass::Method);
     }
-    let builtin = [header::AUTHORIZATION, header::COOKIE];
-    for credential in builtin.iter().chain(&route.credential_headers) {
-        if headers.contains_key(credential) && !route.key.headers.contains(credential) {
-            return Err(Bypass::Credentials);
-        }
+    // One pass over the request's few names rather than a hashed lookup per credential.
+    let credential = |name: &HeaderName| {
+        name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || route.credential_headers.contains(name)
+    };
+    if headers
+        .keys()
+        .any(|name| credential(name) && !route.key.headers.contains(name))
+    {
+        return Err(Bypass::Credentials);
     }
     Ok(())
 }

@@ -26,7 +26,12 @@ pub enum TargetError {
 /// Checks the request's `Host` and replaces its target with the normalized one.
 pub fn normalize<B>(req: &mut Request<B>) -> Result<(), TargetError> {
     if req.version() == Version::HTTP_11 {
-        let hosts = req.headers().get_all(header::HOST).iter().count();
+        // A pass over the request's few fields costs less than hashing the name to look it up.
+        let hosts = req
+            .headers()
+            .iter()
+            .filter(|(name, _)| *name == header::HOST)
+            .count();
         if hosts != 1 {
             return Err(TargetError::Host(hosts));
         }
