@@ -369,7 +369,8 @@ impl Proxy {
             Some(route) if check_cacheable(route, &parts.method, &parts.headers).is_ok() => {
                 match self.cacheable(route, parts, body, peer) {
                     Ok(answer) => answer,
-                    Err(lookup) => self.looked_up(*lookup).await,
+                    // Boxed: the lookup's future holds a fill's (tens of KiB).
+                    Err(lookup) => Box::pin(self.looked_up(*lookup)).await,
                 }
             }
             _ => ProxyError::NoRoute.into_answer(CacheOutcome::UriMiss),
