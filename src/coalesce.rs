@@ -33,6 +33,7 @@ use crate::fleet::FillLock;
 use crate::fleet::Fleet;
 use crate::flight::{Crowded, Flights, Interest, Joined};
 use crate::handles::Handles;
+use crate::key::CacheKey;
 use crate::l2::{KeyNames, Peek};
 use crate::metrics::LockOutcome;
 use crate::wait::{Purpose, Settled, Trace};
@@ -79,9 +80,10 @@ impl Coalescer {
         let mut fill_req = req.clone();
         // The flight's spans (its fill's) are children of the leader's request span.
         let parent = tracing::Span::current();
+        let mark = self.handles.l1().fence().mark();
         self.flights.join(
             req.key,
-            req.route.lock.max_waiters,
+            (mark, req.route.lock.max_waiters),
             move |interest, hold| {
                 fill_req.hold = Some(hold);
                 fill_req.weight = this.weight(&fill_req, &interest);
@@ -89,6 +91,11 @@ impl Coalescer {
                 Landed::from_flight(flight, parent)
             },
         )
+    }
+
+    /// Makes `joined`'s flight for `key` unjoinable (see [`Flights::retire`]).
+    pub fn retire(&self, key: &CacheKey, joined: &Joined<Landed>) {
+        self.flights.retire(key, joined);
     }
 
     /// A miss on a route that does not coalesce (`lock.scope = "none"`): no flight, no lock; L2
@@ -103,13 +110,16 @@ impl Coalescer {
         let this = self.clone();
         let (key, max_waiters) = (req.key, req.route.lock.max_waiters);
         let parent = tracing::Span::current();
-        let _ = self.flights.join(key, max_waiters, move |interest, hold| {
-            let mut req = req;
-            req.hold = Some(hold);
-            req.weight = this.weight(&req, &interest);
-            let flight = async move { this.refresh(req, stale).await };
-            Landed::from_flight(flight, parent)
-        });
+        let mark = self.handles.l1().fence().mark();
+        let _ = self
+            .flights
+            .join(key, (mark, max_waiters), move |interest, hold| {
+                let mut req = req;
+                req.hold = Some(hold);
+                req.weight = this.weight(&req, &interest);
+                let flight = async move { this.refresh(req, stale).await };
+                Landed::from_flight(flight, parent)
+            });
     }
 
     /// How many requests `req`'s fill answers: the flight's here, and the instances waiting on

@@ -94,6 +94,8 @@ impl Drop for InterestGuard {
 /// One flight in the map: its id, its result, and how many followers wait on it.
 struct Flight<T: Clone> {
     id: u64,
+    /// The purge fence's mark when the flight started (see [`crate::purge::Fence`]).
+    began: u64,
     result: FlightResult<T>,
     interest: Interest,
     /// Followers waiting now (bounded by `max_waiters`).
@@ -129,6 +131,10 @@ pub struct Crowded {
 pub struct Joined<T: Clone> {
     pub role: Role,
     pub result: FlightResult<T>,
+    /// The flight's purge-fence mark and id: a follower that came after a purge covering the
+    /// flight's answer retires the flight ([`Flights::retire`]) rather than take it.
+    pub began: u64,
+    id: u64,
     _slot: Option<WaitSlot>,
     _interest: InterestGuard,
 }
@@ -164,7 +170,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     pub fn join<F>(
         &self,
         key: CacheKey,
-        max_waiters: usize,
+        (mark, max_waiters): (u64, usize),
         start: impl FnOnce(Interest, Hold) -> F,
     ) -> Result<Joined<T>, Crowded>
     where
@@ -181,6 +187,8 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             return Ok(Joined {
                 role: Role::Follower,
                 result: flight.result.clone(),
+                began: flight.began,
+                id: flight.id,
                 _slot: Some(slot),
                 _interest: flight.interest.join(),
             });
@@ -204,6 +212,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         let result: FlightResult<T> = async move { task.await.ok() }.boxed().shared();
         let flight = Flight {
             id,
+            began: mark,
             result: result.clone(),
             interest,
             waiting: Arc::default(),
@@ -213,9 +222,20 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         Ok(Joined {
             role: Role::Leader,
             result,
+            began: mark,
+            id,
             _slot: None,
             _interest: leader,
         })
+    }
+
+    /// Makes `joined`'s flight for `key` unjoinable (if it is still the one there): requests that
+    /// come from now on start another. Those already joined keep their result.
+    pub fn retire(&self, key: &CacheKey, joined: &Joined<T>) {
+        let mut map = lock(&self.map);
+        if map.get(key).is_some_and(|f| f.id == joined.id) {
+            map.remove(key);
+        }
     }
 
     /// Followers waiting on the flight for `key`, if there is one.
@@ -288,7 +308,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c = calls.clone();
-        let Ok(first) = flights.join(key(1), 100, move |_, _| async move {
+        let Ok(first) = flights.join(key(1), (0, 100), move |_, _| async move {
             c.fetch_add(1, Ordering::SeqCst);
             let _ = rx.await;
             7
@@ -299,7 +319,7 @@ mod tests {
         let mut others = Vec::new();
         for _ in 0..50 {
             let c = calls.clone();
-            let joined = flights.join(key(1), 100, move |_, _| async move {
+            let joined = flights.join(key(1), (0, 100), move |_, _| async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 0
             });
@@ -322,12 +342,13 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
         let flights = Flights::<u32>::new(None);
-        let Ok(joined) = flights.join(key(2), 1, |_, _| async { panic!("fill blew up") }) else {
+        let Ok(joined) = flights.join(key(2), (0, 1), |_, _| async { panic!("fill blew up") })
+        else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.result.await, None);
         assert!(flights.is_empty());
-        let Ok(joined) = flights.join(key(2), 1, |_, _| async { 3 }) else {
+        let Ok(joined) = flights.join(key(2), (0, 1), |_, _| async { 3 }) else {
             panic!("the first joiner is never turned away");
         };
         assert_eq!(joined.role, Role::Leader);
@@ -338,20 +359,20 @@ mod tests {
     async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
         let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let leader = flights.join(key(3), 2, move |_, _| async move {
+        let leader = flights.join(key(3), (0, 2), move |_, _| async move {
             let _ = rx.await;
             1
         });
         assert!(leader.is_ok());
-        let a = flights.join(key(3), 2, |_, _| async { 0 });
-        let b = flights.join(key(3), 2, |_, _| async { 0 });
+        let a = flights.join(key(3), (0, 2), |_, _| async { 0 });
+        let b = flights.join(key(3), (0, 2), |_, _| async { 0 });
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(
-            flights.join(key(3), 2, |_, _| async { 0 }).err(),
+            flights.join(key(3), (0, 2), |_, _| async { 0 }).err(),
             Some(Crowded { waiting: 2 })
         );
         drop(a);
-        assert!(flights.join(key(3), 2, |_, _| async { 0 }).is_ok());
+        assert!(flights.join(key(3), (0, 2), |_, _| async { 0 }).is_ok());
         let _ = tx.send(());
     }
 
@@ -359,12 +380,12 @@ mod tests {
     async fn a_flight_learns_when_every_joiner_has_gone() {
         let flights = Flights::<u32>::new(None);
         let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-        let leader = flights.join(key(4), 10, move |interest, _| async move {
+        let leader = flights.join(key(4), (0, 10), move |interest, _| async move {
             interest.abandoned().await;
             let _ = tx.send(true);
             0
         });
-        let follower = flights.join(key(4), 10, |_, _| async { 0 });
+        let follower = flights.join(key(4), (0, 10), |_, _| async { 0 });
         assert!(leader.is_ok() && follower.is_ok());
         drop(leader);
         tokio::task::yield_now().await;

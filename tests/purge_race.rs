@@ -92,3 +92,44 @@ async fn a_route_purged_while_a_fill_runs_in_embedded_mode_keeps_nothing() {
     assert!(call_number(&next.json()) > call_number(&first.json()));
     assert_eq!(upstream.calls_for(path), 2);
 }
+
+/// Requests that come after a purge must not get the answer it removed, even from a fill that was
+/// already running: those that join its flight after the purge look again, and together they make
+/// one new fill. (Before, they joined the running flight and got its answer: the purge lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_after_a_purge_do_not_join_the_fill_it_removed_and_share_one_new_fill() {
+    let upstream = Upstream::start().await;
+    let path = "/recommend?segment=late";
+    let cfg = config(None, &recommend_route(&upstream.url(), ""));
+    let fleet = start(1, &cfg).await;
+    let client = Client::new();
+
+    // Step 1: a slow fill runs; the route is purged while it is in the upstream.
+    upstream.script(
+        "/recommend",
+        Reply::status(200).delay(Duration::from_millis(800)),
+    );
+    let leader = client.spawn_get(url(&fleet[0], path));
+    upstream.wait_in_flight(1).await;
+    let purge = PurgeRequest::parse(br#"{"route":"recommend"}"#).expect("a valid purge body");
+    assert!(fleet[0].proxy().purge(&purge).await.is_ok());
+
+    // Step 2: five requests after the purge, while that fill still runs.
+    let late: Vec<_> = (0..5)
+        .map(|_| client.spawn_get(url(&fleet[0], path)))
+        .collect();
+    let first = leader.await.expect("the leader's request");
+    assert_eq!(first.status, 200);
+
+    // Step 3: none of them gets the purged fill's answer; they share one new fill.
+    for answer in late {
+        let answer = answer.await.expect("a late request");
+        assert_eq!(answer.status, 200);
+        assert!(
+            call_number(&answer.json()) > call_number(&first.json()),
+            "a request after the purge got the answer it removed: {:?}",
+            answer.cache_status()
+        );
+    }
+    assert_eq!(upstream.calls_for(path), 2);
+}

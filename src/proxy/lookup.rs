@@ -10,10 +10,11 @@ use crate::answer::{Answer, ProxyError, answer, answer_at, private_answer};
 use http::request::Parts;
 
 use crate::body::ProxyBody;
+use crate::coalesce::Landed;
 use crate::config::{LockScope, RouteConfig};
 use crate::entry::{Answerable, Entry, Freshness, now_ms};
 use crate::fill::{Fill, FillError, FillRequest, Source};
-use crate::flight::Role;
+use crate::flight::{Joined, Role};
 use crate::key::CacheKey;
 use crate::outcome::CacheOutcome;
 use crate::relay::End;
@@ -48,6 +49,7 @@ impl Proxy {
         for _ in 0..MAX_VARIANT_HOPS {
             match self.lookup_key(req).await {
                 Looked::Answer(answer) => return answer,
+                Looked::Again(back) => req = back,
                 Looked::OtherVariant(back, on, generation) => {
                     req = back;
                     let values = vary::projected(&req.route, &req.parts.headers, &on);
@@ -110,6 +112,8 @@ impl Proxy {
                 return Looked::Answer(answer);
             }
         };
+        // After the join: a purge in between counts as before it (at worst a look again).
+        let joined_at = self.handles.l1().fence().mark();
         // A follower may have joined a background refresh that started after its L1 miss, once
         // an entry landed in L1: it answers from that entry rather than waiting for the refresh.
         if joined.role == Role::Follower {
@@ -134,6 +138,16 @@ impl Proxy {
             tracing::Instrument::instrument(joined.result.clone(), wait).await
         };
         match landed {
+            Some(landed)
+                if !leader
+                    && self.purged_before_joining(&req, &joined, joined_at, &landed.fill) =>
+            {
+                // A purge that came between the flight's start and this request removed its
+                // answer: this request must not get it. The flight is retired, so the requests in
+                // the same spot coalesce on the next one.
+                self.coalescer.retire(&req.key, &joined);
+                Looked::Again(req)
+            }
             Some(landed) => {
                 crate::trace::link(landed.by.as_ref(), leader);
                 self.respond(joined.role, &landed.fill, req, stale).await
@@ -143,6 +157,29 @@ impl Proxy {
                 None => ProxyError::FillPanicked.into_answer(CacheOutcome::MissNotStored),
             }),
         }
+    }
+
+    /// Whether a purge recorded after `joined`'s flight started and before this request joined
+    /// it covers the flight's answer.
+    fn purged_before_joining(
+        &self,
+        req: &FillRequest,
+        joined: &Joined<Landed>,
+        joined_at: u64,
+        fill: &Fill,
+    ) -> bool {
+        let entry = match fill {
+            Fill::Shared { entry, .. } => entry,
+            Fill::Streaming { head, .. } => head,
+            _ => return false,
+        };
+        let fence = self.handles.l1().fence();
+        fence.purged_between(
+            (joined.began, joined_at),
+            &req.route.name,
+            &req.key,
+            &entry.tags,
+        )
     }
 
     /// Whether `entry` may answer `req`: it is the variant `req` asks for.
@@ -304,6 +341,8 @@ const MAX_VARIANT_HOPS: usize = 3;
 /// What looking up one key gave.
 enum Looked {
     Answer(Answer),
+    /// The flight joined had an answer a purge removed before this request came: look again.
+    Again(FillRequest),
     /// The entry there is another variant: look again under the variant key for these fields
     /// and the entry's generation (its `stored_at`).
     OtherVariant(FillRequest, Vec<crate::vary::VaryField>, u64),

@@ -37,6 +37,28 @@ impl Fence {
         recent.push_back((seq, purge.clone()));
     }
 
+    /// Whether a purge recorded from `from` up to (not including) `to` covers an entry of
+    /// `route` under `key` with `tags`. When the fence no longer remembers back to `from`, it
+    /// answers yes.
+    pub fn purged_between(
+        &self,
+        (from, to): (u64, u64),
+        route: &str,
+        key: &CacheKey,
+        tags: &[String],
+    ) -> bool {
+        if from == to {
+            return false;
+        }
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.front().is_none_or(|(oldest, _)| *oldest > from) {
+            return true;
+        }
+        recent
+            .iter()
+            .any(|(seq, purge)| (from..to).contains(seq) && purge.covers(route, key, tags))
+    }
+
     /// Whether a purge recorded since `mark` covers an entry of `route` under `key` with
     /// `tags`. When more purges came since than the fence remembers, it answers yes.
     pub fn purged_since(&self, mark: u64, route: &str, key: &CacheKey, tags: &[String]) -> bool {
@@ -56,6 +78,21 @@ impl Fence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fence_tells_a_late_joiner_whether_a_purge_came_between_a_flight_and_it() {
+        let fence = Fence::default();
+        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("a key");
+        let began = fence.mark();
+        fence.record(&Purge::Route("recs".into()));
+        let joined = fence.mark();
+        assert!(fence.purged_between((began, joined), "recs", &key, &[]));
+        assert!(!fence.purged_between((began, joined), "other", &key, &[]));
+        // A purge after the join is not between: the fill's own requests keep its answer.
+        fence.record(&Purge::Route("other".into()));
+        assert!(!fence.purged_between((joined, fence.mark()), "recs", &key, &[]));
+        assert!(!fence.purged_between((joined, joined), "recs", &key, &[]));
+    }
 
     #[test]
     fn the_fence_tells_a_fill_whether_a_purge_since_its_start_covers_it() {
