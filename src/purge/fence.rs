@@ -62,16 +62,7 @@ impl Fence {
     /// Whether a purge recorded since `mark` covers an entry of `route` under `key` with
     /// `tags`. When more purges came since than the fence remembers, it answers yes.
     pub fn purged_since(&self, mark: u64, route: &str, key: &CacheKey, tags: &[String]) -> bool {
-        if self.mark() == mark {
-            return false;
-        }
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.front().is_none_or(|(oldest, _)| *oldest > mark) {
-            return true;
-        }
-        recent
-            .iter()
-            .any(|(seq, purge)| *seq >= mark && purge.covers(route, key, tags))
+        self.mark() != mark && self.purged_between((mark, u64::MAX), route, key, tags)
     }
 }
 
