@@ -394,15 +394,7 @@ async fn waiters_on_another_instance_link_to_the_fill_through_its_notice() {
     upstream.wait_in_flight(1).await;
 
     // Step 2: three requests on B wait for A's fill, subscribed to its notice.
-    let waiter_traces: Vec<String> = (110..113).map(trace_id).collect();
-    let waiters: Vec<_> = waiter_traces
-        .iter()
-        .map(|t| get_traced(&client, b.url(path), t))
-        .collect();
-    eventually("B waits on the fill", Duration::from_secs(10), async || {
-        redis.fill_subscribers().await == 1
-    })
-    .await;
+    let (waiter_traces, waiters) = waiting_on(&client, &b, path, &redis, 110).await;
     assert_eq!(leader.await.expect("leader task").status, 200);
     for waiter in waiters {
         let answer = waiter.await.expect("waiter task");
@@ -443,15 +435,7 @@ async fn waiters_tailing_another_instances_streamed_fill_link_to_it() {
     let answer = upstream.next_call().await;
 
     // Step 2: three requests on B wait for A's fill.
-    let waiter_traces: Vec<String> = (210..213).map(trace_id).collect();
-    let waiters: Vec<_> = waiter_traces
-        .iter()
-        .map(|t| get_traced(&client, b.url(path), t))
-        .collect();
-    eventually("B waits on the fill", Duration::from_secs(10), async || {
-        redis.fill_subscribers().await == 1
-    })
-    .await;
+    let (waiter_traces, waiters) = waiting_on(&client, &b, path, &redis, 210).await;
 
     // Step 3: the head and a first event go out; A relays them, and B tails the log (it reads
     // it) while the body is still open — so B's answer comes from the relay, not the store.
@@ -554,6 +538,27 @@ fn a_bad_telemetry_table_names_its_line_and_field() {
     let off = corral::Config::parse(route, std::path::Path::new("corral.toml"))
         .unwrap_or_else(|err| panic!("{err}"));
     assert!(off.telemetry.is_none(), "off by default");
+}
+
+/// Three requests on `b` for `path`, traced from `first_trace` on, once all three wait for
+/// another instance's fill (subscribed to its notice): their traces and their tasks.
+async fn waiting_on(
+    client: &Client,
+    b: &CorralProcess,
+    path: &str,
+    redis: &RedisServer,
+    first_trace: u32,
+) -> (Vec<String>, Vec<JoinHandle<Resp>>) {
+    let traces: Vec<String> = (first_trace..first_trace + 3).map(trace_id).collect();
+    let tasks = traces
+        .iter()
+        .map(|t| get_traced(client, b.url(path), t))
+        .collect();
+    eventually("B waits on the fill", Duration::from_secs(10), async || {
+        redis.fill_subscribers().await == 1
+    })
+    .await;
+    (traces, tasks)
 }
 
 /// Each of B's requests (by trace) links to A's one fill span (of the leader's trace), learnt
