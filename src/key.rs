@@ -10,6 +10,12 @@
 //! length-prefixed, so `("ab", "c")` and `("a", "bc")`
 //! hash differently, and every list is count-prefixed. Nothing of the raw request reaches a Redis
 //! key: only the hex digest does.
+//!
+//! The scheme the client spoke is part of the identity too, since the upstream is told it
+//! (`X-Forwarded-Proto`) and may answer by it (absolute links, redirects to `https`). A request
+//! over a TLS listener has its own key, the plain key put through blake3's key derivation
+//! ([`CacheKey::for_scheme`]): no plain key can equal it, and a plain listener's keys are the
+//! same as before the scheme counted.
 
 use std::cell::Cell;
 use std::fmt;
@@ -20,9 +26,13 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::config::KeySpec;
+use crate::target::ClientScheme;
 
 /// Bumped whenever the encoding changes, so old and new keys never collide.
 const FORMAT_TAG: &[u8] = b"corral-key-v1";
+
+/// The blake3 key-derivation context of the keys of requests over TLS ([`CacheKey::for_scheme`]).
+const HTTPS_CONTEXT: &str = "corral 2026-12 cache key of a request over https";
 
 /// A 32-byte blake3 digest identifying one cacheable response.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,6 +61,15 @@ impl CacheKey {
             SCRATCH.set(buf);
         }
         key
+    }
+
+    /// The key of the same request spoken over `scheme`: itself for plain `http`, else a key
+    /// derived from it in blake3's key-derivation mode, which hashes in a domain of its own.
+    pub fn for_scheme(self, scheme: ClientScheme) -> CacheKey {
+        match scheme {
+            ClientScheme::Http => self,
+            ClientScheme::Https => CacheKey(blake3::derive_key(HTTPS_CONTEXT, &self.0)),
+        }
     }
 
     /// The lower-case hex digest: what Redis keys and channels carry.

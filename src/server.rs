@@ -206,8 +206,8 @@ async fn serve(
     });
     // What the forwarding headers say: the listener's kind, fixed for its life.
     let scheme = match tls {
-        Some(_) => crate::upstream::ClientScheme::Https,
-        None => crate::upstream::ClientScheme::Http,
+        Some(_) => crate::target::ClientScheme::Https,
+        None => crate::target::ClientScheme::Http,
     };
     loop {
         let slot = tokio::select! {
@@ -237,7 +237,7 @@ async fn serve(
         let service = service_fn(move |mut req: Request<Incoming>| {
             // Absent means plain `http`: a plain listener's requests skip the extension map (an
             // allocation and a hash table per request).
-            if scheme == crate::upstream::ClientScheme::Https {
+            if scheme == crate::target::ClientScheme::Https {
                 req.extensions_mut().insert(scheme);
             }
             let in_flight = requests.begin();

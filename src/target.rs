@@ -12,6 +12,30 @@ use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Version};
 
+/// The scheme a client spoke to Corral in: what `X-Forwarded-Proto` and `Forwarded: proto=` tell
+/// the upstream, and so part of the cache key ([`crate::key::CacheKey::for_scheme`]). It is the listener's kind, fixed at start; the listener puts it in each request's
+/// extensions, and a request without one (built in-process) is taken as plain `http`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl ClientScheme {
+    /// The scheme `parts` arrived over.
+    pub fn of(parts: &http::request::Parts) -> ClientScheme {
+        parts.extensions.get().copied().unwrap_or_default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Http => "http",
+            ClientScheme::Https => "https",
+        }
+    }
+}
+
 /// Why a request target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {

@@ -16,9 +16,7 @@ pub mod endpoints;
 mod pool;
 mod request;
 pub mod tls;
-pub use request::{
-    ClientScheme, fill_request, fill_request_to, fill_would_forward, rewrite, strip_hop_by_hop,
-};
+pub use request::{fill_request, fill_request_to, fill_would_forward, rewrite, strip_hop_by_hop};
 pub use tls::{TlsFailure, TlsRoute};
 
 /// Spare bytes a read body may carry into the cache before it is copied to an exact allocation.

@@ -608,3 +608,25 @@ proptest! {
         prop_assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{}", hex);
     }
 }
+
+proptest! {
+    /// The upstream is told the client's scheme, so a request over TLS has a key of its own; a
+    /// plain request's key is what it was before the scheme counted (no cold cache on upgrade).
+    #[test]
+    fn the_scheme_splits_the_key_and_leaves_plain_keys_as_they_were(
+        p1 in "(/[a-z0-9]{0,5}){1,3}",
+        p2 in "(/[a-z0-9]{0,5}){1,3}",
+    ) {
+        use corral::target::ClientScheme::{Http, Https};
+        let s = spec(None, &[], &[]);
+        let (a, b) = (get(&s, &p1), get(&s, &p2));
+        prop_assert_eq!(a.for_scheme(Http), a);
+        prop_assert_ne!(a.for_scheme(Https), a);
+        prop_assert_eq!(a.for_scheme(Https), a.for_scheme(Https));
+        // No https key is another request's plain key.
+        prop_assert_ne!(a.for_scheme(Https), b);
+        if p1 != p2 {
+            prop_assert_ne!(a.for_scheme(Https), b.for_scheme(Https));
+        }
+    }
+}

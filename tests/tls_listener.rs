@@ -195,3 +195,94 @@ async fn the_upstream_is_told_https_on_fills_and_pass_throughs() {
     );
     instance.shutdown().await;
 }
+
+/// A fleet on one Redis with a TLS instance and a plain one: the upstream is told each request's
+/// scheme, so each scheme has its own entry (and fill) for the same path. A purge by path removes
+/// both; one by a URL with a scheme, that scheme's only.
+#[tokio::test]
+async fn a_fleet_of_tls_and_plain_listeners_keeps_each_schemes_answer_apart() {
+    let pki = Pki::new();
+    let redis = support::RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let leaf = pki.server(&["127.0.0.1"]);
+    let tls_path = write_config_with(&pki.dir(), &upstream.url(), &leaf, "");
+    let tls_text = std::fs::read_to_string(&tls_path).expect("read the config back");
+    let tls_text = tls_text.replacen(
+        "[[route]]",
+        &format!("{}\n[[route]]", support::corral::redis_table(&redis.url())),
+        1,
+    );
+    std::fs::write(&tls_path, tls_text).expect("write the config");
+    let tls_config = corral::Config::load(&tls_path).unwrap_or_else(|e| panic!("{e}"));
+    let secure = corral::Instance::start(&tls_config)
+        .await
+        .expect("start the TLS instance");
+    let plain_config = support::corral::config(
+        Some(&redis.url()),
+        &support::corral::recommend_route(&upstream.url(), ""),
+    );
+    let plain = corral::Instance::start(&plain_config)
+        .await
+        .expect("start the plain instance");
+    let client = support::Client::new();
+    let (tls, _, _) = connect(secure.addr(), &pki, &[b"http/1.1"]).await;
+    let (mut h1, conn) = http1::handshake(TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+
+    let path = "/recommend?s=1";
+    let mut over_tls = async || {
+        let resp = h1.send_request(request(path)).await.expect("an answer");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let told = upstream
+            .last_headers(path)
+            .expect("a fill reached the upstream");
+        (body, told["x-forwarded-proto"].clone())
+    };
+    let over_plain = async || {
+        let resp = client.get(&support::corral::url(&plain, path), &[]).await;
+        assert_eq!(resp.status, 200);
+        resp.body
+    };
+
+    // Each scheme's first request fills its own entry, and is told its own scheme.
+    let (secure_body, told) = over_tls().await;
+    assert_eq!(told, "https");
+    let plain_body = over_plain().await;
+    assert_ne!(
+        plain_body, secure_body,
+        "the plain client got the https answer"
+    );
+    assert_eq!(
+        upstream.last_headers(path).expect("a fill")["x-forwarded-proto"],
+        "http"
+    );
+    assert_eq!(upstream.calls_for(path), 2);
+    // Each is then a hit, on its own answer.
+    assert_eq!(over_tls().await.0, secure_body);
+    assert_eq!(over_plain().await, plain_body);
+    assert_eq!(upstream.calls_for(path), 2);
+
+    // A purge of the https URL removes only the https entry.
+    let proxy = plain.proxy();
+    let purge = async |body: String| {
+        let purge = corral::purge::PurgeRequest::parse(body.as_bytes()).expect("a purge body");
+        proxy.purge(&purge).await.expect("purged")
+    };
+    assert_eq!(
+        purge(format!(r#"{{"url":"https://corral.test{path}"}}"#)).await,
+        1
+    );
+    assert_eq!(over_plain().await, plain_body);
+    let (refilled, told) = over_tls().await;
+    assert_ne!(refilled, secure_body);
+    assert_eq!(told, "https");
+    assert_eq!(upstream.calls_for(path), 3);
+    // A purge of the path removes both.
+    assert_eq!(purge(format!(r#"{{"url":"{path}"}}"#)).await, 2);
+    assert_ne!(over_plain().await, plain_body);
+    assert_ne!(over_tls().await.0, refilled);
+    assert_eq!(upstream.calls_for(path), 5);
+    secure.shutdown().await;
+    plain.shutdown().await;
+}

@@ -16,6 +16,10 @@ use super::Proxy;
 use crate::body::ProxyBody;
 use crate::entry::now_ms;
 use crate::key::CacheKey;
+use crate::target::ClientScheme;
+
+/// The schemes a client may speak: a purge by path removes the entry of each.
+const SCHEMES: [ClientScheme; 2] = [ClientScheme::Http, ClientScheme::Https];
 use crate::purge::{
     MAX_PREFIX_DEPTH, Mode, Purge, PurgeError, PurgeOrder, PurgeRequest, prefix_tag,
 };
@@ -27,7 +31,7 @@ impl Proxy {
     pub async fn purge(&self, request: &PurgeRequest) -> Result<u64, PurgeError> {
         let purges = match &request.prefix {
             Some(prefix) => self.resolve_prefix(prefix)?,
-            None => vec![self.resolve(request)?],
+            None => self.resolve(request)?,
         };
         // One moment for the whole request: what was stored before it is marked.
         let mode = if request.soft {
@@ -112,19 +116,28 @@ impl Proxy {
         Ok(purged)
     }
 
-    fn resolve(&self, request: &PurgeRequest) -> Result<Purge, PurgeError> {
+    /// What a purge by `route`, `tag` or `url` removes. A `url` with a scheme names that scheme's
+    /// entry; a path alone names both, the `http` and the `https` one (a request's scheme is in
+    /// its key: see [`CacheKey::for_scheme`]).
+    fn resolve(&self, request: &PurgeRequest) -> Result<Vec<Purge>, PurgeError> {
         if let Some(route) = &request.route {
             return match self.router.named(route) {
-                Some(_) => Ok(Purge::Route(route.clone())),
+                Some(_) => Ok(vec![Purge::Route(route.clone())]),
                 None => Err(PurgeError::UnknownRoute(route.clone())),
             };
         }
         if let Some(tag) = &request.tag {
-            return Ok(Purge::Tag(tag.clone()));
+            return Ok(vec![Purge::Tag(tag.clone())]);
         }
         let url = request.url.as_deref().unwrap_or("/");
         let malformed = |what: &str| PurgeError::Malformed(format!("{what} in {url:?}"));
         let uri: Uri = url.parse().map_err(|_| malformed("not a URL path"))?;
+        let schemes = match uri.scheme_str() {
+            None => SCHEMES.as_slice(),
+            Some("http") => &SCHEMES[..1],
+            Some("https") => &SCHEMES[1..],
+            Some(_) => return Err(malformed("a scheme other than http or https")),
+        };
         // The same path and method as the request being purged was keyed with.
         let path =
             crate::target::normalize_path(uri.path()).map_err(|e| malformed(&e.to_string()))?;
@@ -155,10 +168,13 @@ impl Proxy {
         let body = request.body_bytes();
         let key = CacheKey::derive(&route.name, &route.key, &method, &uri, &headers, &body)
             .map_err(|e| PurgeError::Malformed(e.to_string()))?;
-        Ok(Purge::Key {
-            route: route.name.clone(),
-            key,
-        })
+        Ok(schemes
+            .iter()
+            .map(|&scheme| Purge::Key {
+                route: route.name.clone(),
+                key: key.for_scheme(scheme),
+            })
+            .collect())
     }
 
     /// After an unsafe request passed through: invalidates its target URI and same-origin
@@ -186,12 +202,15 @@ impl Proxy {
                 b"",
             );
             let Ok(key) = key else { continue };
-            let purge = Purge::Key {
-                route: route.name.clone(),
-                key,
-            };
-            if let Err(err) = self.apply(PurgeOrder::delete(purge)).await {
-                tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
+            // Both schemes' entries: the resource changed for every client.
+            for scheme in SCHEMES {
+                let purge = Purge::Key {
+                    route: route.name.clone(),
+                    key: key.for_scheme(scheme),
+                };
+                if let Err(err) = self.apply(PurgeOrder::delete(purge)).await {
+                    tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
+                }
             }
         }
     }

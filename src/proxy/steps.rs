@@ -19,6 +19,7 @@ use crate::fill::FillRequest;
 use crate::key::CacheKey;
 use crate::outcome::CacheOutcome;
 use crate::route::{cache_method, check_cacheable};
+use crate::target::ClientScheme;
 
 impl Proxy {
     /// A routed request: passed through, or keyed and answered from L1 when its body is
@@ -84,7 +85,8 @@ impl Proxy {
             &parts.headers,
             &body,
         ) {
-            Ok(key) => key,
+            // The scheme the client spoke is told to the upstream: it is keyed.
+            Ok(key) => key.for_scheme(ClientScheme::of(&parts)),
             Err(err) => return Ok(ProxyError::from(err).into_answer(CacheOutcome::Bypass)),
         };
         if let Some(hit) = self.fresh_hit(route, &key, &parts) {

@@ -8,35 +8,14 @@ use http::Request;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 
-/// The scheme a client spoke to Corral in: what `X-Forwarded-Proto` and `Forwarded: proto=` tell
-/// the upstream. It is the listener's kind, fixed at start; the listener puts it in each request's
-/// extensions, and a request without one (built in-process) is taken as plain `http`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ClientScheme {
-    #[default]
-    Http,
-    Https,
-}
+use crate::target::ClientScheme;
 
-impl ClientScheme {
-    /// The scheme `parts` arrived over.
-    pub fn of(parts: &http::request::Parts) -> ClientScheme {
-        parts.extensions.get().copied().unwrap_or_default()
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientScheme::Http => "http",
-            ClientScheme::Https => "https",
-        }
-    }
-
-    fn forwarded(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            ClientScheme::Http => "proto=http",
-            ClientScheme::Https => "proto=https",
-        })
-    }
+/// `Forwarded: proto=` of a shared fill: Corral's own element, with the leader's scheme.
+fn forwarded(scheme: ClientScheme) -> HeaderValue {
+    HeaderValue::from_static(match scheme {
+        ClientScheme::Http => "proto=http",
+        ClientScheme::Https => "proto=https",
+    })
 }
 
 /// Rewrites a client request for `upstream`: target URI, `Host`, forwarding headers, no hop-by-hop.
@@ -113,7 +92,7 @@ pub fn fill_request_to<B>(
     }
     let scheme = ClientScheme::of(parts);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
-    headers.insert(header::FORWARDED, scheme.forwarded());
+    headers.insert(header::FORWARDED, forwarded(scheme));
     let mut req = Request::new(body);
     if route.tls.is_some() {
         req.extensions_mut()
