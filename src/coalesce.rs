@@ -70,7 +70,7 @@ impl Coalescer {
 
     /// Flights in progress in this process (a graceful shutdown waits for them).
     pub fn in_progress(&self) -> usize {
-        self.flights.len()
+        self.flights.running()
     }
 
     /// Joins the flight for `req`'s key, starting it if there is none. Turned away when the

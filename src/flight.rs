@@ -150,6 +150,9 @@ impl Drop for WaitSlot {
 /// The flights in progress in this process.
 pub struct Flights<T: Clone> {
     map: Map<T>,
+    /// Fills whose task has not ended (or whose answer is still held): those in the map, and
+    /// retired ones, which left it but still run.
+    running: Arc<AtomicUsize>,
     next_id: AtomicU64,
     /// Observes, as each flight lands, how many requests waited on it.
     waiters: Option<Histogram>,
@@ -159,6 +162,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     pub fn new(waiters: Option<Histogram>) -> Flights<T> {
         Flights {
             map: Arc::default(),
+            running: Arc::default(),
             next_id: AtomicU64::new(0),
             waiters,
         }
@@ -197,8 +201,10 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         let interest = Interest::default();
         let leader = interest.join();
         let joined = Arc::new(AtomicUsize::new(0));
+        self.running.fetch_add(1, Ordering::AcqRel);
         let landing = Arc::new(Landing {
             map: self.map.clone(),
+            running: self.running.clone(),
             key,
             id,
             joined: joined.clone(),
@@ -245,9 +251,15 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             .map(|f| f.waiting.load(Ordering::Relaxed))
     }
 
-    /// Flights in progress.
+    /// Flights in progress that requests can join.
     pub fn len(&self) -> usize {
         lock(&self.map).len()
+    }
+
+    /// Fills in progress, retired ones included: what a graceful shutdown waits for (a retired
+    /// fill still holds its fleet lock, which other instances' waiters are watching).
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,6 +277,7 @@ impl<T: Clone + Send + Sync + 'static> Default for Flights<T> {
 /// [`Hold`] on it has gone.
 struct Landing<T: Clone> {
     map: Map<T>,
+    running: Arc<AtomicUsize>,
     key: CacheKey,
     id: u64,
     joined: Arc<AtomicUsize>,
@@ -277,6 +290,8 @@ impl<T: Clone> Drop for Landing<T> {
         if map.get(&self.key).is_some_and(|f| f.id == self.id) {
             map.remove(&self.key);
         }
+        drop(map);
+        self.running.fetch_sub(1, Ordering::AcqRel);
         if let Some(waiters) = &self.waiters {
             // The leader counts as one of the requests the fill answered.
             waiters.observe((self.joined.load(Ordering::Relaxed) + 1) as f64);
@@ -337,6 +352,30 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retired_fill_is_not_joined_but_counts_as_running_until_it_ends() {
+        let flights = Flights::<u32>::new(None);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let Ok(old) = flights.join(key(5), (0, 10), move |_, _| async move {
+            let _ = rx.await;
+            1
+        }) else {
+            panic!("the first joiner is never turned away");
+        };
+        flights.retire(&key(5), &old);
+        assert_eq!((flights.len(), flights.running()), (0, 1));
+        // The next request starts a fill of its own; both run.
+        let Ok(new) = flights.join(key(5), (1, 10), |_, _| async { 2 }) else {
+            panic!("the first joiner is never turned away");
+        };
+        assert_eq!(new.role, Role::Leader);
+        assert_eq!(new.result.await, Some(2));
+        assert_eq!((flights.len(), flights.running()), (0, 1));
+        let _ = tx.send(());
+        assert_eq!(old.result.await, Some(1));
+        assert_eq!(flights.running(), 0);
     }
 
     #[tokio::test]
