@@ -17,12 +17,12 @@ use crate::body::ProxyBody;
 use crate::entry::now_ms;
 use crate::key::CacheKey;
 use crate::target::ClientScheme;
-
-/// The schemes a client may speak: a purge by path removes the entry of each.
-const SCHEMES: [ClientScheme; 2] = [ClientScheme::Http, ClientScheme::Https];
 use crate::purge::{
     MAX_PREFIX_DEPTH, Mode, Purge, PurgeError, PurgeOrder, PurgeRequest, prefix_tag,
 };
+
+/// The schemes a client may speak: a purge by path removes the entry of each.
+const SCHEMES: [ClientScheme; 2] = [ClientScheme::Http, ClientScheme::Https];
 
 impl Proxy {
     /// Purges what `request` names: from Redis and, through the invalidation channel, from every
@@ -39,11 +39,30 @@ impl Proxy {
         } else {
             Mode::Delete
         };
-        let mut purged = 0;
-        for purge in purges {
-            purged += self.apply(PurgeOrder { purge, mode }).await?;
-        }
+        let purged = self.apply_all(purges, mode).await?;
         tracing::info!(purge = %request.describe(), purged, "purged");
+        Ok(purged)
+    }
+
+    /// Applies `purges`, counting them in the metrics as one purge asked for: each route and tag
+    /// purge on its own, the keys of one URL (one per scheme) as one purge by `url`.
+    async fn apply_all(&self, purges: Vec<Purge>, mode: Mode) -> Result<u64, PurgeError> {
+        let metrics = self.handles.metrics();
+        let (mut purged, mut keys) = (0, None);
+        for purge in purges {
+            let kind = purge.kind();
+            let is_key = matches!(purge, Purge::Key { .. });
+            let n = self.apply(PurgeOrder { purge, mode }).await?;
+            purged += n;
+            if is_key {
+                keys.get_or_insert((kind, 0)).1 += n;
+            } else {
+                metrics.purge(kind, mode, n);
+            }
+        }
+        if let Some((kind, n)) = keys {
+            metrics.purge(kind, mode, n);
+        }
         Ok(purged)
     }
 
@@ -105,13 +124,9 @@ impl Proxy {
             }
             None => l1.apply(&order).await,
         };
-        let purge = &order.purge;
-        if let (Purge::Key { key, .. }, Mode::Delete) = (purge, order.mode) {
+        if let (Purge::Key { key, .. }, Mode::Delete) = (&order.purge, order.mode) {
             self.handles.marks().remove(key);
         }
-        self.handles
-            .metrics()
-            .purge(purge.kind(), order.mode, purged);
         tracing::debug!(purge = %order.payload(), purged, "purged");
         Ok(purged)
     }
@@ -203,14 +218,12 @@ impl Proxy {
             );
             let Ok(key) = key else { continue };
             // Both schemes' entries: the resource changed for every client.
-            for scheme in SCHEMES {
-                let purge = Purge::Key {
-                    route: route.name.clone(),
-                    key: key.for_scheme(scheme),
-                };
-                if let Err(err) = self.apply(PurgeOrder::delete(purge)).await {
-                    tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
-                }
+            let purges = SCHEMES.map(|scheme| Purge::Key {
+                route: route.name.clone(),
+                key: key.for_scheme(scheme),
+            });
+            if let Err(err) = self.apply_all(purges.into(), Mode::Delete).await {
+                tracing::warn!(%uri, %err, "could not invalidate after an unsafe request");
             }
         }
     }
