@@ -16,10 +16,10 @@ use super::Proxy;
 use crate::body::ProxyBody;
 use crate::entry::now_ms;
 use crate::key::CacheKey;
-use crate::target::ClientScheme;
 use crate::purge::{
     MAX_PREFIX_DEPTH, Mode, Purge, PurgeError, PurgeOrder, PurgeRequest, prefix_tag,
 };
+use crate::target::ClientScheme;
 
 /// The schemes a client may speak: a purge by path removes the entry of each.
 const SCHEMES: [ClientScheme; 2] = [ClientScheme::Http, ClientScheme::Https];
