@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use corral::Instance;
 use futures_util::future::join_all;
-use support::corral::{admin_url, cluster_config, entry_name, recommend_route, start, url};
+use support::corral::{
+    admin_url, cluster_config, entry_name, entry_name_over, recommend_route, start, url,
+};
 use support::fleet::ADMIN;
 use support::redis::kill_pubsub_clients;
 use support::{Client, RedisCluster, Resp, Upstream, eventually};
@@ -317,10 +319,15 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
         }
     }
     let dead = dead.expect("a node serves the channel's slot");
+    // A purge by path removes the entry of both schemes (`http`, `https`): both must live on
+    // surviving nodes for it to succeed.
     let mut path = None;
     for k in 0..100 {
         let candidate = format!("/recommend?segment=p{k}");
-        if !cluster.serves(dead, &entry_name(&cfg, &candidate)).await {
+        let https = entry_name_over(&cfg, &candidate, corral::target::ClientScheme::Https);
+        if !cluster.serves(dead, &entry_name(&cfg, &candidate)).await
+            && !cluster.serves(dead, &https).await
+        {
             path = Some(candidate);
             break;
         }

@@ -173,10 +173,15 @@ pub fn cache_key(cfg: &Config, path: &str) -> corral::key::CacheKey {
 /// The Redis name of the entry a GET of `path` fills on the config's first route, in the `test`
 /// namespace the test configs use.
 pub fn entry_name(cfg: &Config, path: &str) -> String {
+    entry_name_over(cfg, path, corral::target::ClientScheme::Http)
+}
+
+/// [`entry_name`] of the same GET spoken over `scheme` (its key is the scheme's).
+pub fn entry_name_over(cfg: &Config, path: &str, scheme: corral::target::ClientScheme) -> String {
     let route = &cfg.routes[0];
     format!(
         "corral:test:{}:{{{}}}",
         route.name,
-        cache_key(cfg, path).hex()
+        cache_key(cfg, path).for_scheme(scheme).hex()
     )
 }
