@@ -13,8 +13,9 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Version};
 
 /// The scheme a client spoke to Corral in: what `X-Forwarded-Proto` and `Forwarded: proto=` tell
-/// the upstream, and so part of the cache key ([`crate::key::CacheKey::for_scheme`]). It is the listener's kind, fixed at start; the listener puts it in each request's
-/// extensions, and a request without one (built in-process) is taken as plain `http`.
+/// the upstream, and so part of the cache key ([`crate::key::CacheKey::for_scheme`]). It is the
+/// listener's kind, fixed at start; the listener puts it in each request's extensions, and a
+/// request without one (built in-process) is taken as plain `http`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ClientScheme {
     #[default]

@@ -52,7 +52,16 @@ impl Proxy {
         for purge in purges {
             let kind = purge.kind();
             let is_key = matches!(purge, Purge::Key { .. });
-            let n = self.apply(PurgeOrder { purge, mode }).await?;
+            let n = match self.apply(PurgeOrder { purge, mode }).await {
+                Ok(n) => n,
+                Err(err) => {
+                    // What was purged before the failure still counts.
+                    if let Some((kind, n)) = keys {
+                        metrics.purge(kind, mode, n);
+                    }
+                    return Err(err);
+                }
+            };
             purged += n;
             if is_key {
                 keys.get_or_insert((kind, 0)).1 += n;

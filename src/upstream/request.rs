@@ -10,7 +10,7 @@ use http::uri::{PathAndQuery, Uri};
 
 use crate::target::ClientScheme;
 
-/// `Forwarded: proto=` of a shared fill: Corral's own element, with the leader's scheme.
+/// `Forwarded: proto=` of a shared fill: Corral's own element, with its requesters' scheme.
 fn forwarded(scheme: ClientScheme) -> HeaderValue {
     HeaderValue::from_static(match scheme {
         ClientScheme::Http => "proto=http",
@@ -57,8 +57,9 @@ pub fn rewrite<B>(
 ///   upstream cannot answer 304 or 206 for everyone; never hop-by-hop fields;
 /// - the leader's `traceparent` and `tracestate` when well formed (see [`crate::trace`]);
 /// - `Host` is the upstream's authority; `X-Forwarded-Proto` / `Forwarded: proto=` are Corral's
-///   own, with the leader's [`ClientScheme`]. A client's `X-Forwarded-*` and `Forwarded` are
-///   dropped, and nothing of the requester (address, `Host`) is added: it is not in the key.
+///   own, with the requesters' [`ClientScheme`] (it is keyed, so all share it). A client's
+///   `X-Forwarded-*` and `Forwarded` are dropped, and nothing of the requester (address, `Host`)
+///   is added: it is not in the key.
 ///
 /// Bypassed requests use [`rewrite`] instead, which stays transparent.
 pub fn fill_request<B>(
