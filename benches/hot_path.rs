@@ -5,10 +5,11 @@
 //! (writing to a sink), as `corral run` does; the others with the line off.
 //!
 //!
-//! The `proxy/l1_hit_get_http1*` rows run [`Proxy::handle`] itself, as `corral run` serves it:
+//! The `proxy/l1_hit_get_http1*` rows run [`Proxy::begin`] itself, as `corral run` serves it:
 //! behind hyper's HTTP/1 server on an in-memory pipe, one keep-alive connection, the request's
 //! bytes written and the whole answer read back by the bench (so hyper's head parsing and
-//! answer encoding are in, sockets and the kernel are not).
+//! answer encoding are in, sockets and the kernel are not). Both ends run on one thread: with
+//! the server on another, each hit measured a thread's wake-up (71 µs on one VM), not the path.
 //!
 //! `cargo bench --bench hot_path` measures; `cargo bench --bench hot_path -- --test` runs each once.
 //! `HOT_PATH_HITS=N cargo bench --bench hot_path` answers N GET hits (access line on) and exits,
@@ -277,7 +278,13 @@ fn access_line_on() {
 
 fn l1_hit(c: &mut Criterion) {
     let hits = Hits::new();
-    let mut wire = hits.rt.block_on(Wire::open(&hits));
+    // The pipe's two ends on one thread, as one worker serves its connections: a runtime of the
+    // bench's threads would make every hit a wake-up of another thread, and measure that.
+    let wire_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut wire = wire_rt.block_on(Wire::open(&hits));
     let mut group = c.benchmark_group("proxy");
     for line in ["", "_access_line"] {
         if !line.is_empty() {
@@ -294,7 +301,7 @@ fn l1_hit(c: &mut Criterion) {
         }
         group.bench_function(format!("l1_hit_get_http1{line}"), |b| {
             b.iter_custom(|n| {
-                hits.rt.block_on(async {
+                wire_rt.block_on(async {
                     let started = std::time::Instant::now();
                     for _ in 0..n {
                         wire.hit().await;
