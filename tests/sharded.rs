@@ -298,6 +298,26 @@ async fn cluster_waiter_follows_its_slot_to_another_master() {
     }
 }
 
+/// The first `/recommend?segment=<k>` whose http entry does not live on node `node`, and whose
+/// https entry does (`https_there`) or does not.
+async fn placed(
+    cluster: &RedisCluster,
+    cfg: &corral::Config,
+    node: usize,
+    https_there: bool,
+) -> String {
+    for k in 0..500 {
+        let candidate = format!("/recommend?segment={k}");
+        let https = entry_name_over(cfg, &candidate, corral::target::ClientScheme::Https);
+        if !cluster.serves(node, &entry_name(cfg, &candidate)).await
+            && cluster.serves(node, &https).await == https_there
+        {
+            return candidate;
+        }
+    }
+    panic!("no path of 500 has its entries placed so around node {node}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() {
     let mut cluster = RedisCluster::start().await;
@@ -320,19 +340,9 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
     }
     let dead = dead.expect("a node serves the channel's slot");
     // A purge by path removes the entry of both schemes (`http`, `https`): both must live on
-    // surviving nodes for it to succeed.
-    let mut path = None;
-    for k in 0..100 {
-        let candidate = format!("/recommend?segment=p{k}");
-        let https = entry_name_over(&cfg, &candidate, corral::target::ClientScheme::Https);
-        if !cluster.serves(dead, &entry_name(&cfg, &candidate)).await
-            && !cluster.serves(dead, &https).await
-        {
-            path = Some(candidate);
-            break;
-        }
-    }
-    let path = path.expect("some key's slot is on another node");
+    // surviving nodes for it to succeed. And a path whose https entry lives on that node.
+    let path = placed(&cluster, &cfg, dead, false).await;
+    let unreachable = placed(&cluster, &cfg, dead, true).await;
 
     // Step 2: both instances hold the entry in L1.
     for instance in &fleet {
@@ -368,6 +378,16 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
         async || fleet[0].proxy().l1().entry_count().await == 0,
     )
     .await;
+
+    // Step 5: the path whose https entry lives on the dead node: the purge cannot say it removed
+    // everything the path names, so it fails rather than answer 200. Naming the http URL alone
+    // purges what is reachable.
+    let body = format!(r#"{{"url": "{unreachable}"}}"#);
+    let answer = client.post(&target, &headers, body).await;
+    assert_eq!(answer.status, 503, "purge: {}", answer.text());
+    let body = format!(r#"{{"url": "http://corral.test{unreachable}"}}"#);
+    let answer = client.post(&target, &headers, body).await;
+    assert_eq!(answer.status, 200, "purge: {}", answer.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
