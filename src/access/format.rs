@@ -110,7 +110,7 @@ pub(super) fn socket_addr(buf: &mut Vec<u8>, addr: &std::net::SocketAddr) {
 }
 
 /// `n` in decimal; up to three digits by a fixed-size copy (a run-time length calls `memcpy`).
-pub(super) fn decimal(buf: &mut Vec<u8>, mut n: u64) {
+pub(super) fn decimal(buf: &mut Vec<u8>, n: u64) {
     let digit = |n: u64| b'0' + (n % 10) as u8;
     match n {
         0..=9 => return buf.push(digit(n)),
@@ -118,17 +118,7 @@ pub(super) fn decimal(buf: &mut Vec<u8>, mut n: u64) {
         100..=999 => return buf.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]),
         _ => {}
     }
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(crate::outcome::decimal_digits(n, &mut [0; 20]));
 }
 
 /// `n` in decimal, zero-padded to `width` digits (`n` has no more).
