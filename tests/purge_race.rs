@@ -5,9 +5,11 @@ mod support;
 
 use std::time::Duration;
 
+use corral::Instance;
 use corral::purge::PurgeRequest;
 use support::corral::{config, recommend_route, start, url};
-use support::{Client, Fleet, Reply, Upstream};
+use support::{Client, Fleet, Reply, Resp, Upstream};
+use tokio::task::JoinHandle;
 
 /// The upstream call number an answer carries (the test upstream numbers every call).
 fn call_number(body: &serde_json::Value) -> u64 {
@@ -67,28 +69,48 @@ async fn a_key_purged_while_its_fill_runs_is_not_stored_and_waiters_fill_again()
     assert_eq!(upstream.calls_for(path), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_route_purged_while_a_fill_runs_in_embedded_mode_keeps_nothing() {
-    let upstream = Upstream::start().await;
-    let path = "/recommend?segment=embedded";
-    let cfg = config(None, &recommend_route(&upstream.url(), ""));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
+/// One embedded instance, its route purged while the leader's fill of `path` is in the upstream
+/// (which answers after `delay`); the leader's request still runs.
+struct Purged {
+    upstream: Upstream,
+    instance: Instance,
+    client: Client,
+    leader: JoinHandle<Resp>,
+}
 
-    upstream.script(
-        "/recommend",
-        Reply::status(200).delay(Duration::from_millis(500)),
-    );
-    let leader = client.spawn_get(url(&fleet[0], path));
+async fn route_purged_mid_fill(path: &str, delay: Duration) -> Purged {
+    let upstream = Upstream::start().await;
+    let cfg = config(None, &recommend_route(&upstream.url(), ""));
+    let instance = start(1, &cfg).await.remove(0);
+    let client = Client::new();
+    upstream.script("/recommend", Reply::status(200).delay(delay));
+    let leader = client.spawn_get(url(&instance, path));
     upstream.wait_in_flight(1).await;
     let purge = PurgeRequest::parse(br#"{"route":"recommend"}"#).expect("a valid purge body");
-    assert!(fleet[0].proxy().purge(&purge).await.is_ok());
+    assert!(instance.proxy().purge(&purge).await.is_ok());
+    Purged {
+        upstream,
+        instance,
+        client,
+        leader,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_purged_while_a_fill_runs_in_embedded_mode_keeps_nothing() {
+    let path = "/recommend?segment=embedded";
+    let Purged {
+        upstream,
+        instance,
+        client,
+        leader,
+    } = route_purged_mid_fill(path, Duration::from_millis(500)).await;
     let first = leader.await.expect("the leader's request");
     assert_eq!(first.status, 200);
 
     // The answer computed before the purge was not kept: the next request fills again.
     upstream.script("/recommend", Reply::status(200));
-    let next = client.get(&url(&fleet[0], path), &[]).await;
+    let next = client.get(&url(&instance, path), &[]).await;
     assert!(call_number(&next.json()) > call_number(&first.json()));
     assert_eq!(upstream.calls_for(path), 2);
 }
@@ -98,25 +120,18 @@ async fn a_route_purged_while_a_fill_runs_in_embedded_mode_keeps_nothing() {
 /// one new fill. (Before, they joined the running flight and got its answer: the purge lost.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_after_a_purge_do_not_join_the_fill_it_removed_and_share_one_new_fill() {
-    let upstream = Upstream::start().await;
     let path = "/recommend?segment=late";
-    let cfg = config(None, &recommend_route(&upstream.url(), ""));
-    let fleet = start(1, &cfg).await;
-    let client = Client::new();
-
     // Step 1: a slow fill runs; the route is purged while it is in the upstream.
-    upstream.script(
-        "/recommend",
-        Reply::status(200).delay(Duration::from_millis(800)),
-    );
-    let leader = client.spawn_get(url(&fleet[0], path));
-    upstream.wait_in_flight(1).await;
-    let purge = PurgeRequest::parse(br#"{"route":"recommend"}"#).expect("a valid purge body");
-    assert!(fleet[0].proxy().purge(&purge).await.is_ok());
+    let Purged {
+        upstream,
+        instance,
+        client,
+        leader,
+    } = route_purged_mid_fill(path, Duration::from_millis(800)).await;
 
     // Step 2: five requests after the purge, while that fill still runs.
     let late: Vec<_> = (0..5)
-        .map(|_| client.spawn_get(url(&fleet[0], path)))
+        .map(|_| client.spawn_get(url(&instance, path)))
         .collect();
     let first = leader.await.expect("the leader's request");
     assert_eq!(first.status, 200);
