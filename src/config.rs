@@ -90,6 +90,10 @@ pub struct ServerConfig {
     /// Most client connections the proxy listener holds open at once; past it, new connections
     /// wait in the kernel's accept queue until one closes. Default 10000.
     pub max_connections: usize,
+    /// Worker threads of the async runtime, which serve every connection, fill and background
+    /// task. `None` (the default): one per core the process may use (its CPU affinity and cgroup
+    /// quota count). Read at start only.
+    pub workers: Option<usize>,
     /// How long an upstream connection may sit idle in the pool before it is closed. Kept below
     /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.
     /// Default 4s; never zero.
@@ -487,6 +491,8 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
 const MIN_HEADER_BYTES: u64 = 8 * 1024;
+/// A bound on `server.workers`: a typo of a few digits must not start thousands of threads.
+const MAX_WORKERS: usize = 1024;
 const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
 const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);

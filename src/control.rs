@@ -214,6 +214,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             "server.max_connections",
             old.server.max_connections != new.server.max_connections,
         ),
+        // The runtime's threads are started before the config is served.
+        ("server.workers", old.server.workers != new.server.workers),
         // The upstream pool is built once, with the process.
         (
             "server.upstream_idle_timeout",
@@ -289,6 +291,7 @@ mod tests {
             ),
             ("max_headers = 10", "", "server.max_headers"),
             ("max_connections = 10", "", "server.max_connections"),
+            ("workers = 1", "", "server.workers"),
             (
                 "upstream_idle_timeout = \"1s\"",
                 "",

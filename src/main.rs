@@ -64,10 +64,17 @@ fn main() -> ExitCode {
         Command::Validate { config } => {
             init_logs(format, false, None).and_then(|_| validate(&config))
         }
-        // Logging starts once the config is read: its `[telemetry]` says where spans go.
-        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config, format))),
+        // The config is read first: `server.workers` sizes the runtime, and logging starts once
+        // it is read (its `[telemetry]` says where spans go).
+        Command::Run { config } => {
+            Config::load(&config)
+                .map_err(anyhow::Error::from)
+                .and_then(|config| {
+                    runtime(config.server.workers).and_then(|rt| rt.block_on(run(config, format)))
+                })
+        }
         Command::Demo(args) => init_logs(format, true, None)
-            .and_then(|_| runtime())
+            .and_then(|_| runtime(None))
             .and_then(|rt| rt.block_on(demo::run(args))),
     };
     // The access lines still queued are written before the process ends (unless stderr blocks).
@@ -120,8 +127,7 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf, format: LogFormat) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
+async fn run(config: Config, format: LogFormat) -> anyhow::Result<()> {
     let telemetry = init_logs(format, false, config.telemetry.as_ref())?;
     let mut instance = Instance::start(&config).await.context("starting corral")?;
     let terminator = instance.terminator();
@@ -176,8 +182,14 @@ async fn signals(control: std::sync::Arc<corral::control::Control>) {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The multi-threaded runtime: `workers` threads, or tokio's default (one per core the process
+/// may use, or `TOKIO_WORKER_THREADS`).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -89,7 +89,8 @@ impl Instance {
             stopped,
             config.server.clone(),
         ));
-        tracing::info!(%addr, routes = config.routes.len(), redis = config.redis.is_some(), "corral listening");
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(%addr, routes = config.routes.len(), redis = config.redis.is_some(), workers, "corral listening");
         Ok(Instance {
             addr,
             admin_addr,

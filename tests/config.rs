@@ -156,6 +156,27 @@ fn defaults_fill_a_minimal_route() {
     assert_eq!(route.lock.on_wait_timeout, OnWaitTimeout::Bypass);
 }
 
+/// `server.workers` sizes the runtime: absent means one per core; a count outside 1..=1024 is
+/// refused naming the field (a typo must not start thousands of threads).
+#[test]
+fn workers_default_to_the_cores_and_a_bad_count_is_refused() {
+    let config = Config::parse(ROUTE, Path::new("min.toml")).unwrap();
+    assert_eq!(config.server.workers, None);
+    let set = Config::parse(
+        &format!("[server]\nworkers = 3\n{ROUTE}"),
+        Path::new("w.toml"),
+    );
+    assert_eq!(set.unwrap().server.workers, Some(3));
+    for (workers, says) in [
+        ("0", "must be a whole number >= 1, not 0"),
+        ("-2", "must be a whole number >= 1, not -2"),
+        ("100000", "must be at most 1024, not 100000"),
+    ] {
+        let text = format!("[server]\nworkers = {workers}\n{ROUTE}");
+        assert_refused(&text, 2, "server.workers", says);
+    }
+}
+
 #[test]
 fn values_are_normalized() {
     let text = format!(

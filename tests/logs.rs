@@ -234,3 +234,27 @@ async fn access_fill_purge_and_connect_lines_say_what_happened() {
         "the cause is named: {refusal}"
     );
 }
+
+/// `server.workers` sizes the runtime that serves every connection, and the listening line says
+/// how many workers serve (the runtime's own count). Without it, one per core the process may
+/// use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_workers_sizes_the_runtime_and_the_listening_line_says_so() {
+    let upstream = Upstream::start().await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (extra, want) in [("workers = 3", 3), ("", cores)] {
+        let text = config_text(extra, None, &recommend_route(&upstream.url(), ""));
+        let mut corral = CorralProcess::start(&text).await;
+        let listening: Vec<serde_json::Value> = corral
+            .logs()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["fields"]["message"] == "corral listening")
+            .collect();
+        assert_eq!(listening.len(), 1, "{:?}", corral.logs());
+        assert_eq!(listening[0]["fields"]["workers"], want, "{extra:?}");
+        let answer = Client::new().get(&corral.url("/recommend?k=1"), &[]).await;
+        assert_eq!(answer.status, 200);
+        stop(&mut corral).await;
+    }
+}

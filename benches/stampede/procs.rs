@@ -222,8 +222,8 @@ impl Drop for Corral {
     }
 }
 
-/// A `corral run` process of the hit table: the bench's config with the access line on or off,
-/// listening on a port chosen here, its log written to a file (as a deployment's goes to a file or
+/// A `corral run` process of the hit table: the bench's config with the access line on or off
+/// (and `server.workers` when `workers` is given), listening on a port chosen here, its log written to a file (as a deployment's goes to a file or
 /// journald) rather than read by the bench, which would compete with it for the CPU.
 pub struct LoggingCorral {
     pub addr: SocketAddr,
@@ -237,7 +237,9 @@ impl LoggingCorral {
         name: &str,
         s: &CorralSettings<'_>,
         access_log: bool,
+        workers: Option<usize>,
     ) -> Result<LoggingCorral, BoxError> {
+        let workers = workers.map_or(String::new(), |n| format!("\nworkers = {n}"));
         let port = free_port();
         let text = fill_template(
             CORRAL_TOML,
@@ -249,7 +251,10 @@ impl LoggingCorral {
             ],
         )
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
-        .replace("access_log = false", &format!("access_log = {access_log}"));
+        .replace(
+            "access_log = false",
+            &format!("access_log = {access_log}{workers}"),
+        );
         let config = dir.join(format!("{name}.toml"));
         fs::write(&config, &text)?;
         let log = dir.join(format!("{name}.log"));

@@ -25,7 +25,7 @@ use super::{CacheConfig, Config, ConfigError, RouteConfig, ServerConfig};
 use super::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS,
-    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, MAX_WORKERS,
     MIN_HEADER_BYTES,
 };
 use crate::redact::redact;
@@ -224,6 +224,14 @@ impl Checker<'_> {
                 DEFAULT_MAX_CONNECTIONS,
                 (None, "server.max_connections"),
             )?,
+            workers: match &raw.workers {
+                None => None,
+                Some(n) if *n.get_ref() > MAX_WORKERS as i64 => {
+                    let why = format!("must be at most {MAX_WORKERS}, not {}", n.get_ref());
+                    return self.fail(n.span(), (None, "server.workers"), why);
+                }
+                Some(_) => Some(self.count(&raw.workers, 1, (None, "server.workers"))?),
+            },
             default_upstream_timeout: self.positive(
                 &raw.default_upstream_timeout,
                 DEFAULT_UPSTREAM_TIMEOUT,

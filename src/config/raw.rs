@@ -44,6 +44,7 @@ pub(super) struct RawServer {
     pub(super) body_read_timeout: Option<Spanned<HumanDuration>>,
     pub(super) ready_when_degraded: Option<bool>,
     pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) workers: Option<Spanned<i64>>,
     pub(super) upstream_idle_timeout: Option<Spanned<HumanDuration>>,
     pub(super) default_upstream_timeout: Option<Spanned<HumanDuration>>,
     pub(super) tls: Option<Spanned<RawListenerTls>>,
