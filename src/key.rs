@@ -13,9 +13,10 @@
 //!
 //! The scheme the client spoke is part of the identity too, since the upstream is told it
 //! (`X-Forwarded-Proto`) and may answer by it (absolute links, redirects to `https`). A request
-//! over a TLS listener has its own key, the plain key put through blake3's key derivation
-//! ([`CacheKey::for_scheme`]): no plain key can equal it, and a plain listener's keys are the
-//! same as before the scheme counted.
+//! over a TLS listener has its own key ([`CacheKey::for_scheme`]): the plain key's digest, marked
+//! `https`. Keys of the two schemes are never equal, yet share a digest, so their Redis names
+//! share a Cluster hash tag and one path's entries of both schemes live on one node. A plain
+//! listener's keys, and their text, are the same as before the scheme counted.
 
 use std::cell::Cell;
 use std::fmt;
@@ -31,15 +32,22 @@ use crate::target::ClientScheme;
 /// Bumped whenever the encoding changes, so old and new keys never collide.
 const FORMAT_TAG: &[u8] = b"corral-key-v1";
 
-/// The blake3 key-derivation context of the keys of requests over TLS ([`CacheKey::for_scheme`]).
-const HTTPS_CONTEXT: &str = "corral 2026-12 cache key of a request over https";
+/// What follows the digest wherever an https key is written (its text, its Redis names). With it
+/// the text is no longer 64 hex digits, so an older instance refuses an https key's purge message
+/// rather than read it as the plain key's.
+const HTTPS_MARK: &str = ":https";
 
-/// A 32-byte blake3 digest identifying one cacheable response.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CacheKey([u8; 32]);
+/// Identifies one cacheable response: a 32-byte blake3 digest of the request's identity, and the
+/// scheme the client spoke. Two keys are equal only if both are; the digest alone places the key
+/// in Redis (its hash tag), so both schemes of one request share a Cluster slot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    digest: [u8; 32],
+    scheme: ClientScheme,
+}
 
 impl CacheKey {
-    /// Derives the key of a request on a route.
+    /// Derives the (plain `http`) key of a request on a route; see [`CacheKey::for_scheme`].
     ///
     /// With `key.json`, only those fields of `body` count (an empty body: "every field absent");
     /// without, the whole body counts.
@@ -63,35 +71,68 @@ impl CacheKey {
         key
     }
 
-    /// The key of the same request spoken over `scheme`: itself for plain `http`, else a key
-    /// derived from it in blake3's key-derivation mode, which hashes in a domain of its own.
+    /// The key of the same request spoken over `scheme`: the same digest, marked with the scheme.
     pub fn for_scheme(self, scheme: ClientScheme) -> CacheKey {
-        match scheme {
-            ClientScheme::Http => self,
-            ClientScheme::Https => CacheKey(blake3::derive_key(HTTPS_CONTEXT, &self.0)),
+        CacheKey { scheme, ..self }
+    }
+
+    /// The scheme the request was spoken over.
+    pub fn scheme(&self) -> ClientScheme {
+        self.scheme
+    }
+
+    /// The digest, without the scheme: what a key derived from this one hashes (a variant's,
+    /// [`crate::vary::variant_key`]), which then carries this key's scheme itself.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// The digest's 64 lower-case hex digits, the same for both schemes: the Redis Cluster hash
+    /// tag of every name of the key.
+    pub fn digest_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.digest).to_hex().to_string()
+    }
+
+    /// What follows the digest wherever the key is written: nothing for `http` (so plain keys
+    /// read as they did before the scheme counted), `:https` for `https`.
+    pub fn scheme_mark(&self) -> &'static str {
+        match self.scheme {
+            ClientScheme::Http => "",
+            ClientScheme::Https => HTTPS_MARK,
         }
     }
 
-    /// The lower-case hex digest: what Redis keys and channels carry.
-    pub fn hex(&self) -> String {
-        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    /// Parses what the key's [`Display`](fmt::Display) wrote: 64 hex digits, then `:https` for
+    /// an https key.
+    pub fn parse(text: &str) -> Option<CacheKey> {
+        let (hex, scheme) = match text.strip_suffix(HTTPS_MARK) {
+            Some(hex) => (hex, ClientScheme::Https),
+            None => (text, ClientScheme::Http),
+        };
+        let digest = *blake3::Hash::from_hex(hex).ok()?.as_bytes();
+        Some(CacheKey { digest, scheme })
     }
 
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
+    /// The first 12 hex digits and the scheme's mark: enough to tell keys apart in a trace.
+    pub fn short(&self) -> String {
+        let hex = blake3::Hash::from_bytes(self.digest).to_hex();
+        format!("{}{}", &hex[..12], self.scheme_mark())
     }
+}
 
-    /// Parses what [`CacheKey::hex`] wrote.
-    pub fn from_hex(hex: &str) -> Option<CacheKey> {
-        blake3::Hash::from_hex(hex)
-            .ok()
-            .map(|h| CacheKey(*h.as_bytes()))
+/// The key as text, as purge messages carry it: the digest's 64 lower-case hex digits, then
+/// `:https` for an https key ([`CacheKey::parse`] reads it back).
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex = blake3::Hash::from_bytes(self.digest).to_hex();
+        write!(f, "{}{}", hex.as_str(), self.scheme_mark())
     }
 }
 
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CacheKey({})", &self.hex()[..16])
+        let hex = blake3::Hash::from_bytes(self.digest).to_hex();
+        write!(f, "CacheKey({}{})", &hex[..16], self.scheme_mark())
     }
 }
 
@@ -193,8 +234,12 @@ impl KeyHasher {
         self.buf.extend_from_slice(&(n as u64).to_le_bytes());
     }
 
+    /// The plain (`http`) key of what was written.
     pub fn finish(&self) -> CacheKey {
-        CacheKey(*blake3::hash(&self.buf).as_bytes())
+        CacheKey {
+            digest: *blake3::hash(&self.buf).as_bytes(),
+            scheme: ClientScheme::Http,
+        }
     }
 }
 

@@ -16,9 +16,17 @@
 //!   sharded notice (`SPUBLISH`) stays on the shard that holds the entry and the lock
 //! - uncacheable marker `corral:{namespace}:{route}:pass:{<hex>}`: the last fill could not be shared,
 //!   so requests skip the lock for a while instead of queueing behind one another.
+//! - relay logs `corral:{namespace}:{route}:relay:{<hex>}:<fill id>` (see `fleet/relay_log.rs`).
 //! - tag index `corral:{namespace}:tag:<tag>`: a set of entry names, living as long as its longest
 //!   entry.
 //! - invalidation channel `corral:{namespace}:invalidate` (see [`crate::purge`]).
+//!
+//! `<hex>` is the key's digest, which an https key shares with the same request's plain key
+//! ([`CacheKey::for_scheme`]); each name of an https key is the plain one followed by `:https`,
+//! outside the braces (relay logs: before the fill id). So both schemes of one path live in one
+//! slot, and a purge by path, which removes both, needs that one node; a route's `SCAN` patterns
+//! (`…:{route}:{*`, `…:{route}:pass:*`) and the tag indexes find https names as they find plain
+//! ones.
 //!
 //! # In a Redis Cluster
 //! Every script, `MGET` and pipeline on a key names only that key's entry, lock and marker, which
@@ -88,6 +96,20 @@ pub struct KeyNames {
 }
 
 impl KeyNames {
+    /// The names of `route`'s `key` in `namespace` (see the module docs): the key's digest as the
+    /// hash tag, then its scheme's mark, so an https key's names share the slot of the plain key's
+    /// and a plain key's names are what they were before the scheme counted.
+    pub fn new(namespace: &str, route: &str, key: &CacheKey) -> KeyNames {
+        let (ns, hex, mark) = (namespace, key.digest_hex(), key.scheme_mark());
+        KeyNames {
+            entry: format!("corral:{ns}:{route}:{{{hex}}}{mark}"),
+            lock: format!("corral:{ns}:{route}:lock:{{{hex}}}{mark}"),
+            channel: format!("corral:{ns}:{route}:fill:{{{hex}}}{mark}"),
+            pass: format!("corral:{ns}:{route}:pass:{{{hex}}}{mark}"),
+            relay: format!("corral:{ns}:{route}:relay:{{{hex}}}{mark}"),
+        }
+    }
+
     /// The relay log of the streaming fill `id` of this key: one per fill, so a fill that
     /// follows another never writes into a log still being read.
     pub fn relay_log(&self, id: &str) -> String {
@@ -256,16 +278,9 @@ impl L2 {
         self.lock_timeout
     }
 
+    /// The Redis names of `route`'s `key` in this fleet's namespace.
     pub fn names(&self, route: &str, key: &CacheKey) -> KeyNames {
-        let hex = key.hex();
-        let ns = &self.namespace;
-        KeyNames {
-            entry: format!("corral:{ns}:{route}:{{{hex}}}"),
-            lock: format!("corral:{ns}:{route}:lock:{{{hex}}}"),
-            channel: format!("corral:{ns}:{route}:fill:{{{hex}}}"),
-            pass: format!("corral:{ns}:{route}:pass:{{{hex}}}"),
-            relay: format!("corral:{ns}:{route}:relay:{{{hex}}}"),
-        }
+        KeyNames::new(&self.namespace, route, key)
     }
 
     /// The budget of calls whose failure costs only a miss (`[redis] timeout`).
@@ -428,3 +443,6 @@ pub(crate) fn decode(name: &str, raw: Bytes) -> Option<Entry> {
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
+
+#[cfg(test)]
+mod tests;

@@ -280,10 +280,12 @@ impl Purge {
         }
     }
 
-    /// The invalidation message: `key <route> <hex>`, `route <name>`, `tag <tag>`, `all`.
+    /// The invalidation message: `key <route> <key>`, `route <name>`, `tag <tag>`, `all`, where
+    /// `<key>` is the key's text (64 hex digits, then `:https` for an https key, which instances
+    /// older than that form refuse: see [`CacheKey::parse`]).
     pub fn payload(&self) -> String {
         match self {
-            Purge::Key { route, key } => format!("key {route} {}", key.hex()),
+            Purge::Key { route, key } => format!("key {route} {key}"),
             Purge::Route(route) => format!("route {route}"),
             Purge::Tag(tag) => format!("tag {tag}"),
             Purge::All => "all".to_owned(),
@@ -295,10 +297,10 @@ impl Purge {
         let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));
         match kind {
             "key" => {
-                let (route, hex) = rest.split_once(' ')?;
+                let (route, key) = rest.split_once(' ')?;
                 Some(Purge::Key {
                     route: route.to_owned(),
-                    key: CacheKey::from_hex(hex)?,
+                    key: CacheKey::parse(key)?,
                 })
             }
             "route" if !rest.is_empty() => Some(Purge::Route(rest.to_owned())),
@@ -386,10 +388,15 @@ mod tests {
     fn payloads_round_trip() {
         let mut h = crate::key::KeyHasher::new();
         h.field(b"k");
+        let https = h.finish().for_scheme(crate::target::ClientScheme::Https);
         let purges = [
             Purge::Key {
                 route: "recommend".into(),
                 key: h.finish(),
+            },
+            Purge::Key {
+                route: "recommend".into(),
+                key: https,
             },
             Purge::Route("recommend".into()),
             Purge::Tag("article-7".into()),
@@ -421,6 +428,20 @@ mod tests {
         }
         assert_eq!(Purge::parse(b"tag "), None);
         assert_eq!(Purge::parse(b"key recommend nothex"), None);
+        // An https key's message names its scheme, in a form an instance that reads 64 hex
+        // digits alone refuses rather than take for the plain key.
+        let payload = PurgeOrder::delete(Purge::Key {
+            route: "recommend".into(),
+            key: https,
+        })
+        .payload();
+        let (_, text) = payload.rsplit_once(' ').expect("a key message");
+        assert_eq!(text, format!("{}:https", https.digest_hex()));
+        assert!(blake3::Hash::from_hex(text).is_err());
+        for bad in [":http", ":HTTPS", "https", ":https:https", ":https "] {
+            let message = format!("key recommend {}{bad}", https.digest_hex());
+            assert_eq!(Purge::parse(message.as_bytes()), None, "{message}");
+        }
         for bad in [
             "soft 12 all",
             "soft x tag t",

@@ -16,7 +16,7 @@ use http::{Request, Version};
 /// the upstream, and so part of the cache key ([`crate::key::CacheKey::for_scheme`]). It is the
 /// listener's kind, fixed at start; the listener puts it in each request's extensions, and a
 /// request without one (built in-process) is taken as plain `http`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ClientScheme {
     #[default]
     Http,

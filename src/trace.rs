@@ -220,8 +220,7 @@ pub fn fill_span(route: &str, key: &CacheKey) -> Span {
     if span.is_disabled() {
         return span;
     }
-    let hex = key.hex();
-    span.record("key", &hex[..hex.len().min(12)]);
+    span.record("key", key.short());
     let context = span.context().span().span_context().clone();
     attribute(FillRef {
         context,

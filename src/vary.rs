@@ -98,11 +98,12 @@ pub fn matches(vary: &VaryRecord, route: &RouteConfig, request: &HeaderMap) -> b
 /// The key of the variant `values` of the response at `primary`, for the generation of the
 /// primary entry stored at `generation` (its `stored_at`): when the primary entry is refilled or
 /// purged and refilled, its variants move to new keys, so a variant stored before an update can
-/// never be reached after it; the old ones expire on their own.
+/// never be reached after it; the old ones expire on their own. A variant has its primary's
+/// scheme, so variants of the two schemes stay apart as their primaries do.
 pub fn variant_key(primary: &CacheKey, generation: u64, values: &[VaryField]) -> CacheKey {
     let mut h = KeyHasher::new();
     h.field(b"variant");
-    h.field(primary.as_bytes());
+    h.field(primary.digest());
     h.field(&generation.to_le_bytes());
     h.count(values.len());
     for field in values {
@@ -112,7 +113,7 @@ pub fn variant_key(primary: &CacheKey, generation: u64, values: &[VaryField]) ->
             Some(v) => h.field(v.as_bytes()),
         }
     }
-    h.finish()
+    h.finish().for_scheme(primary.scheme())
 }
 
 /// The normalized value of a header (all its field lines), or `None` when absent.

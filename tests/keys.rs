@@ -602,8 +602,8 @@ proptest! {
     }
 
     #[test]
-    fn hex_is_64_lower_case_hex_digits(path in "(/[a-z0-9]{0,5}){1,3}") {
-        let hex = get(&spec(None, &[], &[]), &path).hex();
+    fn a_plain_key_is_written_as_64_lower_case_hex_digits(path in "(/[a-z0-9]{0,5}){1,3}") {
+        let hex = get(&spec(None, &[], &[]), &path).to_string();
         prop_assert_eq!(hex.len(), 64);
         prop_assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{}", hex);
     }
@@ -612,6 +612,8 @@ proptest! {
 proptest! {
     /// The upstream is told the client's scheme, so a request over TLS has a key of its own; a
     /// plain request's key is what it was before the scheme counted (no cold cache on upgrade).
+    /// The https key keeps the plain key's digest (so its Redis names share the plain ones' hash
+    /// tag: see `corral::l2::KeyNames`) and says its scheme in its text, which reads back.
     #[test]
     fn the_scheme_splits_the_key_and_leaves_plain_keys_as_they_were(
         p1 in "(/[a-z0-9]{0,5}){1,3}",
@@ -620,13 +622,26 @@ proptest! {
         use corral::target::ClientScheme::{Http, Https};
         let s = spec(None, &[], &[]);
         let (a, b) = (get(&s, &p1), get(&s, &p2));
+        let tls = a.for_scheme(Https);
+        // Plain keys: as derived, written as their digest alone.
         prop_assert_eq!(a.for_scheme(Http), a);
-        prop_assert_ne!(a.for_scheme(Https), a);
-        prop_assert_eq!(a.for_scheme(Https), a.for_scheme(Https));
-        // No https key is another request's plain key.
-        prop_assert_ne!(a.for_scheme(Https), b);
+        prop_assert_eq!(a.scheme(), Http);
+        prop_assert_eq!(a.to_string(), a.digest_hex());
+        // The https key: another key, on the same digest, back to the plain one over http.
+        prop_assert_ne!(tls, a);
+        prop_assert_eq!(tls, a.for_scheme(Https));
+        prop_assert_eq!(tls.scheme(), Https);
+        prop_assert_eq!(tls.digest(), a.digest());
+        prop_assert_eq!(tls.for_scheme(Http), a);
+        prop_assert_eq!(tls.to_string(), format!("{}:https", a.digest_hex()));
+        // No https key is another request's plain key, nor has its text.
+        prop_assert_ne!(tls, b);
+        prop_assert_ne!(tls.to_string(), b.to_string());
         if p1 != p2 {
-            prop_assert_ne!(a.for_scheme(Https), b.for_scheme(Https));
+            prop_assert_ne!(tls, b.for_scheme(Https));
         }
+        // The text reads back to the key, scheme and all.
+        prop_assert_eq!(CacheKey::parse(&a.to_string()), Some(a));
+        prop_assert_eq!(CacheKey::parse(&tls.to_string()), Some(tls));
     }
 }

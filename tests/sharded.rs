@@ -2,7 +2,8 @@
 //! key (no classic-publish message crosses the cluster bus), and a waiter whose key's slot moves
 //! to another master while it waits, or whose shard connection is killed, still gets its notice.
 //! Purges stay broadcast, and reach the
-//! fleet through another node when the one serving their channel is down.
+//! fleet through another node when the one serving their channel is down; a purge by path needs
+//! only the node of its path, which holds the entries of both schemes.
 
 mod support;
 
@@ -298,24 +299,26 @@ async fn cluster_waiter_follows_its_slot_to_another_master() {
     }
 }
 
-/// The first `/recommend?segment=<k>` whose http entry does not live on node `node`, and whose
-/// https entry does (`https_there`) or does not.
+/// The `/recommend?segment=<k>` paths whose entries live on node `node` (`there`) or not,
+/// the first `n` of them.
 async fn placed(
     cluster: &RedisCluster,
     cfg: &corral::Config,
     node: usize,
-    https_there: bool,
-) -> String {
+    there: bool,
+    n: usize,
+) -> Vec<String> {
+    let mut paths = Vec::with_capacity(n);
     for k in 0..500 {
         let candidate = format!("/recommend?segment={k}");
-        let https = entry_name_over(cfg, &candidate, corral::target::ClientScheme::Https);
-        if !cluster.serves(node, &entry_name(cfg, &candidate)).await
-            && cluster.serves(node, &https).await == https_there
-        {
-            return candidate;
+        if cluster.serves(node, &entry_name(cfg, &candidate)).await == there {
+            paths.push(candidate);
+            if paths.len() == n {
+                return paths;
+            }
         }
     }
-    panic!("no path of 500 has its entries placed so around node {node}");
+    panic!("fewer than {n} paths of 500 have their entries placed so around node {node}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -330,7 +333,8 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
     let fleet = start(2, &cfg).await;
     let client = Client::new();
 
-    // Step 1: the node serving the invalidation channel's slot, and a key living elsewhere.
+    // Step 1: the node serving the invalidation channel's slot, paths whose entries live
+    // elsewhere, and one whose entries live there.
     let channel = "corral:test:invalidate";
     let mut dead = None;
     for index in 0..cluster.urls().len() {
@@ -339,18 +343,29 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
         }
     }
     let dead = dead.expect("a node serves the channel's slot");
-    // A purge by path removes the entry of both schemes (`http`, `https`): both must live on
-    // surviving nodes for it to succeed. And a path whose https entry lives on that node.
-    let path = placed(&cluster, &cfg, dead, false).await;
-    let unreachable = placed(&cluster, &cfg, dead, true).await;
+    let elsewhere = placed(&cluster, &cfg, dead, false, 12).await;
+    let path = &elsewhere[0];
+    let unreachable = &placed(&cluster, &cfg, dead, true, 1).await[0];
 
-    // Step 2: both instances hold the entry in L1.
+    // Step 2: a purge by path removes the entry of both schemes (`http`, `https`), and both live
+    // on one node: the https entry's is the http entry's, for every path.
+    for path in elsewhere.iter().chain([unreachable]) {
+        let http = entry_name(&cfg, path);
+        let https = entry_name_over(&cfg, path, corral::target::ClientScheme::Https);
+        assert_eq!(
+            owner(&cluster, &https).await,
+            owner(&cluster, &http).await,
+            "{path}: {http} and {https} live apart"
+        );
+    }
+
+    // Step 3: both instances hold the entry in L1.
     for instance in &fleet {
-        assert_eq!(client.get(&url(instance, &path), &[]).await.status, 200);
+        assert_eq!(client.get(&url(instance, path), &[]).await.status, 200);
         assert_eq!(instance.proxy().l1().entry_count().await, 1);
     }
 
-    // Step 3: that node dies; the hubs' invalidation subscriptions end up on live nodes.
+    // Step 4: that node dies; the hubs' invalidation subscriptions end up on live nodes.
     cluster.kill(dead);
     let live: Vec<usize> = (0..cluster.urls().len()).filter(|i| *i != dead).collect();
     eventually(
@@ -366,11 +381,14 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
     )
     .await;
 
-    // Step 4: a purge through one instance still succeeds and reaches the other one's L1.
+    // Step 5: a purge through one instance still succeeds and reaches the other one's L1.
     let target = admin_url(&fleet[1], "/purge");
     let headers = [("content-type", "application/json")];
-    let body = format!(r#"{{"url": "{path}"}}"#);
-    let answer = client.post(&target, &headers, body).await;
+    let purge = async |url: &str| {
+        let body = format!(r#"{{"url": "{url}"}}"#);
+        client.post(&target, &headers, body).await
+    };
+    let answer = purge(path).await;
     assert_eq!(answer.status, 200, "purge: {}", answer.text());
     eventually(
         "the other instance dropped the purged entry",
@@ -379,15 +397,23 @@ async fn cluster_purge_is_published_through_another_node_when_its_own_is_down() 
     )
     .await;
 
-    // Step 5: the path whose https entry lives on the dead node: the purge cannot say it removed
-    // everything the path names, so it fails rather than answer 200. Naming the http URL alone
-    // purges what is reachable.
-    let body = format!(r#"{{"url": "{unreachable}"}}"#);
-    let answer = client.post(&target, &headers, body).await;
-    assert_eq!(answer.status, 503, "purge: {}", answer.text());
-    let body = format!(r#"{{"url": "http://corral.test{unreachable}"}}"#);
-    let answer = client.post(&target, &headers, body).await;
-    assert_eq!(answer.status, 200, "purge: {}", answer.text());
+    // Step 6: so does the purge of every other path whose entries live on a live node: no
+    // second node stands in its way.
+    for path in &elsewhere[1..] {
+        let answer = purge(path).await;
+        assert_eq!(answer.status, 200, "purge of {path}: {}", answer.text());
+    }
+
+    // Step 7: a path whose entries live on the dead node cannot be purged, by either scheme's
+    // URL or both: the purge fails rather than answer 200 without having removed them.
+    for url in [
+        unreachable.to_owned(),
+        format!("http://corral.test{unreachable}"),
+        format!("https://corral.test{unreachable}"),
+    ] {
+        let answer = purge(&url).await;
+        assert_eq!(answer.status, 503, "purge of {url}: {}", answer.text());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

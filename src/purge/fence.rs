@@ -73,7 +73,7 @@ mod tests {
     #[test]
     fn the_fence_tells_a_late_joiner_whether_a_purge_came_between_a_flight_and_it() {
         let fence = Fence::default();
-        let key = CacheKey::from_hex(&"ab".repeat(32)).expect("a key");
+        let key = CacheKey::parse(&"ab".repeat(32)).expect("a key");
         let began = fence.mark();
         fence.record(&Purge::Route("recs".into()));
         let joined = fence.mark();

@@ -178,10 +178,6 @@ pub fn entry_name(cfg: &Config, path: &str) -> String {
 
 /// [`entry_name`] of the same GET spoken over `scheme` (its key is the scheme's).
 pub fn entry_name_over(cfg: &Config, path: &str, scheme: corral::target::ClientScheme) -> String {
-    let route = &cfg.routes[0];
-    format!(
-        "corral:test:{}:{{{}}}",
-        route.name,
-        cache_key(cfg, path).for_scheme(scheme).hex()
-    )
+    let key = cache_key(cfg, path).for_scheme(scheme);
+    corral::l2::KeyNames::new("test", &cfg.routes[0].name, &key).entry
 }
