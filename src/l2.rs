@@ -17,7 +17,7 @@
 //! - uncacheable marker `corral:{namespace}:{route}:pass:{<hex>}`: the last fill could not be shared,
 //!   so requests skip the lock for a while instead of queueing behind one another.
 //! - relay logs `corral:{namespace}:{route}:relay:{<hex>}:<fill id>` (see `fleet/relay_log.rs`).
-//! - tag index `corral:{namespace}:tag:<tag>`: a set of entry names, living as long as its longest
+//! - tag index `corral:{namespace}:#tags:<tag>`: a set of entry names, living as long as its longest
 //!   entry.
 //! - invalidation channel `corral:{namespace}:invalidate` (see [`crate::purge`]).
 //!
