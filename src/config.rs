@@ -29,6 +29,7 @@ use check::Checker;
 use raw::RawConfig;
 
 mod check;
+mod defaults;
 mod locate;
 mod raw;
 mod tls;
@@ -473,34 +474,6 @@ impl fmt::Display for Context<'_> {
         }
     }
 }
-
-const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
-const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_NAMESPACE: &str = "default";
-const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
-const DEFAULT_L1_MAX_BYTES: u64 = 256 * 1024 * 1024;
-const DEFAULT_TTL: Duration = Duration::from_secs(60);
-const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
-const DEFAULT_MAX_ENTRY_SIZE: u64 = 8 * 1024 * 1024;
-const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_LEASE: Duration = Duration::from_secs(2);
-const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
-const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_HEADERS: usize = 100;
-const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
-const MIN_HEADER_BYTES: u64 = 8 * 1024;
-/// A bound on `server.workers`: a typo of a few digits must not start thousands of threads.
-const MAX_WORKERS: usize = 1024;
-const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_ERROR_TTL: Duration = Duration::from_secs(1);
-const DEFAULT_UNCACHEABLE_TTL: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_WAITERS: usize = 10_000;
-const DEFAULT_MAX_TAGS: usize = 32;
-const DEFAULT_TTL_JITTER: f64 = 0.1;
-const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[cfg(test)]
 mod redaction_tests;

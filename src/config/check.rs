@@ -19,15 +19,15 @@ use std::time::Duration;
 use http::Uri;
 use toml::Spanned;
 
-use super::locate::{Place, line_of, place};
-use super::raw::{HumanDuration, List, RawConfig, RawServer};
-use super::{CacheConfig, Config, ConfigError, RouteConfig, ServerConfig};
-use super::{
+use super::defaults::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_L1_MAX_BYTES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS,
     DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, MAX_WORKERS,
     MIN_HEADER_BYTES,
 };
+use super::locate::{Place, line_of, place};
+use super::raw::{HumanDuration, List, RawConfig, RawServer};
+use super::{CacheConfig, Config, ConfigError, RouteConfig, ServerConfig};
 use crate::redact::redact;
 
 mod redis;

@@ -5,11 +5,9 @@ use toml::Spanned;
 
 use super::secret::{SecretSources, with_password};
 use super::{Checked, Checker, is_name};
+use crate::config::defaults::{DEFAULT_LOCK_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT};
 use crate::config::raw::{RawRedis, RawSentinel};
-use crate::config::{
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_TIMEOUT, MasterAuth, RedisConfig,
-    RedisTopology, Secret,
-};
+use crate::config::{MasterAuth, RedisConfig, RedisTopology, Secret};
 use crate::redact::redact;
 
 impl Checker<'_> {

@@ -6,15 +6,18 @@ use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
 use super::{Checked, Checker, is_name};
+use crate::config::defaults::{
+    DEFAULT_ERROR_TTL, DEFAULT_LEASE, DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS,
+    DEFAULT_MAX_WAITERS, DEFAULT_TTL, DEFAULT_TTL_JITTER, DEFAULT_UNCACHEABLE_TTL,
+    DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
+};
 use crate::config::raw::{
     HumanDuration, RawHeaderRules, RawKey, RawLock, RawOnWaitTimeout, RawRoute, RawScope,
     RawUpstream,
 };
 use crate::config::{
-    DEFAULT_CACHE_STATUSES, DEFAULT_ERROR_TTL, DEFAULT_FORWARD_HEADERS, DEFAULT_LEASE,
-    DEFAULT_MAX_BODY, DEFAULT_MAX_ENTRY_SIZE, DEFAULT_MAX_TAGS, DEFAULT_MAX_WAITERS, DEFAULT_TTL,
-    DEFAULT_TTL_JITTER, DEFAULT_UNCACHEABLE_TTL, DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
-    FleetBudget, ForwardHeaders, KeySpec, LockScope, LockSpec, OnWaitTimeout, RouteConfig,
+    DEFAULT_CACHE_STATUSES, DEFAULT_FORWARD_HEADERS, FleetBudget, ForwardHeaders, KeySpec,
+    LockScope, LockSpec, OnWaitTimeout, RouteConfig,
 };
 use crate::header_rules::{HeaderRules, PROTECTED};
 
