@@ -12,7 +12,11 @@
 //!                                                                                       ├─ circuit open ─▶ nack, Wait (retry)
 //!                                                                                       └─ failed ─▶ Fail ─▶ nack, Wait (retry)
 //! ```
-//! Each step is skipped when it has nothing to do, and a failed step skips the rest of the pass.
+//! Each step is skipped when it has nothing to do, and a failed step skips the rest of the pass,
+//! but for an unsubscription: a channel nobody waits on costs nobody anything while it stays, so
+//! its failure is only remembered ([`Reconciler`]'s `doubtful`) and tried again, and the pass goes
+//! on to the subscriptions its waiters wait for. (Failing them made each waiter fill on its own: a
+//! slow UNSUBSCRIBE under a burst cost an upstream call per key.)
 //! A move to another node (following the sentinels, or after failures) leaves nothing subscribed
 //! there, and notices may have been lost on the way: every waiter resyncs.
 
@@ -50,14 +54,17 @@ pub(super) enum Event {
         connected: bool,
         waited_on: HashSet<String>,
     },
-    /// The classic UNSUBSCRIBE answered.
+    /// The classic UNSUBSCRIBE answered (or failed, which the I/O loop logs).
     Unsubscribed(Result<(), L2Error>),
     /// The classic SUBSCRIBE answered.
     Subscribed(Result<(), L2Error>),
     /// The sharded (un)subscriptions answered, each on its own: those `dropped` and `added`
     /// succeeded; `result` is the last failure, if any.
+    /// `undropped`: those whose SUNSUBSCRIBE failed (the I/O loop logs why); `result` is that of
+    /// the SSUBSCRIBEs only.
     ShardedSynced {
         dropped: Vec<String>,
+        undropped: Vec<String>,
         added: Vec<String>,
         result: Result<(), L2Error>,
     },
@@ -115,6 +122,11 @@ pub(super) struct Step {
 pub(super) struct Reconciler {
     /// Channels the server holds for this process, as far as it has confirmed.
     subscribed: HashSet<String>,
+    /// Channels whose unsubscription failed: the server may hold them still (most likely not: a
+    /// command that was sent is carried out, its answer was only late). Not in `subscribed`, so
+    /// a waiter that comes for one subscribes it again; unsubscribed again on the next pass
+    /// otherwise (which is harmless either way).
+    doubtful: HashSet<String>,
     /// The invalidation channel: wanted whether or not anyone waits, always classic.
     invalidation: String,
     /// In a cluster fill channels are subscribed sharded; only the invalidation channel is
@@ -137,6 +149,7 @@ impl Reconciler {
     pub(super) fn new(invalidation: String, sharded: bool) -> Reconciler {
         Reconciler {
             subscribed: HashSet::new(),
+            doubtful: HashSet::new(),
             invalidation,
             sharded,
             acks: Vec::new(),
@@ -177,17 +190,26 @@ impl Reconciler {
                 self.subscribed.extend(added);
                 self.sync_sharded(effects)
             }
-            Event::Unsubscribed(Err(err)) | Event::Subscribed(Err(err)) => {
+            // The circuit is open: nothing was asked, nothing else will be answered.
+            Event::Unsubscribed(Err(err @ L2Error::CircuitOpen { .. })) => {
                 self.finish(Vec::new(), Err(err))
             }
+            Event::Unsubscribed(Err(_)) => {
+                let undropped = std::mem::take(&mut self.to_drop);
+                self.doubt(undropped);
+                self.subscribe(Vec::new())
+            }
+            Event::Subscribed(Err(err)) => self.finish(Vec::new(), Err(err)),
             Event::ShardedSynced {
                 dropped,
+                undropped,
                 added,
                 result,
             } => {
                 for channel in &dropped {
                     self.subscribed.remove(channel);
                 }
+                self.doubt(undropped);
                 self.subscribed.extend(added);
                 self.finish(Vec::new(), result)
             }
@@ -209,6 +231,20 @@ impl Reconciler {
         &self.subscribed
     }
 
+    /// The channels whose unsubscription failed, to be unsubscribed again.
+    #[cfg(test)]
+    pub(super) fn doubtful(&self) -> &HashSet<String> {
+        &self.doubtful
+    }
+
+    /// `channels` were to be unsubscribed and that failed: see `doubtful`.
+    fn doubt(&mut self, channels: Vec<String>) {
+        for channel in channels {
+            self.subscribed.remove(&channel);
+            self.doubtful.insert(channel);
+        }
+    }
+
     /// A batch of requests: collect the acknowledgements, forget what the server no longer
     /// holds, then follow the topology.
     fn requested(&mut self, requests: Vec<Request>) -> Step {
@@ -218,15 +254,18 @@ impl Reconciler {
                 Request::Sync(ack) => self.acks.push(ack),
                 Request::Reset => {
                     self.subscribed.clear();
+                    self.doubtful.clear();
                     effects.push(Effect::Recheck);
                 }
                 Request::Retry => {}
                 Request::Lost(channel) => {
                     self.subscribed.remove(&channel);
+                    self.doubtful.remove(&channel);
                 }
                 Request::ResetSharded => {
                     let invalidation = &self.invalidation;
                     self.subscribed.retain(|c| c == invalidation);
+                    self.doubtful.retain(|c| c == invalidation);
                 }
                 Request::Switched => effects.push(Effect::Switched),
             }
@@ -243,9 +282,20 @@ impl Reconciler {
         }
         let mut wanted = waited_on;
         wanted.insert(self.invalidation.clone());
-        let to_drop: Vec<String> = self.subscribed.difference(&wanted).cloned().collect();
+        // Doubtful channels nobody wants are unsubscribed again; those wanted again are
+        // subscribed (they are not in `subscribed`), either way no longer doubtful.
+        let doubtful = std::mem::take(&mut self.doubtful);
+        let to_drop: Vec<String> = self
+            .subscribed
+            .iter()
+            .chain(&doubtful)
+            .filter(|c| !wanted.contains(*c))
+            .cloned()
+            .collect();
         let to_add: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
         if !connected {
+            // Nothing asked: still to be unsubscribed.
+            self.doubtful = doubtful.difference(&wanted).cloned().collect();
             effects.push(self.ack(Err(NO_MASTER_YET.to_owned())));
             return step(effects, Io::Wait { retry: true });
         }
@@ -278,15 +328,20 @@ impl Reconciler {
     /// The pass ended with `result`: acknowledge it and wait — for at most [`RETRY`] after a
     /// failure. A failure the node is to blame for goes to the topology first.
     fn finish(&mut self, mut effects: Vec<Effect>, result: Result<(), L2Error>) -> Step {
-        self.to_drop.clear();
+        // Unsubscriptions the pass did not get to: those still in `subscribed` come up again by
+        // themselves, doubtful ones must be remembered.
+        let skipped = self.to_drop.drain(..).chain(self.drop_sharded.drain(..));
+        let skipped: Vec<String> = skipped.filter(|c| !self.subscribed.contains(c)).collect();
+        self.doubtful.extend(skipped);
         self.to_add.clear();
-        self.drop_sharded.clear();
         self.add_sharded.clear();
         match result {
             Ok(()) => {
                 effects.push(Effect::Answered);
                 effects.push(self.ack(Ok(())));
-                step(effects, Io::Wait { retry: false })
+                // A failed unsubscription is tried again within a second, requests or none.
+                let retry = !self.doubtful.is_empty();
+                step(effects, Io::Wait { retry })
             }
             // The circuit is open: nothing was asked of this node, so it is not to blame.
             Err(err @ L2Error::CircuitOpen { .. }) => {
@@ -304,6 +359,7 @@ impl Reconciler {
     /// been lost on the way, so every waiter resyncs.
     fn moved(&mut self) -> Effect {
         self.subscribed.clear();
+        self.doubtful.clear();
         Effect::Resync
     }
 

@@ -44,16 +44,41 @@ pub(super) fn sharded_connection(
     Ok(client.get_pending_async_connection_with_config(ClusterConfig::default()))
 }
 
-/// Makes the sharded subscriptions match: one (S)UNSUBSCRIBE / SSUBSCRIBE per channel, all at
+/// What [`sharded_sync`] achieved.
+#[derive(Debug)]
+pub(super) struct Synced {
+    /// The channels unsubscribed, and those whose SUNSUBSCRIBE failed (the last failure why).
+    pub(super) dropped: Vec<String>,
+    pub(super) undropped: Vec<String>,
+    pub(super) drop_failure: Option<L2Error>,
+    /// The channels subscribed; `result`: the last SSUBSCRIBE's failure, if any.
+    pub(super) added: Vec<String>,
+    pub(super) result: Result<(), L2Error>,
+}
+
+impl Synced {
+    /// Nothing to do, nothing done.
+    pub(super) fn nothing() -> Synced {
+        Synced {
+            dropped: Vec::new(),
+            undropped: Vec::new(),
+            drop_failure: None,
+            added: Vec::new(),
+            result: Ok(()),
+        }
+    }
+}
+
+/// Makes the sharded subscriptions match: one SUNSUBSCRIBE / SSUBSCRIBE per channel, all at
 /// once — each goes to the master of its channel's slot, and channels of different slots cannot
-/// share one command. Returns the channels dropped and added (those that succeeded) and the last
-/// failure.
+/// share one command. The unsubscriptions' failures are reported apart from the subscriptions':
+/// nobody waits on a channel being dropped.
 pub(super) async fn sharded_sync(
     bounds: &Bounds,
     sharded: &ClusterConnection,
     to_drop: Vec<String>,
     to_add: Vec<String>,
-) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
+) -> Synced {
     let drops = to_drop.into_iter().map(|channel| {
         let mut conn = sharded.clone();
         async move {
@@ -62,12 +87,14 @@ pub(super) async fn sharded_sync(
             (channel, done)
         }
     });
-    let mut result = Ok(());
-    let mut dropped = Vec::new();
+    let mut synced = Synced::nothing();
     for (channel, done) in join_all(drops).await {
         match done {
-            Ok(()) => dropped.push(channel),
-            Err(err) => result = Err(err),
+            Ok(()) => synced.dropped.push(channel),
+            Err(err) => {
+                synced.undropped.push(channel);
+                synced.drop_failure = Some(err);
+            }
         }
     }
     let adds = to_add.into_iter().map(|channel| {
@@ -78,12 +105,11 @@ pub(super) async fn sharded_sync(
             (channel, done)
         }
     });
-    let mut added = Vec::new();
     for (channel, done) in join_all(adds).await {
         match done {
-            Ok(()) => added.push(channel),
-            Err(err) => result = Err(err),
+            Ok(()) => synced.added.push(channel),
+            Err(err) => synced.result = Err(err),
         }
     }
-    (dropped, added, result)
+    synced
 }

@@ -12,7 +12,7 @@ use redis::{Client, ProtocolVersion};
 
 use super::bounds::Bounds;
 use super::pushes::Pushes;
-use super::sharded::{sharded_connection, sharded_sync};
+use super::sharded::{Synced, sharded_connection, sharded_sync};
 use crate::config::{RedisConfig, RedisTopology};
 use crate::l2::sentinel::{self, Sentinels};
 use crate::l2::switches::{self, SwitchWatch};
@@ -155,16 +155,12 @@ impl Topology {
             .await
     }
 
-    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]): the channels
-    /// dropped and added, and the last failure; elsewhere there are none.
-    pub(super) async fn sync_sharded(
-        &self,
-        to_drop: Vec<String>,
-        to_add: Vec<String>,
-    ) -> (Vec<String>, Vec<String>, Result<(), L2Error>) {
+    /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]); elsewhere
+    /// there are none.
+    pub(super) async fn sync_sharded(&self, to_drop: Vec<String>, to_add: Vec<String>) -> Synced {
         match &self.sharded {
             Some(sharded) => sharded_sync(&self.bounds, sharded, to_drop, to_add).await,
-            None => (Vec::new(), Vec::new(), Ok(())),
+            None => Synced::nothing(),
         }
     }
 
