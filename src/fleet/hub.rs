@@ -106,8 +106,13 @@ pub enum Wake {
 /// switch watch, its own retry timer).
 #[derive(Debug)]
 enum Request {
-    /// Reconcile, then acknowledge.
-    Sync(oneshot::Sender<Result<(), String>>),
+    /// Reconcile, then acknowledge. `channel`: the one the asker waits on, acknowledged by its
+    /// own subscription, so a pass that fails elsewhere (another node of a cluster) does not
+    /// fail it; `None`: by the whole pass.
+    Sync {
+        channel: Option<String>,
+        ack: oneshot::Sender<Result<(), String>>,
+    },
     /// The connection dropped: the server holds no subscriptions any more.
     Reset,
     /// Reconcile again after a failure.
@@ -181,7 +186,7 @@ impl Notices {
         tokio::spawn(reconciler.run(rx));
         // Subscribe the invalidation channel now, without waiting for it.
         let (ack, _) = oneshot::channel();
-        let _ = requests.send(Request::Sync(ack));
+        let _ = requests.send(Request::Sync { channel: None, ack });
         Ok(Notices {
             waiters,
             requests,
@@ -213,8 +218,9 @@ impl Notices {
         Ok(subscription)
     }
 
-    /// Waits until the reconciler has made the server's subscriptions match the wanted ones.
-    async fn sync(&self) -> Result<(), L2Error> {
+    /// Waits until the reconciler has made the server's subscriptions match the wanted ones
+    /// (with `channel`, until that one's subscription is confirmed).
+    async fn sync(&self, channel: Option<&str>) -> Result<(), L2Error> {
         let (ack, confirmed) = oneshot::channel();
         let budget = self.timeout;
         let unconfirmed = || L2Error::Timeout {
@@ -222,7 +228,10 @@ impl Notices {
             budget,
         };
         self.requests
-            .send(Request::Sync(ack))
+            .send(Request::Sync {
+                channel: channel.map(str::to_owned),
+                ack,
+            })
             .map_err(|_| unconfirmed())?;
         match tokio::time::timeout(PATIENCE + budget, confirmed).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -239,7 +248,7 @@ impl Notices {
     /// Returns once the hub is subscribed (the invalidation channel at least), within twice the
     /// budget of a call.
     pub async fn ready(&self) -> Result<(), L2Error> {
-        self.sync().await
+        self.sync(None).await
     }
 
     /// Channels with at least one local waiter.
@@ -262,7 +271,7 @@ impl Subscription {
 
     /// Returns once the server has confirmed this subscription (again, after a [`Wake::Resync`]).
     pub async fn confirm(&mut self) -> Result<(), L2Error> {
-        self.notices.sync().await
+        self.notices.sync(Some(&self.channel)).await
     }
 }
 
@@ -276,7 +285,10 @@ impl Drop for Subscription {
                 drop(waiters);
                 // No acknowledgement wanted: the reconciler unsubscribes on its next pass.
                 let (ack, _) = oneshot::channel();
-                let _ = self.notices.requests.send(Request::Sync(ack));
+                let _ = self
+                    .notices
+                    .requests
+                    .send(Request::Sync { channel: None, ack });
             }
         }
     }

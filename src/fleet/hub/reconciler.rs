@@ -41,6 +41,13 @@ pub(super) const RETRY: Duration = Duration::from_secs(1);
 /// Where a [`Request::Sync`] is acknowledged.
 type Ack = oneshot::Sender<Result<(), String>>;
 
+/// A [`Request::Sync`] of the pass under way: the channel its asker waits on, if any.
+#[derive(Debug)]
+struct Pending {
+    channel: Option<String>,
+    ack: Ack,
+}
+
 /// What happened, as the I/O loop reports it.
 #[derive(Debug)]
 pub(super) enum Event {
@@ -85,11 +92,8 @@ pub(super) enum Effect {
     InvalidationSubscribed,
     /// The node answered the whole pass.
     Answered,
-    /// Answer the [`Request::Sync`]s of the pass.
-    Ack {
-        acks: Vec<Ack>,
-        result: Result<(), String>,
-    },
+    /// Answer the [`Request::Sync`]s of the pass, each with its own result.
+    Ack(Vec<(Ack, Result<(), String>)>),
 }
 
 /// What the I/O loop waits for next: each answer comes back as one [`Event`].
@@ -133,7 +137,7 @@ pub(super) struct Reconciler {
     /// classic.
     sharded: bool,
     /// The [`Request::Sync`]s the pass under way answers.
-    acks: Vec<Ack>,
+    acks: Vec<Pending>,
     /// The pass under way: the classic channels to drop, then to add; then the sharded ones.
     to_drop: Vec<String>,
     to_add: Vec<String>,
@@ -251,7 +255,7 @@ impl Reconciler {
         let mut effects = Vec::new();
         for request in requests {
             match request {
-                Request::Sync(ack) => self.acks.push(ack),
+                Request::Sync { channel, ack } => self.acks.push(Pending { channel, ack }),
                 Request::Reset => {
                     self.subscribed.clear();
                     self.doubtful.clear();
@@ -363,12 +367,17 @@ impl Reconciler {
         Effect::Resync
     }
 
-    /// Answers every acknowledgement of the pass with `result`.
+    /// Answers every acknowledgement of the pass with `result`; after a failure, one that waits
+    /// on a channel the server holds (subscribed in this pass, on a node that answered, or
+    /// before) is answered `Ok`: its waiter need not fill on its own for a failure elsewhere.
     fn ack(&mut self, result: Result<(), String>) -> Effect {
-        Effect::Ack {
-            acks: std::mem::take(&mut self.acks),
-            result,
-        }
+        let acks = std::mem::take(&mut self.acks);
+        let answered = acks.into_iter().map(|Pending { channel, ack }| {
+            let held = channel.is_some_and(|c| self.subscribed.contains(&c));
+            let answer = if held { Ok(()) } else { result.clone() };
+            (ack, answer)
+        });
+        Effect::Ack(answered.collect())
     }
 
     /// Splits channels into the classic ones and those subscribed sharded (in a cluster, every

@@ -97,9 +97,9 @@ impl Driver {
             Effect::Resync => resync(&self.waiters),
             Effect::InvalidationSubscribed => self.invalidation.subscribed(),
             Effect::Answered => self.topology.answered(),
-            Effect::Ack { acks, result } => {
-                for ack in acks {
-                    let _ = ack.send(result.clone());
+            Effect::Ack(acks) => {
+                for (ack, result) in acks {
+                    let _ = ack.send(result);
                 }
             }
         }

@@ -1,0 +1,223 @@
+//! Failures that fail nobody, or only those they concern: an unsubscription nobody waits on, a
+//! subscription on another node of a cluster.
+
+use super::*;
+
+/// An unsubscription with no answer within its budget (Redis slow under a burst).
+fn late() -> L2Error {
+    L2Error::Pubsub("redis UNSUBSCRIBE: no answer within 1s".to_owned())
+}
+
+#[test]
+fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() {
+    let mut r = settled(&["fill:a"]);
+    let (request, _acked) = sync();
+    r.on(Event::Requests(vec![request]));
+    r.on(followed(&["fill:b"]));
+    let step = r.on(Event::Unsubscribed(Err(late())));
+    // The waiter on fill:b is subscribed all the same.
+    match &step.then {
+        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:b".to_owned()]),
+        other => panic!("{other:?}"),
+    }
+    let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(has(&step, |e| matches!(e, Effect::Answered)));
+    assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    // The retry unsubscribes it again; once that answers, nothing is left to retry.
+    r.on(Event::Requests(vec![Request::Retry]));
+    let step = r.on(followed(&["fill:b"]));
+    match &step.then {
+        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
+        other => panic!("{other:?}"),
+    }
+    let step = r.on(Event::Unsubscribed(Ok(())));
+    assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
+    assert!(r.doubtful().is_empty());
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
+}
+
+#[test]
+fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
+    let mut r = settled(&["fill:a"]);
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(&[]));
+    let step = r.on(Event::Unsubscribed(Err(late())));
+    assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
+    // The server most likely dropped it (the command was sent): a new waiter on it must not be
+    // told it is subscribed without asking.
+    let (request, _acked) = sync();
+    r.on(Event::Requests(vec![request]));
+    let step = r.on(followed(&["fill:a"]));
+    match &step.then {
+        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
+        other => panic!("{other:?}"),
+    }
+    let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
+    assert!(r.doubtful().is_empty());
+}
+
+#[test]
+fn an_unsubscription_refused_by_the_open_circuit_refuses_the_pass_and_keeps_the_channel() {
+    let mut r = settled(&["fill:a"]);
+    let (request, _acked) = sync();
+    r.on(Event::Requests(vec![request]));
+    r.on(followed(&["fill:b"]));
+    let step = r.on(Event::Unsubscribed(Err(L2Error::CircuitOpen {
+        op: "UNSUBSCRIBE",
+    })));
+    let (_, result) = acked(&step).expect("acknowledged");
+    assert!(result.is_err());
+    assert!(matches!(step.then, Io::Wait { retry: true }));
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a"]));
+    // The next pass tries the whole change again.
+    r.on(Event::Requests(vec![Request::Retry]));
+    let step = r.on(followed(&["fill:b"]));
+    assert!(matches!(step.then, Io::Unsubscribe(_)));
+}
+
+/// In a cluster: the invalidation channel and `channels` subscribed.
+fn settled_in_a_cluster(channels: &[&str]) -> Reconciler {
+    let mut r = Reconciler::new(INVALIDATION.to_owned(), true);
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(channels));
+    r.on(Event::Subscribed(Ok(())));
+    r.on(Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: Vec::new(),
+        added: channels.iter().map(|c| (*c).to_owned()).collect(),
+        result: Ok(()),
+    });
+    assert_eq!(r.subscribed().len(), channels.len() + 1);
+    r
+}
+
+#[test]
+fn in_a_cluster_a_failed_sunsubscribe_fails_no_waiter() {
+    let mut r = settled_in_a_cluster(&["fill:a"]);
+    let (request, _acked) = sync();
+    r.on(Event::Requests(vec![request]));
+    let step = r.on(followed(&["fill:b"]));
+    match &step.then {
+        Io::SyncSharded { drop, add } => {
+            assert_eq!(drop, &vec!["fill:a".to_owned()]);
+            assert_eq!(add, &vec!["fill:b".to_owned()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let step = r.on(Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: vec!["fill:a".to_owned()],
+        added: vec!["fill:b".to_owned()],
+        result: Ok(()),
+    });
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+}
+
+#[test]
+fn a_doubtful_channel_stays_doubtful_when_a_pass_fails_before_unsubscribing_it() {
+    let mut r = settled_in_a_cluster(&["fill:a"]);
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(&[]));
+    r.on(Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: vec!["fill:a".to_owned()],
+        added: Vec::new(),
+        result: Ok(()),
+    });
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    // The next pass must subscribe the invalidation channel first, and that fails: the sharded
+    // side is never reached.
+    r.on(Event::Requests(vec![Request::Lost(
+        INVALIDATION.to_owned(),
+    )]));
+    let step = r.on(followed(&[]));
+    assert!(matches!(step.then, Io::Subscribe(_)), "{step:?}");
+    let step = r.on(Event::Subscribed(Err(down())));
+    assert!(matches!(step.then, Io::Fail(_)));
+    r.on(Event::FailedOver { moved: false });
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    // Once the node answers, it is unsubscribed.
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(&[]));
+    let step = r.on(Event::Subscribed(Ok(())));
+    match &step.then {
+        Io::SyncSharded { drop, add } => {
+            assert_eq!(drop, &vec!["fill:a".to_owned()]);
+            assert!(add.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_new_connection_has_nothing_doubtful() {
+    let mut r = settled(&["fill:a"]);
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(&[]));
+    r.on(Event::Unsubscribed(Err(late())));
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    r.on(Event::Requests(vec![Request::Reset]));
+    assert!(r.doubtful().is_empty());
+    let step = r.on(followed(&[]));
+    match &step.then {
+        Io::Subscribe(channels) => assert_eq!(channels, &vec![INVALIDATION.to_owned()]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn in_a_cluster_a_failed_ssubscribe_fails_only_the_waiters_on_its_channel() {
+    let mut r = settled_in_a_cluster(&["fill:a"]);
+    let (on_a, _a) = sync_on("fill:a");
+    let (on_b, _b) = sync_on("fill:b");
+    let (on_c, _c) = sync_on("fill:c");
+    let (whole, _w) = sync();
+    r.on(Event::Requests(vec![on_a, on_b, on_c, whole]));
+    let step = r.on(followed(&["fill:a", "fill:b", "fill:c"]));
+    assert!(matches!(step.then, Io::SyncSharded { .. }), "{step:?}");
+    // fill:b's node answered, fill:c's did not.
+    let step = r.on(Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: Vec::new(),
+        added: vec!["fill:b".to_owned()],
+        result: Err(down()),
+    });
+    assert!(matches!(step.then, Io::Fail(_)));
+    let step = r.on(Event::FailedOver { moved: false });
+    let answers = answers(&step).expect("acknowledged");
+    assert_eq!(
+        answers[..2],
+        [Ok(()), Ok(())],
+        "held before, and subscribed now"
+    );
+    assert!(answers[2].is_err(), "fill:c: {answers:?}");
+    assert!(answers[3].is_err(), "the whole pass: {answers:?}");
+    assert!(matches!(step.then, Io::Wait { retry: true }));
+}
+
+#[test]
+fn a_failure_that_moves_to_another_node_fails_every_waiter() {
+    let mut r = settled_in_a_cluster(&["fill:a"]);
+    let (on_a, _a) = sync_on("fill:a");
+    r.on(Event::Requests(vec![on_a]));
+    r.on(followed(&["fill:a", "fill:b"]));
+    r.on(Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: Vec::new(),
+        added: Vec::new(),
+        result: Err(down()),
+    });
+    // The new node holds nothing: fill:a is no longer subscribed.
+    let step = r.on(Event::FailedOver { moved: true });
+    let (count, result) = acked(&step).expect("acknowledged");
+    assert_eq!(count, 1);
+    assert!(result.is_err());
+}
