@@ -295,3 +295,32 @@ fn a_line_after_a_quiet_spell_wakes_the_writer() {
         }
     }
 }
+
+#[test]
+fn json_strings_read_back_as_written_whatever_they_hold() {
+    let cases = [
+        "",
+        "/recommend",
+        "a\"quoted\" \\path\\",
+        "tab\there, newline\nthere, nul\0, escape\x1b, unit\x1f, del\x7f",
+        "é, ü, 日本, 🦀 and \"\u{2028}\"",
+        "\\",
+        "\"",
+    ];
+    for case in cases {
+        let mut buf = Vec::new();
+        format::json_string(&mut buf, case);
+        let back: String = serde_json::from_slice(&buf)
+            .unwrap_or_else(|e| panic!("{case:?} wrote {:?}: {e}", String::from_utf8_lossy(&buf)));
+        assert_eq!(back, case);
+        // Nothing a JSON string needs escaped is left raw.
+        let inner = &buf[1..buf.len() - 1];
+        assert!(inner.iter().all(|&b| b >= 0x20), "{case:?}");
+    }
+    let mut buf = Vec::new();
+    format::json_string(&mut buf, "/plain/path?x=1");
+    assert_eq!(buf, b"\"/plain/path?x=1\"");
+    buf.clear();
+    format::json_string(&mut buf, "\n");
+    assert_eq!(buf, b"\"\\u000a\"");
+}
