@@ -2,10 +2,17 @@
 //! its access line (and, as a row without a goal, with one worker thread and no line), nginx `proxy_cache` with and without its (buffered) access log, and the nginx
 //! `return 200` ceiling, against the same backend and body, `wrk -t1 -c64` (or the in-process loop),
 //! in interleaved rounds: every target once per round, so drifts of a shared machine's load hit
-//! every target alike. Each ratio is a ratio of medians over the rounds; the spread is the rounds'
-//! min–max.
+//! every target alike, each round starting one target further on, so no target always runs
+//! first (or right after the ceiling). Each ratio is a ratio of medians over the rounds; the
+//! spread is the rounds' min–max.
 //!
-//! `STAMPEDE_HIT_ROUNDS` (3) rounds of `STAMPEDE_HIT_SECONDS` (5 in this mode) each; a short check
+//! Beside hits per second, the CPU per hit (Linux, from `/proc`): the whole machine's busy time
+//! per hit (the load generator's included, the same for every target) and, for Corral's rows,
+//! its process's own. The access line's cost is given both ways: in throughput, which a 2-core
+//! machine's noise moves by 10 % from one round to the next, and in Corral's CPU per hit, which it
+//! moves far less.
+//!
+//! `STAMPEDE_HIT_ROUNDS` (5) rounds of `STAMPEDE_HIT_SECONDS` (5 in this mode) each; a short check
 //! that it works: `STAMPEDE_ONLY=hits STAMPEDE_HIT_ROUNDS=1 STAMPEDE_HIT_SECONDS=1`.
 
 use std::net::SocketAddr;
@@ -28,7 +35,25 @@ const CEILING: &str = "nginx `return 200` (no-work ceiling)";
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// Corral's process, whose own CPU time is read.
+    pid: Option<u32>,
     rps: Vec<f64>,
+    /// Per round, µs of CPU per hit: the whole machine's, and the process's.
+    machine_us: Vec<f64>,
+    process_us: Vec<f64>,
+}
+
+impl Target {
+    fn new(name: &'static str, addr: SocketAddr, pid: Option<u32>) -> Target {
+        Target {
+            name,
+            addr,
+            pid,
+            rps: Vec::new(),
+            machine_us: Vec::new(),
+            process_us: Vec::new(),
+        }
+    }
 }
 
 pub async fn run(
@@ -38,7 +63,7 @@ pub async fn run(
     namespace: &str,
     backend: &Upstream,
 ) -> Result<(), BoxError> {
-    let rounds = env("STAMPEDE_HIT_ROUNDS", 3);
+    let rounds = env("STAMPEDE_HIT_ROUNDS", 5);
     let secs = env("STAMPEDE_HIT_SECONDS", 5) as u64;
     let settings = CorralSettings {
         name: "hits",
@@ -52,21 +77,9 @@ pub async fn run(
     // Not a goal's row: what one worker does where the load generator takes one of the cores.
     let single = LoggingCorral::start(bin, dir, "corral-one-worker", &settings, false, Some(1))?;
     let mut targets = vec![
-        Target {
-            name: CORRAL_ON,
-            addr: logged.addr,
-            rps: Vec::new(),
-        },
-        Target {
-            name: CORRAL_OFF,
-            addr: quiet.addr,
-            rps: Vec::new(),
-        },
-        Target {
-            name: CORRAL_ONE_WORKER,
-            addr: single.addr,
-            rps: Vec::new(),
-        },
+        Target::new(CORRAL_ON, logged.addr, Some(logged.pid())),
+        Target::new(CORRAL_OFF, quiet.addr, Some(quiet.pid())),
+        Target::new(CORRAL_ONE_WORKER, single.addr, Some(single.pid())),
     ];
     let body = String::from_utf8_lossy(&backend::body()).into_owned();
     let nginx = match procs::which("nginx") {
@@ -77,21 +90,9 @@ pub async fn run(
         }
     };
     if let Some(n) = &nginx {
-        targets.push(Target {
-            name: NGINX_OFF,
-            addr: n.instances[0],
-            rps: Vec::new(),
-        });
-        targets.push(Target {
-            name: NGINX_LOG,
-            addr: n.logged,
-            rps: Vec::new(),
-        });
-        targets.push(Target {
-            name: CEILING,
-            addr: n.ceiling,
-            rps: Vec::new(),
-        });
+        targets.push(Target::new(NGINX_OFF, n.instances[0], None));
+        targets.push(Target::new(NGINX_LOG, n.logged, None));
+        targets.push(Target::new(CEILING, n.ceiling, None));
     }
     let path = backend::scenario(backend, "hit-table", Duration::ZERO, Outcome::Ok);
     for target in &targets {
@@ -103,17 +104,33 @@ pub async fn run(
         }
     }
     let mut tool = String::new();
-    for round in 1..=rounds {
-        for target in &mut targets {
-            step(&format!("hits round {round}/{rounds}: {}", target.name));
+    let count = targets.len();
+    for round in 0..rounds {
+        for i in 0..count {
+            let target = &mut targets[(round + i) % count];
+            step(&format!(
+                "hits round {}/{rounds}: {}",
+                round + 1,
+                target.name
+            ));
             let is_ceiling = target.name == CEILING;
             let url_path = if is_ceiling { "/" } else { path.as_str() };
+            let before = cpu::Reading::now(target.pid);
             let measured = load::throughput(target.addr, url_path, HIT_CONNS, secs).await?;
+            let used = before.and_then(|b| b.used(target.pid));
             if let Some(problems) = &measured.problems {
                 return Err(format!("{}: {problems}", target.name).into());
             }
             tool = measured.tool;
             target.rps.push(measured.rps);
+            if let Some(used) = used.filter(|_| measured.rps > 0.0) {
+                // µs of CPU a second, over hits a second.
+                let per_hit = |us: f64| us / used.seconds / measured.rps;
+                target.machine_us.push(per_hit(used.machine_us));
+                if let Some(us) = used.process_us {
+                    target.process_us.push(per_hit(us));
+                }
+            }
         }
     }
     print_table(&targets, &tool, rounds);
@@ -139,25 +156,27 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn print_table(targets: &[Target], tool: &str, rounds: usize) {
-    let med = |name: &str| {
-        targets
-            .iter()
-            .find(|t| t.name == name)
-            .map(|t| median(&t.rps))
-    };
+    let find = |name: &str| targets.iter().find(|t| t.name == name);
+    let med = |name: &str| find(name).map(|t| median(&t.rps));
+    let process = |name: &str| find(name).and_then(|t| some_median(&t.process_us));
     println!();
     println!("hit throughput, {tool}, {rounds} interleaved rounds, 2 KiB body, same backend");
-    println!("| target | hits/s (median) | rounds min–max |");
-    println!("|---|---|---|");
+    println!(
+        "| target | hits/s (median) | rounds min–max | CPU per hit, whole machine (µs) | CPU per hit, the process (µs) |"
+    );
+    println!("|---|---|---|---|---|");
+    let micros = |v: Option<f64>| v.map_or("-".to_owned(), |us| format!("{us:.2}"));
     for t in targets {
         let min = t.rps.iter().copied().fold(f64::INFINITY, f64::min);
         let max = t.rps.iter().copied().fold(0.0, f64::max);
         println!(
-            "| {} | {:.0}k | {:.0}k–{:.0}k |",
+            "| {} | {:.0}k | {:.0}k–{:.0}k | {} | {} |",
             t.name,
             median(&t.rps) / 1000.0,
             min / 1000.0,
-            max / 1000.0
+            max / 1000.0,
+            micros(some_median(&t.machine_us)),
+            micros(some_median(&t.process_us)),
         );
     }
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -183,13 +202,111 @@ fn print_table(targets: &[Target], tool: &str, rounds: usize) {
         "| corral (line off) / ceiling | {} | ≥ 0.85× |",
         ratio(off, ceiling)
     );
-    let cost = match (on, off) {
-        (Some(on), Some(off)) if off > 0.0 => format!("{:.1} %", (1.0 - on / off) * 100.0),
-        _ => "-".into(),
+    let percent = |v: Option<f64>| v.map_or("-".to_owned(), |f| format!("{:.1} %", f * 100.0));
+    let in_throughput = match (on, off) {
+        (Some(on), Some(off)) if off > 0.0 => Some(1.0 - on / off),
+        _ => None,
     };
-    println!("| the access line's cost (1 − on/off) | {cost} | ≤ 5 % |");
+    println!(
+        "| the access line's cost in throughput (1 − on/off) | {} | ≤ 5 % |",
+        percent(in_throughput)
+    );
+    let in_cpu = match (process(CORRAL_ON), process(CORRAL_OFF)) {
+        (Some(on), Some(off)) if off > 0.0 => Some(on / off - 1.0),
+        _ => None,
+    };
+    println!(
+        "| the access line's cost in Corral's CPU per hit (on/off − 1) | {} | ≤ 5 % |",
+        percent(in_cpu)
+    );
     println!(
         "| (no goal) corral, workers = 1, line off / nginx (log off) | {} | |",
         ratio(single, nginx_off)
     );
+}
+
+/// The median, if there is anything to take it of.
+fn some_median(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| median(values))
+}
+
+/// CPU time read from `/proc` (Linux; elsewhere nothing is read and the columns show `-`).
+mod cpu {
+    use std::time::Instant;
+
+    /// The clock ticks a second of `/proc`'s CPU times (`USER_HZ`), as `getconf` says.
+    fn ticks_per_second() -> f64 {
+        static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+        *TICKS.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|out| String::from_utf8(out.stdout).ok())
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(100.0)
+        })
+    }
+
+    /// The whole machine's busy ticks, from `/proc/stat`'s first line: user, nice, system, irq
+    /// and softirq (not idle, iowait, nor steal: time a VM's neighbours took from it).
+    fn machine_ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        [0, 1, 2, 5, 6].iter().map(|&i| fields.get(i)).sum()
+    }
+
+    /// A process's user and system ticks (`/proc/<pid>/stat` fields 14 and 15).
+    fn process_ticks(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name, in parentheses, may hold spaces: count the fields after it.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        Some(ticks(11)? + ticks(12)?)
+    }
+
+    /// The counters at one moment.
+    pub struct Reading {
+        at: Instant,
+        machine: u64,
+        process: Option<u64>,
+    }
+
+    /// CPU used between two readings, in µs, over `seconds` of wall time.
+    pub struct Used {
+        pub seconds: f64,
+        pub machine_us: f64,
+        pub process_us: Option<f64>,
+    }
+
+    impl Reading {
+        pub fn now(pid: Option<u32>) -> Option<Reading> {
+            Some(Reading {
+                at: Instant::now(),
+                machine: machine_ticks()?,
+                process: pid.and_then(process_ticks),
+            })
+        }
+
+        /// What was used since this reading.
+        pub fn used(&self, pid: Option<u32>) -> Option<Used> {
+            let later = Reading::now(pid)?;
+            let us = |ticks: u64| ticks as f64 / ticks_per_second() * 1e6;
+            Some(Used {
+                seconds: later.at.duration_since(self.at).as_secs_f64(),
+                machine_us: us(later.machine.checked_sub(self.machine)?),
+                process_us: match (self.process, later.process) {
+                    (Some(a), Some(b)) => b.checked_sub(a).map(us),
+                    _ => None,
+                },
+            })
+        }
+    }
 }

@@ -37,6 +37,11 @@ impl ChildGuard {
         }
     }
 
+    /// The process's id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An error if the process has exited.
     fn check_alive(&mut self) -> Result<(), BoxError> {
         match self.child.try_wait()? {
@@ -227,7 +232,7 @@ impl Drop for Corral {
 /// journald) rather than read by the bench, which would compete with it for the CPU.
 pub struct LoggingCorral {
     pub addr: SocketAddr,
-    _guard: ChildGuard,
+    guard: ChildGuard,
 }
 
 impl LoggingCorral {
@@ -269,10 +274,12 @@ impl LoggingCorral {
         let mut guard = ChildGuard::new(name, child);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_listening(&mut guard, &[addr], &log)?;
-        Ok(LoggingCorral {
-            addr,
-            _guard: guard,
-        })
+        Ok(LoggingCorral { addr, guard })
+    }
+
+    /// The process's id (its CPU time is read from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
     }
 }
 
