@@ -66,9 +66,8 @@ pub(super) enum Event {
     /// The classic SUBSCRIBE answered.
     Subscribed(Result<(), L2Error>),
     /// The sharded (un)subscriptions answered, each on its own: those `dropped` and `added`
-    /// succeeded; `result` is the last failure, if any.
-    /// `undropped`: those whose SUNSUBSCRIBE failed (the I/O loop logs why); `result` is that of
-    /// the SSUBSCRIBEs only.
+    /// succeeded, those `undropped` failed (the I/O loop logs why); `result` is the last failure
+    /// of an SSUBSCRIBE, if any.
     ShardedSynced {
         dropped: Vec<String>,
         undropped: Vec<String>,
