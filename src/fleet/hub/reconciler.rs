@@ -14,9 +14,11 @@
 //! ```
 //! Each step is skipped when it has nothing to do, and a failed step skips the rest of the pass,
 //! but for an unsubscription: a channel nobody waits on costs nobody anything while it stays, so
-//! its failure is only remembered ([`Reconciler`]'s `doubtful`) and tried again, and the pass goes
-//! on to the subscriptions its waiters wait for. (Failing them made each waiter fill on its own: a
-//! slow UNSUBSCRIBE under a burst cost an upstream call per key.)
+//! its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and the pass goes on to
+//! the subscriptions its waiters wait for, which are acknowledged; only then does the failure go
+//! to the topology, as any failure of the node does (behind sentinels, a master that stopped
+//! answering is looked for again). Failing the waiters made each fill on its own: a slow
+//! UNSUBSCRIBE under a burst cost an upstream call per key.
 //! A move to another node (following the sentinels, or after failures) leaves nothing subscribed
 //! there, and notices may have been lost on the way: every waiter resyncs.
 
@@ -66,11 +68,12 @@ pub(super) enum Event {
     /// The classic SUBSCRIBE answered.
     Subscribed(Result<(), L2Error>),
     /// The sharded (un)subscriptions answered, each on its own: those `dropped` and `added`
-    /// succeeded, those `undropped` failed (the I/O loop logs why); `result` is the last failure
-    /// of an SSUBSCRIBE, if any.
+    /// succeeded, those `undropped` failed (the last SUNSUBSCRIBE's failure: `drop_failure`);
+    /// `result` is the last failure of an SSUBSCRIBE, if any.
     ShardedSynced {
         dropped: Vec<String>,
         undropped: Vec<String>,
+        drop_failure: Option<L2Error>,
         added: Vec<String>,
         result: Result<(), L2Error>,
     },
@@ -144,6 +147,9 @@ pub(super) struct Reconciler {
     add_sharded: Vec<String>,
     /// Why the pass under way failed, for its acknowledgements.
     failure: Option<String>,
+    /// An unsubscription of the pass under way failed: the topology hears of it once the
+    /// waiters are answered.
+    drop_failure: Option<L2Error>,
 }
 
 impl Reconciler {
@@ -161,6 +167,7 @@ impl Reconciler {
             drop_sharded: Vec::new(),
             add_sharded: Vec::new(),
             failure: None,
+            drop_failure: None,
         }
     }
 
@@ -197,15 +204,17 @@ impl Reconciler {
             Event::Unsubscribed(Err(err @ L2Error::CircuitOpen { .. })) => {
                 self.finish(Vec::new(), Err(err))
             }
-            Event::Unsubscribed(Err(_)) => {
+            Event::Unsubscribed(Err(err)) => {
                 let undropped = std::mem::take(&mut self.to_drop);
                 self.doubt(undropped);
+                self.drop_failure = Some(err);
                 self.subscribe(Vec::new())
             }
             Event::Subscribed(Err(err)) => self.finish(Vec::new(), Err(err)),
             Event::ShardedSynced {
                 dropped,
                 undropped,
+                drop_failure,
                 added,
                 result,
             } => {
@@ -213,6 +222,9 @@ impl Reconciler {
                     self.subscribed.remove(channel);
                 }
                 self.doubt(undropped);
+                if drop_failure.is_some() {
+                    self.drop_failure = drop_failure;
+                }
                 self.subscribed.extend(added);
                 self.finish(Vec::new(), result)
             }
@@ -338,20 +350,28 @@ impl Reconciler {
         self.doubtful.extend(skipped);
         self.to_add.clear();
         self.add_sharded.clear();
-        match result {
-            Ok(()) => {
+        let drop_failure = self.drop_failure.take();
+        match (result, drop_failure) {
+            (Ok(()), None) => {
                 effects.push(Effect::Answered);
                 effects.push(self.ack(Ok(())));
-                // A failed unsubscription is tried again within a second, requests or none.
+                // Doubtful channels left over are tried again within a second.
                 let retry = !self.doubtful.is_empty();
                 step(effects, Io::Wait { retry })
             }
+            // Every subscription succeeded, an unsubscription did not: the waiters are answered,
+            // then the node is blamed (and the pass retried within a second).
+            (Ok(()), Some(err)) => {
+                effects.push(self.ack(Ok(())));
+                self.failure = Some(err.to_string());
+                step(effects, Io::Fail(err))
+            }
             // The circuit is open: nothing was asked of this node, so it is not to blame.
-            Err(err @ L2Error::CircuitOpen { .. }) => {
+            (Err(err @ L2Error::CircuitOpen { .. }), _) => {
                 effects.push(self.ack(Err(err.to_string())));
                 step(effects, Io::Wait { retry: true })
             }
-            Err(err) => {
+            (Err(err), _) => {
                 self.failure = Some(err.to_string());
                 step(effects, Io::Fail(err))
             }

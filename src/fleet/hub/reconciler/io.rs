@@ -52,23 +52,17 @@ impl Driver {
                     }
                 }
                 Io::Unsubscribe(channels) => {
-                    let result = self.topology.unsubscribe(&channels).await;
-                    if let Err(err) = &result {
-                        dropping_failed(&err.to_string(), channels.len());
-                    }
-                    Event::Unsubscribed(result)
+                    Event::Unsubscribed(self.topology.unsubscribe(&channels).await)
                 }
                 Io::Subscribe(channels) => {
                     Event::Subscribed(self.topology.subscribe(&channels).await)
                 }
                 Io::SyncSharded { drop, add } => {
                     let synced = self.topology.sync_sharded(drop, add).await;
-                    if let Some(err) = &synced.drop_failure {
-                        dropping_failed(&err.to_string(), synced.undropped.len());
-                    }
                     Event::ShardedSynced {
                         dropped: synced.dropped,
                         undropped: synced.undropped,
+                        drop_failure: synced.drop_failure,
                         added: synced.added,
                         result: synced.result,
                     }
@@ -104,12 +98,6 @@ impl Driver {
             }
         }
     }
-}
-
-/// An unsubscription failed: nobody waits on those channels, so nobody is failed for it; it is
-/// tried again on the next pass (the reconciler's `doubtful`).
-fn dropping_failed(err: &str, channels: usize) {
-    tracing::info!(%err, channels, "redis pub/sub: unsubscribing channels nobody waits on failed; tried again on the next pass");
 }
 
 /// Every request pending once one arrives (or, with `retry`, once [`RETRY`] passed: a

@@ -307,6 +307,7 @@ fn in_a_cluster_fill_channels_are_sharded_and_the_invalidation_channel_classic()
     let step = r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: Vec::new(),
+        drop_failure: None,
         added: vec!["fill:a".to_owned(), "fill:b".to_owned()],
         result: Ok(()),
     });
@@ -324,6 +325,7 @@ fn in_a_cluster_the_sharded_subscriptions_that_succeeded_are_kept_when_others_fa
     let step = r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: Vec::new(),
+        drop_failure: None,
         added: vec!["fill:a".to_owned()],
         result: Err(down()),
     });

@@ -22,7 +22,12 @@ fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() 
     }
     let step = r.on(Event::Subscribed(Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
-    assert!(has(&step, |e| matches!(e, Effect::Answered)));
+    // Then the node is blamed, as for any failure (behind sentinels: the master is looked for
+    // again), and the pass retried within a second.
+    assert!(!has(&step, |e| matches!(e, Effect::Answered)));
+    assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
+    let step = r.on(Event::FailedOver { moved: false });
+    assert_eq!(acked(&step), Some((0, Ok(()))), "nobody is left to fail");
     assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
     assert_eq!(r.doubtful(), &set(&["fill:a"]));
@@ -45,7 +50,8 @@ fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(&[]));
     let step = r.on(Event::Unsubscribed(Err(late())));
-    assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
+    assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
+    r.on(Event::FailedOver { moved: false });
     // The server most likely dropped it (the command was sent): a new waiter on it must not be
     // told it is subscribed without asking.
     let (request, _acked) = sync();
@@ -89,6 +95,7 @@ fn settled_in_a_cluster(channels: &[&str]) -> Reconciler {
     r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: Vec::new(),
+        drop_failure: None,
         added: channels.iter().map(|c| (*c).to_owned()).collect(),
         result: Ok(()),
     });
@@ -112,10 +119,13 @@ fn in_a_cluster_a_failed_sunsubscribe_fails_no_waiter() {
     let step = r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: vec!["fill:a".to_owned()],
+        drop_failure: Some(late()),
         added: vec!["fill:b".to_owned()],
         result: Ok(()),
     });
     assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
+    let step = r.on(Event::FailedOver { moved: false });
     assert!(matches!(step.then, Io::Wait { retry: true }), "{step:?}");
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
     assert_eq!(r.doubtful(), &set(&["fill:a"]));
@@ -129,9 +139,11 @@ fn a_doubtful_channel_stays_doubtful_when_a_pass_fails_before_unsubscribing_it()
     r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: vec!["fill:a".to_owned()],
+        drop_failure: Some(late()),
         added: Vec::new(),
         result: Ok(()),
     });
+    r.on(Event::FailedOver { moved: false });
     assert_eq!(r.doubtful(), &set(&["fill:a"]));
     // The next pass must subscribe the invalidation channel first, and that fails: the sharded
     // side is never reached.
@@ -163,6 +175,7 @@ fn a_new_connection_has_nothing_doubtful() {
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(&[]));
     r.on(Event::Unsubscribed(Err(late())));
+    r.on(Event::FailedOver { moved: false });
     assert_eq!(r.doubtful(), &set(&["fill:a"]));
     r.on(Event::Requests(vec![Request::Reset]));
     assert!(r.doubtful().is_empty());
@@ -187,6 +200,7 @@ fn in_a_cluster_a_failed_ssubscribe_fails_only_the_waiters_on_its_channel() {
     let step = r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: Vec::new(),
+        drop_failure: None,
         added: vec!["fill:b".to_owned()],
         result: Err(down()),
     });
@@ -212,6 +226,7 @@ fn a_failure_that_moves_to_another_node_fails_every_waiter() {
     r.on(Event::ShardedSynced {
         dropped: Vec::new(),
         undropped: Vec::new(),
+        drop_failure: None,
         added: Vec::new(),
         result: Err(down()),
     });
@@ -220,4 +235,20 @@ fn a_failure_that_moves_to_another_node_fails_every_waiter() {
     let (count, result) = acked(&step).expect("acknowledged");
     assert_eq!(count, 1);
     assert!(result.is_err());
+}
+
+#[test]
+fn a_failed_unsubscription_that_moves_to_another_node_resyncs_and_forgets_the_doubt() {
+    let mut r = settled(&["fill:a", "fill:b"]);
+    let (request, _acked) = sync();
+    r.on(Event::Requests(vec![request]));
+    r.on(followed(&["fill:b"]));
+    let step = r.on(Event::Unsubscribed(Err(late())));
+    // Nothing to subscribe: the pass ends, its waiters answered, the node blamed.
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
+    let step = r.on(Event::FailedOver { moved: true });
+    assert!(has(&step, |e| matches!(e, Effect::Resync)));
+    assert!(r.subscribed().is_empty());
+    assert!(r.doubtful().is_empty());
 }
