@@ -144,6 +144,7 @@ async fn a_server_that_requires_a_client_certificate_refuses_corral_without_one(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stampede_behind_tls_sentinels_makes_one_upstream_call() {
+    support::logs();
     let pki = Pki::new();
     let tls = NodeTls::new(&pki);
     let mut deployment = RedisSentinel::start_tls(&tls).await;
