@@ -40,6 +40,24 @@ fn down() -> L2Error {
     L2Error::Pubsub("connection refused".to_owned())
 }
 
+/// An unsubscription with no answer within its budget (Redis slow under a burst).
+fn late() -> L2Error {
+    L2Error::Pubsub("redis UNSUBSCRIBE: no answer within 1s".to_owned())
+}
+
+/// The sharded side answered: `added` subscribed, `undropped` not unsubscribed (unanswered:
+/// [`late`]), nothing dropped; `result`: the subscriptions' last failure.
+fn sharded(added: &[&str], undropped: &[&str], result: Result<(), L2Error>) -> Event {
+    let owned = |channels: &[&str]| channels.iter().map(|c| (*c).to_owned()).collect();
+    Event::ShardedSynced {
+        dropped: Vec::new(),
+        undropped: owned(undropped),
+        drop_failure: (!undropped.is_empty()).then(late),
+        added: owned(added),
+        result,
+    }
+}
+
 /// What each acknowledgement a step answers is answered.
 fn answers(step: &Step) -> Option<Vec<Result<(), String>>> {
     step.effects.iter().find_map(|effect| match effect {
@@ -304,13 +322,7 @@ fn in_a_cluster_fill_channels_are_sharded_and_the_invalidation_channel_classic()
         }
         other => panic!("{other:?}"),
     }
-    let step = r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: Vec::new(),
-        drop_failure: None,
-        added: vec!["fill:a".to_owned(), "fill:b".to_owned()],
-        result: Ok(()),
-    });
+    let step = r.on(sharded(&["fill:a", "fill:b"], &[], Ok(())));
     assert!(has(&step, |e| matches!(e, Effect::Answered)));
     assert!(matches!(step.then, Io::Wait { retry: false }));
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a", "fill:b"]));
@@ -322,13 +334,7 @@ fn in_a_cluster_the_sharded_subscriptions_that_succeeded_are_kept_when_others_fa
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(&["fill:a", "fill:b"]));
     r.on(Event::Subscribed(Ok(())));
-    let step = r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: Vec::new(),
-        drop_failure: None,
-        added: vec!["fill:a".to_owned()],
-        result: Err(down()),
-    });
+    let step = r.on(sharded(&["fill:a"], &[], Err(down())));
     assert!(matches!(step.then, Io::Fail(_)));
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a"]));
     r.on(Event::FailedOver { moved: false });

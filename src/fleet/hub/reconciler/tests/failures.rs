@@ -3,11 +3,6 @@
 
 use super::*;
 
-/// An unsubscription with no answer within its budget (Redis slow under a burst).
-fn late() -> L2Error {
-    L2Error::Pubsub("redis UNSUBSCRIBE: no answer within 1s".to_owned())
-}
-
 #[test]
 fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() {
     let mut r = settled(&["fill:a"]);
@@ -92,13 +87,7 @@ fn settled_in_a_cluster(channels: &[&str]) -> Reconciler {
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(channels));
     r.on(Event::Subscribed(Ok(())));
-    r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: Vec::new(),
-        drop_failure: None,
-        added: channels.iter().map(|c| (*c).to_owned()).collect(),
-        result: Ok(()),
-    });
+    r.on(sharded(channels, &[], Ok(())));
     assert_eq!(r.subscribed().len(), channels.len() + 1);
     r
 }
@@ -116,13 +105,7 @@ fn in_a_cluster_a_failed_sunsubscribe_fails_no_waiter() {
         }
         other => panic!("{other:?}"),
     }
-    let step = r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: vec!["fill:a".to_owned()],
-        drop_failure: Some(late()),
-        added: vec!["fill:b".to_owned()],
-        result: Ok(()),
-    });
+    let step = r.on(sharded(&["fill:b"], &["fill:a"], Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
     assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
     let step = r.on(Event::FailedOver { moved: false });
@@ -136,13 +119,7 @@ fn a_doubtful_channel_stays_doubtful_when_a_pass_fails_before_unsubscribing_it()
     let mut r = settled_in_a_cluster(&["fill:a"]);
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(&[]));
-    r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: vec!["fill:a".to_owned()],
-        drop_failure: Some(late()),
-        added: Vec::new(),
-        result: Ok(()),
-    });
+    r.on(sharded(&[], &["fill:a"], Ok(())));
     r.on(Event::FailedOver { moved: false });
     assert_eq!(r.doubtful(), &set(&["fill:a"]));
     // The next pass must subscribe the invalidation channel first, and that fails: the sharded
@@ -197,13 +174,7 @@ fn in_a_cluster_a_failed_ssubscribe_fails_only_the_waiters_on_its_channel() {
     let step = r.on(followed(&["fill:a", "fill:b", "fill:c"]));
     assert!(matches!(step.then, Io::SyncSharded { .. }), "{step:?}");
     // fill:b's node answered, fill:c's did not.
-    let step = r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: Vec::new(),
-        drop_failure: None,
-        added: vec!["fill:b".to_owned()],
-        result: Err(down()),
-    });
+    let step = r.on(sharded(&["fill:b"], &[], Err(down())));
     assert!(matches!(step.then, Io::Fail(_)));
     let step = r.on(Event::FailedOver { moved: false });
     let answers = answers(&step).expect("acknowledged");
@@ -223,13 +194,7 @@ fn a_failure_that_moves_to_another_node_fails_every_waiter() {
     let (on_a, _a) = sync_on("fill:a");
     r.on(Event::Requests(vec![on_a]));
     r.on(followed(&["fill:a", "fill:b"]));
-    r.on(Event::ShardedSynced {
-        dropped: Vec::new(),
-        undropped: Vec::new(),
-        drop_failure: None,
-        added: Vec::new(),
-        result: Err(down()),
-    });
+    r.on(sharded(&[], &[], Err(down())));
     // The new node holds nothing: fill:a is no longer subscribed.
     let step = r.on(Event::FailedOver { moved: true });
     let (count, result) = acked(&step).expect("acknowledged");
