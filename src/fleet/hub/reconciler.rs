@@ -355,9 +355,9 @@ impl Reconciler {
             (Ok(()), None) => {
                 effects.push(Effect::Answered);
                 effects.push(self.ack(Ok(())));
-                // Doubtful channels left over are tried again within a second.
-                let retry = !self.doubtful.is_empty();
-                step(effects, Io::Wait { retry })
+                // Every doubtful channel was in this pass and dropped (a failed drop is the arm
+                // below): nothing to retry.
+                step(effects, Io::Wait { retry: false })
             }
             // Every subscription succeeded, an unsubscription did not: the waiters are answered,
             // then the node is blamed (and the pass retried within a second).
