@@ -46,59 +46,61 @@ pub enum LineFormat {
     Json,
 }
 
-/// One request's line, as the request left it.
+/// One request's line, as the request left it: borrowed from the request and the answer, for
+/// the moment it takes to format it (a line costs no allocation of its own).
 #[derive(Debug)]
-pub struct AccessLine {
+pub struct AccessLine<'a> {
     at: SystemTime,
-    method: Method,
-    /// The path, then the route's name: one allocation for both.
-    text: String,
-    path_len: usize,
+    method: &'a Method,
+    path: &'a str,
+    route: &'a str,
     status: u16,
     outcome: CacheOutcome,
     micros: u64,
     /// Who asked and what went back: the query, the client, its `X-Request-Id`, the bytes sent
     /// (as the answer head knows them).
-    query: Option<String>,
+    query: Option<&'a str>,
     client: Option<std::net::SocketAddr>,
-    request_id: Option<String>,
+    request_id: Option<&'a str>,
     bytes: Option<u64>,
 }
 
-impl AccessLine {
-    /// The line with who asked and what went back.
+impl<'a> AccessLine<'a> {
+    /// The line with who asked and what went back. A request id is cut to its first
+    /// [`REQUEST_ID_MAX`] bytes (at a character's boundary).
     pub fn of_request(
         mut self,
-        query: Option<String>,
+        query: Option<&'a str>,
         client: std::net::SocketAddr,
-        request_id: Option<String>,
+        request_id: Option<&'a str>,
         bytes: Option<u64>,
-    ) -> AccessLine {
+    ) -> AccessLine<'a> {
         self.query = query;
         self.client = Some(client);
-        self.request_id = request_id;
+        self.request_id = request_id.map(|id| {
+            let mut end = id.len().min(REQUEST_ID_MAX);
+            while !id.is_char_boundary(end) {
+                end -= 1;
+            }
+            &id[..end]
+        });
         self.bytes = bytes;
         self
     }
 
-    /// `path` is taken as it is and `route` appended to it: a path given as a `String` with room
-    /// for the route costs no allocation here.
     pub fn new(
-        method: Method,
-        path: impl Into<String>,
-        route: &str,
+        method: &'a Method,
+        path: &'a str,
+        route: &'a str,
         status: u16,
         outcome: CacheOutcome,
         micros: u64,
-    ) -> AccessLine {
-        let mut text = path.into();
-        let path_len = text.len();
-        text.push_str(route);
+    ) -> AccessLine<'a> {
         AccessLine {
             at: SystemTime::now(),
             method,
-            text,
-            path_len,
+            path,
+            route,
             status,
             outcome,
             micros,
@@ -108,24 +110,11 @@ impl AccessLine {
             bytes: None,
         }
     }
-
-    fn path(&self) -> &str {
-        &self.text[..self.path_len]
-    }
-
-    fn route(&self) -> &str {
-        &self.text[self.path_len..]
-    }
 }
 
-/// A request's path, owned with room after it for its route's name, which [`AccessLine::new`]
-/// appends without allocating again.
-pub fn path_with_room(path: &str) -> String {
-    const ROUTE_NAME_ROOM: usize = 32;
-    let mut owned = String::with_capacity(path.len() + ROUTE_NAME_ROOM);
-    owned.push_str(path);
-    owned
-}
+/// The longest client request id a line carries, in bytes: a client cannot make lines of any
+/// length.
+pub const REQUEST_ID_MAX: usize = 128;
 
 /// What became of a line handed to [`AccessLog::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +204,7 @@ impl AccessLog {
 
     /// Formats a line into this thread's shard; never waits (the lock is the thread's own but
     /// for the writer's swap). A full shard drops it (and counts it).
-    pub fn send(&self, line: AccessLine) -> Sent {
+    pub fn send(&self, line: &AccessLine<'_>) -> Sent {
         let shared = &self.shared;
         let (sent, wake) = SHARDS.with_borrow_mut(|shards| {
             let shard = match shards.iter().find(|(id, _)| *id == shared.id) {
@@ -236,7 +225,7 @@ impl AccessLog {
             if lines.text.len() >= shared.capacity {
                 return (Sent::Dropped, false);
             }
-            format::format_line(&mut lines.text, shared.format, &line);
+            format::format_line(&mut lines.text, shared.format, line);
             (Sent::Queued, std::mem::take(&mut lines.wake_writer))
         });
         match sent {
@@ -351,33 +340,51 @@ pub fn dropped_counter() -> &'static Counter {
     &DROPPED
 }
 
-static INSTALLED: OnceLock<AccessLog> = OnceLock::new();
+/// The process's writer, and whether `RUST_LOG` lets its lines through: the filter is fixed once
+/// the process's subscriber is set, so it is asked once, not for every request.
+struct Installed {
+    log: AccessLog,
+    info: bool,
+}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 /// Makes `format` lines to `out` (stderr, for `corral run`) the process's access log (once;
-/// later calls change nothing).
+/// later calls change nothing). Called after the process's `tracing` subscriber is set: whether
+/// its filter lets `corral::access` lines through at `info` is read here, once.
 pub fn install(format: LineFormat, out: Box<dyn Write + Send>) -> std::io::Result<()> {
     let log = AccessLog::start(format, out, THREAD_BYTES, dropped_counter().clone())?;
-    let _ = INSTALLED.set(log);
+    let info = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+    let _ = INSTALLED.set(Installed { log, info });
     Ok(())
+}
+
+/// Whether a line at `info` would be written: the installed writer's answer, read when it was
+/// installed; without one, the current subscriber's.
+pub fn info_enabled() -> bool {
+    match INSTALLED.get() {
+        Some(installed) => installed.info,
+        None => tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO),
+    }
 }
 
 /// Writes what the installed writer holds, within `limit` (a process that exits calls this).
 pub fn flush(limit: Duration) -> Flushed {
     match INSTALLED.get() {
-        Some(log) => log.flush(limit),
+        Some(installed) => installed.log.flush(limit),
         None => Flushed::Written,
     }
 }
 
 /// Logs a request's line at `info` (the access log): to the installed writer, or as a `tracing`
 /// event when none is installed.
-pub fn record(line: AccessLine) {
+pub fn record(line: &AccessLine<'_>) {
     match INSTALLED.get() {
-        Some(log) => {
-            let _ = log.send(line);
+        Some(installed) => {
+            let _ = installed.log.send(line);
         }
         None => {
-            let (method, path, route) = (&line.method, &line.path(), line.route());
+            let (method, path, route) = (line.method, line.path, line.route);
             let (status, outcome, micros) = (line.status, line.outcome.as_str(), line.micros);
             tracing::info!(target: ACCESS_LOG, %method, %path, %route, status, outcome, micros, "request");
         }
@@ -385,8 +392,8 @@ pub fn record(line: AccessLine) {
 }
 
 /// The same line at `debug` (with the access log off), as a `tracing` event.
-pub fn record_debug(line: AccessLine) {
-    let (method, path, route) = (&line.method, &line.path(), line.route());
+pub fn record_debug(line: &AccessLine<'_>) {
+    let (method, path, route) = (line.method, line.path, line.route);
     let (status, outcome, micros) = (line.status, line.outcome.as_str(), line.micros);
     tracing::debug!(target: ACCESS_LOG, %method, %path, %route, status, outcome, micros, "request");
 }

@@ -140,20 +140,6 @@ pub fn cache_status_kind(value: &str) -> String {
         .join("; ")
 }
 
-/// `n` in decimal, written at the end of `digits` (a `u64` has at most 20): no allocation and no
-/// `core::fmt`, for the values written on every answer (`Cache-Status`, the access line).
-pub(crate) fn decimal_digits(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut from = digits.len();
-    loop {
-        from -= 1;
-        digits[from] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[from..];
-        }
-    }
-}
-
 /// A hit's `Cache-Status`, written on the stack and copied once into the value: one allocation
 /// (a `String` handed over would be two: its buffer, then `Bytes`' record of its spare room).
 fn hit_status(stale: bool, ttl: Option<i64>) -> HeaderValue {
@@ -167,10 +153,7 @@ fn hit_status(stale: bool, ttl: Option<i64>) -> HeaderValue {
     put(b"corral; hit");
     if let Some(ttl) = ttl {
         put(b"; ttl=");
-        if ttl < 0 {
-            put(b"-");
-        }
-        put(decimal_digits(ttl.unsigned_abs(), &mut [0; 20]));
+        put(itoa::Buffer::new().format(ttl).as_bytes());
     }
     if stale {
         put(b"; detail=stale");
@@ -181,13 +164,6 @@ fn hit_status(stale: bool, ttl: Option<i64>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decimal_digits_are_display_without_fmt() {
-        for n in [0, 7, 10, 999, 1000, 65_535, 1_234_567_890, u64::MAX] {
-            assert_eq!(decimal_digits(n, &mut [0; 20]), n.to_string().as_bytes());
-        }
-    }
 
     #[test]
     fn a_hits_ttl_is_written_whole_and_signed() {

@@ -308,20 +308,21 @@ impl Proxy {
             let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             // The body's size as the answer head knows it; absent for a body still streaming in.
             let bytes = http_body::Body::size_hint(response.body()).exact();
+            let request_id = logged.request_id.as_ref().and_then(|v| v.to_str().ok());
             let line = AccessLine::new(
-                logged.method,
-                logged.path,
+                &logged.method,
+                logged.uri.path(),
                 route_name,
                 status,
                 outcome,
                 micros,
             )
-            .of_request(logged.query, peer, logged.request_id, bytes);
+            .of_request(logged.uri.query(), peer, request_id, bytes);
             // The same line at `info` (the access log) or, with it off, at `debug`.
             if logged.info {
-                crate::access::record(line);
+                crate::access::record(&line);
             } else {
-                crate::access::record_debug(line);
+                crate::access::record_debug(&line);
             }
         }
         response
@@ -330,19 +331,18 @@ impl Proxy {
     /// What the access line needs from the request, when a line is wanted: only the log line
     /// needs these, so with it off the hot path does not pay for them.
     fn access_line_of<B>(&self, req: &Request<B>) -> Option<Logged> {
-        let info = self.access_log && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        let info = self.access_log && crate::access::info_enabled();
         (info || tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG)).then(|| Logged {
             info,
             method: req.method().clone(),
-            path: crate::access::path_with_room(req.uri().path()),
-            query: req.uri().query().map(str::to_owned),
+            // A reference on the request's bytes, not a copy of its path.
+            uri: req.uri().clone(),
             // A pass over the request's few fields: hashing a custom name costs more.
             request_id: req
                 .headers()
                 .iter()
                 .find(|(name, _)| **name == X_REQUEST_ID)
-                .and_then(|(_, v)| v.to_str().ok())
-                .map(|v| v.chars().take(128).collect()),
+                .map(|(_, v)| v.clone()),
         })
     }
 
@@ -404,11 +404,10 @@ struct Logged {
     /// `info` (the access log), else `debug`.
     info: bool,
     method: Method,
-    path: String,
-    /// As sent (already checked by target normalization); `None` when there is none.
-    query: Option<String>,
-    /// The client's `X-Request-Id`, when it sent a printable one.
-    request_id: Option<String>,
+    /// The path and query, as sent (already checked by target normalization).
+    uri: http::Uri,
+    /// The client's `X-Request-Id`; on the line when it is printable.
+    request_id: Option<http::HeaderValue>,
 }
 
 /// The request counters of every route, in the router's order.

@@ -89,6 +89,29 @@ async fn access_log_false_turns_the_access_lines_off() {
     assert_eq!(access_lines(&corral), Vec::<serde_json::Value>::new());
 }
 
+/// `RUST_LOG` still filters the access lines on their own, though the process reads that filter
+/// for them once, when it starts, not per request: with `corral::access=off` the other `info`
+/// lines stay and the access lines go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_turns_the_access_lines_off_on_their_own() {
+    let upstream = Upstream::start().await;
+    let text = config_text("", None, &recommend_route(&upstream.url(), ""));
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_corral"));
+    let mut corral = CorralProcess::start_with(bin, "info,corral::access=off", &text).await;
+    let client = Client::new();
+    for _ in 0..3 {
+        let answer = client.get(&corral.url("/recommend?k=1"), &[]).await;
+        assert_eq!(answer.status, 200);
+    }
+    stop(&mut corral).await;
+    assert_eq!(access_lines(&corral), Vec::<serde_json::Value>::new());
+    let logs = corral.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("corral listening")),
+        "{logs:#?}"
+    );
+}
+
 /// Text logs to a pipe carry no ANSI escape codes: the process runs with the default filter
 /// (`info`) and text format, serves one request, and stops on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,8 +26,10 @@ impl Write for Blocked {
     }
 }
 
-fn line(path: &str) -> AccessLine {
-    AccessLine::new(Method::GET, path, "recommend", 200, CacheOutcome::Hit, 12)
+static GET: Method = Method::GET;
+
+fn line(path: &str) -> AccessLine<'_> {
+    AccessLine::new(&GET, path, "recommend", 200, CacheOutcome::Hit, 12)
 }
 
 /// Bytes of `lines` lines like [`line`]'s with a one-digit path.
@@ -57,10 +59,10 @@ fn a_full_thread_buffer_drops_and_counts_lines_and_never_blocks_the_sender() {
     .expect("the writer thread starts");
 
     // The writer takes the first line and blocks writing it.
-    assert_eq!(log.send(line("/1")), Sent::Queued);
+    assert_eq!(log.send(&line("/1")), Sent::Queued);
     write_started.recv().expect("the writer writes");
     // Two more fill this thread's buffer; the next five find it full. None of these calls waits.
-    let sent: Vec<Sent> = (2..=8).map(|i| log.send(line(&format!("/{i}")))).collect();
+    let sent: Vec<Sent> = (2..=8).map(|i| log.send(&line(&format!("/{i}")))).collect();
     assert_eq!(sent[..2], [Sent::Queued, Sent::Queued]);
     assert!(sent[2..].iter().all(|s| *s == Sent::Dropped), "{sent:?}");
     assert_eq!(dropped.get(), 5);
@@ -95,7 +97,7 @@ fn a_flush_behind_a_blocked_writer_gives_up_at_its_limit() {
         Counter::default(),
     )
     .expect("the writer thread starts");
-    assert_eq!(log.send(line("/1")), Sent::Queued);
+    assert_eq!(log.send(&line("/1")), Sent::Queued);
     write_started.recv().expect("the writer writes");
     assert_eq!(log.flush(Duration::from_millis(20)), Flushed::TimedOut);
     let _ = go.send(());
@@ -104,7 +106,7 @@ fn a_flush_behind_a_blocked_writer_gives_up_at_its_limit() {
 #[test]
 fn lines_look_like_the_tracing_lines_around_them() {
     let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_323_045_678_901);
-    let mut line = AccessLine::new(Method::POST, "/a\"b", "-", 404, CacheOutcome::UriMiss, 7);
+    let mut line = AccessLine::new(&Method::POST, "/a\"b", "-", 404, CacheOutcome::UriMiss, 7);
     line.at = at;
     let mut text = Vec::new();
     format_line(&mut text, LineFormat::Text, &line);
@@ -170,6 +172,36 @@ fn client_addresses_are_written_as_display_writes_them() {
         socket_addr(&mut buf, &addr);
         assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
     }
+    // Every octet in every position, beside one of each other length.
+    for n in 0..=255u8 {
+        for octets in [
+            [n, 0, 10, 100],
+            [255, n, 9, 99],
+            [1, 22, n, 255],
+            [200, 2, 20, n],
+        ] {
+            let addr = std::net::SocketAddr::from((octets, u16::from(n) * 257));
+            let mut buf = Vec::new();
+            socket_addr(&mut buf, &addr);
+            assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
+        }
+    }
+}
+
+#[test]
+fn a_request_id_is_cut_at_its_limit_on_a_character_boundary() {
+    let method = Method::GET;
+    let long = "x".repeat(REQUEST_ID_MAX + 10);
+    let line = AccessLine::new(&method, "/", "r", 200, CacheOutcome::Hit, 1).of_request(
+        None,
+        ([127, 0, 0, 1], 1).into(),
+        Some(&long),
+        None,
+    );
+    assert_eq!(line.request_id.map(str::len), Some(REQUEST_ID_MAX));
+    let accented = format!("{}é", "x".repeat(REQUEST_ID_MAX - 1));
+    let line = line.of_request(None, ([127, 0, 0, 1], 1).into(), Some(&accented), None);
+    assert_eq!(line.request_id.map(str::len), Some(REQUEST_ID_MAX - 1));
 }
 
 #[test]
@@ -235,7 +267,7 @@ fn every_threads_lines_are_written_in_its_order_and_an_ended_threads_buffer_is_l
             let log = log.clone();
             std::thread::spawn(move || {
                 for n in 0..100 {
-                    assert_eq!(log.send(line(&format!("/{t}/{n}"))), Sent::Queued);
+                    assert_eq!(log.send(&line(&format!("/{t}/{n}"))), Sent::Queued);
                 }
             })
         })
@@ -286,7 +318,7 @@ fn a_line_after_a_quiet_spell_wakes_the_writer() {
         // Quiet: the writer has nothing to write and sleeps until a line comes.
         std::thread::sleep(GATHER * 4);
         let path = format!("/{round}");
-        assert_eq!(log.send(line(&path)), Sent::Queued);
+        assert_eq!(log.send(&line(&path)), Sent::Queued);
         let mut waited = 0;
         while !out.paths().contains(&path) {
             assert!(waited < 1000, "line {round} was never written");
