@@ -8,12 +8,16 @@
 //!
 //! ```text
 //!  Wait ─requests─▶ FollowMaster ─followed─┬─ no node yet ─▶ nack, Wait (retry)
-//!                                          └─▶ Unsubscribe ─▶ Subscribe ─▶ SyncSharded ─┬─ ok ─▶ ack, Wait
-//!                                                                                       ├─ circuit open ─▶ nack, Wait (retry)
-//!                                                                                       └─ failed ─▶ Fail ─▶ nack, Wait (retry)
+//!                                          └─▶ Subscribe ─ack held─▶ Unsubscribe ─▶ SyncSharded ─┬─ ok ─▶ ack, Wait
+//!                                                                                                ├─ circuit open ─▶ nack, Wait (retry)
+//!                                                                                                └─ failed ─▶ Fail ─▶ nack, Wait (retry)
 //! ```
 //! Each step is skipped when it has nothing to do, and a failed step skips the rest of the pass,
-//! but for an unsubscription: a channel nobody waits on costs nobody anything while it stays, so
+//! but for an unsubscription. New channels come first: once the server confirms them, the
+//! waiters on them are answered at once ("ack held"), without waiting for the drops of the
+//! channels nobody wants any more (within one pass the two sets are disjoint, so their order
+//! changes nothing else; in a cluster the sharded drops and subscriptions go out together).
+//! An unsubscription's failure fails nobody: a channel nobody waits on costs nobody anything while it stays, so
 //! its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and the pass goes on to
 //! the subscriptions its waiters wait for, which are acknowledged; only then does the failure go
 //! to the topology, as any failure of the node does (behind sentinels, a master that stopped
@@ -189,7 +193,7 @@ impl Reconciler {
                 for channel in std::mem::take(&mut self.to_drop) {
                     self.subscribed.remove(&channel);
                 }
-                self.subscribe(Vec::new())
+                self.sync_sharded(Vec::new())
             }
             Event::Subscribed(Ok(())) => {
                 let added = std::mem::take(&mut self.to_add);
@@ -198,7 +202,9 @@ impl Reconciler {
                     effects.push(Effect::InvalidationSubscribed);
                 }
                 self.subscribed.extend(added);
-                self.sync_sharded(effects)
+                // Their waiters need not wait for the rest of the pass.
+                effects.extend(self.ack_held());
+                self.unsubscribe(effects)
             }
             // The circuit is open: nothing was asked, nothing else will be answered.
             Event::Unsubscribed(Err(err @ L2Error::CircuitOpen { .. })) => {
@@ -208,7 +214,7 @@ impl Reconciler {
                 let undropped = std::mem::take(&mut self.to_drop);
                 self.doubt(undropped);
                 self.drop_failure = Some(err);
-                self.subscribe(Vec::new())
+                self.sync_sharded(Vec::new())
             }
             Event::Subscribed(Err(err)) => self.finish(Vec::new(), Err(err)),
             Event::ShardedSynced {
@@ -289,7 +295,7 @@ impl Reconciler {
     }
 
     /// The topology is followed: compare what is wanted with what is subscribed, and start with
-    /// the unsubscriptions.
+    /// the subscriptions.
     fn followed(&mut self, moved: bool, connected: bool, waited_on: HashSet<String>) -> Step {
         let mut effects = Vec::new();
         if moved {
@@ -316,18 +322,18 @@ impl Reconciler {
         }
         (self.to_drop, self.drop_sharded) = self.split(to_drop);
         (self.to_add, self.add_sharded) = self.split(to_add);
-        if self.to_drop.is_empty() {
-            return self.subscribe(effects);
-        }
-        step(effects, Io::Unsubscribe(self.to_drop.clone()))
-    }
-
-    /// The classic unsubscriptions are done: the classic subscriptions, if any.
-    fn subscribe(&mut self, effects: Vec<Effect>) -> Step {
         if self.to_add.is_empty() {
-            return self.sync_sharded(effects);
+            return self.unsubscribe(effects);
         }
         step(effects, Io::Subscribe(self.to_add.clone()))
+    }
+
+    /// The classic subscriptions are done: the classic unsubscriptions, if any.
+    fn unsubscribe(&mut self, effects: Vec<Effect>) -> Step {
+        if self.to_drop.is_empty() {
+            return self.sync_sharded(effects);
+        }
+        step(effects, Io::Unsubscribe(self.to_drop.clone()))
     }
 
     /// The classic side is done: the sharded side, if there is anything to do there.
@@ -397,6 +403,18 @@ impl Reconciler {
             (ack, answer)
         });
         Effect::Ack(answered.collect())
+    }
+
+    /// Answers now, `Ok`, the acknowledgements that wait on a channel the server holds; the
+    /// others (the whole pass's, those on channels still to subscribe) wait for the pass's end.
+    fn ack_held(&mut self) -> Option<Effect> {
+        let (held, rest): (Vec<Pending>, _) =
+            std::mem::take(&mut self.acks).into_iter().partition(|p| {
+                let channel = p.channel.as_ref();
+                channel.is_some_and(|c| self.subscribed.contains(c))
+            });
+        self.acks = rest;
+        (!held.is_empty()).then(|| Effect::Ack(held.into_iter().map(|p| (p.ack, Ok(()))).collect()))
     }
 
     /// Splits channels into the classic ones and those subscribed sharded (in a cluster, every

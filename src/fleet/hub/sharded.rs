@@ -71,8 +71,9 @@ impl Synced {
 
 /// Makes the sharded subscriptions match: one SUNSUBSCRIBE / SSUBSCRIBE per channel, all at
 /// once — each goes to the master of its channel's slot, and channels of different slots cannot
-/// share one command. The unsubscriptions' failures are reported apart from the subscriptions':
-/// nobody waits on a channel being dropped.
+/// share one command; the drops do not hold up the subscriptions (the two sets are disjoint).
+/// The unsubscriptions' failures are reported apart from the subscriptions': nobody waits on a
+/// channel being dropped.
 pub(super) async fn sharded_sync(
     bounds: &Bounds,
     sharded: &ClusterConnection,
@@ -87,16 +88,6 @@ pub(super) async fn sharded_sync(
             (channel, done)
         }
     });
-    let mut synced = Synced::nothing();
-    for (channel, done) in join_all(drops).await {
-        match done {
-            Ok(()) => synced.dropped.push(channel),
-            Err(err) => {
-                synced.undropped.push(channel);
-                synced.drop_failure = Some(err);
-            }
-        }
-    }
     let adds = to_add.into_iter().map(|channel| {
         let mut conn = sharded.clone();
         async move {
@@ -105,7 +96,18 @@ pub(super) async fn sharded_sync(
             (channel, done)
         }
     });
-    for (channel, done) in join_all(adds).await {
+    let (drops, adds) = futures_util::future::join(join_all(drops), join_all(adds)).await;
+    let mut synced = Synced::nothing();
+    for (channel, done) in drops {
+        match done {
+            Ok(()) => synced.dropped.push(channel),
+            Err(err) => {
+                synced.undropped.push(channel);
+                synced.drop_failure = Some(err);
+            }
+        }
+    }
+    for (channel, done) in adds {
         match done {
             Ok(()) => synced.added.push(channel),
             Err(err) => synced.result = Err(err),

@@ -58,12 +58,15 @@ fn sharded(added: &[&str], undropped: &[&str], result: Result<(), L2Error>) -> E
     }
 }
 
-/// What each acknowledgement a step answers is answered.
+/// What each acknowledgement a step answers is answered (those on held channels first, then
+/// the rest of the pass's).
 fn answers(step: &Step) -> Option<Vec<Result<(), String>>> {
-    step.effects.iter().find_map(|effect| match effect {
-        Effect::Ack(acks) => Some(acks.iter().map(|(_, result)| result.clone()).collect()),
+    let mut acks = step.effects.iter().filter_map(|effect| match effect {
+        Effect::Ack(acks) => Some(acks.iter().map(|(_, result)| result.clone())),
         _ => None,
-    })
+    });
+    let first = acks.next()?;
+    Some(first.chain(acks.flatten()).collect())
 }
 
 /// How many acknowledgements a step answers, all with the same result: which.
@@ -147,22 +150,30 @@ fn a_pass_with_nothing_to_change_answers_at_once() {
 }
 
 #[test]
-fn a_channel_nobody_waits_on_is_unsubscribed_before_new_ones_are_subscribed() {
+fn new_channels_are_subscribed_and_their_waiters_answered_before_old_ones_are_dropped() {
     let mut r = settled(&["fill:a"]);
-    r.on(Event::Requests(vec![Request::Retry]));
+    let (waiter, _w) = sync_on("fill:b");
+    let (whole_pass, _p) = sync();
+    r.on(Event::Requests(vec![waiter, whole_pass]));
     let step = r.on(followed(&["fill:b"]));
-    match &step.then {
-        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
-    let step = r.on(Event::Unsubscribed(Ok(())));
     match &step.then {
         Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:b".to_owned()]),
         other => panic!("{other:?}"),
     }
-    assert_eq!(r.subscribed(), &set(&[INVALIDATION]));
+    // The waiter on fill:b is answered as soon as fill:b is confirmed, before the drop; the
+    // request that waits for the whole pass is not.
     let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
     assert!(!has(&step, |e| matches!(e, Effect::InvalidationSubscribed)));
+    match &step.then {
+        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a", "fill:b"]));
+    let step = r.on(Event::Unsubscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(has(&step, |e| matches!(e, Effect::Answered)));
+    assert!(matches!(step.then, Io::Wait { retry: false }));
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
 }
 

@@ -9,13 +9,10 @@ fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() 
     let (request, _acked) = sync();
     r.on(Event::Requests(vec![request]));
     r.on(followed(&["fill:b"]));
-    let step = r.on(Event::Unsubscribed(Err(late())));
-    // The waiter on fill:b is subscribed all the same.
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:b".to_owned()]),
-        other => panic!("{other:?}"),
-    }
     let step = r.on(Event::Subscribed(Ok(())));
+    assert!(matches!(step.then, Io::Unsubscribe(_)), "{step:?}");
+    // The pass's request is answered all the same.
+    let step = r.on(Event::Unsubscribed(Err(late())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
     // Then the node is blamed, as for any failure (behind sentinels: the master is looked for
     // again), and the pass retried within a second.
@@ -63,22 +60,30 @@ fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
 }
 
 #[test]
-fn an_unsubscription_refused_by_the_open_circuit_refuses_the_pass_and_keeps_the_channel() {
+fn an_unsubscription_refused_by_the_open_circuit_keeps_the_channel_and_fails_the_rest_of_the_pass()
+{
     let mut r = settled(&["fill:a"]);
-    let (request, _acked) = sync();
-    r.on(Event::Requests(vec![request]));
+    let (waiter, _w) = sync_on("fill:b");
+    let (whole_pass, _p) = sync();
+    r.on(Event::Requests(vec![waiter, whole_pass]));
     r.on(followed(&["fill:b"]));
+    // The waiter on fill:b was answered once fill:b was confirmed; then the circuit opens.
+    let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
     let step = r.on(Event::Unsubscribed(Err(L2Error::CircuitOpen {
         op: "UNSUBSCRIBE",
     })));
     let (_, result) = acked(&step).expect("acknowledged");
-    assert!(result.is_err());
+    assert!(result.is_err(), "the request for the whole pass is refused");
     assert!(matches!(step.then, Io::Wait { retry: true }));
-    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a"]));
-    // The next pass tries the whole change again.
+    assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a", "fill:b"]));
+    // The next pass drops it.
     r.on(Event::Requests(vec![Request::Retry]));
     let step = r.on(followed(&["fill:b"]));
-    assert!(matches!(step.then, Io::Unsubscribe(_)));
+    match &step.then {
+        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// In a cluster: the invalidation channel and `channels` subscribed.
