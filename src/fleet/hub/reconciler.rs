@@ -17,6 +17,8 @@
 //! waiters on them are answered at once ("ack held"), without waiting for the drops of the
 //! channels nobody wants any more (within one pass the two sets are disjoint, so their order
 //! changes nothing else; in a cluster the sharded drops and subscriptions go out together).
+//! Behind sentinels, a SUBSCRIBE that their `+switch-master` cuts short (the old master may
+//! never answer) starts the pass again at `FollowMaster`, its acknowledgements still pending.
 //! An unsubscription's failure fails nobody: a channel nobody waits on costs nobody anything while it stays, so
 //! its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and the pass goes on to
 //! the subscriptions its waiters wait for, which are acknowledged; only then does the failure go
@@ -71,6 +73,8 @@ pub(super) enum Event {
     Unsubscribed(Result<(), L2Error>),
     /// The classic SUBSCRIBE answered.
     Subscribed(Result<(), L2Error>),
+    /// Behind sentinels, they announced a new master while the SUBSCRIBE waited on the old one.
+    MasterSwitched,
     /// The sharded (un)subscriptions answered, each on its own: those `dropped` and `added`
     /// succeeded, those `undropped` failed (the last SUNSUBSCRIBE's failure: `drop_failure`);
     /// `result` is the last failure of an SSUBSCRIBE, if any.
@@ -217,6 +221,14 @@ impl Reconciler {
                 self.sync_sharded(Vec::new())
             }
             Event::Subscribed(Err(err)) => self.finish(Vec::new(), Err(err)),
+            // The pass starts again on the new master; its acknowledgements wait for that.
+            Event::MasterSwitched => {
+                self.to_add.clear();
+                self.to_drop.clear();
+                self.add_sharded.clear();
+                self.drop_sharded.clear();
+                step(vec![Effect::Switched], Io::FollowMaster)
+            }
             Event::ShardedSynced {
                 dropped,
                 undropped,

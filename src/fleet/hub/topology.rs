@@ -6,6 +6,9 @@
 //! In a cluster the fill channels are subscribed sharded (see [`super::sharded`]) and only the
 //! invalidation channel is carried by the classic connection.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ProtocolVersion};
@@ -22,6 +25,23 @@ use crate::redact::redact;
 /// Failed reconciliations in a row after which the hub moves to the next seed node (when there is
 /// more than one): a node that answered before gets a second chance to reconnect.
 const SWITCH_AFTER: u32 = 2;
+
+/// The sentinels' `+switch-master` events as the hub's calls see them: how many were heard, and
+/// a wake-up for a SUBSCRIBE that waits on the old master meanwhile.
+#[derive(Default)]
+struct SwitchSignal {
+    heard: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+/// What a SUBSCRIBE came to.
+#[derive(Debug)]
+pub(super) enum Subscribed {
+    Done(Result<(), L2Error>),
+    /// The sentinels announced a new master before the one asked answered: the pass is to start
+    /// again there (the old master may never answer; waiting for it is waiting for nothing).
+    MasterSwitched,
+}
 
 /// Opens a (lazy) pub/sub connection through a RESP3 client, pushes wired to the hub.
 type Open = Box<dyn Fn(Client) -> Result<ConnectionManager, L2Error> + Send + Sync>;
@@ -59,6 +79,10 @@ pub(super) struct Topology {
     failures: u32,
     open: Open,
     bounds: Bounds,
+    /// Behind sentinels: their switch events, and how many of them [`Topology::switched`] has
+    /// taken in (a SUBSCRIBE started with one not taken in is cut short).
+    switches: Arc<SwitchSignal>,
+    switches_taken: u64,
 }
 
 impl Topology {
@@ -90,6 +114,13 @@ impl Topology {
                 pushes,
             )?),
             _ => None,
+        };
+        let signal = Arc::new(SwitchSignal::default());
+        let heard = signal.clone();
+        let on_switch = move || {
+            heard.heard.fetch_add(1, Ordering::SeqCst);
+            heard.wake.notify_waiters();
+            on_switch();
         };
         let (nodes, conn) = match &cfg.topology {
             RedisTopology::Sentinel {
@@ -126,6 +157,8 @@ impl Topology {
             failures: 0,
             open,
             bounds,
+            switches: signal,
+            switches_taken: 0,
         })
     }
 
@@ -147,12 +180,25 @@ impl Topology {
             .await
     }
 
-    /// SUBSCRIBEs `channels` on the classic connection.
-    pub(super) async fn subscribe(&mut self, channels: &[String]) -> Result<(), L2Error> {
-        let conn = self.conn.as_mut().ok_or_else(no_master_yet)?;
-        self.bounds
-            .patiently("SUBSCRIBE", conn.subscribe(channels))
-            .await
+    /// SUBSCRIBEs `channels` on the classic connection; behind sentinels, cut short by their
+    /// announcing a new master (the call waits patiently while Redis answers, and the new master
+    /// answering the process's other connections would keep it waiting on the old one).
+    pub(super) async fn subscribe(&mut self, channels: &[String]) -> Subscribed {
+        let signal = self.switches.clone();
+        let switched = signal.wake.notified();
+        let mut switched = std::pin::pin!(switched);
+        switched.as_mut().enable();
+        if signal.heard.load(Ordering::SeqCst) != self.switches_taken {
+            return Subscribed::MasterSwitched;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Subscribed::Done(Err(no_master_yet()));
+        };
+        let call = self.bounds.patiently("SUBSCRIBE", conn.subscribe(channels));
+        tokio::select! {
+            done = call => Subscribed::Done(done),
+            () = switched => Subscribed::MasterSwitched,
+        }
     }
 
     /// In a cluster, makes the sharded subscriptions match (see [`sharded_sync`]); elsewhere
@@ -190,6 +236,7 @@ impl Topology {
     /// Behind sentinels, on their `+switch-master`: ask them at once before the next
     /// reconciliation (which then moves to the new master and resyncs the waiters).
     pub(super) fn switched(&mut self) {
+        self.switches_taken = self.switches.heard.load(Ordering::SeqCst);
         if let Nodes::Sentinel {
             sentinels, recheck, ..
         } = &mut self.nodes

@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 use super::{Effect, Event, Io, RETRY, Reconciler};
 use crate::fleet::hub::Request;
 use crate::fleet::hub::invalidation::Invalidation;
-use crate::fleet::hub::topology::Topology;
+use crate::fleet::hub::topology::{Subscribed, Topology};
 use crate::fleet::hub::waiters::{Waiters, lock, resync};
 
 /// The reconciling task: the machine and what it drives.
@@ -54,9 +54,14 @@ impl Driver {
                 Io::Unsubscribe(channels) => {
                     Event::Unsubscribed(self.topology.unsubscribe(&channels).await)
                 }
-                Io::Subscribe(channels) => {
-                    Event::Subscribed(self.topology.subscribe(&channels).await)
-                }
+                Io::Subscribe(channels) => match self.topology.subscribe(&channels).await {
+                    Subscribed::Done(result) => Event::Subscribed(result),
+                    Subscribed::MasterSwitched => {
+                        let node = self.topology.node();
+                        tracing::warn!(%node, "redis pub/sub: the sentinels named a new master during a SUBSCRIBE; subscribing there");
+                        Event::MasterSwitched
+                    }
+                },
                 Io::SyncSharded { drop, add } => {
                     let synced = self.topology.sync_sharded(drop, add).await;
                     Event::ShardedSynced {

@@ -178,6 +178,38 @@ fn new_channels_are_subscribed_and_their_waiters_answered_before_old_ones_are_dr
 }
 
 #[test]
+fn a_subscribe_cut_short_by_a_new_master_starts_the_pass_again_there_and_keeps_its_waiters() {
+    let mut r = settled(&[]);
+    let (waiter, _w) = sync_on("fill:a");
+    r.on(Event::Requests(vec![waiter]));
+    let step = r.on(followed(&["fill:a"]));
+    assert!(matches!(step.then, Io::Subscribe(_)), "{step:?}");
+    let step = r.on(Event::MasterSwitched);
+    assert!(has(&step, |e| matches!(e, Effect::Switched)));
+    assert_eq!(
+        answers(&step),
+        None,
+        "the waiter is not answered, nor failed"
+    );
+    assert!(matches!(step.then, Io::FollowMaster), "{step:?}");
+    // On the new master: every waiter resyncs, everything is subscribed there, the waiter is
+    // answered.
+    let step = r.on(Event::Followed {
+        moved: true,
+        connected: true,
+        waited_on: set(&["fill:a"]),
+    });
+    assert!(has(&step, |e| matches!(e, Effect::Resync)));
+    match &step.then {
+        Io::Subscribe(channels) => assert_eq!(sorted(channels), vec![INVALIDATION, "fill:a"]),
+        other => panic!("{other:?}"),
+    }
+    let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
+}
+
+#[test]
 fn an_unsubscription_alone_ends_the_pass() {
     let mut r = settled(&["fill:a"]);
     r.on(Event::Requests(vec![Request::Retry]));
