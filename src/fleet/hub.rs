@@ -65,7 +65,8 @@
 //! reconciliation, it asks them again
 //! (at most every 200 ms, bounded by `[redis] timeout`); when they name another server — a failover
 //! happened — it moves there and resyncs as above: waiters re-confirm and re-check L2, and L1 is
-//! dropped once the invalidation channel is subscribed again.
+//! dropped once the invalidation channel is subscribed again. A SUBSCRIBE under way on the old
+//! master when the event arrives is abandoned and the pass starts again on the new one.
 
 use std::sync::Arc;
 use std::time::Duration;
