@@ -19,11 +19,11 @@
 //! changes nothing else; in a cluster the sharded drops and subscriptions go out together).
 //! Behind sentinels, a SUBSCRIBE that their `+switch-master` cuts short (the old master may
 //! never answer) starts the pass again at `FollowMaster`, its acknowledgements still pending.
-//! An unsubscription's failure fails nobody: a channel nobody waits on costs nobody anything while it stays, so
-//! its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and the pass goes on to
-//! the subscriptions its waiters wait for, which are acknowledged; only then does the failure go
-//! to the topology, as any failure of the node does (behind sentinels, a master that stopped
-//! answering is looked for again). Failing the waiters made each fill on its own: a slow
+//! An unsubscription's failure fails nobody: a channel nobody waits on costs nobody anything
+//! while it stays, so its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and
+//! the pass goes on; only once its waiters are answered does the failure go to the topology, as
+//! any failure of the node does (behind sentinels, a master that stopped answering is looked for
+//! again). Failing the waiters made each fill on its own: a slow
 //! UNSUBSCRIBE under a burst cost an upstream call per key.
 //! A move to another node (following the sentinels, or after failures) leaves nothing subscribed
 //! there, and notices may have been lost on the way: every waiter resyncs.

@@ -58,7 +58,10 @@ impl Driver {
                     Subscribed::Done(result) => Event::Subscribed(result),
                     Subscribed::MasterSwitched => {
                         let node = self.topology.node();
-                        tracing::warn!(%node, "redis pub/sub: the sentinels named a new master during a SUBSCRIBE; subscribing there");
+                        tracing::warn!(
+                            %node,
+                            "redis pub/sub: the sentinels named a new master during a SUBSCRIBE; subscribing there"
+                        );
                         Event::MasterSwitched
                     }
                 },
