@@ -34,6 +34,38 @@ struct SwitchSignal {
     wake: tokio::sync::Notify,
 }
 
+impl SwitchSignal {
+    /// One `+switch-master` heard: counted, and a SUBSCRIBE waiting meanwhile woken.
+    fn hear(&self) {
+        self.heard.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    fn heard(&self) -> u64 {
+        self.heard.load(Ordering::SeqCst)
+    }
+
+    /// `call`'s answer, unless the sentinels announced a new master first: one heard since the
+    /// topology took in `taken` of them, before the call or while it runs.
+    async fn unless_switched(
+        &self,
+        taken: u64,
+        call: impl Future<Output = Result<(), L2Error>>,
+    ) -> Subscribed {
+        let switched = self.wake.notified();
+        let mut switched = std::pin::pin!(switched);
+        // Registered before the count is read: an event between the two still wakes it.
+        switched.as_mut().enable();
+        if self.heard() != taken {
+            return Subscribed::MasterSwitched;
+        }
+        tokio::select! {
+            done = call => Subscribed::Done(done),
+            () = switched => Subscribed::MasterSwitched,
+        }
+    }
+}
+
 /// What a SUBSCRIBE came to.
 #[derive(Debug)]
 pub(super) enum Subscribed {
@@ -118,8 +150,7 @@ impl Topology {
         let signal = Arc::new(SwitchSignal::default());
         let heard = signal.clone();
         let on_switch = move || {
-            heard.heard.fetch_add(1, Ordering::SeqCst);
-            heard.wake.notify_waiters();
+            heard.hear();
             on_switch();
         };
         let (nodes, conn) = match &cfg.topology {
@@ -184,20 +215,16 @@ impl Topology {
     /// announcing a new master (the call waits patiently while Redis answers, and the new master
     /// answering the process's other connections would keep it waiting on the old one).
     pub(super) async fn subscribe(&mut self, channels: &[String]) -> Subscribed {
-        let signal = self.switches.clone();
-        let switched = signal.wake.notified();
-        let mut switched = std::pin::pin!(switched);
-        switched.as_mut().enable();
-        if signal.heard.load(Ordering::SeqCst) != self.switches_taken {
-            return Subscribed::MasterSwitched;
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Subscribed::Done(Err(no_master_yet()));
-        };
-        let call = self.bounds.patiently("SUBSCRIBE", conn.subscribe(channels));
-        tokio::select! {
-            done = call => Subscribed::Done(done),
-            () = switched => Subscribed::MasterSwitched,
+        let (signal, taken) = (self.switches.clone(), self.switches_taken);
+        match self.conn.as_mut() {
+            Some(conn) => {
+                let call = self.bounds.patiently("SUBSCRIBE", conn.subscribe(channels));
+                signal.unless_switched(taken, call).await
+            }
+            None => {
+                let call = std::future::ready(Err(no_master_yet()));
+                signal.unless_switched(taken, call).await
+            }
         }
     }
 
@@ -236,7 +263,7 @@ impl Topology {
     /// Behind sentinels, on their `+switch-master`: ask them at once before the next
     /// reconciliation (which then moves to the new master and resyncs the waiters).
     pub(super) fn switched(&mut self) {
-        self.switches_taken = self.switches.heard.load(Ordering::SeqCst);
+        self.switches_taken = self.switches.heard();
         if let Nodes::Sentinel {
             sentinels, recheck, ..
         } = &mut self.nodes
@@ -357,4 +384,66 @@ fn resp3_client(url: &str, tls: Option<&crate::config::RedisTls>) -> Result<Clie
         .set_protocol(ProtocolVersion::RESP3);
     crate::l2::tls::client_for(info.set_redis_settings(settings), tls)
         .map_err(|source| L2Error::Redis { op: "open", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn late() -> L2Error {
+        L2Error::Pubsub("no answer yet".to_owned())
+    }
+
+    /// The old master never answers; the clock is paused, so the bound is not a wall-clock one
+    /// (it turns a regression into a failure, not a hang).
+    #[tokio::test(start_paused = true)]
+    async fn a_switch_heard_while_the_subscribe_waits_cuts_it_short() {
+        let signal = SwitchSignal::default();
+        let never = std::future::pending();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            signal.unless_switched(0, never),
+        );
+        let (subscribed, ()) = tokio::join!(waited, async {
+            tokio::task::yield_now().await;
+            signal.hear();
+        });
+        let subscribed = subscribed.expect("cut short, not left waiting on the old master");
+        assert!(
+            matches!(subscribed, Subscribed::MasterSwitched),
+            "{subscribed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_switch_not_yet_taken_in_skips_the_subscribe() {
+        let signal = SwitchSignal::default();
+        signal.hear();
+        let asked = std::cell::Cell::new(false);
+        let call = async {
+            asked.set(true);
+            Ok(())
+        };
+        let subscribed = signal.unless_switched(0, call).await;
+        assert!(
+            matches!(subscribed, Subscribed::MasterSwitched),
+            "{subscribed:?}"
+        );
+        assert!(!asked.get(), "the old master is not asked");
+    }
+
+    #[tokio::test]
+    async fn once_taken_in_a_switch_cuts_nothing_short() {
+        let signal = SwitchSignal::default();
+        signal.hear();
+        let subscribed = signal.unless_switched(1, std::future::ready(Ok(()))).await;
+        assert!(
+            matches!(subscribed, Subscribed::Done(Ok(()))),
+            "{subscribed:?}"
+        );
+        let failed = signal
+            .unless_switched(1, std::future::ready(Err(late())))
+            .await;
+        assert!(matches!(failed, Subscribed::Done(Err(_))), "{failed:?}");
+    }
 }
