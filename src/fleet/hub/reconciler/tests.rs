@@ -77,6 +77,22 @@ fn acked(step: &Step) -> Option<(usize, Result<(), String>)> {
     Some((answers.len(), first))
 }
 
+/// The channels a step SUBSCRIBEs next, sorted; any other step fails the test.
+fn subscribing(step: &Step) -> Vec<String> {
+    match &step.then {
+        Io::Subscribe(channels) => sorted(channels),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The channels a step UNSUBSCRIBEs next, sorted; any other step fails the test.
+fn unsubscribing(step: &Step) -> Vec<String> {
+    match &step.then {
+        Io::Unsubscribe(channels) => sorted(channels),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn has(step: &Step, wanted: fn(&Effect) -> bool) -> bool {
     step.effects.iter().any(wanted)
 }
@@ -124,12 +140,7 @@ fn the_first_pass_subscribes_the_invalidation_channel_and_the_waited_on_ones() {
     let (request, _acked) = sync();
     r.on(Event::Requests(vec![request]));
     let step = r.on(followed(&["fill:a"]));
-    match &step.then {
-        Io::Subscribe(channels) => {
-            assert_eq!(sorted(channels), vec!["corral:test:invalidate", "fill:a"]);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), ["corral:test:invalidate", "fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));
     assert!(has(&step, |e| matches!(e, Effect::InvalidationSubscribed)));
     assert!(has(&step, |e| matches!(e, Effect::Answered)));
@@ -156,19 +167,13 @@ fn new_channels_are_subscribed_and_their_waiters_answered_before_old_ones_are_dr
     let (whole_pass, _p) = sync();
     r.on(Event::Requests(vec![waiter, whole_pass]));
     let step = r.on(followed(&["fill:b"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:b".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), ["fill:b"]);
     // The waiter on fill:b is answered as soon as fill:b is confirmed, before the drop; the
     // request that waits for the whole pass is not.
     let step = r.on(Event::Subscribed(Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
     assert!(!has(&step, |e| matches!(e, Effect::InvalidationSubscribed)));
-    match &step.then {
-        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(unsubscribing(&step), ["fill:a"]);
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:a", "fill:b"]));
     let step = r.on(Event::Unsubscribed(Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
@@ -200,10 +205,7 @@ fn a_subscribe_cut_short_by_a_new_master_starts_the_pass_again_there_and_keeps_i
         waited_on: set(&["fill:a"]),
     });
     assert!(has(&step, |e| matches!(e, Effect::Resync)));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(sorted(channels), vec![INVALIDATION, "fill:a"]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), [INVALIDATION, "fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
     assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
@@ -280,10 +282,7 @@ fn a_failure_that_moves_to_another_node_resyncs_and_subscribes_everything_there(
     assert!(r.subscribed().is_empty());
     r.on(Event::Requests(vec![Request::Retry]));
     let step = r.on(followed(&["fill:a", "fill:b"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels.len(), 3),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step).len(), 3);
 }
 
 #[test]
@@ -296,12 +295,7 @@ fn following_the_master_to_another_node_resyncs_and_subscribes_everything_there(
         waited_on: set(&["fill:a"]),
     });
     assert!(has(&step, |e| matches!(e, Effect::Resync)));
-    match &step.then {
-        Io::Subscribe(channels) => {
-            assert_eq!(sorted(channels), vec![INVALIDATION, "fill:a"]);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), [INVALIDATION, "fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));
     assert!(has(&step, |e| matches!(e, Effect::InvalidationSubscribed)));
 }
@@ -313,10 +307,7 @@ fn a_dropped_connection_forgets_every_subscription_and_has_the_sentinels_asked()
     assert!(has(&step, |e| matches!(e, Effect::Recheck)));
     assert!(r.subscribed().is_empty());
     let step = r.on(followed(&["fill:a"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels.len(), 2),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step).len(), 2);
 }
 
 #[test]
@@ -334,10 +325,7 @@ fn a_lost_sharded_subscription_is_subscribed_again() {
     r.on(Event::Requests(vec![Request::Lost("fill:a".to_owned())]));
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
     let step = r.on(followed(&["fill:a", "fill:b"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), ["fill:a"]);
 }
 
 #[test]
@@ -352,10 +340,7 @@ fn in_a_cluster_fill_channels_are_sharded_and_the_invalidation_channel_classic()
     let mut r = Reconciler::new(INVALIDATION.to_owned(), true);
     r.on(Event::Requests(vec![Request::Retry]));
     let step = r.on(followed(&["fill:a", "fill:b"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec![INVALIDATION.to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), [INVALIDATION]);
     let step = r.on(Event::Subscribed(Ok(())));
     assert!(has(&step, |e| matches!(e, Effect::InvalidationSubscribed)));
     match &step.then {

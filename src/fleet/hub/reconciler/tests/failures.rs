@@ -26,10 +26,7 @@ fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() 
     // The retry unsubscribes it again; once that answers, nothing is left to retry.
     r.on(Event::Requests(vec![Request::Retry]));
     let step = r.on(followed(&["fill:b"]));
-    match &step.then {
-        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(unsubscribing(&step), ["fill:a"]);
     let step = r.on(Event::Unsubscribed(Ok(())));
     assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
     assert!(r.doubtful().is_empty());
@@ -49,10 +46,7 @@ fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
     let (request, _acked) = sync();
     r.on(Event::Requests(vec![request]));
     let step = r.on(followed(&["fill:a"]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), ["fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));
     assert_eq!(acked(&step), Some((1, Ok(()))));
     assert!(matches!(step.then, Io::Wait { retry: false }), "{step:?}");
@@ -80,10 +74,7 @@ fn an_unsubscription_refused_by_the_open_circuit_keeps_the_channel_and_fails_the
     // The next pass drops it.
     r.on(Event::Requests(vec![Request::Retry]));
     let step = r.on(followed(&["fill:b"]));
-    match &step.then {
-        Io::Unsubscribe(channels) => assert_eq!(channels, &vec!["fill:a".to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(unsubscribing(&step), ["fill:a"]);
 }
 
 /// In a cluster: the invalidation channel and `channels` subscribed.
@@ -162,10 +153,7 @@ fn a_new_connection_has_nothing_doubtful() {
     r.on(Event::Requests(vec![Request::Reset]));
     assert!(r.doubtful().is_empty());
     let step = r.on(followed(&[]));
-    match &step.then {
-        Io::Subscribe(channels) => assert_eq!(channels, &vec![INVALIDATION.to_owned()]),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(subscribing(&step), [INVALIDATION]);
 }
 
 #[test]
