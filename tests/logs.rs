@@ -29,6 +29,16 @@ async fn stop(corral: &mut CorralProcess) {
     assert!(status.is_some_and(|s| s.success()), "exit {status:?}");
 }
 
+/// Three requests for one key, each answered 200, then a graceful stop.
+async fn serve_three_then_stop(corral: &mut CorralProcess) {
+    let client = Client::new();
+    for _ in 0..3 {
+        let answer = client.get(&corral.url("/recommend?k=1"), &[]).await;
+        assert_eq!(answer.status, 200);
+    }
+    stop(corral).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_one_access_line_at_info() {
     let upstream = Upstream::start().await;
@@ -80,12 +90,7 @@ async fn access_log_false_turns_the_access_lines_off() {
         &recommend_route(&upstream.url(), ""),
     );
     let mut corral = CorralProcess::start(&text).await;
-    let client = Client::new();
-    for _ in 0..3 {
-        let answer = client.get(&corral.url("/recommend?k=1"), &[]).await;
-        assert_eq!(answer.status, 200);
-    }
-    stop(&mut corral).await;
+    serve_three_then_stop(&mut corral).await;
     assert_eq!(access_lines(&corral), Vec::<serde_json::Value>::new());
 }
 
@@ -98,12 +103,7 @@ async fn rust_log_turns_the_access_lines_off_on_their_own() {
     let text = config_text("", None, &recommend_route(&upstream.url(), ""));
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_corral"));
     let mut corral = CorralProcess::start_with(bin, "info,corral::access=off", &text).await;
-    let client = Client::new();
-    for _ in 0..3 {
-        let answer = client.get(&corral.url("/recommend?k=1"), &[]).await;
-        assert_eq!(answer.status, 200);
-    }
-    stop(&mut corral).await;
+    serve_three_then_stop(&mut corral).await;
     assert_eq!(access_lines(&corral), Vec::<serde_json::Value>::new());
     let logs = corral.logs();
     assert!(
