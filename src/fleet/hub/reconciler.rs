@@ -23,8 +23,8 @@
 //! while it stays, so its failure is remembered ([`Reconciler`]'s `doubtful`, tried again) and
 //! the pass goes on; only once its waiters are answered does the failure go to the topology, as
 //! any failure of the node does (behind sentinels, a master that stopped answering is looked for
-//! again). Failing the waiters made each fill on its own: a slow
-//! UNSUBSCRIBE under a burst cost an upstream call per key.
+//! again). Failing the waiters made each fill on its own: a slow UNSUBSCRIBE under a burst cost
+//! an upstream call per key.
 //! A move to another node (following the sentinels, or after failures) leaves nothing subscribed
 //! there, and notices may have been lost on the way: every waiter resyncs.
 
@@ -223,10 +223,7 @@ impl Reconciler {
             Event::Subscribed(Err(err)) => self.finish(Vec::new(), Err(err)),
             // The pass starts again on the new master; its acknowledgements wait for that.
             Event::MasterSwitched => {
-                self.to_add.clear();
-                self.to_drop.clear();
-                self.add_sharded.clear();
-                self.drop_sharded.clear();
+                self.end_pass();
                 step(vec![Effect::Switched], Io::FollowMaster)
             }
             Event::ShardedSynced {
@@ -361,13 +358,7 @@ impl Reconciler {
     /// The pass ended with `result`: acknowledge it and wait — for at most [`RETRY`] after a
     /// failure. A failure the node is to blame for goes to the topology first.
     fn finish(&mut self, mut effects: Vec<Effect>, result: Result<(), L2Error>) -> Step {
-        // Unsubscriptions the pass did not get to: those still in `subscribed` come up again by
-        // themselves, doubtful ones must be remembered.
-        let skipped = self.to_drop.drain(..).chain(self.drop_sharded.drain(..));
-        let skipped: Vec<String> = skipped.filter(|c| !self.subscribed.contains(c)).collect();
-        self.doubtful.extend(skipped);
-        self.to_add.clear();
-        self.add_sharded.clear();
+        self.end_pass();
         let drop_failure = self.drop_failure.take();
         match (result, drop_failure) {
             (Ok(()), None) => {
@@ -394,6 +385,16 @@ impl Reconciler {
                 step(effects, Io::Fail(err))
             }
         }
+    }
+
+    /// Forgets the pass's changes still to make. Unsubscriptions it did not get to: those still
+    /// in `subscribed` come up again by themselves, doubtful ones must be remembered.
+    fn end_pass(&mut self) {
+        let skipped = self.to_drop.drain(..).chain(self.drop_sharded.drain(..));
+        let skipped: Vec<String> = skipped.filter(|c| !self.subscribed.contains(c)).collect();
+        self.doubtful.extend(skipped);
+        self.to_add.clear();
+        self.add_sharded.clear();
     }
 
     /// The hub moved to another node: nothing is subscribed there yet, and notices may have

@@ -210,3 +210,27 @@ fn a_failed_unsubscription_that_moves_to_another_node_resyncs_and_forgets_the_do
     assert!(r.subscribed().is_empty());
     assert!(r.doubtful().is_empty());
 }
+
+#[test]
+fn a_pass_cut_short_by_a_new_master_keeps_its_doubtful_channels() {
+    let mut r = settled(&["fill:a"]);
+    r.on(Event::Requests(vec![Request::Retry]));
+    r.on(followed(&[]));
+    r.on(Event::Unsubscribed(Err(late())));
+    r.on(Event::FailedOver { moved: false });
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    // The next pass would drop it after subscribing fill:b, but the sentinels announce a new
+    // master first; they still name the same one.
+    let (waiter, _w) = sync_on("fill:b");
+    r.on(Event::Requests(vec![waiter]));
+    let step = r.on(followed(&["fill:b"]));
+    assert_eq!(subscribing(&step), ["fill:b"]);
+    let step = r.on(Event::MasterSwitched);
+    assert!(matches!(step.then, Io::FollowMaster), "{step:?}");
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    let step = r.on(followed(&["fill:b"]));
+    assert_eq!(subscribing(&step), ["fill:b"]);
+    let step = r.on(Event::Subscribed(Ok(())));
+    assert_eq!(acked(&step), Some((1, Ok(()))));
+    assert_eq!(unsubscribing(&step), ["fill:a"]);
+}
