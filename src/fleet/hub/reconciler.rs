@@ -410,10 +410,13 @@ impl Reconciler {
     /// before) is answered `Ok`: its waiter need not fill on its own for a failure elsewhere.
     fn ack(&mut self, result: Result<(), String>) -> Effect {
         let acks = std::mem::take(&mut self.acks);
-        let answered = acks.into_iter().map(|Pending { channel, ack }| {
-            let held = channel.is_some_and(|c| self.subscribed.contains(&c));
-            let answer = if held { Ok(()) } else { result.clone() };
-            (ack, answer)
+        let answered = acks.into_iter().map(|pending| {
+            let answer = if self.holds(&pending) {
+                Ok(())
+            } else {
+                result.clone()
+            };
+            (pending.ack, answer)
         });
         Effect::Ack(answered.collect())
     }
@@ -421,13 +424,17 @@ impl Reconciler {
     /// Answers now, `Ok`, the acknowledgements that wait on a channel the server holds; the
     /// others (the whole pass's, those on channels still to subscribe) wait for the pass's end.
     fn ack_held(&mut self) -> Option<Effect> {
-        let (held, rest): (Vec<Pending>, _) =
-            std::mem::take(&mut self.acks).into_iter().partition(|p| {
-                let channel = p.channel.as_ref();
-                channel.is_some_and(|c| self.subscribed.contains(c))
-            });
+        let (held, rest): (Vec<Pending>, _) = std::mem::take(&mut self.acks)
+            .into_iter()
+            .partition(|pending| self.holds(pending));
         self.acks = rest;
         (!held.is_empty()).then(|| Effect::Ack(held.into_iter().map(|p| (p.ack, Ok(()))).collect()))
+    }
+
+    /// Whether `pending` waits on a channel the server holds (as far as it has confirmed).
+    fn holds(&self, pending: &Pending) -> bool {
+        let channel = pending.channel.as_ref();
+        channel.is_some_and(|c| self.subscribed.contains(c))
     }
 
     /// Splits channels into the classic ones and those subscribed sharded (in a cluster, every
