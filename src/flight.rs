@@ -10,6 +10,11 @@
 //! Exactly one `start` closure runs per flight; every joiner gets a clone of its output, or `None` if
 //! the fill task panicked. Followers are counted while they wait; past the limit a joiner is turned
 //! away ([`Crowded`]) instead of queueing without bound.
+//!
+//! # Many cores
+//! The map is [`SHARDS`] maps, each under its own lock, a key's shard read from its digest: a
+//! burst of distinct cold keys on many cores spreads over that many locks instead of queueing on
+//! one (each join and each landing takes its key's lock once, for a few hundred nanoseconds).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -104,7 +109,37 @@ struct Flight<T: Clone> {
     joined: Arc<AtomicUsize>,
 }
 
-type Map<T> = Arc<Mutex<HashMap<CacheKey, Flight<T>>>>;
+type Map<T> = Arc<Shards<T>>;
+
+/// How many locks the flights of a process are spread over: a power of two, several times the
+/// cores a proxy usually has, so two busy keys rarely share one.
+pub const SHARDS: usize = 64;
+
+/// The flights, by key, in [`SHARDS`] maps each behind its own lock.
+struct Shards<T: Clone>([Mutex<HashMap<CacheKey, Flight<T>>>; SHARDS]);
+
+impl<T: Clone> Default for Shards<T> {
+    fn default() -> Self {
+        Shards(std::array::from_fn(|_| Mutex::default()))
+    }
+}
+
+impl<T: Clone> Shards<T> {
+    /// The map `key` is in, locked.
+    fn of(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Flight<T>>> {
+        lock(&self.0[shard_of(key)])
+    }
+
+    /// Flights in every shard (each locked in turn: a count, not a snapshot).
+    fn len(&self) -> usize {
+        self.0.iter().map(|shard| lock(shard).len()).sum()
+    }
+}
+
+/// The shard of `key`: its digest's first byte (a blake3 output, so evenly spread).
+fn shard_of(key: &CacheKey) -> usize {
+    usize::from(key.digest()[0]) % SHARDS
+}
 
 /// Keeps a flight joinable after its fill task has returned: a fill that answers early (a body
 /// still streaming through a [`crate::relay`]) holds it until the body has ended, so requests
@@ -180,7 +215,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     where
         F: Future<Output = T> + Send + 'static,
     {
-        let mut map = lock(&self.map);
+        let mut map = self.map.of(&key);
         if let Some(flight) = map.get(&key) {
             let waiting = flight.waiting.fetch_add(1, Ordering::Relaxed);
             let slot = WaitSlot(flight.waiting.clone());
@@ -238,7 +273,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     /// Makes `joined`'s flight for `key` unjoinable (if it is still the one there): requests that
     /// come from now on start another. Those already joined keep their result.
     pub fn retire(&self, key: &CacheKey, joined: &Joined<T>) {
-        let mut map = lock(&self.map);
+        let mut map = self.map.of(key);
         if map.get(key).is_some_and(|f| f.id == joined.id) {
             map.remove(key);
         }
@@ -246,14 +281,15 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 
     /// Followers waiting on the flight for `key`, if there is one.
     pub fn waiting(&self, key: &CacheKey) -> Option<usize> {
-        lock(&self.map)
+        self.map
+            .of(key)
             .get(key)
             .map(|f| f.waiting.load(Ordering::Relaxed))
     }
 
     /// Flights in progress that requests can join.
     pub fn len(&self) -> usize {
-        lock(&self.map).len()
+        self.map.len()
     }
 
     /// Fills in progress, retired ones included: what a graceful shutdown waits for (a retired
@@ -286,7 +322,7 @@ struct Landing<T: Clone> {
 
 impl<T: Clone> Drop for Landing<T> {
     fn drop(&mut self) {
-        let mut map = lock(&self.map);
+        let mut map = self.map.of(&self.key);
         if map.get(&self.key).is_some_and(|f| f.id == self.id) {
             map.remove(&self.key);
         }
@@ -307,128 +343,4 @@ fn lock<T: Clone>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    fn key(n: u8) -> CacheKey {
-        let mut h = crate::key::KeyHasher::new();
-        h.field(&[n]);
-        h.finish()
-    }
-
-    #[tokio::test]
-    async fn concurrent_joiners_share_one_fill() {
-        let flights = Flights::<u32>::new(None);
-        let calls = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let c = calls.clone();
-        let Ok(first) = flights.join(key(1), (0, 100), move |_, _| async move {
-            c.fetch_add(1, Ordering::SeqCst);
-            let _ = rx.await;
-            7
-        }) else {
-            panic!("the first joiner is never turned away");
-        };
-        assert_eq!(first.role, Role::Leader);
-        let mut others = Vec::new();
-        for _ in 0..50 {
-            let c = calls.clone();
-            let joined = flights.join(key(1), (0, 100), move |_, _| async move {
-                c.fetch_add(1, Ordering::SeqCst);
-                0
-            });
-            let Ok(joined) = joined else {
-                panic!("under the waiter limit");
-            };
-            assert_eq!(joined.role, Role::Follower);
-            others.push(joined);
-        }
-        assert_eq!(flights.waiting(&key(1)), Some(50));
-        let _ = tx.send(());
-        assert_eq!(first.result.await, Some(7));
-        for joined in others {
-            assert_eq!(joined.result.clone().await, Some(7));
-        }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(flights.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_retired_fill_is_not_joined_but_counts_as_running_until_it_ends() {
-        let flights = Flights::<u32>::new(None);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let Ok(old) = flights.join(key(5), (0, 10), move |_, _| async move {
-            let _ = rx.await;
-            1
-        }) else {
-            panic!("the first joiner is never turned away");
-        };
-        flights.retire(&key(5), &old);
-        assert_eq!((flights.len(), flights.running()), (0, 1));
-        // The next request starts a fill of its own; both run.
-        let Ok(new) = flights.join(key(5), (1, 10), |_, _| async { 2 }) else {
-            panic!("the first joiner is never turned away");
-        };
-        assert_eq!(new.role, Role::Leader);
-        assert_eq!(new.result.await, Some(2));
-        assert_eq!((flights.len(), flights.running()), (0, 1));
-        let _ = tx.send(());
-        assert_eq!(old.result.await, Some(1));
-        assert_eq!(flights.running(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_panicking_fill_lands_and_the_next_miss_starts_afresh() {
-        let flights = Flights::<u32>::new(None);
-        let Ok(joined) = flights.join(key(2), (0, 1), |_, _| async { panic!("fill blew up") })
-        else {
-            panic!("the first joiner is never turned away");
-        };
-        assert_eq!(joined.result.await, None);
-        assert!(flights.is_empty());
-        let Ok(joined) = flights.join(key(2), (0, 1), |_, _| async { 3 }) else {
-            panic!("the first joiner is never turned away");
-        };
-        assert_eq!(joined.role, Role::Leader);
-        assert_eq!(joined.result.await, Some(3));
-    }
-
-    #[tokio::test]
-    async fn joiners_past_the_waiter_limit_are_turned_away_and_slots_free_on_drop() {
-        let flights = Flights::<u32>::new(None);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let leader = flights.join(key(3), (0, 2), move |_, _| async move {
-            let _ = rx.await;
-            1
-        });
-        assert!(leader.is_ok());
-        let a = flights.join(key(3), (0, 2), |_, _| async { 0 });
-        let b = flights.join(key(3), (0, 2), |_, _| async { 0 });
-        assert!(a.is_ok() && b.is_ok());
-        assert_eq!(
-            flights.join(key(3), (0, 2), |_, _| async { 0 }).err(),
-            Some(Crowded { waiting: 2 })
-        );
-        drop(a);
-        assert!(flights.join(key(3), (0, 2), |_, _| async { 0 }).is_ok());
-        let _ = tx.send(());
-    }
-
-    #[tokio::test]
-    async fn a_flight_learns_when_every_joiner_has_gone() {
-        let flights = Flights::<u32>::new(None);
-        let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-        let leader = flights.join(key(4), (0, 10), move |interest, _| async move {
-            interest.abandoned().await;
-            let _ = tx.send(true);
-            0
-        });
-        let follower = flights.join(key(4), (0, 10), |_, _| async { 0 });
-        assert!(leader.is_ok() && follower.is_ok());
-        drop(leader);
-        tokio::task::yield_now().await;
-        drop(follower);
-        assert_eq!(rx.await, Ok(true), "abandoned once the last joiner went");
-    }
-}
+mod tests;
