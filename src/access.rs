@@ -1,8 +1,8 @@
 //! The access line: one per request, written off the request path.
 //!
-//! A request formats its line into its thread's own bounded buffer ([`AccessLog::send`], never
-//! waiting); one writer thread takes each thread's lines every few milliseconds and writes them,
-//! one `write` per thread's batch (so a request never has to wake it, and no queue is shared by
+//! A request records its line's fields into its thread's own bounded buffer ([`AccessLog::send`],
+//! never waiting); one writer thread takes each thread's lines every few milliseconds, formats
+//! them and writes them, one `write` per thread's batch (so a request never has to wake it, and no queue is shared by
 //! every thread). When a thread's buffer is full (stderr is a pipe nobody reads, a disk stalls)
 //! the line is dropped and counted in `corral_access_lines_dropped_total`: a slow log never slows
 //! a request. Lines of one thread keep their order; lines of different threads interleave by
@@ -30,7 +30,7 @@ use crate::outcome::CacheOutcome;
 /// (`corral::access=off`).
 pub const ACCESS_LOG: &str = "corral::access";
 
-/// Bytes of formatted lines each thread holds for the writer before new ones are dropped: a few
+/// Bytes of recorded lines each thread holds for the writer before new ones are dropped: a few
 /// thousand lines, a few tenths of a second of a saturated thread.
 pub const THREAD_BYTES: usize = 512 * 1024;
 
@@ -141,7 +141,7 @@ enum Signal {
     Flush(SyncSender<()>),
 }
 
-/// The lines one thread formatted, waiting for the writer. A thread appends under the lock, which
+/// The lines one thread recorded ([`record`]), waiting for the writer. A thread appends under the lock, which
 /// the writer takes only to swap the buffer for an empty one, never while it writes: a request
 /// never waits for the output, and its line costs no allocation, no wake-up and no cache line
 /// shared with the other threads (a queue shared by every thread was one).
@@ -150,7 +150,7 @@ struct Shard {
 }
 
 struct ShardLines {
-    text: Vec<u8>,
+    records: Vec<u8>,
     /// The writer sleeps until told: the next line here tells it.
     wake_writer: bool,
 }
@@ -202,7 +202,7 @@ impl AccessLog {
         Ok(AccessLog { shared, control })
     }
 
-    /// Formats a line into this thread's shard; never waits (the lock is the thread's own but
+    /// Records a line into this thread's shard; never waits (the lock is the thread's own but
     /// for the writer's swap). A full shard drops it (and counts it).
     pub fn send(&self, line: &AccessLine<'_>) -> Sent {
         let shared = &self.shared;
@@ -212,7 +212,7 @@ impl AccessLog {
                 None => {
                     let shard = Arc::new(Shard {
                         lines: Mutex::new(ShardLines {
-                            text: Vec::new(),
+                            records: Vec::new(),
                             wake_writer: true,
                         }),
                     });
@@ -222,10 +222,10 @@ impl AccessLog {
                 }
             };
             let mut lines = lock(&shard.lines);
-            if lines.text.len() >= shared.capacity {
+            if lines.records.len() >= shared.capacity {
                 return (Sent::Dropped, false);
             }
-            format::format_line(&mut lines.text, shared.format, line);
+            record::put(&mut lines.records, line);
             (Sent::Queued, std::mem::take(&mut lines.wake_writer))
         });
         match sent {
@@ -275,11 +275,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The writer thread: every few milliseconds while lines arrive, swaps each thread's lines for
-/// an empty buffer and writes them, one `write` per thread's batch; with none, it sleeps until
+/// an empty buffer, formats them and writes them, one `write` per thread's batch; with none, it sleeps until
 /// a line wakes it. Ends when the [`AccessLog`] is dropped, after writing what is held. A failed
 /// write loses that batch (there is nowhere left to report it), never the thread.
 fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
+    let mut text = Vec::new();
     let mut flushes = Vec::new();
     let mut wrote = true;
     loop {
@@ -303,13 +304,17 @@ fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write 
             {
                 let mut lines = lock(&shard.lines);
                 lines.wake_writer = false;
-                if lines.text.is_empty() {
+                if lines.records.is_empty() {
                     continue;
                 }
-                std::mem::swap(&mut lines.text, &mut batch);
+                std::mem::swap(&mut lines.records, &mut batch);
             }
-            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            record::each(&batch, |line| {
+                format::format_line(&mut text, shared.format, line)
+            });
+            let _ = out.write_all(&text).and_then(|()| out.flush());
             batch.clear();
+            text.clear();
             wrote = true;
         }
         for done in flushes.drain(..) {
@@ -324,13 +329,13 @@ fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write 
             for shard in &shards {
                 let mut lines = lock(&shard.lines);
                 lines.wake_writer = true;
-                wrote |= !lines.text.is_empty();
+                wrote |= !lines.records.is_empty();
             }
         }
         drop(shards);
         // A thread that ended leaves its shard to the writer alone: forgotten once written.
         lock(&shared.shards)
-            .retain(|shard| Arc::strong_count(shard) > 1 || !lock(&shard.lines).text.is_empty());
+            .retain(|shard| Arc::strong_count(shard) > 1 || !lock(&shard.lines).records.is_empty());
     }
 }
 
@@ -399,5 +404,6 @@ pub fn record_debug(line: &AccessLine<'_>) {
 }
 
 mod format;
+mod record;
 #[cfg(test)]
 mod tests;

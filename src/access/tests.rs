@@ -32,11 +32,11 @@ fn line(path: &str) -> AccessLine<'_> {
     AccessLine::new(&GET, path, "recommend", 200, CacheOutcome::Hit, 12)
 }
 
-/// Bytes of `lines` lines like [`line`]'s with a one-digit path.
+/// Bytes of `lines` recorded lines like [`line`]'s with a one-digit path.
 fn bytes_of(lines: usize) -> usize {
-    let mut text = Vec::new();
-    format_line(&mut text, LineFormat::Text, &line("/1"));
-    text.len() * lines
+    let mut records = Vec::new();
+    super::record::put(&mut records, &line("/1"));
+    records.len() * lines
 }
 
 #[test]
