@@ -139,7 +139,10 @@ impl<'a> Reader<'a> {
 
     /// The strings, whose lengths are `lens`, checked as UTF-8 at once.
     fn strs(&mut self, lens: [usize; 5]) -> Option<[&'a str; 5]> {
-        let (bytes, rest) = self.0.split_at_checked(lens.iter().sum())?;
+        let total = lens
+            .iter()
+            .try_fold(0usize, |sum, &len| sum.checked_add(len))?;
+        let (bytes, rest) = self.0.split_at_checked(total)?;
         self.0 = rest;
         let mut all = std::str::from_utf8(bytes).ok()?;
         let mut strs = [""; 5];
@@ -177,8 +180,11 @@ impl<'a> Reader<'a> {
         let method = Method::from_bytes(method.as_bytes()).ok()?;
         let query = (flags & QUERY != 0).then_some(query);
         let request_id = (flags & REQUEST_ID != 0).then_some(request_id);
+        let at = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))?
+            .checked_add(Duration::from_nanos(u64::from(nanos)))?;
         let line = AccessLine {
-            at: SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
+            at,
             method: &method,
             path,
             route,
