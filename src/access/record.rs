@@ -19,18 +19,6 @@ use http::Method;
 use super::AccessLine;
 use crate::outcome::CacheOutcome;
 
-/// Every outcome, in its declaration order: a record holds its index.
-const OUTCOMES: [CacheOutcome; 8] = [
-    CacheOutcome::Hit,
-    CacheOutcome::Stale,
-    CacheOutcome::Coalesced,
-    CacheOutcome::MissStored,
-    CacheOutcome::MissNotStored,
-    CacheOutcome::Revalidated,
-    CacheOutcome::Bypass,
-    CacheOutcome::UriMiss,
-];
-
 const QUERY: u8 = 1;
 const CLIENT_V4: u8 = 2;
 const CLIENT_V6: u8 = 4;
@@ -69,6 +57,7 @@ pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
     head[..8].copy_from_slice(&since.as_secs().to_ne_bytes());
     head[8..12].copy_from_slice(&since.subsec_nanos().to_ne_bytes());
     head[12..14].copy_from_slice(&line.status.to_ne_bytes());
+    // Its index in `CacheOutcome::ALL`, which lists the variants in their order.
     head[14] = line.outcome as u8;
     head[15] = flags;
     head[16..24].copy_from_slice(&line.micros.to_ne_bytes());
@@ -189,7 +178,7 @@ impl<'a> Reader<'a> {
             path,
             route,
             status,
-            outcome: *OUTCOMES.get(usize::from(outcome))?,
+            outcome: *CacheOutcome::ALL.get(usize::from(outcome))?,
             micros,
             query,
             client,
@@ -206,8 +195,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_outcomes_table_is_in_declaration_order() {
-        for (i, outcome) in OUTCOMES.iter().enumerate() {
+    fn every_outcome_is_recorded_as_its_index_in_all() {
+        for (i, outcome) in CacheOutcome::ALL.iter().enumerate() {
             assert_eq!(*outcome as u8 as usize, i, "{outcome:?}");
         }
     }
@@ -222,7 +211,7 @@ mod tests {
         ));
         let at = SystemTime::UNIX_EPOCH + Duration::new(1_786_000_000, 123_456_789);
         let mut out = Vec::new();
-        for (i, outcome) in OUTCOMES.into_iter().enumerate() {
+        for (i, outcome) in CacheOutcome::ALL.into_iter().enumerate() {
             let method = &methods[i % methods.len()];
             let mut line = AccessLine::new(method, "/p/ä", "route", 200 + i as u16, outcome, 9);
             line.at = at + Duration::from_nanos(i as u64);
