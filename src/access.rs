@@ -1,12 +1,13 @@
 //! The access line: one per request, written off the request path.
 //!
 //! A request records its line's fields into its thread's own bounded buffer ([`AccessLog::send`],
-//! never waiting); one writer thread takes each thread's lines every few milliseconds, formats
-//! them and writes them, one `write` per thread's batch (so a request never has to wake it, and no queue is shared by
-//! every thread). When a thread's buffer is full (stderr is a pipe nobody reads, a disk stalls)
-//! the line is dropped and counted in `corral_access_lines_dropped_total`: a slow log never slows
-//! a request. Lines of one thread keep their order; lines of different threads interleave by
-//! batch, so two lines a few milliseconds apart may appear out of their timestamps' order.
+//! never waiting); one writer thread takes each thread's lines every few milliseconds, formats them
+//! and writes them, one `write` per thread's batch (so a request never has to wake it, and no queue
+//! is shared by every thread). When a thread's buffer is full (stderr is a pipe nobody reads, a
+//! disk stalls) the line is dropped and counted in `corral_access_lines_dropped_total`: a slow log
+//! never slows a request. Lines of one thread keep their order; lines of different threads
+//! interleave by batch, so two lines a few milliseconds apart may appear out of their timestamps'
+//! order.
 //!
 //! The `corral` binary installs the process's writer ([`install`]) in the format it logs in; the
 //! lines look like the `tracing` lines around them (text or JSON, target [`ACCESS_LOG`], level
@@ -141,10 +142,10 @@ enum Signal {
     Flush(SyncSender<()>),
 }
 
-/// The lines one thread recorded ([`record`]), waiting for the writer. A thread appends under the lock, which
-/// the writer takes only to swap the buffer for an empty one, never while it writes: a request
-/// never waits for the output, and its line costs no allocation, no wake-up and no cache line
-/// shared with the other threads (a queue shared by every thread was one).
+/// The lines one thread recorded ([`record`]), waiting for the writer. A thread appends under the
+/// lock, which the writer takes only to swap the buffer for an empty one, never while it writes: a
+/// request never waits for the output, and its line costs no allocation, no wake-up and no cache
+/// line shared with the other threads (a queue shared by every thread was one).
 struct Shard {
     lines: Mutex<ShardLines>,
 }
@@ -274,10 +275,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The writer thread: every few milliseconds while lines arrive, swaps each thread's lines for
-/// an empty buffer, formats them and writes them, one `write` per thread's batch; with none, it sleeps until
-/// a line wakes it. Ends when the [`AccessLog`] is dropped, after writing what is held. A failed
-/// write loses that batch (there is nowhere left to report it), never the thread.
+/// The writer thread: every few milliseconds while lines arrive, swaps each thread's lines for an
+/// empty buffer, formats them and writes them, one `write` per thread's batch; with none, it sleeps
+/// until a line wakes it. Ends when the [`AccessLog`] is dropped, after writing what is held. A
+/// failed write loses that batch (there is nowhere left to report it), never the thread.
 fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
     let mut text = Vec::new();
