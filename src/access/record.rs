@@ -96,7 +96,7 @@ const HEAD: usize = 24 + 5 * 4;
 /// Hands each line recorded in `buf` to `each`, in order. A record that does not read back
 /// whole ends the batch (it cannot happen: `put` wrote every one).
 pub(super) fn each(buf: &[u8], mut each: impl FnMut(&AccessLine<'_>)) {
-    let mut reader = Reader(buf);
+    let mut reader = Records(buf);
     while !reader.0.is_empty() {
         let Some(()) = reader.line(&mut each) else {
             return;
@@ -104,10 +104,10 @@ pub(super) fn each(buf: &[u8], mut each: impl FnMut(&AccessLine<'_>)) {
     }
 }
 
-/// What is left of a batch to read.
-struct Reader<'a>(&'a [u8]);
+/// What is left of a batch of records to read.
+struct Records<'a>(&'a [u8]);
 
-impl<'a> Reader<'a> {
+impl<'a> Records<'a> {
     fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
         let (bytes, rest) = self.0.split_first_chunk::<N>()?;
         self.0 = rest;
