@@ -28,9 +28,19 @@ fn sync_on(channel: &str) -> (Request, oneshot::Receiver<Result<(), String>>) {
     (Request::Sync { channel, ack }, acked)
 }
 
+/// The topology followed to the same node, `waited_on` waited on.
 fn followed(waited_on: &[&str]) -> Event {
+    follow(false, waited_on)
+}
+
+/// The topology followed to another node (nothing subscribed there), `waited_on` waited on.
+fn moved_to(waited_on: &[&str]) -> Event {
+    follow(true, waited_on)
+}
+
+fn follow(moved: bool, waited_on: &[&str]) -> Event {
     Event::Followed {
-        moved: false,
+        moved,
         connected: true,
         waited_on: set(waited_on),
     }
@@ -199,11 +209,7 @@ fn a_subscribe_cut_short_by_a_new_master_starts_the_pass_again_there_and_keeps_i
     assert!(matches!(step.then, Io::FollowMaster), "{step:?}");
     // On the new master: every waiter resyncs, everything is subscribed there, the waiter is
     // answered.
-    let step = r.on(Event::Followed {
-        moved: true,
-        connected: true,
-        waited_on: set(&["fill:a"]),
-    });
+    let step = r.on(moved_to(&["fill:a"]));
     assert!(has(&step, |e| matches!(e, Effect::Resync)));
     assert_eq!(subscribing(&step), [INVALIDATION, "fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));
@@ -289,11 +295,7 @@ fn a_failure_that_moves_to_another_node_resyncs_and_subscribes_everything_there(
 fn following_the_master_to_another_node_resyncs_and_subscribes_everything_there() {
     let mut r = settled(&["fill:a"]);
     r.on(Event::Requests(vec![Request::Retry]));
-    let step = r.on(Event::Followed {
-        moved: true,
-        connected: true,
-        waited_on: set(&["fill:a"]),
-    });
+    let step = r.on(moved_to(&["fill:a"]));
     assert!(has(&step, |e| matches!(e, Effect::Resync)));
     assert_eq!(subscribing(&step), [INVALIDATION, "fill:a"]);
     let step = r.on(Event::Subscribed(Ok(())));

@@ -33,14 +33,22 @@ fn a_failed_unsubscription_fails_no_waiter_and_is_tried_again_within_a_second() 
     assert_eq!(r.subscribed(), &set(&[INVALIDATION, "fill:b"]));
 }
 
-#[test]
-fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
+/// A reconciler whose drop of `fill:a` (nobody waits on it any more) failed, the node blamed:
+/// `fill:a` is doubtful.
+fn with_fill_a_doubtful() -> Reconciler {
     let mut r = settled(&["fill:a"]);
     r.on(Event::Requests(vec![Request::Retry]));
     r.on(followed(&[]));
     let step = r.on(Event::Unsubscribed(Err(late())));
     assert!(matches!(step.then, Io::Fail(_)), "{step:?}");
     r.on(Event::FailedOver { moved: false });
+    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    r
+}
+
+#[test]
+fn a_channel_whose_unsubscription_failed_is_subscribed_again_when_waited_on() {
+    let mut r = with_fill_a_doubtful();
     // The server most likely dropped it (the command was sent): a new waiter on it must not be
     // told it is subscribed without asking.
     let (request, _acked) = sync();
@@ -144,12 +152,7 @@ fn a_doubtful_channel_stays_doubtful_when_a_pass_fails_before_unsubscribing_it()
 
 #[test]
 fn a_new_connection_has_nothing_doubtful() {
-    let mut r = settled(&["fill:a"]);
-    r.on(Event::Requests(vec![Request::Retry]));
-    r.on(followed(&[]));
-    r.on(Event::Unsubscribed(Err(late())));
-    r.on(Event::FailedOver { moved: false });
-    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    let mut r = with_fill_a_doubtful();
     r.on(Event::Requests(vec![Request::Reset]));
     assert!(r.doubtful().is_empty());
     let step = r.on(followed(&[]));
@@ -213,12 +216,7 @@ fn a_failed_unsubscription_that_moves_to_another_node_resyncs_and_forgets_the_do
 
 #[test]
 fn a_pass_cut_short_by_a_new_master_keeps_its_doubtful_channels() {
-    let mut r = settled(&["fill:a"]);
-    r.on(Event::Requests(vec![Request::Retry]));
-    r.on(followed(&[]));
-    r.on(Event::Unsubscribed(Err(late())));
-    r.on(Event::FailedOver { moved: false });
-    assert_eq!(r.doubtful(), &set(&["fill:a"]));
+    let mut r = with_fill_a_doubtful();
     // The next pass would drop it after subscribing fill:b, but the sentinels announce a new
     // master first; they still name the same one.
     let (waiter, _w) = sync_on("fill:b");
