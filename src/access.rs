@@ -51,8 +51,9 @@ pub enum LineFormat {
 /// the moment it takes to format it (a line costs no allocation of its own).
 #[derive(Debug)]
 pub struct AccessLine<'a> {
-    at: SystemTime,
-    method: &'a Method,
+    /// When it was answered: the wall clock's time since the Unix epoch.
+    at: Duration,
+    method: &'a str,
     path: &'a str,
     route: &'a str,
     status: u16,
@@ -98,8 +99,10 @@ impl<'a> AccessLine<'a> {
         micros: u64,
     ) -> AccessLine<'a> {
         AccessLine {
-            at: SystemTime::now(),
-            method,
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+            method: method.as_str(),
             path,
             route,
             status,

@@ -12,9 +12,7 @@
 //! byte order: a record never leaves the process.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::time::{Duration, SystemTime};
-
-use http::Method;
+use std::time::Duration;
 
 use super::AccessLine;
 use crate::outcome::CacheOutcome;
@@ -27,10 +25,7 @@ const BYTES: u8 = 16;
 
 /// Appends `line` to `buf` as a record.
 pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
-    let since = line
-        .at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = line.at;
     let mut flags = 0;
     if line.query.is_some() {
         flags |= QUERY;
@@ -47,7 +42,7 @@ pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
         flags |= BYTES;
     }
     let strings = [
-        line.method.as_str(),
+        line.method,
         line.path,
         line.route,
         line.query.unwrap_or_default(),
@@ -166,15 +161,12 @@ impl<'a> Records<'a> {
             None
         };
         let [method, path, route, query, request_id] = self.strs(lens)?;
-        let method = Method::from_bytes(method.as_bytes()).ok()?;
         let query = (flags & QUERY != 0).then_some(query);
         let request_id = (flags & REQUEST_ID != 0).then_some(request_id);
-        let at = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(secs))?
-            .checked_add(Duration::from_nanos(u64::from(nanos)))?;
+        let at = Duration::from_secs(secs).checked_add(Duration::from_nanos(u64::from(nanos)))?;
         let line = AccessLine {
             at,
-            method: &method,
+            method,
             path,
             route,
             status,
@@ -192,6 +184,8 @@ impl<'a> Records<'a> {
 
 #[cfg(test)]
 mod tests {
+    use http::Method;
+
     use super::*;
 
     #[test]
@@ -209,7 +203,7 @@ mod tests {
             7,
             3,
         ));
-        let at = SystemTime::UNIX_EPOCH + Duration::new(1_786_000_000, 123_456_789);
+        let at = Duration::new(1_786_000_000, 123_456_789);
         let mut out = Vec::new();
         for (i, outcome) in CacheOutcome::ALL.into_iter().enumerate() {
             let method = &methods[i % methods.len()];

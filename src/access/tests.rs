@@ -105,7 +105,7 @@ fn a_flush_behind_a_blocked_writer_gives_up_at_its_limit() {
 
 #[test]
 fn lines_look_like_the_tracing_lines_around_them() {
-    let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_323_045_678_901);
+    let at = Duration::from_micros(1_767_323_045_678_901);
     let mut line = AccessLine::new(&Method::POST, "/a\"b", "-", 404, CacheOutcome::UriMiss, 7);
     line.at = at;
     let mut text = Vec::new();
@@ -206,7 +206,7 @@ fn a_request_id_is_cut_at_its_limit_on_a_character_boundary() {
 
 #[test]
 fn timestamps_in_one_second_and_the_next_are_each_right() {
-    let base = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_323_045_678_901);
+    let base = Duration::from_micros(1_767_323_045_678_901);
     let mut buf = Vec::new();
     for at in [
         base,
@@ -355,4 +355,35 @@ fn json_strings_read_back_as_written_whatever_they_hold() {
     buf.clear();
     format::json_string(&mut buf, "\n");
     assert_eq!(buf, b"\"\\u000a\"");
+}
+
+#[test]
+fn the_escape_check_finds_every_byte_that_needs_one_wherever_it_is() {
+    let needs = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    // Every byte value at every place of strings around the check's 8-byte words, in a string
+    // of bytes that need nothing and of bytes ≥ 0x80 (the check must not take those for controls).
+    for filler in [b'a', 0x20, b'~', 0x7f, 0x80, 0xa2, 0xdc, 0xff] {
+        for len in 1..=17 {
+            for at in 0..len {
+                for byte in 0..=255u8 {
+                    let mut bytes = vec![filler; len];
+                    bytes[at] = byte;
+                    assert_eq!(
+                        format::needs_escape(&bytes),
+                        needs(byte),
+                        "byte {byte:#x} at {at} of {len} among {filler:#x}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(!format::needs_escape(b""));
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_escape_check_agrees_with_a_byte_by_byte_one(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+        let byte_by_byte = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        proptest::prop_assert_eq!(format::needs_escape(&bytes), byte_by_byte);
+    }
 }
