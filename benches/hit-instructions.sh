@@ -8,6 +8,7 @@
 #   cargo build --release --bin corral
 #   benches/hit-instructions.sh                      # default config: access line on
 #   ACCESS_LOG=false benches/hit-instructions.sh     # the access line off
+#   LOG_FORMAT=json benches/hit-instructions.sh      # the lines in JSON (the hit table's format)
 #   benches/hit-instructions.sh path/to/other/corral # another build (e.g. main's), same driver
 #   HITS_KEEP=dir benches/hit-instructions.sh        # keeps the callgrind files (callgrind_annotate)
 #   TARGET=nginx benches/hit-instructions.sh         # nginx proxy_cache instead (one process, no
@@ -21,6 +22,7 @@ small=${HITS_SMALL:-2000}
 large=${HITS_LARGE:-12000}
 conns=${HITS_CONNS:-4}
 access_log=${ACCESS_LOG:-true}
+log_format=${LOG_FORMAT:-text}
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -98,7 +100,7 @@ path_prefix = "/hit"
 upstream = "http://127.0.0.1:$upstream"
 ttl = "1h"
 TOML
-    valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$n" "$bin" run --config "$dir/corral.toml" \
+    valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$n" "$bin" --log-format "$log_format" run --config "$dir/corral.toml" \
         2> "$dir/target.$n.log" &
     target_pid=$!
     pids+=("$target_pid")

@@ -1,10 +1,18 @@
 //! The hit table (issue 19), `STAMPEDE_ONLY=hits`: L1 hit throughput of Corral with and without
-//! its access line (and, as a row without a goal, with one worker thread and no line), nginx `proxy_cache` with and without its (buffered) access log, and the nginx
-//! `return 200` ceiling, against the same backend and body, `wrk -t1 -c64` (or the in-process loop),
-//! in interleaved rounds: every target once per round, so drifts of a shared machine's load hit
-//! every target alike, each round starting one target further on, so no target always runs
-//! first (or right after the ceiling). Each ratio is a ratio of medians over the rounds; the
+//! its access line (and, as a row without a goal, with one worker thread and no line), nginx
+//! `proxy_cache` with and without its (buffered) access log, and the nginx `return 200` ceiling,
+//! against the same backend and body, `wrk -t1 -c64` (or the in-process loop), in interleaved
+//! rounds: every target in every round, so drifts of a shared machine's load hit every target
+//! alike. Each ratio against nginx or the ceiling is a ratio of medians over the rounds; the
 //! spread is the rounds' min–max.
+//!
+//! The access line's cost, a few percent, is taken as a paired measure of one Corral process
+//! whose line is turned on and off by a reload (two processes of the same binary can differ by
+//! more than that): within each round it is measured twice each way, in mirrored order (line
+//! on, off, off, on; the next round off, on, on, off), so a drift within the round weighs on both
+//! alike and neither always runs first; the cost is the median over the rounds of each round's
+//! own ratio. The other targets turn around the pair, in reverse order every other round, so no
+//! target always runs right after the same one (right after the ceiling, say).
 //!
 //! Beside hits per second, the CPU per hit (Linux, from `/proc`): the whole machine's busy time
 //! per hit (the load generator's included, the same for every target) and, for Corral's rows,
@@ -12,8 +20,8 @@
 //! machine's noise moves by 10 % from one round to the next, and in Corral's CPU per hit, which it
 //! moves far less.
 //!
-//! `STAMPEDE_HIT_ROUNDS` (5) rounds of `STAMPEDE_HIT_SECONDS` (5 in this mode) each; a short check
-//! that it works: `STAMPEDE_ONLY=hits STAMPEDE_HIT_ROUNDS=1 STAMPEDE_HIT_SECONDS=1`.
+//! `STAMPEDE_HIT_ROUNDS` (5) rounds of `STAMPEDE_HIT_SECONDS` (5 in this mode) a measurement; a
+//! short check that it works: `STAMPEDE_ONLY=hits STAMPEDE_HIT_ROUNDS=1 STAMPEDE_HIT_SECONDS=1`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,10 +45,13 @@ struct Target {
     addr: SocketAddr,
     /// Corral's process, whose own CPU time is read.
     pid: Option<u32>,
+    /// The access line of the line's pair (one process, turned on or off before each measurement).
+    line: Option<bool>,
+    /// Per round (the mean of the round's measurements of this target): hits a second, and µs of
+    /// CPU per hit, the whole machine's and the process's (absent where `/proc` is not read).
     rps: Vec<f64>,
-    /// Per round, µs of CPU per hit: the whole machine's, and the process's.
-    machine_us: Vec<f64>,
-    process_us: Vec<f64>,
+    machine_us: Vec<Option<f64>>,
+    process_us: Vec<Option<f64>>,
 }
 
 impl Target {
@@ -49,11 +60,50 @@ impl Target {
             name,
             addr,
             pid,
+            line: None,
             rps: Vec::new(),
             machine_us: Vec::new(),
             process_us: Vec::new(),
         }
     }
+
+    fn with_line(self, on: bool) -> Target {
+        Target {
+            line: Some(on),
+            ..self
+        }
+    }
+}
+
+/// One measurement of one target.
+#[derive(Clone, Copy)]
+struct Sample {
+    rps: f64,
+    machine_us: Option<f64>,
+    process_us: Option<f64>,
+}
+
+/// The targets' indexes in the order round `round` measures them, for `count` targets of which
+/// the first two are the line's pair (on, off): the pair as A B B A, its first alternating
+/// between rounds; the others rotated one further each round and reversed every other round,
+/// the pair among them as one.
+fn schedule(round: usize, count: usize) -> Vec<usize> {
+    // The units: 0 is the pair, then each other target.
+    let mut units: Vec<usize> = (0..count.saturating_sub(1)).collect();
+    if let Some(by) = round.checked_rem(units.len()) {
+        units.rotate_left(by);
+    }
+    if round % 2 == 1 {
+        units.reverse();
+    }
+    let (a, b) = if round.is_multiple_of(2) { (0, 1) } else { (1, 0) };
+    units
+        .into_iter()
+        .flat_map(|unit| match unit {
+            0 => vec![a, b, b, a],
+            other => vec![other + 1],
+        })
+        .collect()
 }
 
 pub async fn run(
@@ -72,13 +122,15 @@ pub async fn run(
         upstream: backend.addr(),
         l1_max_bytes: "256MiB",
     };
-    let logged = LoggingCorral::start(bin, dir, "corral-access-on", &settings, true, None)?;
-    let quiet = LoggingCorral::start(bin, dir, "corral-access-off", &settings, false, None)?;
+    // One process for the line's pair, its line turned on and off between measurements: two
+    // processes of the same binary differ by more than the line costs (a run measured one 10 %
+    // slower than the other with the line off in both).
+    let corral = LoggingCorral::start(bin, dir, "corral", &settings, true, None)?;
     // Not a goal's row: what one worker does where the load generator takes one of the cores.
     let single = LoggingCorral::start(bin, dir, "corral-one-worker", &settings, false, Some(1))?;
     let mut targets = vec![
-        Target::new(CORRAL_ON, logged.addr, Some(logged.pid())),
-        Target::new(CORRAL_OFF, quiet.addr, Some(quiet.pid())),
+        Target::new(CORRAL_ON, corral.addr, Some(corral.pid())).with_line(true),
+        Target::new(CORRAL_OFF, corral.addr, Some(corral.pid())).with_line(false),
         Target::new(CORRAL_ONE_WORKER, single.addr, Some(single.pid())),
     ];
     let body = String::from_utf8_lossy(&backend::body()).into_owned();
@@ -106,31 +158,60 @@ pub async fn run(
     let mut tool = String::new();
     let count = targets.len();
     for round in 0..rounds {
-        for i in 0..count {
-            let target = &mut targets[(round + i) % count];
+        let mut taken: Vec<Vec<Sample>> = vec![Vec::new(); count];
+        for i in schedule(round, count) {
+            let target = &targets[i];
             step(&format!(
                 "hits round {}/{rounds}: {}",
                 round + 1,
                 target.name
             ));
+            if let Some(on) = target.line {
+                corral.set_access_log(on)?;
+            }
             let is_ceiling = target.name == CEILING;
             let url_path = if is_ceiling { "/" } else { path.as_str() };
+            let logged_before = corral.log_len();
             let before = cpu::Reading::now(target.pid);
             let measured = load::throughput(target.addr, url_path, HIT_CONNS, secs).await?;
             let used = before.and_then(|b| b.used(target.pid));
             if let Some(problems) = &measured.problems {
                 return Err(format!("{}: {problems}", target.name).into());
             }
-            tool = measured.tool;
-            target.rps.push(measured.rps);
-            if let Some(used) = used.filter(|_| measured.rps > 0.0) {
-                // µs of CPU a second, over hits a second.
-                let per_hit = |us: f64| us / used.seconds / measured.rps;
-                target.machine_us.push(per_hit(used.machine_us));
-                if let Some(us) = used.process_us {
-                    target.process_us.push(per_hit(us));
+            if let Some(on) = target.line {
+                // The switch took: a line (a few hundred bytes) per hit, or next to nothing.
+                let hits = measured.rps * secs as f64;
+                let logged = corral.log_len().saturating_sub(logged_before) as f64;
+                if on != (logged >= hits) || (!on && logged > hits / 10.0) {
+                    return Err(format!(
+                        "{}: {logged} bytes of log for {hits:.0} hits",
+                        target.name
+                    )
+                    .into());
                 }
             }
+            tool = measured.tool;
+            // µs of CPU a second, over hits a second.
+            let used = used.filter(|_| measured.rps > 0.0);
+            let per_hit = |us: f64, seconds: f64| us / seconds / measured.rps;
+            taken[i].push(Sample {
+                rps: measured.rps,
+                machine_us: used.as_ref().map(|u| per_hit(u.machine_us, u.seconds)),
+                process_us: used
+                    .as_ref()
+                    .and_then(|u| u.process_us.map(|us| per_hit(us, u.seconds))),
+            });
+        }
+        for (target, samples) in targets.iter_mut().zip(taken) {
+            target
+                .rps
+                .push(mean(samples.iter().map(|s| Some(s.rps))).unwrap_or(0.0));
+            target
+                .machine_us
+                .push(mean(samples.iter().map(|s| s.machine_us)));
+            target
+                .process_us
+                .push(mean(samples.iter().map(|s| s.process_us)));
         }
     }
     print_table(&targets, &tool, rounds);
@@ -143,6 +224,12 @@ fn env(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(default)
+}
+
+/// The mean of the values, if every one is there.
+fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let values: Vec<f64> = values.collect::<Option<_>>()?;
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -158,9 +245,10 @@ fn median(values: &[f64]) -> f64 {
 fn print_table(targets: &[Target], tool: &str, rounds: usize) {
     let find = |name: &str| targets.iter().find(|t| t.name == name);
     let med = |name: &str| find(name).map(|t| median(&t.rps));
-    let process = |name: &str| find(name).and_then(|t| some_median(&t.process_us));
     println!();
-    println!("hit throughput, {tool}, {rounds} interleaved rounds, 2 KiB body, same backend");
+    println!(
+        "hit throughput, {tool}, {rounds} interleaved rounds (the line's pair twice a round), 2 KiB body, same backend"
+    );
     println!(
         "| target | hits/s (median) | rounds min–max | CPU per hit, whole machine (µs) | CPU per hit, the process (µs) |"
     );
@@ -175,8 +263,8 @@ fn print_table(targets: &[Target], tool: &str, rounds: usize) {
             median(&t.rps) / 1000.0,
             min / 1000.0,
             max / 1000.0,
-            micros(some_median(&t.machine_us)),
-            micros(some_median(&t.process_us)),
+            micros(present_median(&t.machine_us)),
+            micros(present_median(&t.process_us)),
         );
     }
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -202,32 +290,54 @@ fn print_table(targets: &[Target], tool: &str, rounds: usize) {
         "| corral (line off) / ceiling | {} | ≥ 0.85× |",
         ratio(off, ceiling)
     );
-    let percent = |v: Option<f64>| v.map_or("-".to_owned(), |f| format!("{:.1} %", f * 100.0));
-    let in_throughput = match (on, off) {
-        (Some(on), Some(off)) if off > 0.0 => Some(1.0 - on / off),
-        _ => None,
-    };
-    println!(
-        "| the access line's cost in throughput (1 − on/off) | {} | ≤ 5 % |",
-        percent(in_throughput)
-    );
-    let in_cpu = match (process(CORRAL_ON), process(CORRAL_OFF)) {
-        (Some(on), Some(off)) if off > 0.0 => Some(on / off - 1.0),
-        _ => None,
-    };
-    println!(
-        "| the access line's cost in Corral's CPU per hit (on/off − 1) | {} | ≤ 5 % |",
-        percent(in_cpu)
-    );
+    if let (Some(on), Some(off)) = (find(CORRAL_ON), find(CORRAL_OFF)) {
+        // Each round's own ratio of the pair: the line's cost with that round's load.
+        let all = |t: &Target| t.rps.iter().copied().map(Some).collect::<Vec<_>>();
+        let in_throughput = paired(&all(on), &all(off), |on, off| 1.0 - on / off);
+        let in_cpu = paired(&on.process_us, &off.process_us, |on, off| on / off - 1.0);
+        println!(
+            "| the access line's cost in throughput (1 − on/off), median of the rounds' | {} | ≤ 5 % |",
+            cost(&in_throughput)
+        );
+        println!(
+            "| the access line's cost in Corral's CPU per hit (on/off − 1), median of the rounds' | {} | ≤ 5 % |",
+            cost(&in_cpu)
+        );
+    }
     println!(
         "| (no goal) corral, workers = 1, line off / nginx (log off) | {} | |",
         ratio(single, nginx_off)
     );
 }
 
-/// The median, if there is anything to take it of.
-fn some_median(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| median(values))
+/// Each round's `f(on, off)`, for the rounds that measured both (and `off` above zero).
+fn paired(on: &[Option<f64>], off: &[Option<f64>], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    on.iter()
+        .zip(off)
+        .filter_map(|(on, off)| match (on, off) {
+            (Some(on), Some(off)) if *off > 0.0 => Some(f(*on, *off)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The median of a cost over the rounds, and each round's.
+fn cost(rounds: &[f64]) -> String {
+    if rounds.is_empty() {
+        return "-".into();
+    }
+    let each: Vec<String> = rounds.iter().map(|f| format!("{:.1}", f * 100.0)).collect();
+    format!(
+        "{:.1} % (rounds: {})",
+        median(rounds) * 100.0,
+        each.join(", ")
+    )
+}
+
+/// The median of the rounds that have a value, if any has.
+fn present_median(values: &[Option<f64>]) -> Option<f64> {
+    let values: Vec<f64> = values.iter().flatten().copied().collect();
+    (!values.is_empty()).then(|| median(&values))
 }
 
 /// CPU time read from `/proc` (Linux; elsewhere nothing is read and the columns show `-`).

@@ -4,6 +4,7 @@
 //! ([`RedisServer`](crate::support::RedisServer), [`CorralProcess`]), as in the tests.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -228,10 +229,18 @@ impl Drop for Corral {
 }
 
 /// A `corral run` process of the hit table: the bench's config with the access line on or off
-/// (and `server.workers` when `workers` is given), listening on a port chosen here, its log written to a file (as a deployment's goes to a file or
-/// journald) rather than read by the bench, which would compete with it for the CPU.
+/// (and `server.workers` when `workers` is given), listening on a port chosen here, its log
+/// written to a file (as a deployment's goes to a file or journald) rather than read by the
+/// bench, which would compete with it for the CPU. Its access line can be turned on and off while
+/// it runs ([`LoggingCorral::set_access_log`]), through a reload, as an operator would.
 pub struct LoggingCorral {
     pub addr: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+    /// The config's text with `@ACCESS_LOG@` where the access line's switch goes.
+    template: String,
+    access_log: std::cell::Cell<bool>,
     guard: ChildGuard,
 }
 
@@ -245,8 +254,8 @@ impl LoggingCorral {
         workers: Option<usize>,
     ) -> Result<LoggingCorral, BoxError> {
         let workers = workers.map_or(String::new(), |n| format!("\nworkers = {n}"));
-        let port = free_port();
-        let text = fill_template(
+        let (port, admin_port) = (free_port(), free_port());
+        let template = fill_template(
             CORRAL_TOML,
             &[
                 ("REDIS_URL", s.redis_url.to_owned()),
@@ -258,13 +267,16 @@ impl LoggingCorral {
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
         .replace(
             "access_log = false",
-            &format!("access_log = {access_log}{workers}"),
+            &format!(
+                "access_log = @ACCESS_LOG@{workers}\nadmin_listen = \"127.0.0.1:{admin_port}\""
+            ),
         );
         let config = dir.join(format!("{name}.toml"));
-        fs::write(&config, &text)?;
+        fs::write(&config, with_access_log(&template, access_log))?;
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(bin)
-            .args(["--log-format", "json", "run", "--config"])
+            // The default log format (text), as the default config's row says.
+            .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -273,14 +285,54 @@ impl LoggingCorral {
             .spawn()?;
         let mut guard = ChildGuard::new(name, child);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_listening(&mut guard, &[addr], &log)?;
-        Ok(LoggingCorral { addr, guard })
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        wait_listening(&mut guard, &[addr, admin], &log)?;
+        Ok(LoggingCorral {
+            addr,
+            admin,
+            config,
+            log,
+            template,
+            access_log: std::cell::Cell::new(access_log),
+            guard,
+        })
     }
 
     /// The process's id (its CPU time is read from `/proc`).
     pub fn pid(&self) -> u32 {
         self.guard.id()
     }
+
+    /// The bytes its log holds so far.
+    pub fn log_len(&self) -> u64 {
+        fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// Turns the access line on or off: the config file rewritten and reloaded (`POST /reload`,
+    /// which answers once the new config serves).
+    pub fn set_access_log(&self, on: bool) -> Result<(), BoxError> {
+        if self.access_log.get() == on {
+            return Ok(());
+        }
+        fs::write(&self.config, with_access_log(&self.template, on))?;
+        let mut admin = TcpStream::connect(self.admin)?;
+        admin.set_read_timeout(Some(READY_TIMEOUT))?;
+        admin.write_all(
+            b"POST /reload HTTP/1.1\r\nHost: corral\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut answer = String::new();
+        admin.read_to_string(&mut answer)?;
+        let ok = answer.starts_with("HTTP/1.1 200") && answer.contains("\"restart_needed\":[]");
+        if !ok {
+            return Err(format!("turning the access line {on} by a reload: {answer}").into());
+        }
+        self.access_log.set(on);
+        Ok(())
+    }
+}
+
+fn with_access_log(template: &str, on: bool) -> String {
+    template.replace("@ACCESS_LOG@", if on { "true" } else { "false" })
 }
 
 // ---------------------------------------------------------------------------------------------
