@@ -309,10 +309,10 @@ impl LoggingCorral {
     }
 
     /// Turns the access line on or off: the config file rewritten and reloaded (`POST /reload`,
-    /// which answers once the new config serves).
-    pub fn set_access_log(&self, on: bool) -> Result<(), BoxError> {
+    /// which answers once the new config serves). Whether it changed anything.
+    pub fn set_access_log(&self, on: bool) -> Result<bool, BoxError> {
         if self.access_log.get() == on {
-            return Ok(());
+            return Ok(false);
         }
         fs::write(&self.config, with_access_log(&self.template, on))?;
         let mut admin = TcpStream::connect(self.admin)?;
@@ -327,7 +327,7 @@ impl LoggingCorral {
             return Err(format!("turning the access line {on} by a reload: {answer}").into());
         }
         self.access_log.set(on);
-        Ok(())
+        Ok(true)
     }
 }
 
