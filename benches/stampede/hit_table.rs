@@ -170,11 +170,11 @@ pub async fn run(
                 round + 1,
                 target.name
             ));
-            if let Some(on) = target.line {
-                if corral.set_access_log(on)? {
-                    // The writer's last lines (it writes every 5 ms) go before the measurement.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            if let Some(on) = target.line
+                && corral.set_access_log(on)?
+            {
+                // The writer's last lines (it writes every 5 ms) go before the measurement.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let is_ceiling = target.name == CEILING;
             let url_path = if is_ceiling { "/" } else { path.as_str() };
