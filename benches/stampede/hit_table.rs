@@ -171,7 +171,7 @@ pub async fn run(
                 target.name
             ));
             if let Some(on) = target.line
-                && corral.set_access_log(on)?
+                && corral.set_access_log(on).await?
             {
                 // The writer's last lines (it writes every 5 ms) go before the measurement.
                 tokio::time::sleep(Duration::from_millis(50)).await;

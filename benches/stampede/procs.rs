@@ -4,14 +4,17 @@
 //! ([`RedisServer`](crate::support::RedisServer), [`CorralProcess`]), as in the tests.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use crate::support::{CorralProcess, free_port, signal};
+use bytes::Bytes;
+use http::Method;
+
+use crate::support::client::request;
+use crate::support::{Client, CorralProcess, free_port, signal};
 
 /// How long a process gets to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -310,21 +313,23 @@ impl LoggingCorral {
 
     /// Turns the access line on or off: the config file rewritten and reloaded (`POST /reload`,
     /// which answers once the new config serves). Whether it changed anything.
-    pub fn set_access_log(&self, on: bool) -> Result<bool, BoxError> {
+    pub async fn set_access_log(&self, on: bool) -> Result<bool, BoxError> {
         if self.access_log.get() == on {
             return Ok(false);
         }
         fs::write(&self.config, with_access_log(&self.template, on))?;
-        let mut admin = TcpStream::connect(self.admin)?;
-        admin.set_read_timeout(Some(READY_TIMEOUT))?;
-        admin.write_all(
-            b"POST /reload HTTP/1.1\r\nHost: corral\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )?;
-        let mut answer = String::new();
-        admin.read_to_string(&mut answer)?;
-        let ok = answer.starts_with("HTTP/1.1 200") && answer.contains("\"restart_needed\":[]");
-        if !ok {
-            return Err(format!("turning the access line {on} by a reload: {answer}").into());
+        let url = format!("http://{}/reload", self.admin);
+        let reload = request(Method::POST, &url, &[], Bytes::new());
+        let answer = Client::new().try_send(reload).await?;
+        let body: serde_json::Value = serde_json::from_slice(&answer.body)?;
+        let restart_needed = body["restart_needed"].as_array().map(Vec::len);
+        if answer.status != 200 || restart_needed != Some(0) {
+            return Err(format!(
+                "turning the access line {on} by a reload: {} {}",
+                answer.status,
+                answer.text()
+            )
+            .into());
         }
         self.access_log.set(on);
         Ok(true)
