@@ -25,7 +25,6 @@ const BYTES: u8 = 16;
 
 /// Appends `line` to `buf` as a record.
 pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
-    let since = line.at;
     let mut flags = 0;
     if line.query.is_some() {
         flags |= QUERY;
@@ -48,17 +47,17 @@ pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
         line.query.unwrap_or_default(),
         line.request_id.unwrap_or_default(),
     ];
+    // Nothing this process accepted holds a string past 4 GiB: cut, never wrapped.
+    let lens = strings.map(|s| u32::try_from(s.len()).unwrap_or(u32::MAX));
     let mut head = [0u8; HEAD];
-    head[..8].copy_from_slice(&since.as_secs().to_ne_bytes());
-    head[8..12].copy_from_slice(&since.subsec_nanos().to_ne_bytes());
+    head[..8].copy_from_slice(&line.at.as_secs().to_ne_bytes());
+    head[8..12].copy_from_slice(&line.at.subsec_nanos().to_ne_bytes());
     head[12..14].copy_from_slice(&line.status.to_ne_bytes());
     // Its index in `CacheOutcome::ALL`, which lists the variants in their order.
     head[14] = line.outcome as u8;
     head[15] = flags;
     head[16..24].copy_from_slice(&line.micros.to_ne_bytes());
-    for (i, s) in strings.iter().enumerate() {
-        // Nothing this process accepted holds a string past 4 GiB: cut, never wrapped.
-        let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    for (i, len) in lens.iter().enumerate() {
         head[24 + 4 * i..28 + 4 * i].copy_from_slice(&len.to_ne_bytes());
     }
     buf.extend_from_slice(&head);
@@ -78,8 +77,10 @@ pub(super) fn put(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
         }
         None => {}
     }
-    for s in strings {
-        let len = s.len().min(u32::MAX as usize);
+    for (s, len) in strings.iter().zip(lens) {
+        // `len` is at most `s.len()`, and a u32 fits a usize wherever std runs with 32-bit or
+        // wider pointers.
+        let len = usize::try_from(len).unwrap_or(s.len());
         buf.extend_from_slice(&s.as_bytes()[..len]);
     }
 }
