@@ -1,124 +1,203 @@
 //! The access line's text, written by hand: `core::fmt`'s machinery was most of a line's cost.
 
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use super::{ACCESS_LOG, AccessLine, LineFormat};
+use super::LineFormat;
+use super::record::Recorded;
 
-/// Formats one line into `buf`, without `core::fmt` (measured: its machinery was most of the
-/// writer's cost per line).
-pub(super) fn format_line(buf: &mut Vec<u8>, format: LineFormat, line: &AccessLine<'_>) {
-    match format {
-        LineFormat::Text => {
-            timestamp(buf, line.at);
-            buf.extend_from_slice(b"  INFO ");
-            buf.extend_from_slice(ACCESS_LOG.as_bytes());
-            buf.extend_from_slice(b": request method=");
-            buf.extend_from_slice(line.method.as_bytes());
-            buf.extend_from_slice(b" path=");
-            buf.extend_from_slice(line.path.as_bytes());
-            if let Some(query) = line.query {
-                buf.extend_from_slice(b" query=\"");
-                buf.extend_from_slice(query.as_bytes());
-                buf.push(b'"');
-            }
-            if let Some(client) = &line.client {
-                buf.extend_from_slice(b" client=");
-                socket_addr(buf, client);
-            }
-            if let Some(id) = line.request_id {
-                buf.extend_from_slice(b" request_id=\"");
-                buf.extend_from_slice(id.as_bytes());
-                buf.push(b'"');
-            }
-            buf.extend_from_slice(b" route=");
-            buf.extend_from_slice(line.route.as_bytes());
-            buf.extend_from_slice(b" status=");
-            decimal(buf, u64::from(line.status));
-            buf.extend_from_slice(b" outcome=\"");
-            buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.push(b'"');
-            if let Some(bytes) = line.bytes {
-                buf.extend_from_slice(b" bytes=");
-                decimal(buf, bytes);
-            }
-            buf.extend_from_slice(b" micros=");
-            decimal(buf, line.micros);
-            buf.push(b'\n');
+/// The text format's line up to the method's value: the level, the target
+/// ([`super::ACCESS_LOG`]) and the message, copied as one constant.
+pub(super) const TEXT_HEAD: &[u8] = b"  INFO corral::access: request method=";
+
+/// The JSON format's line from after its timestamp to the method's value.
+const JSON_HEAD: &[u8] = b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":";
+
+/// The JSON format's line after its last field: the target ([`super::ACCESS_LOG`]).
+pub(super) const JSON_TAIL: &[u8] = b"},\"target\":\"corral::access\"}\n";
+
+/// The writer's formatting of lines, with what it remembers from one line to the next: the
+/// date and time of the last second it wrote, the text of the last client address.
+pub(super) struct LineText {
+    format: LineFormat,
+    /// The last second written and its `YYYY-MM-DDTHH:MM:SS` (19 bytes).
+    second: (u64, [u8; 19]),
+    /// The last IPv4 client and its text (at most 15 bytes, zeros after them) with its length:
+    /// the lines of one connection, or of one sidecar's one neighbour, share it.
+    ip: (Option<Ipv4Addr>, [u8; 16], usize),
+}
+
+impl LineText {
+    pub(super) fn new(format: LineFormat) -> LineText {
+        LineText {
+            format,
+            second: (u64::MAX, [0; 19]),
+            ip: (None, [0; 16], 0),
         }
-        LineFormat::Json => {
-            buf.extend_from_slice(b"{\"timestamp\":\"");
-            timestamp(buf, line.at);
-            buf.extend_from_slice(
-                b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":",
-            );
-            json_string(buf, line.method);
-            buf.extend_from_slice(b",\"path\":");
-            json_string(buf, line.path);
-            if let Some(query) = line.query {
-                buf.extend_from_slice(b",\"query\":");
-                json_string(buf, query);
-            }
-            if let Some(client) = &line.client {
-                // An address has nothing a JSON string must escape.
-                buf.extend_from_slice(b",\"client\":\"");
-                socket_addr(buf, client);
+    }
+
+    /// Formats one line into `buf`, without `core::fmt` (measured: its machinery was most of
+    /// the writer's cost per line).
+    pub(super) fn line(&mut self, buf: &mut Vec<u8>, line: &Recorded<'_>) {
+        match self.format {
+            LineFormat::Text => {
+                self.timestamp(buf, line.at);
+                buf.extend_from_slice(TEXT_HEAD);
+                buf.extend_from_slice(line.method);
+                buf.extend_from_slice(b" path=");
+                buf.extend_from_slice(line.path);
+                if let Some(query) = line.query {
+                    buf.extend_from_slice(b" query=\"");
+                    buf.extend_from_slice(query);
+                    buf.push(b'"');
+                }
+                if let Some(client) = &line.client {
+                    buf.extend_from_slice(b" client=");
+                    self.socket_addr(buf, client);
+                }
+                if let Some(id) = line.request_id {
+                    buf.extend_from_slice(b" request_id=\"");
+                    buf.extend_from_slice(id);
+                    buf.push(b'"');
+                }
+                buf.extend_from_slice(b" route=");
+                buf.extend_from_slice(line.route);
+                buf.extend_from_slice(b" status=");
+                decimal(buf, u64::from(line.status));
+                buf.extend_from_slice(b" outcome=\"");
+                buf.extend_from_slice(line.outcome.as_str().as_bytes());
                 buf.push(b'"');
+                if let Some(bytes) = line.bytes {
+                    buf.extend_from_slice(b" bytes=");
+                    decimal(buf, bytes);
+                }
+                buf.extend_from_slice(b" micros=");
+                decimal(buf, line.micros);
+                buf.push(b'\n');
             }
-            if let Some(id) = line.request_id {
-                buf.extend_from_slice(b",\"request_id\":");
-                json_string(buf, id);
+            LineFormat::Json => {
+                buf.extend_from_slice(b"{\"timestamp\":\"");
+                self.timestamp(buf, line.at);
+                buf.extend_from_slice(JSON_HEAD);
+                json_string(buf, line.method);
+                buf.extend_from_slice(b",\"path\":");
+                json_string(buf, line.path);
+                if let Some(query) = line.query {
+                    buf.extend_from_slice(b",\"query\":");
+                    json_string(buf, query);
+                }
+                if let Some(client) = &line.client {
+                    // An address has nothing a JSON string must escape.
+                    buf.extend_from_slice(b",\"client\":\"");
+                    self.socket_addr(buf, client);
+                    buf.push(b'"');
+                }
+                if let Some(id) = line.request_id {
+                    buf.extend_from_slice(b",\"request_id\":");
+                    json_string(buf, id);
+                }
+                buf.extend_from_slice(b",\"route\":");
+                json_string(buf, line.route);
+                buf.extend_from_slice(b",\"status\":");
+                decimal(buf, u64::from(line.status));
+                buf.extend_from_slice(b",\"outcome\":\"");
+                buf.extend_from_slice(line.outcome.as_str().as_bytes());
+                buf.push(b'"');
+                if let Some(bytes) = line.bytes {
+                    buf.extend_from_slice(b",\"bytes\":");
+                    decimal(buf, bytes);
+                }
+                buf.extend_from_slice(b",\"micros\":");
+                decimal(buf, line.micros);
+                buf.extend_from_slice(JSON_TAIL);
             }
-            buf.extend_from_slice(b",\"route\":");
-            json_string(buf, line.route);
-            buf.extend_from_slice(b",\"status\":");
-            decimal(buf, u64::from(line.status));
-            buf.extend_from_slice(b",\"outcome\":\"");
-            buf.extend_from_slice(line.outcome.as_str().as_bytes());
-            buf.push(b'"');
-            if let Some(bytes) = line.bytes {
-                buf.extend_from_slice(b",\"bytes\":");
-                decimal(buf, bytes);
-            }
-            buf.extend_from_slice(b",\"micros\":");
-            decimal(buf, line.micros);
-            buf.extend_from_slice(b"},\"target\":\"");
-            buf.extend_from_slice(ACCESS_LOG.as_bytes());
-            buf.extend_from_slice(b"\"}\n");
         }
+    }
+
+    /// A client's address as `Display` writes it (`1.2.3.4:5`, `[::1]:5`); an IPv4 one without
+    /// `core::fmt`, assembled on the stack from the last address's text, or a table of the
+    /// octets' digits, and copied once (measured: formatting it was a third of the line's cost,
+    /// then a sixth, then a ninth).
+    pub(super) fn socket_addr(&mut self, buf: &mut Vec<u8>, addr: &SocketAddr) {
+        let SocketAddr::V4(v4) = addr else {
+            let _ = write!(buf, "{addr}");
+            return;
+        };
+        let ip = *v4.ip();
+        if self.ip.0 != Some(ip) {
+            self.ip = (Some(ip), [0; 16], 0);
+            let (_, text, len) = &mut self.ip;
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[*len] = b'.';
+                    *len += 1;
+                }
+                // Each octet is copied as 3 bytes, of which the next write covers those past
+                // its digits.
+                let (digits, count) = OCTETS[usize::from(octet)];
+                text[*len..*len + 3].copy_from_slice(&digits);
+                *len += count;
+            }
+        }
+        // "255.255.255.255:65535" is 21 bytes; the port is copied as 5 bytes.
+        let mut text = [0u8; 24];
+        text[..16].copy_from_slice(&self.ip.1);
+        let mut len = self.ip.2;
+        text[len] = b':';
+        len += 1;
+        let (digits, count) = port_digits(v4.port());
+        text[len..len + 5].copy_from_slice(&digits);
+        len += count;
+        buf.extend_from_slice(&text[..len]);
+    }
+
+    /// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it, of a time since
+    /// the Unix epoch: `2026-01-02T03:04:05.678901Z`.
+    pub(super) fn timestamp(&mut self, buf: &mut Vec<u8>, since: Duration) {
+        let secs = since.as_secs();
+        // The writer formats thousands of lines within one second: their date and time up to
+        // the second are written once and copied after.
+        if self.second.0 == secs {
+            buf.extend_from_slice(&self.second.1);
+        } else {
+            let start = buf.len();
+            let (days, of_day) = (secs / 86_400, secs % 86_400);
+            let (year, month, day) = civil(days);
+            padded(buf, year, 4);
+            buf.push(b'-');
+            padded(buf, month, 2);
+            buf.push(b'-');
+            padded(buf, day, 2);
+            buf.push(b'T');
+            padded(buf, of_day / 3600, 2);
+            buf.push(b':');
+            padded(buf, of_day / 60 % 60, 2);
+            buf.push(b':');
+            padded(buf, of_day % 60, 2);
+            if let Ok(text) = <[u8; 19]>::try_from(&buf[start..]) {
+                self.second = (secs, text);
+            }
+        }
+        // The microseconds (< 1,000,000) as three pairs of digits from a table.
+        let micros = usize::try_from(since.subsec_micros()).unwrap_or(0);
+        let pair = |n: usize| PAIRS[n % 100];
+        let ([a, b], [c, d], [e, f]) = (pair(micros / 10_000), pair(micros / 100), pair(micros));
+        buf.extend_from_slice(&[b'.', a, b, c, d, e, f, b'Z']);
     }
 }
 
-/// A client's address as `Display` writes it (`1.2.3.4:5`, `[::1]:5`); an IPv4 one without
-/// `core::fmt`, assembled on the stack from a table of the octets' digits and copied once
-/// (measured: formatting it was a third of the line's cost, then a sixth).
-pub(super) fn socket_addr(buf: &mut Vec<u8>, addr: &std::net::SocketAddr) {
-    match addr {
-        std::net::SocketAddr::V4(v4) => {
-            // "255.255.255.255:65535" is 21 bytes; each octet is copied as 3 bytes, of which
-            // the next write covers those past its digits.
-            let mut text = [0u8; 21];
-            let mut len = 0;
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[len] = b'.';
-                    len += 1;
-                }
-                let (digits, count) = OCTETS[usize::from(octet)];
-                text[len..len + 3].copy_from_slice(&digits);
-                len += count;
-            }
-            text[len] = b':';
-            len += 1;
-            let mut port = itoa::Buffer::new();
-            let port = port.format(v4.port()).as_bytes();
-            text[len..len + port.len()].copy_from_slice(port);
-            len += port.len();
-            buf.extend_from_slice(&text[..len]);
-        }
-        std::net::SocketAddr::V6(_) => {
-            let _ = write!(buf, "{addr}");
-        }
+/// A port's decimal digits, first to last (zeros after them to 5 bytes), and how many they are.
+fn port_digits(port: u16) -> ([u8; 5], usize) {
+    let n = usize::from(port);
+    let [c, d] = PAIRS[n / 100 % 100];
+    let [e, f] = PAIRS[n % 100];
+    match n {
+        0..=9 => ([f, 0, 0, 0, 0], 1),
+        10..=99 => ([e, f, 0, 0, 0], 2),
+        100..=999 => ([d, e, f, 0, 0], 3),
+        1000..=9999 => ([c, d, e, f, 0], 4),
+        _ => ([PAIRS[n / 10_000][1], c, d, e, f], 5),
     }
 }
 
@@ -142,14 +221,19 @@ const OCTETS: [([u8; 3], usize); 256] = {
     table
 };
 
-/// `n` in decimal; up to three digits by a fixed-size copy (a run-time length calls `memcpy`).
+/// `n` in decimal; up to four digits (a status, a hit's microseconds) by fixed-size copies from
+/// the table of pairs (a run-time length calls `memcpy`).
 pub(super) fn decimal(buf: &mut Vec<u8>, n: u64) {
-    let digit = |n: u64| b'0' + (n % 10) as u8;
-    match n {
-        0..=9 => buf.push(digit(n)),
-        10..=99 => buf.extend_from_slice(&[digit(n / 10), digit(n)]),
-        100..=999 => buf.extend_from_slice(&[digit(n / 100), digit(n / 10), digit(n)]),
-        _ => buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+    let Ok(small @ 0..=9999) = usize::try_from(n) else {
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        return;
+    };
+    let ([a, b], [c, d]) = (PAIRS[small / 100], PAIRS[small % 100]);
+    match small {
+        0..=9 => buf.push(d),
+        10..=99 => buf.extend_from_slice(&[c, d]),
+        100..=999 => buf.extend_from_slice(&[b, c, d]),
+        _ => buf.extend_from_slice(&[a, b, c, d]),
     }
 }
 
@@ -168,8 +252,7 @@ pub(super) fn padded(buf: &mut Vec<u8>, n: u64, width: usize) {
 /// none of them (nearly every one) is copied whole after a check of 8 bytes at a time; else byte
 /// by byte, the runs between escapes copied whole (a UTF-8 sequence's bytes are all ≥ 0x80, never
 /// escaped): decoding each character was the line's largest cost, then the byte loop was.
-pub(super) fn json_string(buf: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
+pub(super) fn json_string(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.push(b'"');
     if needs_escape(bytes) {
         escaped(buf, bytes);
@@ -230,44 +313,6 @@ fn escaped(buf: &mut Vec<u8>, bytes: &[u8]) {
         copied = at + 1;
     }
     buf.extend_from_slice(&bytes[copied..]);
-}
-
-/// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it, of a time since the Unix
-/// epoch: `2026-01-02T03:04:05.678901Z`.
-pub(super) fn timestamp(buf: &mut Vec<u8>, since: Duration) {
-    let secs = since.as_secs();
-    // The writer formats thousands of lines within one second: their date and time up to the
-    // second are written once (`YYYY-MM-DDTHH:MM:SS`, 19 bytes) and copied after.
-    thread_local! {
-        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
-    }
-    let (cached, text) = SECOND.get();
-    if cached == secs {
-        buf.extend_from_slice(&text);
-    } else {
-        let start = buf.len();
-        let (days, of_day) = (secs / 86_400, secs % 86_400);
-        let (year, month, day) = civil(days);
-        padded(buf, year, 4);
-        buf.push(b'-');
-        padded(buf, month, 2);
-        buf.push(b'-');
-        padded(buf, day, 2);
-        buf.push(b'T');
-        padded(buf, of_day / 3600, 2);
-        buf.push(b':');
-        padded(buf, of_day / 60 % 60, 2);
-        buf.push(b':');
-        padded(buf, of_day % 60, 2);
-        if let Ok(text) = <[u8; 19]>::try_from(&buf[start..]) {
-            SECOND.set((secs, text));
-        }
-    }
-    // The microseconds (< 1,000,000) as three pairs of digits from a table.
-    let micros = usize::try_from(since.subsec_micros()).unwrap_or(0);
-    let pair = |n: usize| PAIRS[n % 100];
-    let ([a, b], [c, d], [e, f]) = (pair(micros / 10_000), pair(micros / 100), pair(micros));
-    buf.extend_from_slice(&[b'.', a, b, c, d, e, f, b'Z']);
 }
 
 /// The two decimal digits of each number below 100.

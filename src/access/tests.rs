@@ -1,7 +1,8 @@
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
-use super::format::{civil, decimal, format_line, padded, socket_addr, timestamp};
+use super::format::{LineText, civil, decimal, padded};
+use super::record::Recorded;
 use super::*;
 
 /// An output that says when a write starts and blocks until told to go on: a stderr nobody reads.
@@ -109,14 +110,14 @@ fn lines_look_like_the_tracing_lines_around_them() {
     let mut line = AccessLine::new(&Method::POST, "/a\"b", "-", 404, CacheOutcome::UriMiss, 7);
     line.at = at;
     let mut text = Vec::new();
-    format_line(&mut text, LineFormat::Text, &line);
+    LineText::new(LineFormat::Text).line(&mut text, &Recorded::from(&line));
     assert_eq!(
         String::from_utf8_lossy(&text),
         "2026-01-02T03:04:05.678901Z  INFO corral::access: request method=POST path=/a\"b \
          route=- status=404 outcome=\"uri_miss\" micros=7\n"
     );
     let mut json = Vec::new();
-    format_line(&mut json, LineFormat::Json, &line);
+    LineText::new(LineFormat::Json).line(&mut json, &Recorded::from(&line));
     let value: serde_json::Value = serde_json::from_slice(&json).expect("one JSON object");
     assert_eq!(
         value,
@@ -130,6 +131,14 @@ fn lines_look_like_the_tracing_lines_around_them() {
             "target": "corral::access"
         })
     );
+}
+
+#[test]
+fn the_constant_parts_of_a_line_name_its_target() {
+    let target = ACCESS_LOG.as_bytes();
+    for part in [format::TEXT_HEAD, format::JSON_TAIL] {
+        assert!(part.windows(target.len()).any(|w| w == target));
+    }
 }
 
 #[test]
@@ -161,15 +170,34 @@ fn numbers_are_written_whole() {
 
 #[test]
 fn client_addresses_are_written_as_display_writes_them() {
-    for addr in [
+    // One writer for all: each address after the one before it, the same address again with
+    // another port, another address with the same text length, ports of every length.
+    let mut writer = LineText::new(LineFormat::Text);
+    let listed = [
         "127.0.0.1:40000",
         "0.0.0.0:1",
         "255.255.255.255:65535",
+        "255.255.255.255:0",
+        "255.255.255.254:9",
         "[::1]:8080",
-    ] {
-        let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+        "127.0.0.1:10",
+        "127.0.0.1:100",
+        "127.0.0.1:1000",
+        "127.0.0.1:10000",
+        "127.0.0.1:65535",
+    ];
+    let mut addrs: Vec<std::net::SocketAddr> = listed
+        .iter()
+        .map(|addr| addr.parse().expect("a socket address"))
+        .collect();
+    addrs.extend(
+        (0..=u16::MAX)
+            .step_by(7)
+            .map(|port| std::net::SocketAddr::from(([10, 1, 2, 3], port))),
+    );
+    for addr in addrs {
         let mut buf = Vec::new();
-        socket_addr(&mut buf, &addr);
+        writer.socket_addr(&mut buf, &addr);
         assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
     }
     // Every octet in every position, beside one of each other length.
@@ -182,7 +210,7 @@ fn client_addresses_are_written_as_display_writes_them() {
         ] {
             let addr = std::net::SocketAddr::from((octets, u16::from(n) * 257));
             let mut buf = Vec::new();
-            socket_addr(&mut buf, &addr);
+            writer.socket_addr(&mut buf, &addr);
             assert_eq!(String::from_utf8_lossy(&buf), addr.to_string());
         }
     }
@@ -208,6 +236,7 @@ fn a_request_id_is_cut_at_its_limit_on_a_character_boundary() {
 fn timestamps_in_one_second_and_the_next_are_each_right() {
     let base = Duration::from_micros(1_767_323_045_678_901);
     let mut buf = Vec::new();
+    let mut writer = LineText::new(LineFormat::Text);
     for at in [
         base,
         base + Duration::from_micros(100),
@@ -215,7 +244,7 @@ fn timestamps_in_one_second_and_the_next_are_each_right() {
         base + Duration::from_secs(86_400),
         Duration::from_micros(1_767_323_045_000_042),
     ] {
-        timestamp(&mut buf, at);
+        writer.timestamp(&mut buf, at);
         buf.push(b' ');
     }
     assert_eq!(
@@ -342,7 +371,7 @@ fn json_strings_read_back_as_written_whatever_they_hold() {
     ];
     for case in cases {
         let mut buf = Vec::new();
-        format::json_string(&mut buf, case);
+        format::json_string(&mut buf, case.as_bytes());
         let back: String = serde_json::from_slice(&buf)
             .unwrap_or_else(|e| panic!("{case:?} wrote {:?}: {e}", String::from_utf8_lossy(&buf)));
         assert_eq!(back, case);
@@ -351,10 +380,10 @@ fn json_strings_read_back_as_written_whatever_they_hold() {
         assert!(inner.iter().all(|&b| b >= 0x20), "{case:?}");
     }
     let mut buf = Vec::new();
-    format::json_string(&mut buf, "/plain/path?x=1");
+    format::json_string(&mut buf, b"/plain/path?x=1");
     assert_eq!(buf, b"\"/plain/path?x=1\"");
     buf.clear();
-    format::json_string(&mut buf, "\n");
+    format::json_string(&mut buf, b"\n");
     assert_eq!(buf, b"\"\\u000a\"");
 }
 
