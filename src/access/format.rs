@@ -63,17 +63,7 @@ impl LineText {
                 }
                 buf.extend_from_slice(b" route=");
                 buf.extend_from_slice(line.route);
-                buf.extend_from_slice(b" status=");
-                decimal(buf, u64::from(line.status));
-                buf.extend_from_slice(b" outcome=\"");
-                buf.extend_from_slice(line.outcome.as_str().as_bytes());
-                buf.push(b'"');
-                if let Some(bytes) = line.bytes {
-                    buf.extend_from_slice(b" bytes=");
-                    decimal(buf, bytes);
-                }
-                buf.extend_from_slice(b" micros=");
-                decimal(buf, line.micros);
+                answer_fields(buf, line, TEXT_LABELS);
                 buf.push(b'\n');
             }
             LineFormat::Json => {
@@ -99,17 +89,7 @@ impl LineText {
                 }
                 buf.extend_from_slice(b",\"route\":");
                 json_string(buf, line.route);
-                buf.extend_from_slice(b",\"status\":");
-                decimal(buf, u64::from(line.status));
-                buf.extend_from_slice(b",\"outcome\":\"");
-                buf.extend_from_slice(line.outcome.as_str().as_bytes());
-                buf.push(b'"');
-                if let Some(bytes) = line.bytes {
-                    buf.extend_from_slice(b",\"bytes\":");
-                    decimal(buf, bytes);
-                }
-                buf.extend_from_slice(b",\"micros\":");
-                decimal(buf, line.micros);
+                answer_fields(buf, line, JSON_LABELS);
                 buf.extend_from_slice(JSON_TAIL);
             }
         }
@@ -185,6 +165,36 @@ impl LineText {
         let ([a, b], [c, d], [e, f]) = (pair(micros / 10_000), pair(micros / 100), pair(micros));
         buf.extend_from_slice(&[b'.', a, b, c, d, e, f, b'Z']);
     }
+}
+
+/// What comes before each of the answer's fields in a format: status, outcome (its value is
+/// quoted in both), bytes, micros.
+type Labels = [&'static [u8]; 4];
+
+const TEXT_LABELS: Labels = [b" status=", b" outcome=\"", b" bytes=", b" micros="];
+
+const JSON_LABELS: Labels = [
+    b",\"status\":",
+    b",\"outcome\":\"",
+    b",\"bytes\":",
+    b",\"micros\":",
+];
+
+/// The answer's fields, which both formats write alike but for their labels. Inlined into each
+/// format so its labels are constants (a label of run-time length would cost a `memcpy` call).
+#[inline(always)]
+fn answer_fields(buf: &mut Vec<u8>, line: &Recorded<'_>, [status, outcome, bytes, micros]: Labels) {
+    buf.extend_from_slice(status);
+    decimal(buf, u64::from(line.status));
+    buf.extend_from_slice(outcome);
+    buf.extend_from_slice(line.outcome.as_str().as_bytes());
+    buf.push(b'"');
+    if let Some(sent) = line.bytes {
+        buf.extend_from_slice(bytes);
+        decimal(buf, sent);
+    }
+    buf.extend_from_slice(micros);
+    decimal(buf, line.micros);
 }
 
 /// A port's decimal digits, first to last (zeros after them to 5 bytes), and how many they are.
