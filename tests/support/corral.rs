@@ -181,3 +181,9 @@ pub fn entry_name_over(cfg: &Config, path: &str, scheme: corral::target::ClientS
     let key = cache_key(cfg, path).for_scheme(scheme);
     corral::l2::KeyNames::new("test", &cfg.routes[0].name, &key).entry
 }
+
+/// The channel a GET of `path` on the config's first route is waited on (its fill notices, and
+/// the rings of its relay log), in the `test` namespace.
+pub fn fill_channel(cfg: &Config, path: &str) -> String {
+    entry_name(cfg, path).replacen(":{", ":fill:{", 1)
+}

@@ -201,14 +201,7 @@ impl RedisServer {
     /// Subscribers of `channel` (`PUBSUB NUMSUB`); 0 when the server does not answer, so a test
     /// may poll it while the server is stopped.
     pub async fn subscribers(&self, channel: &str) -> usize {
-        let mut conn = self.conn().await;
-        let counts: Vec<(String, usize)> = ::redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(channel)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        counts.first().map_or(0, |(_, n)| *n)
+        subscribers(&mut self.conn().await, channel).await
     }
 
     /// Subscribers of Corral's fill channels, every key's together (`PUBSUB CHANNELS
@@ -568,6 +561,18 @@ pub(crate) fn startup_failure(port: u16, dir: &Path, why: &str) -> String {
         dir.display(),
         log_tail(dir)
     )
+}
+
+/// Subscribers of `channel` on the server behind `conn` (`PUBSUB NUMSUB`); 0 when it does not
+/// answer.
+pub async fn subscribers(conn: &mut MultiplexedConnection, channel: &str) -> usize {
+    let counts: Vec<(String, usize)> = ::redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    counts.first().map_or(0, |(_, n)| *n)
 }
 
 /// Drops every pub/sub connection to the server behind `conn` (`CLIENT KILL TYPE pubsub`); how

@@ -385,6 +385,15 @@ impl RedisSentinel {
         pubsub_count(port, |l| !l.contains("name=sentinel-")).await
     }
 
+    /// Subscribers of `channel` on the data server at `port` (`PUBSUB NUMSUB`); 0 when it does
+    /// not answer.
+    pub async fn subscribers(&self, port: u16, channel: &str) -> usize {
+        match timeout(PROBE_TIMEOUT, conn(port)).await {
+            Ok(Ok(mut conn)) => super::redis::subscribers(&mut conn, channel).await,
+            _ => 0,
+        }
+    }
+
     /// Returns once `hubs` Corral pub/sub hubs are subscribed on the data server at `port`
     /// ([`RedisSentinel::pubsub_clients`]); panics after 15 s, the bound a hub gets to find a
     /// master or to follow one.

@@ -20,7 +20,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::corral::{assert_nothing_stored, config, entry_name, recommend_route, start, url};
+use super::corral::{
+    assert_nothing_stored, config, fill_channel, full_text, parse, recommend_route, start, url,
+};
 use super::{Client, RedisServer, eventually};
 
 /// How long a test waits for one step before it fails.
@@ -226,7 +228,7 @@ impl Reader {
     pub async fn finish(&mut self) -> Result<(), String> {
         loop {
             match tokio::time::timeout(STEP, self.body.frame()).await {
-                Err(_) => return Err("no end in time".to_owned()),
+                Err(_) => return Err(NO_END.to_owned()),
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(err))) => return Err(format!("the body failed: {err}")),
                 Ok(Some(Ok(frame))) => {
@@ -235,6 +237,31 @@ impl Reader {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What [`Reader::finish`] says when no frame came for a [`STEP`]: the body hangs.
+const NO_END: &str = "no end in time";
+
+/// How a body ended, for a test that must tell a visible cut from a hang.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// It ended cleanly (the last chunk came).
+    Clean,
+    /// It failed: cut visibly (no last chunk, a reset), with the client's error.
+    Cut(String),
+    /// Nothing came for a [`STEP`]: neither more bytes nor an end.
+    Hung,
+}
+
+impl Reader {
+    /// Reads the rest, and says how the body ended.
+    pub async fn ending(&mut self) -> Ending {
+        match self.finish().await {
+            Ok(()) => Ending::Clean,
+            Err(err) if err == NO_END => Ending::Hung,
+            Err(err) => Ending::Cut(err),
         }
     }
 }
@@ -335,6 +362,16 @@ impl StreamingFleet {
         StreamingFleet::start(n, Some(redis), route_extra).await
     }
 
+    /// `n` instances on the Redis a `[redis]` table names (sentinels, a cluster, TLS: the test
+    /// runs it), their route `/recommend` with `route_extra`. [`StreamingFleet::redis`] and what
+    /// asks it are then out of use: the test probes its own deployment.
+    pub async fn behind(n: usize, redis_table: &str, route_extra: &str) -> StreamingFleet {
+        let upstream = StreamingUpstream::start().await;
+        let routes = recommend_route(&upstream.url, route_extra);
+        let cfg = parse(&full_text("", redis_table, &routes));
+        StreamingFleet::with(n, upstream, cfg, None).await
+    }
+
     async fn start(n: usize, redis: Option<RedisServer>, route_extra: &str) -> StreamingFleet {
         let upstream = StreamingUpstream::start().await;
         let redis_url = redis.as_ref().map(RedisServer::url);
@@ -342,6 +379,15 @@ impl StreamingFleet {
             redis_url.as_deref(),
             &recommend_route(&upstream.url, route_extra),
         );
+        StreamingFleet::with(n, upstream, cfg, redis).await
+    }
+
+    async fn with(
+        n: usize,
+        upstream: StreamingUpstream,
+        cfg: Config,
+        redis: Option<RedisServer>,
+    ) -> StreamingFleet {
         StreamingFleet {
             instances: start(n, &cfg).await,
             upstream,
@@ -402,7 +448,7 @@ impl StreamingFleet {
     /// Returns once `n` other instances wait on the fill of `path` (subscribed to its channel),
     /// so they hear the fill's announcement.
     pub async fn instances_wait(&self, path: &str, n: usize) {
-        let channel = entry_name(&self.cfg, path).replacen(":{", ":fill:{", 1);
+        let channel = fill_channel(&self.cfg, path);
         let redis = self.redis();
         eventually("the other instances wait for the fill", STEP, async || {
             redis.subscribers(&channel).await == n
@@ -430,6 +476,35 @@ impl StreamingFleet {
         let mut next = next.await.expect("the next request's head");
         next.finish().await.expect("the new fill ends cleanly");
         assert_eq!(next.read, events(1));
+    }
+
+    /// Asserts that a request for `path` on instance `on`, once a streamed fill of events
+    /// `1..=n` has ended, gets that body whole: from the stored entry (no upstream call), or —
+    /// when nothing was stored — from a fill of its own, to which the upstream answers the same
+    /// events and which it reads whole. Returns whether it filled again.
+    pub async fn whole_or_fills_again(&self, on: usize, path: &str, n: usize) -> bool {
+        let mut next = self.reader(on, path);
+        let refill = tokio::select! {
+            biased;
+            answered = &mut next => {
+                let mut answered = answered.expect("the request's answer head");
+                answered
+                    .finish()
+                    .await
+                    .expect("an answer from the stored entry ends cleanly");
+                assert_eq!(answered.read, events(n), "a stored answer is whole");
+                return false;
+            }
+            writer = self.upstream.next_call() => writer,
+        };
+        for i in 1..=n {
+            refill.event(i).await;
+        }
+        drop(refill);
+        let mut refilled = next.await.expect("the new fill's answer head");
+        refilled.finish().await.expect("the new fill ends cleanly");
+        assert_eq!(refilled.read, events(n), "the new fill's answer is whole");
+        true
     }
 
     /// Waits until `path` on instance `on` is a hit holding events `1..=n`: the streamed answer
