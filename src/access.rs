@@ -53,7 +53,7 @@ pub enum LineFormat {
 pub struct AccessLine<'a> {
     /// When it was answered: the wall clock's time since the Unix epoch.
     at: Duration,
-    method: &'a str,
+    method: &'a Method,
     path: &'a str,
     route: &'a str,
     status: u16,
@@ -102,7 +102,7 @@ impl<'a> AccessLine<'a> {
             at: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
-            method: method.as_str(),
+            method,
             path,
             route,
             status,
@@ -285,6 +285,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
     let mut text = Vec::new();
+    let mut writing = format::LineText::new(shared.format);
     let mut flushes = Vec::new();
     let mut wrote = true;
     loop {
@@ -313,9 +314,7 @@ fn write_lines(shared: &Shared, told: &Receiver<Signal>, mut out: Box<dyn Write 
                 }
                 std::mem::swap(&mut lines.records, &mut batch);
             }
-            record::each(&batch, |line| {
-                format::format_line(&mut text, shared.format, line)
-            });
+            record::each(&batch, |line| writing.line(&mut text, line));
             let _ = out.write_all(&text).and_then(|()| out.flush());
             batch.clear();
             text.clear();

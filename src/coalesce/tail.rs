@@ -157,8 +157,16 @@ impl Tailing {
             match record {
                 Record::Data { offset, bytes } => {
                     if offset != self.offset {
+                        // Trimmed past this reader, or written to a master that a failover
+                        // then demoted (its last writes are lost): either way a gap.
                         return Some(End::Aborted(
-                            "this reader fell behind the fleet relay".into(),
+                            format!(
+                                "the fleet relay's log has a gap (byte {} expected, the next \
+                                 record starts at {offset}): this reader fell behind it, or a \
+                                 Redis failover lost its records",
+                                self.offset
+                            )
+                            .into(),
                         ));
                     }
                     self.offset += bytes.len() as u64;
