@@ -8,7 +8,7 @@
 #   cargo build --release --bin corral
 #   benches/hit-instructions.sh                      # default config: access line on
 #   ACCESS_LOG=false benches/hit-instructions.sh     # the access line off
-#   LOG_FORMAT=json benches/hit-instructions.sh      # the lines in JSON (the hit table's format)
+#   LOG_FORMAT=json benches/hit-instructions.sh      # the lines in JSON (text is the default)
 #   benches/hit-instructions.sh path/to/other/corral # another build (e.g. main's), same driver
 #   HITS_KEEP=dir benches/hit-instructions.sh        # keeps the callgrind files (callgrind_annotate)
 #   TARGET=nginx benches/hit-instructions.sh         # nginx proxy_cache instead (one process, no
