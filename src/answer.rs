@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -230,54 +229,12 @@ pub fn answer_at(entry: &Entry, outcome: CacheOutcome, now: u64) -> Answer {
     answer
 }
 
-/// Ages below this many seconds are served from [`AGE_DIGITS`].
-const AGES: usize = 10_000;
-
-/// The decimal digits of every age below [`AGES`], one after the other (`0…910111213…`): an
-/// `Age` value is a static slice of it, where formatting one would allocate on every hit.
-static AGE_DIGITS: [u8; AGE_DIGITS_LEN] = age_digits();
-const AGE_DIGITS_LEN: usize = 10 + 90 * 2 + 900 * 3 + 9_000 * 4;
-
-const fn age_digits() -> [u8; AGE_DIGITS_LEN] {
-    let mut out = [0u8; AGE_DIGITS_LEN];
-    let (mut n, mut at) = (0, 0);
-    while n < AGES {
-        let (start, len) = age_slot(n);
-        let (mut i, mut rest) = (len, n);
-        while i > 0 {
-            i -= 1;
-            out[start + i] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-        }
-        at += len;
-        n += 1;
-    }
-    assert!(at == AGE_DIGITS_LEN);
-    out
-}
-
-/// Where `n`'s digits start in [`AGE_DIGITS`], and how many there are (`n` below [`AGES`]).
-const fn age_slot(n: usize) -> (usize, usize) {
-    match n {
-        0..=9 => (n, 1),
-        10..=99 => (10 + 2 * (n - 10), 2),
-        100..=999 => (190 + 3 * (n - 100), 3),
-        _ => (2_890 + 4 * (n - 1_000), 4),
-    }
-}
-
-/// An `Age` value: a slice of [`AGE_DIGITS`] for the common ages, no allocation.
+/// An `Age` value: a static one from [`crate::numbers::AGE`] for the common ages, no
+/// allocation.
 fn age_value(secs: u64) -> HeaderValue {
-    if let Ok(n) = usize::try_from(secs)
-        && n < AGES
-    {
-        let (start, len) = age_slot(n);
-        let digits = Bytes::from_static(&AGE_DIGITS[start..start + len]);
-        if let Ok(value) = HeaderValue::from_maybe_shared(digits) {
-            return value;
-        }
-    }
-    HeaderValue::from(secs)
+    crate::numbers::AGE
+        .value(secs)
+        .unwrap_or_else(|| HeaderValue::from(secs))
 }
 
 /// An answer meant for one requester only.
@@ -305,8 +262,9 @@ mod tests {
 
     #[test]
     fn an_age_reads_as_its_number_whether_from_the_table_or_formatted() {
-        let edges = [AGES as u64, AGES as u64 + 1, 99_999, u64::MAX];
-        for secs in (0..AGES as u64).chain(edges) {
+        let tabulated = crate::numbers::TABULATED;
+        let edges = [tabulated, tabulated + 1, 99_999, u64::MAX];
+        for secs in (0..tabulated).chain(edges) {
             assert_eq!(age_value(secs), HeaderValue::from(secs), "{secs}");
         }
     }

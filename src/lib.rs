@@ -13,7 +13,8 @@
 //!   every client connection (head, idle, count).
 //! - [`proxy`] — the request path: target → route → bypass? → key → L1 → coalesce → answer;
 //!   [`answer`] — responses, and the one place errors become statuses; [`conditional`] — 304,
-//!   206 and HEAD answered from what Corral holds; [`outcome`] — `Cache-Status`.
+//!   206 and HEAD answered from what Corral holds; [`outcome`] — `Cache-Status`; [`numbers`] —
+//!   a hit's `Age` and `Cache-Status` values, static.
 //! - [`coalesce`] — one fill per key, in the process ([`flight`]) and across the fleet (the
 //!   [`wait`] state machine and its I/O loop, which runs against the fleet's verbs; tailing
 //!   another instance's streaming fill).
@@ -71,6 +72,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod metrics;
+pub mod numbers;
 pub mod outcome;
 pub mod proxy;
 pub mod purge;

@@ -140,9 +140,17 @@ pub fn cache_status_kind(value: &str) -> String {
         .join("; ")
 }
 
-/// A hit's `Cache-Status`, written on the stack and copied once into the value: one allocation
-/// (a `String` handed over would be two: its buffer, then `Bytes`' record of its spare room).
+/// A hit's `Cache-Status`: a fresh hit's common values are static ([`crate::numbers::HIT_TTL`]);
+/// any other is written on the stack and copied once into the value, one allocation (a `String`
+/// handed over would be two: its buffer, then `Bytes`' record of its spare room).
 fn hit_status(stale: bool, ttl: Option<i64>) -> HeaderValue {
+    if !stale
+        && let Some(value) = ttl
+            .and_then(|ttl| u64::try_from(ttl).ok())
+            .and_then(|ttl| crate::numbers::HIT_TTL.value(ttl))
+    {
+        return value;
+    }
     // "corral; hit; ttl=-9223372036854775808; detail=stale" is 51 bytes.
     let mut buf = [0u8; 64];
     let mut at = 0;
