@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::corral::{config, entry_name, start, url};
+use support::corral::{config, entry_name, fill_channel, start, url};
 use support::{Client, RedisServer, Reply, Tap, Turn, Upstream, eventually};
 
 /// The goal: the leader's round trips before its upstream call (its first look, taking the lock).
@@ -82,7 +82,7 @@ async fn a_miss_takes_the_leader_few_round_trips_around_its_call_and_a_waiter_th
     .await;
     let path = "/rt/item?id=1";
     let entry = entry_name(&leader_cfg, path);
-    let channel = entry.replacen(":{", ":fill:{", 1);
+    let channel = fill_channel(&leader_cfg, path);
     let client = Client::new();
 
     // The leader: its first look, then the upstream call, held.

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::corral::{config, entry_name, start, url};
+use support::corral::{config, entry_name, key_names, start, url};
 use support::{Client, RedisServer, Reply, Upstream, eventually};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -125,7 +125,7 @@ async fn a_store_refused_by_a_purge_indexes_no_tag() {
     );
     let cfg = config(Some(&redis.url()), &route("fenced", &upstream, ""));
     let entry = entry_name(&cfg, "/fenced/x");
-    let lock = entry.replacen(":{", ":lock:{", 1);
+    let lock = key_names(&cfg, "/fenced/x").lock;
     let fleet = start(1, &cfg).await;
     let client = Client::new();
 

@@ -182,8 +182,14 @@ pub fn entry_name_over(cfg: &Config, path: &str, scheme: corral::target::ClientS
     corral::l2::KeyNames::new("test", &cfg.routes[0].name, &key).entry
 }
 
+/// Every Redis name of a GET of `path` on the config's first route (entry, lock, channel, …), in
+/// the `test` namespace.
+pub fn key_names(cfg: &Config, path: &str) -> corral::l2::KeyNames {
+    corral::l2::KeyNames::new("test", &cfg.routes[0].name, &cache_key(cfg, path))
+}
+
 /// The channel a GET of `path` on the config's first route is waited on (its fill notices, and
 /// the rings of its relay log), in the `test` namespace.
 pub fn fill_channel(cfg: &Config, path: &str) -> String {
-    entry_name(cfg, path).replacen(":{", ":fill:{", 1)
+    key_names(cfg, path).channel
 }

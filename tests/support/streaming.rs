@@ -226,11 +226,20 @@ impl Reader {
 
     /// Reads the rest: `Ok` only when the body ended cleanly.
     pub async fn finish(&mut self) -> Result<(), String> {
+        match self.ending().await {
+            Ending::Clean => Ok(()),
+            Ending::Cut(err) => Err(err),
+            Ending::Hung => Err("no end in time".to_owned()),
+        }
+    }
+
+    /// Reads the rest, and says how the body ended.
+    pub async fn ending(&mut self) -> Ending {
         loop {
             match tokio::time::timeout(STEP, self.body.frame()).await {
-                Err(_) => return Err(NO_END.to_owned()),
-                Ok(None) => return Ok(()),
-                Ok(Some(Err(err))) => return Err(format!("the body failed: {err}")),
+                Err(_) => return Ending::Hung,
+                Ok(None) => return Ending::Clean,
+                Ok(Some(Err(err))) => return Ending::Cut(format!("the body failed: {err}")),
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.read.extend_from_slice(&data);
@@ -241,9 +250,6 @@ impl Reader {
     }
 }
 
-/// What [`Reader::finish`] says when no frame came for a [`STEP`]: the body hangs.
-const NO_END: &str = "no end in time";
-
 /// How a body ended, for a test that must tell a visible cut from a hang.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
@@ -253,17 +259,6 @@ pub enum Ending {
     Cut(String),
     /// Nothing came for a [`STEP`]: neither more bytes nor an end.
     Hung,
-}
-
-impl Reader {
-    /// Reads the rest, and says how the body ended.
-    pub async fn ending(&mut self) -> Ending {
-        match self.finish().await {
-            Ok(()) => Ending::Clean,
-            Err(err) if err == NO_END => Ending::Hung,
-            Err(err) => Ending::Cut(err),
-        }
-    }
 }
 
 /// GETs `target` in a task of its own: the head comes back with the body still to read.
