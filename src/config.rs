@@ -34,6 +34,7 @@ mod locate;
 mod raw;
 mod tls;
 
+pub use defaults::default_workers;
 pub use tls::{ListenerTls, RedisTls, UpstreamTls};
 
 /// A validated configuration: every field has been checked and every default applied.
@@ -92,8 +93,8 @@ pub struct ServerConfig {
     /// wait in the kernel's accept queue until one closes. Default 10000.
     pub max_connections: usize,
     /// Worker threads of the async runtime, which serve every connection, fill and background
-    /// task. `None` (the default): one per core the process may use (its CPU affinity and cgroup
-    /// quota count). Read at start only.
+    /// task. `None` (the default): one fewer than the cores the process may use, at least one
+    /// ([`default_workers`]). Read at start only.
     pub workers: Option<usize>,
     /// How long an upstream connection may sit idle in the pool before it is closed. Kept below
     /// common upstream keep-alive timeouts (Node.js: 5 s), so Corral is the side that closes.

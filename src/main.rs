@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use corral::config::default_workers;
 use corral::telemetry::{Telemetry, TelemetryConfig};
 use corral::{Config, Instance};
 use tracing_subscriber::layer::SubscriberExt;
@@ -182,14 +183,11 @@ async fn signals(control: std::sync::Arc<corral::control::Control>) {
     }
 }
 
-/// The multi-threaded runtime: `workers` threads, or tokio's default (one per core the process
-/// may use, or `TOKIO_WORKER_THREADS`).
+/// The multi-threaded runtime: `workers` threads, or Corral's default ([`default_workers`]: one
+/// fewer than the cores the process may use, at least one).
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(workers);
-    }
-    builder
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.unwrap_or_else(default_workers))
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -156,10 +156,11 @@ fn defaults_fill_a_minimal_route() {
     assert_eq!(route.lock.on_wait_timeout, OnWaitTimeout::Bypass);
 }
 
-/// `server.workers` sizes the runtime: absent means one per core; a count outside 1..=1024 is
-/// refused naming the field (a typo must not start thousands of threads).
+/// `server.workers` sizes the runtime: absent means the default (`logs.rs` checks the count the
+/// runtime gets); a count outside 1..=1024 is refused naming the field (a typo must not start
+/// thousands of threads).
 #[test]
-fn workers_default_to_the_cores_and_a_bad_count_is_refused() {
+fn workers_default_when_absent_and_a_bad_count_is_refused() {
     let config = Config::parse(ROUTE, Path::new("min.toml")).unwrap();
     assert_eq!(config.server.workers, None);
     let set = Config::parse(

@@ -32,3 +32,32 @@ pub(super) const DEFAULT_MAX_TAGS: usize = 32;
 pub(super) const DEFAULT_TTL_JITTER: f64 = 0.1;
 pub(super) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub(super) const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// `server.workers` when the file is silent: one fewer than the cores the process may use (its
+/// CPU affinity and cgroup quota count), and at least one.
+///
+/// Corral is a sidecar: the application it fronts, or the one calling it, runs on the same
+/// cores. On cores shared so, one event loop fewer than the cores serves more hits at less CPU
+/// each than one per core, whose workers keep waking each other to steal work the other would
+/// have done (so on six of the seven 2-core machines measured: docs/performance.md, the sixth to
+/// thirteenth rounds). Where Corral has the machine to itself, `workers` set to the core count
+/// gives it the last core too.
+pub fn default_workers() -> usize {
+    workers_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+fn workers_for(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workers_for;
+
+    #[test]
+    fn the_default_workers_leave_one_core_to_the_application_and_never_fall_to_zero() {
+        for (cores, workers) in [(0, 1), (1, 1), (2, 1), (3, 2), (4, 3), (64, 63)] {
+            assert_eq!(workers_for(cores), workers, "{cores} cores");
+        }
+    }
+}
