@@ -69,11 +69,13 @@ const fn slot(n: usize, prefix: usize) -> (usize, usize) {
 /// `Age` values.
 pub static AGE: Table<DIGITS> = Table::new(b"");
 
-const HIT_PREFIX: &[u8] = b"corral; hit; ttl=";
+/// A hit's `Cache-Status` up to its ttl's digits: the tabulated values' prefix, and what
+/// `outcome` writes before a ttl past the table.
+pub const HIT_TTL_PREFIX: &[u8] = b"corral; hit; ttl=";
 
 /// A fresh hit's `Cache-Status` values, by its ttl.
-pub static HIT_TTL: Table<{ HIT_PREFIX.len() * TABULATED as usize + DIGITS }> =
-    Table::new(HIT_PREFIX);
+pub static HIT_TTL: Table<{ HIT_TTL_PREFIX.len() * TABULATED as usize + DIGITS }> =
+    Table::new(HIT_TTL_PREFIX);
 
 #[cfg(test)]
 mod tests {

@@ -158,10 +158,12 @@ fn hit_status(stale: bool, ttl: Option<i64>) -> HeaderValue {
         buf[at..at + bytes.len()].copy_from_slice(bytes);
         at += bytes.len();
     };
-    put(b"corral; hit");
-    if let Some(ttl) = ttl {
-        put(b"; ttl=");
-        put(itoa::Buffer::new().format(ttl).as_bytes());
+    match ttl {
+        Some(ttl) => {
+            put(crate::numbers::HIT_TTL_PREFIX);
+            put(itoa::Buffer::new().format(ttl).as_bytes());
+        }
+        None => put(b"corral; hit"),
     }
     if stale {
         put(b"; detail=stale");
